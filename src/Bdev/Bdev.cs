@@ -1,0 +1,213 @@
+using System.Text.Json.Nodes;
+using VhostBackend.Reactor;
+
+namespace VhostBackend.Bdev;
+
+/// <summary>
+/// A block device. Modules derive from it, fill in the geometry and implement <see cref="GetModuleChannel"/> and
+/// <see cref="Submit"/>. The bdev layer (<see cref="BdevChannel"/>) stands between users and the module: it owns
+/// the per-thread I/O pools, splitting, bounce buffers, statistics and QoS, so modules see only I/O they can do.
+/// </summary>
+public abstract class Bdev
+{
+    private readonly List<BdevDesc> _descs = new();
+    private readonly object _lock = new();
+    private ulong _blockCount;
+    private BdevIoStats _retiredStats;
+
+    protected Bdev(string name, string productName, uint blockSize, ulong blockCount, Guid? uuid = null)
+    {
+        if (string.IsNullOrWhiteSpace(name))
+        {
+            throw new ArgumentException("bdev name must not be empty");
+        }
+
+        if (blockSize < 512 || (blockSize & (blockSize - 1)) != 0)
+        {
+            throw new ArgumentException($"block size {blockSize} must be a power of two >= 512");
+        }
+
+        if (blockCount == 0)
+        {
+            throw new ArgumentException("block count must be > 0");
+        }
+
+        Name = name;
+        ProductName = productName;
+        BlockSize = blockSize;
+        _blockCount = blockCount;
+        Uuid = uuid ?? Guid.NewGuid();
+        LayerDevice = new BdevLayerDevice(this);
+    }
+
+    public string Name { get; }
+    public string ProductName { get; }
+    public Guid Uuid { get; }
+    public uint BlockSize { get; }
+    public ulong BlockCount => Volatile.Read(ref _blockCount);
+    public List<string> Aliases { get; } = new();
+
+    /// <summary>Buffer alignment (bytes, power of two) the module needs; 1 = any. Misaligned requests are bounced.</summary>
+    public uint RequiredAlignment { get; protected init; } = 1;
+
+    /// <summary>Whether the device has a volatile write cache (flush matters).</summary>
+    public bool WriteCache { get; protected init; }
+
+    /// <summary>Largest read/write the module accepts, in blocks (0 = no limit); larger requests are split.</summary>
+    public uint MaxTransferBlocks { get; protected init; }
+
+    /// <summary>Requests crossing a multiple of this many blocks are split there (0 = no boundary).</summary>
+    public uint OptimalIoBoundaryBlocks { get; protected init; }
+
+    /// <summary>Largest unmap / write-zeroes the module accepts in one request, in blocks (0 = no limit).</summary>
+    public ulong MaxUnmapBlocks { get; protected init; }
+
+    public ulong MaxWriteZeroesBlocks { get; protected init; }
+
+    /// <summary>I/O objects pre-allocated per channel.</summary>
+    public int IoPoolSize { get; protected init; } = 1024;
+
+    public string? ClaimedBy { get; private set; }
+
+    internal BdevLayerDevice LayerDevice { get; }
+
+    internal BdevQos? Qos { get; set; }
+
+    public abstract bool SupportsIoType(BdevIoType type);
+
+    /// <summary>Returns the module's channel for the calling reactor (typically <c>reactor.GetIoChannel(device)</c>).</summary>
+    protected internal abstract IoChannel GetModuleChannel(Reactor.Reactor reactor);
+
+    /// <summary>
+    /// Starts one I/O. The module must eventually call <see cref="BdevIo.Complete"/> exactly once, on the same
+    /// reactor. Completing inline is allowed (the layer defers the user's callback).
+    /// </summary>
+    protected internal abstract void Submit(IoChannel moduleChannel, BdevIo io);
+
+    /// <summary>Module-specific part of bdev_get_bdevs.</summary>
+    public virtual JsonObject? DriverSpecific() => null;
+
+    /// <summary>The RPC call (<c>{"method","params"}</c>) that recreates this bdev, for save_config; null if not saved.</summary>
+    public virtual JsonObject? ConfigCall() => null;
+
+    /// <summary>Releases module resources after the bdev is unregistered and all descriptors are closed.</summary>
+    protected internal virtual ValueTask DestructAsync() => ValueTask.CompletedTask;
+
+    /// <summary>Claims the bdev for a module (exclusive write ownership, like lvol or raid). Returns false if already claimed.</summary>
+    public bool TryClaim(string owner)
+    {
+        lock (_lock)
+        {
+            if (ClaimedBy is not null)
+            {
+                return false;
+            }
+
+            ClaimedBy = owner;
+            return true;
+        }
+    }
+
+    public void ReleaseClaim()
+    {
+        lock (_lock)
+        {
+            ClaimedBy = null;
+        }
+    }
+
+    /// <summary>Changes the block count and tells every open descriptor (Resize event).</summary>
+    protected void SetBlockCount(ulong blockCount)
+    {
+        Volatile.Write(ref _blockCount, blockCount);
+        foreach (var d in Descriptors)
+        {
+            d.RaiseEvent(BdevEventType.Resize);
+        }
+    }
+
+    internal IReadOnlyList<BdevDesc> Descriptors
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _descs.ToArray();
+            }
+        }
+    }
+
+    internal void AddDesc(BdevDesc d)
+    {
+        lock (_lock)
+        {
+            _descs.Add(d);
+        }
+    }
+
+    internal int RemoveDesc(BdevDesc d)
+    {
+        lock (_lock)
+        {
+            _descs.Remove(d);
+            return _descs.Count;
+        }
+    }
+
+    internal void RetireStats(in BdevIoStats stats)
+    {
+        lock (_lock)
+        {
+            _retiredStats.Add(stats);
+        }
+    }
+
+    /// <summary>Statistics summed over live channels and those already closed (racy read of live counters; never torn).</summary>
+    public BdevIoStats GetStats()
+    {
+        BdevIoStats total;
+        lock (_lock)
+        {
+            total = _retiredStats;
+        }
+
+        foreach (var ch in LayerDevice.SnapshotChannels())
+        {
+            total.Add(((BdevChannel)ch.Context).Stats);
+        }
+
+        return total;
+    }
+
+    /// <summary>Sets QoS limits (0 = unlimited). IOPS are rounded like SPDK: multiples of 1000.</summary>
+    public void SetQosLimits(ulong rwIosPerSec, ulong rwMBytesPerSec, ulong rMBytesPerSec, ulong wMBytesPerSec)
+    {
+        if (rwIosPerSec == 0 && rwMBytesPerSec == 0 && rMBytesPerSec == 0 && wMBytesPerSec == 0)
+        {
+            Qos = null;
+            return;
+        }
+
+        Qos = new BdevQos(rwIosPerSec, rwMBytesPerSec, rMBytesPerSec, wMBytesPerSec);
+    }
+
+    public (ulong RwIos, ulong RwMBytes, ulong RMBytes, ulong WMBytes) QosLimits =>
+        Qos is { } q ? (q.RwIosPerSec, q.RwMBytesPerSec, q.RMBytesPerSec, q.WMBytesPerSec) : (0, 0, 0, 0);
+
+    public override string ToString() => Name;
+}
+
+/// <summary>The bdev layer's I/O device for one bdev: its channels are <see cref="BdevChannel"/>s.</summary>
+internal sealed class BdevLayerDevice : IoDevice
+{
+    private readonly Bdev _bdev;
+
+    public BdevLayerDevice(Bdev bdev)
+        : base("bdev:" + bdev.Name) => _bdev = bdev;
+
+    protected override object CreateChannelContext(Reactor.Reactor reactor) => new BdevChannel(_bdev, reactor);
+
+    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((BdevChannel)context).Destroy();
+
+    public void MarkGone() => MarkUnregistered();
+}

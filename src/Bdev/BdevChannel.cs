@@ -1,0 +1,678 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using VhostBackend.Reactor;
+
+namespace VhostBackend.Bdev;
+
+/// <summary>
+/// A reactor's channel to one bdev: the submit API. Owns a pre-allocated pool of <see cref="BdevIo"/> objects,
+/// the module's channel, statistics, deferred completions, the I/O-wait queue, QoS queue and bounce buffers.
+/// Used only on its reactor, so nothing here takes a lock.
+///
+/// Submission contract (like spdk_bdev_readv_blocks): a submit method returns 0 and the completion fires
+/// exactly once later on this reactor (never inside the submit call), or it returns a negative errno and
+/// the completion never fires. -ENOMEM means the pool is empty: park a <see cref="BdevIoWaitEntry"/> with
+/// <see cref="QueueIoWait"/> and resubmit when it is called.
+/// </summary>
+public sealed unsafe class BdevChannel
+{
+    private const int MaxChildrenInFlight = 8;
+    private const nuint MaxBounceBytes = 1 << 20;
+
+    private readonly IoChannel _moduleChannel;
+    private readonly Poller _poller;
+    private BdevIo? _free;
+    private int _freeCount;
+    private BdevIo? _deferredHead;
+    private BdevIo? _deferredTail;
+    private int _submitDepth;
+    private BdevIoWaitEntry? _waitHead;
+    private BdevIoWaitEntry? _waitTail;
+    private bool _resumingWaiters;
+    private BdevIo? _qosHead;
+    private BdevIo? _qosTail;
+    private BdevIo? _splitWaitHead;
+    private BdevIo? _splitWaitTail;
+    private readonly List<(nint Ptr, nuint Size)> _bounceFree = new();
+    private readonly List<nint> _bounceAll = new();
+    internal BdevIoStats Stats;
+
+    internal BdevChannel(Bdev bdev, Reactor.Reactor reactor)
+    {
+        Bdev = bdev;
+        Reactor = reactor;
+        _moduleChannel = bdev.GetModuleChannel(reactor);
+        for (int i = 0; i < bdev.IoPoolSize; i++)
+        {
+            var io = new BdevIo(this) { Next = _free };
+            _free = io;
+            _freeCount++;
+        }
+
+        PoolSize = bdev.IoPoolSize;
+        _poller = reactor.RegisterPoller("bdev_channel:" + bdev.Name, static c => ((BdevChannel)c!).Poll(), this);
+        reactor.SetPollerInterrupt(_poller, -1, static (c, arm) => arm && ((BdevChannel)c!).HasPendingWork);
+    }
+
+    public Bdev Bdev { get; }
+    public Reactor.Reactor Reactor { get; }
+    internal IoChannel? IoChannel { get; set; }
+
+    /// <summary>I/Os submitted and not yet completed to their callers.</summary>
+    public int Outstanding { get; private set; }
+
+    public int PoolSize { get; }
+    public int FreeIoCount => _freeCount;
+
+    private bool HasPendingWork => _deferredHead is not null || _qosHead is not null;
+
+    public int Read(BdevDesc desc, ReadOnlySpan<IoVec> iovs, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
+        SubmitData(BdevIoType.Read, desc, iovs, offsetBlocks, numBlocks, cb, arg);
+
+    public int Write(BdevDesc desc, ReadOnlySpan<IoVec> iovs, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
+        SubmitData(BdevIoType.Write, desc, iovs, offsetBlocks, numBlocks, cb, arg);
+
+    public int Compare(BdevDesc desc, ReadOnlySpan<IoVec> iovs, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
+        SubmitData(BdevIoType.Compare, desc, iovs, offsetBlocks, numBlocks, cb, arg);
+
+    public int Flush(BdevDesc desc, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
+        SubmitNoData(BdevIoType.Flush, desc, offsetBlocks, numBlocks, cb, arg);
+
+    public int Unmap(BdevDesc desc, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
+        SubmitNoData(BdevIoType.Unmap, desc, offsetBlocks, numBlocks, cb, arg);
+
+    public int WriteZeroes(BdevDesc desc, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
+        SubmitNoData(BdevIoType.WriteZeroes, desc, offsetBlocks, numBlocks, cb, arg);
+
+    public int Reset(BdevDesc desc, BdevIoCompletion cb, object? arg) =>
+        SubmitNoData(BdevIoType.Reset, desc, 0, 0, cb, arg);
+
+    /// <summary>Parks <paramref name="entry"/> until an I/O object is free. Returns false if it is already queued.</summary>
+    public bool QueueIoWait(BdevIoWaitEntry entry)
+    {
+        if (entry.Queued)
+        {
+            return false;
+        }
+
+        entry.Queued = true;
+        entry.Next = null;
+        if (_waitTail is null)
+        {
+            _waitHead = entry;
+        }
+        else
+        {
+            _waitTail.Next = entry;
+        }
+
+        _waitTail = entry;
+        return true;
+    }
+
+    private int Check(BdevIoType type, BdevDesc desc, ulong offsetBlocks, ulong numBlocks)
+    {
+        if (desc.IsClosed || desc.Bdev != Bdev)
+        {
+            return -19; // ENODEV
+        }
+
+        if (type is BdevIoType.Write or BdevIoType.Unmap or BdevIoType.WriteZeroes && !desc.Writable)
+        {
+            return -9; // EBADF, as SPDK
+        }
+
+        if (!Bdev.SupportsIoType(type))
+        {
+            return -95; // ENOTSUP
+        }
+
+        if (type == BdevIoType.Reset)
+        {
+            return 0;
+        }
+
+        ulong count = Bdev.BlockCount;
+        if ((numBlocks == 0 && type != BdevIoType.Flush) || offsetBlocks > count || numBlocks > count - offsetBlocks)
+        {
+            return -22; // EINVAL
+        }
+
+        return 0;
+    }
+
+    private int SubmitData(BdevIoType type, BdevDesc desc, ReadOnlySpan<IoVec> iovs, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg)
+    {
+        Debug.Assert(Reactor.IsCurrent, "bdev I/O submitted off its channel's reactor");
+        int rc = Check(type, desc, offsetBlocks, numBlocks);
+        if (rc != 0)
+        {
+            return rc;
+        }
+
+        nuint total = 0;
+        for (int i = 0; i < iovs.Length; i++)
+        {
+            total += iovs[i].Length;
+        }
+
+        if (total != (nuint)(numBlocks * Bdev.BlockSize))
+        {
+            return -22;
+        }
+
+        var io = Alloc();
+        if (io is null)
+        {
+            return -12; // ENOMEM
+        }
+
+        io.Type = type;
+        io.OffsetBlocks = offsetBlocks;
+        io.NumBlocks = numBlocks;
+        io.SetIovs(iovs);
+        io.Callback = cb;
+        io.CallbackArg = arg;
+        Start(io);
+        return 0;
+    }
+
+    private int SubmitNoData(BdevIoType type, BdevDesc desc, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg)
+    {
+        Debug.Assert(Reactor.IsCurrent, "bdev I/O submitted off its channel's reactor");
+        int rc = Check(type, desc, offsetBlocks, numBlocks);
+        if (rc != 0)
+        {
+            return rc;
+        }
+
+        var io = Alloc();
+        if (io is null)
+        {
+            return -12;
+        }
+
+        io.Type = type;
+        io.OffsetBlocks = offsetBlocks;
+        io.NumBlocks = numBlocks;
+        io.SetIovs(default);
+        io.Callback = cb;
+        io.CallbackArg = arg;
+        Start(io);
+        return 0;
+    }
+
+    private BdevIo? Alloc()
+    {
+        var io = _free;
+        if (io is null)
+        {
+            return null;
+        }
+
+        _free = io.Next;
+        io.Next = null;
+        _freeCount--;
+        return io;
+    }
+
+    private void Start(BdevIo io)
+    {
+        io.SubmitTicks = Stopwatch.GetTimestamp();
+        Outstanding++;
+        if (Bdev.Qos is { } qos && !qos.TryAdmit(io, io.SubmitTicks))
+        {
+            Append(ref _qosHead, ref _qosTail, io);
+            return;
+        }
+
+        Dispatch(io);
+    }
+
+    private void Dispatch(BdevIo io)
+    {
+        if (NeedsSplit(io, out _))
+        {
+            io.SplitNextOffset = io.OffsetBlocks;
+            io.SplitRemaining = io.NumBlocks;
+            io.SplitIovIndex = 0;
+            io.SplitIovOffset = 0;
+            io.SplitOutstanding = 0;
+            io.SplitFailed = false;
+            SplitContinue(io);
+            return;
+        }
+
+        SubmitToModule(io);
+    }
+
+    private void SubmitToModule(BdevIo io)
+    {
+        if (NeedsBounce(io))
+        {
+            SetupBounce(io);
+        }
+
+        _submitDepth++;
+        try
+        {
+            Bdev.Submit(_moduleChannel, io);
+        }
+        finally
+        {
+            _submitDepth--;
+        }
+    }
+
+    private bool NeedsSplit(BdevIo io, out ulong maxBlocks)
+    {
+        maxBlocks = 0;
+        switch (io.Type)
+        {
+            case BdevIoType.Read:
+            case BdevIoType.Write:
+            case BdevIoType.Compare:
+                maxBlocks = Bdev.MaxTransferBlocks;
+                if (Bdev.RequiredAlignment > 1 && io.Length > MaxBounceBytes && NeedsBounce(io))
+                {
+                    ulong bounceBlocks = MaxBounceBytes / Bdev.BlockSize;
+                    maxBlocks = maxBlocks == 0 ? bounceBlocks : Math.Min(maxBlocks, bounceBlocks);
+                }
+
+                ulong boundary = Bdev.OptimalIoBoundaryBlocks;
+                return (maxBlocks > 0 && io.NumBlocks > maxBlocks)
+                    || (boundary > 0 && (io.OffsetBlocks % boundary) + io.NumBlocks > boundary);
+            case BdevIoType.Unmap:
+                maxBlocks = Bdev.MaxUnmapBlocks;
+                return maxBlocks > 0 && io.NumBlocks > maxBlocks;
+            case BdevIoType.WriteZeroes:
+                maxBlocks = Bdev.MaxWriteZeroesBlocks;
+                return maxBlocks > 0 && io.NumBlocks > maxBlocks;
+            default:
+                return false;
+        }
+    }
+
+    private ulong ChildBlocks(BdevIo parent)
+    {
+        NeedsSplit(parent, out ulong max);
+        ulong blocks = parent.SplitRemaining;
+        if (max > 0)
+        {
+            blocks = Math.Min(blocks, max);
+        }
+
+        ulong boundary = Bdev.OptimalIoBoundaryBlocks;
+        if (boundary > 0 && parent.Type is BdevIoType.Read or BdevIoType.Write or BdevIoType.Compare)
+        {
+            blocks = Math.Min(blocks, boundary - (parent.SplitNextOffset % boundary));
+        }
+
+        return blocks;
+    }
+
+    private void SplitContinue(BdevIo parent)
+    {
+        bool hasData = parent.Type is BdevIoType.Read or BdevIoType.Write or BdevIoType.Compare;
+        while (parent.SplitRemaining > 0 && parent.SplitOutstanding < MaxChildrenInFlight && !parent.SplitFailed)
+        {
+            var child = Alloc();
+            if (child is null)
+            {
+                if (parent.SplitOutstanding == 0)
+                {
+                    Append(ref _splitWaitHead, ref _splitWaitTail, parent);
+                }
+
+                return; // resumes when a child completes or an I/O is freed
+            }
+
+            ulong blocks = ChildBlocks(parent);
+            child.Type = parent.Type;
+            child.Parent = parent;
+            child.OffsetBlocks = parent.SplitNextOffset;
+            child.NumBlocks = blocks;
+            child.SubmitTicks = parent.SubmitTicks;
+            if (hasData)
+            {
+                int index = parent.SplitIovIndex;
+                nuint offset = parent.SplitIovOffset;
+                child.SetIovsSlice(parent.CallerIovs, ref index, ref offset, (nuint)(blocks * Bdev.BlockSize));
+                parent.SplitIovIndex = index;
+                parent.SplitIovOffset = offset;
+            }
+            else
+            {
+                child.SetIovs(default);
+            }
+
+            parent.SplitNextOffset += blocks;
+            parent.SplitRemaining -= blocks;
+            parent.SplitOutstanding++;
+            SubmitToModule(child);
+        }
+    }
+
+    private void ChildDone(BdevIo parent, BdevIo child)
+    {
+        if (child.Status != BdevIoStatus.Success)
+        {
+            parent.SplitFailed = true;
+            if (child.Status == BdevIoStatus.Miscompare)
+            {
+                parent.Status = BdevIoStatus.Miscompare;
+            }
+
+            parent.NvmeStatus = child.NvmeStatus;
+        }
+
+        parent.SplitOutstanding--;
+        FreeIo(child);
+        if (parent.SplitOutstanding > 0)
+        {
+            if (!parent.SplitFailed)
+            {
+                SplitContinue(parent);
+            }
+
+            return;
+        }
+
+        if (parent.SplitRemaining > 0 && !parent.SplitFailed)
+        {
+            SplitContinue(parent);
+            return;
+        }
+
+        if (parent.Status == BdevIoStatus.Pending)
+        {
+            parent.Status = parent.SplitFailed ? BdevIoStatus.Failed : BdevIoStatus.Success;
+        }
+
+        CompleteToUser(parent);
+    }
+
+    private bool NeedsBounce(BdevIo io)
+    {
+        nuint align = Bdev.RequiredAlignment;
+        if (align <= 1 || io.Type is not (BdevIoType.Read or BdevIoType.Write or BdevIoType.Compare))
+        {
+            return false;
+        }
+
+        var iovs = io.CallerIovs;
+        nuint mask = align - 1;
+        for (int i = 0; i < iovs.Length; i++)
+        {
+            if (((nuint)iovs[i].Base & mask) != 0 || (iovs[i].Length & mask) != 0)
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
+    private void SetupBounce(BdevIo io)
+    {
+        nuint length = (nuint)io.Length;
+        nint buffer = GetBounce(length);
+        if (io.Type is BdevIoType.Write or BdevIoType.Compare)
+        {
+            byte* dst = (byte*)buffer;
+            foreach (var v in io.CallerIovs)
+            {
+                // SAFETY: iovecs were validated by the submitter to cover mapped memory; the bounce buffer holds `length` bytes.
+                Buffer.MemoryCopy((void*)v.Base, dst, (long)v.Length, (long)v.Length);
+                dst += v.Length;
+            }
+        }
+
+        io.UseBounce(buffer, length);
+    }
+
+    private nint GetBounce(nuint length)
+    {
+        for (int i = 0; i < _bounceFree.Count; i++)
+        {
+            if (_bounceFree[i].Size >= length)
+            {
+                var b = _bounceFree[i];
+                _bounceFree.RemoveAt(i);
+                return b.Ptr;
+            }
+        }
+
+        // Warm-up only: the pool keeps every buffer it ever made.
+        nuint size = (length + 4095) & ~(nuint)4095;
+        nint p = (nint)NativeMemory.AlignedAlloc(size, Math.Max(4096, Bdev.RequiredAlignment));
+        _bounceAll.Add(p);
+        _bounceSizes[p] = size;
+        return p;
+    }
+
+    private readonly Dictionary<nint, nuint> _bounceSizes = new();
+
+    private void FinishBounce(BdevIo io)
+    {
+        if (io.Status == BdevIoStatus.Success && io.Type == BdevIoType.Read)
+        {
+            byte* src = (byte*)io.BounceBuffer;
+            foreach (var v in io.CallerIovs)
+            {
+                // SAFETY: as in SetupBounce.
+                Buffer.MemoryCopy(src, (void*)v.Base, (long)v.Length, (long)v.Length);
+                src += v.Length;
+            }
+        }
+
+        _bounceFree.Add((io.BounceBuffer, _bounceSizes[io.BounceBuffer]));
+        io.ClearBounce();
+    }
+
+    internal void OnModuleComplete(BdevIo io)
+    {
+        if (_submitDepth > 0)
+        {
+            // Completed inside Submit: defer so the caller's callback never runs inside its own submit call.
+            Append(ref _deferredHead, ref _deferredTail, io);
+            return;
+        }
+
+        Finish(io);
+    }
+
+    private void Finish(BdevIo io)
+    {
+        if (io.BounceBuffer != 0)
+        {
+            FinishBounce(io);
+        }
+
+        if (io.Parent is { } parent)
+        {
+            ChildDone(parent, io);
+            return;
+        }
+
+        CompleteToUser(io);
+    }
+
+    private void CompleteToUser(BdevIo io)
+    {
+        Outstanding--;
+        bool success = io.Status == BdevIoStatus.Success;
+        if (success)
+        {
+            Account(io, Stopwatch.GetTimestamp() - io.SubmitTicks);
+        }
+        else
+        {
+            Stats.NumErrors++;
+        }
+
+        var cb = io.Callback!;
+        var arg = io.CallbackArg;
+        try
+        {
+            cb(io, success, arg);
+        }
+        finally
+        {
+            FreeIo(io);
+        }
+    }
+
+    private void Account(BdevIo io, long ticks)
+    {
+        long bytes = (long)io.Length;
+        switch (io.Type)
+        {
+            case BdevIoType.Read:
+                Stats.NumReadOps++;
+                Stats.BytesRead += bytes;
+                Stats.ReadLatencyTicks += ticks;
+                Stats.MaxReadLatencyTicks = Math.Max(Stats.MaxReadLatencyTicks, ticks);
+                Stats.MinReadLatencyTicks = Stats.MinReadLatencyTicks == 0 ? ticks : Math.Min(Stats.MinReadLatencyTicks, ticks);
+                break;
+            case BdevIoType.Write:
+                Stats.NumWriteOps++;
+                Stats.BytesWritten += bytes;
+                Stats.WriteLatencyTicks += ticks;
+                Stats.MaxWriteLatencyTicks = Math.Max(Stats.MaxWriteLatencyTicks, ticks);
+                Stats.MinWriteLatencyTicks = Stats.MinWriteLatencyTicks == 0 ? ticks : Math.Min(Stats.MinWriteLatencyTicks, ticks);
+                break;
+            case BdevIoType.Unmap:
+                Stats.NumUnmapOps++;
+                Stats.BytesUnmapped += bytes;
+                Stats.UnmapLatencyTicks += ticks;
+                Stats.MaxUnmapLatencyTicks = Math.Max(Stats.MaxUnmapLatencyTicks, ticks);
+                Stats.MinUnmapLatencyTicks = Stats.MinUnmapLatencyTicks == 0 ? ticks : Math.Min(Stats.MinUnmapLatencyTicks, ticks);
+                break;
+            case BdevIoType.WriteZeroes:
+                Stats.NumWriteZeroesOps++;
+                break;
+            case BdevIoType.Flush:
+                Stats.NumFlushOps++;
+                break;
+        }
+    }
+
+    private void FreeIo(BdevIo io)
+    {
+        io.Reset();
+        io.Next = _free;
+        _free = io;
+        _freeCount++;
+        if ((_splitWaitHead is not null || _waitHead is not null) && !_resumingWaiters)
+        {
+            ResumeWaiters();
+        }
+    }
+
+    private void ResumeWaiters()
+    {
+        _resumingWaiters = true;
+        try
+        {
+            while (_splitWaitHead is not null && _free is not null)
+            {
+                var parent = _splitWaitHead;
+                _splitWaitHead = parent.Next;
+                if (_splitWaitHead is null)
+                {
+                    _splitWaitTail = null;
+                }
+
+                parent.Next = null;
+                SplitContinue(parent);
+            }
+
+            while (_waitHead is not null && _free is not null)
+            {
+                var e = _waitHead;
+                _waitHead = e.Next;
+                if (_waitHead is null)
+                {
+                    _waitTail = null;
+                }
+
+                e.Next = null;
+                e.Queued = false;
+                e.Callback(e.Arg);
+            }
+        }
+        finally
+        {
+            _resumingWaiters = false;
+        }
+    }
+
+    private int Poll()
+    {
+        int work = 0;
+        if (_deferredHead is not null)
+        {
+            var io = _deferredHead;
+            _deferredHead = _deferredTail = null;
+            while (io is not null)
+            {
+                var next = io.Next;
+                io.Next = null;
+                Finish(io);
+                io = next;
+                work++;
+            }
+        }
+
+        if (_qosHead is not null && Bdev.Qos is var qos)
+        {
+            long now = Stopwatch.GetTimestamp();
+            while (_qosHead is not null && (qos is null || qos.TryAdmit(_qosHead, now)))
+            {
+                var io = _qosHead;
+                _qosHead = io.Next;
+                if (_qosHead is null)
+                {
+                    _qosTail = null;
+                }
+
+                io.Next = null;
+                Dispatch(io);
+                work++;
+            }
+        }
+
+        return work;
+    }
+
+    private static void Append(ref BdevIo? head, ref BdevIo? tail, BdevIo io)
+    {
+        io.Next = null;
+        if (tail is null)
+        {
+            head = io;
+        }
+        else
+        {
+            tail.Next = io;
+        }
+
+        tail = io;
+    }
+
+    internal void Destroy()
+    {
+        Reactor.UnregisterPoller(_poller);
+        _moduleChannel.Release();
+        Bdev.RetireStats(Stats);
+        Stats = default;
+        foreach (var p in _bounceAll)
+        {
+            NativeMemory.AlignedFree((void*)p);
+        }
+
+        _bounceAll.Clear();
+        _bounceFree.Clear();
+    }
+}

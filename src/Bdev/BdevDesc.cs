@@ -1,0 +1,69 @@
+namespace VhostBackend.Bdev;
+
+/// <summary>
+/// An open handle to a bdev, read-only or read-write, with a callback for hot-remove and resize. I/O goes
+/// through the per-reactor channel from <see cref="GetIoChannel"/>.
+/// </summary>
+public sealed class BdevDesc : IDisposable
+{
+    private readonly BdevEventCallback? _eventCallback;
+    private readonly object? _eventContext;
+    private readonly Reactor.Reactor? _owner;
+    private int _closed;
+
+    internal BdevDesc(Bdev bdev, bool write, BdevEventCallback? cb, object? ctx)
+    {
+        Bdev = bdev;
+        Writable = write;
+        _eventCallback = cb;
+        _eventContext = ctx;
+        _owner = Reactor.Reactor.Current;
+    }
+
+    public Bdev Bdev { get; }
+    public bool Writable { get; }
+    public bool IsClosed => Volatile.Read(ref _closed) != 0;
+
+    internal event Action<BdevDesc>? Closed;
+
+    /// <summary>This reactor's channel to the bdev (shared by descriptors on the same reactor). Call on a reactor.</summary>
+    public BdevChannel GetIoChannel()
+    {
+        var reactor = Reactor.Reactor.Current ?? throw new InvalidOperationException("GetIoChannel must be called on a reactor");
+        var ch = reactor.GetIoChannel(Bdev.LayerDevice);
+        var bch = (BdevChannel)ch.Context;
+        bch.IoChannel = ch;
+        return bch;
+    }
+
+    /// <summary>Releases a channel from <see cref="GetIoChannel"/> (on the same reactor).</summary>
+    public static void PutIoChannel(BdevChannel channel) => channel.IoChannel!.Release();
+
+    internal void RaiseEvent(BdevEventType type)
+    {
+        if (_eventCallback is null || IsClosed)
+        {
+            return;
+        }
+
+        if (_owner is not null)
+        {
+            _owner.Send(_ => _eventCallback(type, Bdev, _eventContext), null);
+        }
+        else
+        {
+            ThreadPool.UnsafeQueueUserWorkItem(_ => _eventCallback(type, Bdev, _eventContext), null);
+        }
+    }
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _closed, 1) != 0)
+        {
+            return;
+        }
+
+        Bdev.RemoveDesc(this);
+        Closed?.Invoke(this);
+    }
+}

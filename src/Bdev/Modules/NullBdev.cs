@@ -1,0 +1,29 @@
+using System.Text.Json.Nodes;
+using VhostBackend.Reactor;
+
+namespace VhostBackend.Bdev.Modules;
+
+/// <summary>bdev_null: discards writes, returns reads without touching the buffers (SPDK's null bdev behaviour).</summary>
+public sealed class NullBdev : Bdev
+{
+    public NullBdev(string name, ulong numBlocks, uint blockSize, Guid? uuid = null)
+        : base(name, "Null disk", blockSize, numBlocks, uuid)
+    {
+    }
+
+    public override bool SupportsIoType(BdevIoType type) => type is not BdevIoType.Compare;
+
+    protected internal override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
+
+    protected internal override void Submit(IoChannel moduleChannel, BdevIo io) => io.Complete(BdevIoStatus.Success);
+
+    public void Resize(ulong numBlocks) => SetBlockCount(numBlocks);
+
+    public override JsonObject ConfigCall() => Rpc.Subsystem.Call("bdev_null_create", new JsonObject
+    {
+        ["name"] = Name,
+        ["num_blocks"] = BlockCount,
+        ["block_size"] = BlockSize,
+        ["uuid"] = Uuid.ToString(),
+    });
+}

@@ -1,0 +1,20 @@
+using VhostBackend.Reactor;
+
+namespace VhostBackend.Bdev.Modules;
+
+/// <summary>An I/O device with no per-thread state, for modules that complete I/O inline (malloc, null).</summary>
+internal sealed class StatelessDevice : IoDevice
+{
+    public static readonly StatelessDevice Instance = new();
+
+    private StatelessDevice()
+        : base("stateless")
+    {
+    }
+
+    protected override object CreateChannelContext(Reactor.Reactor reactor) => this;
+
+    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context)
+    {
+    }
+}

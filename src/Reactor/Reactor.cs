@@ -1,0 +1,489 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using VhostBackend.Platform;
+
+namespace VhostBackend.Reactor;
+
+/// <summary>How an idle reactor waits for work.</summary>
+public enum ReactorMode
+{
+    /// <summary>Spin on the pollers forever: lowest latency, one full core.</summary>
+    Poll,
+
+    /// <summary>Sleep in epoll whenever an iteration finds no work.</summary>
+    Interrupt,
+
+    /// <summary>Poll while busy; sleep in epoll after <see cref="ReactorOptions.AdaptiveIdleMicroseconds"/> without work.</summary>
+    Adaptive,
+}
+
+public sealed class ReactorOptions
+{
+    public ReactorMode Mode { get; set; } = ReactorMode.Adaptive;
+
+    /// <summary>Adaptive mode: how long a reactor polls without finding work before it sleeps.</summary>
+    public int AdaptiveIdleMicroseconds { get; set; } = 2000;
+
+    /// <summary>Longest sleep when some poller has no interrupt source (it is then polled at least this often).</summary>
+    public int FallbackPollMicroseconds { get; set; } = 1000;
+
+    public int MessageQueueCapacity { get; set; } = 16384;
+
+    /// <summary>Messages handled per loop iteration before pollers get their turn.</summary>
+    public int MessageBatch { get; set; } = 64;
+
+    /// <summary>Whether reactor threads pin themselves to their cores (tests may turn it off).</summary>
+    public bool PinThreads { get; set; } = true;
+}
+
+/// <summary>
+/// One OS thread pinned to one core that runs its pollers and messages in a loop. Every object owned by a
+/// reactor (pollers, I/O channels, queue state) is touched only on its thread; other threads post messages.
+///
+/// Wake-up protocol (interrupt and adaptive modes): before sleeping the reactor publishes
+/// <c>_sleeping = 1</c> with a full fence and then re-checks its queue; a sender enqueues (a full fence, via
+/// the queue's CAS) and then reads <c>_sleeping</c>. One of the two always sees the other, so no message
+/// is left behind a sleeping reactor (Dekker's pattern).
+/// </summary>
+public sealed class Reactor
+{
+    [ThreadStatic]
+    private static Reactor? t_current;
+
+    private readonly ReactorOptions _options;
+    private readonly MessageQueue _queue;
+    private readonly ConcurrentQueue<(Action<object?> Fn, object? Arg)> _overflow = new();
+    private readonly EventFd _wakeFd = new();
+    private readonly Epoll _epoll = new();
+    private readonly Dictionary<IoDevice, IoChannel> _channels = new(ReferenceEqualityComparer.Instance);
+    private readonly List<Poller> _pollers = new();
+    private Poller[] _active = [];
+    private Poller[] _timed = [];
+    private Thread? _thread;
+    private int _sleeping;
+    private volatile bool _stopRequested;
+    private readonly TaskCompletionSource _stopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    internal Reactor(int id, int core, ReactorOptions options)
+    {
+        Id = id;
+        Core = core;
+        _options = options;
+        _queue = new MessageQueue(options.MessageQueueCapacity);
+        _epoll.Add(_wakeFd.Fd, 0, Epoll.EPOLLIN);
+    }
+
+    public int Id { get; }
+    public int Core { get; }
+    public string Name => $"reactor_{Core}";
+
+    /// <summary>The reactor whose thread is calling, or null on a non-reactor thread.</summary>
+    public static Reactor? Current => t_current;
+
+    public bool IsCurrent => t_current == this;
+
+    public ReactorMode Mode { get; private set; }
+
+    // Statistics: written by the reactor thread only, read racily by anyone (64-bit aligned, never torn on x64).
+    public long BusyTicks { get; private set; }
+    public long IdleTicks { get; private set; }
+    public long SleepCount { get; private set; }
+    public long Iterations { get; private set; }
+    public long MessagesHandled { get; private set; }
+    public long OverflowMessages => Interlocked.Read(ref _overflowCount);
+    private long _overflowCount;
+
+    /// <summary>Bytes this reactor's thread has allocated, sampled every 1024 iterations.</summary>
+    public long AllocatedBytes { get; private set; }
+    public int Gen2Collections => GC.CollectionCount(2);
+    public int ThreadId { get; private set; }
+
+    public bool IsInInterrupt => Volatile.Read(ref _sleeping) != 0;
+
+    public IReadOnlyList<Poller> Pollers
+    {
+        get
+        {
+            lock (_pollers)
+            {
+                return _pollers.ToArray();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Queues <paramref name="fn"/>(<paramref name="arg"/>) to run on this reactor. Callable from any thread,
+    /// including this one; always returns before the function runs. Allocates nothing unless the ring is full.
+    /// </summary>
+    public void Send(Action<object?> fn, object? arg)
+    {
+        if (!_queue.TryEnqueue(fn, arg))
+        {
+            Interlocked.Increment(ref _overflowCount);
+            _overflow.Enqueue((fn, arg));
+        }
+
+        // Full fence came with the enqueue's CAS; now see whether the reactor went to sleep before it.
+        if (Volatile.Read(ref _sleeping) != 0)
+        {
+            _wakeFd.Signal();
+        }
+    }
+
+    /// <summary>Runs a control-plane function on this reactor and returns its result (allocates; not for I/O).</summary>
+    public Task<T> InvokeAsync<T>(Func<T> fn) => InvokeCore(fn);
+
+    private Task<T> InvokeCore<T>(Func<T> fn)
+    {
+        var tcs = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
+        Send(static s =>
+        {
+            var (f, t) = ((Func<T>, TaskCompletionSource<T>))s!;
+            try
+            {
+                t.SetResult(f());
+            }
+            catch (Exception e)
+            {
+                t.SetException(e);
+            }
+        }, (fn, tcs));
+        return tcs.Task;
+    }
+
+    /// <summary>Runs an async control-plane function on this reactor; its continuations stay on the reactor.</summary>
+    public Task<T> InvokeAsync<T>(Func<Task<T>> fn)
+    {
+        return InvokeCore(fn).Unwrap();
+    }
+
+    public Task InvokeAsync(Action fn) => InvokeCore(() =>
+    {
+        fn();
+        return true;
+    });
+
+    /// <summary>Registers a poller. Must be called on this reactor. A period of 0 runs it every iteration.</summary>
+    public Poller RegisterPoller(string name, PollerFn fn, object? context, ulong periodMicroseconds = 0)
+    {
+        AssertCurrent();
+        long period = (long)(periodMicroseconds * (ulong)Stopwatch.Frequency / 1_000_000);
+        if (periodMicroseconds > 0 && period == 0)
+        {
+            period = 1;
+        }
+
+        var p = new Poller(this, name, fn, context, period) { IsRegistered = true };
+        p.NextRunTicks = Stopwatch.GetTimestamp() + period;
+        lock (_pollers)
+        {
+            _pollers.Add(p);
+        }
+
+        RebuildPollerArrays();
+        return p;
+    }
+
+    /// <summary>Gives the poller an interrupt source: an fd (or -1) watched while the reactor sleeps, and an arm callback.</summary>
+    public void SetPollerInterrupt(Poller poller, int fd, PollerInterruptFn fn)
+    {
+        AssertCurrent();
+        if (poller.InterruptFd >= 0)
+        {
+            _epoll.Remove(poller.InterruptFd);
+        }
+
+        poller.InterruptFd = fd;
+        poller.InterruptFn = fn;
+        if (fd >= 0)
+        {
+            _epoll.Add(fd, 1, Epoll.EPOLLIN | Epoll.EPOLLET);
+        }
+    }
+
+    public void UnregisterPoller(Poller poller)
+    {
+        AssertCurrent();
+        if (!poller.IsRegistered)
+        {
+            return;
+        }
+
+        poller.IsRegistered = false;
+        if (poller.InterruptFd >= 0)
+        {
+            _epoll.Remove(poller.InterruptFd);
+            poller.InterruptFd = -1;
+        }
+
+        lock (_pollers)
+        {
+            _pollers.Remove(poller);
+        }
+
+        RebuildPollerArrays();
+    }
+
+    private void RebuildPollerArrays()
+    {
+        lock (_pollers)
+        {
+            _active = _pollers.Where(p => p.PeriodTicks == 0).ToArray();
+            _timed = _pollers.Where(p => p.PeriodTicks > 0).ToArray();
+        }
+    }
+
+    /// <summary>Gets (creating on first use) this reactor's channel to <paramref name="device"/>. Must be called on this reactor.</summary>
+    public IoChannel GetIoChannel(IoDevice device)
+    {
+        AssertCurrent();
+        if (_channels.TryGetValue(device, out var ch))
+        {
+            ch.RefCount++;
+            return ch;
+        }
+
+        if (device.IsUnregistered)
+        {
+            throw new InvalidOperationException($"I/O device '{device.Name}' is being unregistered");
+        }
+
+        var context = device.CreateChannelContext(this);
+        ch = new IoChannel(device, this, context) { RefCount = 1 };
+        _channels.Add(device, ch);
+        device.AddChannel(ch);
+        return ch;
+    }
+
+    internal void ReleaseIoChannel(IoChannel ch)
+    {
+        AssertCurrent();
+        if (--ch.RefCount > 0)
+        {
+            return;
+        }
+
+        _channels.Remove(ch.Device);
+        ch.Device.RemoveChannel(ch);
+        ch.Device.DestroyChannelContext(this, ch.Context);
+    }
+
+    internal void AssertCurrent()
+    {
+        if (t_current != this)
+        {
+            throw new InvalidOperationException($"must be called on {Name} (called on thread '{Thread.CurrentThread.Name}')");
+        }
+    }
+
+    internal void Start()
+    {
+        Mode = _options.Mode;
+        _thread = new Thread(Run) { Name = Name, IsBackground = true };
+        _thread.Start();
+    }
+
+    internal void RequestStop()
+    {
+        _stopRequested = true;
+        _wakeFd.Signal();
+    }
+
+    internal Task Stopped => _stopped.Task;
+
+    private void Run()
+    {
+        t_current = this;
+        ThreadId = Native.GetTid();
+        SynchronizationContext.SetSynchronizationContext(new ReactorSynchronizationContext(this));
+        if (_options.PinThreads)
+        {
+            CpuSet.PinCurrentThread(Core);
+        }
+
+        long adaptiveTicks = _options.AdaptiveIdleMicroseconds * Stopwatch.Frequency / 1_000_000;
+        long lastWork = Stopwatch.GetTimestamp();
+        try
+        {
+            while (!_stopRequested)
+            {
+                long start = Stopwatch.GetTimestamp();
+                int work = RunOnce(start);
+                long end = Stopwatch.GetTimestamp();
+                if (work > 0)
+                {
+                    BusyTicks += end - start;
+                    lastWork = end;
+                }
+                else
+                {
+                    IdleTicks += end - start;
+                }
+
+                if ((++Iterations & 1023) == 0)
+                {
+                    AllocatedBytes = GC.GetAllocatedBytesForCurrentThread();
+                }
+
+                if (work == 0 && Mode != ReactorMode.Poll && (Mode == ReactorMode.Interrupt || end - lastWork > adaptiveTicks))
+                {
+                    Sleep(end);
+                    lastWork = Stopwatch.GetTimestamp();
+                }
+            }
+
+            // Drain messages that were queued before the stop so completions and cleanups still run.
+            RunMessages(int.MaxValue);
+        }
+        finally
+        {
+            AllocatedBytes = GC.GetAllocatedBytesForCurrentThread();
+            t_current = null;
+            _stopped.TrySetResult();
+        }
+    }
+
+    /// <summary>One loop iteration: messages, every-iteration pollers, due timed pollers. Returns work done.</summary>
+    private int RunOnce(long now)
+    {
+        int work = RunMessages(_options.MessageBatch);
+
+        var active = _active;
+        for (int i = 0; i < active.Length; i++)
+        {
+            var p = active[i];
+            if (!p.IsRegistered)
+            {
+                continue;
+            }
+
+            int r = p.Fn(p.Context);
+            p.RunCount++;
+            if (r > 0)
+            {
+                p.BusyCount++;
+                work += r;
+            }
+        }
+
+        var timed = _timed;
+        for (int i = 0; i < timed.Length; i++)
+        {
+            var p = timed[i];
+            if (!p.IsRegistered || now < p.NextRunTicks)
+            {
+                continue;
+            }
+
+            p.NextRunTicks = now + p.PeriodTicks;
+            int r = p.Fn(p.Context);
+            p.RunCount++;
+            if (r > 0)
+            {
+                p.BusyCount++;
+                work += r;
+            }
+        }
+
+        return work;
+    }
+
+    private int RunMessages(int max)
+    {
+        int n = 0;
+        while (n < max && _queue.TryDequeue(out var fn, out var arg))
+        {
+            Invoke(fn, arg);
+            n++;
+        }
+
+        while (n < max && !_overflow.IsEmpty && _overflow.TryDequeue(out var m))
+        {
+            Invoke(m.Fn, m.Arg);
+            n++;
+        }
+
+        MessagesHandled += n;
+        return n;
+    }
+
+    private void Invoke(Action<object?> fn, object? arg)
+    {
+        try
+        {
+            fn(arg);
+        }
+        catch (Exception e)
+        {
+            // A message must never take the reactor down; the owner logs through UnhandledMessageException.
+            UnhandledException?.Invoke(this, e);
+        }
+    }
+
+    /// <summary>Raised (on the reactor) when a message or continuation throws. The host logs it.</summary>
+    public static event Action<Reactor, Exception>? UnhandledException;
+
+    private void Sleep(long now)
+    {
+        // Full fence: publish "sleeping" before re-checking for work (pairs with Send's enqueue-then-read).
+        Interlocked.Exchange(ref _sleeping, 1);
+        bool pending = !_queue.IsEmpty || !_overflow.IsEmpty || _stopRequested;
+        bool fallback = false;
+        var active = _active;
+        for (int i = 0; i < active.Length; i++)
+        {
+            var p = active[i];
+            if (p.InterruptFn is null)
+            {
+                fallback = true;
+            }
+            else if (p.InterruptFn(p.Context, true))
+            {
+                pending = true;
+            }
+        }
+
+        if (!pending)
+        {
+            long timeoutTicks = long.MaxValue;
+            foreach (var p in _timed)
+            {
+                timeoutTicks = Math.Min(timeoutTicks, Math.Max(0, p.NextRunTicks - now));
+            }
+
+            if (fallback)
+            {
+                timeoutTicks = Math.Min(timeoutTicks, _options.FallbackPollMicroseconds * Stopwatch.Frequency / 1_000_000);
+            }
+
+            int timeoutMs = timeoutTicks == long.MaxValue ? 1000 : (int)Math.Min(1000, (timeoutTicks * 1000 + Stopwatch.Frequency - 1) / Stopwatch.Frequency);
+            Span<ulong> cookies = stackalloc ulong[16];
+            SleepCount++;
+            long before = Stopwatch.GetTimestamp();
+            _epoll.Wait(cookies, timeoutMs);
+            IdleTicks += Stopwatch.GetTimestamp() - before;
+        }
+
+        Volatile.Write(ref _sleeping, 0);
+        _wakeFd.Drain();
+        for (int i = 0; i < active.Length; i++)
+        {
+            active[i].InterruptFn?.Invoke(active[i].Context, false);
+        }
+    }
+
+    /// <summary>Changes the mode at runtime (framework_set_scheduler-like control; from any thread).</summary>
+    public void SetMode(ReactorMode mode) => Send(static s =>
+    {
+        var (r, m) = ((Reactor, ReactorMode))s!;
+        r.Mode = m;
+    }, (this, mode));
+
+    internal void DisposeResources()
+    {
+        _wakeFd.Dispose();
+        _epoll.Dispose();
+    }
+
+    public override string ToString() => Name;
+}

@@ -1,0 +1,87 @@
+using Xunit;
+
+namespace VhostBackend.Reactor.Tests;
+
+public class IoChannelTests
+{
+    private sealed class CountingDevice : IoDevice
+    {
+        public int Created;
+        public int Destroyed;
+        public readonly List<(Reactor Reactor, Reactor? Thread)> Events = new();
+
+        public CountingDevice()
+            : base("counting")
+        {
+        }
+
+        protected internal override object CreateChannelContext(Reactor reactor)
+        {
+            Interlocked.Increment(ref Created);
+            lock (Events)
+            {
+                Events.Add((reactor, Reactor.Current));
+            }
+
+            return new object();
+        }
+
+        protected internal override void DestroyChannelContext(Reactor reactor, object context)
+        {
+            Interlocked.Increment(ref Destroyed);
+            lock (Events)
+            {
+                Events.Add((reactor, Reactor.Current));
+            }
+        }
+    }
+
+    [Fact]
+    public async Task Channel_Per_Reactor_RefCounted_Created_And_Destroyed_On_Its_Thread()
+    {
+        await using var rt = TestRuntime.Start(2);
+        var dev = new CountingDevice();
+        var channels = new List<IoChannel>();
+        foreach (var r in rt.Reactors)
+        {
+            var (a, b) = await r.InvokeAsync(() => (r.GetIoChannel(dev), r.GetIoChannel(dev)));
+            Assert.Same(a, b);
+            Assert.Equal(2, a.RefCount);
+            Assert.Same(r, a.Reactor);
+            channels.Add(a);
+        }
+
+        Assert.Equal(rt.Reactors.Count, dev.Created);
+        Assert.Equal(rt.Reactors.Count, dev.SnapshotChannels().Length);
+
+        int visited = 0;
+        await await rt.Main.InvokeAsync(() => dev.ForEachChannelAsync(ch =>
+        {
+            Assert.Same(ch.Reactor, Reactor.Current);
+            visited++;
+        }));
+        Assert.Equal(rt.Reactors.Count, visited);
+
+        int released = 0;
+        foreach (var ch in channels)
+        {
+            await ch.Reactor.InvokeAsync(() => ch.Release());
+            Assert.Equal(released, dev.Destroyed); // one reference left
+            await ch.Reactor.InvokeAsync(() => ch.Release());
+            Assert.Equal(++released, dev.Destroyed);
+        }
+
+        Assert.Equal(rt.Reactors.Count, dev.Destroyed);
+        Assert.Empty(dev.SnapshotChannels());
+        Assert.All(dev.Events, e => Assert.Same(e.Reactor, e.Thread));
+    }
+
+    [Fact]
+    public async Task Release_Off_Reactor_Throws()
+    {
+        await using var rt = TestRuntime.Start(1);
+        var dev = new CountingDevice();
+        var ch = await rt.Main.InvokeAsync(() => rt.Main.GetIoChannel(dev));
+        Assert.Throws<InvalidOperationException>(() => ch.Release());
+    }
+}

@@ -52,14 +52,53 @@ public sealed class SubsystemRegistry
         }
     }
 
+    /// <summary>
+    /// Every subsystem in init order: each after the subsystems it depends on (unregistered dependencies are
+    /// ignored), otherwise in registration order.
+    /// </summary>
     public IReadOnlyList<Subsystem> All
     {
         get
         {
+            Subsystem[] registered;
             lock (_subsystems)
             {
-                return _subsystems.ToArray();
+                registered = _subsystems.ToArray();
             }
+
+            var ordered = new List<Subsystem>(registered.Length);
+            var state = new Dictionary<string, int>(StringComparer.Ordinal); // 1 = visiting, 2 = done
+            void Visit(Subsystem s)
+            {
+                if (state.TryGetValue(s.Name, out int st))
+                {
+                    if (st == 1)
+                    {
+                        throw new InvalidOperationException($"subsystem dependency cycle at '{s.Name}'");
+                    }
+
+                    return;
+                }
+
+                state[s.Name] = 1;
+                foreach (var d in s.DependsOn)
+                {
+                    if (Array.Find(registered, r => r.Name == d) is { } dep)
+                    {
+                        Visit(dep);
+                    }
+                }
+
+                state[s.Name] = 2;
+                ordered.Add(s);
+            }
+
+            foreach (var s in registered)
+            {
+                Visit(s);
+            }
+
+            return ordered;
         }
     }
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs what the tests need, builds everything, and runs every test suite: the fast unit tests, then the
+# integration tests that boot real QEMU guests against the daemon. Prints one closing line:
+#   "N passed, N failed, N skipped"
+# Options: --unit (unit tests only), --filter EXPR (dotnet test filter for all suites).
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+unit_only=0
+filter=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --unit) unit_only=1 ;;
+        --filter) filter=(--filter "$2"); shift ;;
+        *) echo "usage: scripts/test.sh [--unit] [--filter EXPR]" >&2; exit 2 ;;
+    esac
+    shift
+done
+export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
+
+bash scripts/install-deps.sh || { echo "install-deps failed"; exit 1; }
+if [ $unit_only -eq 0 ]; then
+    bash qemu/build-guest.sh || { echo "guest image build failed"; exit 1; }
+fi
+
+echo "== build"
+if ! dotnet build VhostBackend.sln -c Release -nologo -v quiet -clp:ErrorsOnly; then
+    echo "build failed"
+    echo "0 passed, 1 failed"
+    exit 1
+fi
+
+passed=0; failed=0; skipped=0; status=0
+logdir="$(mktemp -d)"
+run_suite() {
+    local proj="$1" name log
+    name="$(basename "$proj" .csproj)"
+    log="$logdir/$name.log"
+    echo "== $name"
+    dotnet test "$proj" -c Release --no-build -nologo "${filter[@]}" --logger "console;verbosity=normal" >"$log" 2>&1
+    local rc=$?
+    grep -E '^\s*(Failed|Skipped) |Error Message|^\s+at |Passed!|Failed!|No test' "$log" | grep -v '^\s*at System\.' | head -200
+    local line
+    line="$(grep -E '(Passed|Failed)!  - Failed:' "$log" | tail -1)"
+    if [ -n "$line" ]; then
+        local f p s
+        f="$(sed -E 's/.*Failed: *([0-9]+).*/\1/' <<<"$line")"
+        p="$(sed -E 's/.*Passed: *([0-9]+).*/\1/' <<<"$line")"
+        s="$(sed -E 's/.*Skipped: *([0-9]+).*/\1/' <<<"$line")"
+        passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    elif [ $rc -ne 0 ]; then
+        echo "$name: test run failed (exit $rc):"; tail -40 "$log"
+        failed=$((failed + 1))
+    fi
+    [ $rc -eq 0 ] || status=1
+}
+
+for proj in tests/*/*.Tests.csproj; do
+    run_suite "$proj"
+done
+if [ $unit_only -eq 0 ]; then
+    run_suite integration/VhostBackend.IntegrationTests.csproj
+fi
+
+echo "logs: $logdir"
+echo "$passed passed, $failed failed, $skipped skipped"
+[ $failed -eq 0 ] && [ $status -eq 0 ]

@@ -1,0 +1,170 @@
+using System.Text.Json.Nodes;
+using Microsoft.Extensions.Logging;
+using VhostBackend.Bdev;
+using VhostBackend.Reactor;
+using VhostBackend.Rpc;
+
+namespace VhostBackend.App;
+
+/// <summary>
+/// The application framework shared by vhostd and bdevperf (SPDK's lib/event "app"): reactors on the core
+/// mask, the bdev manager, the RPC method registry and subsystems, the JSON-RPC server and the JSON config.
+/// Modules are registered explicitly by the host (<see cref="StandardModules"/>), never by reflection.
+/// </summary>
+public sealed class Application : IAsyncDisposable
+{
+    private readonly ILoggerFactory _loggerFactory;
+    private readonly ILogger _logger;
+    private readonly List<Func<Task>> _stopHooks = new();
+    private JsonRpcServer? _server;
+    private bool _started;
+
+    public Application(ApplicationOptions options, ILoggerFactory loggerFactory)
+    {
+        Options = options;
+        _loggerFactory = loggerFactory;
+        _logger = loggerFactory.CreateLogger("app");
+        try
+        {
+            Reactors = new ReactorRuntime(options.CpuMask, options.Reactor);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ApplicationConfigException($"-m/--cpumask: {e.Message}", e);
+        }
+
+        Bdevs = new BdevManager(loggerFactory.CreateLogger("bdev"));
+        Dispatcher = new RpcDispatcher(Rpc, Reactors.Main, options.WaitForRpc ? RpcStates.Startup : RpcStates.Runtime, loggerFactory.CreateLogger("rpc"));
+        Dispatcher.InitHandler = InitSubsystemsAsync;
+    }
+
+    public ApplicationOptions Options { get; }
+    public ReactorRuntime Reactors { get; }
+    public BdevManager Bdevs { get; }
+    public RpcRegistry Rpc { get; } = new();
+    public SubsystemRegistry Subsystems { get; } = new();
+    public RpcDispatcher Dispatcher { get; }
+
+    public ILoggerFactory LoggerFactory => _loggerFactory;
+
+    /// <summary>Runs at stop, in reverse registration order (controllers before bdevs).</summary>
+    public void OnStop(Func<Task> hook) => _stopHooks.Add(hook);
+
+    /// <summary>
+    /// Starts reactors and the RPC server, then (unless --wait-for-rpc) applies the config. Config errors are
+    /// thrown as <see cref="ApplicationConfigException"/>.
+    /// </summary>
+    public async Task StartAsync()
+    {
+        _started = true;
+        Reactors.Start();
+        _logger.LogInformation("{Count} reactor(s) started on cores {Mask} ({Mode} mode)", Reactors.Reactors.Count, Options.CpuMask, Options.Reactor.Mode);
+        if (!string.IsNullOrEmpty(Options.RpcSocket))
+        {
+            _server = new JsonRpcServer(Dispatcher, _loggerFactory.CreateLogger("rpc"));
+            try
+            {
+                await _server.StartAsync(Options.RpcSocket).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is IOException or InvalidOperationException or System.Net.Sockets.SocketException or UnauthorizedAccessException)
+            {
+                throw new ApplicationConfigException($"-r/--rpc-socket {Options.RpcSocket}: {e.Message}", e);
+            }
+
+            _logger.LogInformation("JSON-RPC listening on {Path}", Options.RpcSocket);
+        }
+
+        if (Options.WaitForRpc)
+        {
+            _logger.LogInformation("waiting for framework_start_init over RPC");
+            return;
+        }
+
+        await Dispatcher.StartInitAsync().ConfigureAwait(false);
+    }
+
+    private async Task InitSubsystemsAsync()
+    {
+        JsonObject? config = Options.Config;
+        string source = "embedded default config";
+        if (Options.ConfigFile is { } path)
+        {
+            source = path;
+            try
+            {
+                config = JsonNode.Parse(await File.ReadAllTextAsync(path).ConfigureAwait(true)) as JsonObject
+                    ?? throw new ApplicationConfigException($"config {path}: top level must be a JSON object");
+            }
+            catch (IOException e)
+            {
+                throw new ApplicationConfigException($"config {path}: {e.Message}", e);
+            }
+            catch (UnauthorizedAccessException e)
+            {
+                throw new ApplicationConfigException($"config {path}: {e.Message}", e);
+            }
+            catch (System.Text.Json.JsonException e)
+            {
+                throw new ApplicationConfigException($"config {path}: not valid JSON: {e.Message}", e);
+            }
+        }
+
+        if (config is not null)
+        {
+            try
+            {
+                await JsonConfig.ApplyAsync(Dispatcher, Subsystems, config).ConfigureAwait(true);
+            }
+            catch (JsonConfigException e)
+            {
+                throw new ApplicationConfigException($"config {source}: {e.Message}", e);
+            }
+
+            _logger.LogInformation("applied {Source}", source);
+        }
+    }
+
+    /// <summary>Stops controllers and modules (hooks), closes bdevs, stops the RPC server and the reactors.</summary>
+    public async Task StopAsync()
+    {
+        if (!_started)
+        {
+            return;
+        }
+
+        _started = false;
+        if (_server is not null)
+        {
+            await _server.StopAsync().ConfigureAwait(false);
+        }
+
+        for (int i = _stopHooks.Count - 1; i >= 0; i--)
+        {
+            try
+            {
+                await _stopHooks[i]().WaitAsync(TimeSpan.FromSeconds(20)).ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                _logger.LogError(e, "error while stopping");
+            }
+        }
+
+        foreach (var bdev in Bdevs.All.Reverse())
+        {
+            try
+            {
+                await Reactors.Main.InvokeAsync(() => Bdevs.UnregisterAsync(bdev, TimeSpan.FromSeconds(10))).ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                _logger.LogError(e, "error while removing bdev {Name}", bdev.Name);
+            }
+        }
+
+        await Reactors.DisposeAsync().ConfigureAwait(false);
+        _logger.LogInformation("stopped");
+    }
+
+    public async ValueTask DisposeAsync() => await StopAsync().ConfigureAwait(false);
+}

@@ -1,0 +1,40 @@
+using System.Text.Json.Nodes;
+using VhostBackend.Platform;
+using VhostBackend.Reactor;
+
+namespace VhostBackend.App;
+
+/// <summary>What an application (vhostd, bdevperf) starts with: SPDK's app options.</summary>
+public sealed class ApplicationOptions
+{
+    public string Name { get; set; } = "vhost";
+
+    /// <summary>-m/--cpumask: reactor cores.</summary>
+    public CpuSet CpuMask { get; set; } = CpuSet.Of(0);
+
+    public ReactorOptions Reactor { get; set; } = new();
+
+    /// <summary>-r/--rpc-socket; null or empty: no RPC server.</summary>
+    public string? RpcSocket { get; set; } = "/var/tmp/vhost.sock";
+
+    /// <summary>-c/--json: a config file in SPDK's format.</summary>
+    public string? ConfigFile { get; set; }
+
+    /// <summary>A config given in memory (the daemon's embedded default) when no file is given.</summary>
+    public JsonObject? Config { get; set; }
+
+    /// <summary>-S/--socket-dir: where vhost-user sockets are created.</summary>
+    public string SocketDir { get; set; } = Environment.CurrentDirectory;
+
+    /// <summary>--wait-for-rpc: apply the config and start subsystems only on framework_start_init.</summary>
+    public bool WaitForRpc { get; set; }
+}
+
+/// <summary>A configuration or option error the user must fix; the daemon prints it and exits 1.</summary>
+public sealed class ApplicationConfigException : Exception
+{
+    public ApplicationConfigException(string message, Exception? inner = null)
+        : base(message, inner)
+    {
+    }
+}

@@ -1,0 +1,203 @@
+using System.Globalization;
+using VhostBackend.Platform;
+
+namespace VhostBackend.BdevPerf;
+
+/// <summary>Command line in SPDK bdevperf's notation.</summary>
+public sealed class BdevPerfCommandLine
+{
+    public string? ConfigFile { get; private set; }
+    public PerfOptions Perf { get; } = new();
+    public CpuSet CpuMask { get; private set; } = CpuSet.Of(0);
+    public bool CpuMaskGiven { get; private set; }
+    public List<string> Targets { get; } = new();
+    public bool EveryCoreAllBdevs { get; private set; }
+    public bool JsonOutput { get; private set; }
+    public string? RpcSocket { get; private set; }
+    public string LogLevel { get; private set; } = "warning";
+    public bool Help { get; private set; }
+
+    public const string Usage = """
+        Usage: bdevperf --json CONFIG -q DEPTH -o IO_SIZE -w WORKLOAD -t SECONDS [options]
+          -c, --json FILE        JSON config (SPDK format) creating the bdevs to test
+          -q, --queue-depth N    I/Os in flight per job
+          -o, --io-size SIZE     bytes per I/O (4096, 4k, 128k, 1m)
+          -w, --workload W       read, write, randread, randwrite, rw, randrw, verify, flush, unmap, write_zeroes
+          -t, --time SECONDS     run time (after warm-up)
+          -M, --rwmixread PCT    read percentage for rw/randrw (default 50)
+          -m, --cpumask MASK     reactor cores (0x3, [0,1]); default 0x1
+          -T, --target BDEV      test only this bdev (repeatable); default: all bdevs of the config
+          -C                     every core runs a job on every bdev (default: bdevs spread over cores)
+          -W, --warmup SECONDS   warm-up before measuring (default 0)
+          -r, --rpc-socket PATH  also serve JSON-RPC (bdev_get_iostat etc.) while running
+          -L, --log-level LEVEL  error, warning, info, debug
+          --output json          machine-readable results
+          -h, --help
+        """;
+
+    public static BdevPerfCommandLine Parse(string[] args)
+    {
+        var o = new BdevPerfCommandLine();
+        bool haveQ = false, haveO = false, haveW = false, haveT = false;
+        for (int i = 0; i < args.Length; i++)
+        {
+            string a = args[i];
+            string Value()
+            {
+                if (i + 1 >= args.Length)
+                {
+                    throw new ArgumentException($"option {a} needs a value");
+                }
+
+                return args[++i];
+            }
+
+            switch (a)
+            {
+                case "-c":
+                case "--json":
+                    o.ConfigFile = Value();
+                    break;
+                case "-q":
+                case "--queue-depth":
+                    o.Perf.QueueDepth = ParseInt(a, Value(), 1, 65536);
+                    haveQ = true;
+                    break;
+                case "-o":
+                case "--io-size":
+                    o.Perf.IoSize = ParseSize(a, Value());
+                    haveO = true;
+                    break;
+                case "-w":
+                case "--workload":
+                    o.Perf.Workload = ParseWorkload(Value());
+                    haveW = true;
+                    break;
+                case "-t":
+                case "--time":
+                    o.Perf.Seconds = ParseDouble(a, Value(), 0.01, 86400);
+                    haveT = true;
+                    break;
+                case "-M":
+                case "--rwmixread":
+                    o.Perf.ReadPercent = ParseInt(a, Value(), 0, 100);
+                    break;
+                case "-m":
+                case "--cpumask":
+                    string mask = Value();
+                    if (!CpuSet.TryParse(mask, out var set, out var err))
+                    {
+                        throw new ArgumentException($"-m: {err}");
+                    }
+
+                    o.CpuMask = set;
+                    o.CpuMaskGiven = true;
+                    break;
+                case "-T":
+                case "--target":
+                    o.Targets.Add(Value());
+                    break;
+                case "-C":
+                    o.EveryCoreAllBdevs = true;
+                    break;
+                case "-W":
+                case "--warmup":
+                    o.Perf.WarmupSeconds = ParseDouble(a, Value(), 0, 3600);
+                    break;
+                case "-r":
+                case "--rpc-socket":
+                    o.RpcSocket = Value();
+                    break;
+                case "-L":
+                case "--log-level":
+                    o.LogLevel = Value();
+                    break;
+                case "--output":
+                    string fmt = Value();
+                    o.JsonOutput = fmt switch
+                    {
+                        "json" => true,
+                        "text" => false,
+                        _ => throw new ArgumentException($"--output: unknown format '{fmt}' (json or text)"),
+                    };
+                    break;
+                case "-h":
+                case "--help":
+                    o.Help = true;
+                    return o;
+                default:
+                    throw new ArgumentException($"unknown option '{a}'");
+            }
+        }
+
+        if (o.ConfigFile is null)
+        {
+            throw new ArgumentException("--json CONFIG is required");
+        }
+
+        if (!haveQ || !haveO || !haveW || !haveT)
+        {
+            throw new ArgumentException("-q, -o, -w and -t are required");
+        }
+
+        return o;
+    }
+
+    private static int ParseInt(string opt, string v, int min, int max)
+    {
+        if (!int.TryParse(v, NumberStyles.None, CultureInfo.InvariantCulture, out int n) || n < min || n > max)
+        {
+            throw new ArgumentException($"{opt}: '{v}' is not an integer in [{min}, {max}]");
+        }
+
+        return n;
+    }
+
+    private static double ParseDouble(string opt, string v, double min, double max)
+    {
+        if (!double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out double n) || n < min || n > max)
+        {
+            throw new ArgumentException($"{opt}: '{v}' is not a number in [{min}, {max}]");
+        }
+
+        return n;
+    }
+
+    public static int ParseSize(string opt, string v)
+    {
+        string s = v.Trim().ToLowerInvariant();
+        long mult = 1;
+        if (s.EndsWith('k'))
+        {
+            mult = 1024;
+            s = s[..^1];
+        }
+        else if (s.EndsWith('m'))
+        {
+            mult = 1024 * 1024;
+            s = s[..^1];
+        }
+
+        if (!long.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out long n) || n <= 0 || n * mult > 64 * 1024 * 1024)
+        {
+            throw new ArgumentException($"{opt}: bad size '{v}'");
+        }
+
+        return (int)(n * mult);
+    }
+
+    public static Workload ParseWorkload(string v) => v switch
+    {
+        "read" => Workload.Read,
+        "write" => Workload.Write,
+        "randread" => Workload.RandRead,
+        "randwrite" => Workload.RandWrite,
+        "rw" => Workload.Rw,
+        "randrw" => Workload.RandRw,
+        "verify" => Workload.Verify,
+        "flush" => Workload.Flush,
+        "unmap" => Workload.Unmap,
+        "write_zeroes" => Workload.WriteZeroes,
+        _ => throw new ArgumentException($"-w: unknown workload '{v}'"),
+    };
+}

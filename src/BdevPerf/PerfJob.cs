@@ -1,0 +1,319 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using VhostBackend.Bdev;
+
+namespace VhostBackend.BdevPerf;
+
+public enum Workload
+{
+    Read,
+    Write,
+    RandRead,
+    RandWrite,
+    Rw,
+    RandRw,
+    Verify,
+    Flush,
+    Unmap,
+    WriteZeroes,
+}
+
+public sealed class PerfOptions
+{
+    public int QueueDepth { get; set; } = 1;
+    public int IoSize { get; set; } = 4096;
+    public Workload Workload { get; set; } = Workload.RandRead;
+    public double Seconds { get; set; } = 5;
+    public int ReadPercent { get; set; } = 50;
+    public double WarmupSeconds { get; set; }
+}
+
+/// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>
+internal sealed unsafe class PerfTask
+{
+    public PerfTask(PerfJob job, int size)
+    {
+        Job = job;
+        Buffer = (nint)NativeMemory.AlignedAlloc((nuint)size, 4096);
+        ReadBuffer = (nint)NativeMemory.AlignedAlloc((nuint)size, 4096);
+        NativeMemory.Clear((void*)Buffer, (nuint)size);
+        Iov = [new IoVec(Buffer, (nuint)size)];
+        ReadIov = [new IoVec(ReadBuffer, (nuint)size)];
+        Wait = new BdevIoWaitEntry(static t => ((PerfTask)t!).Job.Submit((PerfTask)t!), this);
+    }
+
+    public PerfJob Job { get; }
+    public nint Buffer { get; }
+    public nint ReadBuffer { get; }
+    public IoVec[] Iov { get; }
+    public IoVec[] ReadIov { get; }
+    public BdevIoWaitEntry Wait { get; }
+    public ulong Offset;
+    public bool VerifyReadStage;
+    public long StartTicks;
+
+    public void Free()
+    {
+        NativeMemory.AlignedFree((void*)Buffer);
+        NativeMemory.AlignedFree((void*)ReadBuffer);
+    }
+}
+
+/// <summary>
+/// Drives one bdev from one reactor at a fixed queue depth. Everything it touches per I/O is pre-allocated;
+/// it runs only on its reactor.
+/// </summary>
+public sealed unsafe class PerfJob
+{
+    private static readonly BdevIoCompletion s_done = static (io, ok, arg) => ((PerfTask)arg!).Job.OnDone((PerfTask)arg!, io, ok);
+
+    private readonly PerfOptions _options;
+    private readonly PerfTask[] _tasks;
+    private readonly ulong _blocksPerIo;
+    private readonly ulong _ioSlots;
+    private ulong _nextSeq;
+    private ulong _rng;
+    private BdevChannel? _channel;
+    private int _inflight;
+    private bool _stopping;
+    private bool _measuring;
+    private long _measureStart;
+    private long _measureEnd;
+    private long _allocStart;
+    private TaskCompletionSource? _drained;
+
+    public PerfJob(BdevDesc desc, Reactor.Reactor reactor, PerfOptions options)
+    {
+        Desc = desc;
+        Reactor = reactor;
+        _options = options;
+        var bdev = desc.Bdev;
+        if (options.IoSize % bdev.BlockSize != 0)
+        {
+            throw new ArgumentException($"I/O size {options.IoSize} is not a multiple of {bdev.Name}'s block size {bdev.BlockSize}");
+        }
+
+        _blocksPerIo = (ulong)options.IoSize / bdev.BlockSize;
+        _ioSlots = bdev.BlockCount / _blocksPerIo;
+        if (_ioSlots == 0)
+        {
+            throw new ArgumentException($"I/O size {options.IoSize} is larger than {bdev.Name}");
+        }
+
+        _rng = (ulong)(0x9E3779B97F4A7C15 ^ (ulong)bdev.Name.GetHashCode() ^ (ulong)reactor.Core);
+        _tasks = Enumerable.Range(0, options.QueueDepth).Select(_ => new PerfTask(this, options.IoSize)).ToArray();
+    }
+
+    public BdevDesc Desc { get; }
+    public Reactor.Reactor Reactor { get; }
+    public LatencyHistogram Latency { get; } = new();
+    public long Ios { get; private set; }
+    public long Bytes { get; private set; }
+    public long Errors { get; private set; }
+    public long Miscompares { get; private set; }
+    public long SubmitErrors { get; private set; }
+    public long AllocatedBytes { get; private set; }
+    public double ElapsedSeconds => (_measureEnd - _measureStart) / (double)Stopwatch.Frequency;
+
+    /// <summary>Starts the tasks. Runs on the job's reactor.</summary>
+    public void Start()
+    {
+        _channel = Desc.GetIoChannel();
+        _measuring = _options.WarmupSeconds <= 0;
+        _measureStart = Stopwatch.GetTimestamp();
+        _allocStart = GC.GetAllocatedBytesForCurrentThread();
+        foreach (var t in _tasks)
+        {
+            Submit(t);
+        }
+    }
+
+    /// <summary>Warm-up is over: reset the counters. Runs on the job's reactor.</summary>
+    public void BeginMeasuring()
+    {
+        _measuring = true;
+        Ios = Bytes = 0;
+        _measureStart = Stopwatch.GetTimestamp();
+        _allocStart = GC.GetAllocatedBytesForCurrentThread();
+    }
+
+    /// <summary>Stops issuing; the task completes when the last I/O is back. Runs on the job's reactor.</summary>
+    public Task StopAsync()
+    {
+        _stopping = true;
+        _measureEnd = Stopwatch.GetTimestamp();
+        AllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocStart;
+        _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (_inflight == 0)
+        {
+            Finish();
+        }
+
+        return _drained.Task;
+    }
+
+    private void Finish()
+    {
+        if (_channel is not null)
+        {
+            BdevDesc.PutIoChannel(_channel);
+            _channel = null;
+        }
+
+        foreach (var t in _tasks)
+        {
+            t.Free();
+        }
+
+        _drained!.TrySetResult();
+    }
+
+    private ulong NextRandom()
+    {
+        // xorshift64*: no allocation, good enough to spread offsets.
+        _rng ^= _rng >> 12;
+        _rng ^= _rng << 25;
+        _rng ^= _rng >> 27;
+        return _rng * 2685821657736338717UL;
+    }
+
+    private ulong NextOffset(bool random)
+    {
+        ulong slot = random ? NextRandom() % _ioSlots : _nextSeq++ % _ioSlots;
+        return slot * _blocksPerIo;
+    }
+
+    internal void Submit(PerfTask t)
+    {
+        if (_stopping)
+        {
+            return;
+        }
+
+        var ch = _channel!;
+        var w = _options.Workload;
+        int rc;
+        if (!t.VerifyReadStage)
+        {
+            t.Offset = w switch
+            {
+                Workload.RandRead or Workload.RandWrite or Workload.RandRw => NextOffset(true),
+                _ => NextOffset(false),
+            };
+        }
+
+        t.StartTicks = Stopwatch.GetTimestamp();
+        switch (w)
+        {
+            case Workload.Read:
+            case Workload.RandRead:
+                rc = ch.Read(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                break;
+            case Workload.Write:
+            case Workload.RandWrite:
+                rc = ch.Write(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                break;
+            case Workload.Rw:
+            case Workload.RandRw:
+                rc = (int)(NextRandom() % 100) < _options.ReadPercent
+                    ? ch.Read(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t)
+                    : ch.Write(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                break;
+            case Workload.Verify:
+                if (!t.VerifyReadStage)
+                {
+                    FillPattern(t);
+                    rc = ch.Write(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                }
+                else
+                {
+                    rc = ch.Read(Desc, t.ReadIov, t.Offset, _blocksPerIo, s_done, t);
+                }
+
+                break;
+            case Workload.Flush:
+                rc = ch.Flush(Desc, t.Offset, _blocksPerIo, s_done, t);
+                break;
+            case Workload.Unmap:
+                rc = ch.Unmap(Desc, t.Offset, _blocksPerIo, s_done, t);
+                break;
+            case Workload.WriteZeroes:
+                rc = ch.WriteZeroes(Desc, t.Offset, _blocksPerIo, s_done, t);
+                break;
+            default:
+                rc = -22;
+                break;
+        }
+
+        if (rc == -12)
+        {
+            ch.QueueIoWait(t.Wait);
+            return;
+        }
+
+        if (rc != 0)
+        {
+            SubmitErrors++;
+            Errors++;
+            return;
+        }
+
+        _inflight++;
+    }
+
+    private void FillPattern(PerfTask t)
+    {
+        // Each 8-byte word: offset, position and a per-pass counter, so stale or misplaced data is detected.
+        ulong* p = (ulong*)t.Buffer;
+        int words = _options.IoSize / 8;
+        ulong pass = (ulong)Ios;
+        for (int i = 0; i < words; i++)
+        {
+            p[i] = (t.Offset << 20) ^ ((ulong)i << 1) ^ (pass * 0x9E3779B97F4A7C15);
+        }
+    }
+
+    private void OnDone(PerfTask t, BdevIo io, bool ok)
+    {
+        _inflight--;
+        long now = Stopwatch.GetTimestamp();
+        if (!ok)
+        {
+            Errors++;
+        }
+        else if (_measuring)
+        {
+            Ios++;
+            Bytes += _options.IoSize;
+            Latency.Record(now - t.StartTicks);
+        }
+
+        if (_options.Workload == Workload.Verify && ok)
+        {
+            if (!t.VerifyReadStage)
+            {
+                t.VerifyReadStage = true;
+            }
+            else
+            {
+                t.VerifyReadStage = false;
+                if (!new ReadOnlySpan<byte>((void*)t.Buffer, _options.IoSize).SequenceEqual(new ReadOnlySpan<byte>((void*)t.ReadBuffer, _options.IoSize)))
+                {
+                    Miscompares++;
+                }
+            }
+        }
+
+        if (_stopping)
+        {
+            if (_inflight == 0)
+            {
+                Finish();
+            }
+
+            return;
+        }
+
+        Submit(t);
+    }
+}

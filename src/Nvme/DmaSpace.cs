@@ -1,0 +1,445 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace VhostBackend.Nvme;
+
+/// <summary>
+/// The DMA environment of a process: which of its memory devices may touch, and at which I/O virtual address.
+/// Memory comes in two kinds: regions this class allocates (<see cref="Allocate"/>: hugepages, or locked 4 KiB
+/// pages when none are reserved) and memory someone else owns, registered with <see cref="RegisterDmaMemory"/>
+/// (e.g. vhost guest memory, so guest buffers go to the device without a copy).
+/// <para>
+/// IOVA policy: IOVA = virtual address when the IOMMU accepts that address (VFIO reports the valid IOVA ranges);
+/// otherwise an IOVA is allocated from a valid range. Either way <see cref="TryTranslate"/> is the one lookup.
+/// </para>
+/// <para>
+/// Threading: registration takes a lock and publishes a new immutable region table; lookups read the current
+/// table without a lock (hot path: a binary search, no allocation).
+/// </para>
+/// </summary>
+public sealed unsafe class DmaSpace
+{
+    public const ulong HugePageSize = 2 * 1024 * 1024;
+    public const ulong SmallPageSize = 4096;
+
+    private static DmaSpace? s_vfio;
+    private static readonly object s_vfioLock = new();
+
+    private readonly object _lock = new();
+    private readonly IDmaMapper _mapper;
+    private readonly ILogger _log;
+    private Region[] _regions = Array.Empty<Region>();
+    private ulong _nextIova;
+    private bool _warnedNoHugePages;
+
+    public DmaSpace(IDmaMapper mapper, ILogger? logger = null)
+    {
+        _mapper = mapper;
+        _log = logger ?? NullLogger.Instance;
+        if (mapper is VfioContainer c)
+        {
+            c.OnIommuReady(Replay);
+        }
+    }
+
+    /// <summary>The DMA space of the shared VFIO container (created on first use).</summary>
+    public static DmaSpace ForVfio(ILogger? logger = null)
+    {
+        lock (s_vfioLock)
+        {
+            return s_vfio ??= new DmaSpace(VfioContainer.Shared, logger);
+        }
+    }
+
+    /// <summary>The shared VFIO DMA space if it exists (vhost registers guest memory only when some device uses VFIO).</summary>
+    public static DmaSpace? VfioIfCreated
+    {
+        get
+        {
+            lock (s_vfioLock)
+            {
+                return s_vfio;
+            }
+        }
+    }
+
+    public IDmaMapper Mapper => _mapper;
+
+    /// <summary>Whether the last allocation fell back to locked 4 KiB pages.</summary>
+    public bool UsingSmallPages { get; private set; }
+
+    internal readonly struct Region
+    {
+        public Region(ulong va, ulong length, ulong iova, bool owned)
+        {
+            Va = va;
+            Length = length;
+            Iova = iova;
+            Owned = owned;
+        }
+
+        public ulong Va { get; }
+        public ulong Length { get; }
+        public ulong Iova { get; }
+        public bool Owned { get; }
+        public ulong End => Va + Length;
+    }
+
+    public int RegionCount => Volatile.Read(ref _regions).Length;
+
+    /// <summary>
+    /// Translates [va, va+length) to a device address. The range must lie inside one registered region (then it
+    /// is contiguous for the device too). No lock, no allocation.
+    /// </summary>
+    public bool TryTranslate(nint va, nuint length, out ulong iova)
+    {
+        var regions = Volatile.Read(ref _regions);
+        ulong a = (ulong)va;
+        int lo = 0, hi = regions.Length - 1;
+        while (lo <= hi)
+        {
+            int mid = (lo + hi) >>> 1;
+            ref readonly var r = ref regions[mid];
+            if (a < r.Va)
+            {
+                hi = mid - 1;
+            }
+            else if (a >= r.End)
+            {
+                lo = mid + 1;
+            }
+            else
+            {
+                if ((ulong)length > r.End - a)
+                {
+                    break;
+                }
+
+                iova = r.Iova + (a - r.Va);
+                return true;
+            }
+        }
+
+        iova = 0;
+        return false;
+    }
+
+    /// <summary>Reverse lookup for models: the process address behind an IOVA range (null when unmapped).</summary>
+    public nint TranslateIova(ulong iova, ulong length)
+    {
+        foreach (var r in Volatile.Read(ref _regions))
+        {
+            if (iova >= r.Iova && iova < r.Iova + r.Length && length <= r.Iova + r.Length - iova)
+            {
+                return (nint)(r.Va + (iova - r.Iova));
+            }
+        }
+
+        return 0;
+    }
+
+    /// <summary>
+    /// Makes [ptr, ptr+length) reachable by devices. ptr and length must be 4 KiB aligned; the range must not
+    /// overlap a registered one. Returns 0 or -errno (EINVAL, EEXIST, or the IOMMU's error).
+    /// </summary>
+    public int RegisterDmaMemory(nint ptr, nuint length) => Register((ulong)ptr, (ulong)length, owned: false);
+
+    /// <summary>Removes a range registered with <see cref="RegisterDmaMemory"/> (by its start). Returns 0 or -ENOENT.</summary>
+    public int UnregisterDmaMemory(nint ptr)
+    {
+        lock (_lock)
+        {
+            int i = Array.FindIndex(_regions, r => r.Va == (ulong)ptr);
+            if (i < 0)
+            {
+                return -Platform.Native.ENOENT;
+            }
+
+            var r = _regions[i];
+            if (IsMapperReady())
+            {
+                int rc = _mapper.Unmap(r.Iova, r.Length);
+                if (rc != 0)
+                {
+                    _log.LogWarning("DMA unmap of 0x{Va:x}+{Len} failed: {Err}", r.Va, r.Length, rc);
+                }
+            }
+
+            var list = new List<Region>(_regions);
+            list.RemoveAt(i);
+            Volatile.Write(ref _regions, list.ToArray());
+            return 0;
+        }
+    }
+
+    private bool IsMapperReady() => _mapper is not VfioContainer c || c.IsReady;
+
+    private int Register(ulong va, ulong length, bool owned)
+    {
+        if (va == 0 || length == 0 || va % SmallPageSize != 0 || length % SmallPageSize != 0 || va + length < va)
+        {
+            return -Platform.Native.EINVAL;
+        }
+
+        lock (_lock)
+        {
+            foreach (var r in _regions)
+            {
+                if (va < r.End && r.Va < va + length)
+                {
+                    return -Platform.Native.EEXIST;
+                }
+            }
+
+            ulong iova = ChooseIova(va, length);
+            if (iova == ulong.MaxValue)
+            {
+                return -Platform.Native.ENOSPC;
+            }
+
+            if (IsMapperReady())
+            {
+                int rc = _mapper.Map((nint)va, iova, length);
+                if (rc != 0)
+                {
+                    return rc;
+                }
+            }
+
+            var list = new List<Region>(_regions) { new Region(va, length, iova, owned) };
+            list.Sort((x, y) => x.Va.CompareTo(y.Va));
+            Volatile.Write(ref _regions, list.ToArray());
+            return 0;
+        }
+    }
+
+    private ulong ChooseIova(ulong va, ulong length)
+    {
+        var ranges = _mapper.IovaRanges;
+        foreach (var (start, end) in ranges)
+        {
+            if (va >= start && va + length - 1 <= end)
+            {
+                return va; // IOVA = VA
+            }
+        }
+
+        // The IOMMU cannot address this virtual address (e.g. a 39-bit guest IOMMU and 47-bit user addresses):
+        // hand out IOVAs from the valid ranges instead, 2 MiB aligned, above 4 GiB when possible.
+        foreach (var (start, end) in ranges)
+        {
+            ulong cursor = Math.Max(_nextIova, Math.Max(start, end > (8UL << 30) ? 4UL << 30 : start));
+            cursor = (cursor + HugePageSize - 1) & ~(HugePageSize - 1);
+            if (cursor >= start && cursor + length - 1 <= end && cursor + length > cursor)
+            {
+                _nextIova = cursor + length;
+                return cursor;
+            }
+        }
+
+        return ulong.MaxValue;
+    }
+
+    /// <summary>Maps every region again after the IOMMU context was (re)created (VFIO container re-initialised).</summary>
+    private void Replay()
+    {
+        lock (_lock)
+        {
+            _nextIova = 0;
+            var list = new List<Region>(_regions.Length);
+            foreach (var r in _regions)
+            {
+                ulong iova = ChooseIova(r.Va, r.Length);
+                int rc = iova == ulong.MaxValue ? -Platform.Native.ENOSPC : _mapper.Map((nint)r.Va, iova, r.Length);
+                if (rc != 0)
+                {
+                    _log.LogError("DMA map of 0x{Va:x}+{Len} failed: {Err}", r.Va, r.Length, rc);
+                    continue;
+                }
+
+                list.Add(new Region(r.Va, r.Length, iova, r.Owned));
+            }
+
+            Volatile.Write(ref _regions, list.ToArray());
+        }
+    }
+
+    /// <summary>
+    /// Allocates zeroed DMA memory of at least <paramref name="size"/> bytes from hugepages (memfd MFD_HUGETLB),
+    /// or, when none are reserved, from 4 KiB pages locked with mlock (logged once). The memory is registered.
+    /// </summary>
+    public DmaRegion Allocate(ulong size, string name = "vb-dma")
+    {
+        if (size == 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(size));
+        }
+
+        ulong hugeSize = (size + HugePageSize - 1) & ~(HugePageSize - 1);
+        nint va = MapMemfd(name, hugeSize, NvmeNative.MFD_HUGETLB, out int fd);
+        bool huge = va != 0;
+        ulong mapped = hugeSize;
+        if (!huge)
+        {
+            mapped = (size + SmallPageSize - 1) & ~(SmallPageSize - 1);
+            va = MapMemfd(name, mapped, 0, out fd);
+            if (va == 0)
+            {
+                throw new OutOfMemoryException($"cannot allocate {mapped} bytes of DMA memory: {NvmeNative.StrError(NvmeNative.Errno)}");
+            }
+
+            if (NvmeNative.mlock(va, (nuint)mapped) != 0 && !_warnedNoHugePages)
+            {
+                _log.LogWarning("mlock of DMA memory failed: {Err}", NvmeNative.StrError(NvmeNative.Errno));
+            }
+
+            UsingSmallPages = true;
+            if (!_warnedNoHugePages)
+            {
+                _warnedNoHugePages = true;
+                _log.LogWarning("no hugepages reserved: DMA memory uses locked 4 KiB pages (run scripts/setup.sh to reserve hugepages)");
+            }
+        }
+
+        int rc = Register((ulong)va, mapped, owned: true);
+        if (rc != 0)
+        {
+            NvmeNative.munmap(va, (nuint)mapped);
+            NvmeNative.close(fd);
+            throw new IOException($"DMA map of {mapped} bytes failed: {NvmeNative.StrError(-rc)}");
+        }
+
+        TryTranslate(va, (nuint)mapped, out ulong iova);
+        return new DmaRegion(this, va, iova, mapped, huge, fd);
+    }
+
+    private static nint MapMemfd(string name, ulong size, uint extraFlags, out int fd)
+    {
+        fd = NvmeNative.memfd_create(name, NvmeNative.MFD_CLOEXEC | extraFlags);
+        if (fd < 0)
+        {
+            return 0;
+        }
+
+        if (NvmeNative.ftruncate(fd, (long)size) != 0)
+        {
+            NvmeNative.close(fd);
+            fd = -1;
+            return 0;
+        }
+
+        // MAP_POPULATE: hugetlb reservations fail here (ENOMEM) rather than with SIGBUS on first touch.
+        nint p = NvmeNative.mmap(0, (nuint)size, NvmeNative.PROT_READ | NvmeNative.PROT_WRITE, NvmeNative.MAP_SHARED | NvmeNative.MAP_POPULATE, fd, 0);
+        if (p == NvmeNative.MAP_FAILED)
+        {
+            NvmeNative.close(fd);
+            fd = -1;
+            return 0;
+        }
+
+        return p;
+    }
+
+    internal void Free(DmaRegion region)
+    {
+        UnregisterDmaMemory(region.Va);
+        NvmeNative.munmap(region.Va, (nuint)region.Size);
+        if (region.Fd >= 0)
+        {
+            NvmeNative.close(region.Fd);
+        }
+    }
+}
+
+/// <summary>A block of DMA memory owned by whoever allocated it; <see cref="Dispose"/> unmaps and frees it.</summary>
+public sealed class DmaRegion : IDisposable
+{
+    private readonly DmaSpace _space;
+    private int _disposed;
+
+    internal DmaRegion(DmaSpace space, nint va, ulong iova, ulong size, bool hugePages, int fd)
+    {
+        _space = space;
+        Va = va;
+        Iova = iova;
+        Size = size;
+        HugePages = hugePages;
+        Fd = fd;
+    }
+
+    public nint Va { get; }
+    public ulong Iova { get; }
+    public ulong Size { get; }
+    public bool HugePages { get; }
+    internal int Fd { get; }
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) == 0)
+        {
+            _space.Free(this);
+        }
+    }
+}
+
+/// <summary>
+/// Fixed-size DMA buffers (bounce buffers, PRP lists, data buffers) carved from one region. Owned by one thread:
+/// no lock; Get/Return allocate nothing.
+/// </summary>
+public sealed class DmaBufferPool : IDisposable
+{
+    private readonly DmaRegion _region;
+    private readonly int[] _free;
+    private int _freeCount;
+
+    public DmaBufferPool(DmaSpace space, int count, int bufferSize, string name = "vb-dma-pool")
+    {
+        if (count <= 0 || bufferSize <= 0 || bufferSize % 4096 != 0)
+        {
+            throw new ArgumentException("buffer count must be > 0 and size a positive multiple of 4096");
+        }
+
+        BufferSize = bufferSize;
+        Count = count;
+        _region = space.Allocate((ulong)count * (ulong)bufferSize, name);
+        _free = new int[count];
+        for (int i = 0; i < count; i++)
+        {
+            _free[i] = count - 1 - i;
+        }
+
+        _freeCount = count;
+    }
+
+    public int BufferSize { get; }
+    public int Count { get; }
+    public int Available => _freeCount;
+
+    public bool TryGet(out nint va, out ulong iova)
+    {
+        if (_freeCount == 0)
+        {
+            va = 0;
+            iova = 0;
+            return false;
+        }
+
+        int i = _free[--_freeCount];
+        va = _region.Va + (i * BufferSize);
+        iova = _region.Iova + ((ulong)i * (ulong)BufferSize);
+        return true;
+    }
+
+    public void Return(nint va)
+    {
+        long off = va - _region.Va;
+        if (off < 0 || off % BufferSize != 0 || off / BufferSize >= Count || _freeCount == Count)
+        {
+            throw new ArgumentException("buffer does not belong to this pool, or returned twice");
+        }
+
+        _free[_freeCount++] = (int)(off / BufferSize);
+    }
+
+    public void Dispose() => _region.Dispose();
+}

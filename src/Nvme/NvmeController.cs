@@ -1,0 +1,865 @@
+using System.Diagnostics;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace VhostBackend.Nvme;
+
+/// <summary>Tunables of a controller attach.</summary>
+public sealed class NvmeControllerOptions
+{
+    public int AdminQueueEntries { get; set; } = 32;
+
+    /// <summary>I/O queue size (entries; capped by CAP.MQES + 1).</summary>
+    public int IoQueueEntries { get; set; } = 256;
+
+    /// <summary>I/O queue pairs to ask the controller for (Set Features, Number of Queues).</summary>
+    public int IoQueuesRequested { get; set; } = 16;
+
+    /// <summary>Timeout of admin commands issued synchronously.</summary>
+    public TimeSpan AdminTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>I/O command timeout applied to new queue pairs (zero = none).</summary>
+    public TimeSpan IoTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>Asynchronous Event Requests kept outstanding (capped by AERL + 1).</summary>
+    public int AsyncEventRequests { get; set; } = 4;
+}
+
+public enum NvmeHealth
+{
+    Ok,
+
+    /// <summary>CSTS.CFS: the controller hit a fatal error; a reset is needed.</summary>
+    Fatal,
+
+    /// <summary>Registers read as all ones: the device is gone (hot removed or surprise removal).</summary>
+    Removed,
+
+    /// <summary>Not enabled (being reset, or bring-up failed).</summary>
+    NotReady,
+}
+
+/// <summary>An active namespace of a controller.</summary>
+public sealed class NvmeNamespace
+{
+    internal NvmeNamespace(NvmeController ctrl, NvmeNamespaceData data)
+    {
+        Controller = ctrl;
+        Data = data;
+        Id = data.Nsid;
+        BlockSize = data.BlockSize;
+        BlockCount = data.Size;
+    }
+
+    public NvmeController Controller { get; }
+    public uint Id { get; }
+    public uint BlockSize { get; }
+    public ulong BlockCount { get; }
+    public NvmeNamespaceData Data { get; }
+
+    public bool InRange(ulong lba, ulong numBlocks) => lba < BlockCount && numBlocks <= BlockCount - lba;
+
+    public override string ToString() => $"ns{Id} ({BlockCount} x {BlockSize})";
+}
+
+/// <summary>
+/// A userspace NVMe controller (NVMe 1.4): bring-up, identify, namespaces, I/O queue pairs, admin commands,
+/// health, reset. Control-plane methods are thread-safe (they serialise on the admin queue); I/O goes through
+/// <see cref="NvmeQueuePair"/>s owned by one thread each.
+/// </summary>
+public sealed unsafe class NvmeController : IDisposable
+{
+    private readonly object _adminLock = new();
+    private readonly ILogger _log;
+    private readonly NvmeControllerOptions _opts;
+    private readonly IDisposable? _owner;
+    private readonly List<NvmeQueuePair> _ioQpairs = new();
+    private readonly bool[] _qidUsed;
+    private NvmeQueuePair _admin = null!;
+    private DmaRegion _adminBuf = null!;
+    private int _mps;
+    private int _aersOutstanding;
+    private bool _disposed;
+    private long _lastHealthCheck;
+
+    private NvmeController(string name, NvmeRegisters regs, DmaSpace dma, NvmeControllerOptions? opts, ILogger? log, IDisposable? owner)
+    {
+        Name = name;
+        Registers = regs;
+        Dma = dma;
+        _opts = opts ?? new NvmeControllerOptions();
+        _log = log ?? NullLogger.Instance;
+        _owner = owner;
+        _qidUsed = new bool[65536];
+    }
+
+    /// <summary>Transport address ("0000:00:04.0") or the model's name.</summary>
+    public string Name { get; }
+    public NvmeRegisters Registers { get; }
+    public DmaSpace Dma { get; }
+    public NvmeCap Cap { get; private set; }
+    public uint Version { get; private set; }
+    public NvmeControllerData Data { get; private set; } = null!;
+    public IReadOnlyList<NvmeNamespace> Namespaces { get; private set; } = Array.Empty<NvmeNamespace>();
+
+    /// <summary>Memory page size in use (CC.MPS), bytes.</summary>
+    public int PageSize { get; private set; }
+
+    /// <summary>Largest data transfer of one command (MDTS, and one PRP list page without chaining).</summary>
+    public uint MaxTransferBytes { get; private set; }
+
+    /// <summary>I/O queue pairs the controller granted.</summary>
+    public int MaxIoQueuePairs { get; private set; }
+
+    public int IoQueueEntries { get; private set; }
+
+    /// <summary>Completed controller resets.</summary>
+    public int ResetCount { get; private set; }
+
+    /// <summary>Set when a command timed out or the controller failed: the owner should reset it.</summary>
+    public bool NeedsReset { get; internal set; }
+
+    /// <summary>Raised (on the thread that processes admin completions) for each Asynchronous Event: the completion's DW0.</summary>
+    public Action<NvmeController, uint>? AsyncEvent { get; set; }
+
+    /// <summary>Attaches the controller at a PCI address bound to vfio-pci (the shared VFIO container and DMA space).</summary>
+    public static NvmeController AttachPci(string address, NvmeControllerOptions? opts = null, ILogger? log = null)
+    {
+        var dev = VfioPciDevice.Open(address);
+        try
+        {
+            var dma = DmaSpace.ForVfio(log);
+            var regs = new MmioRegisters(dev.Bar0, dev.Bar0Size);
+            var ctrl = new NvmeController(dev.Address, regs, dma, opts, log, dev);
+            ctrl.Initialize();
+            return ctrl;
+        }
+        catch
+        {
+            dev.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Attaches through any register file and DMA space (in-process models). <paramref name="owner"/> is disposed with the controller.</summary>
+    public static NvmeController Attach(string name, NvmeRegisters regs, DmaSpace dma, NvmeControllerOptions? opts = null, ILogger? log = null, IDisposable? owner = null)
+    {
+        var ctrl = new NvmeController(name, regs, dma, opts, log, owner);
+        try
+        {
+            ctrl.Initialize();
+            return ctrl;
+        }
+        catch
+        {
+            ctrl.Dispose();
+            throw;
+        }
+    }
+
+    private void Initialize()
+    {
+        Cap = new NvmeCap(Registers.Read64(NvmeReg.Cap));
+        if (Cap.Raw == ulong.MaxValue)
+        {
+            throw new IOException($"{Name}: registers read as all ones (device not responding)");
+        }
+
+        Version = Registers.Read32(NvmeReg.Vs);
+        if (!Cap.NvmCommandSet)
+        {
+            throw new IOException($"{Name}: controller does not support the NVM command set (CAP 0x{Cap.Raw:x})");
+        }
+
+        // 4 KiB pages (MPS = 0) when allowed, else the smallest the controller supports.
+        _mps = Math.Max(0, Cap.MpsMin);
+        if (_mps > Cap.MpsMax)
+        {
+            throw new IOException($"{Name}: bad CAP.MPSMIN/MPSMAX");
+        }
+
+        PageSize = 4096 << _mps;
+        if (PageSize != 4096)
+        {
+            throw new IOException($"{Name}: controller needs {PageSize}-byte pages; only 4096 is supported");
+        }
+
+        _adminBuf = Dma.Allocate(16384, "vb-nvme-adminbuf");
+        int adminEntries = Math.Clamp(_opts.AdminQueueEntries, 2, Math.Min(4096, Cap.MaxQueueEntries));
+        _admin = new NvmeQueuePair(this, 0, adminEntries, PageSize, Cap.DoorbellStride);
+        EnableController();
+
+        var identify = new byte[4096];
+        var st = Identify(1, 0, identify);
+        if (!st.IsSuccess)
+        {
+            throw new IOException($"{Name}: Identify Controller failed: {st}");
+        }
+
+        Data = NvmeControllerData.Parse(identify);
+        uint mdtsBytes = Data.Mdts == 0 ? uint.MaxValue : (uint)Math.Min((1UL << Data.Mdts) * (4096UL << Cap.MpsMin), uint.MaxValue);
+        MaxTransferBytes = Math.Min(mdtsBytes, (uint)(PageSize / 8 * PageSize)); // one PRP list page, no chaining
+
+        SetNumberOfQueues();
+        IoQueueEntries = Math.Clamp(_opts.IoQueueEntries, 2, Math.Min(4096, Cap.MaxQueueEntries));
+        ScanNamespaces();
+        PostAsyncEventRequests();
+        _log.LogInformation("NVMe {Name}: {Model} sn {Serial} fw {Fw}, {Ns} namespace(s), {Qp} I/O queue pairs of {Entries}, max transfer {Mdts} bytes",
+            Name, Data.ModelNumber, Data.SerialNumber, Data.FirmwareRevision, Namespaces.Count, MaxIoQueuePairs, IoQueueEntries, MaxTransferBytes);
+    }
+
+    /// <summary>CC.EN=0, wait RDY=0, program the admin queue, CC (IOSQES/IOCQES/MPS) with EN=1, wait RDY=1; each wait bounded by CAP.TO.</summary>
+    private void EnableController()
+    {
+        uint cc = Registers.Read32(NvmeReg.Cc);
+        if ((cc & NvmeReg.CcEn) != 0)
+        {
+            Registers.Write32(NvmeReg.Cc, cc & ~NvmeReg.CcEn);
+        }
+
+        WaitReady(false);
+        _admin.ResetRings();
+        uint q = (uint)(_admin.Entries - 1);
+        Registers.Write32(NvmeReg.Aqa, q | (q << 16));
+        Registers.Write64(NvmeReg.Asq, _admin.SqIova);
+        Registers.Write64(NvmeReg.Acq, _admin.CqIova);
+        Registers.Write32(NvmeReg.Cc, NvmeReg.MakeCc(_mps, enable: false));
+        Registers.Write32(NvmeReg.Cc, NvmeReg.MakeCc(_mps, enable: true));
+        WaitReady(true);
+        _admin.MarkConnected();
+    }
+
+    private void WaitReady(bool ready)
+    {
+        var sw = Stopwatch.StartNew();
+        var limit = Cap.Timeout;
+        int spins = 0;
+        while (true)
+        {
+            uint csts = Registers.Read32(NvmeReg.Csts);
+            if (csts == uint.MaxValue)
+            {
+                throw new IOException($"{Name}: device removed (CSTS reads all ones)");
+            }
+
+            if (((csts & NvmeReg.CstsRdy) != 0) == ready)
+            {
+                return;
+            }
+
+            if (ready && (csts & NvmeReg.CstsCfs) != 0)
+            {
+                throw new IOException($"{Name}: controller fatal status while enabling (CSTS 0x{csts:x})");
+            }
+
+            if (sw.Elapsed > limit)
+            {
+                throw new TimeoutException($"{Name}: CSTS.RDY did not become {(ready ? 1 : 0)} within CAP.TO ({limit.TotalMilliseconds} ms)");
+            }
+
+            if (++spins > 100)
+            {
+                Thread.Sleep(1);
+            }
+        }
+    }
+
+    private void SetNumberOfQueues()
+    {
+        int want = Math.Clamp(_opts.IoQueuesRequested, 1, 65535);
+        uint dw11 = (uint)(want - 1) | ((uint)(want - 1) << 16);
+        var st = ExecuteAdmin(MakeCommand(NvmeAdminOpcode.SetFeatures, 0, NvmeFeature.NumberOfQueues, dw11), null, out uint dw0);
+        if (!st.IsSuccess)
+        {
+            throw new IOException($"{Name}: Set Features (number of queues) failed: {st}");
+        }
+
+        int sq = (int)(dw0 & 0xFFFF) + 1;
+        int cq = (int)(dw0 >> 16) + 1;
+        MaxIoQueuePairs = Math.Min(want, Math.Min(sq, cq));
+    }
+
+    /// <summary>Reads the active namespace list (CNS 2; falls back to 1..NN) and identifies each namespace (CNS 0).</summary>
+    public void ScanNamespaces()
+    {
+        var list = new List<uint>();
+        var buf = new byte[4096];
+        var st = Identify(2, 0, buf);
+        if (st.IsSuccess)
+        {
+            for (int i = 0; i < 1024; i++)
+            {
+                uint id = BitConverter.ToUInt32(buf, i * 4);
+                if (id == 0)
+                {
+                    break;
+                }
+
+                list.Add(id);
+            }
+        }
+        else
+        {
+            for (uint id = 1; id <= Math.Min(Data.NamespaceCount, 1024u); id++)
+            {
+                list.Add(id);
+            }
+        }
+
+        var namespaces = new List<NvmeNamespace>();
+        foreach (uint id in list)
+        {
+            Array.Clear(buf);
+            st = Identify(0, id, buf);
+            if (!st.IsSuccess)
+            {
+                _log.LogWarning("NVMe {Name}: Identify Namespace {Nsid} failed: {Status}", Name, id, st);
+                continue;
+            }
+
+            var data = NvmeNamespaceData.Parse(id, buf);
+            if (!data.IsActive)
+            {
+                continue;
+            }
+
+            if (data.BlockSize < 512 || data.BlockSize > 65536 || data.MetadataSize != 0)
+            {
+                _log.LogWarning("NVMe {Name}: namespace {Nsid} skipped (block size {Bs}, metadata {Ms})", Name, id, data.BlockSize, data.MetadataSize);
+                continue;
+            }
+
+            namespaces.Add(new NvmeNamespace(this, data));
+        }
+
+        Namespaces = namespaces;
+    }
+
+    public NvmeNamespace? GetNamespace(uint nsid)
+    {
+        foreach (var ns in Namespaces)
+        {
+            if (ns.Id == nsid)
+            {
+                return ns;
+            }
+        }
+
+        return null;
+    }
+
+    internal static NvmeCommand MakeCommand(byte opcode, uint nsid, uint cdw10 = 0, uint cdw11 = 0)
+    {
+        NvmeCommand c = default;
+        c.Opcode = opcode;
+        c.Nsid = nsid;
+        c.Cdw10 = cdw10;
+        c.Cdw11 = cdw11;
+        return c;
+    }
+
+    /// <summary>Identify with a 4096-byte result (CNS 0 namespace, 1 controller, 2 active namespace list).</summary>
+    public NvmeStatus Identify(byte cns, uint nsid, Span<byte> result)
+    {
+        var cmd = MakeCommand(NvmeAdminOpcode.Identify, nsid, cns);
+        return ExecuteAdmin(cmd, result.Length >= 4096 ? result[..4096] : result, out _);
+    }
+
+    /// <summary>Get Log Page (e.g. <see cref="NvmeLogPage.Error"/>, <see cref="NvmeLogPage.SmartHealth"/>), up to 16 KiB.</summary>
+    public NvmeStatus GetLogPage(byte logId, Span<byte> result, uint nsid = 0xFFFFFFFF, ulong offset = 0)
+    {
+        if (result.Length == 0 || result.Length % 4 != 0 || result.Length > 16384)
+        {
+            throw new ArgumentException("log page length must be a multiple of 4, at most 16384");
+        }
+
+        uint numd = (uint)(result.Length / 4) - 1;
+        var cmd = MakeCommand(NvmeAdminOpcode.GetLogPage, nsid, logId | ((numd & 0xFFFF) << 16), numd >> 16);
+        cmd.Cdw12 = (uint)offset;
+        cmd.Cdw13 = (uint)(offset >> 32);
+        return ExecuteAdmin(cmd, result, out _);
+    }
+
+    public NvmeStatus GetFeatures(byte featureId, out uint dw0, uint cdw11 = 0) =>
+        ExecuteAdmin(MakeCommand(NvmeAdminOpcode.GetFeatures, 0, featureId, cdw11), null, out dw0);
+
+    public NvmeStatus SetFeatures(byte featureId, uint cdw11, out uint dw0) =>
+        ExecuteAdmin(MakeCommand(NvmeAdminOpcode.SetFeatures, 0, featureId, cdw11), null, out dw0);
+
+    /// <summary>Abort command <paramref name="cid"/> on SQ <paramref name="sqid"/>. <paramref name="aborted"/> is DW0 bit 0 clear.</summary>
+    public NvmeStatus Abort(ushort sqid, ushort cid, out bool aborted)
+    {
+        var st = ExecuteAdmin(MakeCommand(NvmeAdminOpcode.Abort, 0, sqid | ((uint)cid << 16)), null, out uint dw0);
+        aborted = st.IsSuccess && (dw0 & 1) == 0;
+        return st;
+    }
+
+    public NvmeStatus KeepAlive() => ExecuteAdmin(MakeCommand(NvmeAdminOpcode.KeepAlive, 0), null, out _);
+
+    private sealed class AdminWait
+    {
+        public bool Done;
+        public NvmeStatus Status;
+        public uint Dw0;
+    }
+
+    private static readonly NvmeCompletionCallback s_adminDone = static (arg, status, dw0) =>
+    {
+        var w = (AdminWait)arg!;
+        w.Status = status;
+        w.Dw0 = dw0;
+        w.Done = true;
+    };
+
+    /// <summary>
+    /// Runs one admin command synchronously (control plane). Data (up to 16 KiB) goes through the controller's
+    /// admin DMA buffer: copied in before (for data-out commands the caller's span is the source), out after.
+    /// On timeout the controller is marked <see cref="NeedsReset"/> and the call fails with an abort status.
+    /// </summary>
+    public NvmeStatus ExecuteAdmin(NvmeCommand cmd, Span<byte> data, out uint dw0, bool dataOut = false)
+    {
+        dw0 = 0;
+        if (data.Length > (int)_adminBuf.Size)
+        {
+            throw new ArgumentException("admin data larger than the admin buffer");
+        }
+
+        lock (_adminLock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (data.Length > 0)
+            {
+                var buf = new Span<byte>((void*)_adminBuf.Va, data.Length);
+                if (dataOut)
+                {
+                    data.CopyTo(buf);
+                }
+                else
+                {
+                    buf.Clear();
+                }
+
+                cmd.Prp1 = _adminBuf.Iova;
+                cmd.Prp2 = data.Length > PageSize ? _adminBuf.Iova + (ulong)PageSize : 0;
+                if (data.Length > 2 * PageSize)
+                {
+                    // Build a PRP list in the last page of the admin buffer for 8-16 KiB transfers.
+                    ulong* list = (ulong*)(_adminBuf.Va + (nint)(_adminBuf.Size - (ulong)PageSize));
+                    int pages = (data.Length + PageSize - 1) / PageSize;
+                    if (pages > 3)
+                    {
+                        throw new ArgumentException("admin data too large");
+                    }
+
+                    for (int i = 1; i < pages; i++)
+                    {
+                        list[i - 1] = _adminBuf.Iova + (ulong)(i * PageSize);
+                    }
+
+                    cmd.Prp2 = _adminBuf.Iova + _adminBuf.Size - (ulong)PageSize;
+                }
+            }
+
+            var w = new AdminWait();
+            int rc = _admin.Submit(ref cmd, s_adminDone, w, noTimeout: false);
+            if (rc != 0)
+            {
+                return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InternalDeviceError, dnr: false);
+            }
+
+            var sw = Stopwatch.StartNew();
+            int spins = 0;
+            while (!w.Done)
+            {
+                _admin.ProcessCompletions();
+                if (w.Done)
+                {
+                    break;
+                }
+
+                if (sw.Elapsed > _opts.AdminTimeout)
+                {
+                    NeedsReset = true;
+                    _log.LogError("NVMe {Name}: admin command 0x{Opc:x2} timed out", Name, cmd.Opcode);
+
+                    // The command stays outstanding until the reset fails it; report it aborted now.
+                    return NvmeStatus.AbortRequested;
+                }
+
+                if ((++spins & 0x3FF) == 0)
+                {
+                    uint csts = Registers.Read32(NvmeReg.Csts);
+                    if (csts == uint.MaxValue || (csts & NvmeReg.CstsCfs) != 0)
+                    {
+                        NeedsReset = true;
+                        return NvmeStatus.InternalDeviceError;
+                    }
+                }
+
+                if (spins > 200)
+                {
+                    Thread.Sleep(0);
+                }
+            }
+
+            dw0 = w.Dw0;
+            if (w.Status.IsSuccess && data.Length > 0 && !dataOut)
+            {
+                new Span<byte>((void*)_adminBuf.Va, data.Length).CopyTo(data);
+            }
+
+            return w.Status;
+        }
+    }
+
+    private static readonly NvmeCompletionCallback s_aerDone = static (arg, status, dw0) =>
+    {
+        var ctrl = (NvmeController)arg!;
+        ctrl._aersOutstanding--;
+        if (status == NvmeStatus.AbortedSqDeletion || ctrl._disposed)
+        {
+            return; // reset or shutdown: re-posted by whoever reset
+        }
+
+        if (status.IsSuccess)
+        {
+            ctrl._log.LogInformation("NVMe {Name}: asynchronous event 0x{Dw0:x8}", ctrl.Name, dw0);
+            ctrl.AsyncEvent?.Invoke(ctrl, dw0);
+        }
+
+        if (status.Sct == NvmeSct.CommandSpecific && status.Sc == 0x05)
+        {
+            return; // AER limit exceeded
+        }
+
+        ctrl.PostOneAer();
+    };
+
+    private void PostAsyncEventRequests()
+    {
+        lock (_adminLock)
+        {
+            int limit = Math.Min(_opts.AsyncEventRequests, Data.AsyncEventLimit + 1);
+            limit = Math.Min(limit, _admin.Entries / 2);
+            while (_aersOutstanding < limit)
+            {
+                if (!PostOneAer())
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    private bool PostOneAer()
+    {
+        var cmd = MakeCommand(NvmeAdminOpcode.AsyncEventRequest, 0);
+        if (_admin.Submit(ref cmd, s_aerDone, this, noTimeout: true) != 0)
+        {
+            return false;
+        }
+
+        _aersOutstanding++;
+        return true;
+    }
+
+    /// <summary>Outstanding Asynchronous Event Requests.</summary>
+    public int AsyncEventRequestsOutstanding => _aersOutstanding;
+
+    /// <summary>
+    /// Admin poller body: reaps admin completions (asynchronous events), checks controller health every
+    /// ~100 ms. Never blocks: skips when another thread holds the admin queue. Returns completions reaped.
+    /// </summary>
+    public int ProcessAdminCompletions()
+    {
+        if (!Monitor.TryEnter(_adminLock))
+        {
+            return 0;
+        }
+
+        try
+        {
+            if (_disposed)
+            {
+                return 0;
+            }
+
+            int n = _admin.ProcessCompletions();
+            long now = Stopwatch.GetTimestamp();
+            if (now - _lastHealthCheck > Stopwatch.Frequency / 10)
+            {
+                _lastHealthCheck = now;
+                if (CheckHealth() is NvmeHealth.Fatal or NvmeHealth.Removed)
+                {
+                    NeedsReset = true;
+                }
+            }
+
+            return n;
+        }
+        finally
+        {
+            Monitor.Exit(_adminLock);
+        }
+    }
+
+    public NvmeHealth CheckHealth()
+    {
+        uint csts = Registers.Read32(NvmeReg.Csts);
+        if (csts == uint.MaxValue)
+        {
+            return NvmeHealth.Removed;
+        }
+
+        if ((csts & NvmeReg.CstsCfs) != 0)
+        {
+            return NvmeHealth.Fatal;
+        }
+
+        return (csts & NvmeReg.CstsRdy) != 0 ? NvmeHealth.Ok : NvmeHealth.NotReady;
+    }
+
+    /// <summary>
+    /// Allocates an I/O queue pair and creates its CQ and SQ on the controller. The caller's thread owns it
+    /// from now on. Throws when the controller has no queue left or refuses.
+    /// </summary>
+    public NvmeQueuePair AllocIoQueuePair(int entries = 0)
+    {
+        ushort qid;
+        lock (_ioQpairs)
+        {
+            qid = 0;
+            for (int i = 1; i <= MaxIoQueuePairs; i++)
+            {
+                if (!_qidUsed[i])
+                {
+                    qid = (ushort)i;
+                    break;
+                }
+            }
+
+            if (qid == 0)
+            {
+                throw new InvalidOperationException($"{Name}: all {MaxIoQueuePairs} I/O queue pairs are in use");
+            }
+
+            _qidUsed[qid] = true;
+        }
+
+        NvmeQueuePair qp;
+        try
+        {
+            int n = entries <= 0 ? IoQueueEntries : Math.Clamp(entries, 2, Math.Min(4096, Cap.MaxQueueEntries));
+            qp = new NvmeQueuePair(this, qid, n, PageSize, Cap.DoorbellStride)
+            {
+                TimeoutTicks = (long)(_opts.IoTimeout.TotalSeconds * Stopwatch.Frequency),
+            };
+        }
+        catch
+        {
+            lock (_ioQpairs)
+            {
+                _qidUsed[qid] = false;
+            }
+
+            throw;
+        }
+
+        int rc = CreateIoQueues(qp);
+        if (rc != 0)
+        {
+            qp.MarkDestroyed();
+            lock (_ioQpairs)
+            {
+                _qidUsed[qid] = false;
+            }
+
+            throw new IOException($"{Name}: creating I/O queue pair {qid} failed ({rc})");
+        }
+
+        lock (_ioQpairs)
+        {
+            _ioQpairs.Add(qp);
+        }
+
+        return qp;
+    }
+
+    public IReadOnlyList<NvmeQueuePair> IoQueuePairs
+    {
+        get
+        {
+            lock (_ioQpairs)
+            {
+                return _ioQpairs.ToArray();
+            }
+        }
+    }
+
+    internal int CreateIoQueues(NvmeQueuePair qp)
+    {
+        uint size = (uint)(qp.Entries - 1) << 16;
+        var cq = MakeCommand(NvmeAdminOpcode.CreateIoCq, 0, size | qp.Id, 1 /* PC, interrupts off */);
+        cq.Prp1 = qp.CqIova;
+        var st = ExecuteAdmin(cq, null, out _);
+        if (!st.IsSuccess)
+        {
+            _log.LogError("NVMe {Name}: Create I/O CQ {Qid} failed: {Status}", Name, qp.Id, st);
+            return -Platform.Native.EIO;
+        }
+
+        var sq = MakeCommand(NvmeAdminOpcode.CreateIoSq, 0, size | qp.Id, ((uint)qp.Id << 16) | 1 /* PC */);
+        sq.Prp1 = qp.SqIova;
+        st = ExecuteAdmin(sq, null, out _);
+        if (!st.IsSuccess)
+        {
+            _log.LogError("NVMe {Name}: Create I/O SQ {Qid} failed: {Status}", Name, qp.Id, st);
+            ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, qp.Id), null, out _);
+            return -Platform.Native.EIO;
+        }
+
+        qp.MarkConnected();
+        return 0;
+    }
+
+    internal void DeleteIoQueues(NvmeQueuePair qp)
+    {
+        if (_disposed || CheckHealth() != NvmeHealth.Ok)
+        {
+            return;
+        }
+
+        // Errors are expected after a reset (the queues no longer exist): invalid queue identifier.
+        ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoSq, 0, qp.Id), null, out _);
+        ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, qp.Id), null, out _);
+    }
+
+    internal void ReleaseQueuePair(NvmeQueuePair qp)
+    {
+        lock (_ioQpairs)
+        {
+            _ioQpairs.Remove(qp);
+            _qidUsed[qp.Id] = false;
+        }
+    }
+
+    /// <summary>
+    /// Controller-level reset: marks every I/O queue pair disconnected (their submits fail with -ENXIO from now
+    /// on), disables the controller (CC.EN=0, RDY=0 within CAP.TO), fails outstanding admin commands, re-enables
+    /// it, sets the number of queues and re-posts asynchronous event requests. The I/O queue pairs stay
+    /// disconnected until their owners call <see cref="NvmeQueuePair.Reconnect"/> (which fails their outstanding
+    /// I/O with a retryable status and re-creates the queues). Throws when the controller cannot be re-enabled.
+    /// </summary>
+    public void Reset()
+    {
+        lock (_adminLock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            foreach (var qp in IoQueuePairs)
+            {
+                qp.MarkDisconnected();
+            }
+
+            _log.LogWarning("NVMe {Name}: resetting controller", Name);
+            uint cc = Registers.Read32(NvmeReg.Cc);
+            if (cc == uint.MaxValue)
+            {
+                throw new IOException($"{Name}: device removed");
+            }
+
+            Registers.Write32(NvmeReg.Cc, cc & ~NvmeReg.CcEn);
+            WaitReady(false);
+            _admin.FailOutstanding(NvmeStatus.AbortedSqDeletion);
+            _aersOutstanding = 0;
+            EnableController();
+            SetNumberOfQueues();
+            NeedsReset = false;
+            ResetCount++;
+            PostAsyncEventRequests();
+        }
+    }
+
+    /// <summary>Reset plus reconnect of every I/O queue pair, for a caller that owns all of them (tools, tests).</summary>
+    public void ResetAll()
+    {
+        Reset();
+        foreach (var qp in IoQueuePairs)
+        {
+            int rc = qp.Reconnect();
+            if (rc != 0)
+            {
+                throw new IOException($"{Name}: reconnecting queue pair {qp.Id} failed ({rc})");
+            }
+        }
+    }
+
+    /// <summary>Normal shutdown notification (CC.SHN = 01b), waiting for CSTS.SHST = complete within CAP.TO.</summary>
+    public void Shutdown()
+    {
+        lock (_adminLock)
+        {
+            uint cc = Registers.Read32(NvmeReg.Cc);
+            if (cc == uint.MaxValue || (cc & NvmeReg.CcEn) == 0)
+            {
+                return;
+            }
+
+            Registers.Write32(NvmeReg.Cc, (cc & ~(3u << 14)) | (1u << 14));
+            var sw = Stopwatch.StartNew();
+            while (sw.Elapsed < Cap.Timeout)
+            {
+                uint csts = Registers.Read32(NvmeReg.Csts);
+                if (csts == uint.MaxValue || ((csts >> 2) & 3) == 2)
+                {
+                    return;
+                }
+
+                Thread.Sleep(1);
+            }
+
+            _log.LogWarning("NVMe {Name}: shutdown did not complete within CAP.TO", Name);
+        }
+    }
+
+    /// <summary>
+    /// Detaches: the I/O queue pairs must have been disposed by their owners (any left are abandoned), then
+    /// shutdown notification, controller disabled, memory freed, VFIO device closed.
+    /// </summary>
+    public void Dispose()
+    {
+        lock (_adminLock)
+        {
+            if (_disposed)
+            {
+                return;
+            }
+
+            if (_admin is not null)
+            {
+                try
+                {
+                    foreach (var qp in IoQueuePairs)
+                    {
+                        qp.MarkDisconnected();
+                    }
+
+                    Shutdown();
+                    uint cc = Registers.Read32(NvmeReg.Cc);
+                    if (cc != uint.MaxValue)
+                    {
+                        Registers.Write32(NvmeReg.Cc, cc & ~NvmeReg.CcEn);
+                    }
+                }
+                catch (Exception e) when (e is IOException or TimeoutException)
+                {
+                    _log.LogWarning("NVMe {Name}: error while detaching: {Error}", Name, e.Message);
+                }
+            }
+
+            _disposed = true;
+            _admin?.Dispose();
+            _adminBuf?.Dispose();
+            _owner?.Dispose();
+        }
+    }
+}

@@ -1,0 +1,624 @@
+using System.Globalization;
+using System.Runtime.InteropServices;
+
+namespace VhostBackend.Nvme;
+
+/// <summary>
+/// ioctl request numbers of linux/vfio.h. VFIO defines all of them with <c>_IO(VFIO_TYPE, VFIO_BASE + n)</c>, i.e.
+/// no direction and no size bits: the number is <c>(';' &lt;&lt; 8) | (100 + n)</c>. A unit test recomputes them.
+/// </summary>
+public static class VfioIoctl
+{
+    public const int VfioType = ';'; // 0x3B
+    public const int VfioBase = 100;
+
+    /// <summary>_IO(type, nr): dir = 0 (bits 30-31), size = 0 (bits 16-29), type in bits 8-15, nr in bits 0-7.</summary>
+    public static ulong Io(int type, int nr) => ((ulong)(uint)type << 8) | (uint)nr;
+
+    public static readonly ulong GetApiVersion = Io(VfioType, VfioBase + 0);
+    public static readonly ulong CheckExtension = Io(VfioType, VfioBase + 1);
+    public static readonly ulong SetIommu = Io(VfioType, VfioBase + 2);
+    public static readonly ulong GroupGetStatus = Io(VfioType, VfioBase + 3);
+    public static readonly ulong GroupSetContainer = Io(VfioType, VfioBase + 4);
+    public static readonly ulong GroupUnsetContainer = Io(VfioType, VfioBase + 5);
+    public static readonly ulong GroupGetDeviceFd = Io(VfioType, VfioBase + 6);
+    public static readonly ulong DeviceGetInfo = Io(VfioType, VfioBase + 7);
+    public static readonly ulong DeviceGetRegionInfo = Io(VfioType, VfioBase + 8);
+    public static readonly ulong DeviceReset = Io(VfioType, VfioBase + 11);
+    public static readonly ulong IommuGetInfo = Io(VfioType, VfioBase + 12);
+    public static readonly ulong IommuMapDma = Io(VfioType, VfioBase + 13);
+    public static readonly ulong IommuUnmapDma = Io(VfioType, VfioBase + 14);
+
+    public const int ApiVersion = 0;
+    public const int Type1Iommu = 1;
+    public const int Type1v2Iommu = 3;
+    public const uint GroupFlagsViable = 1;
+    public const uint RegionInfoFlagRead = 1;
+    public const uint RegionInfoFlagWrite = 2;
+    public const uint RegionInfoFlagMmap = 4;
+    public const uint IommuInfoCaps = 2;
+    public const ushort IommuType1InfoCapIovaRange = 1;
+    public const uint DmaMapFlagRead = 1;
+    public const uint DmaMapFlagWrite = 2;
+    public const int PciBar0RegionIndex = 0;
+    public const int PciConfigRegionIndex = 7;
+}
+
+/// <summary>struct vfio_group_status (8 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioGroupStatus
+{
+    public uint Argsz;
+    public uint Flags;
+}
+
+/// <summary>struct vfio_device_info (24 bytes with cap_offset and pad).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioDeviceInfo
+{
+    public uint Argsz;
+    public uint Flags;
+    public uint NumRegions;
+    public uint NumIrqs;
+    public uint CapOffset;
+    public uint Pad;
+}
+
+/// <summary>struct vfio_region_info (32 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioRegionInfo
+{
+    public uint Argsz;
+    public uint Flags;
+    public uint Index;
+    public uint CapOffset;
+    public ulong Size;
+    public ulong Offset;
+}
+
+/// <summary>struct vfio_iommu_type1_info (24 bytes: u32 cap_offset plus tail padding).</summary>
+[StructLayout(LayoutKind.Sequential, Size = 24)]
+public struct VfioIommuType1Info
+{
+    public uint Argsz;
+    public uint Flags;
+    public ulong IovaPgsizes;
+    public uint CapOffset;
+}
+
+/// <summary>struct vfio_info_cap_header (8 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioInfoCapHeader
+{
+    public ushort Id;
+    public ushort Version;
+    public uint Next;
+}
+
+/// <summary>struct vfio_iommu_type1_dma_map (32 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioDmaMap
+{
+    public uint Argsz;
+    public uint Flags;
+    public ulong Vaddr;
+    public ulong Iova;
+    public ulong Size;
+}
+
+/// <summary>struct vfio_iommu_type1_dma_unmap (24 bytes, without the flexible data[]).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioDmaUnmap
+{
+    public uint Argsz;
+    public uint Flags;
+    public ulong Iova;
+    public ulong Size;
+}
+
+/// <summary>Maps memory into a device's I/O address space. Implemented by <see cref="VfioContainer"/>; models use an identity mapper.</summary>
+public interface IDmaMapper
+{
+    /// <summary>Ranges of IOVA the device may use, inclusive ends, sorted.</summary>
+    IReadOnlyList<(ulong Start, ulong End)> IovaRanges { get; }
+
+    /// <summary>Maps [va, va+len) at <paramref name="iova"/>. Returns 0 or a negative errno.</summary>
+    int Map(nint va, ulong iova, ulong length);
+
+    /// <summary>Unmaps the IOVA range. Returns 0 or a negative errno.</summary>
+    int Unmap(ulong iova, ulong length);
+}
+
+/// <summary>A mapper with no IOMMU: device addresses are process addresses (in-process models, tests).</summary>
+public sealed class IdentityDmaMapper : IDmaMapper
+{
+    public static readonly IdentityDmaMapper Instance = new();
+
+    public IReadOnlyList<(ulong Start, ulong End)> IovaRanges { get; } = new[] { (0UL, ulong.MaxValue) };
+
+    public int Map(nint va, ulong iova, ulong length) => 0;
+
+    public int Unmap(ulong iova, ulong length) => 0;
+}
+
+/// <summary>
+/// A VFIO container (/dev/vfio/vfio): one IOMMU context shared by every group added to it. The IOMMU type is set
+/// when the first group joins. Thread-safe (control plane).
+/// </summary>
+public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
+{
+    private static VfioContainer? s_shared;
+    private static readonly object s_sharedLock = new();
+    private readonly object _lock = new();
+    private int _fd;
+    private bool _iommuSet;
+    private int _groups;
+    private readonly List<Action> _onIommuSet = new();
+    private (ulong Start, ulong End)[] _ranges = { (0, (1UL << 48) - 1) };
+
+    public VfioContainer()
+    {
+        _fd = NvmeNative.open("/dev/vfio/vfio", Platform.Native.O_RDWR | Platform.Native.O_CLOEXEC);
+        if (_fd < 0)
+        {
+            int e = NvmeNative.Errno;
+            throw new IOException($"open /dev/vfio/vfio failed: {NvmeNative.StrError(e)} (is the vfio module loaded?)");
+        }
+
+        int version = NvmeNative.ioctl(_fd, VfioIoctl.GetApiVersion, 0);
+        if (version != VfioIoctl.ApiVersion)
+        {
+            Dispose();
+            throw new IOException($"unsupported VFIO API version {version}");
+        }
+
+        if (NvmeNative.ioctl(_fd, VfioIoctl.CheckExtension, VfioIoctl.Type1Iommu) <= 0)
+        {
+            Dispose();
+            throw new IOException("VFIO type1 IOMMU is not supported (no IOMMU, or vfio_iommu_type1 not loaded)");
+        }
+    }
+
+    /// <summary>The process-wide container all controllers share (so one DMA map serves every device).</summary>
+    public static VfioContainer Shared
+    {
+        get
+        {
+            lock (s_sharedLock)
+            {
+                return s_shared ??= new VfioContainer();
+            }
+        }
+    }
+
+    /// <summary>Whether the shared container was created (without creating it).</summary>
+    public static bool SharedExists
+    {
+        get
+        {
+            lock (s_sharedLock)
+            {
+                return s_shared is not null;
+            }
+        }
+    }
+
+    public int Fd => _fd;
+
+    /// <summary>The IOMMU type in use (1 or 3), 0 before the first group joined.</summary>
+    public int IommuType { get; private set; }
+
+    public IReadOnlyList<(ulong Start, ulong End)> IovaRanges
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _ranges;
+            }
+        }
+    }
+
+    /// <summary>Adds a group (its fd) to this container and sets the IOMMU type on the first one.</summary>
+    internal void AttachGroup(int groupFd)
+    {
+        lock (_lock)
+        {
+            int fd = _fd;
+            if (NvmeNative.ioctl(groupFd, VfioIoctl.GroupSetContainer, &fd) != 0)
+            {
+                throw new IOException($"VFIO_GROUP_SET_CONTAINER failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+            }
+
+            if (!_iommuSet)
+            {
+                // Type1v2 has cleaner unmap semantics; plain type1 (the brief's VFIO_TYPE1_IOMMU) is the fallback.
+                int type = NvmeNative.ioctl(_fd, VfioIoctl.CheckExtension, VfioIoctl.Type1v2Iommu) > 0 ? VfioIoctl.Type1v2Iommu : VfioIoctl.Type1Iommu;
+                if (NvmeNative.ioctl(_fd, VfioIoctl.SetIommu, type) != 0)
+                {
+                    throw new IOException($"VFIO_SET_IOMMU({type}) failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+                }
+
+                IommuType = type;
+                _iommuSet = true;
+                _ranges = QueryIovaRanges(_fd) ?? _ranges;
+                _groups++;
+
+                // A container whose last group left lost its mappings: let the DMA spaces map their memory again.
+                foreach (var a in _onIommuSet)
+                {
+                    a();
+                }
+
+                return;
+            }
+
+            _groups++;
+        }
+    }
+
+    /// <summary>Called when a group leaves; the last one leaving resets the container (the kernel drops the IOMMU context).</summary>
+    internal void DetachGroup()
+    {
+        lock (_lock)
+        {
+            if (_groups > 0 && --_groups == 0)
+            {
+                _iommuSet = false;
+            }
+        }
+    }
+
+    /// <summary>Whether DMA mappings can be made now (the IOMMU type is set).</summary>
+    public bool IsReady
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _iommuSet;
+            }
+        }
+    }
+
+    /// <summary>Registers a callback run (under the container lock) each time the IOMMU is (re)initialised.</summary>
+    public void OnIommuReady(Action replay)
+    {
+        lock (_lock)
+        {
+            _onIommuSet.Add(replay);
+        }
+    }
+
+    private static (ulong, ulong)[]? QueryIovaRanges(int fd)
+    {
+        // First call learns the size including capabilities, second reads them.
+        VfioIommuType1Info info = default;
+        info.Argsz = (uint)sizeof(VfioIommuType1Info);
+        if (NvmeNative.ioctl(fd, VfioIoctl.IommuGetInfo, &info) != 0)
+        {
+            return null;
+        }
+
+        if ((info.Flags & VfioIoctl.IommuInfoCaps) == 0 || info.Argsz <= (uint)sizeof(VfioIommuType1Info) || info.Argsz > 65536)
+        {
+            return null;
+        }
+
+        uint size = info.Argsz;
+        byte* buf = (byte*)NativeMemory.AllocZeroed(size);
+        try
+        {
+            ((VfioIommuType1Info*)buf)->Argsz = size;
+            if (NvmeNative.ioctl(fd, VfioIoctl.IommuGetInfo, buf) != 0)
+            {
+                return null;
+            }
+
+            uint off = ((VfioIommuType1Info*)buf)->CapOffset;
+            for (int guard = 0; off != 0 && off + 8 <= size && guard < 64; guard++)
+            {
+                var hdr = (VfioInfoCapHeader*)(buf + off);
+                if (hdr->Id == VfioIoctl.IommuType1InfoCapIovaRange && off + 16 <= size)
+                {
+                    uint n = *(uint*)(buf + off + 8);
+                    if (n == 0 || off + 16 + (n * 16) > size)
+                    {
+                        return null;
+                    }
+
+                    var ranges = new (ulong, ulong)[n];
+                    for (int i = 0; i < n; i++)
+                    {
+                        ulong* r = (ulong*)(buf + off + 16 + (i * 16));
+                        ranges[i] = (r[0], r[1]);
+                    }
+
+                    return ranges;
+                }
+
+                off = hdr->Next;
+            }
+
+            return null;
+        }
+        finally
+        {
+            NativeMemory.Free(buf);
+        }
+    }
+
+    public int Map(nint va, ulong iova, ulong length)
+    {
+        VfioDmaMap map = default;
+        map.Argsz = (uint)sizeof(VfioDmaMap);
+        map.Flags = VfioIoctl.DmaMapFlagRead | VfioIoctl.DmaMapFlagWrite;
+        map.Vaddr = (ulong)va;
+        map.Iova = iova;
+        map.Size = length;
+        return NvmeNative.ioctl(_fd, VfioIoctl.IommuMapDma, &map) == 0 ? 0 : -NvmeNative.Errno;
+    }
+
+    public int Unmap(ulong iova, ulong length)
+    {
+        VfioDmaUnmap unmap = default;
+        unmap.Argsz = (uint)sizeof(VfioDmaUnmap);
+        unmap.Iova = iova;
+        unmap.Size = length;
+        return NvmeNative.ioctl(_fd, VfioIoctl.IommuUnmapDma, &unmap) == 0 ? 0 : -NvmeNative.Errno;
+    }
+
+    public void Dispose()
+    {
+        int fd = Interlocked.Exchange(ref _fd, -1);
+        if (fd >= 0)
+        {
+            NvmeNative.close(fd);
+        }
+    }
+}
+
+/// <summary>
+/// A PCI function bound to vfio-pci: its group joined to a container, config space access, BAR mapping and
+/// bus-master enable. Control plane only.
+/// </summary>
+public sealed unsafe class VfioPciDevice : IDisposable
+{
+    private int _groupFd = -1;
+    private int _deviceFd = -1;
+    private VfioRegionInfo _config;
+    private nint _bar0;
+    private nuint _bar0Size;
+    private bool _attached;
+
+    private VfioPciDevice(string address, VfioContainer container)
+    {
+        Address = address;
+        Container = container;
+    }
+
+    public string Address { get; }
+    public VfioContainer Container { get; }
+    public int IommuGroup { get; private set; }
+
+    /// <summary>BAR0 mapped into this process (the NVMe register file).</summary>
+    public nint Bar0 => _bar0;
+
+    public nuint Bar0Size => _bar0Size;
+
+    /// <summary>Normalizes "0000:00:04.0" / "00:04.0"; throws on anything else.</summary>
+    public static string NormalizeAddress(string address)
+    {
+        if (!TryNormalizeAddress(address, out var a))
+        {
+            throw new ArgumentException($"invalid PCI address '{address}' (expected DDDD:BB:DD.F)");
+        }
+
+        return a;
+    }
+
+    public static bool TryNormalizeAddress(string? address, out string normalized)
+    {
+        normalized = "";
+        if (string.IsNullOrWhiteSpace(address))
+        {
+            return false;
+        }
+
+        var parts = address.Trim().ToLowerInvariant().Split(':');
+        if (parts.Length == 2)
+        {
+            parts = new[] { "0000", parts[0], parts[1] };
+        }
+
+        if (parts.Length != 3)
+        {
+            return false;
+        }
+
+        var devFn = parts[2].Split('.');
+        if (devFn.Length != 2
+            || !uint.TryParse(parts[0], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out uint domain) || domain > 0xFFFF
+            || !uint.TryParse(parts[1], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out uint bus) || bus > 0xFF
+            || !uint.TryParse(devFn[0], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out uint dev) || dev > 0x1F
+            || !uint.TryParse(devFn[1], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out uint fn) || fn > 7)
+        {
+            return false;
+        }
+
+        normalized = string.Create(CultureInfo.InvariantCulture, $"{domain:x4}:{bus:x2}:{dev:x2}.{fn:x1}");
+        return true;
+    }
+
+    /// <summary>Opens the device: group, container, device fd, config region, BAR0 mapping, bus master on.</summary>
+    public static VfioPciDevice Open(string address, VfioContainer? container = null)
+    {
+        address = NormalizeAddress(address);
+        string sys = "/sys/bus/pci/devices/" + address;
+        if (!Directory.Exists(sys))
+        {
+            throw new IOException($"PCI device {address} not found ({sys} missing)");
+        }
+
+        string? driver = ReadLinkName(sys + "/driver");
+        if (driver != "vfio-pci")
+        {
+            throw new IOException($"PCI device {address} is bound to '{driver ?? "no driver"}', not vfio-pci (run scripts/setup.sh)");
+        }
+
+        string? group = ReadLinkName(sys + "/iommu_group");
+        if (group is null || !int.TryParse(group, NumberStyles.None, CultureInfo.InvariantCulture, out int groupNo))
+        {
+            throw new IOException($"PCI device {address} has no IOMMU group (is the IOMMU enabled? intel_iommu=on)");
+        }
+
+        container ??= VfioContainer.Shared;
+        var dev = new VfioPciDevice(address, container) { IommuGroup = groupNo };
+        try
+        {
+            dev.OpenGroupAndDevice();
+            return dev;
+        }
+        catch
+        {
+            dev.Dispose();
+            throw;
+        }
+    }
+
+    private static string? ReadLinkName(string path)
+    {
+        try
+        {
+            var target = new FileInfo(path).LinkTarget;
+            return target is null ? null : Path.GetFileName(target);
+        }
+        catch (IOException)
+        {
+            return null;
+        }
+    }
+
+    private void OpenGroupAndDevice()
+    {
+        string groupPath = "/dev/vfio/" + IommuGroup.ToString(CultureInfo.InvariantCulture);
+        _groupFd = NvmeNative.open(groupPath, Platform.Native.O_RDWR | Platform.Native.O_CLOEXEC);
+        if (_groupFd < 0)
+        {
+            throw new IOException($"open {groupPath} failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+        }
+
+        VfioGroupStatus status = default;
+        status.Argsz = (uint)sizeof(VfioGroupStatus);
+        if (NvmeNative.ioctl(_groupFd, VfioIoctl.GroupGetStatus, &status) != 0)
+        {
+            throw new IOException($"VFIO_GROUP_GET_STATUS failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+        }
+
+        if ((status.Flags & VfioIoctl.GroupFlagsViable) == 0)
+        {
+            throw new IOException($"IOMMU group {IommuGroup} is not viable (bind every device of the group to vfio-pci)");
+        }
+
+        Container.AttachGroup(_groupFd);
+        _attached = true;
+
+        byte[] name = System.Text.Encoding.ASCII.GetBytes(Address + "\0");
+        fixed (byte* p = name)
+        {
+            _deviceFd = NvmeNative.ioctl(_groupFd, VfioIoctl.GroupGetDeviceFd, p);
+        }
+
+        if (_deviceFd < 0)
+        {
+            throw new IOException($"VFIO_GROUP_GET_DEVICE_FD({Address}) failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+        }
+
+        _config = GetRegionInfo(VfioIoctl.PciConfigRegionIndex);
+        var bar0 = GetRegionInfo(VfioIoctl.PciBar0RegionIndex);
+        if ((bar0.Flags & VfioIoctl.RegionInfoFlagMmap) == 0 || bar0.Size < 0x2000)
+        {
+            throw new IOException($"BAR0 of {Address} cannot be mapped (flags 0x{bar0.Flags:x}, size {bar0.Size})");
+        }
+
+        nint p0 = NvmeNative.mmap(0, (nuint)bar0.Size, NvmeNative.PROT_READ | NvmeNative.PROT_WRITE, NvmeNative.MAP_SHARED, _deviceFd, (long)bar0.Offset);
+        if (p0 == NvmeNative.MAP_FAILED)
+        {
+            throw new IOException($"mmap BAR0 of {Address} failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+        }
+
+        _bar0 = p0;
+        _bar0Size = (nuint)bar0.Size;
+
+        // Command register: memory space (bit 1) and bus master (bit 2) on, INTx off (bit 10): we poll.
+        ushort cmd = ReadConfig16(0x04);
+        WriteConfig16(0x04, (ushort)(cmd | 0x0002 | 0x0004 | 0x0400));
+    }
+
+    public VfioRegionInfo GetRegionInfo(int index)
+    {
+        VfioRegionInfo info = default;
+        info.Argsz = (uint)sizeof(VfioRegionInfo);
+        info.Index = (uint)index;
+        if (NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceGetRegionInfo, &info) != 0)
+        {
+            throw new IOException($"VFIO_DEVICE_GET_REGION_INFO({index}) failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+        }
+
+        return info;
+    }
+
+    public ushort ReadConfig16(int offset)
+    {
+        ushort v = 0xFFFF;
+        NvmeNative.pread(_deviceFd, &v, 2, (long)_config.Offset + offset);
+        return v;
+    }
+
+    public uint ReadConfig32(int offset)
+    {
+        uint v = 0xFFFFFFFF;
+        NvmeNative.pread(_deviceFd, &v, 4, (long)_config.Offset + offset);
+        return v;
+    }
+
+    public void WriteConfig16(int offset, ushort value)
+    {
+        if (NvmeNative.pwrite(_deviceFd, &value, 2, (long)_config.Offset + offset) != 2)
+        {
+            throw new IOException($"config write at 0x{offset:x} failed: {NvmeNative.StrError(NvmeNative.Errno)}");
+        }
+    }
+
+    /// <summary>Vendor and device ID from config space.</summary>
+    public (ushort Vendor, ushort Device) Ids => (ReadConfig16(0), ReadConfig16(2));
+
+    /// <summary>Function-level reset through VFIO (when the device supports one). Returns 0 or -errno.</summary>
+    public int Reset() => NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceReset, 0) == 0 ? 0 : -NvmeNative.Errno;
+
+    public void Dispose()
+    {
+        if (_bar0 != 0)
+        {
+            NvmeNative.munmap(_bar0, _bar0Size);
+            _bar0 = 0;
+        }
+
+        if (_deviceFd >= 0)
+        {
+            NvmeNative.close(_deviceFd);
+            _deviceFd = -1;
+        }
+
+        if (_groupFd >= 0)
+        {
+            NvmeNative.close(_groupFd);
+            _groupFd = -1;
+            if (_attached)
+            {
+                _attached = false;
+                Container.DetachGroup();
+            }
+        }
+    }
+}

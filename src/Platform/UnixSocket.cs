@@ -1,0 +1,590 @@
+using System.Runtime.InteropServices;
+using System.Text;
+
+namespace VhostBackend.Platform;
+
+/// <summary>
+/// Declarations for Unix stream sockets with SCM_RIGHTS, memfd and mmap (x86_64 Linux layouts). Declarations only:
+/// ownership and validation live in <see cref="UnixConnection"/>, <see cref="UnixSocketListener"/> and <see cref="MappedRegion"/>.
+/// </summary>
+public static unsafe partial class SocketNative
+{
+    public const int AF_UNIX = 1;
+    public const int SOCK_STREAM = 1;
+    public const int SOCK_CLOEXEC = 0x80000;
+    public const int SOL_SOCKET = 1;
+    public const int SCM_RIGHTS = 1;
+    public const int MSG_CTRUNC = 0x8;
+    public const int MSG_WAITALL = 0x100;
+    public const int MSG_NOSIGNAL = 0x4000;
+    public const int MSG_CMSG_CLOEXEC = 0x40000000;
+    public const int SHUT_RDWR = 2;
+    public const short POLLIN = 0x1;
+    public const int F_GETFL = 3;
+    public const int F_SETFL = 4;
+    public const int PROT_READ = 1;
+    public const int PROT_WRITE = 2;
+    public const int MAP_SHARED = 1;
+    public const uint MFD_CLOEXEC = 1;
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct MsgHdr
+    {
+        public void* Name;
+        public uint NameLen;
+        public NativeIoVec* Iov;
+        public nuint IovLen;
+        public void* Control;
+        public nuint ControlLen;
+        public int Flags;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct CmsgHdr
+    {
+        public nuint Len;
+        public int Level;
+        public int Type;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct NativeIoVec
+    {
+        public void* Base;
+        public nuint Len;
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    public struct PollFd
+    {
+        public int Fd;
+        public short Events;
+        public short REvents;
+    }
+
+    /// <summary>struct sockaddr_un: family + 108 bytes of path.</summary>
+    [StructLayout(LayoutKind.Sequential, Size = 110)]
+    public struct SockAddrUn
+    {
+        public ushort Family;
+    }
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int socket(int domain, int type, int protocol);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int socketpair(int domain, int type, int protocol, int* sv);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int bind(int fd, void* addr, uint len);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int connect(int fd, void* addr, uint len);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int listen(int fd, int backlog);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int accept4(int fd, void* addr, void* len, int flags);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial nint sendmsg(int fd, MsgHdr* msg, int flags);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial nint recvmsg(int fd, MsgHdr* msg, int flags);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial nint recv(int fd, void* buf, nuint len, int flags);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int shutdown(int fd, int how);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int poll(PollFd* fds, nuint nfds, int timeout);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int close(int fd);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int fcntl(int fd, int cmd, int arg);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int ftruncate(int fd, long length);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int memfd_create(byte* name, uint flags);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial void* mmap(void* addr, nuint length, int prot, int flags, int fd, long offset);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int munmap(void* addr, nuint length);
+
+    [LibraryImport("libc", SetLastError = true)]
+    public static partial int unlink(byte* path);
+
+    internal static int FillAddress(string path, SockAddrUn* addr)
+    {
+        var bytes = Encoding.UTF8.GetBytes(path);
+        if (bytes.Length == 0 || bytes.Length > 107)
+        {
+            throw new ArgumentException($"socket path '{path}' is empty or longer than 107 bytes");
+        }
+
+        *addr = default;
+        addr->Family = AF_UNIX;
+        byte* p = (byte*)addr + 2;
+        for (int i = 0; i < bytes.Length; i++)
+        {
+            p[i] = bytes[i];
+        }
+
+        return 2 + bytes.Length + 1;
+    }
+}
+
+/// <summary>Small fd helpers.</summary>
+public static class Fd
+{
+    /// <summary>Closes <paramref name="fd"/> if it is valid (&gt;= 0).</summary>
+    public static void Close(int fd)
+    {
+        if (fd >= 0)
+        {
+            SocketNative.close(fd);
+        }
+    }
+
+    /// <summary>Closes every valid fd in the span and sets the entries to -1.</summary>
+    public static void CloseAll(Span<int> fds)
+    {
+        for (int i = 0; i < fds.Length; i++)
+        {
+            Close(fds[i]);
+            fds[i] = -1;
+        }
+    }
+
+    public static bool SetNonBlocking(int fd)
+    {
+        int flags = SocketNative.fcntl(fd, SocketNative.F_GETFL, 0);
+        return flags >= 0 && SocketNative.fcntl(fd, SocketNative.F_SETFL, flags | Native.O_NONBLOCK) == 0;
+    }
+}
+
+/// <summary>
+/// A connected Unix stream socket that can pass file descriptors (SCM_RIGHTS). Blocking I/O: it is used by
+/// one dedicated protocol thread per connection; <see cref="Shutdown"/> (any thread) wakes a blocked receive.
+/// Received fds belong to the caller, who must close those it does not keep.
+/// </summary>
+public sealed unsafe class UnixConnection : IDisposable
+{
+    /// <summary>Most fds accepted with one message (more are closed and reported as truncation).</summary>
+    public const int MaxFdsPerMessage = 32;
+
+    private int _fd;
+
+    public UnixConnection(int fd) => _fd = fd;
+
+    public int FileDescriptor => _fd;
+
+    public static (UnixConnection A, UnixConnection B) CreatePair()
+    {
+        int* sv = stackalloc int[2];
+        if (SocketNative.socketpair(SocketNative.AF_UNIX, SocketNative.SOCK_STREAM | SocketNative.SOCK_CLOEXEC, 0, sv) != 0)
+        {
+            throw new IOException($"socketpair: {Native.StrError(Native.Errno)}");
+        }
+
+        return (new UnixConnection(sv[0]), new UnixConnection(sv[1]));
+    }
+
+    /// <summary>Connects to a listening socket at <paramref name="path"/>; throws IOException on failure.</summary>
+    public static UnixConnection Connect(string path)
+    {
+        int fd = SocketNative.socket(SocketNative.AF_UNIX, SocketNative.SOCK_STREAM | SocketNative.SOCK_CLOEXEC, 0);
+        if (fd < 0)
+        {
+            throw new IOException($"socket: {Native.StrError(Native.Errno)}");
+        }
+
+        SocketNative.SockAddrUn addr;
+        int len = SocketNative.FillAddress(path, &addr);
+        if (SocketNative.connect(fd, &addr, (uint)len) != 0)
+        {
+            int e = Native.Errno;
+            SocketNative.close(fd);
+            throw new IOException($"connect {path}: {Native.StrError(e)}");
+        }
+
+        return new UnixConnection(fd);
+    }
+
+    /// <summary>
+    /// One recvmsg: reads up to <paramref name="buffer"/>.Length bytes and the fds attached to them.
+    /// Returns bytes read (0 = peer closed) or -errno. <paramref name="fdCount"/> fds are stored in
+    /// <paramref name="fds"/>; if the peer sent more than fit (or the kernel truncated), all are closed and
+    /// <paramref name="truncated"/> is set.
+    /// </summary>
+    public int Receive(Span<byte> buffer, Span<int> fds, out int fdCount, out bool truncated)
+    {
+        fdCount = 0;
+        truncated = false;
+        const int controlSize = 16 + (MaxFdsPerMessage * 4); // CMSG_SPACE(32 * sizeof(int))
+        byte* control = stackalloc byte[controlSize];
+        fixed (byte* p = buffer)
+        {
+            SocketNative.NativeIoVec iov;
+            iov.Base = p;
+            iov.Len = (nuint)buffer.Length;
+            SocketNative.MsgHdr msg = default;
+            msg.Iov = &iov;
+            msg.IovLen = 1;
+            msg.Control = control;
+            msg.ControlLen = controlSize;
+            nint n;
+            do
+            {
+                n = SocketNative.recvmsg(_fd, &msg, SocketNative.MSG_CMSG_CLOEXEC);
+            }
+            while (n < 0 && Native.Errno == Native.EINTR);
+
+            if (n < 0)
+            {
+                return -Native.Errno;
+            }
+
+            // Walk the control messages (CMSG_FIRSTHDR / CMSG_NXTHDR by hand: headers are 8-byte aligned).
+            byte* c = control;
+            byte* end = control + msg.ControlLen;
+            while (c + sizeof(SocketNative.CmsgHdr) <= end)
+            {
+                var h = (SocketNative.CmsgHdr*)c;
+                if (h->Len < (nuint)sizeof(SocketNative.CmsgHdr) || c + h->Len > end)
+                {
+                    break;
+                }
+
+                if (h->Level == SocketNative.SOL_SOCKET && h->Type == SocketNative.SCM_RIGHTS)
+                {
+                    int count = (int)((h->Len - (nuint)sizeof(SocketNative.CmsgHdr)) / 4);
+                    int* data = (int*)(c + sizeof(SocketNative.CmsgHdr));
+                    for (int i = 0; i < count; i++)
+                    {
+                        if (fdCount < fds.Length)
+                        {
+                            fds[fdCount++] = data[i];
+                        }
+                        else
+                        {
+                            Fd.Close(data[i]);
+                            truncated = true;
+                        }
+                    }
+                }
+
+                c += (h->Len + 7) & ~(nuint)7;
+            }
+
+            if ((msg.Flags & SocketNative.MSG_CTRUNC) != 0)
+            {
+                truncated = true;
+            }
+
+            if (truncated)
+            {
+                Fd.CloseAll(fds[..fdCount]);
+                fdCount = 0;
+            }
+
+            return (int)n;
+        }
+    }
+
+    /// <summary>Reads exactly buffer.Length bytes (fds arriving with them are closed). Returns false on EOF or error.</summary>
+    public bool ReceiveExact(Span<byte> buffer)
+    {
+        Span<int> fds = stackalloc int[MaxFdsPerMessage];
+        int done = 0;
+        while (done < buffer.Length)
+        {
+            int n = Receive(buffer[done..], fds, out int count, out _);
+            Fd.CloseAll(fds[..count]);
+            if (n <= 0)
+            {
+                return false;
+            }
+
+            done += n;
+        }
+
+        return true;
+    }
+
+    /// <summary>Sends all of <paramref name="data"/>, with <paramref name="fds"/> attached to the first byte. Returns 0 or -errno.</summary>
+    public int Send(ReadOnlySpan<byte> data, ReadOnlySpan<int> fds = default)
+    {
+        if (fds.Length > MaxFdsPerMessage)
+        {
+            return -Native.EINVAL;
+        }
+
+        int controlSize = fds.Length == 0 ? 0 : 16 + (((fds.Length * 4) + 7) & ~7);
+        byte* control = stackalloc byte[16 + (MaxFdsPerMessage * 4)];
+        int sent = 0;
+        fixed (byte* p = data)
+        {
+            while (sent < data.Length || (data.Length == 0 && sent == 0 && fds.Length > 0))
+            {
+                SocketNative.NativeIoVec iov;
+                iov.Base = p + sent;
+                iov.Len = (nuint)(data.Length - sent);
+                SocketNative.MsgHdr msg = default;
+                msg.Iov = &iov;
+                msg.IovLen = 1;
+                if (sent == 0 && fds.Length > 0)
+                {
+                    var h = (SocketNative.CmsgHdr*)control;
+                    h->Level = SocketNative.SOL_SOCKET;
+                    h->Type = SocketNative.SCM_RIGHTS;
+                    h->Len = (nuint)(16 + (fds.Length * 4));
+                    int* dst = (int*)(control + 16);
+                    for (int i = 0; i < fds.Length; i++)
+                    {
+                        dst[i] = fds[i];
+                    }
+
+                    msg.Control = control;
+                    msg.ControlLen = (nuint)controlSize;
+                }
+
+                nint n = SocketNative.sendmsg(_fd, &msg, SocketNative.MSG_NOSIGNAL);
+                if (n < 0)
+                {
+                    int e = Native.Errno;
+                    if (e == Native.EINTR)
+                    {
+                        continue;
+                    }
+
+                    return -e;
+                }
+
+                sent += (int)n;
+                if (data.Length == 0)
+                {
+                    break;
+                }
+            }
+        }
+
+        return 0;
+    }
+
+    /// <summary>Waits until the socket is readable (or hung up). Returns false on timeout.</summary>
+    public bool WaitReadable(int timeoutMs)
+    {
+        SocketNative.PollFd pfd = default;
+        pfd.Fd = _fd;
+        pfd.Events = SocketNative.POLLIN;
+        int r = SocketNative.poll(&pfd, 1, timeoutMs);
+        return r != 0;
+    }
+
+    /// <summary>Shuts both directions down: a receive blocked on another thread returns 0 (any thread).</summary>
+    public void Shutdown()
+    {
+        int fd = Volatile.Read(ref _fd);
+        if (fd >= 0)
+        {
+            SocketNative.shutdown(fd, SocketNative.SHUT_RDWR);
+        }
+    }
+
+    public void Dispose()
+    {
+        int fd = Interlocked.Exchange(ref _fd, -1);
+        Fd.Close(fd);
+    }
+}
+
+/// <summary>A listening Unix stream socket at a path; removes the socket file when disposed.</summary>
+public sealed unsafe class UnixSocketListener : IDisposable
+{
+    private readonly EventFd _cancel = new();
+    private int _fd;
+
+    private UnixSocketListener(int fd, string path)
+    {
+        _fd = fd;
+        Path = path;
+    }
+
+    public string Path { get; }
+
+    /// <summary>Binds and listens at <paramref name="path"/>, replacing a stale socket file (not any other file).</summary>
+    public static UnixSocketListener Listen(string path, int backlog = 16)
+    {
+        if (File.Exists(path))
+        {
+            if (!IsSocket(path))
+            {
+                throw new IOException($"{path} exists and is not a socket");
+            }
+
+            File.Delete(path);
+        }
+
+        int fd = SocketNative.socket(SocketNative.AF_UNIX, SocketNative.SOCK_STREAM | SocketNative.SOCK_CLOEXEC, 0);
+        if (fd < 0)
+        {
+            throw new IOException($"socket: {Native.StrError(Native.Errno)}");
+        }
+
+        SocketNative.SockAddrUn addr;
+        int len = SocketNative.FillAddress(path, &addr);
+        if (SocketNative.bind(fd, &addr, (uint)len) != 0 || SocketNative.listen(fd, backlog) != 0)
+        {
+            int e = Native.Errno;
+            SocketNative.close(fd);
+            throw new IOException($"cannot listen on {path}: {Native.StrError(e)}");
+        }
+
+        return new UnixSocketListener(fd, path);
+    }
+
+    private static bool IsSocket(string path)
+    {
+        StatBuf st;
+        var bytes = Encoding.UTF8.GetBytes(path + "\0");
+        fixed (byte* p = bytes)
+        {
+            int fd = Tmds.Linux.LibC.open(p, 0x200000 /*O_PATH*/ | Native.O_CLOEXEC, 0);
+            if (fd < 0)
+            {
+                return false;
+            }
+
+            int r = Native.fstat(fd, &st);
+            SocketNative.close(fd);
+            return r == 0 && (st.Mode & StatBuf.S_IFMT) == 0xC000;
+        }
+    }
+
+    /// <summary>
+    /// Waits for a connection. Returns null when <see cref="Dispose"/> was called (from any thread) or the
+    /// wait timed out. Blocking: call from the listener's own thread.
+    /// </summary>
+    public UnixConnection? Accept(int timeoutMs = -1)
+    {
+        var pfds = stackalloc SocketNative.PollFd[2];
+        pfds[0].Fd = Volatile.Read(ref _fd);
+        pfds[0].Events = SocketNative.POLLIN;
+        pfds[1].Fd = _cancel.Fd;
+        pfds[1].Events = SocketNative.POLLIN;
+        if (pfds[0].Fd < 0)
+        {
+            return null;
+        }
+
+        int r = SocketNative.poll(pfds, 2, timeoutMs);
+        if (r <= 0 || pfds[1].REvents != 0 || Volatile.Read(ref _fd) < 0)
+        {
+            return null;
+        }
+
+        int c = SocketNative.accept4(pfds[0].Fd, null, null, SocketNative.SOCK_CLOEXEC);
+        return c < 0 ? null : new UnixConnection(c);
+    }
+
+    public bool IsDisposed => Volatile.Read(ref _fd) < 0;
+
+    public void Dispose()
+    {
+        int fd = Interlocked.Exchange(ref _fd, -1);
+        if (fd < 0)
+        {
+            return;
+        }
+
+        _cancel.Signal();
+        SocketNative.close(fd);
+        try
+        {
+            File.Delete(Path);
+        }
+        catch (IOException)
+        {
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
+    }
+}
+
+/// <summary>
+/// An owned shared mapping of a file descriptor (a guest memory region, a memfd). Unmapped on dispose; the
+/// pointer must not be used afterwards, so owners dispose only once no I/O references the memory.
+/// </summary>
+public sealed unsafe class MappedRegion : IDisposable
+{
+    private nint _ptr;
+
+    private MappedRegion(nint ptr, ulong length)
+    {
+        _ptr = ptr;
+        Length = length;
+    }
+
+    public nint Pointer => _ptr;
+    public ulong Length { get; }
+
+    /// <summary>Maps <paramref name="length"/> bytes of <paramref name="fd"/> from offset 0, read-write and shared. Throws IOException.</summary>
+    public static MappedRegion Map(int fd, ulong length)
+    {
+        if (length == 0 || length > (ulong)nint.MaxValue)
+        {
+            throw new IOException($"bad mapping length {length}");
+        }
+
+        void* p = SocketNative.mmap(null, (nuint)length, SocketNative.PROT_READ | SocketNative.PROT_WRITE, SocketNative.MAP_SHARED, fd, 0);
+        if (p == (void*)-1)
+        {
+            throw new IOException($"mmap of {length} bytes failed: {Native.StrError(Native.Errno)}");
+        }
+
+        return new MappedRegion((nint)p, length);
+    }
+
+    /// <summary>Creates a memfd of <paramref name="size"/> bytes; returns its fd (caller owns it).</summary>
+    public static int CreateMemFd(string name, long size)
+    {
+        var bytes = Encoding.UTF8.GetBytes(name + "\0");
+        fixed (byte* p = bytes)
+        {
+            int fd = SocketNative.memfd_create(p, SocketNative.MFD_CLOEXEC);
+            if (fd < 0)
+            {
+                throw new IOException($"memfd_create: {Native.StrError(Native.Errno)}");
+            }
+
+            if (SocketNative.ftruncate(fd, size) != 0)
+            {
+                int e = Native.Errno;
+                SocketNative.close(fd);
+                throw new IOException($"ftruncate: {Native.StrError(e)}");
+            }
+
+            return fd;
+        }
+    }
+
+    public void Dispose()
+    {
+        nint p = Interlocked.Exchange(ref _ptr, 0);
+        if (p != 0)
+        {
+            SocketNative.munmap((void*)p, (nuint)Length);
+        }
+    }
+}

@@ -16,7 +16,6 @@ public sealed class GuestSmokeTests(ITestOutputHelper output)
 
         var total = Stopwatch.StartNew();
         await using var guest = await QemuGuest.StartAsync(new QemuGuestOptions { Name = "smoke", Log = output.WriteLine });
-        output.WriteLine($"QEMU command line: {guest.QemuCommandLine}");
         output.WriteLine($"boot time: {guest.BootTime.TotalSeconds:F2}s");
         var timeout = TimeSpan.FromSeconds(60);
 

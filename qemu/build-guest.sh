@@ -36,7 +36,7 @@ while [[ $# -gt 0 ]]; do
         *) OUTDIR="$1"; shift ;;
     esac
 done
-OUTDIR="${OUTDIR:-${VHOSTBACKEND_CACHE:-$HOME/.cache/vhostbackend}/guest}"
+OUTDIR="${OUTDIR:-${VHOSTBACKEND_CACHE:-${HOME:-/tmp}/.cache/vhostbackend}/guest}"
 
 # Modules loaded at boot by /init (in this order). Names are module names as
 # modprobe understands them ('-' and '_' are interchangeable); their dependencies
@@ -148,12 +148,16 @@ find_kernel_pkg() {
         | head -n1
 }
 
+apt_update() {
+    if [[ "$(id -u)" -eq 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
+}
+
 KPKG="${VBGUEST_KERNEL_PKG:-}"
 if [[ -z "$KPKG" ]]; then
     KPKG="$(find_kernel_pkg)"
     if [[ -z "$KPKG" ]]; then
         log "apt lists look empty; running apt-get update"
-        if [[ "$(id -u)" -eq 0 ]]; then apt-get update -qq; else sudo -n apt-get update -qq; fi
+        apt_update
         KPKG="$(find_kernel_pkg)"
     fi
 fi
@@ -166,7 +170,12 @@ shopt -s nullglob
 debs=("$DEBDIR/${KPKG}"_*.deb)
 if [[ ${#debs[@]} -eq 0 ]]; then
     log "downloading $KPKG"
-    (cd "$DEBDIR" && apt-get download -o APT::Sandbox::User=root "$KPKG")
+    if ! (cd "$DEBDIR" && apt-get download -o APT::Sandbox::User=root "$KPKG"); then
+        # Stale apt lists can point at a superseded version that is gone from the mirror.
+        log "download failed; running apt-get update and retrying"
+        apt_update
+        (cd "$DEBDIR" && apt-get download -o APT::Sandbox::User=root "$KPKG")
+    fi
     debs=("$DEBDIR/${KPKG}"_*.deb)
 fi
 shopt -u nullglob

@@ -109,6 +109,16 @@ public sealed class QemuGuestException(string message, Exception? inner = null) 
 /// (prepared for <c>chroot /host</c>), optional vhost-user-blk/scsi devices, and a command agent
 /// on a virtio-serial port that runs one shell command at a time.
 /// </summary>
+/// <remarks>
+/// <para>Commands run as root in the initramfs (busybox). Host programs run with <see cref="ExecHostAsync"/>
+/// (<c>chroot /host /bin/sh -c ...</c>). <c>/host</c> is read-only; <c>/host/tmp</c>, <c>/host/var/tmp</c> and
+/// <c>/host/run</c> are guest-private tmpfs, so the host's <c>/tmp</c> is NOT visible in the guest: share files
+/// through another host path (e.g. under the repository's <c>.build/</c> or <c>$HOME/.cache</c>).</para>
+/// <para>Loaded at boot: virtio_pci/blk/scsi/net/console, sd_mod, sg, 9p, nvme, nvme_tcp, nvmet, nvmet_tcp,
+/// vfio, vfio_pci, vfio_iommu_type1, crc32c (see <c>MODULES</c> in <c>qemu/build-guest.sh</c>).
+/// vhost-user-blk disks appear as <c>/dev/vdX</c>; vhost-user-scsi LUNs as <c>/dev/sdX</c> and <c>/dev/sgN</c>.</para>
+/// <para>Set <c>VBGUEST_KEEP=1</c> to keep the work directory (console log, QEMU output) for debugging.</para>
+/// </remarks>
 /// <example>
 /// <code>
 /// await using var guest = await QemuGuest.StartAsync(new QemuGuestOptions

@@ -150,13 +150,19 @@ public sealed unsafe class BdevChannel
             return rc;
         }
 
-        nuint total = 0;
+        ulong total = 0;
         for (int i = 0; i < iovs.Length; i++)
         {
-            total += iovs[i].Length;
+            ulong len = iovs[i].Length;
+            if (len > ulong.MaxValue - total)
+            {
+                return -22; // a wrapping list must never pass as the right length
+            }
+
+            total += len;
         }
 
-        if (total != (nuint)(numBlocks * Bdev.BlockSize))
+        if (total != numBlocks * Bdev.BlockSize)
         {
             return -22;
         }
@@ -220,7 +226,8 @@ public sealed unsafe class BdevChannel
     {
         io.SubmitTicks = Stopwatch.GetTimestamp();
         Outstanding++;
-        if (Bdev.Qos is { } qos && !qos.TryAdmit(io, io.SubmitTicks))
+        // Queued I/O goes first: a new request may not overtake one already waiting for QoS tokens.
+        if (Bdev.Qos is { } qos && (_qosHead is not null || !qos.TryAdmit(io, io.SubmitTicks)))
         {
             Append(ref _qosHead, ref _qosTail, io);
             return;
@@ -358,9 +365,9 @@ public sealed unsafe class BdevChannel
         if (child.Status != BdevIoStatus.Success)
         {
             parent.SplitFailed = true;
-            if (child.Status == BdevIoStatus.Miscompare)
+            if (child.Status is BdevIoStatus.Miscompare or BdevIoStatus.Aborted)
             {
-                parent.Status = BdevIoStatus.Miscompare;
+                parent.Status = child.Status;
             }
 
             parent.NvmeStatus = child.NvmeStatus;
@@ -663,10 +670,17 @@ public sealed unsafe class BdevChannel
 
     internal void Destroy()
     {
+        Poll(); // deliver completions already deferred
         Reactor.UnregisterPoller(_poller);
         _moduleChannel.Release();
         Bdev.RetireStats(Stats);
         Stats = default;
+        if (Outstanding > 0)
+        {
+            // Released with I/O in flight (a caller bug): keep bounce buffers alive rather than free memory a module may still write.
+            return;
+        }
+
         foreach (var p in _bounceAll)
         {
             NativeMemory.AlignedFree((void*)p);

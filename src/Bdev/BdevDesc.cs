@@ -46,13 +46,21 @@ public sealed class BdevDesc : IDisposable
             return;
         }
 
+        void Deliver()
+        {
+            if (!IsClosed)
+            {
+                _eventCallback(type, Bdev, _eventContext);
+            }
+        }
+
         if (_owner is not null)
         {
-            _owner.Send(_ => _eventCallback(type, Bdev, _eventContext), null);
+            _owner.Send(_ => Deliver(), null);
         }
         else
         {
-            ThreadPool.UnsafeQueueUserWorkItem(_ => _eventCallback(type, Bdev, _eventContext), null);
+            ThreadPool.UnsafeQueueUserWorkItem(_ => Deliver(), null);
         }
     }
 

@@ -146,7 +146,20 @@ public sealed class BdevManager
         }
         catch (TimeoutException)
         {
-            Logger.LogError("bdev {Name}: {Count} descriptors still open after remove; forcing", bdev.Name, bdev.Descriptors.Count);
+            // Never free module memory under an open descriptor: drop the name, leak the bdev, say so.
+            Logger.LogError("bdev {Name}: {Count} descriptor(s) still open {Timeout} after remove; unregistered without releasing its resources", bdev.Name, bdev.Descriptors.Count, timeout ?? TimeSpan.FromSeconds(30));
+            lock (_bdevs)
+            {
+                _order.Remove(bdev);
+                foreach (var key in _bdevs.Where(kv => kv.Value == bdev).Select(kv => kv.Key).ToList())
+                {
+                    _bdevs.Remove(key);
+                }
+
+                _removing.Remove(bdev);
+            }
+
+            return;
         }
 
         lock (_bdevs)

@@ -13,7 +13,7 @@ public sealed unsafe class MallocBdev : Bdev
     public MallocBdev(string name, ulong numBlocks, uint blockSize, Guid? uuid = null)
         : base(name, "Malloc disk", blockSize, numBlocks, uuid)
     {
-        _size = checked((nuint)(numBlocks * blockSize));
+        _size = checked((nuint)checked(numBlocks * blockSize));
         _data = (byte*)NativeMemory.AlignedAlloc(_size, 4096);
         NativeMemory.Clear(_data, _size);
         WriteCache = false;
@@ -48,7 +48,7 @@ public sealed unsafe class MallocBdev : Bdev
             case BdevIoType.Compare:
                 foreach (var v in io.Iovs)
                 {
-                    if (!new ReadOnlySpan<byte>(p, (int)v.Length).SequenceEqual(new ReadOnlySpan<byte>((void*)v.Base, (int)v.Length)))
+                    if (!new ReadOnlySpan<byte>(p, checked((int)v.Length)).SequenceEqual(new ReadOnlySpan<byte>((void*)v.Base, (int)v.Length)))
                     {
                         io.Complete(BdevIoStatus.Miscompare);
                         return;

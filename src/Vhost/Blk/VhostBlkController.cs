@@ -1,0 +1,276 @@
+using System.Runtime.InteropServices;
+using System.Text;
+using System.Text.Json.Nodes;
+using Microsoft.Extensions.Logging;
+using VhostBackend.Bdev;
+using VhostBackend.Platform;
+using VhostBackend.Virtio;
+
+namespace VhostBackend.Vhost.Blk;
+
+/// <summary>
+/// A vhost-user-blk controller: one bdev exposed as a virtio-blk device to every front end that connects.
+/// The bdev descriptor is opened at creation (on the main reactor, which receives its events); queues get
+/// per-reactor channels when they start.
+/// </summary>
+public sealed class VhostBlkController : VhostController
+{
+    /// <summary>Queues per session (GET_QUEUE_NUM).</summary>
+    public const int MaxQueuesPerSession = 32;
+
+    /// <summary>Data segments per request we advertise (seg_max); the segment buffer adds room for header, status and region splits.</summary>
+    public const uint SegMax = 126;
+
+    public const uint SizeMax = 128 * 1024;
+    public const uint MaxDiscardSectors = 65536;
+
+    private readonly List<BlkQueue> _queues = new();
+    private BdevDesc? _desc;
+    private readonly string _bdevName;
+
+    internal VhostBlkController(string name, string socketPath, CpuSet cpumask, Reactor.ReactorRuntime runtime, BdevManager bdevs, string bdevName, bool readOnly, ILogger logger)
+        : base(name, socketPath, cpumask, runtime, logger)
+    {
+        ReadOnly = readOnly;
+        _bdevName = bdevName;
+        _desc = bdevs.Open(bdevName, !readOnly, static (type, bdev, ctx) => ((VhostBlkController)ctx!).OnBdevEvent(type), this);
+        var bdev = _desc.Bdev;
+        SupportsDiscard = bdev.SupportsIoType(BdevIoType.Unmap);
+        SupportsWriteZeroes = bdev.SupportsIoType(BdevIoType.WriteZeroes);
+        SupportsFlush = bdev.SupportsIoType(BdevIoType.Flush);
+        BlockSize = bdev.BlockSize;
+
+        // GET_ID: up to 20 bytes of the bdev name.
+        var id = Encoding.ASCII.GetBytes(bdev.Name);
+        SerialBytes = id.Length > VirtioBlkRequestType.IdBytes ? id[..VirtioBlkRequestType.IdBytes] : id;
+
+        ulong f = VirtioFeatures.Bit(VirtioFeatures.Version1) | VirtioFeatures.Bit(VirtioFeatures.RingIndirectDesc)
+            | VirtioFeatures.Bit(VirtioFeatures.RingEventIdx) | VirtioFeatures.Bit(VhostUserConstants.ProtocolFeaturesBit)
+            | VirtioFeatures.Bit(VirtioBlkFeature.SizeMax) | VirtioFeatures.Bit(VirtioBlkFeature.SegMax)
+            | VirtioFeatures.Bit(VirtioBlkFeature.BlkSize) | VirtioFeatures.Bit(VirtioBlkFeature.Topology)
+            | VirtioFeatures.Bit(VirtioBlkFeature.Mq);
+        if (SupportsFlush)
+        {
+            f |= VirtioFeatures.Bit(VirtioBlkFeature.Flush);
+        }
+
+        if (SupportsDiscard)
+        {
+            f |= VirtioFeatures.Bit(VirtioBlkFeature.Discard);
+        }
+
+        if (SupportsWriteZeroes)
+        {
+            f |= VirtioFeatures.Bit(VirtioBlkFeature.WriteZeroes);
+        }
+
+        if (readOnly)
+        {
+            f |= VirtioFeatures.Bit(VirtioBlkFeature.Ro);
+        }
+
+        Features = f;
+    }
+
+    public bool ReadOnly { get; }
+    public bool SupportsDiscard { get; }
+    public bool SupportsWriteZeroes { get; }
+    public bool SupportsFlush { get; }
+    public uint BlockSize { get; }
+    internal byte[] SerialBytes { get; }
+
+    /// <summary>The open descriptor, or null after the bdev was hot-removed.</summary>
+    internal BdevDesc? Desc => Volatile.Read(ref _desc);
+
+    public string? BdevName => Desc?.Bdev.Name;
+
+    public override ulong Features { get; }
+
+    public override ulong ProtocolFeatures { get; } =
+        (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Config)
+        | (1UL << VhostUserProtocolFeature.BackendReq) | (1UL << VhostUserProtocolFeature.ConfigureMemSlots)
+        | (1UL << VhostUserProtocolFeature.ResetDevice) | (1UL << VhostUserProtocolFeature.Status);
+
+    public override int MaxQueues => MaxQueuesPerSession;
+
+    /// <summary>The current virtio_blk_config (capacity follows bdev resizes).</summary>
+    public VirtioBlkConfig BuildConfig()
+    {
+        var desc = Desc;
+        ulong blocks = desc?.Bdev.BlockCount ?? 0;
+        uint bs = BlockSize;
+        var c = new VirtioBlkConfig
+        {
+            Capacity = blocks * bs / VirtioBlkRequestType.SectorSize,
+            SizeMax = SizeMax,
+            SegMax = SegMax,
+            BlkSize = bs,
+            PhysicalBlockExp = 0,
+            AlignmentOffset = 0,
+            MinIoSize = 1,
+            OptIoSize = 0,
+            Writeback = SupportsFlush ? (byte)1 : (byte)0,
+            NumQueues = MaxQueuesPerSession,
+        };
+        if (SupportsDiscard)
+        {
+            c.MaxDiscardSectors = MaxDiscardSectors;
+            c.MaxDiscardSeg = 1;
+            c.DiscardSectorAlignment = bs / VirtioBlkRequestType.SectorSize;
+        }
+
+        if (SupportsWriteZeroes)
+        {
+            c.MaxWriteZeroesSectors = MaxDiscardSectors;
+            c.MaxWriteZeroesSeg = 1;
+            c.WriteZeroesMayUnmap = 1;
+        }
+
+        return c;
+    }
+
+    public override int ReadConfig(uint offset, Span<byte> dest)
+    {
+        Span<byte> space = stackalloc byte[VhostUserConstants.ConfigSpaceMax];
+        space.Clear();
+        var c = BuildConfig();
+        MemoryMarshal.Write(space, in c);
+        if (offset > (uint)space.Length || (uint)dest.Length > (uint)space.Length - offset)
+        {
+            return -Native.EINVAL;
+        }
+
+        space.Slice((int)offset, dest.Length).CopyTo(dest);
+        return 0;
+    }
+
+    public override async Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick)
+    {
+        var reactor = NextReactor();
+        var q = new BlkQueue(this, session, index, queue, call, kick, reactor);
+        await reactor.InvokeAsync(q.StartOnReactor).ConfigureAwait(false);
+        lock (_queues)
+        {
+            _queues.Add(q);
+        }
+
+        return new Runner(this, q);
+    }
+
+    public override async Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
+    {
+        await base.SetCoalescingAsync(delayBaseUs, iopsThreshold).ConfigureAwait(false);
+        BlkQueue[] queues;
+        lock (_queues)
+        {
+            queues = _queues.ToArray();
+        }
+
+        await Task.WhenAll(queues.Select(q => q.SetCoalescingAsync(delayBaseUs, iopsThreshold))).ConfigureAwait(false);
+    }
+
+    private void OnBdevEvent(BdevEventType type)
+    {
+        switch (type)
+        {
+            case BdevEventType.Resize:
+                Logger.LogInformation("vhost_blk {Name}: bdev resized to {Blocks} blocks; notifying front ends", Name, Desc?.Bdev.BlockCount);
+                foreach (var s in Sessions)
+                {
+                    // Off the reactor: a socket send.
+                    ThreadPool.UnsafeQueueUserWorkItem(static o => ((VhostUserSession)o!).SendConfigChange(), s);
+                }
+
+                break;
+            case BdevEventType.Remove:
+                _ = HandleRemoveAsync();
+                break;
+        }
+    }
+
+    /// <summary>Hot remove: every queue fails new requests with IOERR, in-flight ones drain, then the descriptor closes.</summary>
+    private async Task HandleRemoveAsync()
+    {
+        Logger.LogWarning("vhost_blk {Name}: bdev {Bdev} is being removed; failing I/O", Name, _bdevName);
+        BlkQueue[] queues;
+        lock (_queues)
+        {
+            queues = _queues.ToArray();
+        }
+
+        try
+        {
+            await Task.WhenAll(queues.Select(q => q.DetachBdevAsync())).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Exchange(ref _desc, null)?.Dispose();
+        }
+    }
+
+    public override JsonObject BackendSpecific() => new()
+    {
+        ["block"] = new JsonObject
+        {
+            ["readonly"] = ReadOnly,
+            ["bdev"] = BdevName,
+            ["transport"] = "vhost_user_blk",
+        },
+    };
+
+    public override IEnumerable<JsonObject> ConfigCalls()
+    {
+        if (BdevName is not { } bdev)
+        {
+            yield break;
+        }
+
+        yield return VhostBackend.Rpc.Subsystem.Call("vhost_create_blk_controller", new JsonObject
+        {
+            ["ctrlr"] = Name,
+            ["dev_name"] = bdev,
+            ["cpumask"] = CpuMask.ToMaskString(),
+            ["readonly"] = ReadOnly,
+            ["transport"] = "vhost_user_blk",
+        });
+        if (DelayBaseUs != DefaultDelayBaseUs || IopsThreshold != DefaultIopsThreshold)
+        {
+            yield return VhostBackend.Rpc.Subsystem.Call("vhost_controller_set_coalescing", new JsonObject
+            {
+                ["ctrlr"] = Name,
+                ["delay_base_us"] = DelayBaseUs,
+                ["iops_threshold"] = IopsThreshold,
+            });
+        }
+    }
+
+    /// <summary>Closes the descriptor after all sessions are gone (controller deletion).</summary>
+    internal void CloseBdev() => Interlocked.Exchange(ref _desc, null)?.Dispose();
+
+    private sealed class Runner : IVhostQueueRunner
+    {
+        private readonly VhostBlkController _ctrlr;
+        private readonly BlkQueue _queue;
+
+        public Runner(VhostBlkController ctrlr, BlkQueue queue)
+        {
+            _ctrlr = ctrlr;
+            _queue = queue;
+        }
+
+        public int InFlight => _queue.InFlight;
+
+        public async Task<ushort> StopAsync()
+        {
+            ushort last = await _queue.StopAsync().ConfigureAwait(false);
+            lock (_ctrlr._queues)
+            {
+                _ctrlr._queues.Remove(_queue);
+            }
+
+            return last;
+        }
+
+        public Task SetCallAsync(EventFd? call) => _queue.SetCallAsync(call);
+    }
+}

@@ -1,0 +1,51 @@
+using VhostBackend.Platform;
+using VhostBackend.Virtio;
+
+namespace VhostBackend.Vhost;
+
+/// <summary>
+/// The device behind a vhost-user session (virtio-blk, virtio-scsi): what it offers and how its queues run. The
+/// session handles the protocol; the device sees only validated, ready-to-run queues. Members are called on
+/// the session's protocol thread.
+/// </summary>
+public interface IVhostUserDevice
+{
+    string Name { get; }
+
+    /// <summary>Virtio feature bits offered (including <see cref="VhostUserConstants.ProtocolFeaturesBit"/>).</summary>
+    ulong Features { get; }
+
+    ulong ProtocolFeatures { get; }
+
+    /// <summary>Queues a session may use (GET_QUEUE_NUM).</summary>
+    int MaxQueues { get; }
+
+    /// <summary>Copies config space [offset, offset+dest.Length) into dest (zeros past the device's struct). 0 or -errno.</summary>
+    int ReadConfig(uint offset, Span<byte> dest);
+
+    /// <summary>Writes config space (only writable fields). 0 or -errno.</summary>
+    int WriteConfig(uint offset, ReadOnlySpan<byte> data);
+
+    /// <summary>
+    /// Starts polling a queue on one of the device's reactors. <paramref name="call"/> may be null (the front end
+    /// polls), <paramref name="kick"/> may be null (no kick fd: poll only). The fds stay owned by the session.
+    /// </summary>
+    Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
+
+    void SessionOpened(VhostUserSession session);
+
+    void SessionClosed(VhostUserSession session);
+}
+
+/// <summary>A running queue, owned by its reactor. Methods are called from the protocol thread and hop to the reactor.</summary>
+public interface IVhostQueueRunner
+{
+    /// <summary>Stops taking requests, waits for in-flight ones to complete, stops polling; returns last_avail_idx.</summary>
+    Task<ushort> StopAsync();
+
+    /// <summary>Switches the call eventfd (QEMU does this when the guest masks/unmasks the queue's interrupt).</summary>
+    Task SetCallAsync(EventFd? call);
+
+    /// <summary>Requests submitted and not yet completed (racy read, for statistics).</summary>
+    int InFlight { get; }
+}

@@ -1,0 +1,159 @@
+using System.Text.Json.Nodes;
+using System.Text.Json.Serialization;
+using VhostBackend.Platform;
+using VhostBackend.Rpc;
+
+namespace VhostBackend.Vhost.Rpc;
+
+/// <summary>
+/// The vhost RPC methods, with SPDK's names, params and errors (lib/vhost/vhost_rpc.c): failures of create,
+/// delete and set_coalescing are Invalid params (-32602) carrying strerror of the errno ("File exists",
+/// "No such device"...); vhost_get_controllers with an unknown name is an internal error (-32603).
+/// </summary>
+public static class VhostRpc
+{
+    public static void Register(RpcRegistry registry, VhostManager manager, SubsystemRegistry? subsystems = null)
+    {
+        registry.Register("vhost_create_blk_controller", r => CreateBlk(manager, r));
+        registry.Register("vhost_get_controllers", r => GetControllers(manager, r));
+        registry.Register("vhost_delete_controller", r => DeleteAsync(manager, r));
+        registry.Register("vhost_controller_set_coalescing", r => SetCoalescingAsync(manager, r));
+        subsystems?.Add(new Subsystem("vhost_blk", () => WriteConfig(manager), "bdev"));
+    }
+
+    /// <summary>The vhost_blk subsystem's save_config: one create call per controller (+ coalescing when not default).</summary>
+    public static JsonArray WriteConfig(VhostManager manager)
+    {
+        var calls = new JsonArray();
+        foreach (var c in manager.Controllers)
+        {
+            foreach (var call in c.ConfigCalls())
+            {
+                calls.Add(call);
+            }
+        }
+
+        return calls;
+    }
+
+    private static RpcException Error(VhostException e) =>
+        new(RpcErrorCodes.InvalidParams, Native.StrError(e.Errno));
+
+    private static JsonNode? CreateBlk(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<CreateBlkParams>();
+        try
+        {
+            manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+
+        return true;
+    }
+
+    private static JsonNode? GetControllers(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<GetControllersParams>();
+        var result = new JsonArray();
+        if (p.Name is not null)
+        {
+            var c = manager.Find(p.Name) ?? throw new RpcException(RpcErrorCodes.InternalError, Native.StrError(Native.ENODEV));
+            result.Add(c.ToJson());
+            return result;
+        }
+
+        foreach (var c in manager.Controllers)
+        {
+            result.Add(c.ToJson());
+        }
+
+        return result;
+    }
+
+    private static async Task<JsonNode?> DeleteAsync(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<CtrlrParams>();
+        try
+        {
+            await manager.DeleteControllerAsync(p.Ctrlr).ConfigureAwait(true);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+
+        return true;
+    }
+
+    private static async Task<JsonNode?> SetCoalescingAsync(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<CoalescingParams>();
+        var c = manager.Find(p.Ctrlr) ?? throw new RpcException(RpcErrorCodes.InvalidParams, Native.StrError(Native.ENODEV));
+        try
+        {
+            await c.SetCoalescingAsync(p.DelayBaseUs, p.IopsThreshold).ConfigureAwait(true);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+
+        return true;
+    }
+
+    public sealed class CreateBlkParams : IRpcParams
+    {
+        [JsonRequired]
+        public string Ctrlr { get; set; } = "";
+
+        [JsonRequired]
+        public string DevName { get; set; } = "";
+
+        public string? Cpumask { get; set; }
+
+        public bool Readonly { get; set; }
+
+        public bool PackedRing { get; set; }
+
+        public string? Transport { get; set; }
+
+        public void Validate()
+        {
+            if (PackedRing)
+            {
+                throw RpcException.InvalidParams("packed_ring is not supported");
+            }
+
+            if (Transport is not null && !string.Equals(Transport, "vhost_user_blk", StringComparison.OrdinalIgnoreCase))
+            {
+                throw RpcException.InvalidParams(Native.StrError(Native.EINVAL));
+            }
+        }
+    }
+
+    public sealed class GetControllersParams
+    {
+        public string? Name { get; set; }
+    }
+
+    public sealed class CtrlrParams
+    {
+        [JsonRequired]
+        public string Ctrlr { get; set; } = "";
+    }
+
+    public sealed class CoalescingParams
+    {
+        [JsonRequired]
+        public string Ctrlr { get; set; } = "";
+
+        [JsonRequired]
+        public uint DelayBaseUs { get; set; }
+
+        [JsonRequired]
+        public uint IopsThreshold { get; set; }
+    }
+}

@@ -1,0 +1,184 @@
+using System.Text.Json.Nodes;
+using Microsoft.Extensions.Logging;
+using VhostBackend.Platform;
+using VhostBackend.Virtio;
+
+namespace VhostBackend.Vhost;
+
+/// <summary>
+/// A vhost-user controller: a named Unix socket that front ends connect to, a cpumask of reactors its queues
+/// run on, coalescing settings and the sessions of connected front ends. Device types derive from it.
+/// Control-plane object: its methods run on the main reactor or protocol threads and guard shared lists with a lock.
+/// </summary>
+public abstract class VhostController : IVhostUserDevice
+{
+    private readonly List<VhostUserSession> _sessions = new();
+    private readonly Reactor.Reactor[] _reactors;
+    private readonly Reactor.ReactorRuntime _runtime;
+    private UnixSocketListener? _listener;
+    private Thread? _acceptThread;
+    private uint _delayBaseUs;
+    private uint _iopsThreshold = DefaultIopsThreshold;
+
+    /// <summary>SPDK's defaults: coalescing off, 60000 IOPS threshold.</summary>
+    public const uint DefaultDelayBaseUs = 0;
+    public const uint DefaultIopsThreshold = 60000;
+
+    protected VhostController(string name, string socketPath, CpuSet cpumask, Reactor.ReactorRuntime runtime, ILogger logger)
+    {
+        Name = name;
+        SocketPath = socketPath;
+        CpuMask = cpumask;
+        _runtime = runtime;
+        _reactors = runtime.Select(cpumask);
+        Logger = logger;
+    }
+
+    public string Name { get; }
+    public string SocketPath { get; }
+    public CpuSet CpuMask { get; }
+    public ILogger Logger { get; }
+    public uint DelayBaseUs => Volatile.Read(ref _delayBaseUs);
+    public uint IopsThreshold => Volatile.Read(ref _iopsThreshold);
+
+    public IReadOnlyList<VhostUserSession> Sessions
+    {
+        get
+        {
+            lock (_sessions)
+            {
+                return _sessions.ToArray();
+            }
+        }
+    }
+
+    public abstract ulong Features { get; }
+    public abstract ulong ProtocolFeatures { get; }
+    public abstract int MaxQueues { get; }
+
+    public abstract int ReadConfig(uint offset, Span<byte> dest);
+
+    public virtual int WriteConfig(uint offset, ReadOnlySpan<byte> data) => -Native.ENOTSUP;
+
+    public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
+
+    /// <summary>The reactor for the next queue: round-robin over the controller's cpumask.</summary>
+    protected Reactor.Reactor NextReactor() => _runtime.NextRoundRobin(_reactors);
+
+    /// <summary>Device-specific part of vhost_get_controllers ("backend_specific").</summary>
+    public abstract JsonObject BackendSpecific();
+
+    /// <summary>The calls that recreate this controller (save_config).</summary>
+    public abstract IEnumerable<JsonObject> ConfigCalls();
+
+    public virtual void SessionOpened(VhostUserSession session)
+    {
+        lock (_sessions)
+        {
+            _sessions.Add(session);
+        }
+    }
+
+    public virtual void SessionClosed(VhostUserSession session)
+    {
+        lock (_sessions)
+        {
+            _sessions.Remove(session);
+        }
+    }
+
+    /// <summary>Validates and applies interrupt coalescing (like SPDK: delay must fit, threshold must give a rate &gt; 0).</summary>
+    public virtual Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
+    {
+        if ((ulong)delayBaseUs * (ulong)System.Diagnostics.Stopwatch.Frequency / 1_000_000UL >= uint.MaxValue)
+        {
+            throw new VhostException(Native.EINVAL, $"Delay time of {delayBaseUs} is too big");
+        }
+
+        if (iopsThreshold * 10UL / 1000UL == 0)
+        {
+            throw new VhostException(Native.EINVAL, $"IOPS rate of {iopsThreshold} is too low. Min is 100");
+        }
+
+        Volatile.Write(ref _delayBaseUs, delayBaseUs);
+        Volatile.Write(ref _iopsThreshold, iopsThreshold);
+        return Task.CompletedTask;
+    }
+
+    /// <summary>Starts listening on <see cref="SocketPath"/> and accepting front ends on a dedicated thread.</summary>
+    public void StartListening()
+    {
+        _listener = UnixSocketListener.Listen(SocketPath);
+        var listener = _listener;
+        _acceptThread = new Thread(() => AcceptLoop(listener)) { Name = "vhost-accept:" + Name, IsBackground = true };
+        _acceptThread.Start();
+        Logger.LogInformation("vhost controller {Name}: listening on {Path}", Name, SocketPath);
+    }
+
+    private void AcceptLoop(UnixSocketListener listener)
+    {
+        while (!listener.IsDisposed)
+        {
+            var conn = listener.Accept();
+            if (conn is null)
+            {
+                continue;
+            }
+
+            Logger.LogInformation("vhost controller {Name}: front end connected", Name);
+            var session = new VhostUserSession(this, conn, Logger);
+            session.Start();
+        }
+    }
+
+    /// <summary>Stops listening and disconnects every session; completes when they have released everything.</summary>
+    public virtual async Task ShutdownAsync()
+    {
+        _listener?.Dispose();
+        var sessions = Sessions;
+        foreach (var s in sessions)
+        {
+            s.Close();
+        }
+
+        await Task.WhenAll(sessions.Select(s => s.Completion)).ConfigureAwait(false);
+        _acceptThread?.Join(TimeSpan.FromSeconds(2));
+    }
+
+    public JsonObject ToJson()
+    {
+        var sessions = new JsonArray();
+        foreach (var s in Sessions)
+        {
+            sessions.Add(new JsonObject
+            {
+                ["vid"] = s.Id,
+                ["id"] = s.Id,
+                ["name"] = s.Name,
+                ["started"] = s.Started,
+                ["max_queues"] = s.MaxQueues,
+                ["inflight_task_cnt"] = s.InFlight,
+            });
+        }
+
+        return new JsonObject
+        {
+            ["ctrlr"] = Name,
+            ["cpumask"] = CpuMask.ToMaskString(),
+            ["delay_base_us"] = DelayBaseUs,
+            ["iops_threshold"] = IopsThreshold,
+            ["socket"] = SocketPath,
+            ["sessions"] = sessions,
+            ["backend_specific"] = BackendSpecific(),
+        };
+    }
+}
+
+/// <summary>A vhost control-plane failure with SPDK's errno.</summary>
+public sealed class VhostException : Exception
+{
+    public VhostException(int errno, string message)
+        : base(message) => Errno = errno;
+
+    public int Errno { get; }
+}

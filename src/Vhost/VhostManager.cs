@@ -1,0 +1,156 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using VhostBackend.Bdev;
+using VhostBackend.Platform;
+using VhostBackend.Reactor;
+using VhostBackend.Vhost.Blk;
+
+namespace VhostBackend.Vhost;
+
+/// <summary>
+/// The vhost target: controllers by name, each listening on <c>&lt;SocketDirectory&gt;/&lt;name&gt;</c>. Control plane
+/// (RPC handlers on the main reactor, the host at shutdown); the controller table is guarded by a lock.
+/// </summary>
+public sealed class VhostManager : IAsyncDisposable
+{
+    private readonly Dictionary<string, VhostController> _controllers = new(StringComparer.Ordinal);
+    private readonly List<VhostController> _order = new();
+    private readonly ReactorRuntime _runtime;
+    private readonly BdevManager _bdevs;
+    private readonly ILoggerFactory _loggerFactory;
+    private readonly ILogger _log;
+
+    public VhostManager(ReactorRuntime runtime, BdevManager bdevs, string socketDirectory, ILoggerFactory? loggerFactory = null)
+    {
+        _runtime = runtime;
+        _bdevs = bdevs;
+        SocketDirectory = Path.GetFullPath(socketDirectory);
+        _loggerFactory = loggerFactory ?? NullLoggerFactory.Instance;
+        _log = _loggerFactory.CreateLogger("vhost");
+    }
+
+    public string SocketDirectory { get; }
+
+    public IReadOnlyList<VhostController> Controllers
+    {
+        get
+        {
+            lock (_controllers)
+            {
+                return _order.ToArray();
+            }
+        }
+    }
+
+    public VhostController? Find(string name)
+    {
+        lock (_controllers)
+        {
+            return _controllers.GetValueOrDefault(name);
+        }
+    }
+
+    /// <summary>
+    /// Creates a vhost-user-blk controller over <paramref name="bdevName"/> and starts listening. Errors as
+    /// <see cref="VhostException"/> with SPDK's errno: EEXIST (name taken), ENODEV (no such bdev), EINVAL (bad
+    /// name or cpumask), EIO (socket).
+    /// </summary>
+    public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly)
+    {
+        if (string.IsNullOrEmpty(name) || name.Contains('/') || name is "." or "..")
+        {
+            throw new VhostException(Native.EINVAL, $"invalid controller name '{name}'");
+        }
+
+        CpuSet mask;
+        if (cpumask is null)
+        {
+            mask = _runtime.CpuMask;
+        }
+        else if (!CpuSet.TryParse(cpumask, out mask, out string err) || mask.Cores.Any(c => !_runtime.CpuMask.Contains(c)))
+        {
+            throw new VhostException(Native.EINVAL, $"cpumask {cpumask} is invalid (core mask is {_runtime.CpuMask.ToMaskString()})");
+        }
+
+        string path = Path.Combine(SocketDirectory, name);
+        lock (_controllers)
+        {
+            if (_controllers.ContainsKey(name))
+            {
+                throw new VhostException(Native.EEXIST, $"vhost controller {name} already exists.");
+            }
+
+            VhostBlkController ctrlr;
+            try
+            {
+                ctrlr = new VhostBlkController(name, path, mask, _runtime, _bdevs, bdevName, readOnly, _loggerFactory.CreateLogger("vhost_blk"));
+            }
+            catch (BdevNotFoundException e)
+            {
+                throw new VhostException(Native.ENODEV, e.Message);
+            }
+
+            try
+            {
+                Directory.CreateDirectory(SocketDirectory);
+                ctrlr.StartListening();
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
+            {
+                ctrlr.CloseBdev();
+                throw new VhostException(Native.EIO, $"cannot listen on {path}: {e.Message}");
+            }
+
+            _controllers.Add(name, ctrlr);
+            _order.Add(ctrlr);
+            _log.LogInformation("vhost-blk controller {Name} created on bdev {Bdev} (cpumask {Mask}, readonly {ReadOnly})", name, bdevName, mask.ToMaskString(), readOnly);
+            return ctrlr;
+        }
+    }
+
+    /// <summary>
+    /// Deletes a controller: ENODEV if unknown; EBUSY while a front end is connected (SPDK refuses too);
+    /// otherwise stops listening and closes the bdev.
+    /// </summary>
+    public async Task DeleteControllerAsync(string name)
+    {
+        VhostController ctrlr;
+        lock (_controllers)
+        {
+            if (!_controllers.TryGetValue(name, out ctrlr!))
+            {
+                throw new VhostException(Native.ENODEV, $"vhost controller {name} does not exist");
+            }
+
+            if (ctrlr.Sessions.Count > 0)
+            {
+                throw new VhostException(Native.EBUSY, $"Controller {name} has still valid connection.");
+            }
+
+            _controllers.Remove(name);
+            _order.Remove(ctrlr);
+        }
+
+        await ctrlr.ShutdownAsync().ConfigureAwait(false);
+        (ctrlr as VhostBlkController)?.CloseBdev();
+        _log.LogInformation("vhost controller {Name} deleted", name);
+    }
+
+    /// <summary>Shutdown: disconnects every front end (draining I/O, unmapping memory) and removes the sockets.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        VhostController[] all;
+        lock (_controllers)
+        {
+            all = _order.ToArray();
+            _controllers.Clear();
+            _order.Clear();
+        }
+
+        foreach (var c in all)
+        {
+            await c.ShutdownAsync().ConfigureAwait(false);
+            (c as VhostBlkController)?.CloseBdev();
+        }
+    }
+}

@@ -1,0 +1,171 @@
+using System.Runtime.InteropServices;
+
+namespace VhostBackend.Vhost;
+
+/// <summary>Front-end requests (docs/interop/vhost-user.rst, "Front-end message types").</summary>
+public enum VhostUserRequest : uint
+{
+    None = 0,
+    GetFeatures = 1,
+    SetFeatures = 2,
+    SetOwner = 3,
+    ResetOwner = 4,
+    SetMemTable = 5,
+    SetLogBase = 6,
+    SetLogFd = 7,
+    SetVringNum = 8,
+    SetVringAddr = 9,
+    SetVringBase = 10,
+    GetVringBase = 11,
+    SetVringKick = 12,
+    SetVringCall = 13,
+    SetVringErr = 14,
+    GetProtocolFeatures = 15,
+    SetProtocolFeatures = 16,
+    GetQueueNum = 17,
+    SetVringEnable = 18,
+    SendRarp = 19,
+    NetSetMtu = 20,
+    SetBackendReqFd = 21,
+    IotlbMsg = 22,
+    SetVringEndian = 23,
+    GetConfig = 24,
+    SetConfig = 25,
+    CreateCryptoSession = 26,
+    CloseCryptoSession = 27,
+    PostcopyAdvise = 28,
+    PostcopyListen = 29,
+    PostcopyEnd = 30,
+    GetInflightFd = 31,
+    SetInflightFd = 32,
+    GpuSetSocket = 33,
+    ResetDevice = 34,
+    VringKick = 35,
+    GetMaxMemSlots = 36,
+    AddMemReg = 37,
+    RemMemReg = 38,
+    SetStatus = 39,
+    GetStatus = 40,
+}
+
+/// <summary>Back-end requests sent over the backend (formerly "slave") channel.</summary>
+public enum VhostUserBackendRequest : uint
+{
+    IotlbMsg = 1,
+    ConfigChangeMsg = 2,
+    VringHostNotifierMsg = 3,
+}
+
+/// <summary>Protocol feature bits (GET/SET_PROTOCOL_FEATURES).</summary>
+public static class VhostUserProtocolFeature
+{
+    public const int Mq = 0;
+    public const int LogShmfd = 1;
+    public const int Rarp = 2;
+    public const int ReplyAck = 3;
+    public const int NetMtu = 4;
+    public const int BackendReq = 5;
+    public const int CrossEndian = 6;
+    public const int CryptoSession = 7;
+    public const int Pagefault = 8;
+    public const int Config = 9;
+    public const int BackendSendFd = 10;
+    public const int HostNotifier = 11;
+    public const int InflightShmfd = 12;
+    public const int ResetDevice = 13;
+    public const int InbandNotifications = 14;
+    public const int ConfigureMemSlots = 15;
+    public const int Status = 16;
+}
+
+public static class VhostUserConstants
+{
+    /// <summary>Virtio feature bit 30: the front end may use GET/SET_PROTOCOL_FEATURES.</summary>
+    public const int ProtocolFeaturesBit = 30;
+
+    public const uint VersionMask = 0x3;
+    public const uint Version = 0x1;
+    public const uint FlagReply = 0x4;
+    public const uint FlagNeedReply = 0x8;
+
+    /// <summary>Regions in one SET_MEM_TABLE (VHOST_MEMORY_BASELINE_NREGIONS).</summary>
+    public const int MaxMemTableRegions = 8;
+
+    /// <summary>Regions we accept through ADD_MEM_REG (answer to GET_MAX_MEM_SLOTS).</summary>
+    public const int MaxMemSlots = 32;
+
+    public const int ConfigSpaceMax = 256;
+
+    /// <summary>Largest payload we read; anything bigger is a protocol error.</summary>
+    public const int MaxPayload = 4096;
+
+    /// <summary>u64 payload of SET_VRING_KICK/CALL/ERR: bits 0-7 queue index, bit 8 "no fd".</summary>
+    public const ulong VringIndexMask = 0xFF;
+    public const ulong VringNoFdMask = 0x100;
+}
+
+/// <summary>Message header: request, flags (version 1, reply, need-reply), payload size. 12 bytes.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 4, Size = 12)]
+public struct VhostUserHeader
+{
+    public uint Request;
+    public uint Flags;
+    public uint Size;
+}
+
+/// <summary>struct vhost_user_memory_region (32 bytes).</summary>
+[StructLayout(LayoutKind.Sequential, Size = 32)]
+public struct VhostUserMemoryRegion
+{
+    public ulong GuestPhysAddr;
+    public ulong MemorySize;
+    public ulong UserspaceAddr;
+    public ulong MmapOffset;
+}
+
+/// <summary>SET_MEM_TABLE payload header: region count and padding (8 bytes), followed by the regions.</summary>
+[StructLayout(LayoutKind.Sequential, Size = 8)]
+public struct VhostUserMemoryHeader
+{
+    public uint NRegions;
+    public uint Padding;
+}
+
+/// <summary>ADD_MEM_REG / REM_MEM_REG payload: padding and one region (40 bytes).</summary>
+[StructLayout(LayoutKind.Sequential, Size = 40)]
+public struct VhostUserSingleMemoryRegion
+{
+    public ulong Padding;
+    public VhostUserMemoryRegion Region;
+}
+
+/// <summary>struct vhost_vring_state (8 bytes).</summary>
+[StructLayout(LayoutKind.Sequential, Size = 8)]
+public struct VhostUserVringState
+{
+    public uint Index;
+    public uint Num;
+}
+
+/// <summary>struct vhost_vring_addr (40 bytes): addresses are in the front end's virtual address space.</summary>
+[StructLayout(LayoutKind.Sequential, Size = 40)]
+public struct VhostUserVringAddr
+{
+    public const uint FlagLog = 1;
+
+    public uint Index;
+    public uint Flags;
+    public ulong DescUserAddr;
+    public ulong UsedUserAddr;
+    public ulong AvailUserAddr;
+    public ulong LogGuestAddr;
+}
+
+/// <summary>GET/SET_CONFIG payload header (12 bytes), followed by up to 256 bytes of config space.</summary>
+[StructLayout(LayoutKind.Sequential, Size = 12)]
+public struct VhostUserConfigHeader
+{
+    public uint Offset;
+    public uint Size;
+    public uint Flags;
+}

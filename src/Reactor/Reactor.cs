@@ -265,7 +265,15 @@ public sealed class Reactor
 
         _channels.Remove(ch.Device);
         ch.Device.RemoveChannel(ch);
-        ch.Device.DestroyChannelContext(this, ch.Context);
+
+        // Destroy on the next loop iteration, like SPDK's put_io_channel: the caller may be deep inside a
+        // completion delivered by this very channel (e.g. releasing it from an I/O callback), and the module
+        // must be allowed to finish what it was doing before its context goes away.
+        Send(static s =>
+        {
+            var (reactor, channel) = ((Reactor, IoChannel))s!;
+            channel.Device.DestroyChannelContext(reactor, channel.Context);
+        }, (this, ch));
     }
 
     internal void AssertCurrent()

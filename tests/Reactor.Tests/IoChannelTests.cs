@@ -67,12 +67,19 @@ public class IoChannelTests
         {
             await ch.Reactor.InvokeAsync(() => ch.Release());
             Assert.Equal(released, dev.Destroyed); // one reference left
-            await ch.Reactor.InvokeAsync(() => ch.Release());
-            Assert.Equal(++released, dev.Destroyed);
+            int destroyedInsideRelease = await ch.Reactor.InvokeAsync(() =>
+            {
+                ch.Release();
+                return dev.Destroyed;
+            });
+            Assert.Equal(released, destroyedInsideRelease); // destroyed on a later iteration, never inside Release
+            released++;
+            Assert.True(await TestRuntime.WaitUntil(() => Volatile.Read(ref dev.Destroyed) == released));
         }
 
         Assert.Equal(rt.Reactors.Count, dev.Destroyed);
         Assert.Empty(dev.SnapshotChannels());
+        Assert.True(dev.Events.Count == 2 * rt.Reactors.Count);
         Assert.All(dev.Events, e => Assert.Same(e.Reactor, e.Thread));
     }
 

@@ -1,4 +1,3 @@
-using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Reactor;
@@ -34,8 +33,8 @@ public sealed class Application : IAsyncDisposable
         }
 
         Bdevs = new BdevManager(loggerFactory.CreateLogger("bdev"));
-        Dispatcher = new RpcDispatcher(Rpc, Reactors.Main, options.WaitForRpc ? RpcStates.Startup : RpcStates.Runtime, loggerFactory.CreateLogger("rpc"));
-        Dispatcher.InitHandler = InitSubsystemsAsync;
+        // Always start in the STARTUP state: the config's startup-time calls run first, then framework_start_init.
+        Dispatcher = new RpcDispatcher(Rpc, Reactors.Main, RpcStates.Startup, loggerFactory.CreateLogger("rpc"));
     }
 
     public ApplicationOptions Options { get; }
@@ -51,8 +50,9 @@ public sealed class Application : IAsyncDisposable
     public void OnStop(Func<Task> hook) => _stopHooks.Add(hook);
 
     /// <summary>
-    /// Starts reactors and the RPC server, then (unless --wait-for-rpc) applies the config. Config errors are
-    /// thrown as <see cref="ApplicationConfigException"/>.
+    /// Starts reactors and the RPC server, then applies the config and initializes the framework (with
+    /// --wait-for-rpc: the startup-time calls now, the rest after framework_start_init arrives over RPC).
+    /// Config errors are thrown as <see cref="ApplicationConfigException"/>.
     /// </summary>
     public async Task StartAsync()
     {
@@ -74,54 +74,36 @@ public sealed class Application : IAsyncDisposable
             _logger.LogInformation("JSON-RPC listening on {Path}", Options.RpcSocket);
         }
 
-        if (Options.WaitForRpc)
+        if (Options.ConfigFile is null && Options.Config is null)
         {
-            _logger.LogInformation("waiting for framework_start_init over RPC");
+            if (!Options.WaitForRpc)
+            {
+                await Dispatcher.StartInitAsync().ConfigureAwait(false);
+            }
+
             return;
         }
 
-        await Dispatcher.StartInitAsync().ConfigureAwait(false);
-    }
-
-    private async Task InitSubsystemsAsync()
-    {
-        JsonObject? config = Options.Config;
-        string source = "embedded default config";
-        if (Options.ConfigFile is { } path)
+        Task load = Options.ConfigFile is { } path
+            ? JsonConfig.LoadFileAsync(path, Dispatcher, Subsystems, startInit: !Options.WaitForRpc)
+            : JsonConfig.LoadAsync(Options.Config, Dispatcher, Subsystems, startInit: !Options.WaitForRpc);
+        if (Options.WaitForRpc)
         {
-            source = path;
-            try
-            {
-                config = JsonNode.Parse(await File.ReadAllTextAsync(path).ConfigureAwait(true)) as JsonObject
-                    ?? throw new ApplicationConfigException($"config {path}: top level must be a JSON object");
-            }
-            catch (IOException e)
-            {
-                throw new ApplicationConfigException($"config {path}: {e.Message}", e);
-            }
-            catch (UnauthorizedAccessException e)
-            {
-                throw new ApplicationConfigException($"config {path}: {e.Message}", e);
-            }
-            catch (System.Text.Json.JsonException e)
-            {
-                throw new ApplicationConfigException($"config {path}: not valid JSON: {e.Message}", e);
-            }
+            _logger.LogInformation("waiting for framework_start_init over RPC");
+            _ = load.ContinueWith(t => _logger.LogError(t.Exception!.GetBaseException(), "applying the config after framework_start_init failed"), TaskContinuationOptions.OnlyOnFaulted);
+            return;
         }
 
-        if (config is not null)
+        try
         {
-            try
-            {
-                await JsonConfig.ApplyAsync(Dispatcher, Subsystems, config).ConfigureAwait(true);
-            }
-            catch (JsonConfigException e)
-            {
-                throw new ApplicationConfigException($"config {source}: {e.Message}", e);
-            }
-
-            _logger.LogInformation("applied {Source}", source);
+            await load.ConfigureAwait(false);
         }
+        catch (JsonConfigException e)
+        {
+            throw new ApplicationConfigException(Options.ConfigFile is null ? $"embedded config: {e.Message}" : e.Message, e);
+        }
+
+        _logger.LogInformation("config applied ({Source})", Options.ConfigFile ?? "embedded default");
     }
 
     /// <summary>Stops controllers and modules (hooks), closes bdevs, stops the RPC server and the reactors.</summary>

@@ -1,13 +1,27 @@
+using VhostBackend.Bdev.Modules.File;
+using VhostBackend.BdevNvme;
 using VhostBackend.Bdev.Rpc;
+using VhostBackend.Rpc;
+using VhostBackend.Vhost;
+using VhostBackend.Vhost.Rpc;
 
 namespace VhostBackend.App;
 
-/// <summary>The modules vhostd and bdevperf ship with, registered explicitly (no reflection, no static constructors).</summary>
+/// <summary>
+/// The modules vhostd and bdevperf ship with, registered explicitly (no reflection, no static constructors).
+/// Order matters for config: subsystems are initialized and saved in registration order (bdev before vhost).
+/// </summary>
 public static class StandardModules
 {
     public static void Register(Application app)
     {
-        FrameworkRpc.Register(app);
+        FrameworkRpc.Register(app.Dispatcher, app.Subsystems, app.Reactors);
         BdevRpc.Register(app.Rpc, app.Subsystems, app.Bdevs);
+        FileBdevRpc.Register(app.Rpc, app.Bdevs);
+        NvmeBdevRpc.Register(app.Rpc, app.Subsystems, app.Bdevs);
+
+        var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
+        VhostRpc.Register(app.Rpc, vhost, app.Subsystems);
+        app.OnStop(async () => await vhost.DisposeAsync().ConfigureAwait(false));
     }
 }

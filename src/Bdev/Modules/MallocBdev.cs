@@ -67,7 +67,7 @@ public sealed unsafe class MallocBdev : Bdev
         io.Complete(BdevIoStatus.Success);
     }
 
-    public override JsonObject ConfigCall() => Rpc.Subsystem.Call("bdev_malloc_create", new JsonObject
+    public override JsonObject ConfigCall() => VhostBackend.Rpc.Subsystem.Call("bdev_malloc_create", new JsonObject
     {
         ["name"] = Name,
         ["num_blocks"] = BlockCount,

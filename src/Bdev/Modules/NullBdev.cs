@@ -19,7 +19,7 @@ public sealed class NullBdev : Bdev
 
     public void Resize(ulong numBlocks) => SetBlockCount(numBlocks);
 
-    public override JsonObject ConfigCall() => Rpc.Subsystem.Call("bdev_null_create", new JsonObject
+    public override JsonObject ConfigCall() => VhostBackend.Rpc.Subsystem.Call("bdev_null_create", new JsonObject
     {
         ["name"] = Name,
         ["num_blocks"] = BlockCount,

@@ -234,7 +234,7 @@ public sealed unsafe class FileBdev : Bdev
             p["readonly"] = true;
         }
 
-        return Rpc.Subsystem.Call(CreateMethod, p);
+        return VhostBackend.Rpc.Subsystem.Call(CreateMethod, p);
     }
 
     protected internal override ValueTask DestructAsync()

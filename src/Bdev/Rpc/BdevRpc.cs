@@ -1,0 +1,380 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using System.Text.Json.Serialization;
+using VhostBackend.Bdev.Modules;
+using VhostBackend.Rpc;
+
+namespace VhostBackend.Bdev.Rpc;
+
+/// <summary>The bdev layer's methods (SPDK's names, params and error codes) and the <c>bdev</c> config subsystem.</summary>
+public static class BdevRpc
+{
+    public sealed class GetBdevsParams
+    {
+        public string? Name { get; set; }
+
+        public uint Timeout { get; set; }
+    }
+
+    public sealed class IostatParams
+    {
+        public string? Name { get; set; }
+
+        public bool PerChannel { get; set; }
+    }
+
+    public sealed class QosParams : IRpcParams
+    {
+        [JsonRequired]
+        public string Name { get; set; } = "";
+
+        public ulong? RwIosPerSec { get; set; }
+
+        public ulong? RwMbytesPerSec { get; set; }
+
+        public ulong? RMbytesPerSec { get; set; }
+
+        public ulong? WMbytesPerSec { get; set; }
+
+        public void Validate()
+        {
+            if (RwIosPerSec is null && RwMbytesPerSec is null && RMbytesPerSec is null && WMbytesPerSec is null)
+            {
+                throw RpcException.Errno(RpcErrno.EINVAL, "No rate limits specified");
+            }
+
+            if (RwIosPerSec is { } ios && ios % 1000 != 0)
+            {
+                throw RpcException.Errno(RpcErrno.EINVAL, $"rw_ios_per_sec {ios} is not a multiple of 1000");
+            }
+        }
+    }
+
+    public sealed class CreateParams : IRpcParams
+    {
+        public string? Name { get; set; }
+
+        [JsonRequired]
+        public ulong NumBlocks { get; set; }
+
+        [JsonRequired]
+        public uint BlockSize { get; set; }
+
+        public string? Uuid { get; set; }
+
+        public uint OptimalIoBoundary { get; set; }
+
+        public uint MdSize { get; set; }
+
+        public bool MdInterleave { get; set; }
+
+        public int DifType { get; set; }
+
+        public bool DifIsHeadOfMd { get; set; }
+
+        public uint PhysicalBlockSize { get; set; }
+
+        public void Validate()
+        {
+            if (BlockSize < 512 || (BlockSize & (BlockSize - 1)) != 0 || BlockSize > 65536)
+            {
+                throw RpcException.Errno(RpcErrno.EINVAL, $"block_size {BlockSize} must be a power of two between 512 and 65536");
+            }
+
+            if (NumBlocks == 0)
+            {
+                throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks must be greater than 0");
+            }
+
+            if (MdSize != 0 || DifType != 0)
+            {
+                throw RpcException.Errno(RpcErrno.ENOTSUP, "metadata and DIF are not supported");
+            }
+
+            if (Uuid is not null && !Guid.TryParse(Uuid, out _))
+            {
+                throw RpcException.InvalidParams($"Invalid parameters: uuid '{Uuid}' is not a UUID");
+            }
+        }
+    }
+
+    public sealed class NameParams
+    {
+        [JsonRequired]
+        public string Name { get; set; } = "";
+    }
+
+    public sealed class NullResizeParams
+    {
+        [JsonRequired]
+        public string Name { get; set; } = "";
+
+        [JsonRequired]
+        public ulong NewSize { get; set; }
+    }
+
+    public sealed class SetOptionsParams
+    {
+        public uint BdevIoPoolSize { get; set; }
+
+        public uint BdevIoCacheSize { get; set; }
+
+        public bool BdevAutoExamine { get; set; } = true;
+
+        public uint IobufSmallCacheSize { get; set; }
+
+        public uint IobufLargeCacheSize { get; set; }
+    }
+
+    public static void Register(RpcRegistry rpc, SubsystemRegistry subsystems, BdevManager bdevs)
+    {
+        rpc.Register("bdev_get_bdevs", r => GetBdevs(bdevs, r.Bind<GetBdevsParams>()), RpcStates.Runtime);
+        rpc.Register("bdev_get_iostat", r => GetIostat(bdevs, r.Bind<IostatParams>()), RpcStates.Runtime);
+        rpc.Register("bdev_set_qos_limit", r => SetQos(bdevs, r.Bind<QosParams>()), RpcStates.Runtime);
+        rpc.Register("bdev_malloc_create", r => Create(bdevs, r.Bind<CreateParams>(), malloc: true), RpcStates.Runtime);
+        rpc.Register("bdev_null_create", r => Create(bdevs, r.Bind<CreateParams>(), malloc: false), RpcStates.Runtime);
+        rpc.Register("bdev_malloc_delete", r => DeleteAsync<MallocBdev>(bdevs, r.Bind<NameParams>().Name), RpcStates.Runtime);
+        rpc.Register("bdev_null_delete", r => DeleteAsync<NullBdev>(bdevs, r.Bind<NameParams>().Name), RpcStates.Runtime);
+        rpc.Register("bdev_null_resize", r => NullResize(bdevs, r.Bind<NullResizeParams>()), RpcStates.Runtime);
+        rpc.Register("bdev_set_options", r =>
+        {
+            r.Bind<SetOptionsParams>();
+            return (JsonNode?)null; // accepted for config compatibility: our pools are per channel and sized per bdev
+        }, RpcStates.Startup);
+        rpc.Register("bdev_wait_for_examine", r =>
+        {
+            r.NoParams();
+            return (JsonNode?)null; // no examine step: bdevs are usable when their create call returns
+        }, RpcStates.Runtime);
+        rpc.Register("bdev_examine", r =>
+        {
+            r.Bind<NameParams>();
+            return (JsonNode?)null;
+        }, RpcStates.Runtime);
+
+        subsystems.Add(new Subsystem("bdev", () => WriteConfig(bdevs)));
+    }
+
+    private static Bdev Find(BdevManager bdevs, string name) =>
+        bdevs.Find(name) ?? throw RpcErrno.Error(RpcErrno.ENODEV);
+
+    private static JsonNode GetBdevs(BdevManager bdevs, GetBdevsParams p)
+    {
+        var list = p.Name is null ? bdevs.All : [Find(bdevs, p.Name)];
+        var result = new JsonArray();
+        foreach (var b in list)
+        {
+            var (rwIos, rwMb, rMb, wMb) = b.QosLimits;
+            var types = new JsonObject();
+            foreach (var (key, type) in new[]
+            {
+                ("read", BdevIoType.Read), ("write", BdevIoType.Write), ("unmap", BdevIoType.Unmap),
+                ("write_zeroes", BdevIoType.WriteZeroes), ("flush", BdevIoType.Flush), ("reset", BdevIoType.Reset),
+                ("compare", BdevIoType.Compare),
+            })
+            {
+                types[key] = b.SupportsIoType(type);
+            }
+
+            types["compare_and_write"] = false;
+            types["abort"] = false;
+            types["nvme_admin"] = false;
+            types["nvme_io"] = false;
+            var o = new JsonObject
+            {
+                ["name"] = b.Name,
+                ["aliases"] = new JsonArray(b.Aliases.Select(a => (JsonNode)JsonValue.Create(a)!).ToArray()),
+                ["product_name"] = b.ProductName,
+                ["block_size"] = b.BlockSize,
+                ["num_blocks"] = b.BlockCount,
+                ["uuid"] = b.Uuid.ToString(),
+                ["assigned_rate_limits"] = new JsonObject
+                {
+                    ["rw_ios_per_sec"] = rwIos,
+                    ["rw_mbytes_per_sec"] = rwMb,
+                    ["r_mbytes_per_sec"] = rMb,
+                    ["w_mbytes_per_sec"] = wMb,
+                },
+                ["claimed"] = b.ClaimedBy is not null,
+                ["zoned"] = false,
+                ["supported_io_types"] = types,
+                ["driver_specific"] = b.DriverSpecific() ?? new JsonObject(),
+            };
+            if (b.RequiredAlignment > 1)
+            {
+                o["required_alignment"] = System.Numerics.BitOperations.Log2(b.RequiredAlignment);
+            }
+
+            if (b.OptimalIoBoundaryBlocks > 0)
+            {
+                o["optimal_io_boundary"] = b.OptimalIoBoundaryBlocks;
+            }
+
+            result.Add(o);
+        }
+
+        return result;
+    }
+
+    private static JsonNode GetIostat(BdevManager bdevs, IostatParams p)
+    {
+        var list = p.Name is null ? bdevs.All : [Find(bdevs, p.Name)];
+        var arr = new JsonArray();
+        foreach (var b in list)
+        {
+            var s = b.GetStats();
+            arr.Add(new JsonObject
+            {
+                ["name"] = b.Name,
+                ["bytes_read"] = s.BytesRead,
+                ["num_read_ops"] = s.NumReadOps,
+                ["bytes_written"] = s.BytesWritten,
+                ["num_write_ops"] = s.NumWriteOps,
+                ["bytes_unmapped"] = s.BytesUnmapped,
+                ["num_unmap_ops"] = s.NumUnmapOps,
+                ["bytes_copied"] = 0,
+                ["num_copy_ops"] = 0,
+                ["read_latency_ticks"] = s.ReadLatencyTicks,
+                ["max_read_latency_ticks"] = s.MaxReadLatencyTicks,
+                ["min_read_latency_ticks"] = s.MinReadLatencyTicks,
+                ["write_latency_ticks"] = s.WriteLatencyTicks,
+                ["max_write_latency_ticks"] = s.MaxWriteLatencyTicks,
+                ["min_write_latency_ticks"] = s.MinWriteLatencyTicks,
+                ["unmap_latency_ticks"] = s.UnmapLatencyTicks,
+                ["max_unmap_latency_ticks"] = s.MaxUnmapLatencyTicks,
+                ["min_unmap_latency_ticks"] = s.MinUnmapLatencyTicks,
+                ["copy_latency_ticks"] = 0,
+                ["max_copy_latency_ticks"] = 0,
+                ["min_copy_latency_ticks"] = 0,
+                ["io_error"] = new JsonObject { ["total"] = s.NumErrors },
+                ["num_write_zeroes_ops"] = s.NumWriteZeroesOps,
+                ["num_flush_ops"] = s.NumFlushOps,
+            });
+        }
+
+        return new JsonObject
+        {
+            ["tick_rate"] = Stopwatch.Frequency,
+            ["ticks"] = Stopwatch.GetTimestamp(),
+            ["bdevs"] = arr,
+        };
+    }
+
+    private static JsonNode? SetQos(BdevManager bdevs, QosParams p)
+    {
+        var b = Find(bdevs, p.Name);
+        var (rwIos, rwMb, rMb, wMb) = b.QosLimits;
+        b.SetQosLimits(p.RwIosPerSec ?? rwIos, p.RwMbytesPerSec ?? rwMb, p.RMbytesPerSec ?? rMb, p.WMbytesPerSec ?? wMb);
+        return null;
+    }
+
+    private static JsonNode Create(BdevManager bdevs, CreateParams p, bool malloc)
+    {
+        string name = p.Name ?? NextName(bdevs, malloc ? "Malloc" : "Null");
+        if (bdevs.Find(name) is not null)
+        {
+            throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {name} already exists");
+        }
+
+        Guid? uuid = p.Uuid is null ? null : Guid.Parse(p.Uuid);
+        Bdev bdev;
+        try
+        {
+            bdev = malloc ? new MallocBdev(name, p.NumBlocks, p.BlockSize, uuid) : new NullBdev(name, p.NumBlocks, p.BlockSize, uuid);
+        }
+        catch (OverflowException)
+        {
+            throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks * block_size is too large");
+        }
+        catch (OutOfMemoryException)
+        {
+            throw RpcErrno.Error(RpcErrno.ENOMEM);
+        }
+
+        try
+        {
+            bdevs.Register(bdev);
+        }
+        catch (BdevExistsException e)
+        {
+            throw RpcException.Errno(RpcErrno.EEXIST, e.Message);
+        }
+
+        return JsonValue.Create(name);
+    }
+
+    private static string NextName(BdevManager bdevs, string prefix)
+    {
+        for (int i = 0; ; i++)
+        {
+            if (bdevs.Find(prefix + i) is null)
+            {
+                return prefix + i;
+            }
+        }
+    }
+
+    private static async Task<JsonNode?> DeleteAsync<T>(BdevManager bdevs, string name)
+        where T : Bdev
+    {
+        if (bdevs.Find(name) is not T b)
+        {
+            throw RpcErrno.Error(RpcErrno.ENODEV);
+        }
+
+        await bdevs.UnregisterAsync(b).ConfigureAwait(true);
+        return null;
+    }
+
+    private static JsonNode? NullResize(BdevManager bdevs, NullResizeParams p)
+    {
+        if (bdevs.Find(p.Name) is not NullBdev b)
+        {
+            throw RpcErrno.Error(RpcErrno.ENODEV);
+        }
+
+        ulong bytes = p.NewSize * 1024 * 1024;
+        if (p.NewSize == 0 || bytes / 1024 / 1024 != p.NewSize || bytes / b.BlockSize == 0)
+        {
+            throw RpcException.Errno(RpcErrno.EINVAL, $"new_size {p.NewSize} MiB is not a valid size");
+        }
+
+        b.Resize(bytes / b.BlockSize);
+        return null;
+    }
+
+    private static JsonArray WriteConfig(BdevManager bdevs)
+    {
+        var calls = new JsonArray
+        {
+            Subsystem.Call("bdev_set_options", new JsonObject { ["bdev_auto_examine"] = true }),
+        };
+        var all = bdevs.All;
+        foreach (var b in all)
+        {
+            if (b.ConfigCall() is { } call)
+            {
+                calls.Add(call);
+            }
+        }
+
+        foreach (var b in all)
+        {
+            var (rwIos, rwMb, rMb, wMb) = b.QosLimits;
+            if (rwIos != 0 || rwMb != 0 || rMb != 0 || wMb != 0)
+            {
+                calls.Add(Subsystem.Call("bdev_set_qos_limit", new JsonObject
+                {
+                    ["name"] = b.Name,
+                    ["rw_ios_per_sec"] = rwIos,
+                    ["rw_mbytes_per_sec"] = rwMb,
+                    ["r_mbytes_per_sec"] = rMb,
+                    ["w_mbytes_per_sec"] = wMb,
+                }));
+            }
+        }
+
+        calls.Add(Subsystem.Call("bdev_wait_for_examine", null));
+        return calls;
+    }
+}

@@ -10,7 +10,8 @@ public sealed class DaemonOptions
     public const string Usage = """
         Usage: vhostd [options]
         VhostBackend daemon: serves bdevs to QEMU guests over vhost-user (virtio-blk, virtio-scsi).
-        With no -c it runs the embedded default: a sparse file-backed disk exported as vhost.0.
+        With no arguments at all it runs the embedded default: a sparse file-backed disk exported as vhost.0.
+        With options but no -c it starts empty, like SPDK's vhost app (configure it over RPC), unless --default.
 
           -m, --cpumask MASK         reactor cores: hex mask (0x3) or list ([0,1]); default 0x1
           -S, --socket-dir DIR       directory for vhost-user sockets; default /var/tmp
@@ -19,6 +20,7 @@ public sealed class DaemonOptions
               --wait-for-rpc         wait for framework_start_init before applying the config
               --reactor-mode MODE    poll, interrupt or adaptive (default adaptive)
               --interrupt-mode       same as --reactor-mode interrupt
+              --default              also run the embedded default (when options are given, without -c)
               --default-disk PATH    file of the embedded default disk (default /var/tmp/vhostbackend/disk0.img)
               --default-disk-size N  its size when created, in MiB (default 1024)
           -L, --log-level LEVEL      error, warning, info, debug (default info)
@@ -33,9 +35,12 @@ public sealed class DaemonOptions
     public string DefaultDiskPath { get; private set; } = "/var/tmp/vhostbackend/disk0.img";
     public long DefaultDiskMiB { get; private set; } = 1024;
 
+    /// <summary>Whether the embedded default (file disk exported as vhost.0) runs: no arguments at all, or --default.</summary>
+    public bool UseEmbeddedDefault { get; private set; }
+
     public static DaemonOptions Parse(string[] args)
     {
-        var o = new DaemonOptions();
+        var o = new DaemonOptions { UseEmbeddedDefault = args.Length == 0 };
         for (int i = 0; i < args.Length; i++)
         {
             string a = args[i];
@@ -103,6 +108,9 @@ public sealed class DaemonOptions
                         _ => throw new ApplicationConfigException($"--reactor-mode: unknown mode '{mode}' (poll, interrupt, adaptive)"),
                     };
                     break;
+                case "--default":
+                    o.UseEmbeddedDefault = true;
+                    break;
                 case "--default-disk":
                     o.DefaultDiskPath = Value();
                     break;
@@ -135,6 +143,11 @@ public sealed class DaemonOptions
                 default:
                     throw new ApplicationConfigException($"unknown option '{args[i]}' (see --help)");
             }
+        }
+
+        if (o.App.ConfigFile is not null && o.UseEmbeddedDefault)
+        {
+            throw new ApplicationConfigException("--default and -c/--json exclude each other");
         }
 
         if (o.App.ConfigFile is { } cfg && !File.Exists(cfg))

@@ -47,7 +47,7 @@ public static class Program
         Log.Logger = logConfig.CreateLogger();
         try
         {
-            if (options.App.ConfigFile is null && options.App.Config is null)
+            if (options.UseEmbeddedDefault)
             {
                 options.App.Config = EmbeddedDefault.Prepare(options);
             }
@@ -105,7 +105,7 @@ internal sealed class DaemonService : IHostedService
             VhostBackend.Reactor.Reactor.UnhandledException += (r, e) => log.Error(e, "unhandled exception on {Reactor}", r.Name);
             StandardModules.Register(_app);
             await _app.StartAsync().ConfigureAwait(false);
-            if (_options.App.ConfigFile is null && !_options.App.WaitForRpc)
+            if (_options.UseEmbeddedDefault && !_options.App.WaitForRpc)
             {
                 EmbeddedDefault.PrintUsage(_options, log);
             }

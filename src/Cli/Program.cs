@@ -1,0 +1,304 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace VhostBackend.Cli;
+
+/// <summary>vhostctl: SPDK rpc.py-style commands for vhostd, human tables by default, --json for raw results.</summary>
+public static class Program
+{
+    private static readonly Option<string> Server = new("--server", "-s") { Description = "JSON-RPC socket of vhostd", DefaultValueFactory = _ => "/var/tmp/vhost.sock", Recursive = true };
+    private static readonly Option<bool> Json = new("--json") { Description = "print the raw JSON result", Recursive = true };
+    private static readonly Option<double> Timeout = new("--timeout", "-t") { Description = "seconds to wait for a reply", DefaultValueFactory = _ => 60.0, Recursive = true };
+
+    public static int Main(string[] args)
+    {
+        var root = new RootCommand("vhostctl: manage vhostd over JSON-RPC (SPDK rpc.py method names)");
+        root.Options.Add(Server);
+        root.Options.Add(Json);
+        root.Options.Add(Timeout);
+
+        var method = new Argument<string>("method") { Description = "RPC method name" };
+        var paramsArg = new Argument<string?>("params") { Description = "params as a JSON object", Arity = ArgumentArity.ZeroOrOne };
+        var call = new Command("call", "call any method: vhostctl call METHOD '{\"param\": 1}'") { method, paramsArg };
+        call.SetAction(r => Run(r, r.GetValue(method)!, ParseParams(r.GetValue(paramsArg))));
+        root.Subcommands.Add(call);
+
+        Simple(root, "rpc_get_methods", "list methods");
+        Simple(root, "spdk_get_version", "daemon version");
+        Simple(root, "framework_get_reactors", "reactors and their statistics", Columns("reactors", "lcore", "tid", "busy", "idle", "in_interrupt", "allocated_bytes"));
+        Simple(root, "thread_get_stats", "thread statistics", Columns("threads", "name", "id", "cpumask", "busy", "idle", "active_pollers_count", "timed_pollers_count"));
+        Simple(root, "framework_get_subsystems", "subsystems", Columns(null, "subsystem", "depends_on"));
+        Simple(root, "framework_start_init", "start initialization (after --wait-for-rpc)");
+        Simple(root, "framework_wait_init", "wait until initialized");
+        WithArgs(root, "framework_get_config", "a subsystem's config", [("name", "subsystem name", "string")]);
+
+        var saveConfig = new Command("save_config", "print the running configuration (SPDK's JSON config format)");
+        saveConfig.SetAction(r => WithClient(r, c =>
+        {
+            var subsystems = new JsonArray();
+            foreach (var s in (JsonArray)c.Call("framework_get_subsystems", null)!)
+            {
+                string name = (string)s!["subsystem"]!;
+                subsystems.Add(new JsonObject { ["subsystem"] = name, ["config"] = c.Call("framework_get_config", new JsonObject { ["name"] = name }) });
+            }
+
+            Console.WriteLine(new JsonObject { ["subsystems"] = subsystems }.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            return 0;
+        }));
+        root.Subcommands.Add(saveConfig);
+
+        var file = new Option<string?>("--json-file", "-j") { Description = "config file (default: standard input)" };
+        var loadConfig = new Command("load_config", "replay a JSON config into a running daemon") { file };
+        loadConfig.SetAction(r => WithClient(r, c =>
+        {
+            string? path = r.GetValue(file);
+            var config = JsonNode.Parse(path is null ? Console.In.ReadToEnd() : File.ReadAllText(path)) as JsonObject
+                ?? throw new RpcClientException("config must be a JSON object");
+            foreach (var s in config["subsystems"] as JsonArray ?? [])
+            {
+                foreach (var entry in s!["config"] as JsonArray ?? [])
+                {
+                    string m = (string)entry!["method"]!;
+                    if (m is "bdev_set_options" or "bdev_wait_for_examine")
+                    {
+                        continue;
+                    }
+
+                    c.Call(m, entry["params"]?.DeepClone());
+                }
+            }
+
+            return 0;
+        }));
+        root.Subcommands.Add(loadConfig);
+
+        var bdevCols = Columns(null, "name", "product_name", "block_size", "num_blocks", "uuid", "claimed");
+        WithArgs(root, "bdev_get_bdevs", "list bdevs", [("-b|name", "bdev name", "string?")], bdevCols);
+        WithArgs(root, "bdev_get_iostat", "I/O statistics", [("-b|name", "bdev name", "string?")], Columns("bdevs", "name", "num_read_ops", "bytes_read", "num_write_ops", "bytes_written", "num_unmap_ops"));
+        SizedCreate(root, "bdev_malloc_create", "create a RAM bdev: [-b NAME] TOTAL_SIZE_MB BLOCK_SIZE", nameRequired: false);
+        SizedCreate(root, "bdev_null_create", "create a null bdev: NAME TOTAL_SIZE_MB BLOCK_SIZE", nameRequired: true);
+        WithArgs(root, "bdev_malloc_delete", "delete a RAM bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_null_delete", "delete a null bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_null_resize", "resize a null bdev (MiB)", [("name", "bdev name", "string"), ("new_size", "new size in MiB", "ulong")]);
+        WithArgs(root, "bdev_aio_create", "file bdev: FILENAME NAME [BLOCK_SIZE]", [("filename", "file or block device", "string"), ("name", "bdev name", "string"), ("block_size", "block size", "uint?"), ("-r|readonly", "read-only", "flag")]);
+        WithArgs(root, "bdev_aio_delete", "delete a file bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_uring_create", "file bdev (io_uring): FILENAME NAME [BLOCK_SIZE]", [("filename", "file or block device", "string"), ("name", "bdev name", "string"), ("block_size", "block size", "uint?")]);
+        WithArgs(root, "bdev_uring_delete", "delete a file bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_set_qos_limit", "QoS limits", [("name", "bdev name", "string"), ("--rw_ios_per_sec|rw_ios_per_sec", "IOPS", "ulong?"), ("--rw_mbytes_per_sec|rw_mbytes_per_sec", "MiB/s", "ulong?"), ("--r_mbytes_per_sec|r_mbytes_per_sec", "read MiB/s", "ulong?"), ("--w_mbytes_per_sec|w_mbytes_per_sec", "write MiB/s", "ulong?")]);
+
+        WithArgs(root, "vhost_create_blk_controller", "export a bdev over vhost-user-blk", [("ctrlr", "controller name", "string"), ("dev_name", "bdev name", "string"), ("--cpumask|cpumask", "reactor mask", "string?"), ("-r|readonly", "read-only", "flag")]);
+        WithArgs(root, "vhost_create_scsi_controller", "create a vhost-user-scsi controller", [("ctrlr", "controller name", "string"), ("--cpumask|cpumask", "reactor mask", "string?")]);
+        WithArgs(root, "vhost_scsi_controller_add_target", "attach a bdev as a SCSI target", [("ctrlr", "controller name", "string"), ("scsi_target_num", "target number (-1: first free)", "int"), ("bdev_name", "bdev name", "string")]);
+        WithArgs(root, "vhost_scsi_controller_remove_target", "detach a SCSI target", [("ctrlr", "controller name", "string"), ("scsi_target_num", "target number", "int")]);
+        WithArgs(root, "vhost_get_controllers", "list controllers", [("-n|name", "controller name", "string?")], Columns(null, "ctrlr", "cpumask", "socket", "delay_base_us", "iops_threshold"));
+        WithArgs(root, "vhost_delete_controller", "delete a controller", [("ctrlr", "controller name", "string")]);
+        WithArgs(root, "vhost_controller_set_coalescing", "interrupt coalescing", [("ctrlr", "controller name", "string"), ("delay_base_us", "delay in us", "uint"), ("iops_threshold", "IOPS threshold", "uint")]);
+        WithArgs(root, "bdev_nvme_attach_controller", "attach an NVMe controller", [("-b|name", "controller name", "string"), ("-t|trtype", "transport (PCIe)", "string"), ("-a|traddr", "address", "string")]);
+        WithArgs(root, "bdev_nvme_detach_controller", "detach an NVMe controller", [("name", "controller name", "string")]);
+        WithArgs(root, "bdev_nvme_get_controllers", "list NVMe controllers", [("-n|name", "controller name", "string?")]);
+
+        return root.Parse(args).Invoke();
+    }
+
+    private sealed record Table(string? ArrayKey, string[] Columns);
+
+    private static Table Columns(string? arrayKey, params string[] columns) => new(arrayKey, columns);
+
+    private static void Simple(RootCommand root, string name, string description, Table? table = null)
+    {
+        var cmd = new Command(name, description);
+        cmd.SetAction(r => Run(r, name, null, table));
+        root.Subcommands.Add(cmd);
+    }
+
+    /// <summary>Declares a method's CLI: "name" = positional, "-x|name" or "--x|name" = option; types string, int, uint, ulong (suffix ? = optional), flag.</summary>
+    private static void WithArgs(RootCommand root, string name, string description, (string Spec, string Help, string Type)[] specs, Table? table = null)
+    {
+        var cmd = new Command(name, description);
+        var getters = new List<Func<ParseResult, (string Key, JsonNode? Value)>>();
+        foreach (var (spec, help, type) in specs)
+        {
+            bool optional = type.EndsWith('?') || type == "flag";
+            string baseType = type.TrimEnd('?');
+            string key = spec.Contains('|') ? spec.Split('|')[1] : spec;
+            if (spec.StartsWith('-'))
+            {
+                string alias = spec.Split('|')[0];
+                string[] names = alias.StartsWith("--", StringComparison.Ordinal) ? [alias] : ["--" + key, alias];
+                if (baseType == "flag")
+                {
+                    var o = new Option<bool>(names[0], names.Skip(1).ToArray()) { Description = help };
+                    cmd.Options.Add(o);
+                    getters.Add(r => (key, r.GetValue(o) ? JsonValue.Create(true) : null));
+                }
+                else
+                {
+                    var o = new Option<string?>(names[0], names.Skip(1).ToArray()) { Description = help, Required = !optional };
+                    cmd.Options.Add(o);
+                    getters.Add(r => (key, Convert(key, baseType, r.GetValue(o))));
+                }
+            }
+            else
+            {
+                var a = new Argument<string?>(key) { Description = help, Arity = optional ? ArgumentArity.ZeroOrOne : ArgumentArity.ExactlyOne };
+                cmd.Arguments.Add(a);
+                getters.Add(r => (key, Convert(key, baseType, r.GetValue(a))));
+            }
+        }
+
+        cmd.SetAction(r =>
+        {
+            JsonObject? p = null;
+            try
+            {
+                foreach (var g in getters)
+                {
+                    var (k, v) = g(r);
+                    if (v is not null)
+                    {
+                        (p ??= new JsonObject())[k] = v;
+                    }
+                }
+            }
+            catch (FormatException e)
+            {
+                Console.Error.WriteLine($"vhostctl {name}: {e.Message}");
+                return 1;
+            }
+
+            return Run(r, name, p, table);
+        });
+        root.Subcommands.Add(cmd);
+    }
+
+    private static void SizedCreate(RootCommand root, string name, string description, bool nameRequired)
+    {
+        var cmd = new Command(name, description);
+        var bdevName = new Option<string?>("--name", "-b") { Description = "bdev name", Required = false };
+        var positionalName = new Argument<string?>("name") { Arity = nameRequired ? ArgumentArity.ExactlyOne : ArgumentArity.ZeroOrOne, Description = "bdev name" };
+        var size = new Argument<string>("total_size_mb") { Description = "size in MiB" };
+        var bs = new Argument<string>("block_size") { Description = "block size in bytes" };
+        if (nameRequired)
+        {
+            cmd.Arguments.Add(positionalName);
+        }
+        else
+        {
+            cmd.Options.Add(bdevName);
+        }
+
+        cmd.Arguments.Add(size);
+        cmd.Arguments.Add(bs);
+        cmd.SetAction(r =>
+        {
+            if (!ulong.TryParse(r.GetValue(size), out ulong mb) || !uint.TryParse(r.GetValue(bs), out uint blockSize) || blockSize == 0)
+            {
+                Console.Error.WriteLine($"vhostctl {name}: TOTAL_SIZE_MB and BLOCK_SIZE must be positive integers");
+                return 1;
+            }
+
+            var p = new JsonObject { ["num_blocks"] = mb * 1024 * 1024 / blockSize, ["block_size"] = blockSize };
+            string? n = nameRequired ? r.GetValue(positionalName) : r.GetValue(bdevName);
+            if (n is not null)
+            {
+                p["name"] = n;
+            }
+
+            return Run(r, name, p);
+        });
+        root.Subcommands.Add(cmd);
+    }
+
+    private static JsonNode? Convert(string key, string type, string? value)
+    {
+        if (value is null)
+        {
+            return null;
+        }
+
+        return type switch
+        {
+            "int" => int.TryParse(value, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int i) ? JsonValue.Create(i) : throw new FormatException($"{key}: '{value}' is not an integer"),
+            "uint" => uint.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out uint u) ? JsonValue.Create(u) : throw new FormatException($"{key}: '{value}' is not a non-negative integer"),
+            "ulong" => ulong.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out ulong l) ? JsonValue.Create(l) : throw new FormatException($"{key}: '{value}' is not a non-negative integer"),
+            _ => JsonValue.Create(value),
+        };
+    }
+
+    private static JsonNode? ParseParams(string? text)
+    {
+        if (string.IsNullOrWhiteSpace(text))
+        {
+            return null;
+        }
+
+        try
+        {
+            return JsonNode.Parse(text);
+        }
+        catch (JsonException e)
+        {
+            throw new RpcClientException($"params are not valid JSON: {e.Message}");
+        }
+    }
+
+    private static int WithClient(ParseResult r, Func<RpcClient, int> body)
+    {
+        try
+        {
+            using var client = RpcClient.Connect(r.GetValue(Server)!, TimeSpan.FromSeconds(r.GetValue(Timeout)));
+            return body(client);
+        }
+        catch (RpcErrorException e)
+        {
+            Console.Error.WriteLine($"error {e.Code}: {e.Message}");
+            return 1;
+        }
+        catch (Exception e) when (e is RpcClientException or IOException or JsonException)
+        {
+            Console.Error.WriteLine($"vhostctl: {e.Message}");
+            return 1;
+        }
+    }
+
+    private static int Run(ParseResult r, string method, JsonNode? parameters, Table? table = null) => WithClient(r, c =>
+    {
+        var result = c.Call(method, parameters);
+        if (!r.GetValue(Json) && result is JsonValue v && v.TryGetValue(out string? text))
+        {
+            Console.WriteLine(text); // like rpc.py: a created name is printed bare
+            return 0;
+        }
+
+        if (r.GetValue(Json) || table is null)
+        {
+            Console.WriteLine(result is null ? "null" : result.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            return 0;
+        }
+
+        PrintTable(result, table);
+        return 0;
+    });
+
+    private static void PrintTable(JsonNode? result, Table table)
+    {
+        var rows = (table.ArrayKey is null ? result : result?[table.ArrayKey]) as JsonArray ?? [];
+        var cells = rows.Select(row => table.Columns.Select(c => Cell(row?[c])).ToArray()).ToList();
+        var widths = table.Columns.Select((c, i) => Math.Max(c.Length, cells.Count == 0 ? 0 : cells.Max(r => r[i].Length))).ToArray();
+        Console.WriteLine(string.Join("  ", table.Columns.Select((c, i) => c.PadRight(widths[i]))).TrimEnd());
+        foreach (var row in cells)
+        {
+            Console.WriteLine(string.Join("  ", row.Select((v, i) => v.PadRight(widths[i]))).TrimEnd());
+        }
+    }
+
+    private static string Cell(JsonNode? v) => v switch
+    {
+        null => "-",
+        JsonArray a => string.Join(",", a.Select(x => x?.ToString() ?? "")),
+        JsonValue => v.ToString(),
+        _ => v.ToJsonString(),
+    };
+}

@@ -37,9 +37,10 @@ run_suite() {
     name="$(basename "$proj" .csproj)"
     log="$logdir/$name.log"
     echo "== $name"
-    dotnet test "$proj" -c Release --no-build -nologo "${filter[@]}" --logger "console;verbosity=normal" >"$log" 2>&1
+    dotnet test "$proj" -c Release --no-build -nologo "${filter[@]}" >"$log" 2>&1
     local rc=$?
-    grep -E '^\s*(Failed|Skipped) |Error Message|^\s+at |Passed!|Failed!|No test' "$log" | grep -v '^\s*at System\.' | head -200
+    grep -E -A6 '^\s*Failed |Error Message' "$log" | grep -v '^\s*at System\.' | head -200
+    grep -E 'Passed!|Failed!|No test' "$log"
     local line
     line="$(grep -E '(Passed|Failed)!  - Failed:' "$log" | tail -1)"
     if [ -n "$line" ]; then
@@ -55,7 +56,8 @@ run_suite() {
     [ $rc -eq 0 ] || status=1
 }
 
-for proj in tests/*/*.Tests.csproj; do
+# The suites are the test projects of the solution (what the build above built).
+for proj in $(dotnet sln VhostBackend.sln list | grep -E '^tests/.*\.Tests\.csproj$' | sort); do
     run_suite "$proj"
 done
 if [ $unit_only -eq 0 ]; then

@@ -119,6 +119,9 @@ public sealed unsafe class NvmeController : IDisposable
     /// <summary>Set when a command timed out or the controller failed: the owner should reset it.</summary>
     public bool NeedsReset { get; internal set; }
 
+    /// <summary>Asks the owner to reset the controller (it polls <see cref="NeedsReset"/>), e.g. after a failed abort.</summary>
+    public void RequestReset() => NeedsReset = true;
+
     /// <summary>Raised (on the thread that processes admin completions) for each Asynchronous Event: the completion's DW0.</summary>
     public Action<NvmeController, uint>? AsyncEvent { get; set; }
 

@@ -52,7 +52,7 @@ public struct VfioGroupStatus
     public uint Flags;
 }
 
-/// <summary>struct vfio_device_info (24 bytes with cap_offset and pad).</summary>
+/// <summary>struct vfio_device_info (20 bytes, with cap_offset).</summary>
 [StructLayout(LayoutKind.Sequential)]
 public struct VfioDeviceInfo
 {
@@ -61,7 +61,6 @@ public struct VfioDeviceInfo
     public uint NumRegions;
     public uint NumIrqs;
     public uint CapOffset;
-    public uint Pad;
 }
 
 /// <summary>struct vfio_region_info (32 bytes).</summary>

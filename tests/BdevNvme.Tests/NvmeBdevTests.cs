@@ -1,0 +1,379 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using VhostBackend.Bdev;
+using VhostBackend.BdevNvme;
+using VhostBackend.Nvme;
+using VhostBackend.Nvme.Tests;
+using VhostBackend.Platform;
+using VhostBackend.Reactor;
+using VhostBackend.Rpc;
+using Xunit;
+
+namespace VhostBackend.BdevNvme.Tests;
+
+/// <summary>The NVMe bdev module and its RPCs over the in-process controller MODEL (no device).</summary>
+public sealed class NvmeBdevTests : IAsyncLifetime
+{
+    private readonly DmaSpace _space = new(IdentityDmaMapper.Instance);
+    private readonly List<NvmeControllerModel> _models = new();
+    private ReactorRuntime _rt = null!;
+    private readonly BdevManager _bdevs = new();
+    private readonly RpcRegistry _rpc = new();
+    private NvmeBdevModule _module = null!;
+
+    private TimeSpan IoTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    public Task InitializeAsync()
+    {
+        var online = CpuSet.Online().Cores;
+        _rt = new ReactorRuntime(CpuSet.Of(online.Take(2).ToArray()), new ReactorOptions { Mode = ReactorMode.Poll, PinThreads = false });
+        _rt.Start();
+        _module = new NvmeBdevModule(_bdevs, attach: (addr, opts, log) =>
+        {
+            var model = new NvmeControllerModel(_space, blocks: 8192, blockSize: 512, serial: "SN-" + addr);
+            lock (_models)
+            {
+                _models.Add(model);
+            }
+
+            opts.IoTimeout = IoTimeout;
+            return NvmeController.Attach(addr, model, _space, opts, log);
+        });
+        NvmeBdevRpc.Register(_rpc, null, _bdevs, _module);
+        return Task.CompletedTask;
+    }
+
+    public async Task DisposeAsync()
+    {
+        foreach (var c in _module.Controllers)
+        {
+            await _rt.Main.InvokeAsync(() => _module.DetachAsync(c.CtrlName).ContinueWith(_ => true));
+        }
+
+        await _rt.DisposeAsync();
+    }
+
+    private async Task<JsonNode?> Call(string method, string json)
+    {
+        Assert.True(_rpc.TryGet(method, out var handler, out _));
+        using var doc = JsonDocument.Parse(json);
+        var req = new RpcRequest(method, doc.RootElement.Clone());
+        return await _rt.Main.InvokeAsync(() => handler(req));
+    }
+
+    private async Task<int> CallError(string method, string json)
+    {
+        var e = await Assert.ThrowsAsync<RpcException>(() => Call(method, json));
+        return e.Code;
+    }
+
+    private static unsafe nint Alloc(int n) => (nint)NativeMemory.AlignedAlloc((nuint)n, 4096);
+
+    private static unsafe void Free(nint p) => NativeMemory.AlignedFree((void*)p);
+
+    private static byte[] Read(nint p, int offset, int n)
+    {
+        var b = new byte[n];
+        Marshal.Copy(p + offset, b, 0, n);
+        return b;
+    }
+
+    private static void Fill(nint p, int n, Func<int, byte> f)
+    {
+        var b = new byte[n];
+        for (int i = 0; i < n; i++)
+        {
+            b[i] = f(i);
+        }
+
+        Marshal.Copy(b, 0, p, n);
+    }
+
+    private static byte[] DiskBytes(NvmeControllerModel m, int offset, int n) => m.Disk.Slice(offset, n).ToArray();
+
+    private Task<JsonNode?> Attach(string name = "Nvme0", string addr = "0000:00:04.0") =>
+        Call("bdev_nvme_attach_controller", $$"""{"name":"{{name}}","trtype":"PCIe","traddr":"{{addr}}"}""");
+
+    [Fact]
+    public async Task AttachCreatesOneBdevPerNamespaceAndGetControllersShowsIt()
+    {
+        var result = await Attach();
+        Assert.Equal("[\"Nvme0n1\"]", result!.ToJsonString());
+        var bdev = Assert.IsType<NvmeBdev>(_bdevs.Find("Nvme0n1"));
+        Assert.Equal(512u, bdev.BlockSize);
+        Assert.Equal(8192UL, bdev.BlockCount);
+        Assert.True(bdev.SupportsIoType(BdevIoType.Unmap));
+        Assert.True(bdev.SupportsIoType(BdevIoType.WriteZeroes));
+        Assert.Equal("bdev_nvme_attach_controller", bdev.ConfigCall()!["method"]!.GetValue<string>());
+        Assert.Equal("0000:00:04.0", bdev.ConfigCall()!["params"]!["traddr"]!.GetValue<string>());
+        Assert.Equal("SN-0000:00:04.0", bdev.DriverSpecific()["nvme"]![0]!["ctrlr_data"]!["serial_number"]!.GetValue<string>());
+
+        var ctrls = await Call("bdev_nvme_get_controllers", "{}");
+        Assert.Equal("Nvme0", ctrls![0]!["name"]!.GetValue<string>());
+        Assert.Equal("PCIe", ctrls[0]!["ctrlrs"]![0]!["trid"]!["trtype"]!.GetValue<string>());
+        Assert.Equal("enabled", ctrls[0]!["ctrlrs"]![0]!["state"]!.GetValue<string>());
+        Assert.Single((await Call("bdev_nvme_get_controllers", """{"name":"Nvme0"}"""))!.AsArray());
+    }
+
+    [Fact]
+    public async Task RpcErrorsUseSpdkCodes()
+    {
+        await Attach();
+        Assert.Equal(-17, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme0","trtype":"PCIe","traddr":"0000:00:05.0"}"""));
+        Assert.Equal(-17, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"0000:00:04.0"}"""));
+        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"tcp","traddr":"0000:00:05.0"}"""));
+        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"nonsense"}"""));
+        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"trtype":"PCIe","traddr":"0000:00:05.0"}"""));
+        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"0000:00:05.0","bogus":1}"""));
+        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":7,"trtype":"PCIe","traddr":"0000:00:05.0"}"""));
+        Assert.Equal(-19, await CallError("bdev_nvme_get_controllers", """{"name":"Nope"}"""));
+        Assert.Equal(-19, await CallError("bdev_nvme_detach_controller", """{"name":"Nope"}"""));
+        Assert.Equal(-32602, await CallError("bdev_nvme_detach_controller", "{}"));
+    }
+
+    [Fact]
+    public async Task AttachFailureIsEnodevAndFreesTheName()
+    {
+        var module = new NvmeBdevModule(_bdevs, attach: (a, o, l) => throw new IOException("PCI device not bound to vfio-pci"));
+        var rpc = new RpcRegistry();
+        NvmeBdevRpc.Register(rpc, null, _bdevs, module);
+        Assert.True(rpc.TryGet("bdev_nvme_attach_controller", out var h, out _));
+        using var doc = JsonDocument.Parse("""{"name":"X","trtype":"PCIe","traddr":"0000:00:09.0"}""");
+        var e = await Assert.ThrowsAsync<RpcException>(() => _rt.Main.InvokeAsync(() => h(new RpcRequest("bdev_nvme_attach_controller", doc.RootElement.Clone()))));
+        Assert.Equal(-19, e.Code);
+        Assert.Null(module.Find("X"));
+        Assert.Empty(module.Controllers);
+    }
+
+    private async Task<bool> Io(BdevDesc desc, Reactor.Reactor r, Func<BdevChannel, BdevIoCompletion, int> submit)
+    {
+        return await r.InvokeAsync(async () =>
+        {
+            var ch = desc.GetIoChannel();
+            var tcs = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            int rc = submit(ch, (io, ok, _) => tcs.SetResult(ok));
+            Assert.Equal(0, rc);
+            bool ok = await tcs.Task.WaitAsync(TimeSpan.FromSeconds(10));
+            BdevDesc.PutIoChannel(ch);
+            return ok;
+        });
+    }
+
+    [Fact]
+    public async Task IoThroughTheBdevLayerBouncesOrGoesZeroCopy()
+    {
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: true);
+        nint heap = Alloc(16384);
+        try
+        {
+            // Ordinary (non-DMA) memory, misaligned three-piece list: bounced.
+            Fill(heap, 16384, i => (byte)(i * 7));
+            var iovs = new[] { new IoVec(heap + 3, 1000), new IoVec(heap + 2000, 24), new IoVec(heap + 5000, 7168) };
+            foreach (var reactor in _rt.Reactors)
+            {
+                Assert.True(await Io(desc, reactor, (ch, cb) => ch.Write(desc, iovs, 16, 16, cb, null)));
+            }
+
+            Assert.Equal(Read(heap, 3, 1000), DiskBytes(model, 16 * 512, 1000));
+            Assert.Equal(Read(heap, 2000, 24), DiskBytes(model, (16 * 512) + 1000, 24));
+            Assert.Equal(Read(heap, 5000, 7168), DiskBytes(model, (16 * 512) + 1024, 7168));
+
+            Fill(heap, 16384, _ => 0);
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, iovs, 16, 16, cb, null)));
+            Assert.Equal(DiskBytes(model, 16 * 512, 1000), Read(heap, 3, 1000));
+            Assert.Equal(DiskBytes(model, (16 * 512) + 1024, 7168), Read(heap, 5000, 7168));
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Compare(desc, iovs, 16, 16, cb, null)));
+            Fill(heap + 4, 1, _ => 0xFF);
+            Assert.False(await Io(desc, _rt.Main, (ch, cb) => ch.Compare(desc, iovs, 16, 16, cb, null)));
+
+            // Registered DMA memory with a PRP-compatible layout: no bounce (the model sees a PRP list into it).
+            using var pool = new DmaBufferPool(_space, 2, 65536);
+            Assert.True(pool.TryGet(out nint dma, out _));
+            Fill(dma, 65536, _ => 0xAB);
+            int listsBefore = model.PrpListsSeen;
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(dma, 65536) }, 256, 128, cb, null)));
+            Assert.Equal(listsBefore + 1, model.PrpListsSeen);
+            Assert.All(DiskBytes(model, 256 * 512, 65536), b => Assert.Equal(0xAB, b));
+
+            // Unmap -> DSM deallocate, write zeroes -> Write Zeroes, flush.
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Unmap(desc, 256, 64, cb, null)));
+            Assert.All(DiskBytes(model, 256 * 512, 64 * 512), b => Assert.Equal(0, b));
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.WriteZeroes(desc, 320, 64, cb, null)));
+            Assert.All(DiskBytes(model, 256 * 512, 65536), b => Assert.Equal(0, b));
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Flush(desc, 0, 8192, cb, null)));
+            Assert.Equal(0, model.DmaFaults);
+        }
+        finally
+        {
+            Free(heap);
+        }
+    }
+
+    [Fact]
+    public async Task ResetRetriesIoThatWasInFlight()
+    {
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: true);
+        nint buf = Alloc(4096);
+        try
+        {
+            Fill(buf, 4096, _ => 0x42);
+            var iov = new[] { new IoVec(buf, 4096) };
+            model.HoldIo = true;
+            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, iov, 40, 8, cb, null));
+            for (int i = 0; i < 100 && model.HeldCount == 0; i++)
+            {
+                await Task.Delay(10);
+            }
+
+            Assert.Equal(1, model.HeldCount);
+            model.HoldIo = false;
+            await Call("bdev_nvme_reset_controller", """{"name":"Nvme0"}""");
+            Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.All(DiskBytes(model, 40 * 512, 4096), b => Assert.Equal(0x42, b));
+            Assert.Equal(1, _module.Find("Nvme0")!.Controller.ResetCount);
+
+            // A bdev-level reset goes through the same path.
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Reset(desc, cb, null)));
+            Assert.Equal(2, _module.Find("Nvme0")!.Controller.ResetCount);
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task DetachRemovesBdevsAndQueues()
+    {
+        await Attach();
+        var model = _models[0];
+        using (var desc = _bdevs.Open("Nvme0n1", write: false))
+        {
+            nint buf = Alloc(512);
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null)));
+            Free(buf);
+        }
+
+        Assert.Equal(JsonValue.Create(true)!.ToJsonString(), (await Call("bdev_nvme_detach_controller", """{"name":"Nvme0"}"""))!.ToJsonString());
+        Assert.Null(_bdevs.Find("Nvme0n1"));
+        Assert.Empty((await Call("bdev_nvme_get_controllers", "{}"))!.AsArray());
+        Assert.Equal(0, model.IoQueuesLive);
+        Assert.Equal(0u, model.Read32(NvmeReg.Cc) & 1); // disabled on detach
+    }
+
+    [Fact]
+    public async Task TimedOutIoIsAbortedAndFailsAsAborted()
+    {
+        IoTimeout = TimeSpan.FromMilliseconds(50);
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: false);
+        nint buf = Alloc(512);
+        try
+        {
+            model.HoldIo = true;
+            var t = Stopwatch.StartNew();
+            bool ok = await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
+            Assert.False(ok);
+            Assert.Equal(0, model.HeldCount); // the abort completed it
+            Assert.Contains(NvmeAdminOpcode.Abort, model.AdminOpcodes);
+            Assert.Equal(0, _module.Find("Nvme0")!.Controller.ResetCount);
+            Assert.True(t.Elapsed < TimeSpan.FromSeconds(5), $"took {t.Elapsed}");
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task TimeoutWhoseAbortFailsEscalatesToResetAndTheIoIsRetried()
+    {
+        IoTimeout = TimeSpan.FromMilliseconds(50);
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: true);
+        nint buf = Alloc(512);
+        try
+        {
+            Fill(buf, 512, _ => 0x77);
+            model.HoldIo = true;
+            model.IgnoreAborts = true;
+            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(buf, 512) }, 5, 1, cb, null));
+            var ctrl = _module.Find("Nvme0")!.Controller;
+            var sw = Stopwatch.StartNew();
+            while (ctrl.ResetCount == 0 && sw.Elapsed < TimeSpan.FromSeconds(10))
+            {
+                await Task.Delay(5);
+            }
+
+            // Timeout (checked once a second) -> abort finds nothing -> controller reset -> the write is retried.
+            Assert.True(ctrl.ResetCount >= 1, $"no reset after {sw.Elapsed}");
+            Assert.Contains(NvmeAdminOpcode.Abort, model.AdminOpcodes);
+            model.IgnoreAborts = false;
+            model.HoldIo = false;
+            model.ReleaseHeld(); // a retry may already be held again
+            Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.All(DiskBytes(model, 5 * 512, 512), b => Assert.Equal(0x77, b));
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task RemovedDeviceFailsIoInsteadOfHanging()
+    {
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: false);
+        nint buf = Alloc(512);
+        try
+        {
+            model.HoldIo = true;
+            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
+            for (int i = 0; i < 100 && model.HeldCount == 0; i++)
+            {
+                await Task.Delay(10);
+            }
+
+            model.Removed = true;
+            Assert.False(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.False(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null)));
+            Assert.True(_module.Find("Nvme0")!.IsRemoved);
+            model.Removed = false;
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task FatalControllerStatusTriggersAResetAndIoWorksAfterwards()
+    {
+        await Attach();
+        var model = _models[0];
+        var ctrl = _module.Find("Nvme0")!.Controller;
+        model.InjectFatal();
+        var sw = Stopwatch.StartNew();
+        while (ctrl.ResetCount == 0 && sw.Elapsed < TimeSpan.FromSeconds(10))
+        {
+            await Task.Delay(5);
+        }
+
+        Assert.Equal(1, ctrl.ResetCount);
+        Assert.Equal(NvmeHealth.Ok, ctrl.CheckHealth());
+        using var desc = _bdevs.Open("Nvme0n1", write: false);
+        nint buf = Alloc(512);
+        Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null)));
+        Free(buf);
+    }
+}

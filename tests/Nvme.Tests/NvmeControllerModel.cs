@@ -1,0 +1,717 @@
+using System.Runtime.InteropServices;
+using VhostBackend.Nvme;
+
+namespace VhostBackend.Nvme.Tests;
+
+/// <summary>
+/// An in-process MODEL of an NVMe controller (not a real device): it implements the register file, reacts to CC
+/// and doorbell writes, fetches submission entries from the driver's DMA memory (through the DMA space's IOVA
+/// translation, so pointing the device at unregistered memory is caught), executes admin and NVM commands
+/// against a RAM namespace, and posts completion entries with phase tags. Single-threaded: it runs inside the
+/// doorbell write of the driver's thread.
+/// </summary>
+internal sealed unsafe class NvmeControllerModel : NvmeRegisters
+{
+    private readonly DmaSpace _space;
+    private readonly byte[] _disk;
+    private readonly Dictionary<int, Sq> _sqs = new();
+    private readonly Dictionary<int, Cq> _cqs = new();
+    private readonly List<(int Sqid, ushort Cid, byte Opcode)> _held = new();
+    private readonly List<(int Sqid, ushort Cid)> _pendingAers = new();
+    private uint _cc;
+    private uint _csts;
+    private uint _aqa;
+    private ulong _asq;
+    private ulong _acq;
+    private uint _grantedQueues = 8;
+
+    private sealed class Sq
+    {
+        public ulong Iova;
+        public int Size;
+        public int Head;
+        public int Tail;
+        public int Cqid;
+    }
+
+    private sealed class Cq
+    {
+        public ulong Iova;
+        public int Size;
+        public int Head;
+        public int Tail;
+        public int Phase = 1;
+    }
+
+    public NvmeControllerModel(DmaSpace space, ulong blocks = 2048, uint blockSize = 512, int mqes = 1023, int dstrd = 0, string serial = "MODEL123")
+    {
+        _space = space;
+        Blocks = blocks;
+        BlockSize = blockSize;
+        Mqes = mqes;
+        Dstrd = dstrd;
+        Serial = serial;
+        _disk = new byte[blocks * blockSize];
+    }
+
+    public ulong Blocks { get; }
+    public uint BlockSize { get; }
+    public int Mqes { get; }
+    public int Dstrd { get; }
+    public string Serial { get; }
+    public NvmeOncs Oncs { get; set; } = NvmeOncs.Compare | NvmeOncs.DatasetManagement | NvmeOncs.WriteZeroes;
+    public byte Mdts { get; set; } = 5; // 32 x 4 KiB = 128 KiB
+    public uint MaxQueuePairs { get; set; } = 8;
+
+    /// <summary>Commands are fetched and executed, but their completions are held until <see cref="ReleaseHeld"/>.</summary>
+    public bool HoldIo { get; set; }
+
+    /// <summary>I/O SQ doorbell writes are recorded but the SQs are only processed by <see cref="ProcessAll"/> (admin runs as usual).</summary>
+    public bool ManualProcessing { get; set; }
+
+    /// <summary>Abort commands find nothing to abort (DW0 bit 0 set), so a timeout must escalate to a reset.</summary>
+    public bool IgnoreAborts { get; set; }
+
+    /// <summary>The device is gone: every register reads all ones.</summary>
+    public bool Removed { get; set; }
+
+    public int SqDoorbellWrites { get; private set; }
+    public int CqDoorbellWrites { get; private set; }
+    public int CommandsExecuted { get; private set; }
+    public int DmaFaults { get; private set; }
+    public int PrpListsSeen { get; private set; }
+    public int FlushCount { get; private set; }
+    public int EnableTransitions { get; private set; }
+    public uint LastCcOnEnable { get; private set; }
+    public List<byte> AdminOpcodes { get; } = new();
+    public int IoQueuesLive => _sqs.Count(kv => kv.Key != 0);
+
+    public Span<byte> Disk => _disk;
+
+    public void InjectFatal() => _csts |= NvmeReg.CstsCfs;
+
+    public override uint Read32(int offset)
+    {
+        lock (this)
+        {
+            return Read32Locked(offset);
+        }
+    }
+
+    public override void Write32(int offset, uint value)
+    {
+        // Queue pairs on several reactors ring doorbells concurrently: the model serialises itself.
+        lock (this)
+        {
+            Write32Locked(offset, value);
+        }
+    }
+
+    private uint Read32Locked(int offset)
+    {
+        if (Removed)
+        {
+            return uint.MaxValue;
+        }
+
+        ulong cap = (ulong)Mqes | (1UL << 16) | (2UL << 24) | ((ulong)Dstrd << 32) | (1UL << 37);
+        return offset switch
+        {
+            NvmeReg.Cap => (uint)cap,
+            NvmeReg.Cap + 4 => (uint)(cap >> 32),
+            NvmeReg.Vs => 0x00010400,
+            NvmeReg.Cc => _cc,
+            NvmeReg.Csts => _csts,
+            NvmeReg.Aqa => _aqa,
+            NvmeReg.Asq => (uint)_asq,
+            NvmeReg.Asq + 4 => (uint)(_asq >> 32),
+            NvmeReg.Acq => (uint)_acq,
+            NvmeReg.Acq + 4 => (uint)(_acq >> 32),
+            _ => 0,
+        };
+    }
+
+    private void Write32Locked(int offset, uint value)
+    {
+        if (Removed)
+        {
+            return;
+        }
+
+        switch (offset)
+        {
+            case NvmeReg.Cc:
+                WriteCc(value);
+                return;
+            case NvmeReg.Aqa:
+                _aqa = value;
+                return;
+            case NvmeReg.Asq:
+                _asq = (_asq & 0xFFFFFFFF00000000) | value;
+                return;
+            case NvmeReg.Asq + 4:
+                _asq = (_asq & 0xFFFFFFFF) | ((ulong)value << 32);
+                return;
+            case NvmeReg.Acq:
+                _acq = (_acq & 0xFFFFFFFF00000000) | value;
+                return;
+            case NvmeReg.Acq + 4:
+                _acq = (_acq & 0xFFFFFFFF) | ((ulong)value << 32);
+                return;
+        }
+
+        if (offset >= NvmeReg.DoorbellBase)
+        {
+            int index = (offset - NvmeReg.DoorbellBase) / (4 << Dstrd);
+            if ((offset - NvmeReg.DoorbellBase) % (4 << Dstrd) != 0)
+            {
+                throw new InvalidOperationException($"doorbell write at 0x{offset:x} is not on the stride");
+            }
+
+            int qid = index / 2;
+            if (index % 2 == 0)
+            {
+                SqDoorbellWrites++;
+                if ((_csts & NvmeReg.CstsRdy) == 0 || !_sqs.TryGetValue(qid, out var sq) || value >= sq.Size)
+                {
+                    return; // ignored like a disabled controller or invalid doorbell write
+                }
+
+                sq.Tail = (int)value;
+                if (!ManualProcessing || qid == 0)
+                {
+                    ProcessSq(qid);
+                }
+            }
+            else
+            {
+                CqDoorbellWrites++;
+                if (_cqs.TryGetValue(qid, out var cq) && value < cq.Size)
+                {
+                    cq.Head = (int)value;
+                }
+            }
+        }
+    }
+
+    private void WriteCc(uint value)
+    {
+        bool wasEnabled = (_cc & NvmeReg.CcEn) != 0;
+        bool enable = (value & NvmeReg.CcEn) != 0;
+        _cc = value;
+        if (((value >> 14) & 3) != 0)
+        {
+            _csts = (_csts & ~(3u << 2)) | (2u << 2); // shutdown complete
+        }
+
+        if (!wasEnabled && enable)
+        {
+            EnableTransitions++;
+            LastCcOnEnable = value;
+            int asqs = (int)(_aqa & 0xFFF) + 1;
+            int acqs = (int)((_aqa >> 16) & 0xFFF) + 1;
+            _sqs.Clear();
+            _cqs.Clear();
+            _sqs[0] = new Sq { Iova = _asq, Size = asqs, Cqid = 0 };
+            _cqs[0] = new Cq { Iova = _acq, Size = acqs };
+            _csts = NvmeReg.CstsRdy;
+        }
+        else if (wasEnabled && !enable)
+        {
+            _sqs.Clear();
+            _cqs.Clear();
+            _held.Clear();
+            _pendingAers.Clear();
+            _csts = 0;
+        }
+    }
+
+    public void ProcessAll()
+    {
+        foreach (var qid in _sqs.Keys.ToArray())
+        {
+            ProcessSq(qid);
+        }
+    }
+
+    private void ProcessSq(int qid)
+    {
+        var sq = _sqs[qid];
+        while (sq.Head != sq.Tail)
+        {
+            var cq = _cqs[sq.Cqid];
+            if ((cq.Tail + 1) % cq.Size == cq.Head)
+            {
+                return; // CQ full: stall until the host frees entries
+            }
+
+            nint p = _space.TranslateIova(sq.Iova + ((ulong)sq.Head * 64), 64);
+            if (p == 0)
+            {
+                DmaFaults++;
+                return;
+            }
+
+            var cmd = *(NvmeCommand*)p;
+            sq.Head = (sq.Head + 1) % sq.Size;
+            CommandsExecuted++;
+            NvmeStatus status;
+            uint dw0 = 0;
+            if (qid == 0)
+            {
+                AdminOpcodes.Add(cmd.Opcode);
+                if (cmd.Opcode == NvmeAdminOpcode.AsyncEventRequest)
+                {
+                    _pendingAers.Add((qid, cmd.Cid));
+                    continue;
+                }
+
+                status = ExecuteAdmin(ref cmd, out dw0);
+            }
+            else
+            {
+                status = ExecuteIo(ref cmd);
+                if (HoldIo)
+                {
+                    _held.Add((qid, cmd.Cid, cmd.Opcode));
+                    continue;
+                }
+            }
+
+            Post(qid, cmd.Cid, status, dw0);
+            if (!_sqs.ContainsKey(qid))
+            {
+                return; // the command deleted its own queue
+            }
+        }
+    }
+
+    private void Post(int sqid, ushort cid, NvmeStatus status, uint dw0)
+    {
+        if (!_sqs.TryGetValue(sqid, out var sq) || !_cqs.TryGetValue(sq.Cqid, out var cq))
+        {
+            return;
+        }
+
+        nint p = _space.TranslateIova(cq.Iova + ((ulong)cq.Tail * 16), 16);
+        if (p == 0)
+        {
+            DmaFaults++;
+            return;
+        }
+
+        var e = (NvmeCompletion*)p;
+        e->Dw0 = dw0;
+        e->Dw1 = 0;
+        e->SqHead = (ushort)sq.Head;
+        e->SqId = (ushort)sqid;
+        e->Cid = cid;
+
+        // The phase word last, like a device: the host polls it.
+        Volatile.Write(ref e->StatusPhase, (ushort)((status.Field << 1) | cq.Phase));
+        cq.Tail++;
+        if (cq.Tail == cq.Size)
+        {
+            cq.Tail = 0;
+            cq.Phase ^= 1;
+        }
+    }
+
+    /// <summary>Completes the held commands (success, in order).</summary>
+    public int ReleaseHeld()
+    {
+        var held = _held.ToArray();
+        _held.Clear();
+        foreach (var (sqid, cid, _) in held)
+        {
+            Post(sqid, cid, NvmeStatus.Success, 0);
+        }
+
+        return held.Length;
+    }
+
+    public int HeldCount => _held.Count;
+
+    public int PendingAers => _pendingAers.Count;
+
+    /// <summary>Completes one outstanding Asynchronous Event Request with <paramref name="dw0"/>.</summary>
+    public bool RaiseAsyncEvent(uint dw0)
+    {
+        if (_pendingAers.Count == 0)
+        {
+            return false;
+        }
+
+        var (sqid, cid) = _pendingAers[0];
+        _pendingAers.RemoveAt(0);
+        Post(sqid, cid, NvmeStatus.Success, dw0);
+        return true;
+    }
+
+    private NvmeStatus ExecuteAdmin(ref NvmeCommand cmd, out uint dw0)
+    {
+        dw0 = 0;
+        switch (cmd.Opcode)
+        {
+            case NvmeAdminOpcode.Identify:
+            {
+                var data = new byte[4096];
+                int cns = (int)(cmd.Cdw10 & 0xFF);
+                if (cns == 1)
+                {
+                    BitConverter.TryWriteBytes(data.AsSpan(0), (ushort)0x1b36);
+                    Pad(Serial, 20).CopyTo(data.AsSpan(4));
+                    Pad("VhostBackend NVMe model", 40).CopyTo(data.AsSpan(24));
+                    Pad("1.0", 8).CopyTo(data.AsSpan(64));
+                    data[77] = Mdts;
+                    BitConverter.TryWriteBytes(data.AsSpan(80), 0x00010400u);
+                    data[259] = 3; // AERL
+                    data[512] = 0x66;
+                    data[513] = 0x44;
+                    BitConverter.TryWriteBytes(data.AsSpan(516), 1u);
+                    BitConverter.TryWriteBytes(data.AsSpan(520), (ushort)Oncs);
+                    data[525] = 1;
+                }
+                else if (cns == 0)
+                {
+                    if (cmd.Nsid != 1)
+                    {
+                        return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidNamespace, dnr: true);
+                    }
+
+                    BitConverter.TryWriteBytes(data.AsSpan(0), Blocks);
+                    BitConverter.TryWriteBytes(data.AsSpan(8), Blocks);
+                    data[25] = 1; // two LBA formats
+                    data[26] = 1; // using format 1
+                    BitConverter.TryWriteBytes(data.AsSpan(128), 9u << 16); // 512 B
+                    BitConverter.TryWriteBytes(data.AsSpan(132), (uint)(System.Numerics.BitOperations.Log2(BlockSize) << 16));
+                }
+                else if (cns == 2)
+                {
+                    BitConverter.TryWriteBytes(data.AsSpan(0), 1u);
+                }
+                else
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidField, dnr: true);
+                }
+
+                return CopyOut(ref cmd, data);
+            }
+
+            case NvmeAdminOpcode.SetFeatures:
+                if ((cmd.Cdw10 & 0xFF) == NvmeFeature.NumberOfQueues)
+                {
+                    uint want = Math.Min((cmd.Cdw11 & 0xFFFF) + 1, MaxQueuePairs);
+                    _grantedQueues = want;
+                    dw0 = (want - 1) | ((want - 1) << 16);
+                }
+
+                return NvmeStatus.Success;
+            case NvmeAdminOpcode.GetFeatures:
+                dw0 = (cmd.Cdw10 & 0xFF) == NvmeFeature.NumberOfQueues ? (_grantedQueues - 1) | ((_grantedQueues - 1) << 16) : 0;
+                return NvmeStatus.Success;
+            case NvmeAdminOpcode.CreateIoCq:
+            {
+                int qid = (int)(cmd.Cdw10 & 0xFFFF);
+                int size = (int)(cmd.Cdw10 >> 16) + 1;
+                if (qid == 0 || qid > _grantedQueues || _cqs.ContainsKey(qid))
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueId, dnr: true);
+                }
+
+                if (size < 2 || size > Mqes + 1 || (cmd.Cdw11 & 1) == 0)
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueSize, dnr: true);
+                }
+
+                _cqs[qid] = new Cq { Iova = cmd.Prp1, Size = size };
+                return NvmeStatus.Success;
+            }
+
+            case NvmeAdminOpcode.CreateIoSq:
+            {
+                int qid = (int)(cmd.Cdw10 & 0xFFFF);
+                int size = (int)(cmd.Cdw10 >> 16) + 1;
+                int cqid = (int)(cmd.Cdw11 >> 16);
+                if (qid == 0 || qid > _grantedQueues || _sqs.ContainsKey(qid))
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueId, dnr: true);
+                }
+
+                if (!_cqs.ContainsKey(cqid) || cqid == 0)
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, 0x00 /* completion queue invalid */, dnr: true);
+                }
+
+                if (size < 2 || size > Mqes + 1)
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueSize, dnr: true);
+                }
+
+                _sqs[qid] = new Sq { Iova = cmd.Prp1, Size = size, Cqid = cqid };
+                return NvmeStatus.Success;
+            }
+
+            case NvmeAdminOpcode.DeleteIoSq:
+            {
+                int qid = (int)(cmd.Cdw10 & 0xFFFF);
+                if (qid == 0 || !_sqs.Remove(qid))
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueId, dnr: true);
+                }
+
+                _held.RemoveAll(h => h.Sqid == qid);
+                return NvmeStatus.Success;
+            }
+
+            case NvmeAdminOpcode.DeleteIoCq:
+            {
+                int qid = (int)(cmd.Cdw10 & 0xFFFF);
+                if (qid == 0 || !_cqs.Remove(qid))
+                {
+                    return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueId, dnr: true);
+                }
+
+                return NvmeStatus.Success;
+            }
+
+            case NvmeAdminOpcode.GetLogPage:
+            {
+                int bytes = (int)(((cmd.Cdw10 >> 16) | ((cmd.Cdw11 & 0xFFFF) << 16)) + 1) * 4;
+                var data = new byte[bytes];
+                if ((cmd.Cdw10 & 0xFF) == NvmeLogPage.SmartHealth && bytes >= 3)
+                {
+                    BitConverter.TryWriteBytes(data.AsSpan(1), (ushort)310);
+                }
+
+                return CopyOut(ref cmd, data);
+            }
+
+            case NvmeAdminOpcode.Abort:
+            {
+                int sqid = (int)(cmd.Cdw10 & 0xFFFF);
+                ushort cid = (ushort)(cmd.Cdw10 >> 16);
+                int i = IgnoreAborts ? -1 : _held.FindIndex(h => h.Sqid == sqid && h.Cid == cid);
+                if (i < 0)
+                {
+                    dw0 = 1; // not aborted
+                    return NvmeStatus.Success;
+                }
+
+                _held.RemoveAt(i);
+                Post(sqid, cid, NvmeStatus.AbortRequested, 0);
+                return NvmeStatus.Success;
+            }
+
+            case NvmeAdminOpcode.KeepAlive:
+                return NvmeStatus.Success;
+            default:
+                return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidOpcode, dnr: true);
+        }
+    }
+
+    private static byte[] Pad(string s, int n)
+    {
+        var b = new byte[n];
+        b.AsSpan().Fill((byte)' ');
+        System.Text.Encoding.ASCII.GetBytes(s).AsSpan(0, Math.Min(n, s.Length)).CopyTo(b);
+        return b;
+    }
+
+    private NvmeStatus CopyOut(ref NvmeCommand cmd, byte[] data)
+    {
+        var segs = WalkPrps(cmd.Prp1, cmd.Prp2, data.Length);
+        if (segs is null)
+        {
+            return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.DataTransferError);
+        }
+
+        int off = 0;
+        foreach (var (p, len) in segs)
+        {
+            data.AsSpan(off, len).CopyTo(new Span<byte>((void*)p, len));
+            off += len;
+        }
+
+        return NvmeStatus.Success;
+    }
+
+    /// <summary>PRP walk per NVMe 1.4 4.3 with 4 KiB pages; validates alignment rules and DMA reachability.</summary>
+    private List<(nint, int)>? WalkPrps(ulong prp1, ulong prp2, int length)
+    {
+        const int page = 4096;
+        var segs = new List<(nint, int)>();
+        if ((prp1 & 3) != 0)
+        {
+            return null;
+        }
+
+        int first = Math.Min(length, page - (int)(prp1 % page));
+        if (!Add(prp1, first))
+        {
+            return null;
+        }
+
+        int remaining = length - first;
+        if (remaining == 0)
+        {
+            return segs;
+        }
+
+        if (remaining <= page)
+        {
+            return prp2 % page == 0 && Add(prp2, remaining) ? segs : null;
+        }
+
+        PrpListsSeen++;
+        ulong listIova = prp2;
+        int maxEntries = (page - (int)(listIova % page)) / 8;
+        nint list = _space.TranslateIova(listIova, (ulong)maxEntries * 8);
+        if (list == 0 || (listIova & 7) != 0)
+        {
+            DmaFaults++;
+            return null;
+        }
+
+        int idx = 0;
+        while (remaining > 0)
+        {
+            if (idx == maxEntries - 1 && remaining > page)
+            {
+                return null; // the model does not follow chained lists (the driver never builds them)
+            }
+
+            ulong entry = ((ulong*)list)[idx++];
+            if (entry % page != 0)
+            {
+                return null;
+            }
+
+            int n = Math.Min(page, remaining);
+            if (!Add(entry, n))
+            {
+                return null;
+            }
+
+            remaining -= n;
+        }
+
+        return segs;
+
+        bool Add(ulong iova, int len)
+        {
+            nint p = _space.TranslateIova(iova, (ulong)len);
+            if (p == 0)
+            {
+                DmaFaults++;
+                return false;
+            }
+
+            segs.Add((p, len));
+            return true;
+        }
+    }
+
+    private NvmeStatus ExecuteIo(ref NvmeCommand cmd)
+    {
+        if (cmd.Nsid != 1 && cmd.Opcode != NvmeIoOpcode.Flush)
+        {
+            return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidNamespace, dnr: true);
+        }
+
+        ulong slba = cmd.Cdw10 | ((ulong)cmd.Cdw11 << 32);
+        uint nlb = (cmd.Cdw12 & 0xFFFF) + 1;
+        switch (cmd.Opcode)
+        {
+            case NvmeIoOpcode.Flush:
+                FlushCount++;
+                return NvmeStatus.Success;
+            case NvmeIoOpcode.Read:
+            case NvmeIoOpcode.Write:
+            case NvmeIoOpcode.Compare:
+            {
+                if (slba + nlb > Blocks)
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.LbaOutOfRange, dnr: true);
+                }
+
+                int bytes = (int)(nlb * BlockSize);
+                if (Mdts != 0 && bytes > (4096 << Mdts))
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidField, dnr: true);
+                }
+
+                var segs = WalkPrps(cmd.Prp1, cmd.Prp2, bytes);
+                if (segs is null)
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.DataTransferError);
+                }
+
+                int off = (int)(slba * BlockSize);
+                foreach (var (p, len) in segs)
+                {
+                    var host = new Span<byte>((void*)p, len);
+                    var disk = _disk.AsSpan(off, len);
+                    if (cmd.Opcode == NvmeIoOpcode.Read)
+                    {
+                        disk.CopyTo(host);
+                    }
+                    else if (cmd.Opcode == NvmeIoOpcode.Write)
+                    {
+                        host.CopyTo(disk);
+                    }
+                    else if (!host.SequenceEqual(disk))
+                    {
+                        return NvmeStatus.Make(NvmeSct.MediaError, NvmeSc.CompareFailure);
+                    }
+
+                    off += len;
+                }
+
+                return NvmeStatus.Success;
+            }
+
+            case NvmeIoOpcode.WriteZeroes:
+                if ((Oncs & NvmeOncs.WriteZeroes) == 0)
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidOpcode, dnr: true);
+                }
+
+                if (slba + nlb > Blocks)
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.LbaOutOfRange, dnr: true);
+                }
+
+                _disk.AsSpan((int)(slba * BlockSize), (int)(nlb * BlockSize)).Clear();
+                return NvmeStatus.Success;
+            case NvmeIoOpcode.DatasetManagement:
+            {
+                int nr = (int)(cmd.Cdw10 & 0xFF) + 1;
+                var segs = WalkPrps(cmd.Prp1, cmd.Prp2, nr * 16);
+                if (segs is null)
+                {
+                    return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.DataTransferError);
+                }
+
+                var ranges = MemoryMarshal.Cast<byte, NvmeDsmRange>(new ReadOnlySpan<byte>((void*)segs[0].Item1, nr * 16));
+                foreach (var r in ranges)
+                {
+                    if (r.StartLba + r.LengthBlocks > Blocks)
+                    {
+                        return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.LbaOutOfRange, dnr: true);
+                    }
+
+                    if ((cmd.Cdw11 & 4) != 0)
+                    {
+                        _disk.AsSpan((int)(r.StartLba * BlockSize), (int)(r.LengthBlocks * BlockSize)).Clear();
+                    }
+                }
+
+                return NvmeStatus.Success;
+            }
+
+            default:
+                return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidOpcode, dnr: true);
+        }
+    }
+}

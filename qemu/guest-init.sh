@@ -106,6 +106,12 @@ else
         mount -t tmpfs -o mode=755 tmpfs /host/run || log "warning: tmpfs /host/run failed"
         # Anything under the host's /run (e.g. /run/lock, /run/shm) would be gone.
         mkdir -p /host/run/lock /host/run/shm 2>/dev/null
+        # A host directory hidden by those tmpfs (a checkout under /tmp, say) comes as its own 9p share.
+        if share="$(cmdline_value vbguest.share)"; then
+            mkdir -p "/host$share" \
+                && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache="$cache",msize=512000 hostshare "/host$share" \
+                || log "warning: share $share failed"
+        fi
     else
         log "host root not mounted (no 9p device with mount tag 'hostroot'?)"
     fi

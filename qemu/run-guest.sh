@@ -26,6 +26,8 @@
 #   --extra "ARGS"       extra QEMU arguments, split on whitespace (repeatable);
 #                        use "-- ARGS..." for arguments containing spaces
 #   --no-hostroot        do not export the host's / to the guest over 9p
+#   --share DIR          also export DIR (read-only) and mount it at /host/DIR: for directories the guest's
+#                        private tmpfs on /host/tmp, /host/var/tmp and /host/run would hide
 #   --guest-dir DIR      where build-guest.sh puts vmlinuz/initramfs.img
 #                        (default ${VHOSTBACKEND_CACHE:-$HOME/.cache/vhostbackend}/guest)
 #   --kernel FILE / --initrd FILE   use these instead of building
@@ -52,6 +54,7 @@ SERIAL=stdio
 APPEND=()
 EXTRA=()
 HOSTROOT=1
+SHARE=""
 GUEST_DIR="${VHOSTBACKEND_CACHE:-${HOME:-/tmp}/.cache/vhostbackend}/guest"
 KERNEL=""
 INITRD=""
@@ -77,6 +80,7 @@ while [[ $# -gt 0 ]]; do
             EXTRA+=("${words[@]}")
             shift 2 ;;
         --no-hostroot) HOSTROOT=0; shift ;;
+        --share) need_arg "$@"; SHARE="$2"; shift 2 ;;
         --guest-dir) need_arg "$@"; GUEST_DIR="$2"; shift 2 ;;
         --kernel) need_arg "$@"; KERNEL="$2"; shift 2 ;;
         --initrd) need_arg "$@"; INITRD="$2"; shift 2 ;;
@@ -117,6 +121,10 @@ parse_sock() {
 }
 
 CMDLINE="console=ttyS0 panic=-1 quiet"
+if [[ $HOSTROOT -eq 1 && -n "$SHARE" ]]; then
+    [[ "$SHARE" == /* && "$SHARE" != *[[:space:]]* ]] || die "--share needs an absolute path without spaces"
+    CMDLINE+=" vbguest.share=$SHARE"
+fi
 if [[ ${#APPEND[@]} -gt 0 ]]; then
     CMDLINE+=" ${APPEND[*]}"
 fi
@@ -143,6 +151,12 @@ if [[ $HOSTROOT -eq 1 ]]; then
         -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap
         -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot
     )
+    if [[ -n "$SHARE" ]]; then
+        cmd+=(
+            -fsdev "local,id=hostshare,path=$SHARE,security_model=none,readonly=on,multidevs=remap"
+            -device virtio-9p-pci,fsdev=hostshare,mount_tag=hostshare
+        )
+    fi
 fi
 
 if [[ -n "$AGENT" ]]; then

@@ -26,6 +26,10 @@ public static class GuestImage
     public static string RepoRoot => s_repoRoot.Value;
 
     /// <summary>The repository's <c>qemu/</c> directory (build-guest.sh, run-guest.sh, guest-init.sh).</summary>
+    /// <summary>True when the checkout is under /tmp, /var/tmp or /run, which the guest covers with private tmpfs.</summary>
+    public static bool RepoHiddenInGuest =>
+        new[] { "/tmp/", "/var/tmp/", "/run/" }.Any(d => (RepoRoot + "/").StartsWith(d, StringComparison.Ordinal));
+
     public static string QemuDirectory => Path.Combine(RepoRoot, "qemu");
 
     /// <summary>

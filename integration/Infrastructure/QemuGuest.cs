@@ -283,6 +283,12 @@ public sealed class QemuGuest : IAsyncDisposable
         {
             args.Add("--no-hostroot");
         }
+        else if (GuestImage.RepoHiddenInGuest)
+        {
+            // The checkout lives under a directory the guest replaces with its own tmpfs: share it on its own.
+            args.Add("--share");
+            args.Add(GuestImage.RepoRoot);
+        }
 
         args.Add("--");
         foreach (var qarg in options.ExtraQemuArgs)

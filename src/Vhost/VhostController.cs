@@ -13,6 +13,7 @@ namespace VhostBackend.Vhost;
 public abstract class VhostController : IVhostUserDevice
 {
     private readonly List<VhostUserSession> _sessions = new();
+    private readonly List<VhostQueue> _queues = new();
     private readonly Reactor.Reactor[] _reactors;
     private readonly Reactor.ReactorRuntime _runtime;
     private UnixSocketListener? _listener;
@@ -62,6 +63,38 @@ public abstract class VhostController : IVhostUserDevice
 
     public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
 
+    /// <summary>Starts <paramref name="queue"/> on its reactor and tracks it (coalescing changes, hot remove).</summary>
+    protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue)
+    {
+        await queue.Reactor.InvokeAsync(queue.StartOnReactor).ConfigureAwait(false);
+        lock (_queues)
+        {
+            _queues.Add(queue);
+        }
+
+        return queue;
+    }
+
+    internal void UntrackQueue(VhostQueue queue)
+    {
+        lock (_queues)
+        {
+            _queues.Remove(queue);
+        }
+    }
+
+    /// <summary>The running queues of every session.</summary>
+    protected VhostQueue[] Queues
+    {
+        get
+        {
+            lock (_queues)
+            {
+                return _queues.ToArray();
+            }
+        }
+    }
+
     /// <summary>The reactor for the next queue: round-robin over the controller's cpumask.</summary>
     protected Reactor.Reactor NextReactor() => _runtime.NextRoundRobin(_reactors);
 
@@ -88,7 +121,7 @@ public abstract class VhostController : IVhostUserDevice
     }
 
     /// <summary>Validates and applies interrupt coalescing (like SPDK: delay must fit, threshold must give a rate &gt; 0).</summary>
-    public virtual Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
+    public Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
     {
         if ((ulong)delayBaseUs * (ulong)System.Diagnostics.Stopwatch.Frequency / 1_000_000UL >= uint.MaxValue)
         {
@@ -102,7 +135,7 @@ public abstract class VhostController : IVhostUserDevice
 
         Volatile.Write(ref _delayBaseUs, delayBaseUs);
         Volatile.Write(ref _iopsThreshold, iopsThreshold);
-        return Task.CompletedTask;
+        return Task.WhenAll(Queues.Select(q => q.SetCoalescingAsync(delayBaseUs, iopsThreshold)));
     }
 
     /// <summary>Starts listening on <see cref="SocketPath"/> and accepting front ends on a dedicated thread.</summary>

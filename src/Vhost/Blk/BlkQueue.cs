@@ -37,59 +37,26 @@ internal sealed class BlkRequest
 }
 
 /// <summary>
-/// One virtio-blk queue of one session, polled on one reactor: pops chains, parses requests, submits them to the
-/// bdev zero-copy (iovecs point straight into guest memory), completes them and signals the guest. Everything
-/// here runs on the owning reactor; the protocol thread reaches it only through <see cref="Reactor.InvokeAsync(Action)"/>.
+/// One virtio-blk queue of one session, polled on one reactor: parses requests and submits them to the bdev
+/// zero-copy (iovecs point straight into guest memory). Polling, completion publishing and interrupts are
+/// <see cref="VhostQueue"/>'s.
 /// </summary>
-internal sealed class BlkQueue : IVhostQueueRunner
+internal sealed class BlkQueue : VhostQueue
 {
-    private const int PopBatch = 32;
-    private const long StatsIntervalMs = 10;
-
     internal static readonly Action<object?> RetryCallback = static o => ((BlkRequest)o!).Queue.Resubmit((BlkRequest)o!);
     private static readonly BdevIoCompletion s_done = static (io, ok, arg) => ((BlkRequest)arg!).Queue.OnBdevDone((BlkRequest)arg!, ok);
-    private static readonly PollerFn s_poll = static c => ((BlkQueue)c!).Poll();
-    private static readonly PollerInterruptFn s_interrupt = static (c, arm) => ((BlkQueue)c!).OnInterruptMode(arm);
 
     private readonly VhostBlkController _ctrlr;
-    private readonly VhostUserSession _session;
-    private readonly int _index;
-    private readonly SplitVirtqueue _vq;
-    private readonly Reactor.Reactor _reactor;
-    private readonly EventFd? _kick;
     private readonly BlkRequest[] _pool;
-    private EventFd? _call;
     private BdevDesc? _desc;
     private BdevChannel? _ch;
-    private Poller? _poller;
     private BlkRequest? _free;
-    private int _inFlight;
-    private bool _stopping;
-    private bool _broken;
     private bool _bdevGone;
-    private bool _signalPending;
-    private int _completedSincePoll;
-    private TaskCompletionSource? _drained;
-    private int _chainErrors;
-
-    // Interrupt coalescing (vhost_controller_set_coalescing): SPDK's model, per queue.
-    private long _delayBaseTicks;
-    private uint _ioRateThreshold;
-    private long _nextStatsCheck;
-    private long _nextEventTime;
-    private long _irqDelayTicks;
-    private uint _usedReqCount;
-    private uint _reqCount;
 
     public BlkQueue(VhostBlkController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor)
+        : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_blk")
     {
         _ctrlr = ctrlr;
-        _session = session;
-        _index = index;
-        _vq = vq;
-        _call = call;
-        _kick = kick;
-        _reactor = reactor;
         int poolSize = Math.Min((int)vq.Size, 1024);
         _pool = new BlkRequest[poolSize];
         for (int i = 0; i < poolSize; i++)
@@ -100,12 +67,9 @@ internal sealed class BlkQueue : IVhostQueueRunner
         }
     }
 
-    public int InFlight => Volatile.Read(ref _inFlight);
+    protected override bool CanTakeRequest => _free is not null;
 
-    public Reactor.Reactor Reactor => _reactor;
-
-    /// <summary>Registers the poller (and the kick fd as its interrupt source). Runs on the reactor.</summary>
-    public void StartOnReactor()
+    protected override void OnStart()
     {
         _desc = _ctrlr.Desc;
         if (_desc is not null)
@@ -116,68 +80,18 @@ internal sealed class BlkQueue : IVhostQueueRunner
         {
             _bdevGone = true;
         }
-
-        ApplyCoalescing(_ctrlr.DelayBaseUs, _ctrlr.IopsThreshold);
-        _vq.DisableNotify();
-        _poller = _reactor.RegisterPoller($"vhost_blk:{_session.Name}:q{_index}", s_poll, this);
-        if (_kick is not null)
-        {
-            _reactor.SetPollerInterrupt(_poller, _kick.Fd, s_interrupt);
-        }
     }
 
-    public Task<ushort> StopAsync() => _reactor.InvokeAsync(async () =>
-    {
-        _stopping = true;
-        if (_inFlight > 0)
-        {
-            _drained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-            await _drained.Task.ConfigureAwait(true);
-        }
-
-        Flush(force: true);
-        if (_poller is not null)
-        {
-            _reactor.UnregisterPoller(_poller);
-            _poller = null;
-        }
-
-        ReleaseChannel();
-        return _vq.LastAvailIdx;
-    });
-
-    public Task SetCallAsync(EventFd? call) => _reactor.InvokeAsync(() =>
-    {
-        _call = call;
-        if (_signalPending)
-        {
-            Flush(force: true);
-        }
-    });
+    protected override void OnStop() => ReleaseChannel();
 
     /// <summary>The bdev is going away: fail new requests, wait for in-flight ones, drop the channel.</summary>
-    public Task DetachBdevAsync() => _reactor.InvokeAsync(async () =>
+    public Task DetachBdevAsync() => Reactor.InvokeAsync(async () =>
     {
         _bdevGone = true;
-        if (_inFlight > 0)
-        {
-            _drained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-            await _drained.Task.ConfigureAwait(true);
-        }
-
+        await WaitDrainedAsync().ConfigureAwait(true);
         ReleaseChannel();
         return true;
     });
-
-    public Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold) => _reactor.InvokeAsync(() => ApplyCoalescing(delayBaseUs, iopsThreshold));
-
-    private void ApplyCoalescing(uint delayBaseUs, uint iopsThreshold)
-    {
-        _delayBaseTicks = (long)delayBaseUs * Stopwatch.Frequency / 1_000_000;
-        _ioRateThreshold = Math.Max(1u, (uint)(iopsThreshold * StatsIntervalMs / 1000));
-        _irqDelayTicks = 0;
-        _nextEventTime = 0;
-    }
 
     private void ReleaseChannel()
     {
@@ -188,53 +102,12 @@ internal sealed class BlkQueue : IVhostQueueRunner
         }
     }
 
-    private int Poll()
+    protected override void Process(ushort head)
     {
-        int work = _completedSincePoll;
-        _completedSincePoll = 0;
-        if (!_stopping && !_broken)
-        {
-            int popped = 0;
-            while (popped < PopBatch && _free is not null)
-            {
-                var r = _vq.TryPop(out ushort head);
-                if (r == PopResult.Empty)
-                {
-                    break;
-                }
-
-                if (r == PopResult.Broken)
-                {
-                    _broken = true;
-                    _ctrlr.Logger.LogError("vhost_blk {Session} queue {Index}: driver published an invalid avail index or head; queue stopped", _session.Name, _index);
-                    break;
-                }
-
-                var req = _free;
-                _free = req.NextFree;
-                req.NextFree = null;
-                popped++;
-                Process(req, head);
-            }
-
-            work += popped;
-        }
-
-        Flush(force: false);
-        return work;
-    }
-
-    private bool OnInterruptMode(bool arm)
-    {
-        if (!arm)
-        {
-            _vq.DisableNotify();
-            return false;
-        }
-
-        _kick?.Drain();
-        bool pending = _vq.EnableNotify() && !_stopping && !_broken;
-        return pending || _signalPending || _completedSincePoll > 0;
+        var req = _free!;
+        _free = req.NextFree;
+        req.NextFree = null;
+        Process(req, head);
     }
 
     // ---- request parsing ----------------------------------------------------------------------------------
@@ -245,14 +118,10 @@ internal sealed class BlkQueue : IVhostQueueRunner
         req.StatusPtr = 0;
         req.UsedLength = 1;
         var segs = req.Segments;
-        var err = _vq.WalkChain(head, segs, out var info);
+        var err = Vq.WalkChain(head, segs, out var info);
         if (err != ChainError.None || info.ReadableBytes < 16 || info.WritableBytes < 1)
         {
-            if (_chainErrors++ < 16)
-            {
-                _ctrlr.Logger.LogError("vhost_blk {Session} queue {Index}: invalid chain at head {Head}: {Error} (readable {Readable}, writable {Writable})",
-                    _session.Name, _index, head, err, info.ReadableBytes, info.WritableBytes);
-            }
+            LogChainError(head, $"{err} (readable {info.ReadableBytes}, writable {info.WritableBytes})");
 
             // No safe status byte: return the head with nothing written.
             req.UsedLength = 0;
@@ -263,7 +132,7 @@ internal sealed class BlkQueue : IVhostQueueRunner
         ref var last = ref segs[info.SegmentCount - 1];
         req.StatusPtr = last.Host + (nint)(last.Length - 1);
         VirtioBlkOutHeader hdr;
-        CopyReadable(segs, info.FirstWritable, 0, (byte*)&hdr, 16);
+        CopyFromChain(segs, info.FirstWritable, 0, (byte*)&hdr, 16);
         if (_bdevGone)
         {
             Finish(req, VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
@@ -303,28 +172,6 @@ internal sealed class BlkQueue : IVhostQueueRunner
                 Finish(req, VirtioBlkRequestType.StatusUnsupp, wasInFlight: false);
                 return;
         }
-    }
-
-    /// <summary>Copies <paramref name="len"/> readable bytes starting at <paramref name="skip"/> (they may span segments).</summary>
-    private unsafe static bool CopyReadable(DescSegment[] segs, int readableSegs, ulong skip, byte* dst, int len)
-    {
-        for (int i = 0; i < readableSegs && len > 0; i++)
-        {
-            ulong l = segs[i].Length;
-            if (skip >= l)
-            {
-                skip -= l;
-                continue;
-            }
-
-            int n = (int)Math.Min((ulong)len, l - skip);
-            Unsafe.CopyBlockUnaligned(dst, (byte*)segs[i].Host + skip, (uint)n);
-            dst += n;
-            len -= n;
-            skip = 0;
-        }
-
-        return len == 0;
     }
 
     private void ProcessData(BlkRequest req, in ChainInfo info, ulong sector, bool read)
@@ -449,7 +296,7 @@ internal sealed class BlkQueue : IVhostQueueRunner
         }
 
         VirtioBlkDiscardWriteZeroes seg;
-        CopyReadable(req.Segments, info.FirstWritable, 16, (byte*)&seg, 16);
+        CopyFromChain(req.Segments, info.FirstWritable, 16, (byte*)&seg, 16);
         uint allowedFlags = discard ? 0 : VirtioBlkRequestType.SegmentFlagUnmap;
         if ((seg.Flags & ~allowedFlags) != 0)
         {
@@ -502,7 +349,7 @@ internal sealed class BlkQueue : IVhostQueueRunner
 
     private void Submit(BlkRequest req)
     {
-        _inFlight++;
+        BeginInFlight();
         int rc = SubmitToBdev(req);
         if (rc == 0)
         {
@@ -546,66 +393,10 @@ internal sealed class BlkQueue : IVhostQueueRunner
             *(byte*)req.StatusPtr = status;
         }
 
-        _vq.PushUsed(req.Head, req.UsedLength);
-        _usedReqCount++;
-        _signalPending = true;
-        _completedSincePoll++;
+        ushort head = req.Head;
+        uint used = req.UsedLength;
         req.NextFree = _free;
         _free = req;
-        if (wasInFlight && --_inFlight == 0 && _drained is { } d)
-        {
-            _drained = null;
-            d.TrySetResult();
-        }
-    }
-
-    /// <summary>Signals the call eventfd for used entries published since the last signal, honouring coalescing.</summary>
-    private void Flush(bool force)
-    {
-        if (!_signalPending)
-        {
-            return;
-        }
-
-        var call = _call;
-        if (call is null)
-        {
-            _signalPending = false;
-            return;
-        }
-
-        if (_delayBaseTicks == 0 || force)
-        {
-            _signalPending = false;
-            if (_vq.NeedsNotify())
-            {
-                call.Signal();
-            }
-
-            return;
-        }
-
-        long now = Stopwatch.GetTimestamp();
-        if (now >= _nextStatsCheck)
-        {
-            _nextStatsCheck = now + (StatsIntervalMs * Stopwatch.Frequency / 1000);
-            uint reqs = _reqCount + _usedReqCount;
-            _irqDelayTicks = reqs > _ioRateThreshold ? _delayBaseTicks * (reqs - _ioRateThreshold) / _ioRateThreshold : 0;
-            _reqCount = 0;
-        }
-
-        if (now < _nextEventTime)
-        {
-            return; // stays pending; the poller retries next iteration
-        }
-
-        _signalPending = false;
-        if (_vq.NeedsNotify())
-        {
-            call.Signal();
-            _reqCount += _usedReqCount;
-            _usedReqCount = 0;
-            _nextEventTime = now + _irqDelayTicks;
-        }
+        Complete(head, used, wasInFlight);
     }
 }

@@ -24,7 +24,6 @@ public sealed class VhostBlkController : VhostController
     public const uint SizeMax = 128 * 1024;
     public const uint MaxDiscardSectors = 65536;
 
-    private readonly List<BlkQueue> _queues = new();
     private BdevDesc? _desc;
     private readonly string _bdevName;
 
@@ -144,30 +143,8 @@ public sealed class VhostBlkController : VhostController
         return 0;
     }
 
-    public override async Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick)
-    {
-        var reactor = NextReactor();
-        var q = new BlkQueue(this, session, index, queue, call, kick, reactor);
-        await reactor.InvokeAsync(q.StartOnReactor).ConfigureAwait(false);
-        lock (_queues)
-        {
-            _queues.Add(q);
-        }
-
-        return new Runner(this, q);
-    }
-
-    public override async Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
-    {
-        await base.SetCoalescingAsync(delayBaseUs, iopsThreshold).ConfigureAwait(false);
-        BlkQueue[] queues;
-        lock (_queues)
-        {
-            queues = _queues.ToArray();
-        }
-
-        await Task.WhenAll(queues.Select(q => q.SetCoalescingAsync(delayBaseUs, iopsThreshold))).ConfigureAwait(false);
-    }
+    public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick) =>
+        StartQueueAsync(new BlkQueue(this, session, index, queue, call, kick, NextReactor()));
 
     private void OnBdevEvent(BdevEventType type)
     {
@@ -192,12 +169,7 @@ public sealed class VhostBlkController : VhostController
     private async Task HandleRemoveAsync()
     {
         Logger.LogWarning("vhost_blk {Name}: bdev {Bdev} is being removed; failing I/O", Name, _bdevName);
-        BlkQueue[] queues;
-        lock (_queues)
-        {
-            queues = _queues.ToArray();
-        }
-
+        var queues = Queues.OfType<BlkQueue>().ToArray();
         try
         {
             await Task.WhenAll(queues.Select(q => q.DetachBdevAsync())).ConfigureAwait(false);
@@ -246,31 +218,4 @@ public sealed class VhostBlkController : VhostController
 
     /// <summary>Closes the descriptor after all sessions are gone (controller deletion).</summary>
     internal void CloseBdev() => Interlocked.Exchange(ref _desc, null)?.Dispose();
-
-    private sealed class Runner : IVhostQueueRunner
-    {
-        private readonly VhostBlkController _ctrlr;
-        private readonly BlkQueue _queue;
-
-        public Runner(VhostBlkController ctrlr, BlkQueue queue)
-        {
-            _ctrlr = ctrlr;
-            _queue = queue;
-        }
-
-        public int InFlight => _queue.InFlight;
-
-        public async Task<ushort> StopAsync()
-        {
-            ushort last = await _queue.StopAsync().ConfigureAwait(false);
-            lock (_ctrlr._queues)
-            {
-                _ctrlr._queues.Remove(_queue);
-            }
-
-            return last;
-        }
-
-        public Task SetCallAsync(EventFd? call) => _queue.SetCallAsync(call);
-    }
 }

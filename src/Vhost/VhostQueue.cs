@@ -1,0 +1,353 @@
+using System.Diagnostics;
+using System.Runtime.CompilerServices;
+using Microsoft.Extensions.Logging;
+using VhostBackend.Bdev;
+using VhostBackend.Platform;
+using VhostBackend.Reactor;
+using VhostBackend.Virtio;
+
+namespace VhostBackend.Vhost;
+
+/// <summary>
+/// The device-independent part of one virtqueue of one session, polled on one reactor: the poller (and the kick
+/// fd as its interrupt source), popping heads while the device has a free request, publishing used entries,
+/// signalling the call eventfd only when the driver wants it (event idx) and as often as interrupt coalescing
+/// allows, and draining in-flight requests on stop. Device queues (virtio-blk, virtio-scsi request, control and
+/// event queues) derive from it and parse chains in <see cref="Process"/>. Everything here runs on the owning
+/// reactor; the protocol thread reaches it only through <see cref="Reactor.Reactor.InvokeAsync(Action)"/>.
+/// </summary>
+public abstract class VhostQueue : IVhostQueueRunner
+{
+    private const int PopBatch = 32;
+    private const long StatsIntervalMs = 10;
+    private const int MaxLoggedChainErrors = 16;
+
+    private static readonly PollerFn s_poll = static c => ((VhostQueue)c!).Poll();
+    private static readonly PollerInterruptFn s_interrupt = static (c, arm) => ((VhostQueue)c!).OnInterruptMode(arm);
+
+    private readonly EventFd? _kick;
+    private readonly string _kind;
+    private EventFd? _call;
+    private Poller? _poller;
+    private int _inFlight;
+    private bool _stopping;
+    private bool _broken;
+    private bool _signalPending;
+    private int _completedSincePoll;
+    private TaskCompletionSource? _drained;
+    private int _chainErrors;
+
+    // Interrupt coalescing (vhost_controller_set_coalescing): SPDK's model, per queue.
+    private long _delayBaseTicks;
+    private uint _ioRateThreshold;
+    private long _nextStatsCheck;
+    private long _nextEventTime;
+    private long _irqDelayTicks;
+    private uint _usedReqCount;
+    private uint _reqCount;
+
+    protected VhostQueue(VhostController controller, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor, string kind)
+    {
+        Controller = controller;
+        Session = session;
+        Index = index;
+        Vq = vq;
+        _call = call;
+        _kick = kick;
+        Reactor = reactor;
+        _kind = kind;
+    }
+
+    public VhostController Controller { get; }
+    public VhostUserSession Session { get; }
+    public int Index { get; }
+    public Reactor.Reactor Reactor { get; }
+    protected SplitVirtqueue Vq { get; }
+    protected ILogger Logger => Controller.Logger;
+
+    /// <summary>Requests taken from the ring and not yet completed (racy read off the reactor).</summary>
+    public int InFlight => Volatile.Read(ref _inFlight);
+
+    protected bool Stopping => _stopping;
+
+    /// <summary>True while the device can take another head (a free request object).</summary>
+    protected abstract bool CanTakeRequest { get; }
+
+    /// <summary>Handles one popped head: complete it now or later with <see cref="Complete"/>.</summary>
+    protected abstract void Process(ushort head);
+
+    /// <summary>Device-specific start (channels); runs on the reactor before the poller is registered.</summary>
+    protected virtual void OnStart()
+    {
+    }
+
+    /// <summary>Device-specific teardown (release channels); runs on the reactor after in-flight requests drained.</summary>
+    protected virtual void OnStop()
+    {
+    }
+
+    /// <summary>Extra work each poll (e.g. delivering queued events); returns the amount done.</summary>
+    protected virtual int PollDevice() => 0;
+
+    /// <summary>Registers the poller (and the kick fd as its interrupt source). Runs on the reactor.</summary>
+    internal void StartOnReactor()
+    {
+        ApplyCoalescing(Controller.DelayBaseUs, Controller.IopsThreshold);
+        OnStart();
+        Vq.DisableNotify();
+        _poller = Reactor.RegisterPoller($"{_kind}:{Session.Name}:q{Index}", s_poll, this);
+        if (_kick is not null)
+        {
+            Reactor.SetPollerInterrupt(_poller, _kick.Fd, s_interrupt);
+        }
+    }
+
+    public Task<ushort> StopAsync() => Reactor.InvokeAsync(async () =>
+    {
+        _stopping = true;
+        await WaitDrainedAsync().ConfigureAwait(true);
+        Flush(force: true);
+        if (_poller is not null)
+        {
+            Reactor.UnregisterPoller(_poller);
+            _poller = null;
+        }
+
+        OnStop();
+        Controller.UntrackQueue(this);
+        return Vq.LastAvailIdx;
+    });
+
+    public Task SetCallAsync(EventFd? call) => Reactor.InvokeAsync(() =>
+    {
+        _call = call;
+        if (_signalPending)
+        {
+            Flush(force: true);
+        }
+    });
+
+    internal Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold) => Reactor.InvokeAsync(() => ApplyCoalescing(delayBaseUs, iopsThreshold));
+
+    /// <summary>On the reactor: completes when no request is in flight.</summary>
+    protected Task WaitDrainedAsync()
+    {
+        if (_inFlight == 0)
+        {
+            return Task.CompletedTask;
+        }
+
+        _drained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        return _drained.Task;
+    }
+
+    private void ApplyCoalescing(uint delayBaseUs, uint iopsThreshold)
+    {
+        _delayBaseTicks = (long)delayBaseUs * Stopwatch.Frequency / 1_000_000;
+        _ioRateThreshold = Math.Max(1u, (uint)(iopsThreshold * StatsIntervalMs / 1000));
+        _irqDelayTicks = 0;
+        _nextEventTime = 0;
+    }
+
+    private int Poll()
+    {
+        int work = _completedSincePoll;
+        _completedSincePoll = 0;
+        if (!_stopping && !_broken)
+        {
+            int popped = 0;
+            while (popped < PopBatch && CanTakeRequest)
+            {
+                var r = Vq.TryPop(out ushort head);
+                if (r == PopResult.Empty)
+                {
+                    break;
+                }
+
+                if (r == PopResult.Broken)
+                {
+                    _broken = true;
+                    Logger.LogError("{Kind} {Session} queue {Index}: driver published an invalid avail index or head; queue stopped", _kind, Session.Name, Index);
+                    break;
+                }
+
+                popped++;
+                Process(head);
+            }
+
+            work += popped;
+            if (!_stopping)
+            {
+                work += PollDevice();
+            }
+        }
+
+        Flush(force: false);
+        return work;
+    }
+
+    private bool OnInterruptMode(bool arm)
+    {
+        if (!arm)
+        {
+            Vq.DisableNotify();
+            return false;
+        }
+
+        _kick?.Drain();
+        bool pending = Vq.EnableNotify() && !_stopping && !_broken;
+        return pending || _signalPending || _completedSincePoll > 0 || HasDeviceWork;
+    }
+
+    /// <summary>True when <see cref="PollDevice"/> has work even without a kick (keeps the reactor from sleeping).</summary>
+    protected virtual bool HasDeviceWork => false;
+
+    /// <summary>Logs a malformed chain (rate limited: a hostile guest cannot flood the log).</summary>
+    protected void LogChainError(ushort head, string what)
+    {
+        if (_chainErrors++ < MaxLoggedChainErrors)
+        {
+            Logger.LogError("{Kind} {Session} queue {Index}: invalid request at head {Head}: {What}", _kind, Session.Name, Index, head, what);
+        }
+    }
+
+    /// <summary>Marks a request as in flight (its completion will pass <c>wasInFlight: true</c>).</summary>
+    protected void BeginInFlight() => _inFlight++;
+
+    /// <summary>Publishes <paramref name="head"/> as used with <paramref name="usedLength"/> bytes written.</summary>
+    protected void Complete(ushort head, uint usedLength, bool wasInFlight)
+    {
+        Vq.PushUsed(head, usedLength);
+        _usedReqCount++;
+        _signalPending = true;
+        _completedSincePoll++;
+        if (wasInFlight && --_inFlight == 0 && _drained is { } d)
+        {
+            _drained = null;
+            d.TrySetResult();
+        }
+    }
+
+    /// <summary>Signals the call eventfd for used entries published since the last signal, honouring coalescing.</summary>
+    protected void Flush(bool force)
+    {
+        if (!_signalPending)
+        {
+            return;
+        }
+
+        var call = _call;
+        if (call is null)
+        {
+            _signalPending = false;
+            return;
+        }
+
+        if (_delayBaseTicks == 0 || force)
+        {
+            _signalPending = false;
+            if (Vq.NeedsNotify())
+            {
+                call.Signal();
+            }
+
+            return;
+        }
+
+        long now = Stopwatch.GetTimestamp();
+        if (now >= _nextStatsCheck)
+        {
+            _nextStatsCheck = now + (StatsIntervalMs * Stopwatch.Frequency / 1000);
+            uint reqs = _reqCount + _usedReqCount;
+            _irqDelayTicks = reqs > _ioRateThreshold ? _delayBaseTicks * (reqs - _ioRateThreshold) / _ioRateThreshold : 0;
+            _reqCount = 0;
+        }
+
+        if (now < _nextEventTime)
+        {
+            return; // stays pending; the poller retries next iteration
+        }
+
+        _signalPending = false;
+        if (Vq.NeedsNotify())
+        {
+            call.Signal();
+            _reqCount += _usedReqCount;
+            _usedReqCount = 0;
+            _nextEventTime = now + _irqDelayTicks;
+        }
+    }
+
+    /// <summary>Copies <paramref name="len"/> device-readable bytes starting <paramref name="skip"/> bytes into the chain (they may span segments).</summary>
+    protected static unsafe bool CopyFromChain(ReadOnlySpan<DescSegment> segs, int readableSegs, ulong skip, byte* dst, int len)
+    {
+        for (int i = 0; i < readableSegs && len > 0; i++)
+        {
+            ulong l = segs[i].Length;
+            if (skip >= l)
+            {
+                skip -= l;
+                continue;
+            }
+
+            int n = (int)Math.Min((ulong)len, l - skip);
+            Unsafe.CopyBlockUnaligned(dst, (byte*)segs[i].Host + skip, (uint)n);
+            dst += n;
+            len -= n;
+            skip = 0;
+        }
+
+        return len == 0;
+    }
+
+    /// <summary>Copies <paramref name="src"/> into the device-writable segments [first, count) starting <paramref name="skip"/> bytes in.</summary>
+    protected static unsafe bool CopyToChain(ReadOnlySpan<DescSegment> segs, int firstWritable, int count, ulong skip, ReadOnlySpan<byte> src)
+    {
+        for (int i = firstWritable; i < count && !src.IsEmpty; i++)
+        {
+            ulong l = segs[i].Length;
+            if (skip >= l)
+            {
+                skip -= l;
+                continue;
+            }
+
+            int n = (int)Math.Min((ulong)src.Length, l - skip);
+            src[..n].CopyTo(new Span<byte>((byte*)segs[i].Host + skip, n));
+            src = src[n..];
+            skip = 0;
+        }
+
+        return src.IsEmpty;
+    }
+
+    /// <summary>
+    /// Fills <paramref name="iovs"/> with the bytes of segments [from, to) after skipping <paramref name="skip"/>
+    /// bytes (a request header); returns the iovec count and total bytes, or -1 if there are too many segments.
+    /// </summary>
+    protected static int GatherIovs(ReadOnlySpan<DescSegment> segs, int from, int to, ulong skip, Span<IoVec> iovs, out ulong bytes)
+    {
+        int count = 0;
+        bytes = 0;
+        for (int i = from; i < to; i++)
+        {
+            ulong l = segs[i].Length;
+            if (skip >= l)
+            {
+                skip -= l;
+                continue;
+            }
+
+            if (count == iovs.Length)
+            {
+                return -1;
+            }
+
+            iovs[count++] = new IoVec(segs[i].Host + (nint)skip, (nuint)(l - skip));
+            bytes += l - skip;
+            skip = 0;
+        }
+
+        return count;
+    }
+}

@@ -120,6 +120,20 @@ public abstract class VhostController : IVhostUserDevice
         }
     }
 
+    /// <summary>vhost_controller_set_coalescing for save_config, when the settings are not SPDK's defaults.</summary>
+    protected IEnumerable<JsonObject> CoalescingConfigCalls()
+    {
+        if (DelayBaseUs != DefaultDelayBaseUs || IopsThreshold != DefaultIopsThreshold)
+        {
+            yield return VhostBackend.Rpc.Subsystem.Call("vhost_controller_set_coalescing", new JsonObject
+            {
+                ["ctrlr"] = Name,
+                ["delay_base_us"] = DelayBaseUs,
+                ["iops_threshold"] = IopsThreshold,
+            });
+        }
+    }
+
     /// <summary>Validates and applies interrupt coalescing (like SPDK: delay must fit, threshold must give a rate &gt; 0).</summary>
     public Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
     {

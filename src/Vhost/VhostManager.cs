@@ -4,6 +4,7 @@ using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using VhostBackend.Vhost.Blk;
+using VhostBackend.Vhost.Scsi;
 
 namespace VhostBackend.Vhost;
 
@@ -57,6 +58,45 @@ public sealed class VhostManager : IAsyncDisposable
     /// </summary>
     public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly)
     {
+        var ctrlr = Create(name, cpumask, (path, mask) =>
+        {
+            try
+            {
+                return new VhostBlkController(name, path, mask, _runtime, _bdevs, bdevName, readOnly, _loggerFactory.CreateLogger("vhost_blk"));
+            }
+            catch (BdevNotFoundException e)
+            {
+                throw new VhostException(Native.ENODEV, e.Message);
+            }
+        });
+        _log.LogInformation("vhost-blk controller {Name} created on bdev {Bdev} (cpumask {Mask}, readonly {ReadOnly})", name, bdevName, ctrlr.CpuMask.ToMaskString(), readOnly);
+        return ctrlr;
+    }
+
+    /// <summary>Creates a vhost-user-scsi controller with no targets (add them with <see cref="AddScsiTarget"/>). Errors as for blk.</summary>
+    public VhostScsiController CreateScsiController(string name, string? cpumask)
+    {
+        var ctrlr = Create(name, cpumask, (path, mask) => new VhostScsiController(name, path, mask, _runtime, _bdevs, _loggerFactory.CreateLogger("vhost_scsi")));
+        _log.LogInformation("vhost-scsi controller {Name} created (cpumask {Mask})", name, ctrlr.CpuMask.ToMaskString());
+        return ctrlr;
+    }
+
+    /// <summary>vhost_scsi_controller_add_target: ENODEV (no controller), EINVAL (not a SCSI controller), then as <see cref="VhostScsiController.AddTarget"/>.</summary>
+    public int AddScsiTarget(string ctrlrName, int targetNum, string bdevName, bool readOnly = false) => ScsiController(ctrlrName).AddTarget(targetNum, bdevName, readOnly);
+
+    /// <summary>vhost_scsi_controller_remove_target: as <see cref="VhostScsiController.RemoveTargetAsync"/>.</summary>
+    public Task RemoveScsiTargetAsync(string ctrlrName, int targetNum) => ScsiController(ctrlrName).RemoveTargetAsync(targetNum);
+
+    private VhostScsiController ScsiController(string name) => Find(name) switch
+    {
+        null => throw new VhostException(Native.ENODEV, $"vhost controller {name} does not exist"),
+        VhostScsiController s => s,
+        _ => throw new VhostException(Native.EINVAL, $"{name} is not a vhost-scsi controller"),
+    };
+
+    private T Create<T>(string name, string? cpumask, Func<string, CpuSet, T> factory)
+        where T : VhostController
+    {
         if (string.IsNullOrEmpty(name) || name.Contains('/') || name is "." or "..")
         {
             throw new VhostException(Native.EINVAL, $"invalid controller name '{name}'");
@@ -80,16 +120,7 @@ public sealed class VhostManager : IAsyncDisposable
                 throw new VhostException(Native.EEXIST, $"vhost controller {name} already exists.");
             }
 
-            VhostBlkController ctrlr;
-            try
-            {
-                ctrlr = new VhostBlkController(name, path, mask, _runtime, _bdevs, bdevName, readOnly, _loggerFactory.CreateLogger("vhost_blk"));
-            }
-            catch (BdevNotFoundException e)
-            {
-                throw new VhostException(Native.ENODEV, e.Message);
-            }
-
+            T ctrlr = factory(path, mask);
             try
             {
                 Directory.CreateDirectory(SocketDirectory);
@@ -97,13 +128,12 @@ public sealed class VhostManager : IAsyncDisposable
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
             {
-                ctrlr.CloseBdev();
+                (ctrlr as VhostBlkController)?.CloseBdev();
                 throw new VhostException(Native.EIO, $"cannot listen on {path}: {e.Message}");
             }
 
             _controllers.Add(name, ctrlr);
             _order.Add(ctrlr);
-            _log.LogInformation("vhost-blk controller {Name} created on bdev {Bdev} (cpumask {Mask}, readonly {ReadOnly})", name, bdevName, mask.ToMaskString(), readOnly);
             return ctrlr;
         }
     }
@@ -125,6 +155,11 @@ public sealed class VhostManager : IAsyncDisposable
             if (ctrlr.Sessions.Count > 0)
             {
                 throw new VhostException(Native.EBUSY, $"Controller {name} has still valid connection.");
+            }
+
+            if (ctrlr is VhostScsiController scsi && scsi.Targets.Any())
+            {
+                throw new VhostException(Native.EBUSY, $"{name}: SCSI target {scsi.Targets.First().Id} is still present.");
             }
 
             _controllers.Remove(name);
@@ -151,6 +186,10 @@ public sealed class VhostManager : IAsyncDisposable
         {
             await c.ShutdownAsync().ConfigureAwait(false);
             (c as VhostBlkController)?.CloseBdev();
+            if (c is VhostScsiController scsi)
+            {
+                await scsi.RemoveAllTargetsAsync().ConfigureAwait(false);
+            }
         }
     }
 }

@@ -195,12 +195,12 @@ public abstract class VhostQueue : IVhostQueueRunner
         }
 
         _kick?.Drain();
-        bool pending = Vq.EnableNotify() && !_stopping && !_broken;
-        return pending || _signalPending || _completedSincePoll > 0 || HasDeviceWork;
-    }
 
-    /// <summary>True when <see cref="PollDevice"/> has work even without a kick (keeps the reactor from sleeping).</summary>
-    protected virtual bool HasDeviceWork => false;
+        // Buffers the device cannot take now (an event queue with no event, an exhausted request pool) must not
+        // keep the reactor awake: completions and posted events arrive as reactor messages and wake it.
+        bool pending = Vq.EnableNotify() && CanTakeRequest && !_stopping && !_broken;
+        return pending || _signalPending || _completedSincePoll > 0;
+    }
 
     /// <summary>Logs a malformed chain (rate limited: a hostile guest cannot flood the log).</summary>
     protected void LogChainError(ushort head, string what)

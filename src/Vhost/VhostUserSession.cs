@@ -196,6 +196,12 @@ public sealed class VhostUserSession
         var req = (VhostUserRequest)hdr.Request;
         bool needReply = (hdr.Flags & VhostUserConstants.FlagNeedReply) != 0 && HasProtocolFeature(VhostUserProtocolFeature.ReplyAck);
         int rc; // 0 = success, else failure reported by REPLY_ACK
+        if (_log.IsEnabled(LogLevel.Debug))
+        {
+            _log.LogDebug("vhost session {Name}: {Request} ({Size} bytes, {Fds} fds{Index})", Name, req, hdr.Size, fds.Length,
+                p.Length >= 4 && req is >= VhostUserRequest.SetVringNum and <= VhostUserRequest.SetVringErr or VhostUserRequest.SetVringEnable ? ", index " + (BitConverter.ToUInt32(p) & 0xFF) : "");
+        }
+
         switch (req)
         {
             case VhostUserRequest.GetFeatures:

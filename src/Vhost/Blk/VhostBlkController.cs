@@ -205,14 +205,9 @@ public sealed class VhostBlkController : VhostController
             ["readonly"] = ReadOnly,
             ["transport"] = "vhost_user_blk",
         });
-        if (DelayBaseUs != DefaultDelayBaseUs || IopsThreshold != DefaultIopsThreshold)
+        foreach (var call in CoalescingConfigCalls())
         {
-            yield return VhostBackend.Rpc.Subsystem.Call("vhost_controller_set_coalescing", new JsonObject
-            {
-                ["ctrlr"] = Name,
-                ["delay_base_us"] = DelayBaseUs,
-                ["iops_threshold"] = IopsThreshold,
-            });
+            yield return call;
         }
     }
 

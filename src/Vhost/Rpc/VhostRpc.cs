@@ -2,6 +2,8 @@ using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using VhostBackend.Platform;
 using VhostBackend.Rpc;
+using VhostBackend.Vhost.Blk;
+using VhostBackend.Vhost.Scsi;
 
 namespace VhostBackend.Vhost.Rpc;
 
@@ -18,14 +20,19 @@ public static class VhostRpc
         registry.Register("vhost_get_controllers", r => GetControllers(manager, r));
         registry.Register("vhost_delete_controller", r => DeleteAsync(manager, r));
         registry.Register("vhost_controller_set_coalescing", r => SetCoalescingAsync(manager, r));
-        subsystems?.Add(new Subsystem("vhost_blk", () => WriteConfig(manager), "bdev"));
+        registry.Register("vhost_create_scsi_controller", r => CreateScsi(manager, r));
+        registry.Register("vhost_scsi_controller_add_target", r => AddTarget(manager, r));
+        registry.Register("vhost_scsi_controller_remove_target", r => RemoveTargetAsync(manager, r));
+        subsystems?.Add(new Subsystem("vhost_scsi", () => WriteConfig<VhostScsiController>(manager), "bdev"));
+        subsystems?.Add(new Subsystem("vhost_blk", () => WriteConfig<VhostBlkController>(manager), "bdev"));
     }
 
-    /// <summary>The vhost_blk subsystem's save_config: one create call per controller (+ coalescing when not default).</summary>
-    public static JsonArray WriteConfig(VhostManager manager)
+    /// <summary>A vhost subsystem's save_config: the calls that recreate each controller of type <typeparamref name="T"/>.</summary>
+    public static JsonArray WriteConfig<T>(VhostManager manager)
+        where T : VhostController
     {
         var calls = new JsonArray();
-        foreach (var c in manager.Controllers)
+        foreach (var c in manager.Controllers.OfType<T>())
         {
             foreach (var call in c.ConfigCalls())
             {
@@ -45,6 +52,49 @@ public static class VhostRpc
         try
         {
             manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+
+        return true;
+    }
+
+    private static JsonNode? CreateScsi(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<CreateScsiParams>();
+        try
+        {
+            manager.CreateScsiController(p.Ctrlr, p.Cpumask);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+
+        return true;
+    }
+
+    private static JsonNode? AddTarget(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<AddTargetParams>();
+        try
+        {
+            return manager.AddScsiTarget(p.Ctrlr, p.ScsiTargetNum, p.BdevName, p.Readonly);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+    }
+
+    private static async Task<JsonNode?> RemoveTargetAsync(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<RemoveTargetParams>();
+        try
+        {
+            await manager.RemoveScsiTargetAsync(p.Ctrlr, (int)Math.Min(p.ScsiTargetNum, int.MaxValue)).ConfigureAwait(true);
         }
         catch (VhostException e)
         {
@@ -132,6 +182,41 @@ public static class VhostRpc
                 throw RpcException.InvalidParams(Native.StrError(Native.EINVAL));
             }
         }
+    }
+
+    public sealed class CreateScsiParams
+    {
+        [JsonRequired]
+        public string Ctrlr { get; set; } = "";
+
+        public string? Cpumask { get; set; }
+
+        /// <summary>SPDK: start the controller later (vhost_start_scsi_controller). Accepted; we always start at once.</summary>
+        public bool Delay { get; set; }
+    }
+
+    public sealed class AddTargetParams
+    {
+        [JsonRequired]
+        public string Ctrlr { get; set; } = "";
+
+        [JsonRequired]
+        public int ScsiTargetNum { get; set; }
+
+        [JsonRequired]
+        public string BdevName { get; set; } = "";
+
+        /// <summary>Our extension (SPDK has no read-only SCSI targets): LUN 0 refuses writes.</summary>
+        public bool Readonly { get; set; }
+    }
+
+    public sealed class RemoveTargetParams
+    {
+        [JsonRequired]
+        public string Ctrlr { get; set; } = "";
+
+        [JsonRequired]
+        public uint ScsiTargetNum { get; set; }
     }
 
     public sealed class GetControllersParams

@@ -1,0 +1,124 @@
+using System.Diagnostics;
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace VhostBackend.IntegrationTests.Infrastructure;
+
+/// <summary>A vhostd process on a private socket directory, and a minimal JSON-RPC client for its socket.</summary>
+public sealed class VhostDaemon : IAsyncDisposable
+{
+    private readonly Process _process;
+    private readonly string _rpcSocket;
+    private int _id;
+
+    private VhostDaemon(Process process, string rpcSocket)
+    {
+        _process = process;
+        _rpcSocket = rpcSocket;
+    }
+
+    public static async Task<VhostDaemon> StartAsync(string dir, Action<string> log)
+    {
+        string rpc = Path.Combine(dir, "rpc.sock");
+        var psi = new ProcessStartInfo(Path.Combine(GuestImage.RepoRoot, "vhostd"))
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            UseShellExecute = false,
+        };
+        foreach (var a in new[] { "-m", "0x3", "-S", dir, "-r", rpc })
+        {
+            psi.ArgumentList.Add(a);
+        }
+
+        var p = Process.Start(psi)!;
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) { log("vhostd: " + e.Data); } };
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) { log("vhostd: " + e.Data); } };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        var d = new VhostDaemon(p, rpc);
+        var sw = Stopwatch.StartNew();
+        while (sw.Elapsed < TimeSpan.FromSeconds(180))
+        {
+            if (p.HasExited)
+            {
+                throw new InvalidOperationException($"vhostd exited with {p.ExitCode}");
+            }
+
+            if (File.Exists(rpc))
+            {
+                try
+                {
+                    await d.CallAsync("spdk_get_version", null);
+                    return d;
+                }
+                catch (SocketException)
+                {
+                }
+            }
+
+            await Task.Delay(200);
+        }
+
+        throw new TimeoutException("vhostd did not open its RPC socket");
+    }
+
+    public async Task<JsonObject> CallRawAsync(string method, JsonObject? parameters)
+    {
+        using var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        await s.ConnectAsync(new UnixDomainSocketEndPoint(_rpcSocket));
+        var req = new JsonObject { ["jsonrpc"] = "2.0", ["method"] = method, ["id"] = Interlocked.Increment(ref _id) };
+        if (parameters is not null)
+        {
+            req["params"] = parameters;
+        }
+
+        await s.SendAsync(Encoding.UTF8.GetBytes(req.ToJsonString()));
+        var buf = new List<byte>();
+        var chunk = new byte[65536];
+        while (true)
+        {
+            int n = await s.ReceiveAsync(chunk);
+            if (n == 0)
+            {
+                break;
+            }
+
+            buf.AddRange(chunk.AsSpan(0, n).ToArray());
+            try
+            {
+                return (JsonObject)JsonNode.Parse(buf.ToArray())!;
+            }
+            catch (JsonException)
+            {
+                // incomplete: keep reading
+            }
+        }
+
+        return (JsonObject)JsonNode.Parse(buf.ToArray())!;
+    }
+
+    public async Task<JsonNode?> CallAsync(string method, JsonObject? parameters)
+    {
+        var r = await CallRawAsync(method, parameters);
+        if (r["error"] is { } e)
+        {
+            throw new InvalidOperationException($"{method} failed: {e.ToJsonString()}");
+        }
+
+        return r["result"];
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (!_process.HasExited)
+        {
+            _process.Kill(entireProcessTree: true);
+            await _process.WaitForExitAsync();
+        }
+
+        _process.Dispose();
+    }
+}

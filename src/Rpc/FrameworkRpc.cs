@@ -65,7 +65,7 @@ public static class FrameworkRpc
 
         rpc.Register("framework_wait_init", async r =>
         {
-            NoParams(r);
+            // SPDK ignores this method's params.
             await dispatcher.Initialized.ConfigureAwait(true);
             return JsonValue.Create(true);
         }, RpcStates.Both);
@@ -83,7 +83,7 @@ public static class FrameworkRpc
 
         rpc.Register("framework_get_config", r =>
         {
-            var p = r.Bind<GetConfigParams>();
+            var p = r.Bind<GetConfigParams>(RpcErrorCodes.InvalidParams, "Invalid arguments");
             var s = subsystems.Find(p.Name) ?? throw RpcException.InvalidParams($"Subsystem '{p.Name}' not found");
             return s.WriteConfig();
         }, RpcStates.Runtime);

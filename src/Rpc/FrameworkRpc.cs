@@ -102,7 +102,9 @@ public static class FrameworkRpc
                     ["tid"] = reactor.ThreadId,
                     ["busy"] = reactor.BusyTicks,
                     ["idle"] = reactor.IdleTicks,
-                    ["in_interrupt"] = reactor.IsInInterrupt,
+                    // SPDK: whether the reactor runs in interrupt mode (not whether it happens to sleep right now,
+                    // which the main reactor, answering this call, never does); adaptive reactors: while asleep.
+                    ["in_interrupt"] = reactor.Mode == ReactorMode.Interrupt || reactor.IsInInterrupt,
                 };
                 if (cpu.TryGetValue(reactor.Core, out var c))
                 {

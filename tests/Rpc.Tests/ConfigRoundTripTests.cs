@@ -22,12 +22,18 @@ public sealed class ConfigRoundTripTests
             f.SetLength(2 * 1024 * 1024);
         }
 
+        await using (var f = File.Create(file + ".u"))
+        {
+            f.SetLength(1024 * 1024);
+        }
+
         JsonObject saved;
         await using (var c = await first.ConnectAsync())
         {
             await c.ResultAsync("bdev_malloc_create", new JsonObject { ["name"] = "Mal", ["num_blocks"] = 1024, ["block_size"] = 4096 });
             await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "Nul", ["num_blocks"] = 4096, ["block_size"] = 512 });
             await c.ResultAsync("bdev_aio_create", new JsonObject { ["name"] = "Fil", ["filename"] = file, ["block_size"] = 512 });
+            await c.ResultAsync("bdev_uring_create", new JsonObject { ["name"] = "Uri", ["filename"] = file + ".u" });
             await c.ResultAsync("bdev_set_qos_limit", new JsonObject { ["name"] = "Mal", ["rw_ios_per_sec"] = 10000, ["w_mbytes_per_sec"] = 20 });
             await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "blk0", ["dev_name"] = "Mal", ["cpumask"] = "0x1" });
             await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "blk1", ["dev_name"] = "Fil", ["readonly"] = true });
@@ -38,7 +44,7 @@ public sealed class ConfigRoundTripTests
         // The RPC view equals the in-process save (the same subsystems, the same calls).
         Assert.True(JsonNode.DeepEquals(saved, await JsonConfig.SaveAsync(first.App.Dispatcher, first.App.Subsystems)), saved.ToJsonString());
         var methods = saved["subsystems"]!.AsArray().SelectMany(s => s!["config"]!.AsArray()).Select(e => (string)e!["method"]!).ToList();
-        foreach (var m in new[] { "bdev_malloc_create", "bdev_null_create", "bdev_aio_create", "bdev_set_qos_limit", "vhost_create_blk_controller", "vhost_controller_set_coalescing" })
+        foreach (var m in new[] { "bdev_malloc_create", "bdev_null_create", "bdev_aio_create", "bdev_uring_create", "bdev_set_qos_limit", "vhost_create_blk_controller", "vhost_controller_set_coalescing" })
         {
             Assert.Contains(m, methods);
         }

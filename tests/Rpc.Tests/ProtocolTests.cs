@@ -21,6 +21,7 @@ public sealed class ProtocolTests
         RawClient.AssertError(reply, -32700);
         Assert.Equal("null", JsonValueKind(reply["id"]));
         Assert.True(await c.ClosedByServerAsync(), "SPDK closes the connection after a parse error (no resync point)");
+        Assert.True(app.Logs.Contains("JSON parse error"), "untrusted input is logged");
 
         // The server itself is fine.
         await using var d = await app.ConnectAsync();

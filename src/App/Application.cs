@@ -46,6 +46,9 @@ public sealed class Application : IAsyncDisposable
 
     public ILoggerFactory LoggerFactory => _loggerFactory;
 
+    /// <summary>The JSON-RPC server while started with an RPC socket, else null.</summary>
+    public JsonRpcServer? RpcServer => _server;
+
     /// <summary>Runs at stop, in reverse registration order (controllers before bdevs).</summary>
     public void OnStop(Func<Task> hook) => _stopHooks.Add(hook);
 

@@ -3,6 +3,7 @@ using System.Text.Json.Serialization;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using VhostBackend.Bdev;
+using VhostBackend.Bdev.Rpc;
 using VhostBackend.Nvme;
 using VhostBackend.Rpc;
 
@@ -35,22 +36,22 @@ public sealed class AttachControllerParams : IRpcParams
     {
         if (string.IsNullOrWhiteSpace(Name) || Name.Length > 128 || Name.Any(c => char.IsWhiteSpace(c) || c == '/'))
         {
-            throw RpcException.InvalidParams("Invalid parameters: name must be a non-empty word");
+            throw RpcException.Errno(22, "name must be a non-empty word");
         }
 
         if (!string.Equals(Trtype, "PCIe", StringComparison.OrdinalIgnoreCase))
         {
-            throw RpcException.InvalidParams($"Failed to parse trtype: {Trtype} (only PCIe is supported)");
+            throw RpcException.Errno(22, $"Failed to parse trtype: {Trtype} (only PCIe is supported)"); // SPDK: -EINVAL
         }
 
         if (!VfioPciDevice.TryNormalizeAddress(Traddr, out _))
         {
-            throw RpcException.InvalidParams($"Failed to parse traddr: {Traddr}");
+            throw RpcException.Errno(22, $"Failed to parse traddr: {Traddr}");
         }
 
         if (NumIoQueues is < 1 or > 65535)
         {
-            throw RpcException.InvalidParams("num_io_queues must be between 1 and 65535");
+            throw RpcException.Errno(22, "num_io_queues must be between 1 and 65535");
         }
     }
 }
@@ -287,7 +288,7 @@ public static class NvmeBdevRpc
         module ??= new NvmeBdevModule(bdevs);
         rpc.Register("bdev_nvme_attach_controller", async r =>
         {
-            var p = r.Bind<AttachControllerParams>();
+            var p = BdevRpc.Decode<AttachControllerParams>(r);
             var names = await module.AttachAsync(p.Name, p.Traddr, p.NumIoQueues).ConfigureAwait(true);
             var arr = new JsonArray();
             foreach (var n in names)
@@ -300,7 +301,7 @@ public static class NvmeBdevRpc
 
         rpc.Register("bdev_nvme_detach_controller", async r =>
         {
-            var p = r.Bind<DetachControllerParams>();
+            var p = BdevRpc.Decode<DetachControllerParams>(r);
             if (module.Find(p.Name) is { } c && p.Traddr is not null
                 && (!VfioPciDevice.TryNormalizeAddress(p.Traddr, out var a) || a != c.TrAddr))
             {
@@ -311,11 +312,11 @@ public static class NvmeBdevRpc
             return (JsonNode?)true;
         }, RpcStates.Runtime);
 
-        rpc.Register("bdev_nvme_get_controllers", r => module.GetControllers(r.Bind<GetControllersParams>().Name), RpcStates.Runtime);
+        rpc.Register("bdev_nvme_get_controllers", r => module.GetControllers(BdevRpc.Decode<GetControllersParams>(r).Name), RpcStates.Runtime);
 
         rpc.Register("bdev_nvme_reset_controller", async r =>
         {
-            var p = r.Bind<GetControllersParams>();
+            var p = BdevRpc.Decode<GetControllersParams>(r);
             var c = (p.Name is null ? null : module.Find(p.Name)) ?? throw RpcException.Errno(19, $"Controller {p.Name} does not exist");
             await c.ResetAsync().ConfigureAwait(true);
             return (JsonNode?)true;

@@ -56,18 +56,46 @@ public static class Program
             string? path = r.GetValue(file);
             var config = JsonNode.Parse(path is null ? Console.In.ReadToEnd() : File.ReadAllText(path)) as JsonObject
                 ?? throw new RpcClientException("config must be a JSON object");
+            // rpc.py's algorithm: call what the current RPC state allows, framework_start_init when it is allowed
+            // (a --wait-for-rpc daemon), repeat until nothing more can be called.
+            var pending = new List<JsonObject>();
             foreach (var s in config["subsystems"] as JsonArray ?? [])
             {
-                foreach (var entry in s!["config"] as JsonArray ?? [])
+                foreach (var entry in s?["config"] as JsonArray ?? [])
                 {
-                    string m = (string)entry!["method"]!;
-                    if (m is "bdev_set_options" or "bdev_wait_for_examine")
+                    if (entry is JsonObject e && e["method"] is JsonValue)
                     {
-                        continue;
+                        pending.Add(e);
                     }
-
-                    c.Call(m, entry["params"]?.DeepClone());
                 }
+            }
+
+            while (true)
+            {
+                var allowed = ((JsonArray?)c.Call("rpc_get_methods", new JsonObject { ["current"] = true }) ?? []).Select(n => (string?)n).ToHashSet();
+                bool progress = false;
+                foreach (var e in pending.Where(e => allowed.Contains((string?)e["method"])).ToList())
+                {
+                    c.Call((string)e["method"]!, e["params"]?.DeepClone());
+                    pending.Remove(e);
+                    progress = true;
+                }
+
+                if (allowed.Contains("framework_start_init"))
+                {
+                    c.Call("framework_start_init", null);
+                    progress = true;
+                }
+
+                if (!progress || pending.Count == 0)
+                {
+                    break;
+                }
+            }
+
+            if (pending.Count > 0)
+            {
+                Console.Error.WriteLine($"vhostctl: {pending.Count} call(s) skipped because the RPC state that allows them has passed: {string.Join(", ", pending.Select(e => (string?)e["method"]).Distinct())}");
             }
 
             return 0;

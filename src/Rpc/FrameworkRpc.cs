@@ -65,7 +65,7 @@ public static class FrameworkRpc
 
         rpc.Register("framework_wait_init", async r =>
         {
-            NoParams(r);
+            // SPDK ignores this method's params.
             await dispatcher.Initialized.ConfigureAwait(true);
             return JsonValue.Create(true);
         }, RpcStates.Both);
@@ -83,7 +83,7 @@ public static class FrameworkRpc
 
         rpc.Register("framework_get_config", r =>
         {
-            var p = r.Bind<GetConfigParams>();
+            var p = r.Bind<GetConfigParams>(RpcErrorCodes.InvalidParams, "Invalid arguments");
             var s = subsystems.Find(p.Name) ?? throw RpcException.InvalidParams($"Subsystem '{p.Name}' not found");
             return s.WriteConfig();
         }, RpcStates.Runtime);
@@ -102,7 +102,9 @@ public static class FrameworkRpc
                     ["tid"] = reactor.ThreadId,
                     ["busy"] = reactor.BusyTicks,
                     ["idle"] = reactor.IdleTicks,
-                    ["in_interrupt"] = reactor.IsInInterrupt,
+                    // SPDK: whether the reactor runs in interrupt mode (not whether it happens to sleep right now,
+                    // which the main reactor, answering this call, never does); adaptive reactors: while asleep.
+                    ["in_interrupt"] = reactor.Mode == ReactorMode.Interrupt || reactor.IsInInterrupt,
                 };
                 if (cpu.TryGetValue(reactor.Core, out var c))
                 {

@@ -53,6 +53,12 @@ public sealed class RpcRequest
         RespectNullableAnnotations = true,
     };
 
+    // SPDK's spdk_json_decode_object_relaxed: unknown names are ignored (used where transports add their own params).
+    private static readonly JsonSerializerOptions s_relaxedBindOptions = new(s_bindOptions)
+    {
+        UnmappedMemberHandling = JsonUnmappedMemberHandling.Skip,
+    };
+
     public RpcRequest(string method, JsonElement? parameters)
     {
         Method = method;
@@ -64,42 +70,54 @@ public sealed class RpcRequest
 
     /// <summary>
     /// Binds params to <typeparamref name="T"/> (snake_case names, unknown names rejected, required members
-    /// enforced); any mismatch is an Invalid params error naming the problem.
+    /// enforced); any mismatch is an Invalid params error (-32602) naming the problem.
     /// </summary>
     public T Bind<T>()
+        where T : class, new() => Bind<T>(RpcErrorCodes.InvalidParams, "Invalid parameters");
+
+    /// <summary>
+    /// Binds params like <see cref="Bind{T}()"/>, reporting a decoding failure (missing required member, wrong
+    /// type, out-of-range number, unknown name, params not an object) with the method's own code and message:
+    /// SPDK's methods differ here (most bdev modules answer -32603 "spdk_json_decode_object failed", the vhost
+    /// methods -32602). The problem is appended to the message. <see cref="IRpcParams.Validate"/> errors pass as thrown.
+    /// </summary>
+    public T Bind<T>(int decodeErrorCode, string decodeErrorMessage, bool allowUnknownNames = false)
         where T : class, new()
     {
+        var options = allowUnknownNames ? s_relaxedBindOptions : s_bindOptions;
         if (Params is not { } p || p.ValueKind == JsonValueKind.Null)
         {
             try
             {
-                return JsonSerializer.Deserialize<T>("{}", s_bindOptions)!;
+                return JsonSerializer.Deserialize<T>("{}", options)!;
             }
             catch (JsonException e)
             {
-                throw RpcException.InvalidParams($"Invalid parameters: {Describe(e)}");
+                throw new RpcException(decodeErrorCode, $"{decodeErrorMessage}: {Describe(e)}");
             }
         }
 
         if (p.ValueKind != JsonValueKind.Object)
         {
-            throw RpcException.InvalidParams("Invalid parameters: params must be an object");
+            throw new RpcException(decodeErrorCode, $"{decodeErrorMessage}: params must be an object");
         }
 
+        T value;
         try
         {
-            var value = p.Deserialize<T>(s_bindOptions) ?? throw RpcException.InvalidParams("Invalid parameters");
-            if (value is IRpcParams v)
-            {
-                v.Validate();
-            }
-
-            return value;
+            value = p.Deserialize<T>(options) ?? throw new RpcException(decodeErrorCode, decodeErrorMessage);
         }
         catch (JsonException e)
         {
-            throw RpcException.InvalidParams($"Invalid parameters: {Describe(e)}");
+            throw new RpcException(decodeErrorCode, $"{decodeErrorMessage}: {Describe(e)}");
         }
+
+        if (value is IRpcParams v)
+        {
+            v.Validate();
+        }
+
+        return value;
     }
 
     /// <summary>For methods that take no params: rejects any that are given.</summary>

@@ -123,14 +123,15 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         await Attach();
         Assert.Equal(-17, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme0","trtype":"PCIe","traddr":"0000:00:05.0"}"""));
         Assert.Equal(-17, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"0000:00:04.0"}"""));
-        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"tcp","traddr":"0000:00:05.0"}"""));
-        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"nonsense"}"""));
-        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"trtype":"PCIe","traddr":"0000:00:05.0"}"""));
-        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"0000:00:05.0","bogus":1}"""));
-        Assert.Equal(-32602, await CallError("bdev_nvme_attach_controller", """{"name":7,"trtype":"PCIe","traddr":"0000:00:05.0"}"""));
+        // SPDK (module/bdev/nvme/bdev_nvme_rpc.c): unparsable trtype/traddr -EINVAL; decoding failures -32603.
+        Assert.Equal(-22, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"tcp","traddr":"0000:00:05.0"}"""));
+        Assert.Equal(-22, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"nonsense"}"""));
+        Assert.Equal(-32603, await CallError("bdev_nvme_attach_controller", """{"trtype":"PCIe","traddr":"0000:00:05.0"}"""));
+        Assert.Equal(-32603, await CallError("bdev_nvme_attach_controller", """{"name":"Nvme1","trtype":"PCIe","traddr":"0000:00:05.0","bogus":1}"""));
+        Assert.Equal(-32603, await CallError("bdev_nvme_attach_controller", """{"name":7,"trtype":"PCIe","traddr":"0000:00:05.0"}"""));
         Assert.Equal(-19, await CallError("bdev_nvme_get_controllers", """{"name":"Nope"}"""));
         Assert.Equal(-19, await CallError("bdev_nvme_detach_controller", """{"name":"Nope"}"""));
-        Assert.Equal(-32602, await CallError("bdev_nvme_detach_controller", "{}"));
+        Assert.Equal(-32603, await CallError("bdev_nvme_detach_controller", "{}"));
     }
 
     [Fact]

@@ -18,12 +18,19 @@ public static class BdevRpc
 
     public sealed class IostatParams
     {
+        /// <summary>Older SPDK's single-bdev filter.</summary>
         public string? Name { get; set; }
 
+        /// <summary>Newer SPDK's filter (several bdevs).</summary>
+        public string[]? Names { get; set; }
+
         public bool PerChannel { get; set; }
+
+        /// <summary>Only "none" is supported (statistics are never reset by a read).</summary>
+        public string? ResetMode { get; set; }
     }
 
-    public sealed class QosParams : IRpcParams
+    public sealed class QosParams
     {
         [JsonRequired]
         public string Name { get; set; } = "";
@@ -35,19 +42,6 @@ public static class BdevRpc
         public ulong? RMbytesPerSec { get; set; }
 
         public ulong? WMbytesPerSec { get; set; }
-
-        public void Validate()
-        {
-            if (RwIosPerSec is null && RwMbytesPerSec is null && RMbytesPerSec is null && WMbytesPerSec is null)
-            {
-                throw RpcException.Errno(RpcErrno.EINVAL, "No rate limits specified");
-            }
-
-            if (RwIosPerSec is { } ios && ios % 1000 != 0)
-            {
-                throw RpcException.Errno(RpcErrno.EINVAL, $"rw_ios_per_sec {ios} is not a multiple of 1000");
-            }
-        }
     }
 
     public sealed class CreateParams : IRpcParams
@@ -60,7 +54,7 @@ public static class BdevRpc
         [JsonRequired]
         public uint BlockSize { get; set; }
 
-        public string? Uuid { get; set; }
+        public Guid? Uuid { get; set; }
 
         public uint OptimalIoBoundary { get; set; }
 
@@ -73,6 +67,20 @@ public static class BdevRpc
         public bool DifIsHeadOfMd { get; set; }
 
         public uint PhysicalBlockSize { get; set; }
+
+        public uint DifPiFormat { get; set; }
+
+        public int NumaId { get; set; } = -1;
+
+        public uint PreferredWriteAlignment { get; set; }
+
+        public uint PreferredWriteGranularity { get; set; }
+
+        public uint OptimalWriteSize { get; set; }
+
+        public uint PreferredUnmapAlignment { get; set; }
+
+        public uint PreferredUnmapGranularity { get; set; }
 
         public void Validate()
         {
@@ -89,11 +97,6 @@ public static class BdevRpc
             if (MdSize != 0 || DifType != 0)
             {
                 throw RpcException.Errno(RpcErrno.ENOTSUP, "metadata and DIF are not supported");
-            }
-
-            if (Uuid is not null && !Guid.TryParse(Uuid, out _))
-            {
-                throw RpcException.InvalidParams($"Invalid parameters: uuid '{Uuid}' is not a UUID");
             }
         }
     }
@@ -126,16 +129,23 @@ public static class BdevRpc
         public uint IobufLargeCacheSize { get; set; }
     }
 
+    /// <summary>SPDK's bdev methods answer a params decoding failure with -32603 and this message.</summary>
+    public const string DecodeFailed = "spdk_json_decode_object failed";
+
+    /// <summary>Binds params the way SPDK's bdev methods decode them (failure: -32603 "spdk_json_decode_object failed").</summary>
+    public static T Decode<T>(RpcRequest r)
+        where T : class, new() => r.Bind<T>(RpcErrorCodes.InternalError, DecodeFailed);
+
     public static void Register(RpcRegistry rpc, SubsystemRegistry subsystems, BdevManager bdevs)
     {
-        rpc.Register("bdev_get_bdevs", r => GetBdevs(bdevs, r.Bind<GetBdevsParams>()), RpcStates.Runtime);
-        rpc.Register("bdev_get_iostat", r => GetIostat(bdevs, r.Bind<IostatParams>()), RpcStates.Runtime);
-        rpc.Register("bdev_set_qos_limit", r => SetQos(bdevs, r.Bind<QosParams>()), RpcStates.Runtime);
-        rpc.Register("bdev_malloc_create", r => Create(bdevs, r.Bind<CreateParams>(), malloc: true), RpcStates.Runtime);
-        rpc.Register("bdev_null_create", r => Create(bdevs, r.Bind<CreateParams>(), malloc: false), RpcStates.Runtime);
-        rpc.Register("bdev_malloc_delete", r => DeleteAsync<MallocBdev>(bdevs, r.Bind<NameParams>().Name), RpcStates.Runtime);
-        rpc.Register("bdev_null_delete", r => DeleteAsync<NullBdev>(bdevs, r.Bind<NameParams>().Name), RpcStates.Runtime);
-        rpc.Register("bdev_null_resize", r => NullResize(bdevs, r.Bind<NullResizeParams>()), RpcStates.Runtime);
+        rpc.Register("bdev_get_bdevs", r => GetBdevs(bdevs, Decode<GetBdevsParams>(r)), RpcStates.Runtime);
+        rpc.Register("bdev_get_iostat", r => GetIostat(bdevs, Decode<IostatParams>(r)), RpcStates.Runtime);
+        rpc.Register("bdev_set_qos_limit", r => SetQos(bdevs, Decode<QosParams>(r)), RpcStates.Runtime);
+        rpc.Register("bdev_malloc_create", r => Create(bdevs, Decode<CreateParams>(r), malloc: true), RpcStates.Runtime);
+        rpc.Register("bdev_null_create", r => Create(bdevs, Decode<CreateParams>(r), malloc: false), RpcStates.Runtime);
+        rpc.Register("bdev_malloc_delete", r => DeleteAsync<MallocBdev>(bdevs, Decode<NameParams>(r).Name), RpcStates.Runtime);
+        rpc.Register("bdev_null_delete", r => DeleteAsync<NullBdev>(bdevs, Decode<NameParams>(r).Name), RpcStates.Runtime);
+        rpc.Register("bdev_null_resize", r => NullResize(bdevs, Decode<NullResizeParams>(r)), RpcStates.Runtime);
         rpc.Register("bdev_set_options", r =>
         {
             r.Bind<SetOptionsParams>();
@@ -218,7 +228,20 @@ public static class BdevRpc
 
     private static JsonNode GetIostat(BdevManager bdevs, IostatParams p)
     {
-        var list = p.Name is null ? bdevs.All : [Find(bdevs, p.Name)];
+        if (p.ResetMode is not (null or "none"))
+        {
+            throw p.ResetMode is "all" or "maxmin" or "error"
+                ? RpcErrno.Error(RpcErrno.ENOTSUP)
+                : new RpcException(RpcErrorCodes.InternalError, $"{DecodeFailed}: reset_mode '{p.ResetMode}' is not one of all, maxmin, error, none");
+        }
+
+        string[]? names = p.Names ?? (p.Name is null ? null : [p.Name]);
+        if (p.PerChannel && names is not { Length: 1 })
+        {
+            throw RpcErrno.Error(RpcErrno.EINVAL); // SPDK: "Can't use per_channel with multiple bdevs"
+        }
+
+        var list = names is null ? bdevs.All : names.Select(n => Find(bdevs, n)).ToArray();
         var arr = new JsonArray();
         foreach (var b in list)
         {
@@ -262,21 +285,34 @@ public static class BdevRpc
 
     private static JsonNode? SetQos(BdevManager bdevs, QosParams p)
     {
+        // SPDK's order: open the bdev (-ENODEV), then require a limit (-EINVAL "No rate limits specified").
         var b = Find(bdevs, p.Name);
+        if (p.RwIosPerSec is null && p.RwMbytesPerSec is null && p.RMbytesPerSec is null && p.WMbytesPerSec is null)
+        {
+            throw RpcException.Errno(RpcErrno.EINVAL, "No rate limits specified");
+        }
+
+        // SPDK rounds an IOPS limit up to a multiple of 1000 (its minimum granularity) rather than failing.
+        ulong? ios = p.RwIosPerSec is { } v && v % 1000 != 0 ? checked(v + (1000 - (v % 1000))) : p.RwIosPerSec;
         var (rwIos, rwMb, rMb, wMb) = b.QosLimits;
-        b.SetQosLimits(p.RwIosPerSec ?? rwIos, p.RwMbytesPerSec ?? rwMb, p.RMbytesPerSec ?? rMb, p.WMbytesPerSec ?? wMb);
+        b.SetQosLimits(ios ?? rwIos, p.RwMbytesPerSec ?? rwMb, p.RMbytesPerSec ?? rMb, p.WMbytesPerSec ?? wMb);
         return null;
     }
 
     private static JsonNode Create(BdevManager bdevs, CreateParams p, bool malloc)
     {
-        string name = p.Name ?? NextName(bdevs, malloc ? "Malloc" : "Null");
+        if (!malloc && p.Name is null)
+        {
+            throw new RpcException(RpcErrorCodes.InternalError, $"{DecodeFailed}: missing required property 'name'"); // required for null bdevs
+        }
+
+        string name = p.Name ?? NextName(bdevs, "Malloc");
         if (bdevs.Find(name) is not null)
         {
             throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {name} already exists");
         }
 
-        Guid? uuid = p.Uuid is null ? null : Guid.Parse(p.Uuid);
+        Guid? uuid = p.Uuid;
         Bdev bdev;
         try
         {
@@ -328,12 +364,20 @@ public static class BdevRpc
 
     private static JsonNode? NullResize(BdevManager bdevs, NullResizeParams p)
     {
-        if (bdevs.Find(p.Name) is not NullBdev b)
+        // SPDK: unknown bdev -ENODEV; a bdev of another module, or a size below the current one, -EINVAL.
+        var found = Find(bdevs, p.Name);
+        if (found is not NullBdev b)
         {
-            throw RpcErrno.Error(RpcErrno.ENODEV);
+            throw RpcException.Errno(RpcErrno.EINVAL, $"{p.Name} is not a null bdev");
         }
 
         ulong bytes = p.NewSize * 1024 * 1024;
+        ulong currentMb = b.BlockCount * b.BlockSize / (1024 * 1024);
+        if (p.NewSize < currentMb)
+        {
+            throw RpcException.Errno(RpcErrno.EINVAL, "The new bdev size must not be smaller than current bdev size.");
+        }
+
         if (p.NewSize == 0 || bytes / 1024 / 1024 != p.NewSize || bytes / b.BlockSize == 0)
         {
             throw RpcException.Errno(RpcErrno.EINVAL, $"new_size {p.NewSize} MiB is not a valid size");

@@ -9,8 +9,10 @@ namespace VhostBackend.Vhost.Rpc;
 
 /// <summary>
 /// The vhost RPC methods, with SPDK's names, params and errors (lib/vhost/vhost_rpc.c): failures of create,
-/// delete and set_coalescing are Invalid params (-32602) carrying strerror of the errno ("File exists",
-/// "No such device"...); vhost_get_controllers with an unknown name is an internal error (-32603).
+/// delete and set_coalescing (params decoding included) are Invalid params (-32602) carrying strerror of the
+/// errno ("File exists", "No such device"...); vhost_get_controllers fails (unknown name, bad params) with an
+/// internal error (-32603). vhost_create_blk_controller decodes relaxed: unknown names are ignored (SPDK passes
+/// them on to the transport).
 /// </summary>
 public static class VhostRpc
 {
@@ -48,7 +50,7 @@ public static class VhostRpc
 
     private static JsonNode? CreateBlk(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<CreateBlkParams>();
+        var p = request.Bind<CreateBlkParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL), allowUnknownNames: true);
         try
         {
             manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly);
@@ -106,7 +108,7 @@ public static class VhostRpc
 
     private static JsonNode? GetControllers(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<GetControllersParams>();
+        var p = request.Bind<GetControllersParams>(RpcErrorCodes.InternalError, Native.StrError(Native.EINVAL));
         var result = new JsonArray();
         if (p.Name is not null)
         {
@@ -125,7 +127,7 @@ public static class VhostRpc
 
     private static async Task<JsonNode?> DeleteAsync(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<CtrlrParams>();
+        var p = request.Bind<CtrlrParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL));
         try
         {
             await manager.DeleteControllerAsync(p.Ctrlr).ConfigureAwait(true);
@@ -140,7 +142,7 @@ public static class VhostRpc
 
     private static async Task<JsonNode?> SetCoalescingAsync(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<CoalescingParams>();
+        var p = request.Bind<CoalescingParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL));
         var c = manager.Find(p.Ctrlr) ?? throw new RpcException(RpcErrorCodes.InvalidParams, Native.StrError(Native.ENODEV));
         try
         {

@@ -1,13 +1,18 @@
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
+using VhostBackend.Bdev.Rpc;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.Bdev.Modules.File;
 
-/// <summary>SPDK's aio and uring bdev methods; both create a <see cref="FileBdev"/> (io_uring underneath).</summary>
+/// <summary>
+/// SPDK's aio and uring bdev methods; both create a <see cref="FileBdev"/> (io_uring underneath). Errors as SPDK:
+/// a params decoding failure is -32603 "spdk_json_decode_object failed"; bdev_aio_create reports -errno
+/// (-2 ENOENT, -17 EEXIST, -22 EINVAL...), bdev_uring_create any failure as -32603 "Unable to create URING bdev.".
+/// </summary>
 public static class FileBdevRpc
 {
-    public sealed class CreateParams : IRpcParams
+    public sealed class CreateParams
     {
         [JsonRequired]
         public string Name { get; set; } = "";
@@ -21,20 +26,24 @@ public static class FileBdevRpc
 
         public bool Fallocate { get; set; }
 
-        public string? Uuid { get; set; }
+        public Guid? Uuid { get; set; }
 
-        public void Validate()
-        {
-            if (string.IsNullOrEmpty(Name) || string.IsNullOrEmpty(Filename))
-            {
-                throw RpcException.InvalidParams("Invalid parameters: name and filename must not be empty");
-            }
+        /// <summary>SPDK's RWF_NOWAIT hint; accepted, io_uring decides on its own.</summary>
+        public bool Nowait { get; set; }
+    }
 
-            if (Uuid is not null && !Guid.TryParse(Uuid, out _))
-            {
-                throw RpcException.InvalidParams($"Invalid parameters: uuid '{Uuid}' is not a UUID");
-            }
-        }
+    /// <summary>bdev_uring_create's params (no readonly/fallocate, unlike aio).</summary>
+    public sealed class UringCreateParams
+    {
+        [JsonRequired]
+        public string Name { get; set; } = "";
+
+        [JsonRequired]
+        public string Filename { get; set; } = "";
+
+        public uint BlockSize { get; set; }
+
+        public Guid? Uuid { get; set; }
     }
 
     public sealed class NameParams
@@ -45,13 +54,24 @@ public static class FileBdevRpc
 
     public static void Register(RpcRegistry rpc, BdevManager bdevs)
     {
-        rpc.Register("bdev_aio_create", r => Create(bdevs, r.Bind<CreateParams>(), "bdev_aio_create"), RpcStates.Runtime);
-        rpc.Register("bdev_uring_create", r => Create(bdevs, r.Bind<CreateParams>(), "bdev_uring_create"), RpcStates.Runtime);
-        rpc.Register("bdev_aio_delete", r => DeleteAsync(bdevs, r.Bind<NameParams>().Name), RpcStates.Runtime);
-        rpc.Register("bdev_uring_delete", r => DeleteAsync(bdevs, r.Bind<NameParams>().Name), RpcStates.Runtime);
+        rpc.Register("bdev_aio_create", r => Create(bdevs, BdevRpc.Decode<CreateParams>(r), "bdev_aio_create"), RpcStates.Runtime);
+        rpc.Register("bdev_uring_create", r =>
+        {
+            var u = BdevRpc.Decode<UringCreateParams>(r);
+            try
+            {
+                return Create(bdevs, new CreateParams { Name = u.Name, Filename = u.Filename, BlockSize = u.BlockSize, Uuid = u.Uuid }, "bdev_uring_create");
+            }
+            catch (RpcException e)
+            {
+                throw new RpcException(RpcErrorCodes.InternalError, $"Unable to create URING bdev. ({e.Message})");
+            }
+        }, RpcStates.Runtime);
+        rpc.Register("bdev_aio_delete", r => DeleteAsync(bdevs, BdevRpc.Decode<NameParams>(r).Name), RpcStates.Runtime);
+        rpc.Register("bdev_uring_delete", r => DeleteAsync(bdevs, BdevRpc.Decode<NameParams>(r).Name), RpcStates.Runtime);
         rpc.Register("bdev_aio_rescan", (Func<RpcRequest, JsonNode?>)(r =>
         {
-            var name = r.Bind<NameParams>().Name;
+            var name = BdevRpc.Decode<NameParams>(r).Name;
             if (bdevs.Find(name) is not FileBdev f)
             {
                 throw RpcErrno.Error(RpcErrno.ENODEV);
@@ -69,6 +89,11 @@ public static class FileBdevRpc
 
     private static JsonNode Create(BdevManager bdevs, CreateParams p, string method)
     {
+        if (string.IsNullOrEmpty(p.Name) || string.IsNullOrEmpty(p.Filename))
+        {
+            throw RpcErrno.Error(RpcErrno.EINVAL);
+        }
+
         if (bdevs.Find(p.Name) is not null)
         {
             throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {p.Name} already exists");
@@ -77,7 +102,7 @@ public static class FileBdevRpc
         FileBdev bdev;
         try
         {
-            bdev = FileBdev.Open(p.Name, p.Filename, p.BlockSize, p.Readonly, p.Uuid is null ? null : Guid.Parse(p.Uuid), method);
+            bdev = FileBdev.Open(p.Name, p.Filename, p.BlockSize, p.Readonly, p.Uuid, method);
         }
         catch (FileBdevException e)
         {

@@ -1,0 +1,148 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using Xunit;
+
+namespace VhostBackend.Rpc.Tests;
+
+/// <summary>
+/// Out-of-process clients against the in-process daemon: an rpc.py-style Python client (skipped without python3)
+/// and the built vhostctl (tables, --json, -s, error messages and exit codes).
+/// </summary>
+public sealed class ExternalClientTests
+{
+    private static readonly string OutDir = AppContext.BaseDirectory;
+
+    [Fact]
+    public async Task RpcPyStyleClientTalksToTheServer()
+    {
+        string? python = FindOnPath("python3");
+        if (python is null)
+        {
+            return; // optional: no python3 on this machine
+        }
+
+        await using var app = await TestApp.StartAsync();
+        var (code, stdout, stderr) = await RunAsync(python, Path.Combine(OutDir, "spdk_rpc_client.py"), app.RpcSocket,
+            "spdk_get_version",
+            "bdev_malloc_create", """{"name": "Py0", "num_blocks": 64, "block_size": 512}""",
+            "bdev_get_bdevs", """{"name": "Py0"}""",
+            "bdev_get_bdevs", """{"name": "missing"}""",
+            "framework_get_config", """{"name": "bdev"}""");
+        Assert.True(code == 0, stderr);
+        var lines = stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonNode.Parse(l)!.AsObject()).ToList();
+        Assert.Equal(5, lines.Count);
+        Assert.StartsWith(ProductVersion.Name, (string?)lines[0]["result"]!["version"]);
+        Assert.Equal("Py0", (string?)lines[1]["result"]);
+        Assert.Equal(64, (long)lines[2]["result"]![0]!["num_blocks"]!);
+        Assert.Equal(-19, (int)lines[3]["error"]!["code"]!);
+        Assert.Contains(lines[4]["result"]!.AsArray(), e => (string?)e!["method"] == "bdev_malloc_create" && (string?)e["params"]!["name"] == "Py0");
+    }
+
+    [Fact]
+    public async Task VhostctlPrintsTablesJsonAndErrors()
+    {
+        await using var app = await TestApp.StartAsync();
+        string cli = Path.Combine(OutDir, "VhostBackend.Cli.dll");
+        Assert.True(File.Exists(cli), $"vhostctl not built next to the tests: {cli}");
+        string s = app.RpcSocket;
+
+        var create = await RunAsync("dotnet", cli, "-s", s, "bdev_malloc_create", "-b", "Cli0", "8", "512");
+        Assert.True(create.Code == 0, create.Stderr);
+        Assert.Equal("Cli0", create.Stdout.Trim()); // like rpc.py: the created name, bare
+
+        var table = await RunAsync("dotnet", cli, "bdev_get_bdevs", "-s", s);
+        Assert.True(table.Code == 0, table.Stderr);
+        var rows = table.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.StartsWith("name", rows[0]);
+        Assert.Contains("block_size", rows[0]);
+        Assert.Contains(rows.Skip(1), r => r.StartsWith("Cli0 ", StringComparison.Ordinal) && r.Contains("16384") && r.Contains("Malloc disk"));
+
+        var json = await RunAsync("dotnet", cli, "-s", s, "--json", "bdev_get_bdevs", "-b", "Cli0");
+        Assert.True(json.Code == 0, json.Stderr);
+        var parsed = JsonNode.Parse(json.Stdout)!.AsArray();
+        Assert.Equal(512, (int)parsed.Single()!["block_size"]!);
+
+        // A method error: message on stderr with SPDK's code, exit code 1, nothing on stdout.
+        var missing = await RunAsync("dotnet", cli, "-s", s, "bdev_malloc_delete", "nope");
+        Assert.Equal(1, missing.Code);
+        Assert.Contains("-19", missing.Stderr);
+        Assert.Contains("No such device", missing.Stderr);
+        Assert.Equal("", missing.Stdout.Trim());
+
+        // No daemon at the socket: a clear message, exit code 1.
+        var down = await RunAsync("dotnet", cli, "-s", Path.Combine(app.Dir, "nobody.sock"), "spdk_get_version");
+        Assert.Equal(1, down.Code);
+        Assert.Contains("cannot connect", down.Stderr);
+
+        // save_config prints a config the daemon itself would save.
+        var save = await RunAsync("dotnet", cli, "-s", s, "save_config");
+        Assert.True(save.Code == 0, save.Stderr);
+        await using var c = await app.ConnectAsync();
+        Assert.True(JsonNode.DeepEquals(JsonNode.Parse(save.Stdout), await ConfigRoundTripTests.SaveConfigAsync(c)));
+    }
+
+    [Fact]
+    public async Task VhostctlLoadConfigReplaysIntoAWaitForRpcDaemon()
+    {
+        string cli = Path.Combine(OutDir, "VhostBackend.Cli.dll");
+        JsonObject saved;
+        string configFile;
+        await using (var source = await TestApp.StartAsync())
+        {
+            await using var c = await source.ConnectAsync();
+            await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "L0", ["num_blocks"] = 64, ["block_size"] = 512 });
+            await c.ResultAsync("bdev_set_qos_limit", new JsonObject { ["name"] = "L0", ["r_mbytes_per_sec"] = 7 });
+            await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "lc", ["dev_name"] = "L0" });
+            saved = await ConfigRoundTripTests.SaveConfigAsync(c);
+            configFile = Path.Combine(Path.GetTempPath(), $"rpct-{Guid.NewGuid():N}.json");
+            await File.WriteAllTextAsync(configFile, saved.ToJsonString());
+        }
+
+        try
+        {
+            await using var target = await TestApp.StartAsync(waitForRpc: true);
+            var load = await RunAsync("dotnet", cli, "-s", target.RpcSocket, "load_config", "-j", configFile);
+            Assert.True(load.Code == 0, load.Stderr);
+            Assert.Equal(VhostBackend.Rpc.RpcStates.Runtime, target.App.Dispatcher.State);
+            await using var c = await target.ConnectAsync();
+            Assert.True(JsonNode.DeepEquals(saved, await ConfigRoundTripTests.SaveConfigAsync(c)));
+
+            // Loading the same config again fails on the first duplicate, with the method's error and exit code 1.
+            var again = await RunAsync("dotnet", cli, "-s", target.RpcSocket, "load_config", "-j", configFile);
+            Assert.Equal(1, again.Code);
+            Assert.Contains("-17", again.Stderr);
+        }
+        finally
+        {
+            File.Delete(configFile);
+        }
+    }
+
+    private static string? FindOnPath(string name) =>
+        (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Select(d => Path.Combine(d, name)).FirstOrDefault(File.Exists);
+
+    private static async Task<(int Code, string Stdout, string Stderr)> RunAsync(string exe, params string[] args)
+    {
+        var psi = new ProcessStartInfo(exe) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in args)
+        {
+            psi.ArgumentList.Add(a);
+        }
+
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        try
+        {
+            await p.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            p.Kill(entireProcessTree: true);
+            throw;
+        }
+
+        return (p.ExitCode, await stdout, await stderr);
+    }
+}

@@ -1,0 +1,82 @@
+using System.Text.Json.Nodes;
+using Xunit;
+
+namespace VhostBackend.Rpc.Tests;
+
+/// <summary>
+/// The vhost-blk methods against SPDK's lib/vhost/vhost_rpc.c: create/delete/set_coalescing fail with -32602 and
+/// strerror text; vhost_get_controllers fails with -32603; create decodes relaxed (unknown names ignored).
+/// </summary>
+public sealed class VhostMethodTests
+{
+    [Fact]
+    public async Task CreateListCoalesceDelete()
+    {
+        await using var app = await TestApp.StartAsync();
+        await using var c = await app.ConnectAsync();
+        await c.ResultAsync("bdev_malloc_create", new JsonObject { ["name"] = "Disk", ["num_blocks"] = 128, ["block_size"] = 512 });
+
+        Assert.True((bool)(await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb0", ["dev_name"] = "Disk", ["cpumask"] = "0x1", ["readonly"] = true }))!);
+        string socket = Path.Combine(app.App.Options.SocketDir, "vb0");
+        Assert.True(File.Exists(socket), "the vhost-user socket is created in the socket directory");
+
+        var list = (JsonArray)await c.ResultAsync("vhost_get_controllers");
+        var ctrl = Assert.Single(list)!;
+        Assert.Equal("vb0", (string?)ctrl["ctrlr"]);
+        Assert.Equal("0x1", (string?)ctrl["cpumask"]);
+        Assert.Equal(socket, (string?)ctrl["socket"]);
+        Assert.Empty((JsonArray)ctrl["sessions"]!);
+        Assert.Equal("Disk", (string?)ctrl["backend_specific"]!["block"]!["bdev"]);
+        Assert.True((bool)ctrl["backend_specific"]!["block"]!["readonly"]!);
+        // SPDK's vhost-blk opens its bdev without claiming it.
+        Assert.False((bool)((JsonArray)await c.ResultAsync("bdev_get_bdevs", new JsonObject { ["name"] = "Disk" }))[0]!["claimed"]!);
+
+        // by name
+        Assert.Single((JsonArray)await c.ResultAsync("vhost_get_controllers", new JsonObject { ["name"] = "vb0" }));
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["name"] = "nope" }, -32603));
+        await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["name"] = 1 }, -32603);
+        await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["bogus"] = "x" }, -32603);
+
+        // coalescing
+        Assert.True((bool)(await c.ResultAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 50, ["iops_threshold"] = 60000 }))!);
+        ctrl = ((JsonArray)await c.ResultAsync("vhost_get_controllers", new JsonObject { ["name"] = "vb0" }))[0]!;
+        Assert.Equal(50, (int)ctrl["delay_base_us"]!);
+        Assert.Equal(60000, (int)ctrl["iops_threshold"]!);
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "nope", ["delay_base_us"] = 1, ["iops_threshold"] = 1000 }, -32602));
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1, ["iops_threshold"] = 1 }, -32602));
+        await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1 }, -32602);
+        await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = -1, ["iops_threshold"] = 1000 }, -32602);
+        await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1, ["iops_threshold"] = 1000, ["x"] = 1 }, -32602);
+
+        // delete
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "nope" }, -32602));
+        await c.ErrorAsync("vhost_delete_controller", null, -32602);
+        await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "vb0", ["x"] = 1 }, -32602);
+        Assert.True((bool)(await c.ResultAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "vb0" }))!);
+        Assert.Empty((JsonArray)await c.ResultAsync("vhost_get_controllers"));
+        Assert.False(File.Exists(socket), "the socket is removed with the controller");
+        // The bdev is free again.
+        Assert.True((bool)(await c.ResultAsync("bdev_malloc_delete", new JsonObject { ["name"] = "Disk" }))!);
+    }
+
+    [Fact]
+    public async Task CreateErrorsAreInvalidParamsWithStrerror()
+    {
+        await using var app = await TestApp.StartAsync();
+        await using var c = await app.ConnectAsync();
+        await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "Disk", ["num_blocks"] = 128, ["block_size"] = 512 });
+
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "nope" }, -32602));
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["cpumask"] = "0x4" }, -32602));
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["transport"] = "bogus" }, -32602));
+        Assert.StartsWith("Invalid argument", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v" }, -32602));
+        await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = 5 }, -32602);
+        await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["readonly"] = "yes" }, -32602);
+        Assert.Empty((JsonArray)await c.ResultAsync("vhost_get_controllers"));
+
+        // Relaxed decoding, as SPDK: an unknown (transport-specific) name does not fail the call.
+        Assert.True((bool)(await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["some_transport_opt"] = 1 }))!);
+        Assert.Equal("File exists", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk" }, -32602));
+        Assert.Single((JsonArray)await c.ResultAsync("vhost_get_controllers"));
+    }
+}

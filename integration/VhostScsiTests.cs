@@ -111,7 +111,7 @@ public sealed class VhostScsiTests(ITestOutputHelper output)
 
         // The read-only LUN refuses writes with DATA PROTECT / WRITE PROTECTED; reads work.
         await Run(guest, $"dd if=/dev/{d2} of=/dev/null bs=64k count=16 iflag=direct 2>&1");
-        var roWrite = await guest.ExecHostAsync($"sg_raw -v -s 4096 -i /dev/zero /dev/{d2} 2a 00 00 00 00 00 00 00 01 00", Cmd);
+        var roWrite = await guest.ExecHostAsync($"sg_raw -R -v -s 4096 -i /dev/zero /dev/{d2} 2a 00 00 00 00 00 00 00 01 00", Cmd);
         output.WriteLine(roWrite.ToString());
         Assert.NotEqual(0, roWrite.ExitCode);
         Assert.Contains("Data protect", roWrite.Output, StringComparison.OrdinalIgnoreCase);

@@ -84,13 +84,17 @@ public static class VirtioScsi
         return lun[0] == 1 && (lun[2] & 0xC0) is 0x40 or 0x00 && lun[4] == 0 && lun[5] == 0 && lun[6] == 0 && lun[7] == 0;
     }
 
-    /// <summary>Encodes target/LUN as Linux's virtio_scsi does.</summary>
+    /// <summary>
+    /// Encodes target/LUN for an event the way REPORT LUNS encodes it (peripheral addressing below 256, flat
+    /// space with 0x40 above), which is what Linux's virtscsi_handle_transport_reset decodes: a RESCAN with LUN
+    /// field 0 scans the whole target.
+    /// </summary>
     public static void EncodeLun(Span<byte> lun, int target, int lunId)
     {
         lun.Clear();
         lun[0] = 1;
         lun[1] = (byte)target;
-        lun[2] = (byte)((lunId >> 8) | 0x40);
+        lun[2] = lunId >= 256 ? (byte)((lunId >> 8) | 0x40) : (byte)0;
         lun[3] = (byte)lunId;
     }
 }

@@ -38,13 +38,16 @@ public sealed class ConfigRoundTripTests
             await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "blk0", ["dev_name"] = "Mal", ["cpumask"] = "0x1" });
             await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "blk1", ["dev_name"] = "Fil", ["readonly"] = true });
             await c.ResultAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "blk0", ["delay_base_us"] = 80, ["iops_threshold"] = 50000 });
+            await c.ResultAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "scsi0", ["cpumask"] = "0x1" });
+            await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "scsi0", ["scsi_target_num"] = 2, ["bdev_name"] = "Nul" });
+            await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "scsi0", ["scsi_target_num"] = -1, ["bdev_name"] = "Uri", ["readonly"] = true });
             saved = await SaveConfigAsync(c);
         }
 
         // The RPC view equals the in-process save (the same subsystems, the same calls).
         Assert.True(JsonNode.DeepEquals(saved, await JsonConfig.SaveAsync(first.App.Dispatcher, first.App.Subsystems)), saved.ToJsonString());
         var methods = saved["subsystems"]!.AsArray().SelectMany(s => s!["config"]!.AsArray()).Select(e => (string)e!["method"]!).ToList();
-        foreach (var m in new[] { "bdev_malloc_create", "bdev_null_create", "bdev_aio_create", "bdev_uring_create", "bdev_set_qos_limit", "vhost_create_blk_controller", "vhost_controller_set_coalescing" })
+        foreach (var m in new[] { "bdev_malloc_create", "bdev_null_create", "bdev_aio_create", "bdev_uring_create", "bdev_set_qos_limit", "vhost_create_blk_controller", "vhost_controller_set_coalescing", "vhost_create_scsi_controller", "vhost_scsi_controller_add_target" })
         {
             Assert.Contains(m, methods);
         }

@@ -79,4 +79,49 @@ public sealed class VhostMethodTests
         Assert.Equal("File exists", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk" }, -32602));
         Assert.Single((JsonArray)await c.ResultAsync("vhost_get_controllers"));
     }
+
+    [Fact]
+    public async Task ScsiControllerTargetsAndErrors()
+    {
+        await using var app = await TestApp.StartAsync();
+        await using var c = await app.ConnectAsync();
+        await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "N0", ["num_blocks"] = 128, ["block_size"] = 512 });
+        await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "N1", ["num_blocks"] = 256, ["block_size"] = 4096 });
+
+        Assert.True((bool)(await c.ResultAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s0" }))!);
+        Assert.Equal("File exists", await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s0" }, -32602));
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s1", ["cpumask"] = "0x10" }, -32602));
+        await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject(), -32602);
+
+        Assert.Equal(3, (int)(await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3, ["bdev_name"] = "N0" }))!);
+        Assert.Equal(0, (int)(await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = -1, ["bdev_name"] = "N1" }))!);
+        Assert.Equal("File exists", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3, ["bdev_name"] = "N1" }, -32602));
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 8, ["bdev_name"] = "N1" }, -32602));
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 4, ["bdev_name"] = "nope" }, -32602));
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "zz", ["scsi_target_num"] = 4, ["bdev_name"] = "N1" }, -32602));
+        await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = "4", ["bdev_name"] = "N1" }, -32602);
+        await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["bdev_name"] = "N1" }, -32602);
+
+        var list = (JsonArray)(await c.ResultAsync("vhost_get_controllers", new JsonObject { ["name"] = "s0" }))!;
+        var targets = (JsonArray)list[0]!["backend_specific"]!["scsi"]!;
+        Assert.Equal([0, 3], targets.Select(t => (int)t!["scsi_dev_num"]!));
+        Assert.Equal("N1", (string)targets[0]!["luns"]![0]!["bdev_name"]!);
+
+        // A blk controller is not a SCSI controller; remove errors; delete refuses while targets remain.
+        await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "N2", ["num_blocks"] = 128, ["block_size"] = 512 });
+        await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "b0", ["dev_name"] = "N2" });
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "b0", ["scsi_target_num"] = 1, ["bdev_name"] = "N1" }, -32602));
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 5 }, -32602));
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 9 }, -32602));
+        await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = -1 }, -32602);
+        Assert.Equal("Device or resource busy", await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "s0" }, -32602));
+
+        Assert.True((bool)(await c.ResultAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3 }))!);
+        // Deleting the bdev behind target 0 removes that target too.
+        await c.ResultAsync("bdev_null_delete", new JsonObject { ["name"] = "N1" });
+        list = (JsonArray)(await c.ResultAsync("vhost_get_controllers", new JsonObject { ["name"] = "s0" }))!;
+        Assert.Empty((JsonArray)list[0]!["backend_specific"]!["scsi"]!);
+        Assert.True((bool)(await c.ResultAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "s0" }))!);
+        Assert.False(File.Exists(Path.Combine(app.App.Options.SocketDir, "s0")));
+    }
 }

@@ -116,17 +116,25 @@ public sealed class VhostBlkTests(ITestOutputHelper output)
             await Task.Delay(200);
         }
 
+        // The second guest also has a disk in the other direction: QEMU listens (server=on) and the daemon's
+        // client-mode controller connects to it, retrying until QEMU is up.
+        await daemon.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "Malloc1", ["num_blocks"] = 8192, ["block_size"] = 512 });
+        string srvSock = Path.Combine(work, "vb.srv");
+        await daemon.CallAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb.srv", ["dev_name"] = "Malloc1", ["client"] = true });
         await using (var second = await QemuGuest.StartAsync(new QemuGuestOptions
         {
             Name = "vhost-blk-2",
             Memory = "512M",
             Cpus = 2,
             BlkDevices = [new VhostUserDevice(fileSock, 2)],
+            ExtraQemuArgs = ["-chardev", $"socket,id=srv0,path={srvSock},server=on,wait=off", "-device", "vhost-user-blk-pci,chardev=srv0,num-queues=1"],
             Log = output.WriteLine,
             BootTimeout = TimeSpan.FromSeconds(120),
         }))
         {
             Assert.Equal("131072", (await Run(second, "cat /sys/block/vda/size")).Trim());
+            Assert.Equal("8192", (await Run(second, "cat /sys/block/vdb/size")).Trim());
+            await Run(second, "head -c 65536 /dev/urandom > /tmp/p && dd if=/tmp/p of=/dev/vdb bs=64k seek=3 oflag=direct 2>&1 && dd if=/dev/vdb of=/tmp/q bs=64k skip=3 count=1 iflag=direct 2>&1 && cmp /tmp/p /tmp/q");
             var fio2 = await second.ExecHostAsync(
                 "fio --name=again --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --size=4M --verify=crc32c --verify_fatal=1",
                 TimeSpan.FromSeconds(300));

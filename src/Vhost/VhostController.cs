@@ -18,6 +18,7 @@ public abstract class VhostController : IVhostUserDevice
     private readonly Reactor.ReactorRuntime _runtime;
     private UnixSocketListener? _listener;
     private Thread? _acceptThread;
+    private CancellationTokenSource? _clientStop;
     private uint _delayBaseUs;
     private uint _iopsThreshold = DefaultIopsThreshold;
 
@@ -178,9 +179,61 @@ public abstract class VhostController : IVhostUserDevice
         }
     }
 
-    /// <summary>Stops listening and disconnects every session; completes when they have released everything.</summary>
+    /// <summary>
+    /// Client mode (QEMU's <c>-chardev socket,server=on</c>): connects to <see cref="SocketPath"/>, retrying every
+    /// second until the front end listens, and again after each disconnect, until shutdown.
+    /// </summary>
+    public void StartConnecting()
+    {
+        ClientMode = true;
+        var stop = _clientStop = new CancellationTokenSource();
+        _acceptThread = new Thread(() => ConnectLoop(stop.Token)) { Name = "vhost-connect:" + Name, IsBackground = true };
+        _acceptThread.Start();
+        Logger.LogInformation("vhost controller {Name}: connecting to front end socket {Path} (client mode)", Name, SocketPath);
+    }
+
+    /// <summary>True when the controller connects to the front end's socket instead of listening.</summary>
+    public bool ClientMode { get; private set; }
+
+    private void ConnectLoop(CancellationToken stop)
+    {
+        bool warned = false;
+        while (!stop.IsCancellationRequested)
+        {
+            UnixConnection conn;
+            try
+            {
+                conn = UnixConnection.Connect(SocketPath);
+            }
+            catch (IOException e)
+            {
+                if (!warned)
+                {
+                    Logger.LogInformation("vhost controller {Name}: {Error}; retrying every second", Name, e.Message);
+                    warned = true;
+                }
+
+                stop.WaitHandle.WaitOne(TimeSpan.FromSeconds(1));
+                continue;
+            }
+
+            warned = false;
+            Logger.LogInformation("vhost controller {Name}: connected to front end", Name);
+            var session = new VhostUserSession(this, conn, Logger);
+            session.Start();
+            WaitHandle.WaitAny([((IAsyncResult)session.Completion).AsyncWaitHandle, stop.WaitHandle]);
+            if (!stop.IsCancellationRequested)
+            {
+                // Give a restarting front end time to listen again.
+                stop.WaitHandle.WaitOne(TimeSpan.FromSeconds(1));
+            }
+        }
+    }
+
+    /// <summary>Stops listening (or connecting) and disconnects every session; completes when they have released everything.</summary>
     public virtual async Task ShutdownAsync()
     {
+        _clientStop?.Cancel();
         _listener?.Dispose();
         var sessions = Sessions;
         foreach (var s in sessions)
@@ -215,6 +268,7 @@ public abstract class VhostController : IVhostUserDevice
             ["delay_base_us"] = DelayBaseUs,
             ["iops_threshold"] = IopsThreshold,
             ["socket"] = SocketPath,
+            ["client"] = ClientMode,
             ["sessions"] = sessions,
             ["backend_specific"] = BackendSpecific(),
         };

@@ -56,9 +56,9 @@ public sealed class VhostManager : IAsyncDisposable
     /// <see cref="VhostException"/> with SPDK's errno: EEXIST (name taken), ENODEV (no such bdev), EINVAL (bad
     /// name or cpumask), EIO (socket).
     /// </summary>
-    public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly)
+    public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly, bool client = false)
     {
-        var ctrlr = Create(name, cpumask, (path, mask) =>
+        var ctrlr = Create(name, cpumask, client, (path, mask) =>
         {
             try
             {
@@ -74,9 +74,9 @@ public sealed class VhostManager : IAsyncDisposable
     }
 
     /// <summary>Creates a vhost-user-scsi controller with no targets (add them with <see cref="AddScsiTarget"/>). Errors as for blk.</summary>
-    public VhostScsiController CreateScsiController(string name, string? cpumask)
+    public VhostScsiController CreateScsiController(string name, string? cpumask, bool client = false)
     {
-        var ctrlr = Create(name, cpumask, (path, mask) => new VhostScsiController(name, path, mask, _runtime, _bdevs, _loggerFactory.CreateLogger("vhost_scsi")));
+        var ctrlr = Create(name, cpumask, client, (path, mask) => new VhostScsiController(name, path, mask, _runtime, _bdevs, _loggerFactory.CreateLogger("vhost_scsi")));
         _log.LogInformation("vhost-scsi controller {Name} created (cpumask {Mask})", name, ctrlr.CpuMask.ToMaskString());
         return ctrlr;
     }
@@ -94,7 +94,7 @@ public sealed class VhostManager : IAsyncDisposable
         _ => throw new VhostException(Native.EINVAL, $"{name} is not a vhost-scsi controller"),
     };
 
-    private T Create<T>(string name, string? cpumask, Func<string, CpuSet, T> factory)
+    private T Create<T>(string name, string? cpumask, bool client, Func<string, CpuSet, T> factory)
         where T : VhostController
     {
         if (string.IsNullOrEmpty(name) || name.Contains('/') || name is "." or "..")
@@ -124,7 +124,14 @@ public sealed class VhostManager : IAsyncDisposable
             try
             {
                 Directory.CreateDirectory(SocketDirectory);
-                ctrlr.StartListening();
+                if (client)
+                {
+                    ctrlr.StartConnecting();
+                }
+                else
+                {
+                    ctrlr.StartListening();
+                }
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
             {

@@ -197,14 +197,20 @@ public sealed class VhostBlkController : VhostController
             yield break;
         }
 
-        yield return VhostBackend.Rpc.Subsystem.Call("vhost_create_blk_controller", new JsonObject
+        var create = new JsonObject
         {
             ["ctrlr"] = Name,
             ["dev_name"] = bdev,
             ["cpumask"] = CpuMask.ToMaskString(),
             ["readonly"] = ReadOnly,
             ["transport"] = "vhost_user_blk",
-        });
+        };
+        if (ClientMode)
+        {
+            create["client"] = true;
+        }
+
+        yield return VhostBackend.Rpc.Subsystem.Call("vhost_create_blk_controller", create);
         foreach (var call in CoalescingConfigCalls())
         {
             yield return call;

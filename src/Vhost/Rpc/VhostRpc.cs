@@ -53,7 +53,7 @@ public static class VhostRpc
         var p = request.Bind<CreateBlkParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL), allowUnknownNames: true);
         try
         {
-            manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly);
+            manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly, p.Client);
         }
         catch (VhostException e)
         {
@@ -68,7 +68,7 @@ public static class VhostRpc
         var p = request.Bind<CreateScsiParams>();
         try
         {
-            manager.CreateScsiController(p.Ctrlr, p.Cpumask);
+            manager.CreateScsiController(p.Ctrlr, p.Cpumask, p.Client);
         }
         catch (VhostException e)
         {
@@ -170,6 +170,9 @@ public static class VhostRpc
 
         public bool PackedRing { get; set; }
 
+        /// <summary>Our extension: connect to a socket the front end listens on (QEMU <c>server=on</c>), retrying.</summary>
+        public bool Client { get; set; }
+
         public string? Transport { get; set; }
 
         public void Validate()
@@ -195,6 +198,9 @@ public static class VhostRpc
 
         /// <summary>SPDK: start the controller later (vhost_start_scsi_controller). Accepted; we always start at once.</summary>
         public bool Delay { get; set; }
+
+        /// <summary>Our extension: connect to a socket the front end listens on (QEMU <c>server=on</c>), retrying.</summary>
+        public bool Client { get; set; }
     }
 
     public sealed class AddTargetParams

@@ -284,11 +284,17 @@ public sealed class VhostScsiController : VhostController
 
     public override IEnumerable<JsonObject> ConfigCalls()
     {
-        yield return VhostBackend.Rpc.Subsystem.Call("vhost_create_scsi_controller", new JsonObject
+        var create = new JsonObject
         {
             ["ctrlr"] = Name,
             ["cpumask"] = CpuMask.ToMaskString(),
-        });
+        };
+        if (ClientMode)
+        {
+            create["client"] = true;
+        }
+
+        yield return VhostBackend.Rpc.Subsystem.Call("vhost_create_scsi_controller", create);
         foreach (var t in Targets)
         {
             if (Volatile.Read(ref t.Removing) != 0)

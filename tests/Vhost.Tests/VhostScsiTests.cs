@@ -184,6 +184,44 @@ public sealed class VhostScsiTests
         Assert.Equal(VirtioScsi.SFunctionRejected, m.Bytes(r3, 1)[0]);
     }
 
+    [Fact]
+    public async Task RequestPathAllocatesNothingPerCommand()
+    {
+        await using var host = new VhostTestHost(reactors: 1, blocks: 4096, blockSize: 512);
+        host.Vhost.CreateScsiController("z", null);
+        await host.Runtime.Main.InvokeAsync(() => host.Vhost.AddScsiTarget("z", 0, "Malloc0"));
+        using var fe = host.Connect("z");
+        fe.Negotiate(WantProtocol);
+        Assert.Equal(0UL, fe.SetU64(VhostUserRequest.SetFeatures, Features));
+        using var m = new DriverRingModel(64, eventIdx: true);
+        Assert.Equal(0UL, fe.SetMemTable(m));
+        Assert.Equal(0UL, fe.SetupQueue(m, VirtioScsi.FirstRequestQueue, null, null));
+        var drv = new ScsiDriverModel(m);
+        ulong buf = m.Alloc(4096, 4096);
+        var reactor = host.Runtime.Main;
+        byte[] write = [0x2A, 0, 0, 0, 0, 8, 0, 0, 8, 0];
+        byte[] read = [0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0];
+
+        async Task<long> RunBatch(int count)
+        {
+            long before = await reactor.InvokeAsync(() => GC.GetAllocatedBytesForCurrentThread());
+            for (int i = 0; i < count; i++)
+            {
+                ushort target = (ushort)(m.UsedIdx + 1);
+                drv.Post(0, 0, i % 2 == 0 ? write : read, buf, 4096, dataIn: i % 2 == 1);
+                Assert.True(await VhostTestHost.WaitUntil(() => m.UsedIdx == target));
+            }
+
+            long after = await reactor.InvokeAsync(() => GC.GetAllocatedBytesForCurrentThread());
+            return after - before;
+        }
+
+        await RunBatch(50);
+        long idle = await RunBatch(0);
+        long busy = await RunBatch(500);
+        Assert.True(busy - idle < 2048, $"reactor allocated {busy} bytes for 500 SCSI commands (baseline {idle})");
+    }
+
     private static ulong PostTmf(DriverRingModel m, int desc, int target, uint subtype)
     {
         ulong req = m.Alloc(24);

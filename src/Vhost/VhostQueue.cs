@@ -33,6 +33,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     private bool _stopping;
     private bool _broken;
     private bool _signalPending;
+    private bool _signalOwed;
     private int _completedSincePoll;
     private TaskCompletionSource? _drained;
     private int _chainErrors;
@@ -121,7 +122,17 @@ public abstract class VhostQueue : IVhostQueueRunner
     public Task SetCallAsync(EventFd? call) => Reactor.InvokeAsync(() =>
     {
         _call = call;
-        if (_signalPending)
+        if (call is not null && _signalOwed)
+        {
+            // Used entries were published while there was no call fd: QEMU sends SET_VRING_CALL after the
+            // queue started, and the guest can submit (and we complete) in between. Interrupt now, or the
+            // driver waits forever. A spurious interrupt is harmless.
+            _signalOwed = false;
+            _signalPending = false;
+            Vq.NeedsNotify();
+            call.Signal();
+        }
+        else if (_signalPending)
         {
             Flush(force: true);
         }
@@ -239,7 +250,9 @@ public abstract class VhostQueue : IVhostQueueRunner
         var call = _call;
         if (call is null)
         {
+            // A polling front end, or a call fd still to come (see SetCallAsync).
             _signalPending = false;
+            _signalOwed = true;
             return;
         }
 

@@ -59,6 +59,30 @@ public sealed class VhostBlkLifecycleTests
     }
 
     [Fact]
+    public async Task CompletionsBeforeTheCallFdArrivesAreSignalledWhenItDoes()
+    {
+        // QEMU sends SET_VRING_CALL after the queue started and does not wait: the guest may submit first.
+        await using var host = new VhostTestHost(reactors: 1, mode: Reactor.ReactorMode.Interrupt);
+        host.Vhost.CreateBlkController("c", "Malloc0", null, false);
+        using var fe = host.Connect("c");
+        fe.Negotiate(WantProtocol);
+        Assert.Equal(0UL, fe.SetU64(VhostUserRequest.SetFeatures, BaseFeatures | (1UL << VirtioFeatures.RingEventIdx)));
+        using var m = new DriverRingModel(16, eventIdx: true);
+        Assert.Equal(0UL, fe.SetMemTable(m));
+        using var kick = new EventFd();
+        Assert.Equal(0UL, fe.SetupQueue(m, 0, kick, null));
+        var drv = new BlkDriverModel(m);
+        ulong buf = m.Alloc(512);
+        drv.Post(VirtioBlkRequestType.In, 0, buf, 512, deviceWritesData: true);
+        kick.Signal();
+        Assert.True(await VhostTestHost.WaitUntil(() => m.UsedIdx == 1), "request not completed");
+
+        using var call = new EventFd();
+        Assert.Equal(0UL, fe.SetU64(VhostUserRequest.SetVringCall, 0, [call.Fd]));
+        Assert.True(await VhostTestHost.WaitUntil(() => call.Drain(), 2000), "the completion published before SET_VRING_CALL was never signalled");
+    }
+
+    [Fact]
     public async Task HotRemovedBdevFailsIoAndControllerShowsNoBdev()
     {
         await using var host = new VhostTestHost();

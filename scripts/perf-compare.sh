@@ -160,6 +160,41 @@ EOF
         before_r="$(rpc "$rpc_sock" framework_get_reactors)"
         before_s="$(rpc "$rpc_sock" bdev_get_iostat "{\"name\":\"$bdev\"}")"
     fi
+    # Steady-state sampler: allocation and op counters a moment after warm-up and just before the end.
+    local sampler=""
+    if [ -n "$rpc_sock" ]; then
+        python3 - "$rpc_sock" "$bdev" "$warm" "$secs" "$work" <<'EOF2' &
+import json, socket, sys, time
+path, bdev, warm, secs, work = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+def rpc(method, params=None):
+    req = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params is not None:
+        req["params"] = params
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(json.dumps(req).encode())
+    buf, dec = b"", json.JSONDecoder()
+    while True:
+        buf += s.recv(65536)
+        try:
+            return dec.raw_decode(buf.decode())[0]["result"]
+        except ValueError:
+            continue
+ops = lambda st: st["bdevs"][0]["num_read_ops"] + st["bdevs"][0]["num_write_ops"]
+first = ops(rpc("bdev_get_iostat", {"name": bdev}))
+deadline = time.time() + 60
+while ops(rpc("bdev_get_iostat", {"name": bdev})) == first and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(warm + 0.5)   # I/O started: skip the warm-up
+for tag in ("a", "b"):   # back to back: b - a is what one sample pair allocates
+    json.dump(rpc("framework_get_reactors"), open(f"{work}/steady-{tag}-r.json", "w"))
+    json.dump(rpc("bdev_get_iostat", {"name": bdev}), open(f"{work}/steady-{tag}-s.json", "w"))
+time.sleep(max(0.5, secs - 1.0))
+json.dump(rpc("framework_get_reactors"), open(f"{work}/steady-c-r.json", "w"))
+json.dump(rpc("bdev_get_iostat", {"name": bdev}), open(f"{work}/steady-c-s.json", "w"))
+EOF2
+        sampler=$!
+    fi
     local c0 t0 c1 t1
     c0="$(cpu_ticks "$daemon_pid")"
     t0="$(date +%s.%N)"
@@ -171,14 +206,32 @@ EOF
     fi
     c1="$(cpu_ticks "$daemon_pid")"
     t1="$(date +%s.%N)"
+    local steady="{}"
     if [ -n "$rpc_sock" ]; then
+        wait "$sampler" || true
+        steady="$(python3 - "$work" <<'EOF2'
+import json, sys
+w = sys.argv[1]
+try:
+    # A and B back to back (B - A = what one pair of sampling RPCs allocates, plus a few I/Os), C late in the run.
+    ra, rb, rc = (json.load(open(f"{w}/steady-{x}-r.json")) for x in "abc")
+    sa, sb, sc = (json.load(open(f"{w}/steady-{x}-s.json")) for x in "abc")
+    ops = lambda s: s["bdevs"][0]["num_read_ops"] + s["bdevs"][0]["num_write_ops"]
+    tot = lambda r: r["total_allocated_bytes"]
+    print(json.dumps({"ops": ops(sc) - ops(sb), "alloc": tot(rc) - tot(rb), "rpc_alloc": tot(rb) - tot(ra),
+                      "gen0": rc["gen0_collections"] - rb["gen0_collections"], "gen2": rc["gen2_collections"] - rb["gen2_collections"]}))
+except Exception as e:
+    print("{}")
+EOF2
+)"
+        rm -f "$work"/steady-*.json
         after_r="$(rpc "$rpc_sock" framework_get_reactors)"
         after_s="$(rpc "$rpc_sock" bdev_get_iostat "{\"name\":\"$bdev\"}")"
     fi
-    python3 - "$be" "$round" "$wl" "$qd" "$c0" "$c1" "$t0" "$t1" "$(getconf CLK_TCK)" "$before_r" "$after_r" "$before_s" "$after_s" "$res" >> "$results" <<'EOF'
+    python3 - "$be" "$round" "$wl" "$qd" "$c0" "$c1" "$t0" "$t1" "$(getconf CLK_TCK)" "$before_r" "$after_r" "$before_s" "$after_s" "$res" "$steady" >> "$results" <<'EOF'
 import json, sys
 be, rnd, wl, qd, c0, c1, t0, t1, hz = sys.argv[1:10]
-br, ar, bs, as_, res = (json.loads(x) for x in sys.argv[10:15])
+br, ar, bs, as_, res, steady = (json.loads(x) for x in sys.argv[10:16])
 tot = res["total"]
 row = {"backend": be, "round": int(rnd), "workload": f"{wl}_qd{qd}", "iops": tot["iops"],
        "mean_us": tot["avg_latency_us"], "p99_us": tot["p99_latency_us"], "ios": tot["ios"], "errors": tot["errors"],
@@ -192,6 +245,8 @@ if "total_allocated_bytes" in ar:
         b = s.get("bdevs", [{}])[0]
         return b.get("num_read_ops", 0) + b.get("num_write_ops", 0)
     row["daemon_ops"] = ops(as_) - ops(bs)
+    if steady:
+        row["steady"] = steady
 print(json.dumps(row))
 EOF
     tail -n 1 "$results" | python3 -c '
@@ -217,7 +272,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 keys = sorted({(r["workload"], r["backend"]) for r in rows}, key=lambda k: (k[0], k[1]))
 ref = "qsd"
 print()
-print(f"{'workload':<15} {'backend':<13} {'best IOPS':>11} {'median IOPS':>12} {'x qsd(best)':>11} {'x qsd(med)':>10} {'mean us (med)':>13} {'x qsd':>6} {'p99 us (med)':>12} {'CPU s/run':>9} {'B/IO daemon':>11} {'gen2':>4} {'daemon ops/bdevperf ios':>23}")
+print(f"{'workload':<15} {'backend':<13} {'best IOPS':>11} {'median IOPS':>12} {'x qsd(best)':>11} {'x qsd(med)':>10} {'mean us (med)':>13} {'x qsd':>6} {'p99 us (med)':>12} {'CPU s/run':>9} {'B/IO daemon':>11} {'steady ops':>10} {'steady B/IO':>11} {'net B/IO':>8} {'gen2':>4} {'daemon ops/bdevperf ios':>23}")
 summary = {}
 for wl, be in keys:
     rs = [r for r in rows if r["workload"] == wl and r["backend"] == be]
@@ -237,11 +292,18 @@ for wl, be in keys:
         bpio = f"{sum(r['daemon_alloc_bytes'] for r in rs) / ios:.3f}"
         gen2 = str(sum(r["daemon_gen2"] for r in rs))
         cons = f"{statistics.median(r['daemon_ops'] / r['ios'] for r in rs):.3f}"
+        st = [r["steady"] for r in rs if r.get("steady", {}).get("ops", 0) > 0]
+        sops = sum(x["ops"] for x in st)
+        sops_s = f"{sops:,}" if st else "-"
+        sbpio = f"{sum(x['alloc'] for x in st) / sops:.4f}" if st else "-"
+        nbpio = f"{sum(x['alloc'] - x['rpc_alloc'] for x in st) / sops:.4f}" if st else "-"
     else:
-        bpio = gen2 = cons = "-"
-    print(f"{wl:<15} {be:<13} {best:>11,.0f} {med:>12,.0f} {xb:>11} {xm:>10} {mean:>13.2f} {xl:>6} {p99:>12.2f} {cpu:>9.2f} {bpio:>11} {gen2:>4} {cons:>23}")
+        bpio = gen2 = cons = sops_s = sbpio = nbpio = "-"
+    print(f"{wl:<15} {be:<13} {best:>11,.0f} {med:>12,.0f} {xb:>11} {xm:>10} {mean:>13.2f} {xl:>6} {p99:>12.2f} {cpu:>9.2f} {bpio:>11} {sops_s:>10} {sbpio:>11} {nbpio:>8} {gen2:>4} {cons:>23}")
 print()
 print("B/IO daemon: bytes allocated in the whole daemon (GC.GetTotalAllocatedBytes) over each bdevperf run, including")
-print("attach/detach and warm-up, divided by the measured I/Os. daemon ops/bdevperf ios: bdev_get_iostat read+write ops")
+print("attach/detach and warm-up, divided by the measured I/Os. steady ops / steady B/IO: the daemon's ops and bytes allocated")
+print("between two samples inside the measured window (after warm-up), summed over rounds; net B/IO subtracts what the")
+print("sampling RPCs themselves allocate (measured by a back-to-back sample pair). daemon ops/bdevperf ios: bdev_get_iostat read+write ops")
 print("over the run (warm-up included) per I/O bdevperf counted in its measured window (> 1 by the warm-up share).")
 EOF

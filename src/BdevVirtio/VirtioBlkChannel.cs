@@ -34,6 +34,8 @@ internal sealed unsafe class VirtioBlkChannel
     private readonly bool _indirect;
     private int _freeCount;
     private bool _failed;
+    private bool _inPoll;
+    private bool _unpublished;
 
     public VirtioBlkChannel(VirtioUserController ctrl, Reactor.Reactor reactor)
     {
@@ -197,13 +199,28 @@ internal sealed unsafe class VirtioBlkChannel
 
         _freeCount--;
         _ios[slot] = io;
-        drv.Publish();
-        if (drv.NeedsKick())
+        if (_inPoll)
         {
-            q.Kick.Signal();
+            // Resubmitted from a completion callback: published once at the end of the poll (one avail.idx
+            // store and one kick decision for the whole batch instead of one per request).
+            _unpublished = true;
+        }
+        else
+        {
+            PublishAndKick();
         }
 
         return true;
+    }
+
+    private void PublishAndKick()
+    {
+        var drv = _driver!;
+        drv.Publish();
+        if (drv.NeedsKick())
+        {
+            _queue!.Kick.Signal();
+        }
     }
 
     private static void CopyIn(BdevIo io, byte* dst)
@@ -237,6 +254,7 @@ internal sealed unsafe class VirtioBlkChannel
         var drv = _driver!;
         var q = _queue!;
         int done = 0;
+        _inPoll = true;
         while (true)
         {
             var r = drv.TryPopUsed(out int slot, out _);
@@ -249,6 +267,7 @@ internal sealed unsafe class VirtioBlkChannel
             {
                 _ctrl.Logger.LogError("virtio-user {Name}: queue {Queue}: the back end broke the used ring (used idx past what is in flight, or an unknown head); failing the queue's I/O",
                     _ctrl.CtrlName, q.Index);
+                _inPoll = false;
                 FailQueue();
                 return done + 1;
             }
@@ -275,6 +294,13 @@ internal sealed unsafe class VirtioBlkChannel
 
             _waiting.Dequeue();
             done++;
+        }
+
+        _inPoll = false;
+        if (_unpublished)
+        {
+            _unpublished = false;
+            PublishAndKick();
         }
 
         return done;

@@ -209,5 +209,39 @@ public sealed unsafe class VhostUserFrontEnd : IDisposable
         return (int)h.Size;
     }
 
+    /// <summary>
+    /// Whether the back end has closed the connection (hang-up, or end of file with no reply pending). Does not
+    /// consume anything: a pending reply is left for the control plane. Any thread; one non-blocking poll.
+    /// </summary>
+    public bool IsPeerClosed()
+    {
+        int fd = _conn.FileDescriptor;
+        if (fd < 0)
+        {
+            return true;
+        }
+
+        SocketNative.PollFd pfd = default;
+        pfd.Fd = fd;
+        pfd.Events = SocketNative.POLLIN;
+        if (SocketNative.poll(&pfd, 1, 0) <= 0)
+        {
+            return false;
+        }
+
+        if ((pfd.REvents & (PollHup | PollErr)) != 0)
+        {
+            return true;
+        }
+
+        byte b;
+        return SocketNative.recv(fd, &b, 1, MsgPeek | MsgDontWait) == 0;
+    }
+
+    private const short PollErr = 0x8;
+    private const short PollHup = 0x10;
+    private const int MsgPeek = 0x2;
+    private const int MsgDontWait = 0x40;
+
     public void Dispose() => _conn.Dispose();
 }

@@ -31,6 +31,7 @@ internal sealed unsafe class VirtioBlkChannel
     private readonly int[] _free;
     private readonly Queue<BdevIo> _waiting;
     private readonly Poller? _poller;
+    private readonly Poller? _connPoller;
     private readonly bool _indirect;
     private int _freeCount;
     private bool _failed;
@@ -64,6 +65,20 @@ internal sealed unsafe class VirtioBlkChannel
 
         _freeCount = slots;
         _poller = reactor.RegisterPoller("bdev_virtio_poll:" + ctrl.CtrlName + ":q" + _queue.Index, static c => ((VirtioBlkChannel)c!).Poll(), this);
+
+        // A back end that dies never returns its requests: watch the socket (every 100 ms, one non-blocking poll).
+        _connPoller = reactor.RegisterPoller("bdev_virtio_conn:" + ctrl.CtrlName + ":q" + _queue.Index, static c => ((VirtioBlkChannel)c!).CheckConnection(), this, 100_000);
+    }
+
+    private int CheckConnection()
+    {
+        if (_failed || !_ctrl.CheckConnection())
+        {
+            return 0;
+        }
+
+        FailQueue();
+        return 1;
     }
 
     /// <summary>The queue this channel owns (null: none was free).</summary>
@@ -336,6 +351,11 @@ internal sealed unsafe class VirtioBlkChannel
         if (_poller is not null)
         {
             _reactor.UnregisterPoller(_poller);
+        }
+
+        if (_connPoller is not null)
+        {
+            _reactor.UnregisterPoller(_connPoller);
         }
 
         FailWaiting();

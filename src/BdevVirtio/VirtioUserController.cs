@@ -263,6 +263,32 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
         }
     }
 
+    /// <summary>Set once the back end closed the connection: every channel fails its outstanding and new I/O.</summary>
+    public bool Disconnected => Volatile.Read(ref _disconnected) != 0;
+
+    private int _disconnected;
+
+    /// <summary>Checks (non-blocking) whether the back end went away; logs it once. Called by the channels' timed pollers.</summary>
+    internal bool CheckConnection()
+    {
+        if (Disconnected)
+        {
+            return true;
+        }
+
+        if (_disposed || !_fe.IsPeerClosed())
+        {
+            return false;
+        }
+
+        if (Interlocked.Exchange(ref _disconnected, 1) == 0)
+        {
+            _log.LogError("virtio-user {Name}: the back end at {Path} closed the connection; failing the device's I/O", CtrlName, SocketPath);
+        }
+
+        return true;
+    }
+
     /// <summary>Takes a free queue for a new channel (round robin from the last one given); null when all are taken.</summary>
     internal VirtioUserQueue? ClaimQueue()
     {

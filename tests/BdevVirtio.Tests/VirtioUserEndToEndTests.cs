@@ -288,6 +288,34 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task BackEndGoingAway_FailsIoInsteadOfHanging()
+    {
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        vhost.CreateBlkController("vhost.3", "Malloc0", null, false);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        await _runtime.Main.InvokeAsync(() => module.AttachAsync("V3", Path.Combine(_dir, "vhost.3"), vqCount: 1, vqSize: 32));
+        var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("V3"));
+        using var desc = bdevs.Open("V3", true);
+        var release = await HoldChannels(desc);
+        using var b = new Buf(4096);
+        b.Fill(4);
+        Assert.True(await Write(R(0), desc, b, 0));
+
+        // The back end shuts down (like a daemon killed with SIGTERM): the front end notices and fails I/O.
+        await vhost.DisposeAsync();
+        Assert.True(await WaitUntil(() => bdev.Ctrl.Disconnected, 3000), "the disconnect was not noticed");
+        Assert.False(await Write(R(0), desc, b, 0));
+        Assert.Contains(_log.Lines, l => l.Contains("closed the connection"));
+
+        await release();
+        desc.Dispose();
+        await OnMain(() => module.DetachAsync("V3"));
+        Assert.Null(bdevs.Find("V3"));
+    }
+
+    [Fact]
     public async Task AttachErrors()
     {
         var bdevs = new BdevManager();

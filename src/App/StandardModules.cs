@@ -1,5 +1,6 @@
 using VhostBackend.Bdev.Modules.File;
 using VhostBackend.BdevNvme;
+using VhostBackend.BdevVirtio;
 using VhostBackend.Bdev.Rpc;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
@@ -23,5 +24,14 @@ public static class StandardModules
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);
         app.OnStop(async () => await vhost.DisposeAsync().ConfigureAwait(false));
+
+        // Registered after vhost so it stops first (hooks run in reverse): a virtio-user front end attached to one
+        // of our own controllers disconnects before that controller shuts down.
+        var virtio = VirtioBdevRpc.Register(app.Rpc, app.Bdevs);
+        app.OnStop(async () => await app.Reactors.Main.InvokeAsync(async () =>
+        {
+            await virtio.DetachAllAsync().ConfigureAwait(true);
+            return true;
+        }).ConfigureAwait(false));
     }
 }

@@ -126,11 +126,16 @@ public static class FrameworkRpc
                 reactors.Add(o);
             }
 
+            // Process-wide allocation and GC counters (extra fields; the perf script computes bytes per I/O from them).
             return new JsonObject
             {
                 ["tick_rate"] = Stopwatch.Frequency,
                 ["pid"] = Environment.ProcessId,
                 ["reactors"] = reactors,
+                ["total_allocated_bytes"] = GC.GetTotalAllocatedBytes(precise: true),
+                ["gen0_collections"] = GC.CollectionCount(0),
+                ["gen1_collections"] = GC.CollectionCount(1),
+                ["gen2_collections"] = GC.CollectionCount(2),
             };
         }, RpcStates.Runtime);
 

@@ -1,0 +1,360 @@
+using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging;
+using VhostBackend.Platform;
+using VhostBackend.Reactor;
+using VhostBackend.Vhost;
+using VhostBackend.Vhost.Blk;
+using VhostBackend.Virtio;
+
+namespace VhostBackend.BdevVirtio;
+
+/// <summary>
+/// One virtqueue of a virtio-user device: the ring (driver side), its request slots (an indirect table, the
+/// request header, a discard range and the status byte per slot) and a bounce buffer per slot, all inside the
+/// memfd shared with the back end, plus the kick and call eventfds. Claimed by at most one I/O channel at a time.
+/// </summary>
+internal sealed unsafe class VirtioUserQueue : IDisposable
+{
+    /// <summary>Bytes of per-slot metadata: 3 indirect descriptors (48), out header (16), discard range (16), status (1), padding.</summary>
+    public const int SlotBytes = 128;
+    public const int TableOffset = 0;
+    public const int HeaderOffset = 48;
+    public const int RangeOffset = 64;
+    public const int StatusOffset = 80;
+
+    public VirtioUserQueue(int index, SplitVirtqueueDriver driver, nint slots, ulong slotsGpa, nint bounce, ulong bounceGpa, int slotCount, int bounceBytes)
+    {
+        Index = index;
+        Driver = driver;
+        SlotBase = slots;
+        SlotBaseGpa = slotsGpa;
+        BounceBase = bounce;
+        BounceBaseGpa = bounceGpa;
+        SlotCount = slotCount;
+        BounceBytes = bounceBytes;
+    }
+
+    public int Index { get; }
+    public SplitVirtqueueDriver Driver { get; }
+    public nint SlotBase { get; }
+    public ulong SlotBaseGpa { get; }
+    public nint BounceBase { get; }
+    public ulong BounceBaseGpa { get; }
+    public int SlotCount { get; }
+    public int BounceBytes { get; }
+    public EventFd Kick { get; } = new();
+    public EventFd Call { get; } = new();
+
+    /// <summary>Set while a channel owns the queue (guarded by the controller's lock).</summary>
+    public bool Claimed { get; set; }
+
+    /// <summary>Set when the device broke the ring protocol: the queue is not used again.</summary>
+    public bool Broken { get; set; }
+
+    public void Dispose()
+    {
+        Kick.Dispose();
+        Call.Dispose();
+    }
+}
+
+/// <summary>
+/// A vhost-user-blk device reached as a front end (SPDK's virtio_user + bdev_virtio_blk): the socket, the
+/// negotiated features, the device config, the shared memory region (one memfd holding every ring, request slot
+/// and bounce buffer; guest-physical addresses are offsets into it, user addresses are our mapping) and the
+/// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>).
+/// </summary>
+public sealed unsafe class VirtioUserController : IoDevice, IDisposable
+{
+    /// <summary>Largest read/write sent as one request: the size of each slot's bounce buffer.</summary>
+    public const int MaxIoBytes = 128 * 1024;
+
+    /// <summary>virtio-blk config bytes read with GET_CONFIG (up to write_zeroes_may_unmap); fallback 36 (up to num_queues).</summary>
+    public const int ConfigBytes = 60;
+
+    private readonly VhostUserFrontEnd _fe;
+    private readonly int _memFd;
+    private readonly MappedRegion _map;
+    private readonly VirtioUserQueue[] _queues;
+    private readonly ILogger _log;
+    private int _nextQueue;
+    private bool _disposed;
+
+    private VirtioUserController(string name, string path, int vqSize, VhostUserFrontEnd fe, ulong features, VirtioBlkConfig config, int memFd, MappedRegion map, VirtioUserQueue[] queues, ILogger log)
+        : base("virtio_user:" + name)
+    {
+        CtrlName = name;
+        SocketPath = path;
+        VqSize = vqSize;
+        _fe = fe;
+        Features = features;
+        Config = config;
+        _memFd = memFd;
+        _map = map;
+        _queues = queues;
+        _log = log;
+    }
+
+    public string CtrlName { get; }
+    public string SocketPath { get; }
+    public int VqCount => _queues.Length;
+    public int VqSize { get; }
+
+    /// <summary>Negotiated virtio features.</summary>
+    public ulong Features { get; }
+
+    public VirtioBlkConfig Config { get; }
+
+    public ulong ProtocolFeatures => _fe.ProtocolFeatures;
+
+    public bool Has(int bit) => (Features & (1UL << bit)) != 0;
+
+    internal ILogger Logger => _log;
+
+    /// <summary>Features we ask for when the back end offers them.</summary>
+    public static readonly ulong WantedFeatures =
+        VirtioFeatures.Bit(VirtioFeatures.Version1) | VirtioFeatures.Bit(VirtioFeatures.RingIndirectDesc)
+        | VirtioFeatures.Bit(VirtioFeatures.RingEventIdx) | VirtioFeatures.Bit(VhostUserConstants.ProtocolFeaturesBit)
+        | VirtioFeatures.Bit(VirtioBlkFeature.SizeMax) | VirtioFeatures.Bit(VirtioBlkFeature.SegMax)
+        | VirtioFeatures.Bit(VirtioBlkFeature.BlkSize) | VirtioFeatures.Bit(VirtioBlkFeature.Ro)
+        | VirtioFeatures.Bit(VirtioBlkFeature.Flush) | VirtioFeatures.Bit(VirtioBlkFeature.Topology)
+        | VirtioFeatures.Bit(VirtioBlkFeature.Mq) | VirtioFeatures.Bit(VirtioBlkFeature.Discard)
+        | VirtioFeatures.Bit(VirtioBlkFeature.WriteZeroes) | VirtioFeatures.Bit(VirtioBlkFeature.ConfigWce);
+
+    public static readonly ulong WantedProtocolFeatures =
+        (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.Config);
+
+    /// <summary>
+    /// Connects and sets the device up the way QEMU does: features, protocol features, owner, queue count,
+    /// config, memory table, then each ring (num, base, addr, kick, call) and SET_VRING_ENABLE. Blocking; throws
+    /// <see cref="IOException"/> (connection, protocol or refusal) or <see cref="ArgumentException"/> (bad request).
+    /// </summary>
+    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log)
+    {
+        if (vqCount < 1 || vqCount > 256)
+        {
+            throw new ArgumentException($"vq_count {vqCount} must be 1..256");
+        }
+
+        if (!SplitVirtqueue.IsValidSize((uint)vqSize))
+        {
+            throw new ArgumentException($"vq_size {vqSize} must be a power of two in 1..{SplitVirtqueue.MaxQueueSize}");
+        }
+
+        var fe = VhostUserFrontEnd.Connect(path);
+        int memFd = -1;
+        MappedRegion? map = null;
+        var queues = new List<VirtioUserQueue>();
+        try
+        {
+            ulong offered = fe.GetU64(VhostUserRequest.GetFeatures);
+            if ((offered & VirtioFeatures.Bit(VirtioFeatures.Version1)) == 0)
+            {
+                throw new IOException($"back end at {path} does not offer VIRTIO_F_VERSION_1 (features 0x{offered:x})");
+            }
+
+            bool protocol = (offered & VirtioFeatures.Bit(VhostUserConstants.ProtocolFeaturesBit)) != 0;
+            if (protocol)
+            {
+                ulong proto = fe.GetU64(VhostUserRequest.GetProtocolFeatures);
+                fe.SetProtocolFeatures(proto & WantedProtocolFeatures);
+            }
+
+            fe.SetOwner();
+            int maxQueues = fe.HasProtocolFeature(VhostUserProtocolFeature.Mq) ? (int)Math.Min(fe.GetU64(VhostUserRequest.GetQueueNum), 256UL) : 1;
+            if (!fe.HasProtocolFeature(VhostUserProtocolFeature.Config))
+            {
+                throw new IOException($"back end at {path} does not offer VHOST_USER_PROTOCOL_F_CONFIG: cannot read the disk's capacity");
+            }
+
+            Span<byte> cfgBytes = stackalloc byte[ConfigBytes];
+            cfgBytes.Clear();
+            if (!fe.GetConfig(cfgBytes) && !fe.GetConfig(cfgBytes[..36]))
+            {
+                throw new IOException($"back end at {path} refused GET_CONFIG");
+            }
+
+            var config = MemoryMarshal.Read<VirtioBlkConfig>(cfgBytes);
+            ulong features = offered & WantedFeatures;
+            if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) != 0 && config.NumQueues > 0)
+            {
+                maxQueues = Math.Min(maxQueues, config.NumQueues);
+            }
+            else if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) == 0)
+            {
+                maxQueues = 1;
+            }
+
+            if (vqCount > maxQueues)
+            {
+                throw new ArgumentException($"back end at {path} supports {maxQueues} queue(s); vq_count {vqCount} requested");
+            }
+
+            uint blockSize = (features & VirtioFeatures.Bit(VirtioBlkFeature.BlkSize)) != 0 ? config.BlkSize : 512;
+            if (blockSize < 512 || (blockSize & (blockSize - 1)) != 0 || config.Capacity == 0)
+            {
+                throw new IOException($"back end at {path}: unusable geometry (capacity {config.Capacity} sectors, blk_size {blockSize})");
+            }
+
+            fe.SetU64(VhostUserRequest.SetFeatures, features);
+
+            // The shared region: per queue, its ring, then its slots' metadata, then its bounce buffers.
+            var layout = SplitVirtqueueDriver.Layout((uint)vqSize);
+            ulong slotArea = ((ulong)vqSize * VirtioUserQueue.SlotBytes + 4095) & ~4095UL;
+            ulong bounceArea = (ulong)vqSize * MaxIoBytes;
+            ulong perQueue = layout.Total + slotArea + bounceArea;
+            ulong total = perQueue * (ulong)vqCount;
+            memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total);
+            map = MappedRegion.Map(memFd, total);
+            bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
+            for (int q = 0; q < vqCount; q++)
+            {
+                ulong off = perQueue * (ulong)q;
+                nint b = map.Pointer + (nint)off;
+                var drv = new SplitVirtqueueDriver(b + (nint)layout.Desc, b + (nint)layout.Avail, b + (nint)layout.Used, (ushort)vqSize, eventIdx);
+                drv.DisableInterrupts();
+                queues.Add(new VirtioUserQueue(q, drv, b + (nint)layout.Total, off + layout.Total, b + (nint)(layout.Total + slotArea), off + layout.Total + slotArea, vqSize, MaxIoBytes));
+            }
+
+            // GPA = offset in the memfd; user address = our mapping (ring addresses are given in it).
+            var region = new VhostUserMemoryRegion { GuestPhysAddr = 0, MemorySize = total, UserspaceAddr = (ulong)map.Pointer, MmapOffset = 0 };
+            fe.SetMemTable(new ReadOnlySpan<VhostUserMemoryRegion>(in region), [memFd]);
+
+            foreach (var q in queues)
+            {
+                uint i = (uint)q.Index;
+                ulong ringUva = (ulong)map.Pointer + (perQueue * i);
+                fe.SetStruct(VhostUserRequest.SetVringNum, new VhostUserVringState { Index = i, Num = (uint)vqSize });
+                fe.SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = i, Num = 0 });
+                fe.SetStruct(VhostUserRequest.SetVringAddr, new VhostUserVringAddr
+                {
+                    Index = i,
+                    DescUserAddr = ringUva + layout.Desc,
+                    AvailUserAddr = ringUva + layout.Avail,
+                    UsedUserAddr = ringUva + layout.Used,
+                });
+                fe.SetU64(VhostUserRequest.SetVringKick, i, [q.Kick.Fd]);
+                fe.SetU64(VhostUserRequest.SetVringCall, i, [q.Call.Fd]);
+            }
+
+            if (protocol)
+            {
+                foreach (var q in queues)
+                {
+                    fe.SetStruct(VhostUserRequest.SetVringEnable, new VhostUserVringState { Index = (uint)q.Index, Num = 1 });
+                }
+            }
+
+            log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}",
+                name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize);
+            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log);
+        }
+        catch
+        {
+            foreach (var q in queues)
+            {
+                q.Dispose();
+            }
+
+            fe.Dispose();
+            map?.Dispose();
+            Fd.Close(memFd);
+            throw;
+        }
+    }
+
+    /// <summary>Set once the back end closed the connection: every channel fails its outstanding and new I/O.</summary>
+    public bool Disconnected => Volatile.Read(ref _disconnected) != 0;
+
+    private int _disconnected;
+
+    /// <summary>Checks (non-blocking) whether the back end went away; logs it once. Called by the channels' timed pollers.</summary>
+    internal bool CheckConnection()
+    {
+        if (Disconnected)
+        {
+            return true;
+        }
+
+        if (_disposed || !_fe.IsPeerClosed())
+        {
+            return false;
+        }
+
+        if (Interlocked.Exchange(ref _disconnected, 1) == 0)
+        {
+            _log.LogError("virtio-user {Name}: the back end at {Path} closed the connection; failing the device's I/O", CtrlName, SocketPath);
+        }
+
+        return true;
+    }
+
+    /// <summary>Takes a free queue for a new channel (round robin from the last one given); null when all are taken.</summary>
+    internal VirtioUserQueue? ClaimQueue()
+    {
+        lock (_queues)
+        {
+            for (int k = 0; k < _queues.Length; k++)
+            {
+                var q = _queues[(_nextQueue + k) % _queues.Length];
+                if (!q.Claimed && !q.Broken)
+                {
+                    q.Claimed = true;
+                    _nextQueue = (q.Index + 1) % _queues.Length;
+                    return q;
+                }
+            }
+
+            return null;
+        }
+    }
+
+    internal void ReleaseQueue(VirtioUserQueue q)
+    {
+        lock (_queues)
+        {
+            q.Claimed = false;
+        }
+    }
+
+    protected override object CreateChannelContext(Reactor.Reactor reactor) => new VirtioBlkChannel(this, reactor);
+
+    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((VirtioBlkChannel)context).Destroy();
+
+    internal void MarkGone() => MarkUnregistered();
+
+    /// <summary>
+    /// Stops every ring on the back end (GET_VRING_BASE) and closes the connection, then unmaps the shared memory.
+    /// Call only once no channel uses the queues. Blocking; errors from a back end that went away are logged.
+    /// </summary>
+    public void Dispose()
+    {
+        if (_disposed)
+        {
+            return;
+        }
+
+        _disposed = true;
+        try
+        {
+            foreach (var q in _queues)
+            {
+                _fe.GetVringBase((uint)q.Index);
+            }
+        }
+        catch (IOException e)
+        {
+            _log.LogWarning("virtio-user {Name}: stopping the rings on {Path} failed: {Error}", CtrlName, SocketPath, e.Message);
+        }
+
+        // Close the socket before unmapping: the back end unmaps its side when the connection ends.
+        _fe.Dispose();
+        foreach (var q in _queues)
+        {
+            q.Dispose();
+        }
+
+        _map.Dispose();
+        Fd.Close(_memFd);
+    }
+}

@@ -1,0 +1,296 @@
+namespace VhostBackend.Virtio;
+
+/// <summary>One buffer of a chain handed to <see cref="SplitVirtqueueDriver.TryAdd"/>: a guest-physical address, a length and descriptor flags.</summary>
+public readonly struct DriverBuffer
+{
+    public DriverBuffer(ulong addr, uint length, ushort flags)
+    {
+        Addr = addr;
+        Length = length;
+        Flags = flags;
+    }
+
+    public ulong Addr { get; }
+    public uint Length { get; }
+
+    /// <summary><see cref="VirtqDesc.FlagWrite"/> (device writes it) and/or <see cref="VirtqDesc.FlagIndirect"/>; NEXT is set by the driver.</summary>
+    public ushort Flags { get; }
+}
+
+/// <summary>Outcome of <see cref="SplitVirtqueueDriver.TryPopUsed"/>.</summary>
+public enum UsedResult
+{
+    Empty,
+    Popped,
+
+    /// <summary>The device published a used index more than the queue size ahead, or returned a head that was not in flight.</summary>
+    Broken,
+}
+
+/// <summary>
+/// The driver side of a split virtqueue (virtio 1.1, 2.6): what a guest's virtio driver does, for a vhost-user
+/// front end. The ring lives in memory shared with the device; this type owns the descriptor free list and the
+/// shadow indices. Owned by one thread (a reactor); no allocation after construction.
+///
+/// Memory ordering (the device runs concurrently on another CPU):
+/// <list type="bullet">
+/// <item>publish: descriptors and the avail ring entry are written, then avail.idx with release.</item>
+/// <item>reap: used.idx is read with acquire, then the used element it covers.</item>
+/// <item>kick decision: a full fence between our avail.idx store and the load of the device's avail_event /
+/// used.flags (store-load), as the spec requires.</item>
+/// </list>
+/// The device is not trusted: a used index too far ahead or a head that is not in flight is reported as
+/// <see cref="UsedResult.Broken"/> rather than corrupting the free list.
+/// </summary>
+public sealed unsafe class SplitVirtqueueDriver
+{
+    private const ushort NoHead = 0xFFFF;
+    private readonly VirtqDesc* _desc;
+    private readonly byte* _avail;
+    private readonly byte* _used;
+    private readonly ushort _mask;
+    private readonly ushort[] _next; // private free-list / chain links: the shared table is never trusted for them
+    private readonly ushort[] _chainLength;
+    private readonly int[] _token;
+    private ushort _freeHead;
+    private ushort _availIdx;
+    private ushort _publishedIdx;
+    private ushort _lastKickIdx;
+
+    /// <param name="desc">Host address of the descriptor table (16 * size bytes, 16-aligned).</param>
+    /// <param name="avail">Host address of the avail ring (6 + 2 * size bytes, 2-aligned).</param>
+    /// <param name="used">Host address of the used ring (6 + 8 * size bytes, 4-aligned).</param>
+    public SplitVirtqueueDriver(nint desc, nint avail, nint used, ushort size, bool eventIdx)
+    {
+        if (!SplitVirtqueue.IsValidSize(size))
+        {
+            throw new ArgumentException($"queue size {size} is not a power of two in 1..{SplitVirtqueue.MaxQueueSize}");
+        }
+
+        if ((desc & 15) != 0 || (avail & 1) != 0 || (used & 3) != 0)
+        {
+            throw new ArgumentException("misaligned ring parts");
+        }
+
+        Size = size;
+        EventIdx = eventIdx;
+        _mask = (ushort)(size - 1);
+        _desc = (VirtqDesc*)desc;
+        _avail = (byte*)avail;
+        _used = (byte*)used;
+        _next = new ushort[size];
+        _chainLength = new ushort[size];
+        _token = new int[size];
+        Reset();
+    }
+
+    public ushort Size { get; }
+    public bool EventIdx { get; }
+
+    /// <summary>Free descriptors.</summary>
+    public int FreeCount { get; private set; }
+
+    /// <summary>Chains handed to the device and not yet returned.</summary>
+    public int InFlight { get; private set; }
+
+    /// <summary>Next avail index to write (shadow of avail.idx).</summary>
+    public ushort AvailIdx => _availIdx;
+
+    /// <summary>Next used index to consume.</summary>
+    public ushort LastUsedIdx { get; private set; }
+
+    /// <summary>Ring bytes for a queue of <paramref name="size"/> entries laid out by <see cref="Layout"/> (used ring 4 KiB aligned like legacy virtio).</summary>
+    public static ulong RingBytes(uint size) => Layout(size).Total;
+
+    /// <summary>Offsets of the three parts inside one block: desc at 0, avail after it, used at the next 4 KiB boundary.</summary>
+    public static (ulong Desc, ulong Avail, ulong Used, ulong Total) Layout(uint size)
+    {
+        ulong avail = SplitVirtqueue.DescTableBytes(size);
+        ulong used = (avail + SplitVirtqueue.AvailRingBytes(size) + 4095) & ~4095UL;
+        ulong total = (used + SplitVirtqueue.UsedRingBytes(size) + 4095) & ~4095UL;
+        return (0, avail, used, total);
+    }
+
+    private ref ushort AvailFlags => ref *(ushort*)_avail;
+
+    private ref ushort AvailIdxRef => ref *(ushort*)(_avail + 2);
+
+    private ref ushort AvailRing(int slot) => ref *(ushort*)(_avail + 4 + (2 * slot));
+
+    private ref ushort UsedEvent => ref *(ushort*)(_avail + 4 + (2 * Size));
+
+    private ref ushort UsedFlags => ref *(ushort*)_used;
+
+    private ref ushort UsedIdx => ref *(ushort*)(_used + 2);
+
+    private VirtqUsedElem* UsedRing => (VirtqUsedElem*)(_used + 4);
+
+    private ref ushort AvailEvent => ref *(ushort*)(_used + 4 + (8 * Size));
+
+    /// <summary>Zeroes the ring and rebuilds the free list (the queue must not be live on the device side).</summary>
+    public void Reset()
+    {
+        new Span<byte>(_avail, (int)SplitVirtqueue.AvailRingBytes(Size)).Clear();
+        new Span<byte>(_used, (int)SplitVirtqueue.UsedRingBytes(Size)).Clear();
+        for (int i = 0; i < Size; i++)
+        {
+            _desc[i] = default;
+            _next[i] = (ushort)(i + 1 < Size ? i + 1 : NoHead);
+            _chainLength[i] = 0;
+            _token[i] = -1;
+        }
+
+        _freeHead = 0;
+        FreeCount = Size;
+        InFlight = 0;
+        _availIdx = 0;
+        _publishedIdx = 0;
+        _lastKickIdx = 0;
+        LastUsedIdx = 0;
+    }
+
+    /// <summary>
+    /// Tells the device we poll the used ring and want no interrupts: VRING_AVAIL_F_NO_INTERRUPT, and with
+    /// EVENT_IDX a used_event the device only crosses once every 65536 completions.
+    /// </summary>
+    public void DisableInterrupts()
+    {
+        Volatile.Write(ref AvailFlags, SplitVirtqueue.AvailFlagNoInterrupt);
+        if (EventIdx)
+        {
+            Volatile.Write(ref UsedEvent, (ushort)(LastUsedIdx - 1));
+        }
+    }
+
+    /// <summary>
+    /// Writes a chain of <paramref name="buffers"/> (device-readable first, then device-writable) into free
+    /// descriptors and puts its head in the avail ring, unpublished until <see cref="Publish"/>. Returns the head,
+    /// or -1 when there are not enough free descriptors (nothing changed).
+    /// </summary>
+    public int TryAdd(ReadOnlySpan<DriverBuffer> buffers, int token)
+    {
+        if (buffers.Length == 0 || buffers.Length > FreeCount)
+        {
+            return -1;
+        }
+
+        ushort head = _freeHead;
+        ushort idx = head;
+        for (int i = 0; i < buffers.Length; i++)
+        {
+            ref readonly var b = ref buffers[i];
+            VirtqDesc* d = _desc + idx;
+            ushort next = _next[idx];
+            d->Addr = b.Addr;
+            d->Len = b.Length;
+            bool last = i == buffers.Length - 1;
+            d->Next = last ? (ushort)0 : next;
+            d->Flags = (ushort)((b.Flags & (VirtqDesc.FlagWrite | VirtqDesc.FlagIndirect)) | (last ? 0 : VirtqDesc.FlagNext));
+            if (last)
+            {
+                _freeHead = next;
+            }
+            else
+            {
+                idx = next;
+            }
+        }
+
+        FreeCount -= buffers.Length;
+        _chainLength[head] = (ushort)buffers.Length;
+        _token[head] = token;
+        AvailRing(_availIdx & _mask) = head;
+        _availIdx++;
+        InFlight++;
+        return head;
+    }
+
+    /// <summary>Makes every chain added so far visible to the device (release store of avail.idx).</summary>
+    public void Publish()
+    {
+        if (_publishedIdx != _availIdx)
+        {
+            _publishedIdx = _availIdx;
+            Volatile.Write(ref AvailIdxRef, _availIdx);
+        }
+    }
+
+    /// <summary>
+    /// Whether the device wants a kick for the heads published since the last call (EVENT_IDX: avail_event
+    /// crossed; otherwise VRING_USED_F_NO_NOTIFY clear). Call after <see cref="Publish"/>.
+    /// </summary>
+    public bool NeedsKick()
+    {
+        ushort newIdx = _publishedIdx;
+        ushort old = _lastKickIdx;
+        if (newIdx == old)
+        {
+            return false;
+        }
+
+        _lastKickIdx = newIdx;
+
+        // Full fence: our avail.idx store must be visible before we read the device's suppression field.
+        Interlocked.MemoryBarrier();
+        if (EventIdx)
+        {
+            return SplitVirtqueue.NeedEvent(Volatile.Read(ref AvailEvent), newIdx, old);
+        }
+
+        return (Volatile.Read(ref UsedFlags) & SplitVirtqueue.UsedFlagNoNotify) == 0;
+    }
+
+    /// <summary>Whether the device has returned chains we have not reaped (acquire read of used.idx).</summary>
+    public bool HasUsed => Volatile.Read(ref UsedIdx) != LastUsedIdx;
+
+    /// <summary>Reaps the next used chain: returns its token and the length the device wrote, and frees its descriptors.</summary>
+    public UsedResult TryPopUsed(out int token, out uint length)
+    {
+        token = -1;
+        length = 0;
+
+        // Acquire: the used element is read only after the index that published it.
+        ushort usedIdx = Volatile.Read(ref UsedIdx);
+        if (usedIdx == LastUsedIdx)
+        {
+            return UsedResult.Empty;
+        }
+
+        if ((ushort)(usedIdx - LastUsedIdx) > InFlight)
+        {
+            return UsedResult.Broken;
+        }
+
+        VirtqUsedElem e = UsedRing[LastUsedIdx & _mask];
+        if (e.Id >= Size || _chainLength[e.Id] == 0)
+        {
+            return UsedResult.Broken;
+        }
+
+        ushort head = (ushort)e.Id;
+        token = _token[head];
+        length = e.Len;
+        LastUsedIdx++;
+        FreeChain(head);
+        return UsedResult.Popped;
+    }
+
+    private void FreeChain(ushort head)
+    {
+        int n = _chainLength[head];
+        _chainLength[head] = 0;
+        _token[head] = -1;
+
+        // Walk our own record of the chain (n links in _next), never the shared table.
+        ushort idx = head;
+        for (int i = 1; i < n; i++)
+        {
+            idx = _next[idx];
+        }
+
+        _next[idx] = _freeHead;
+        _freeHead = head;
+        FreeCount += n;
+        InFlight--;
+    }
+}

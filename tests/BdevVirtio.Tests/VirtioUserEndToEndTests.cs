@@ -1,0 +1,472 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using VhostBackend.Bdev;
+using VhostBackend.Bdev.Modules;
+using VhostBackend.Platform;
+using VhostBackend.Reactor;
+using VhostBackend.Rpc;
+using VhostBackend.Vhost;
+using VhostBackend.Vhost.Tests;
+using Xunit;
+using Xunit.Abstractions;
+
+namespace VhostBackend.BdevVirtio.Tests;
+
+/// <summary>
+/// VM-free end to end: our vhost-user-blk controller (VhostManager over a malloc bdev, in process) and the
+/// virtio-user bdev attached to its socket, both on the same reactors; data goes through the real protocol,
+/// shared memfd and rings. Also the same against qemu-storage-daemon when it is installed.
+/// </summary>
+public sealed class VirtioUserEndToEndTests : IAsyncLifetime
+{
+    private const uint BlockSize = 512;
+    private const ulong Blocks = 32768; // 16 MiB
+    private readonly ITestOutputHelper _out;
+    private readonly TestLoggerFactory _log = new();
+    private ReactorRuntime _runtime = null!;
+    private string _dir = null!;
+
+    public VirtioUserEndToEndTests(ITestOutputHelper output) => _out = output;
+
+    public Task InitializeAsync()
+    {
+        var online = CpuSet.Online().Cores;
+        var cores = Enumerable.Range(0, 2).Select(i => online[i % online.Count]).Distinct().ToArray();
+        _runtime = new ReactorRuntime(CpuSet.Of(cores), new ReactorOptions { Mode = ReactorMode.Poll, PinThreads = false });
+        _runtime.Start();
+        _dir = Path.Combine(Path.GetTempPath(), "virtio-user-test-" + Guid.NewGuid().ToString("N")[..8]);
+        Directory.CreateDirectory(_dir);
+        return Task.CompletedTask;
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _runtime.DisposeAsync();
+        try
+        {
+            Directory.Delete(_dir, true);
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    private Reactor.Reactor R(int i) => _runtime.Reactors[i % _runtime.Reactors.Count];
+
+    /// <summary>Native buffer with a deterministic pattern.</summary>
+    private sealed unsafe class Buf : IDisposable
+    {
+        public Buf(int len)
+        {
+            Length = len;
+            Ptr = (nint)NativeMemory.AlignedAlloc((nuint)len, 4096);
+        }
+
+        public nint Ptr { get; }
+        public int Length { get; }
+        public Span<byte> Span => new((void*)Ptr, Length);
+
+        public void Fill(int seed)
+        {
+            var s = Span;
+            for (int i = 0; i < s.Length; i++)
+            {
+                s[i] = (byte)((i * 31) + seed);
+            }
+        }
+
+        public void Dispose() => NativeMemory.AlignedFree((void*)Ptr);
+    }
+
+    /// <summary>Runs one I/O on reactor <paramref name="r"/> through a channel taken and kept there; returns success.</summary>
+    private static Task<bool> Io(Reactor.Reactor r, BdevDesc desc, Func<BdevChannel, BdevIoCompletion, int> submit)
+    {
+        var tcs = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+        r.Send(_ =>
+        {
+            var ch = desc.GetIoChannel();
+            int rc = submit(ch, (io, ok, arg) =>
+            {
+                BdevDesc.PutIoChannel(ch);
+                tcs.TrySetResult(ok);
+            });
+            if (rc != 0)
+            {
+                BdevDesc.PutIoChannel(ch);
+                tcs.TrySetException(new IOException($"submit failed: {rc}"));
+            }
+        }, null);
+        return tcs.Task.WaitAsync(TimeSpan.FromSeconds(15));
+    }
+
+    private static Task<bool> Write(Reactor.Reactor r, BdevDesc d, Buf b, ulong lba) =>
+        Io(r, d, (ch, cb) => ch.Write(d, [new IoVec(b.Ptr, (nuint)b.Length)], lba, (ulong)b.Length / d.Bdev.BlockSize, cb, null));
+
+    private static Task<bool> Read(Reactor.Reactor r, BdevDesc d, Buf b, ulong lba) =>
+        Io(r, d, (ch, cb) => ch.Read(d, [new IoVec(b.Ptr, (nuint)b.Length)], lba, (ulong)b.Length / d.Bdev.BlockSize, cb, null));
+
+    /// <summary>Takes a channel on each reactor and keeps it until the returned action runs (so each reactor keeps its queue).</summary>
+    private async Task<Func<Task>> HoldChannels(BdevDesc d)
+    {
+        var held = new BdevChannel[_runtime.Reactors.Count];
+        for (int i = 0; i < held.Length; i++)
+        {
+            int k = i;
+            held[k] = await R(k).InvokeAsync(() => d.GetIoChannel());
+        }
+
+        return async () =>
+        {
+            for (int i = 0; i < held.Length; i++)
+            {
+                int k = i;
+                await R(k).InvokeAsync(() => BdevDesc.PutIoChannel(held[k]));
+            }
+        };
+    }
+
+    /// <summary>Writes, reads back and verifies patterns from every reactor concurrently; sizes from 512 B to 256 KiB (split at 128 KiB).</summary>
+    private async Task WriteReadVerify(BdevDesc d, int perReactor, int seed)
+    {
+        var rng = new Random(seed);
+        int reactors = _runtime.Reactors.Count;
+        var tasks = new List<Task>();
+        ulong region = d.Bdev.BlockCount / (ulong)reactors;
+        for (int ri = 0; ri < reactors; ri++)
+        {
+            var r = R(ri);
+            ulong baseLba = region * (ulong)ri;
+            int[] sizes = Enumerable.Range(0, perReactor).Select(_ => 512 * (1 << rng.Next(10))).ToArray();
+            int localSeed = rng.Next();
+            tasks.Add(Task.Run(async () =>
+            {
+                var pending = new List<(Buf W, ulong Lba)>();
+                ulong lba = baseLba;
+                for (int i = 0; i < sizes.Length; i++)
+                {
+                    var w = new Buf(sizes[i]);
+                    w.Fill(localSeed + i);
+                    pending.Add((w, lba));
+                    lba += (ulong)sizes[i] / BlockSize;
+                }
+
+                Assert.True(lba <= baseLba + region, "test layout overflows the region");
+                var writes = pending.Select(p => Write(r, d, p.W, p.Lba)).ToArray();
+                Assert.All(await Task.WhenAll(writes), ok => Assert.True(ok, "write failed"));
+                foreach (var (w, l) in pending)
+                {
+                    using var rb = new Buf(w.Length);
+                    rb.Span.Fill(0xEE);
+                    Assert.True(await Read(r, d, rb, l), "read failed");
+                    Assert.True(rb.Span.SequenceEqual(w.Span), $"data mismatch at lba {l} ({w.Length} bytes)");
+                    w.Dispose();
+                }
+            }));
+        }
+
+        await Task.WhenAll(tasks);
+    }
+
+    [Fact]
+    public async Task AgainstOurVhostBlk_MultiQueueReadWriteFlushUnmapWriteZeroesAndDetach()
+    {
+        var bdevs = new BdevManager();
+        var malloc = new MallocBdev("Malloc0", Blocks, BlockSize);
+        bdevs.Register(malloc);
+        await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        var ctrlr = vhost.CreateBlkController("vhost.0", "Malloc0", null, false);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        try
+        {
+            var names = await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlk0", Path.Combine(_dir, "vhost.0"), vqCount: 2, vqSize: 64));
+            Assert.Equal(["VirtioBlk0"], names);
+            var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("VirtioBlk0"));
+            Assert.Equal(BlockSize, bdev.BlockSize);
+            Assert.Equal(Blocks, bdev.BlockCount);
+            Assert.True(bdev.SupportsIoType(BdevIoType.Flush) && bdev.SupportsIoType(BdevIoType.Unmap) && bdev.SupportsIoType(BdevIoType.WriteZeroes));
+            Assert.Equal(2, bdev.Ctrl.VqCount);
+            Assert.True(bdev.Ctrl.Has(Virtio.VirtioFeatures.RingIndirectDesc));
+
+            // save_config emits the attach call with SPDK's params.
+            var call = bdev.ConfigCall();
+            Assert.Equal("bdev_virtio_attach_controller", (string?)call["method"]);
+            Assert.Equal("user", (string?)call["params"]!["trtype"]);
+            Assert.Equal(Path.Combine(_dir, "vhost.0"), (string?)call["params"]!["traddr"]);
+            Assert.Equal(2, (int?)call["params"]!["vq_count"]);
+
+            using var desc = bdevs.Open("VirtioBlk0", true);
+            var release = await HoldChannels(desc);
+
+            // Each reactor's channel owns its own queue.
+            var queues = bdev.Ctrl.SnapshotChannels().Select(c => ((VirtioBlkChannel)c.Context).QueueIndex).OrderBy(q => q).ToArray();
+            Assert.Equal([0, 1], queues);
+
+            await WriteReadVerify(desc, perReactor: 40, seed: 1);
+
+            // The data really is in the malloc bdev behind the back end.
+            using (var w = new Buf(8192))
+            using (var m = new Buf(8192))
+            {
+                w.Fill(99);
+                Assert.True(await Write(R(1), desc, w, 100));
+                using var mdesc = bdevs.Open("Malloc0", false);
+                Assert.True(await Read(R(0), mdesc, m, 100));
+                Assert.True(m.Span.SequenceEqual(w.Span));
+            }
+
+            Assert.True(await Io(R(0), desc, (ch, cb) => ch.Flush(desc, 0, Blocks, cb, null)));
+
+            using (var w = new Buf(65536))
+            using (var rb = new Buf(65536))
+            {
+                w.Fill(5);
+                Assert.True(await Write(R(0), desc, w, 2048));
+                Assert.True(await Io(R(0), desc, (ch, cb) => ch.Unmap(desc, 2048, 64, cb, null)));
+                Assert.True(await Read(R(0), desc, rb, 2048));
+                Assert.True(rb.Span[..(64 * 512)].IndexOfAnyExcept((byte)0) < 0, "unmapped range is not zero on malloc");
+                Assert.True(rb.Span[(64 * 512)..].SequenceEqual(w.Span[(64 * 512)..]), "unmap touched blocks beyond its range");
+
+                Assert.True(await Write(R(1), desc, w, 4096));
+                Assert.True(await Io(R(1), desc, (ch, cb) => ch.WriteZeroes(desc, 4096 + 8, 16, cb, null)));
+                Assert.True(await Read(R(1), desc, rb, 4096));
+                Assert.True(rb.Span[..(8 * 512)].SequenceEqual(w.Span[..(8 * 512)]));
+                Assert.True(rb.Span.Slice(8 * 512, 16 * 512).IndexOfAnyExcept((byte)0) < 0, "write-zeroes range is not zero");
+                Assert.True(rb.Span[(24 * 512)..].SequenceEqual(w.Span[(24 * 512)..]));
+            }
+
+            // Out of range I/O is refused by the bdev layer, not sent.
+            using (var b = new Buf(4096))
+            {
+                await Assert.ThrowsAnyAsync<Exception>(() => Read(R(0), desc, b, Blocks - 1));
+            }
+
+            // The back end's statistics saw the traffic (bdev_get_iostat consistency).
+            var virtioStats = bdev.GetStats();
+            var mallocStats = malloc.GetStats();
+            Assert.True(virtioStats.NumWriteOps > 80 && virtioStats.NumReadOps > 80);
+            Assert.True(mallocStats.NumWriteOps >= virtioStats.NumWriteOps, $"malloc saw {mallocStats.NumWriteOps} writes, virtio {virtioStats.NumWriteOps}");
+
+            await release();
+            desc.Dispose();
+            Assert.Single(ctrlr.Sessions);
+            await OnMain(() => module.DetachAsync("VirtioBlk0"));
+            Assert.Null(bdevs.Find("VirtioBlk0"));
+            Assert.True(await WaitUntil(() => ctrlr.Sessions.Count == 0), "the back end still has a session after detach");
+            var ex = await Assert.ThrowsAsync<RpcException>(() => OnMain(() => module.DetachAsync("VirtioBlk0")));
+            Assert.Equal(-19, ex.Code);
+        }
+        catch
+        {
+            _out.WriteLine(_log.Dump());
+            throw;
+        }
+    }
+
+    [Fact]
+    public async Task MoreReactorsThanQueues_TheExtraChannelFailsItsIoClearly()
+    {
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        vhost.CreateBlkController("vhost.1", "Malloc0", null, false);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        await _runtime.Main.InvokeAsync(() => module.AttachAsync("V1", Path.Combine(_dir, "vhost.1"), vqCount: 1, vqSize: 16));
+        using var desc = bdevs.Open("V1", true);
+        var release = await HoldChannels(desc);
+        using var b = new Buf(4096);
+        b.Fill(3);
+        var results = new[] { await Write(R(0), desc, b, 0), await Write(R(1), desc, b, 0) };
+        if (_runtime.Reactors.Count > 1)
+        {
+            Assert.Equal([true, false], results);
+            Assert.Contains(_log.Lines, l => l.Contains("no free virtqueue"));
+        }
+
+        await release();
+        desc.Dispose();
+        await OnMain(() => module.DetachAsync("V1"));
+    }
+
+    [Fact]
+    public async Task BackEndGoingAway_FailsIoInsteadOfHanging()
+    {
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        vhost.CreateBlkController("vhost.3", "Malloc0", null, false);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        await _runtime.Main.InvokeAsync(() => module.AttachAsync("V3", Path.Combine(_dir, "vhost.3"), vqCount: 1, vqSize: 32));
+        var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("V3"));
+        using var desc = bdevs.Open("V3", true);
+        var release = await HoldChannels(desc);
+        using var b = new Buf(4096);
+        b.Fill(4);
+        Assert.True(await Write(R(0), desc, b, 0));
+
+        // The back end shuts down (like a daemon killed with SIGTERM): the front end notices and fails I/O.
+        await vhost.DisposeAsync();
+        Assert.True(await WaitUntil(() => bdev.Ctrl.Disconnected, 3000), "the disconnect was not noticed");
+        Assert.False(await Write(R(0), desc, b, 0));
+        Assert.Contains(_log.Lines, l => l.Contains("closed the connection"));
+
+        await release();
+        desc.Dispose();
+        await OnMain(() => module.DetachAsync("V3"));
+        Assert.Null(bdevs.Find("V3"));
+    }
+
+    [Fact]
+    public async Task AttachErrors()
+    {
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        vhost.CreateBlkController("vhost.2", "Malloc0", null, false);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+
+        var e1 = await Assert.ThrowsAsync<RpcException>(() => _runtime.Main.InvokeAsync(() => module.AttachAsync("X", Path.Combine(_dir, "nope"))));
+        Assert.Equal(RpcErrorCodes.InvalidParams, e1.Code);
+
+        var e2 = await Assert.ThrowsAsync<RpcException>(() => _runtime.Main.InvokeAsync(() => module.AttachAsync("X", Path.Combine(_dir, "vhost.2"), vqCount: 64)));
+        Assert.Contains("supports 32 queue", e2.Message);
+
+        var e3 = await Assert.ThrowsAsync<RpcException>(() => _runtime.Main.InvokeAsync(() => module.AttachAsync("Malloc0", Path.Combine(_dir, "vhost.2"))));
+        Assert.Equal(-17, e3.Code);
+        Assert.Empty(module.Controllers);
+
+        // RPC parameter validation with SPDK's codes.
+        var rpc = new RpcRegistry();
+        VirtioBdevRpc.Register(rpc, bdevs, module);
+        var bad = new VirtioAttachParams { Name = "Y", Trtype = "tcp", Traddr = "/x", DevType = "blk" };
+        Assert.Equal(22, Assert.Throws<RpcException>(bad.Validate).Code);
+        bad = new VirtioAttachParams { Name = "Y", Trtype = "user", Traddr = "/x", DevType = "net" };
+        Assert.Equal(22, Assert.Throws<RpcException>(bad.Validate).Code);
+    }
+
+    [Fact]
+    public async Task AgainstQemuStorageDaemon_ReadWriteVerify()
+    {
+        const string qsd = "/usr/bin/qemu-storage-daemon";
+        if (!File.Exists(qsd))
+        {
+            _out.WriteLine("qemu-storage-daemon not installed (apt-get install qemu-system-common): skipped");
+            return;
+        }
+
+        string img = Path.Combine(_dir, "disk.img");
+        using (var f = File.Create(img))
+        {
+            f.SetLength((long)(Blocks * BlockSize));
+        }
+
+        string sock = Path.Combine(_dir, "qsd.sock");
+        var psi = new ProcessStartInfo(qsd)
+        {
+            RedirectStandardError = true,
+            RedirectStandardOutput = true,
+        };
+        foreach (var a in new[]
+        {
+            "--blockdev", $"driver=file,node-name=file0,filename={img},discard=unmap",
+            "--export", $"type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={sock},writable=on,num-queues=2",
+        })
+        {
+            psi.ArgumentList.Add(a);
+        }
+
+        using var p = Process.Start(psi)!;
+        try
+        {
+            Assert.True(await WaitUntil(() => File.Exists(sock) || p.HasExited, 10000), "qemu-storage-daemon did not create its socket");
+            if (p.HasExited)
+            {
+                Assert.Fail("qemu-storage-daemon exited: " + p.StandardError.ReadToEnd());
+            }
+
+            var bdevs = new BdevManager();
+            var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+            await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlkQ", sock, vqCount: 2, vqSize: 128));
+            var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("VirtioBlkQ"));
+            Assert.Equal(Blocks * BlockSize, bdev.BlockCount * bdev.BlockSize);
+            using var desc = bdevs.Open("VirtioBlkQ", true);
+            var release = await HoldChannels(desc);
+            await WriteReadVerify(desc, perReactor: 24, seed: 2);
+            if (bdev.SupportsIoType(BdevIoType.Flush))
+            {
+                Assert.True(await Io(R(0), desc, (ch, cb) => ch.Flush(desc, 0, bdev.BlockCount, cb, null)));
+            }
+
+            if (bdev.SupportsIoType(BdevIoType.WriteZeroes))
+            {
+                using var w = new Buf(16384);
+                using var rb = new Buf(16384);
+                w.Fill(8);
+                Assert.True(await Write(R(0), desc, w, 8000));
+                Assert.True(await Io(R(0), desc, (ch, cb) => ch.WriteZeroes(desc, 8000, 8, cb, null)));
+                Assert.True(await Read(R(0), desc, rb, 8000));
+                Assert.True(rb.Span[..4096].IndexOfAnyExcept((byte)0) < 0);
+                Assert.True(rb.Span[4096..].SequenceEqual(w.Span[4096..]));
+            }
+
+            // The data reached the image file.
+            using (var w = new Buf(4096))
+            {
+                w.Fill(77);
+                Assert.True(await Write(R(1), desc, w, 1234));
+                if (bdev.SupportsIoType(BdevIoType.Flush))
+                {
+                    Assert.True(await Io(R(1), desc, (ch, cb) => ch.Flush(desc, 0, bdev.BlockCount, cb, null)));
+                }
+
+                using var fs = new FileStream(img, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+                var onDisk = new byte[4096];
+                fs.Seek(1234 * 512, SeekOrigin.Begin);
+                fs.ReadExactly(onDisk);
+                Assert.True(onDisk.AsSpan().SequenceEqual(w.Span));
+            }
+
+            await release();
+            desc.Dispose();
+            await OnMain(() => module.DetachAsync("VirtioBlkQ"));
+            Assert.Null(bdevs.Find("VirtioBlkQ"));
+        }
+        catch
+        {
+            _out.WriteLine(_log.Dump());
+            throw;
+        }
+        finally
+        {
+            if (!p.HasExited)
+            {
+                p.Kill();
+                await p.WaitForExitAsync();
+            }
+
+            _out.WriteLine("qsd stderr: " + await p.StandardError.ReadToEndAsync());
+        }
+    }
+
+    /// <summary>Runs an async control-plane operation on the main reactor and waits for it to finish.</summary>
+    private Task OnMain(Func<Task> f) => _runtime.Main.InvokeAsync(async () =>
+    {
+        await f();
+        return true;
+    });
+
+    private static async Task<bool> WaitUntil(Func<bool> cond, int timeoutMs = 5000)
+    {
+        long deadline = Environment.TickCount64 + timeoutMs;
+        while (!cond())
+        {
+            if (Environment.TickCount64 > deadline)
+            {
+                return false;
+            }
+
+            await Task.Delay(5);
+        }
+
+        return true;
+    }
+}

@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using VhostBackend.Rpc;
 
@@ -17,6 +18,7 @@ public sealed class Application : IAsyncDisposable
     private readonly List<Func<Task>> _stopHooks = new();
     private JsonRpcServer? _server;
     private bool _started;
+    private readonly Lazy<SharedMemoryArena> _sharedMemory = new(() => SharedMemoryArena.Create("vhostbackend-io", SharedMemoryBytes));
 
     public Application(ApplicationOptions options, ILoggerFactory loggerFactory)
     {
@@ -45,6 +47,15 @@ public sealed class Application : IAsyncDisposable
     public RpcDispatcher Dispatcher { get; }
 
     public ILoggerFactory LoggerFactory => _loggerFactory;
+
+    /// <summary>Virtual size of <see cref="SharedMemory"/> (pages are committed only when touched).</summary>
+    public const ulong SharedMemoryBytes = 512UL << 20;
+
+    /// <summary>
+    /// Memory for I/O buffers shared with vhost-user back ends (created on first use): what the virtio-user bdev
+    /// sends in SET_MEM_TABLE so buffers allocated here (bdevperf's) go to the back end without a copy.
+    /// </summary>
+    public SharedMemoryArena SharedMemory => _sharedMemory.Value;
 
     /// <summary>The JSON-RPC server while started with an RPC socket, else null.</summary>
     public JsonRpcServer? RpcServer => _server;
@@ -148,6 +159,11 @@ public sealed class Application : IAsyncDisposable
         }
 
         await Reactors.DisposeAsync().ConfigureAwait(false);
+        if (_sharedMemory.IsValueCreated)
+        {
+            _sharedMemory.Value.Dispose();
+        }
+
         _logger.LogInformation("stopped");
     }
 

@@ -27,7 +27,7 @@ public static class StandardModules
 
         // Registered after vhost so it stops first (hooks run in reverse): a virtio-user front end attached to one
         // of our own controllers disconnects before that controller shuts down.
-        var virtio = VirtioBdevRpc.Register(app.Rpc, app.Bdevs);
+        var virtio = VirtioBdevRpc.Register(app.Rpc, app.Bdevs, new VirtioBdevModule(app.Bdevs, sharedMemory: () => app.SharedMemory));
         app.OnStop(async () => await app.Reactors.Main.InvokeAsync(async () =>
         {
             await virtio.DetachAllAsync().ConfigureAwait(true);

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 
 namespace VhostBackend.BdevPerf;
 
@@ -31,11 +32,12 @@ public sealed class PerfOptions
 /// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>
 internal sealed unsafe class PerfTask
 {
-    public PerfTask(PerfJob job, int size)
+    public PerfTask(PerfJob job, int size, SharedMemoryArena? shared)
     {
         Job = job;
-        Buffer = (nint)NativeMemory.AlignedAlloc((nuint)size, 4096);
-        ReadBuffer = (nint)NativeMemory.AlignedAlloc((nuint)size, 4096);
+        _shared = shared;
+        Buffer = Alloc(size);
+        ReadBuffer = Alloc(size);
         NativeMemory.Clear((void*)Buffer, (nuint)size);
         Iov = [new IoVec(Buffer, (nuint)size)];
         ReadIov = [new IoVec(ReadBuffer, (nuint)size)];
@@ -52,10 +54,41 @@ internal sealed unsafe class PerfTask
     public bool VerifyReadStage;
     public long StartTicks;
 
+    private readonly SharedMemoryArena? _shared;
+
+    /// <summary>Buffers come from the shared arena when there is room (vhost-user front ends then send them by address), else the heap.</summary>
+    private nint Alloc(int size)
+    {
+        if (_shared is not null)
+        {
+            try
+            {
+                return _shared.Allocate((ulong)size);
+            }
+            catch (OutOfMemoryException)
+            {
+            }
+        }
+
+        return (nint)NativeMemory.AlignedAlloc((nuint)size, 4096);
+    }
+
+    private void FreeOne(nint p)
+    {
+        if (_shared is not null && _shared.TryTranslate(p, 1, out _))
+        {
+            _shared.Free(p);
+        }
+        else
+        {
+            NativeMemory.AlignedFree((void*)p);
+        }
+    }
+
     public void Free()
     {
-        NativeMemory.AlignedFree((void*)Buffer);
-        NativeMemory.AlignedFree((void*)ReadBuffer);
+        FreeOne(Buffer);
+        FreeOne(ReadBuffer);
     }
 }
 
@@ -82,7 +115,7 @@ public sealed unsafe class PerfJob
     private long _allocStart;
     private TaskCompletionSource? _drained;
 
-    public PerfJob(BdevDesc desc, Reactor.Reactor reactor, PerfOptions options)
+    public PerfJob(BdevDesc desc, Reactor.Reactor reactor, PerfOptions options, SharedMemoryArena? sharedMemory = null)
     {
         Desc = desc;
         Reactor = reactor;
@@ -101,7 +134,7 @@ public sealed unsafe class PerfJob
         }
 
         _rng = (ulong)(0x9E3779B97F4A7C15 ^ (ulong)bdev.Name.GetHashCode() ^ (ulong)reactor.Core);
-        _tasks = Enumerable.Range(0, options.QueueDepth).Select(_ => new PerfTask(this, options.IoSize)).ToArray();
+        _tasks = Enumerable.Range(0, options.QueueDepth).Select(_ => new PerfTask(this, options.IoSize, sharedMemory)).ToArray();
     }
 
     public BdevDesc Desc { get; }

@@ -107,7 +107,7 @@ public static class Program
         var jobs = new List<PerfJob>();
         foreach (var (bdev, reactor) in plan)
         {
-            var job = await reactor.InvokeAsync(() => new PerfJob(app.Bdevs.Open(bdev.Name, writes), reactor, cl.Perf));
+            var job = await reactor.InvokeAsync(() => new PerfJob(app.Bdevs.Open(bdev.Name, writes), reactor, cl.Perf, app.SharedMemory));
             jobs.Add(job);
         }
 

@@ -2,6 +2,7 @@ using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.BdevVirtio;
@@ -69,11 +70,15 @@ public sealed class VirtioBdevModule
     private readonly Dictionary<string, VirtioUserController?> _ctrls = new(StringComparer.Ordinal);
     private readonly BdevManager _bdevs;
     private readonly ILogger _log;
+    private readonly Func<SharedMemoryArena>? _sharedMemory;
 
-    public VirtioBdevModule(BdevManager bdevs, ILogger? log = null)
+    /// <param name="sharedMemory">The process's shared I/O memory, sent to back ends as a second region so buffers
+    /// allocated there (bdevperf's) need no bounce copy; null: every I/O is bounced.</param>
+    public VirtioBdevModule(BdevManager bdevs, ILogger? log = null, Func<SharedMemoryArena>? sharedMemory = null)
     {
         _bdevs = bdevs;
         _log = log ?? bdevs.Logger;
+        _sharedMemory = sharedMemory;
     }
 
     public IReadOnlyList<VirtioUserController> Controllers
@@ -103,7 +108,8 @@ public sealed class VirtioBdevModule
         VirtioUserController ctrl;
         try
         {
-            ctrl = await Task.Run(() => VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log)).ConfigureAwait(true);
+            var shared = _sharedMemory?.Invoke();
+            ctrl = await Task.Run(() => VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared)).ConfigureAwait(true);
         }
         catch (Exception e) when (e is IOException or ArgumentException or UnauthorizedAccessException)
         {

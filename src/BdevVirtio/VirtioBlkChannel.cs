@@ -28,6 +28,7 @@ internal sealed unsafe class VirtioBlkChannel
     private readonly VirtioUserQueue? _queue;
     private readonly SplitVirtqueueDriver? _driver;
     private readonly BdevIo?[] _ios;
+    private readonly bool[] _bounced;
     private readonly int[] _free;
     private readonly Queue<BdevIo> _waiting;
     private readonly Poller? _poller;
@@ -46,6 +47,7 @@ internal sealed unsafe class VirtioBlkChannel
         _indirect = ctrl.Has(Virtio.VirtioFeatures.RingIndirectDesc);
         int slots = _queue?.SlotCount ?? 1;
         _ios = new BdevIo?[slots];
+        _bounced = new bool[slots];
         _free = new int[slots];
         _waiting = new Queue<BdevIo>(1024);
         if (_queue is null)
@@ -98,6 +100,12 @@ internal sealed unsafe class VirtioBlkChannel
         }
     }
 
+    /// <summary>Reads and writes whose buffer was in the shared arena (sent by address).</summary>
+    public long ZeroCopyIos { get; private set; }
+
+    /// <summary>Reads and writes copied through the slot's bounce buffer.</summary>
+    public long BouncedIos { get; private set; }
+
     private byte* SlotPtr(int slot) => (byte*)_queue!.SlotBase + (slot * VirtioUserQueue.SlotBytes);
 
     private ulong SlotGpa(int slot) => _queue!.SlotBaseGpa + (ulong)(slot * VirtioUserQueue.SlotBytes);
@@ -142,12 +150,26 @@ internal sealed unsafe class VirtioBlkChannel
 
                 bool read = io.Type == BdevIoType.Read;
                 hdr->Type = read ? VirtioBlkRequestType.In : VirtioBlkRequestType.Out;
-                if (!read)
+                var iovs = io.Iovs;
+                if (iovs.Length == 1 && _ctrl.Shared is { } shared && shared.TryTranslate(iovs[0].Base, len, out ulong sharedOffset))
                 {
-                    CopyIn(io, bounce);
+                    // Zero copy: the buffer is in memory the back end has mapped.
+                    _bounced[slot] = false;
+                    ZeroCopyIos++;
+                    bufs[1] = new DriverBuffer(VirtioUserController.SharedGpa + sharedOffset, (uint)len, read ? VirtqDesc.FlagWrite : (ushort)0);
+                }
+                else
+                {
+                    _bounced[slot] = true;
+                    BouncedIos++;
+                    if (!read)
+                    {
+                        CopyIn(io, bounce);
+                    }
+
+                    bufs[1] = new DriverBuffer(bounceGpa, (uint)len, read ? VirtqDesc.FlagWrite : (ushort)0);
                 }
 
-                bufs[1] = new DriverBuffer(bounceGpa, (uint)len, read ? VirtqDesc.FlagWrite : (ushort)0);
                 bufs[2] = status;
                 n = 3;
                 break;
@@ -290,7 +312,7 @@ internal sealed unsafe class VirtioBlkChannel
             var io = _ios[slot]!;
             _ios[slot] = null;
             byte st = SlotPtr(slot)[VirtioUserQueue.StatusOffset];
-            if (st == VirtioBlkRequestType.StatusOk && io.Type == BdevIoType.Read)
+            if (st == VirtioBlkRequestType.StatusOk && io.Type == BdevIoType.Read && _bounced[slot])
             {
                 CopyOut(io, (byte*)q.BounceBase + ((long)slot * q.BounceBytes));
             }

@@ -80,9 +80,10 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
     private int _nextQueue;
     private bool _disposed;
 
-    private VirtioUserController(string name, string path, int vqSize, VhostUserFrontEnd fe, ulong features, VirtioBlkConfig config, int memFd, MappedRegion map, VirtioUserQueue[] queues, ILogger log)
+    private VirtioUserController(string name, string path, int vqSize, VhostUserFrontEnd fe, ulong features, VirtioBlkConfig config, int memFd, MappedRegion map, VirtioUserQueue[] queues, ILogger log, SharedMemoryArena? shared)
         : base("virtio_user:" + name)
     {
+        Shared = shared;
         CtrlName = name;
         SocketPath = path;
         VqSize = vqSize;
@@ -96,6 +97,12 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
     }
 
     public string CtrlName { get; }
+
+    /// <summary>Guest-physical address the back end sees <see cref="Shared"/> at (second memory region).</summary>
+    public const ulong SharedGpa = 1UL << 40;
+
+    /// <summary>The process's shared I/O memory, mapped by the back end too: buffers inside it go by address (zero copy).</summary>
+    public SharedMemoryArena? Shared { get; }
     public string SocketPath { get; }
     public int VqCount => _queues.Length;
     public int VqSize { get; }
@@ -129,7 +136,7 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
     /// config, memory table, then each ring (num, base, addr, kick, call) and SET_VRING_ENABLE. Blocking; throws
     /// <see cref="IOException"/> (connection, protocol or refusal) or <see cref="ArgumentException"/> (bad request).
     /// </summary>
-    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log)
+    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log, SharedMemoryArena? shared = null)
     {
         if (vqCount < 1 || vqCount > 256)
         {
@@ -217,8 +224,18 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
             }
 
             // GPA = offset in the memfd; user address = our mapping (ring addresses are given in it).
-            var region = new VhostUserMemoryRegion { GuestPhysAddr = 0, MemorySize = total, UserspaceAddr = (ulong)map.Pointer, MmapOffset = 0 };
-            fe.SetMemTable(new ReadOnlySpan<VhostUserMemoryRegion>(in region), [memFd]);
+            // The shared I/O arena, when there is one, is a second region far above the first.
+            Span<VhostUserMemoryRegion> regions = stackalloc VhostUserMemoryRegion[2];
+            regions[0] = new VhostUserMemoryRegion { GuestPhysAddr = 0, MemorySize = total, UserspaceAddr = (ulong)map.Pointer, MmapOffset = 0 };
+            if (shared is not null)
+            {
+                regions[1] = new VhostUserMemoryRegion { GuestPhysAddr = SharedGpa, MemorySize = shared.Size, UserspaceAddr = (ulong)shared.Base, MmapOffset = 0 };
+                fe.SetMemTable(regions, [memFd, shared.Fd]);
+            }
+            else
+            {
+                fe.SetMemTable(regions[..1], [memFd]);
+            }
 
             foreach (var q in queues)
             {
@@ -247,7 +264,7 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
 
             log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}",
                 name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize);
-            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log);
+            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared);
         }
         catch
         {

@@ -263,6 +263,71 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task BuffersInTheSharedArenaGoByAddressOthersAreBounced()
+    {
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        vhost.CreateBlkController("vhost.zc", "Malloc0", null, false);
+        using var arena = SharedMemoryArena.Create("virtio-test", 8 << 20);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"), () => arena);
+        await _runtime.Main.InvokeAsync(() => module.AttachAsync("Zc", Path.Combine(_dir, "vhost.zc"), vqCount: 1, vqSize: 32));
+        var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("Zc"));
+        using var desc = bdevs.Open("Zc", true);
+        var release = await HoldChannels(desc);
+        var ch = bdev.Ctrl.SnapshotChannels().Select(c => (VirtioBlkChannel)c.Context).Single(c => c.QueueIndex == 0);
+
+        nint w = arena.Allocate(16384);
+        nint r = arena.Allocate(16384);
+        unsafe
+        {
+            var ws = new Span<byte>((void*)w, 16384);
+            for (int i = 0; i < ws.Length; i++)
+            {
+                ws[i] = (byte)(i * 7 + 3);
+            }
+        }
+
+        var reactor = bdev.Ctrl.SnapshotChannels().First(c => ((VirtioBlkChannel)c.Context).QueueIndex == 0).Reactor;
+        Assert.True(await Io(reactor, desc, (c, cb) => c.Write(desc, [new IoVec(w, 16384)], 64, 32, cb, null)));
+        Assert.True(await Io(reactor, desc, (c, cb) => c.Read(desc, [new IoVec(r, 16384)], 64, 32, cb, null)));
+        Assert.Equal(2, ch.ZeroCopyIos);
+        Assert.Equal(0, ch.BouncedIos);
+        unsafe
+        {
+            Assert.True(new Span<byte>((void*)w, 16384).SequenceEqual(new Span<byte>((void*)r, 16384)), "zero-copy read does not match the write");
+        }
+
+        // The data is really on the back end's bdev.
+        using (var m = new Buf(16384))
+        using (var mdesc = bdevs.Open("Malloc0", false))
+        {
+            Assert.True(await Read(R(0), mdesc, m, 64));
+            unsafe
+            {
+                Assert.True(m.Span.SequenceEqual(new Span<byte>((void*)w, 16384)));
+            }
+        }
+
+        // A heap buffer still works, through the bounce buffer.
+        using (var hb = new Buf(4096))
+        {
+            Assert.True(await Read(reactor, desc, hb, 64));
+            unsafe
+            {
+                Assert.True(hb.Span.SequenceEqual(new Span<byte>((void*)w, 4096)));
+            }
+        }
+
+        Assert.Equal(1, ch.BouncedIos);
+        arena.Free(w);
+        arena.Free(r);
+        Assert.Equal(r, arena.Allocate(16384)); // freed blocks are reused (last freed first)
+        await release();
+        await _runtime.Main.InvokeAsync(() => module.DetachAsync("Zc"));
+    }
+
+    [Fact]
     public async Task MoreReactorsThanQueues_TheExtraChannelFailsItsIoClearly()
     {
         var bdevs = new BdevManager();

@@ -129,6 +129,7 @@ public abstract class VhostQueue : IVhostQueueRunner
             // driver waits forever. A spurious interrupt is harmless.
             _signalOwed = false;
             _signalPending = false;
+            Vq.PublishUsed();
             Vq.NeedsNotify();
             call.Signal();
         }
@@ -228,7 +229,8 @@ public abstract class VhostQueue : IVhostQueueRunner
     /// <summary>Publishes <paramref name="head"/> as used with <paramref name="usedLength"/> bytes written.</summary>
     protected void Complete(ushort head, uint usedLength, bool wasInFlight)
     {
-        Vq.PushUsed(head, usedLength);
+        // Published in Flush, once per poll (or at once when forced): one used.idx store per batch.
+        Vq.AddUsed(head, usedLength);
         _usedReqCount++;
         _signalPending = true;
         _completedSincePoll++;
@@ -242,6 +244,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     /// <summary>Signals the call eventfd for used entries published since the last signal, honouring coalescing.</summary>
     protected void Flush(bool force)
     {
+        Vq.PublishUsed();
         if (!_signalPending)
         {
             return;

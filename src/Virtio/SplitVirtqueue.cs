@@ -37,6 +37,7 @@ public sealed unsafe class SplitVirtqueue
     private readonly ushort _mask;
     private readonly GuestMemory _memory;
     private ushort _signalledUsed;
+    private ushort _publishedUsed;
     private bool _signalledUsedValid;
     private bool _notifyEnabled;
 
@@ -53,6 +54,7 @@ public sealed unsafe class SplitVirtqueue
 
         // The used index the driver sees is our starting point (equal to lastAvail after a clean stop).
         LastUsedIdx = Volatile.Read(ref *(ushort*)(_used + 2));
+        _publishedUsed = LastUsedIdx;
     }
 
     public ushort Size { get; }
@@ -304,12 +306,33 @@ public sealed unsafe class SplitVirtqueue
     /// <summary>Returns a chain to the driver: writes the used element, then publishes used.idx.</summary>
     public void PushUsed(ushort head, uint length)
     {
+        AddUsed(head, length);
+        PublishUsed();
+    }
+
+    /// <summary>
+    /// Writes a used element without publishing it: the driver sees it after <see cref="PublishUsed"/>. Batching
+    /// the index store saves a cache-line transfer to the polling driver per request.
+    /// </summary>
+    public void AddUsed(ushort head, uint length)
+    {
         var elem = UsedRing + (LastUsedIdx & _mask);
         elem->Id = head;
         elem->Len = length;
         LastUsedIdx++;
+    }
 
-        // Release: the element above is visible to the driver before the index that publishes it.
+    /// <summary>Publishes every element added since the last call (one used.idx store).</summary>
+    public void PublishUsed()
+    {
+        if (_publishedUsed == LastUsedIdx)
+        {
+            return;
+        }
+
+        _publishedUsed = LastUsedIdx;
+
+        // Release: the elements written before are visible to the driver before the index that publishes them.
         Volatile.Write(ref UsedIdx, LastUsedIdx);
     }
 

@@ -270,7 +270,7 @@ public abstract class VhostQueue : IVhostQueueRunner
             return;
         }
 
-        long now = Stopwatch.GetTimestamp();
+        long now = Reactor.Now;
         if (now >= _nextStatsCheck)
         {
             _nextStatsCheck = now + (StatsIntervalMs * Stopwatch.Frequency / 1000);

@@ -215,10 +215,7 @@ internal sealed unsafe class VirtioBlkChannel
             var table = (VirtqDesc*)(meta + VirtioUserQueue.TableOffset);
             for (int i = 0; i < n; i++)
             {
-                table[i].Addr = bufs[i].Addr;
-                table[i].Len = bufs[i].Length;
-                table[i].Flags = (ushort)(bufs[i].Flags | (i < n - 1 ? VirtqDesc.FlagNext : 0));
-                table[i].Next = (ushort)(i + 1);
+                SplitVirtqueueDriver.WriteDesc(table + i, bufs[i].Addr, bufs[i].Length, (ushort)(bufs[i].Flags | (i < n - 1 ? VirtqDesc.FlagNext : 0)), (ushort)(i + 1));
             }
 
             var one = new DriverBuffer(metaGpa + VirtioUserQueue.TableOffset, (uint)(16 * n), VirtqDesc.FlagIndirect);

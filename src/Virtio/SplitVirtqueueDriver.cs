@@ -181,11 +181,8 @@ public sealed unsafe class SplitVirtqueueDriver
             ref readonly var b = ref buffers[i];
             VirtqDesc* d = _desc + idx;
             ushort next = _next[idx];
-            d->Addr = b.Addr;
-            d->Len = b.Length;
             bool last = i == buffers.Length - 1;
-            d->Next = last ? (ushort)0 : next;
-            d->Flags = (ushort)((b.Flags & (VirtqDesc.FlagWrite | VirtqDesc.FlagIndirect)) | (last ? 0 : VirtqDesc.FlagNext));
+            WriteDesc(d, b.Addr, b.Length, (ushort)((b.Flags & (VirtqDesc.FlagWrite | VirtqDesc.FlagIndirect)) | (last ? 0 : VirtqDesc.FlagNext)), last ? (ushort)0 : next);
             if (last)
             {
                 _freeHead = next;
@@ -203,6 +200,22 @@ public sealed unsafe class SplitVirtqueueDriver
         _availIdx++;
         InFlight++;
         return head;
+    }
+
+    /// <summary>
+    /// Writes a descriptor, skipping the store when it already holds these values: a reused head or slot then
+    /// leaves its cache line shared with the device instead of pulling it back (one cache-line transfer less per
+    /// request at low queue depth). Our own copy is authoritative; the device never writes descriptors.
+    /// </summary>
+    public static void WriteDesc(VirtqDesc* d, ulong addr, uint len, ushort flags, ushort next)
+    {
+        if (d->Addr != addr || d->Len != len || d->Flags != flags || d->Next != next)
+        {
+            d->Addr = addr;
+            d->Len = len;
+            d->Flags = flags;
+            d->Next = next;
+        }
     }
 
     /// <summary>Makes every chain added so far visible to the device (release store of avail.idx).</summary>

@@ -117,7 +117,8 @@ public static class Program
         WithArgs(root, "bdev_set_qos_limit", "QoS limits", [("name", "bdev name", "string"), ("--rw_ios_per_sec|rw_ios_per_sec", "IOPS", "ulong?"), ("--rw_mbytes_per_sec|rw_mbytes_per_sec", "MiB/s", "ulong?"), ("--r_mbytes_per_sec|r_mbytes_per_sec", "read MiB/s", "ulong?"), ("--w_mbytes_per_sec|w_mbytes_per_sec", "write MiB/s", "ulong?")]);
 
         WithArgs(root, "vhost_create_blk_controller", "export a bdev over vhost-user-blk", [("ctrlr", "controller name", "string"), ("dev_name", "bdev name", "string"), ("--cpumask|cpumask", "reactor mask", "string?"), ("-r|readonly", "read-only", "flag")]);
-        WithArgs(root, "vhost_create_scsi_controller", "create a vhost-user-scsi controller", [("ctrlr", "controller name", "string"), ("--cpumask|cpumask", "reactor mask", "string?")]);
+        WithArgs(root, "vhost_create_scsi_controller", "create a vhost-user-scsi controller", [("ctrlr", "controller name", "string"), ("--cpumask|cpumask", "reactor mask", "string?"), ("--delay|delay", "do not listen until vhost_start_scsi_controller", "flag")]);
+        WithArgs(root, "vhost_start_scsi_controller", "start a controller created with --delay", [("ctrlr", "controller name", "string")]);
         WithArgs(root, "vhost_scsi_controller_add_target", "attach a bdev as a SCSI target", [("ctrlr", "controller name", "string"), ("scsi_target_num", "target number (-1: first free)", "int"), ("bdev_name", "bdev name", "string"), ("--readonly|readonly", "read-only LUN (our extension)", "flag")]);
         WithArgs(root, "vhost_scsi_controller_remove_target", "detach a SCSI target", [("ctrlr", "controller name", "string"), ("scsi_target_num", "target number", "int")]);
         WithArgs(root, "vhost_get_controllers", "list controllers", [("-n|name", "controller name", "string?")], Columns(null, "ctrlr", "cpumask", "socket", "delay_base_us", "iops_threshold"));

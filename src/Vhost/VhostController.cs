@@ -153,6 +153,30 @@ public abstract class VhostController : IVhostUserDevice
         return Task.WhenAll(Queues.Select(q => q.SetCoalescingAsync(delayBaseUs, iopsThreshold)));
     }
 
+    /// <summary>True once the controller listens (or connects, in client mode); false while created with delay.</summary>
+    public bool Started => Volatile.Read(ref _acceptThread) is not null;
+
+    /// <summary>Created with SPDK's <c>delay</c> (started later by vhost_start_scsi_controller).</summary>
+    public bool CreatedDelayed { get; internal set; }
+
+    /// <summary>Starts serving in the controller's mode (<see cref="ClientMode"/>); no-op when already started.</summary>
+    internal void Start()
+    {
+        if (Started)
+        {
+            return;
+        }
+
+        if (ClientMode)
+        {
+            StartConnecting();
+        }
+        else
+        {
+            StartListening();
+        }
+    }
+
     /// <summary>Starts listening on <see cref="SocketPath"/> and accepting front ends on a dedicated thread.</summary>
     public void StartListening()
     {
@@ -193,7 +217,7 @@ public abstract class VhostController : IVhostUserDevice
     }
 
     /// <summary>True when the controller connects to the front end's socket instead of listening.</summary>
-    public bool ClientMode { get; private set; }
+    public bool ClientMode { get; internal set; }
 
     private void ConnectLoop(CancellationToken stop)
     {

@@ -58,7 +58,7 @@ public sealed class VhostManager : IAsyncDisposable
     /// </summary>
     public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly, bool client = false)
     {
-        var ctrlr = Create(name, cpumask, client, (path, mask) =>
+        var ctrlr = Create(name, cpumask, client, false, (path, mask) =>
         {
             try
             {
@@ -74,11 +74,26 @@ public sealed class VhostManager : IAsyncDisposable
     }
 
     /// <summary>Creates a vhost-user-scsi controller with no targets (add them with <see cref="AddScsiTarget"/>). Errors as for blk.</summary>
-    public VhostScsiController CreateScsiController(string name, string? cpumask, bool client = false)
+    public VhostScsiController CreateScsiController(string name, string? cpumask, bool client = false, bool delay = false)
     {
-        var ctrlr = Create(name, cpumask, client, (path, mask) => new VhostScsiController(name, path, mask, _runtime, _bdevs, _loggerFactory.CreateLogger("vhost_scsi")));
+        var ctrlr = Create(name, cpumask, client, delay, (path, mask) => new VhostScsiController(name, path, mask, _runtime, _bdevs, _loggerFactory.CreateLogger("vhost_scsi")));
         _log.LogInformation("vhost-scsi controller {Name} created (cpumask {Mask})", name, ctrlr.CpuMask.ToMaskString());
         return ctrlr;
+    }
+
+    /// <summary>vhost_start_scsi_controller: starts a controller created with <c>delay</c> (idempotent, as SPDK). ENODEV if unknown.</summary>
+    public void StartScsiController(string name)
+    {
+        var ctrlr = ScsiController(name);
+        try
+        {
+            Directory.CreateDirectory(SocketDirectory);
+            ctrlr.Start();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            throw new VhostException(Native.EIO, $"cannot listen on {ctrlr.SocketPath}: {e.Message}");
+        }
     }
 
     /// <summary>vhost_scsi_controller_add_target: ENODEV (no controller), EINVAL (not a SCSI controller), then as <see cref="VhostScsiController.AddTarget"/>.</summary>
@@ -94,7 +109,7 @@ public sealed class VhostManager : IAsyncDisposable
         _ => throw new VhostException(Native.EINVAL, $"{name} is not a vhost-scsi controller"),
     };
 
-    private T Create<T>(string name, string? cpumask, bool client, Func<string, CpuSet, T> factory)
+    private T Create<T>(string name, string? cpumask, bool client, bool delay, Func<string, CpuSet, T> factory)
         where T : VhostController
     {
         if (string.IsNullOrEmpty(name) || name.Contains('/') || name is "." or "..")
@@ -121,16 +136,14 @@ public sealed class VhostManager : IAsyncDisposable
             }
 
             T ctrlr = factory(path, mask);
+            ctrlr.ClientMode = client;
+            ctrlr.CreatedDelayed = delay;
             try
             {
                 Directory.CreateDirectory(SocketDirectory);
-                if (client)
+                if (!delay)
                 {
-                    ctrlr.StartConnecting();
-                }
-                else
-                {
-                    ctrlr.StartListening();
+                    ctrlr.Start();
                 }
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)

@@ -123,5 +123,18 @@ public sealed class VhostMethodTests
         Assert.Empty((JsonArray)list[0]!["backend_specific"]!["scsi"]!);
         Assert.True((bool)(await c.ResultAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "s0" }))!);
         Assert.False(File.Exists(Path.Combine(app.App.Options.SocketDir, "s0")));
+
+        // delay: no socket until vhost_start_scsi_controller (idempotent); save_config replays create(delay), targets, start.
+        string delayed = Path.Combine(app.App.Options.SocketDir, "sd");
+        Assert.True((bool)(await c.ResultAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "sd", ["delay"] = true }))!);
+        Assert.False(File.Exists(delayed));
+        await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "N3", ["num_blocks"] = 128, ["block_size"] = 512 });
+        await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "sd", ["scsi_target_num"] = 0, ["bdev_name"] = "N3" });
+        Assert.True((bool)(await c.ResultAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "sd" }))!);
+        Assert.True(File.Exists(delayed));
+        Assert.True((bool)(await c.ResultAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "sd" }))!);
+        Assert.Equal("No such device", await c.ErrorAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "nope" }, -32602));
+        var calls = ((JsonArray)(await c.ResultAsync("framework_get_config", new JsonObject { ["name"] = "vhost_scsi" }))!).Select(n => (string)n!["method"]!).ToArray();
+        Assert.Equal(["vhost_create_scsi_controller", "vhost_scsi_controller_add_target", "vhost_start_scsi_controller"], calls);
     }
 }

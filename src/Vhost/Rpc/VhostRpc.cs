@@ -25,6 +25,7 @@ public static class VhostRpc
         registry.Register("vhost_create_scsi_controller", r => CreateScsi(manager, r));
         registry.Register("vhost_scsi_controller_add_target", r => AddTarget(manager, r));
         registry.Register("vhost_scsi_controller_remove_target", r => RemoveTargetAsync(manager, r));
+        registry.Register("vhost_start_scsi_controller", r => StartScsi(manager, r));
         subsystems?.Add(new Subsystem("vhost_scsi", () => WriteConfig<VhostScsiController>(manager), "bdev"));
         subsystems?.Add(new Subsystem("vhost_blk", () => WriteConfig<VhostBlkController>(manager), "bdev"));
     }
@@ -68,7 +69,22 @@ public static class VhostRpc
         var p = request.Bind<CreateScsiParams>();
         try
         {
-            manager.CreateScsiController(p.Ctrlr, p.Cpumask, p.Client);
+            manager.CreateScsiController(p.Ctrlr, p.Cpumask, p.Client, p.Delay);
+        }
+        catch (VhostException e)
+        {
+            throw Error(e);
+        }
+
+        return true;
+    }
+
+    private static JsonNode? StartScsi(VhostManager manager, RpcRequest request)
+    {
+        var p = request.Bind<CtrlrParams>();
+        try
+        {
+            manager.StartScsiController(p.Ctrlr);
         }
         catch (VhostException e)
         {
@@ -196,7 +212,7 @@ public static class VhostRpc
 
         public string? Cpumask { get; set; }
 
-        /// <summary>SPDK: start the controller later (vhost_start_scsi_controller). Accepted; we always start at once.</summary>
+        /// <summary>SPDK: create without listening; vhost_start_scsi_controller starts it (after its targets are added).</summary>
         public bool Delay { get; set; }
 
         /// <summary>Our extension: connect to a socket the front end listens on (QEMU <c>server=on</c>), retrying.</summary>

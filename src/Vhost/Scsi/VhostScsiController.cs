@@ -294,6 +294,11 @@ public sealed class VhostScsiController : VhostController
             create["client"] = true;
         }
 
+        if (CreatedDelayed)
+        {
+            create["delay"] = true;
+        }
+
         yield return VhostBackend.Rpc.Subsystem.Call("vhost_create_scsi_controller", create);
         foreach (var t in Targets)
         {
@@ -314,6 +319,11 @@ public sealed class VhostScsiController : VhostController
             }
 
             yield return VhostBackend.Rpc.Subsystem.Call("vhost_scsi_controller_add_target", p);
+        }
+
+        if (CreatedDelayed && Started)
+        {
+            yield return VhostBackend.Rpc.Subsystem.Call("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = Name });
         }
 
         foreach (var call in CoalescingConfigCalls())

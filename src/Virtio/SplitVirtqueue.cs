@@ -32,8 +32,7 @@ public sealed unsafe class SplitVirtqueue
     public const ushort UsedFlagNoNotify = 1;
 
     private readonly VirtqDesc* _desc;
-    private readonly byte* _avail;
-    private readonly byte* _used;
+    private readonly SplitRing _ring;
     private readonly ushort _mask;
     private readonly GuestMemory _memory;
     private ushort _signalledUsed;
@@ -47,13 +46,12 @@ public sealed unsafe class SplitVirtqueue
         Size = size;
         _mask = (ushort)(size - 1);
         _desc = (VirtqDesc*)desc;
-        _avail = (byte*)avail;
-        _used = (byte*)used;
+        _ring = new SplitRing((byte*)avail, (byte*)used, size);
         EventIdx = eventIdx;
         LastAvailIdx = lastAvail;
 
         // The used index the driver sees is our starting point (equal to lastAvail after a clean stop).
-        LastUsedIdx = Volatile.Read(ref *(ushort*)(_used + 2));
+        LastUsedIdx = Volatile.Read(ref _ring.UsedIdx);
         _publishedUsed = LastUsedIdx;
     }
 
@@ -122,24 +120,8 @@ public sealed unsafe class SplitVirtqueue
         return new SplitVirtqueue(memory, (ushort)size, desc, avail, used, eventIdx, lastAvailIdx);
     }
 
-    private ref ushort AvailFlags => ref *(ushort*)_avail;
-
-    private ref ushort AvailIdx => ref *(ushort*)(_avail + 2);
-
-    private ref ushort AvailRing(int slot) => ref *(ushort*)(_avail + 4 + (2 * slot));
-
-    private ref ushort UsedEvent => ref *(ushort*)(_avail + 4 + (2 * Size));
-
-    private ref ushort UsedFlags => ref *(ushort*)_used;
-
-    private ref ushort UsedIdx => ref *(ushort*)(_used + 2);
-
-    private VirtqUsedElem* UsedRing => (VirtqUsedElem*)(_used + 4);
-
-    private ref ushort AvailEvent => ref *(ushort*)(_used + 4 + (8 * Size));
-
     /// <summary>Whether the driver has published heads we have not consumed (acquire read of avail.idx).</summary>
-    public bool HasAvailable => Volatile.Read(ref AvailIdx) != LastAvailIdx;
+    public bool HasAvailable => Volatile.Read(ref _ring.AvailIdx) != LastAvailIdx;
 
     /// <summary>Consumes the next available head, if any.</summary>
     public PopResult TryPop(out ushort head)
@@ -147,7 +129,7 @@ public sealed unsafe class SplitVirtqueue
         head = 0;
 
         // Acquire: the ring entry (and the descriptors) are read only after the index that published them.
-        ushort availIdx = Volatile.Read(ref AvailIdx);
+        ushort availIdx = Volatile.Read(ref _ring.AvailIdx);
         if (availIdx == LastAvailIdx)
         {
             return PopResult.Empty;
@@ -158,7 +140,7 @@ public sealed unsafe class SplitVirtqueue
             return PopResult.Broken;
         }
 
-        ushort h = Volatile.Read(ref AvailRing(LastAvailIdx & _mask));
+        ushort h = Volatile.Read(ref _ring.AvailRing(LastAvailIdx & _mask));
         if (h >= Size)
         {
             return PopResult.Broken;
@@ -168,7 +150,7 @@ public sealed unsafe class SplitVirtqueue
         if (EventIdx && _notifyEnabled)
         {
             // Keep asking for a kick at the next new head while notifications are armed.
-            Volatile.Write(ref AvailEvent, LastAvailIdx);
+            Volatile.Write(ref _ring.AvailEvent, LastAvailIdx);
         }
 
         head = h;
@@ -316,7 +298,7 @@ public sealed unsafe class SplitVirtqueue
     /// </summary>
     public void AddUsed(ushort head, uint length)
     {
-        var elem = UsedRing + (LastUsedIdx & _mask);
+        var elem = _ring.UsedRing + (LastUsedIdx & _mask);
         elem->Id = head;
         elem->Len = length;
         LastUsedIdx++;
@@ -333,7 +315,7 @@ public sealed unsafe class SplitVirtqueue
         _publishedUsed = LastUsedIdx;
 
         // Release: the elements written before are visible to the driver before the index that publishes them.
-        Volatile.Write(ref UsedIdx, LastUsedIdx);
+        Volatile.Write(ref _ring.UsedIdx, LastUsedIdx);
     }
 
     /// <summary>
@@ -347,7 +329,7 @@ public sealed unsafe class SplitVirtqueue
         Interlocked.MemoryBarrier();
         if (!EventIdx)
         {
-            return (Volatile.Read(ref AvailFlags) & AvailFlagNoInterrupt) == 0;
+            return (Volatile.Read(ref _ring.AvailFlags) & AvailFlagNoInterrupt) == 0;
         }
 
         ushort newIdx = LastUsedIdx;
@@ -360,7 +342,7 @@ public sealed unsafe class SplitVirtqueue
             return true;
         }
 
-        return NeedEvent(Volatile.Read(ref UsedEvent), newIdx, old);
+        return NeedEvent(Volatile.Read(ref _ring.UsedEvent), newIdx, old);
     }
 
     /// <summary>The spec's vring_need_event: whether <paramref name="eventIdx"/> lies in (old, new].</summary>
@@ -376,11 +358,11 @@ public sealed unsafe class SplitVirtqueue
         _notifyEnabled = true;
         if (EventIdx)
         {
-            Volatile.Write(ref AvailEvent, LastAvailIdx);
+            Volatile.Write(ref _ring.AvailEvent, LastAvailIdx);
         }
         else
         {
-            Volatile.Write(ref UsedFlags, (ushort)(Volatile.Read(ref UsedFlags) & ~UsedFlagNoNotify));
+            Volatile.Write(ref _ring.UsedFlags, (ushort)(Volatile.Read(ref _ring.UsedFlags) & ~UsedFlagNoNotify));
         }
 
         // Full fence: the store above must be visible before we re-read avail.idx (store-load), so either the
@@ -395,7 +377,7 @@ public sealed unsafe class SplitVirtqueue
         _notifyEnabled = false;
         if (!EventIdx)
         {
-            Volatile.Write(ref UsedFlags, (ushort)(Volatile.Read(ref UsedFlags) | UsedFlagNoNotify));
+            Volatile.Write(ref _ring.UsedFlags, (ushort)(Volatile.Read(ref _ring.UsedFlags) | UsedFlagNoNotify));
         }
     }
 }

@@ -48,6 +48,7 @@ public sealed unsafe class SplitVirtqueueDriver
     private readonly VirtqDesc* _desc;
     private readonly byte* _avail;
     private readonly byte* _used;
+    private readonly SplitRing _ring;
     private readonly ushort _mask;
     private readonly ushort[] _next; // private free-list / chain links: the shared table is never trusted for them
     private readonly ushort[] _chainLength;
@@ -78,6 +79,7 @@ public sealed unsafe class SplitVirtqueueDriver
         _desc = (VirtqDesc*)desc;
         _avail = (byte*)avail;
         _used = (byte*)used;
+        _ring = new SplitRing(_avail, _used, size);
         _next = new ushort[size];
         _chainLength = new ushort[size];
         _token = new int[size];
@@ -111,22 +113,6 @@ public sealed unsafe class SplitVirtqueueDriver
         return (0, avail, used, total);
     }
 
-    private ref ushort AvailFlags => ref *(ushort*)_avail;
-
-    private ref ushort AvailIdxRef => ref *(ushort*)(_avail + 2);
-
-    private ref ushort AvailRing(int slot) => ref *(ushort*)(_avail + 4 + (2 * slot));
-
-    private ref ushort UsedEvent => ref *(ushort*)(_avail + 4 + (2 * Size));
-
-    private ref ushort UsedFlags => ref *(ushort*)_used;
-
-    private ref ushort UsedIdx => ref *(ushort*)(_used + 2);
-
-    private VirtqUsedElem* UsedRing => (VirtqUsedElem*)(_used + 4);
-
-    private ref ushort AvailEvent => ref *(ushort*)(_used + 4 + (8 * Size));
-
     /// <summary>Zeroes the ring and rebuilds the free list (the queue must not be live on the device side).</summary>
     public void Reset()
     {
@@ -155,10 +141,10 @@ public sealed unsafe class SplitVirtqueueDriver
     /// </summary>
     public void DisableInterrupts()
     {
-        Volatile.Write(ref AvailFlags, SplitVirtqueue.AvailFlagNoInterrupt);
+        Volatile.Write(ref _ring.AvailFlags, SplitVirtqueue.AvailFlagNoInterrupt);
         if (EventIdx)
         {
-            Volatile.Write(ref UsedEvent, (ushort)(LastUsedIdx - 1));
+            Volatile.Write(ref _ring.UsedEvent, (ushort)(LastUsedIdx - 1));
         }
     }
 
@@ -196,7 +182,7 @@ public sealed unsafe class SplitVirtqueueDriver
         FreeCount -= buffers.Length;
         _chainLength[head] = (ushort)buffers.Length;
         _token[head] = token;
-        AvailRing(_availIdx & _mask) = head;
+        _ring.AvailRing(_availIdx & _mask) = head;
         _availIdx++;
         InFlight++;
         return head;
@@ -224,7 +210,7 @@ public sealed unsafe class SplitVirtqueueDriver
         if (_publishedIdx != _availIdx)
         {
             _publishedIdx = _availIdx;
-            Volatile.Write(ref AvailIdxRef, _availIdx);
+            Volatile.Write(ref _ring.AvailIdx, _availIdx);
         }
     }
 
@@ -247,14 +233,14 @@ public sealed unsafe class SplitVirtqueueDriver
         Interlocked.MemoryBarrier();
         if (EventIdx)
         {
-            return SplitVirtqueue.NeedEvent(Volatile.Read(ref AvailEvent), newIdx, old);
+            return SplitVirtqueue.NeedEvent(Volatile.Read(ref _ring.AvailEvent), newIdx, old);
         }
 
-        return (Volatile.Read(ref UsedFlags) & SplitVirtqueue.UsedFlagNoNotify) == 0;
+        return (Volatile.Read(ref _ring.UsedFlags) & SplitVirtqueue.UsedFlagNoNotify) == 0;
     }
 
     /// <summary>Whether the device has returned chains we have not reaped (acquire read of used.idx).</summary>
-    public bool HasUsed => Volatile.Read(ref UsedIdx) != LastUsedIdx;
+    public bool HasUsed => Volatile.Read(ref _ring.UsedIdx) != LastUsedIdx;
 
     /// <summary>Reaps the next used chain: returns its token and the length the device wrote, and frees its descriptors.</summary>
     public UsedResult TryPopUsed(out int token, out uint length)
@@ -263,7 +249,7 @@ public sealed unsafe class SplitVirtqueueDriver
         length = 0;
 
         // Acquire: the used element is read only after the index that published it.
-        ushort usedIdx = Volatile.Read(ref UsedIdx);
+        ushort usedIdx = Volatile.Read(ref _ring.UsedIdx);
         if (usedIdx == LastUsedIdx)
         {
             return UsedResult.Empty;
@@ -274,7 +260,7 @@ public sealed unsafe class SplitVirtqueueDriver
             return UsedResult.Broken;
         }
 
-        VirtqUsedElem e = UsedRing[LastUsedIdx & _mask];
+        VirtqUsedElem e = _ring.UsedRing[LastUsedIdx & _mask];
         if (e.Id >= Size || _chainLength[e.Id] == 0)
         {
             return UsedResult.Broken;

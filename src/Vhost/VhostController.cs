@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
@@ -61,6 +62,25 @@ public abstract class VhostController : IVhostUserDevice
     public abstract int ReadConfig(uint offset, Span<byte> dest);
 
     public virtual int WriteConfig(uint offset, ReadOnlySpan<byte> data) => -Native.ENOTSUP;
+
+    /// <summary>
+    /// Copies [offset, offset+dest.Length) of a config space holding <paramref name="config"/> followed by zeros
+    /// (front ends ask for different sizes: QEMU the struct's, SPDK's virtio-user 256 bytes). 0 or -EINVAL.
+    /// </summary>
+    protected static int CopyConfigSpace<T>(in T config, uint offset, Span<byte> dest)
+        where T : unmanaged
+    {
+        Span<byte> space = stackalloc byte[VhostUserConstants.ConfigSpaceMax];
+        space.Clear();
+        MemoryMarshal.Write(space, in config);
+        if (offset > (uint)space.Length || (uint)dest.Length > (uint)space.Length - offset)
+        {
+            return -Native.EINVAL;
+        }
+
+        space.Slice((int)offset, dest.Length).CopyTo(dest);
+        return 0;
+    }
 
     public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
 

@@ -128,20 +128,7 @@ public sealed class VhostBlkController : VhostController
         return c;
     }
 
-    public override int ReadConfig(uint offset, Span<byte> dest)
-    {
-        Span<byte> space = stackalloc byte[VhostUserConstants.ConfigSpaceMax];
-        space.Clear();
-        var c = BuildConfig();
-        MemoryMarshal.Write(space, in c);
-        if (offset > (uint)space.Length || (uint)dest.Length > (uint)space.Length - offset)
-        {
-            return -Native.EINVAL;
-        }
-
-        space.Slice((int)offset, dest.Length).CopyTo(dest);
-        return 0;
-    }
+    public override int ReadConfig(uint offset, Span<byte> dest) => CopyConfigSpace(BuildConfig(), offset, dest);
 
     public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick) =>
         StartQueueAsync(new BlkQueue(this, session, index, queue, call, kick, NextReactor()));

@@ -102,20 +102,7 @@ public sealed class VhostScsiController : VhostController
         MaxLun = 255,
     };
 
-    public override int ReadConfig(uint offset, Span<byte> dest)
-    {
-        Span<byte> space = stackalloc byte[VhostUserConstants.ConfigSpaceMax];
-        space.Clear();
-        var c = BuildConfig();
-        MemoryMarshal.Write(space, in c);
-        if (offset > (uint)space.Length || (uint)dest.Length > (uint)space.Length - offset)
-        {
-            return -Native.EINVAL;
-        }
-
-        space.Slice((int)offset, dest.Length).CopyTo(dest);
-        return 0;
-    }
+    public override int ReadConfig(uint offset, Span<byte> dest) => CopyConfigSpace(BuildConfig(), offset, dest);
 
     /// <summary>sense_size and cdb_size are driver-writable; we accept them only unchanged (fixed-size headers).</summary>
     public override int WriteConfig(uint offset, ReadOnlySpan<byte> data)

@@ -154,29 +154,30 @@ public abstract class Bdev
         }
     }
 
-    internal void RetireStats(in BdevIoStats stats)
+    /// <summary>Moves a closing channel's counters into the retired total and zeroes them, atomically with respect to <see cref="GetStats"/>.</summary>
+    internal void RetireStats(ref BdevIoStats stats)
     {
         lock (_lock)
         {
             _retiredStats.Add(stats);
+            stats = default;
         }
     }
 
     /// <summary>Statistics summed over live channels and those already closed (racy read of live counters; never torn).</summary>
     public BdevIoStats GetStats()
     {
-        BdevIoStats total;
+        // Under the lock so a channel closing meanwhile is counted exactly once (retired or live, never neither or both).
         lock (_lock)
         {
-            total = _retiredStats;
-        }
+            var total = _retiredStats;
+            foreach (var ch in LayerDevice.SnapshotChannels())
+            {
+                total.Add(((BdevChannel)ch.Context).Stats);
+            }
 
-        foreach (var ch in LayerDevice.SnapshotChannels())
-        {
-            total.Add(((BdevChannel)ch.Context).Stats);
+            return total;
         }
-
-        return total;
     }
 
     /// <summary>Sets QoS limits (0 = unlimited). IOPS are rounded like SPDK: multiples of 1000.</summary>

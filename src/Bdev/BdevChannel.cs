@@ -673,8 +673,7 @@ public sealed unsafe class BdevChannel
         Poll(); // deliver completions already deferred
         Reactor.UnregisterPoller(_poller);
         _moduleChannel.Release();
-        Bdev.RetireStats(Stats);
-        Stats = default;
+        Bdev.RetireStats(ref Stats);
         if (Outstanding > 0)
         {
             // Released with I/O in flight (a caller bug): keep bounce buffers alive rather than free memory a module may still write.

@@ -264,15 +264,17 @@ public sealed class Reactor
         }
 
         _channels.Remove(ch.Device);
-        ch.Device.RemoveChannel(ch);
 
         // Destroy on the next loop iteration, like SPDK's put_io_channel: the caller may be deep inside a
         // completion delivered by this very channel (e.g. releasing it from an I/O callback), and the module
-        // must be allowed to finish what it was doing before its context goes away.
+        // must be allowed to finish what it was doing before its context goes away. The device lists the
+        // channel until its context is gone, so whoever walks the device's channels (statistics, teardown
+        // waits) sees the context while it still exists; walkers skip it by its zero reference count.
         Send(static s =>
         {
             var (reactor, channel) = ((Reactor, IoChannel))s!;
             channel.Device.DestroyChannelContext(reactor, channel.Context);
+            channel.Device.RemoveChannel(channel);
         }, (this, ch));
     }
 

@@ -124,6 +124,23 @@ public class BdevLayerTests
     }
 
     [Fact]
+    public async Task Stats_Count_Every_Io_Exactly_Once_While_Its_Channel_Closes()
+    {
+        // Each Io() opens a channel, does one write and releases the channel; the channel's context is destroyed
+        // one reactor iteration later. Reading stats in that window must neither lose nor double-count the write.
+        await using var kit = new BdevTestKit();
+        kit.Bdevs.Register(new MallocBdev("M", 16, 512));
+        using var desc = kit.Bdevs.Open("M", true);
+        using var buf = new NativeBuffer(512);
+        var bdev = kit.Bdevs.Find("M")!;
+        for (int i = 1; i <= 300; i++)
+        {
+            Assert.Equal((0, true), await kit.Io(desc, (ch, cb) => ch.Write(desc, buf.Split(0, 512), 0, 1, cb, null)));
+            Assert.Equal(i, bdev.GetStats().NumWriteOps);
+        }
+    }
+
+    [Fact]
     public async Task Misaligned_Buffers_Are_Bounced_For_Modules_That_Need_Alignment()
     {
         await using var kit = new BdevTestKit();

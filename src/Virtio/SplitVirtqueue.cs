@@ -298,9 +298,17 @@ public sealed unsafe class SplitVirtqueue
     /// </summary>
     public void AddUsed(ushort head, uint length)
     {
+        // Compare before writing: a driver that reuses its heads (a polling driver at low queue depth reuses the
+        // same one) finds the element unchanged, and the line stays shared in its cache instead of moving to us and
+        // back: two cache-line transfers less per request. Skipping an equal store cannot change what the driver
+        // reads; the used.idx release store in PublishUsed still orders what was written.
         var elem = _ring.UsedRing + (LastUsedIdx & _mask);
-        elem->Id = head;
-        elem->Len = length;
+        if (elem->Id != head || elem->Len != length)
+        {
+            elem->Id = head;
+            elem->Len = length;
+        }
+
         LastUsedIdx++;
     }
 

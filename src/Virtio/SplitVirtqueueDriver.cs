@@ -182,7 +182,14 @@ public sealed unsafe class SplitVirtqueueDriver
         FreeCount -= buffers.Length;
         _chainLength[head] = (ushort)buffers.Length;
         _token[head] = token;
-        _ring.AvailRing(_availIdx & _mask) = head;
+        // Compare before writing, as for descriptors: a reused head leaves the avail entry's line shared with the
+        // device (at low queue depth the same head comes back every request).
+        ref ushort entry = ref _ring.AvailRing(_availIdx & _mask);
+        if (entry != head)
+        {
+            entry = head;
+        }
+
         _availIdx++;
         InFlight++;
         return head;

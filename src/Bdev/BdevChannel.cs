@@ -615,22 +615,38 @@ public sealed unsafe class BdevChannel
         }
     }
 
+    /// <summary>
+    /// Delivers now the completions of I/O that finished inside its own submit call (a RAM or null bdev; they are
+    /// deferred so no callback runs inside its submit). A caller that has submitted a batch (a vhost queue's poll)
+    /// calls this before publishing its results, so synchronous I/O completes in the same reactor iteration instead
+    /// of waiting for the channel's poller; otherwise the poller delivers them. Not to be called from a submit or a
+    /// completion callback of this channel.
+    /// </summary>
+    public int DeliverDeferred()
+    {
+        if (_deferredHead is null || _submitDepth > 0)
+        {
+            return 0;
+        }
+
+        int work = 0;
+        var io = _deferredHead;
+        _deferredHead = _deferredTail = null;
+        while (io is not null)
+        {
+            var next = io.Next;
+            io.Next = null;
+            Finish(io);
+            io = next;
+            work++;
+        }
+
+        return work;
+    }
+
     private int Poll()
     {
-        int work = 0;
-        if (_deferredHead is not null)
-        {
-            var io = _deferredHead;
-            _deferredHead = _deferredTail = null;
-            while (io is not null)
-            {
-                var next = io.Next;
-                io.Next = null;
-                Finish(io);
-                io = next;
-                work++;
-            }
-        }
+        int work = DeliverDeferred();
 
         if (_qosHead is not null && Bdev.Qos is var qos)
         {

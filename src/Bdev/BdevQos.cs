@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 
 namespace VhostBackend.Bdev;
@@ -9,7 +10,7 @@ namespace VhostBackend.Bdev;
 /// </summary>
 internal sealed class BdevQos
 {
-    private static readonly long SliceTicks = Stopwatch.Frequency / 1000;
+    private static readonly long SliceTicks = Ticks.Frequency / 1000;
 
     private readonly long _iosPerSlice;
     private readonly long _bytesPerSlice;
@@ -35,7 +36,7 @@ internal sealed class BdevQos
         _bytes = _bytesPerSlice;
         _readBytes = _readBytesPerSlice;
         _writeBytes = _writeBytesPerSlice;
-        _sliceEnd = Stopwatch.GetTimestamp() + SliceTicks;
+        _sliceEnd = Ticks.Now() + SliceTicks;
     }
 
     public ulong RwIosPerSec { get; }

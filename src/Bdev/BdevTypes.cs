@@ -72,7 +72,7 @@ public sealed class BdevIoWaitEntry
     internal bool Queued;
 }
 
-/// <summary>Per-bdev I/O statistics, summed over channels. Latencies in Stopwatch ticks.</summary>
+/// <summary>Per-bdev I/O statistics, summed over channels. Latencies in <see cref="VhostBackend.Platform.Ticks"/> ticks.</summary>
 public struct BdevIoStats
 {
     public long BytesRead;

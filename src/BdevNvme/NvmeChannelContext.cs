@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
@@ -287,10 +288,10 @@ internal sealed unsafe class NvmeChannelContext
             FailWaiting();
         }
 
-        long now = Stopwatch.GetTimestamp();
+        long now = Ticks.Now();
         if (now >= _nextTimeoutCheck)
         {
-            _nextTimeoutCheck = now + Stopwatch.Frequency;
+            _nextTimeoutCheck = now + Ticks.Frequency;
             _qp.CheckTimeouts(now, s_timeout, this);
         }
 

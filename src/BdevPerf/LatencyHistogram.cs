@@ -2,7 +2,7 @@ namespace VhostBackend.BdevPerf;
 
 /// <summary>
 /// Log-linear latency histogram (like HdrHistogram with 3 significant bits): 16 buckets per power of two
-/// of Stopwatch ticks. Pre-allocated; recording is two shifts and an increment; owned by one reactor.
+/// of <see cref="VhostBackend.Platform.Ticks"/> ticks. Pre-allocated; recording is two shifts and an increment; owned by one reactor.
 /// </summary>
 public sealed class LatencyHistogram
 {

@@ -146,14 +146,14 @@ public sealed unsafe class PerfJob
     public long Miscompares { get; private set; }
     public long SubmitErrors { get; private set; }
     public long AllocatedBytes { get; private set; }
-    public double ElapsedSeconds => (_measureEnd - _measureStart) / (double)Stopwatch.Frequency;
+    public double ElapsedSeconds => (_measureEnd - _measureStart) / (double)Ticks.Frequency;
 
     /// <summary>Starts the tasks. Runs on the job's reactor.</summary>
     public void Start()
     {
         _channel = Desc.GetIoChannel();
         _measuring = _options.WarmupSeconds <= 0;
-        _measureStart = Stopwatch.GetTimestamp();
+        _measureStart = Ticks.Now();
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
         foreach (var t in _tasks)
         {
@@ -166,7 +166,7 @@ public sealed unsafe class PerfJob
     {
         _measuring = true;
         Ios = Bytes = 0;
-        _measureStart = Stopwatch.GetTimestamp();
+        _measureStart = Ticks.Now();
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
     }
 
@@ -174,7 +174,7 @@ public sealed unsafe class PerfJob
     public Task StopAsync()
     {
         _stopping = true;
-        _measureEnd = Stopwatch.GetTimestamp();
+        _measureEnd = Ticks.Now();
         AllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocStart;
         _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         if (_inflight == 0)
@@ -216,7 +216,7 @@ public sealed unsafe class PerfJob
         return slot * _blocksPerIo;
     }
 
-    internal void Submit(PerfTask t) => Submit(t, Stopwatch.GetTimestamp());
+    internal void Submit(PerfTask t) => Submit(t, Ticks.Now());
 
     /// <summary>Issues the task's next I/O; <paramref name="now"/> is its start time (a completion passes its own clock read).</summary>
     private void Submit(PerfTask t, long now)
@@ -312,7 +312,7 @@ public sealed unsafe class PerfJob
     private void OnDone(PerfTask t, BdevIo io, bool ok)
     {
         _inflight--;
-        long now = Stopwatch.GetTimestamp();
+        long now = Ticks.Now();
         if (!ok)
         {
             Errors++;

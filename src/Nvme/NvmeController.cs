@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -588,8 +589,8 @@ public sealed unsafe class NvmeController : IDisposable
             }
 
             int n = _admin.ProcessCompletions();
-            long now = Stopwatch.GetTimestamp();
-            if (now - _lastHealthCheck > Stopwatch.Frequency / 10)
+            long now = Ticks.Now();
+            if (now - _lastHealthCheck > Ticks.Frequency / 10)
             {
                 _lastHealthCheck = now;
                 if (CheckHealth() is NvmeHealth.Fatal or NvmeHealth.Removed)
@@ -655,7 +656,7 @@ public sealed unsafe class NvmeController : IDisposable
             int n = entries <= 0 ? IoQueueEntries : Math.Clamp(entries, 2, Math.Min(4096, Cap.MaxQueueEntries));
             qp = new NvmeQueuePair(this, qid, n, PageSize, Cap.DoorbellStride)
             {
-                TimeoutTicks = (long)(_opts.IoTimeout.TotalSeconds * Stopwatch.Frequency),
+                TimeoutTicks = (long)(_opts.IoTimeout.TotalSeconds * Ticks.Frequency),
             };
         }
         catch

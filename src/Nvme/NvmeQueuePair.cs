@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
 
@@ -106,7 +107,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
 
     public bool IsConnected => Volatile.Read(ref _state) == StateConnected;
 
-    /// <summary>Command timeout in Stopwatch ticks (0 = none), checked by <see cref="CheckTimeouts"/>.</summary>
+    /// <summary>Command timeout in <see cref="VhostBackend.Platform.Ticks"/> ticks (0 = none), checked by <see cref="CheckTimeouts"/>.</summary>
     public long TimeoutTicks { get; set; }
 
     /// <summary>Completions whose command id matched no outstanding command (a misbehaving device); ignored.</summary>
@@ -284,7 +285,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
         t.TimeoutReported = false;
         t.NoTimeout = noTimeout;
         t.Opcode = cmd.Opcode;
-        t.SubmitTicks = Stopwatch.GetTimestamp();
+        t.SubmitTicks = Ticks.Now();
         cmd.Cid = cid;
 
         // SAFETY: _sqTail < Entries; the slot is free: at most Entries - 1 commands are outstanding, and a slot the

@@ -33,7 +33,7 @@ public sealed class Poller
     internal long NextRunTicks;
 
     /// <summary>Period in microseconds; 0 for a poller that runs every iteration.</summary>
-    public ulong PeriodMicroseconds => PeriodTicks == 0 ? 0 : (ulong)(PeriodTicks * 1_000_000 / System.Diagnostics.Stopwatch.Frequency);
+    public ulong PeriodMicroseconds => PeriodTicks == 0 ? 0 : (ulong)(PeriodTicks * 1_000_000 / VhostBackend.Platform.Ticks.Frequency);
 
     public long RunCount { get; internal set; }
     public long BusyCount { get; internal set; }

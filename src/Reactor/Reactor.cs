@@ -167,14 +167,14 @@ public sealed class Reactor
     public Poller RegisterPoller(string name, PollerFn fn, object? context, ulong periodMicroseconds = 0)
     {
         AssertCurrent();
-        long period = (long)(periodMicroseconds * (ulong)Stopwatch.Frequency / 1_000_000);
+        long period = (long)(periodMicroseconds * (ulong)Ticks.Frequency / 1_000_000);
         if (periodMicroseconds > 0 && period == 0)
         {
             period = 1;
         }
 
         var p = new Poller(this, name, fn, context, period) { IsRegistered = true };
-        p.NextRunTicks = Stopwatch.GetTimestamp() + period;
+        p.NextRunTicks = Ticks.Now() + period;
         lock (_pollers)
         {
             _pollers.Add(p);
@@ -311,8 +311,8 @@ public sealed class Reactor
             CpuSet.PinCurrentThread(Core);
         }
 
-        long adaptiveTicks = _options.AdaptiveIdleMicroseconds * Stopwatch.Frequency / 1_000_000;
-        long lastWork = Stopwatch.GetTimestamp();
+        long adaptiveTicks = _options.AdaptiveIdleMicroseconds * Ticks.Frequency / 1_000_000;
+        long lastWork = Ticks.Now();
         long start = lastWork;
         try
         {
@@ -322,7 +322,7 @@ public sealed class Reactor
                 // costs ~40 ns in this kind of VM, and it was half of a poll-mode front end's CPU per I/O).
                 Now = start;
                 int work = RunOnce(start);
-                long end = Stopwatch.GetTimestamp();
+                long end = Ticks.Now();
                 if (work > 0)
                 {
                     BusyTicks += end - start;
@@ -341,7 +341,7 @@ public sealed class Reactor
                 if (work == 0 && Mode != ReactorMode.Poll && (Mode == ReactorMode.Interrupt || end - lastWork > adaptiveTicks))
                 {
                     Sleep(end);
-                    lastWork = end = Stopwatch.GetTimestamp();
+                    lastWork = end = Ticks.Now();
                 }
 
                 start = end;
@@ -468,15 +468,15 @@ public sealed class Reactor
 
             if (fallback)
             {
-                timeoutTicks = Math.Min(timeoutTicks, _options.FallbackPollMicroseconds * Stopwatch.Frequency / 1_000_000);
+                timeoutTicks = Math.Min(timeoutTicks, _options.FallbackPollMicroseconds * Ticks.Frequency / 1_000_000);
             }
 
-            int timeoutMs = timeoutTicks == long.MaxValue ? 1000 : (int)Math.Min(1000, (timeoutTicks * 1000 + Stopwatch.Frequency - 1) / Stopwatch.Frequency);
+            int timeoutMs = timeoutTicks == long.MaxValue ? 1000 : (int)Math.Min(1000, (timeoutTicks * 1000 + Ticks.Frequency - 1) / Ticks.Frequency);
             Span<ulong> cookies = stackalloc ulong[16];
             SleepCount++;
-            long before = Stopwatch.GetTimestamp();
+            long before = Ticks.Now();
             _epoll.Wait(cookies, timeoutMs);
-            IdleTicks += Stopwatch.GetTimestamp() - before;
+            IdleTicks += Ticks.Now() - before;
         }
 
         Volatile.Write(ref _sleeping, 0);
@@ -488,7 +488,7 @@ public sealed class Reactor
     }
 
     /// <summary>
-    /// The clock (<see cref="Stopwatch"/> ticks) at the start of the current loop iteration: a free timestamp for
+    /// The clock (<see cref="Ticks"/>) at the start of the current loop iteration: a free timestamp for
     /// statistics and rate limiting on the reactor (precise to one iteration). Read it on the reactor.
     /// </summary>
     public long Now { get; private set; }

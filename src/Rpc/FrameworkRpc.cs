@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json.Nodes;
@@ -30,7 +31,7 @@ public static class FrameworkRpc
     public static void Register(RpcDispatcher dispatcher, SubsystemRegistry subsystems, ReactorRuntime runtime)
     {
         var rpc = dispatcher.Registry;
-        long startTicks = Stopwatch.GetTimestamp();
+        long startTicks = Ticks.Now();
 
         rpc.Register("rpc_get_methods", r =>
         {
@@ -91,7 +92,7 @@ public static class FrameworkRpc
         rpc.Register("framework_get_reactors", r =>
         {
             NoParams(r);
-            long now = Stopwatch.GetTimestamp();
+            long now = Ticks.Now();
             var cpu = ReadProcStat();
             var reactors = new JsonArray();
             foreach (var reactor in runtime.Reactors)
@@ -129,7 +130,7 @@ public static class FrameworkRpc
             // Process-wide allocation and GC counters (extra fields; the perf script computes bytes per I/O from them).
             return new JsonObject
             {
-                ["tick_rate"] = Stopwatch.Frequency,
+                ["tick_rate"] = Ticks.Frequency,
                 ["pid"] = Environment.ProcessId,
                 ["reactors"] = reactors,
                 ["total_allocated_bytes"] = GC.GetTotalAllocatedBytes(precise: true),
@@ -159,7 +160,7 @@ public static class FrameworkRpc
                 });
             }
 
-            return new JsonObject { ["tick_rate"] = Stopwatch.Frequency, ["threads"] = threads };
+            return new JsonObject { ["tick_rate"] = Ticks.Frequency, ["threads"] = threads };
         }, RpcStates.Runtime);
 
         rpc.Register("thread_get_pollers", r =>
@@ -182,7 +183,7 @@ public static class FrameworkRpc
                     };
                     if (p.PeriodMicroseconds != 0)
                     {
-                        o["period_ticks"] = (long)(p.PeriodMicroseconds * (ulong)Stopwatch.Frequency / 1_000_000);
+                        o["period_ticks"] = (long)(p.PeriodMicroseconds * (ulong)Ticks.Frequency / 1_000_000);
                     }
 
                     return o;
@@ -198,7 +199,7 @@ public static class FrameworkRpc
                 });
             }
 
-            return new JsonObject { ["tick_rate"] = Stopwatch.Frequency, ["threads"] = threads };
+            return new JsonObject { ["tick_rate"] = Ticks.Frequency, ["threads"] = threads };
         }, RpcStates.Runtime);
 
         ulong schedulerPeriod = 1_000_000;

@@ -158,7 +158,7 @@ public abstract class VhostController : IVhostUserDevice
     /// <summary>Validates and applies interrupt coalescing (like SPDK: delay must fit, threshold must give a rate &gt; 0).</summary>
     public Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold)
     {
-        if ((ulong)delayBaseUs * (ulong)System.Diagnostics.Stopwatch.Frequency / 1_000_000UL >= uint.MaxValue)
+        if ((ulong)delayBaseUs * (ulong)VhostBackend.Platform.Ticks.Frequency / 1_000_000UL >= uint.MaxValue)
         {
             throw new VhostException(Native.EINVAL, $"Delay time of {delayBaseUs} is too big");
         }

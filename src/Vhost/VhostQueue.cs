@@ -87,6 +87,12 @@ public abstract class VhostQueue : IVhostQueueRunner
     {
     }
 
+    /// <summary>
+    /// Runs after a batch of heads was processed and before the used entries are published: a device delivers
+    /// here completions its bdevs finished synchronously, so they go out in this poll's single used.idx store.
+    /// </summary>
+    protected virtual int AfterBatch() => 0;
+
     /// <summary>Extra work each poll (e.g. delivering queued events); returns the amount done.</summary>
     protected virtual int PollDevice() => 0;
 
@@ -155,7 +161,7 @@ public abstract class VhostQueue : IVhostQueueRunner
 
     private void ApplyCoalescing(uint delayBaseUs, uint iopsThreshold)
     {
-        _delayBaseTicks = (long)delayBaseUs * Stopwatch.Frequency / 1_000_000;
+        _delayBaseTicks = (long)delayBaseUs * Ticks.Frequency / 1_000_000;
         _ioRateThreshold = Math.Max(1u, (uint)(iopsThreshold * StatsIntervalMs / 1000));
         _irqDelayTicks = 0;
         _nextEventTime = 0;
@@ -185,6 +191,11 @@ public abstract class VhostQueue : IVhostQueueRunner
 
                 popped++;
                 Process(head);
+            }
+
+            if (popped > 0)
+            {
+                work += AfterBatch();
             }
 
             work += popped;
@@ -273,7 +284,7 @@ public abstract class VhostQueue : IVhostQueueRunner
         long now = Reactor.Now;
         if (now >= _nextStatsCheck)
         {
-            _nextStatsCheck = now + (StatsIntervalMs * Stopwatch.Frequency / 1000);
+            _nextStatsCheck = now + (StatsIntervalMs * Ticks.Frequency / 1000);
             uint reqs = _reqCount + _usedReqCount;
             _irqDelayTicks = reqs > _ioRateThreshold ? _delayBaseTicks * (reqs - _ioRateThreshold) / _ioRateThreshold : 0;
             _reqCount = 0;

@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 using VhostBackend.Nvme;
 using Xunit;
@@ -238,8 +239,8 @@ public unsafe class ControllerModelTests : IDisposable
         Thread.Sleep(2);
         var timedOut = new List<ushort>();
         NvmeTimeoutCallback onTimeout = (ctx, q, cid) => ((List<ushort>)ctx!).Add(cid);
-        Assert.Equal(1, qp.CheckTimeouts(Stopwatch.GetTimestamp(), onTimeout, timedOut));
-        Assert.Equal(0, qp.CheckTimeouts(Stopwatch.GetTimestamp(), onTimeout, timedOut));
+        Assert.Equal(1, qp.CheckTimeouts(Ticks.Now(), onTimeout, timedOut));
+        Assert.Equal(0, qp.CheckTimeouts(Ticks.Now(), onTimeout, timedOut));
         Assert.True(qp.IsOutstanding(timedOut[0], out byte opc));
         Assert.Equal(NvmeIoOpcode.Read, opc);
         Assert.True(_ctrl.Abort(qp.Id, timedOut[0], out bool aborted).IsSuccess);

@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
@@ -277,8 +278,8 @@ public static class BdevRpc
 
         return new JsonObject
         {
-            ["tick_rate"] = Stopwatch.Frequency,
-            ["ticks"] = Stopwatch.GetTimestamp(),
+            ["tick_rate"] = Ticks.Frequency,
+            ["ticks"] = Ticks.Now(),
             ["bdevs"] = arr,
         };
     }

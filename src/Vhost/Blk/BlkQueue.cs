@@ -84,6 +84,8 @@ internal sealed class BlkQueue : VhostQueue
 
     protected override void OnStop() => ReleaseChannel();
 
+    protected override int AfterBatch() => _ch?.DeliverDeferred() ?? 0;
+
     /// <summary>The bdev is going away: fail new requests, wait for in-flight ones, drop the channel.</summary>
     public Task DetachBdevAsync() => Reactor.InvokeAsync(async () =>
     {

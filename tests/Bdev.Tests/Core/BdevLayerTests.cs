@@ -141,6 +141,30 @@ public class BdevLayerTests
     }
 
     [Fact]
+    public async Task Synchronous_Completions_Are_Deferred_Past_Submit_And_Delivered_By_DeliverDeferred()
+    {
+        await using var kit = new BdevTestKit();
+        kit.Bdevs.Register(new MallocBdev("M", 16, 512));
+        using var desc = kit.Bdevs.Open("M", true);
+        using var buf = new NativeBuffer(512);
+        var (rc, duringSubmit, delivered, afterDeliver) = await kit.Main.InvokeAsync(() =>
+        {
+            var ch = desc.GetIoChannel();
+            int completions = 0;
+            int rc = ch.Read(desc, buf.Split(0, 512), 0, 1, (_, ok, _) => completions += ok ? 1 : 100, null);
+            int during = completions;            // a RAM bdev finishes inside submit: the callback must not have run
+            int delivered = ch.DeliverDeferred(); // the caller's batch is done: deliver now, not on the next poll
+            int after = completions;
+            BdevDesc.PutIoChannel(ch);
+            return (rc, during, delivered, after);
+        });
+        Assert.Equal(0, rc);
+        Assert.Equal(0, duringSubmit);
+        Assert.Equal(1, delivered);
+        Assert.Equal(1, afterDeliver);
+    }
+
+    [Fact]
     public async Task Misaligned_Buffers_Are_Bounced_For_Modules_That_Need_Alignment()
     {
         await using var kit = new BdevTestKit();

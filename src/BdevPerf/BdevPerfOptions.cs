@@ -1,3 +1,4 @@
+using VhostBackend.Reactor;
 using System.Globalization;
 using VhostBackend.Platform;
 
@@ -10,6 +11,7 @@ public sealed class BdevPerfCommandLine
     public PerfOptions Perf { get; } = new();
     public CpuSet CpuMask { get; private set; } = CpuSet.Of(0);
     public bool CpuMaskGiven { get; private set; }
+    public ReactorMode ReactorMode { get; private set; } = ReactorMode.Poll;
     public List<string> Targets { get; } = new();
     public bool EveryCoreAllBdevs { get; private set; }
     public bool JsonOutput { get; private set; }
@@ -31,6 +33,9 @@ public sealed class BdevPerfCommandLine
           -W, --warmup SECONDS   warm-up before measuring (default 0)
           -r, --rpc-socket PATH  also serve JSON-RPC (bdev_get_iostat etc.) while running
           -L, --log-level LEVEL  error, warning, info, debug
+          --reactor-mode MODE    poll (default), interrupt or adaptive: how idle reactors wait (interrupt:
+                                 the virtio-user front end sleeps on its call eventfds)
+          --interrupt-mode       same as --reactor-mode interrupt
           --output json          machine-readable results
           -h, --help
         """;
@@ -107,6 +112,18 @@ public sealed class BdevPerfCommandLine
                 case "-r":
                 case "--rpc-socket":
                     o.RpcSocket = Value();
+                    break;
+                case "--interrupt-mode":
+                    o.ReactorMode = ReactorMode.Interrupt;
+                    break;
+                case "--reactor-mode":
+                    string mode = Value();
+                    if (!ReactorOptions.TryParseMode(mode, out var parsed))
+                    {
+                        throw new ArgumentException($"--reactor-mode: unknown mode '{mode}' (poll, interrupt, adaptive)");
+                    }
+
+                    o.ReactorMode = parsed;
                     break;
                 case "-L":
                 case "--log-level":

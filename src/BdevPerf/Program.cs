@@ -49,7 +49,7 @@ public static class Program
             CpuMask = cl.CpuMask,
             ConfigFile = cl.ConfigFile,
             RpcSocket = cl.RpcSocket,
-            Reactor = new Reactor.ReactorOptions { Mode = Reactor.ReactorMode.Poll },
+            Reactor = new Reactor.ReactorOptions { Mode = cl.ReactorMode },
         };
 
         Application app;

@@ -8,8 +8,9 @@ namespace VhostBackend.BdevVirtio;
 
 /// <summary>
 /// A reactor's channel to a virtio-user blk device: it owns one virtqueue of the controller, that queue's
-/// request slots and a poller that reaps the used ring (pure polling: the rings ask the device for no
-/// interrupts). Everything runs on the channel's reactor; nothing is allocated or locked per I/O.
+/// request slots and a poller that reaps the used ring. While the reactor polls, the ring asks the device for no
+/// interrupts; a reactor in interrupt mode sleeps on the queue's call eventfd. Everything runs on the channel's
+/// reactor; nothing is allocated or locked per I/O.
 /// <para>
 /// Data moves through the slot's bounce buffer in the shared memfd (copied in for writes, out for reads):
 /// bdev I/O buffers are ordinary process memory the back end cannot see. SPDK avoids the copy because its
@@ -68,6 +69,9 @@ internal sealed unsafe class VirtioBlkChannel
         _freeCount = slots;
         _poller = reactor.RegisterPoller("bdev_virtio_poll:" + ctrl.CtrlName + ":q" + _queue.Index, static c => ((VirtioBlkChannel)c!).Poll(), this);
 
+        // Interrupt mode: a reactor with nothing to do sleeps on the queue's call eventfd.
+        reactor.SetPollerInterrupt(_poller, _queue.Call.Fd, static (c, arm) => ((VirtioBlkChannel)c!).Arm(arm));
+
         // A back end that dies never returns its requests: watch the socket (every 100 ms, one non-blocking poll).
         _connPoller = reactor.RegisterPoller("bdev_virtio_conn:" + ctrl.CtrlName + ":q" + _queue.Index, static c => ((VirtioBlkChannel)c!).CheckConnection(), this, 100_000);
     }
@@ -81,6 +85,28 @@ internal sealed unsafe class VirtioBlkChannel
 
         FailQueue();
         return 1;
+    }
+
+    /// <summary>
+    /// The reactor is about to sleep (<paramref name="arm"/>) or has woken: enable used-ring interrupts and say
+    /// whether work is already pending, or go back to polling without interrupts.
+    /// </summary>
+    private bool Arm(bool arm)
+    {
+        var drv = _driver!;
+        if (!arm)
+        {
+            drv.DisableInterrupts();
+            return false;
+        }
+
+        _queue!.Call.Drain(); // edge-triggered: drain before the re-check so a later signal wakes us
+        if (_failed)
+        {
+            return _waiting.Count > 0;
+        }
+
+        return drv.EnableInterrupts() || (_waiting.Count > 0 && _freeCount > 0);
     }
 
     /// <summary>The queue this channel owns (null: none was free).</summary>

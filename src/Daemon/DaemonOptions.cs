@@ -100,13 +100,12 @@ public sealed class DaemonOptions
                     break;
                 case "--reactor-mode":
                     string mode = Value();
-                    o.App.Reactor.Mode = mode switch
+                    if (!ReactorOptions.TryParseMode(mode, out var parsed))
                     {
-                        "poll" => ReactorMode.Poll,
-                        "interrupt" => ReactorMode.Interrupt,
-                        "adaptive" => ReactorMode.Adaptive,
-                        _ => throw new ApplicationConfigException($"--reactor-mode: unknown mode '{mode}' (poll, interrupt, adaptive)"),
-                    };
+                        throw new ApplicationConfigException($"--reactor-mode: unknown mode '{mode}' (poll, interrupt, adaptive)");
+                    }
+
+                    o.App.Reactor.Mode = parsed;
                     break;
                 case "--default":
                     o.UseEmbeddedDefault = true;

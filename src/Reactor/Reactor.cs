@@ -34,6 +34,26 @@ public sealed class ReactorOptions
 
     /// <summary>Whether reactor threads pin themselves to their cores (tests may turn it off).</summary>
     public bool PinThreads { get; set; } = true;
+
+    /// <summary>Parses a <c>--reactor-mode</c> value: poll, interrupt or adaptive.</summary>
+    public static bool TryParseMode(string text, out ReactorMode mode)
+    {
+        switch (text)
+        {
+            case "poll":
+                mode = ReactorMode.Poll;
+                return true;
+            case "interrupt":
+                mode = ReactorMode.Interrupt;
+                return true;
+            case "adaptive":
+                mode = ReactorMode.Adaptive;
+                return true;
+            default:
+                mode = default;
+                return false;
+        }
+    }
 }
 
 /// <summary>

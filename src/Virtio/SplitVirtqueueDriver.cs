@@ -149,6 +149,26 @@ public sealed unsafe class SplitVirtqueueDriver
     }
 
     /// <summary>
+    /// Asks the device for an interrupt at the next used entry (a driver about to sleep): VRING_AVAIL_F_NO_INTERRUPT
+    /// cleared and, with EVENT_IDX, used_event at the next index. Returns true when used entries arrived meanwhile:
+    /// reap them instead of sleeping.
+    /// </summary>
+    public bool EnableInterrupts()
+    {
+        if (EventIdx)
+        {
+            Volatile.Write(ref _ring.UsedEvent, LastUsedIdx);
+        }
+
+        Volatile.Write(ref _ring.AvailFlags, (ushort)0);
+
+        // Full fence: the stores above must be visible before we re-read used.idx (store-load), so either the
+        // device sees interrupts enabled or we see its entry.
+        Interlocked.MemoryBarrier();
+        return HasUsed;
+    }
+
+    /// <summary>
     /// Writes a chain of <paramref name="buffers"/> (device-readable first, then device-writable) into free
     /// descriptors and puts its head in the avail ring, unpublished until <see cref="Publish"/>. Returns the head,
     /// or -1 when there are not enough free descriptors (nothing changed).

@@ -263,6 +263,70 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task InterruptMode_BothSidesSleepOnEventfdsAndDataStillFlows()
+    {
+        // Reactors in interrupt mode: the back end's queues sleep on their kick eventfds and the front end's on
+        // its call eventfds, so every request crosses at least one eventfd signal. A lost wake-up would hang (the
+        // I/O helpers time out after 15 s); the sleep counters prove the reactors really slept.
+        // A poller without an interrupt source is polled at least every FallbackPollMicroseconds while its reactor
+        // sleeps: make that long, so only real eventfd wake-ups can keep the sequential requests below quick.
+        await _runtime.DisposeAsync();
+        var online = CpuSet.Online().Cores;
+        var cores = Enumerable.Range(0, 2).Select(i => online[i % online.Count]).Distinct().ToArray();
+        _runtime = new ReactorRuntime(CpuSet.Of(cores), new ReactorOptions { Mode = ReactorMode.Interrupt, PinThreads = false, FallbackPollMicroseconds = 10_000_000 });
+        _runtime.Start();
+
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        vhost.CreateBlkController("vhost.0", "Malloc0", null, false);
+        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        try
+        {
+            await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlk0", Path.Combine(_dir, "vhost.0"), vqCount: 2, vqSize: 64));
+            using var desc = bdevs.Open("VirtioBlk0", true);
+            var release = await HoldChannels(desc);
+            long[] sleepsBefore = _runtime.Reactors.Select(r => r.SleepCount).ToArray();
+
+            await WriteReadVerify(desc, perReactor: 30, seed: 7);
+
+            // One request at a time with pauses: every completion must wake a sleeping front end.
+            // (The front end's connection check, a 100 ms timed poller, would also end each sleep: 40 requests
+            // waiting for it would take about 4 s.)
+            var sw = Stopwatch.StartNew();
+            using (var w = new Buf(4096))
+            using (var rb = new Buf(4096))
+            {
+                for (int i = 0; i < 20; i++)
+                {
+                    w.Fill(i);
+                    Assert.True(await Write(R(i), desc, w, (ulong)(8 * i)));
+                    await Task.Delay(2);
+                    Assert.True(await Read(R(i + 1), desc, rb, (ulong)(8 * i)));
+                    Assert.True(rb.Span.SequenceEqual(w.Span), $"mismatch at request {i}");
+                }
+            }
+
+            _out.WriteLine($"40 sequential requests in interrupt mode: {sw.ElapsedMilliseconds} ms");
+            Assert.True(sw.ElapsedMilliseconds < 1500, $"40 sequential requests took {sw.ElapsedMilliseconds} ms: completions are not waking the sleeping reactors");
+
+            for (int i = 0; i < _runtime.Reactors.Count; i++)
+            {
+                Assert.True(_runtime.Reactors[i].SleepCount > sleepsBefore[i] + 10, $"reactor {i} never slept: interrupt mode was not exercised");
+            }
+
+            await release();
+            desc.Dispose();
+            await OnMain(() => module.DetachAsync("VirtioBlk0"));
+        }
+        catch
+        {
+            _out.WriteLine(_log.Dump());
+            throw;
+        }
+    }
+
+    [Fact]
     public async Task BuffersInTheSharedArenaGoByAddressOthersAreBounced()
     {
         var bdevs = new BdevManager();

@@ -132,10 +132,6 @@ internal sealed unsafe class VirtioBlkChannel
     /// <summary>Reads and writes copied through the slot's bounce buffer.</summary>
     public long BouncedIos { get; private set; }
 
-    private byte* SlotPtr(int slot) => (byte*)_queue!.SlotBase + (slot * VirtioUserQueue.SlotBytes);
-
-    private ulong SlotGpa(int slot) => _queue!.SlotBaseGpa + (ulong)(slot * VirtioUserQueue.SlotBytes);
-
     /// <summary>Starts the I/O, or returns false when it must wait for a slot or descriptors.</summary>
     private bool TryStart(BdevIo io)
     {
@@ -146,20 +142,20 @@ internal sealed unsafe class VirtioBlkChannel
 
         var q = _queue!;
         int slot = _free[_freeCount - 1];
-        byte* meta = SlotPtr(slot);
-        ulong metaGpa = SlotGpa(slot);
+        byte* meta = q.SlotPtr(slot);
+        ulong metaGpa = q.SlotGpa(slot);
         ulong bounceGpa = q.BounceBaseGpa + ((ulong)slot * (ulong)q.BounceBytes);
         byte* bounce = (byte*)q.BounceBase + ((long)slot * q.BounceBytes);
         uint bs = io.Bdev.BlockSize;
         ulong sector = io.OffsetBlocks * (bs / VirtioBlkRequestType.SectorSize);
-        var hdr = (VirtioBlkOutHeader*)(meta + VirtioUserQueue.HeaderOffset);
+        var hdr = (VirtioBlkOutHeader*)q.HeaderPtr(slot);
         hdr->IoPrio = 0;
         hdr->Sector = sector;
-        meta[VirtioUserQueue.StatusOffset] = 0xFF;
+        *q.StatusPtr(slot) = 0xFF;
 
         Span<DriverBuffer> bufs = stackalloc DriverBuffer[3];
-        bufs[0] = new DriverBuffer(metaGpa + VirtioUserQueue.HeaderOffset, 16, 0);
-        var status = new DriverBuffer(metaGpa + VirtioUserQueue.StatusOffset, 1, VirtqDesc.FlagWrite);
+        bufs[0] = new DriverBuffer(q.HeaderGpa(slot), 16, 0);
+        var status = new DriverBuffer(q.StatusGpa(slot), 1, VirtqDesc.FlagWrite);
         int n;
         switch (io.Type)
         {
@@ -334,7 +330,7 @@ internal sealed unsafe class VirtioBlkChannel
 
             var io = _ios[slot]!;
             _ios[slot] = null;
-            byte st = SlotPtr(slot)[VirtioUserQueue.StatusOffset];
+            byte st = *q.StatusPtr(slot);
             if (st == VirtioBlkRequestType.StatusOk && io.Type == BdevIoType.Read && _bounced[slot])
             {
                 CopyOut(io, (byte*)q.BounceBase + ((long)slot * q.BounceBytes));

@@ -26,8 +26,35 @@ internal sealed unsafe class VirtioUserQueue : IDisposable
     public const int RangeOffset = 80;
     public const int StatusOffset = 96;
 
-    public VirtioUserQueue(int index, SplitVirtqueueDriver driver, nint slots, ulong slotsGpa, nint bounce, ulong bounceGpa, int slotCount, int bounceBytes)
+    /// <summary>Where avail flags/idx and used flags/idx sit inside their cache lines (see <see cref="RingLayout"/>).</summary>
+    public const int IdxLineOffset = 60;
+
+    /// <summary>
+    /// Ring layout with two cache lines shared on purpose. avail.flags/idx end a line (avail ring at line offset 60)
+    /// whose first bytes hold slot 0's request header, and used.flags/idx end a line whose first byte is slot 0's
+    /// status. At low queue depth the channel always reuses slot 0 (its free list is a stack), so the header
+    /// travels to the device with the avail index and the status comes back with the used index: four cache-line
+    /// transfers per request less (of about nine; the descriptors and the indirect table are unchanged from one
+    /// request to the next and stay shared). Buffers may lie anywhere in the shared memory, ring lines included;
+    /// the ring alignments (descriptors 16, avail 2, used 4) hold.
+    /// </summary>
+    public static (ulong Desc, ulong HotHeader, ulong Avail, ulong HotStatus, ulong Used, ulong Total) RingLayout(uint size)
     {
+        ulong availLine = (SplitVirtqueue.DescTableBytes(size) + 63) & ~63UL;
+        ulong avail = availLine + IdxLineOffset;
+        ulong usedLine = (avail + SplitVirtqueue.AvailRingBytes(size) + 4095) & ~4095UL;
+        ulong used = usedLine + IdxLineOffset;
+        ulong total = (used + SplitVirtqueue.UsedRingBytes(size) + 4095) & ~4095UL;
+        return (0, availLine, avail, usedLine, used, total);
+    }
+
+    public VirtioUserQueue(int index, SplitVirtqueueDriver driver, nint slots, ulong slotsGpa, nint bounce, ulong bounceGpa, int slotCount, int bounceBytes,
+        nint hotHeader, ulong hotHeaderGpa, nint hotStatus, ulong hotStatusGpa)
+    {
+        _hotHeader = hotHeader;
+        _hotHeaderGpa = hotHeaderGpa;
+        _hotStatus = hotStatus;
+        _hotStatusGpa = hotStatusGpa;
         Index = index;
         Driver = driver;
         SlotBase = slots;
@@ -38,8 +65,28 @@ internal sealed unsafe class VirtioUserQueue : IDisposable
         BounceBytes = bounceBytes;
     }
 
+    private readonly nint _hotHeader;
+    private readonly ulong _hotHeaderGpa;
+    private readonly nint _hotStatus;
+    private readonly ulong _hotStatusGpa;
+
     public int Index { get; }
     public SplitVirtqueueDriver Driver { get; }
+
+    /// <summary>Slot <paramref name="slot"/>'s metadata (indirect table, discard range; header and status unless slot 0).</summary>
+    public byte* SlotPtr(int slot) => (byte*)SlotBase + (slot * SlotBytes);
+
+    public ulong SlotGpa(int slot) => SlotBaseGpa + (ulong)(slot * SlotBytes);
+
+    /// <summary>The request header of <paramref name="slot"/>: slot 0's shares the avail index's line.</summary>
+    public byte* HeaderPtr(int slot) => slot == 0 ? (byte*)_hotHeader : SlotPtr(slot) + HeaderOffset;
+
+    public ulong HeaderGpa(int slot) => slot == 0 ? _hotHeaderGpa : SlotGpa(slot) + HeaderOffset;
+
+    /// <summary>The status byte of <paramref name="slot"/>: slot 0's shares the used index's line.</summary>
+    public byte* StatusPtr(int slot) => slot == 0 ? (byte*)_hotStatus : SlotPtr(slot) + StatusOffset;
+
+    public ulong StatusGpa(int slot) => slot == 0 ? _hotStatusGpa : SlotGpa(slot) + StatusOffset;
     public nint SlotBase { get; }
     public ulong SlotBaseGpa { get; }
     public nint BounceBase { get; }
@@ -210,7 +257,7 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
             fe.SetU64(VhostUserRequest.SetFeatures, features);
 
             // The shared region: per queue, its ring, then its slots' metadata, then its bounce buffers.
-            var layout = SplitVirtqueueDriver.Layout((uint)vqSize);
+            var layout = VirtioUserQueue.RingLayout((uint)vqSize);
             ulong slotArea = ((ulong)vqSize * VirtioUserQueue.SlotBytes + 4095) & ~4095UL;
             ulong bounceArea = (ulong)vqSize * MaxIoBytes;
             ulong perQueue = layout.Total + slotArea + bounceArea;
@@ -224,7 +271,8 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
                 nint b = map.Pointer + (nint)off;
                 var drv = new SplitVirtqueueDriver(b + (nint)layout.Desc, b + (nint)layout.Avail, b + (nint)layout.Used, (ushort)vqSize, eventIdx);
                 drv.DisableInterrupts();
-                queues.Add(new VirtioUserQueue(q, drv, b + (nint)layout.Total, off + layout.Total, b + (nint)(layout.Total + slotArea), off + layout.Total + slotArea, vqSize, MaxIoBytes));
+                queues.Add(new VirtioUserQueue(q, drv, b + (nint)layout.Total, off + layout.Total, b + (nint)(layout.Total + slotArea), off + layout.Total + slotArea, vqSize, MaxIoBytes,
+                    b + (nint)layout.HotHeader, off + layout.HotHeader, b + (nint)layout.HotStatus, off + layout.HotStatus));
             }
 
             // GPA = offset in the memfd; user address = our mapping (ring addresses are given in it).

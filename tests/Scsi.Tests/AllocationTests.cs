@@ -100,12 +100,20 @@ public sealed class AllocationTests : IAsyncLifetime
         await _h.Reactor.InvokeAsync(() => loop.Start(2000)); // warm-up: JIT, pools, iovec arrays
         await loop.Done.Task.WaitAsync(TimeSpan.FromSeconds(30));
 
-        await _h.Reactor.InvokeAsync(() => loop.Start(20000));
-        await loop.Done.Task.WaitAsync(TimeSpan.FromSeconds(60));
-        Assert.Equal(0, loop.Failures);
-        long bytes = loop.AllocatedAtEnd - loop.AllocatedAtStart;
+        // Two measured windows, the smaller counts: a one-off allocation by the runtime on this thread (seen once in
+        // CI: 8080 bytes in one window) lands in one window only, while anything per command shows in both.
+        var windows = new long[2];
+        for (int w = 0; w < windows.Length; w++)
+        {
+            await _h.Reactor.InvokeAsync(() => loop.Start(20000));
+            await loop.Done.Task.WaitAsync(TimeSpan.FromSeconds(60));
+            Assert.Equal(0, loop.Failures);
+            windows[w] = loop.AllocatedAtEnd - loop.AllocatedAtStart;
+        }
+
+        long bytes = windows.Min();
         // Zero per command: a fixed few bytes from the harness's own task completion (thread-pool work item queued
         // by InvokeAsync's SetResult inside the window) are not per command; one allocation per 100 commands would fail.
-        Assert.True(bytes < 200, $"{bytes} bytes allocated on the reactor over 20000 READ/WRITE commands");
+        Assert.True(bytes < 200, $"{bytes} bytes allocated on the reactor over 20000 READ/WRITE commands (windows: {string.Join(", ", windows)})");
     }
 }

@@ -160,7 +160,7 @@ public static class Program
 
     private static int Report(BdevPerfCommandLine cl, List<PerfJob> jobs, TimeSpan cpu)
     {
-        double us(long ticks) => ticks * 1_000_000.0 / Ticks.Frequency;
+        double us(long ticks) => Ticks.ToMicroseconds(ticks);
         var total = new LatencyHistogram();
         long ios = 0, errors = 0, miscompares = 0, allocated = 0;
         double iops = 0, mibs = 0;

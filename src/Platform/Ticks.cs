@@ -29,8 +29,8 @@ public static unsafe class Ticks
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static long Now() => s_rdtsc != null ? (long)s_rdtsc() : Stopwatch.GetTimestamp();
 
-    /// <summary>Converts microseconds to ticks.</summary>
-    public static long FromMicroseconds(double us) => (long)(us * Frequency / 1_000_000.0);
+    /// <summary>Converts microseconds to ticks (exact integer math up to about an hour).</summary>
+    public static long FromMicroseconds(long us) => us * Frequency / 1_000_000;
 
     /// <summary>Converts ticks to microseconds.</summary>
     public static double ToMicroseconds(long ticks) => ticks * 1_000_000.0 / Frequency;

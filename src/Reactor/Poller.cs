@@ -29,11 +29,13 @@ public sealed class Poller
     public string Name { get; }
     internal PollerFn Fn { get; }
     public object? Context { get; }
-    internal long PeriodTicks { get; }
+
+    /// <summary>The period in <see cref="VhostBackend.Platform.Ticks"/> (0: runs every iteration).</summary>
+    public long PeriodTicks { get; }
     internal long NextRunTicks;
 
     /// <summary>Period in microseconds; 0 for a poller that runs every iteration.</summary>
-    public ulong PeriodMicroseconds => PeriodTicks == 0 ? 0 : (ulong)(PeriodTicks * 1_000_000 / VhostBackend.Platform.Ticks.Frequency);
+    public ulong PeriodMicroseconds => (ulong)Math.Round(VhostBackend.Platform.Ticks.ToMicroseconds(PeriodTicks));
 
     public long RunCount { get; internal set; }
     public long BusyCount { get; internal set; }

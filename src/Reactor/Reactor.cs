@@ -187,7 +187,7 @@ public sealed class Reactor
     public Poller RegisterPoller(string name, PollerFn fn, object? context, ulong periodMicroseconds = 0)
     {
         AssertCurrent();
-        long period = (long)(periodMicroseconds * (ulong)Ticks.Frequency / 1_000_000);
+        long period = Ticks.FromMicroseconds((long)periodMicroseconds);
         if (periodMicroseconds > 0 && period == 0)
         {
             period = 1;
@@ -331,7 +331,7 @@ public sealed class Reactor
             CpuSet.PinCurrentThread(Core);
         }
 
-        long adaptiveTicks = _options.AdaptiveIdleMicroseconds * Ticks.Frequency / 1_000_000;
+        long adaptiveTicks = Ticks.FromMicroseconds(_options.AdaptiveIdleMicroseconds);
         long lastWork = Ticks.Now();
         long start = lastWork;
         try
@@ -488,7 +488,7 @@ public sealed class Reactor
 
             if (fallback)
             {
-                timeoutTicks = Math.Min(timeoutTicks, _options.FallbackPollMicroseconds * Ticks.Frequency / 1_000_000);
+                timeoutTicks = Math.Min(timeoutTicks, Ticks.FromMicroseconds(_options.FallbackPollMicroseconds));
             }
 
             int timeoutMs = timeoutTicks == long.MaxValue ? 1000 : (int)Math.Min(1000, (timeoutTicks * 1000 + Ticks.Frequency - 1) / Ticks.Frequency);

@@ -183,7 +183,7 @@ public static class FrameworkRpc
                     };
                     if (p.PeriodMicroseconds != 0)
                     {
-                        o["period_ticks"] = (long)(p.PeriodMicroseconds * (ulong)Ticks.Frequency / 1_000_000);
+                        o["period_ticks"] = p.PeriodTicks;
                     }
 
                     return o;

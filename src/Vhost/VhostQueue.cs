@@ -161,7 +161,7 @@ public abstract class VhostQueue : IVhostQueueRunner
 
     private void ApplyCoalescing(uint delayBaseUs, uint iopsThreshold)
     {
-        _delayBaseTicks = (long)delayBaseUs * Ticks.Frequency / 1_000_000;
+        _delayBaseTicks = Ticks.FromMicroseconds(delayBaseUs);
         _ioRateThreshold = Math.Max(1u, (uint)(iopsThreshold * StatsIntervalMs / 1000));
         _irqDelayTicks = 0;
         _nextEventTime = 0;

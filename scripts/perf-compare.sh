@@ -40,23 +40,9 @@ if [ -z "$qsd_bin" ] && [[ "$backends" == *qsd* ]]; then
     exit 1
 fi
 
-work="$(mktemp -d /tmp/vb-perf.XXXXXX)"
-out="${out:-$work}"
-mkdir -p "$out"
-results="$out/results.jsonl"
-: > "$results"
-daemon_pid=""
-cleanup() {
-    if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill "$daemon_pid" 2>/dev/null || true
-        wait "$daemon_pid" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
-
-# Build once up front so no build runs inside a measurement.
-"$root/vhostd" --help >/dev/null
-"$root/bdevperf" --help >/dev/null
+perf_name=perf-compare
+source "$root/scripts/lib/perf.sh"
+perf_init vb-perf results.jsonl
 
 rpc() { # rpc SOCKET METHOD [PARAMS_JSON] -> result JSON on stdout
     python3 - "$@" <<'EOF'
@@ -83,17 +69,6 @@ while True:
         continue
 print(json.dumps(obj.get("result", obj)))
 EOF
-}
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
-wait_socket() {
-    for _ in $(seq 1 200); do
-        [ -S "$1" ] && return 0
-        sleep 0.05
-    done
-    echo "perf-compare: $1 did not appear" >&2
-    return 1
 }
 
 start_backend() { # start_backend NAME -> sets daemon_pid, sock, rpc_sock, bdev
@@ -141,12 +116,6 @@ EOF
             ;;
         *) echo "perf-compare: unknown back end $name" >&2; exit 1 ;;
     esac
-}
-
-stop_backend() {
-    kill "$daemon_pid" 2>/dev/null || true
-    wait "$daemon_pid" 2>/dev/null || true
-    daemon_pid=""
 }
 
 run_one() { # run_one BACKEND ROUND WORKLOAD QD
@@ -262,7 +231,7 @@ for round in $(seq 1 "$rounds"); do
         for w in $workloads; do
             run_one "$be" "$round" "${w%%:*}" "${w##*:}"
         done
-        stop_backend
+        stop_daemon
     done
 done
 

@@ -28,24 +28,9 @@ while getopts "t:W:r:q:b:o:h" opt; do
     esac
 done
 
-work="$(mktemp -d /tmp/vb-scaling.XXXXXX)"
-out="${out:-$work}"
-mkdir -p "$out"
-results="$out/scaling.jsonl"
-: > "$results"
-daemon_pid=""
-cleanup() {
-    if [ -n "$daemon_pid" ] && kill -0 "$daemon_pid" 2>/dev/null; then
-        kill "$daemon_pid" 2>/dev/null || true
-        wait "$daemon_pid" 2>/dev/null || true
-    fi
-}
-trap cleanup EXIT
-
-"$root/vhostd" --help >/dev/null
-"$root/bdevperf" --help >/dev/null
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+perf_name=perf-scaling
+source "$root/scripts/lib/perf.sh"
+perf_init vb-scaling scaling.jsonl
 
 for round in $(seq 1 "$rounds"); do
     for kind in $bdevs; do
@@ -67,7 +52,7 @@ EOF
 EOF
             "$root/vhostd" -m "$mask" --reactor-mode interrupt -S "$sockdir" -r "$work/rpc" -c "$work/daemon.json" -L warning > "$work/daemon.log" 2>&1 &
             daemon_pid=$!
-            for _ in $(seq 1 200); do [ -S "$sockdir/vhost.0" ] && break; sleep 0.05; done
+            wait_socket "$sockdir/vhost.0"
             c0="$(cpu_ticks "$daemon_pid")"
             if ! res="$("$root/bdevperf" -m 0x3 -C --reactor-mode interrupt -c "$work/bdevperf.json" -q "$qd" -o 4096 -w randread -t "$secs" -W "$warm" --output json 2> "$work/bdevperf.err")"; then
                 echo "perf-scaling: bdevperf failed ($kind, -m $mask):" >&2
@@ -75,9 +60,7 @@ EOF
                 exit 1
             fi
             c1="$(cpu_ticks "$daemon_pid")"
-            kill "$daemon_pid"
-            wait "$daemon_pid" 2>/dev/null || true
-            daemon_pid=""
+            stop_daemon
             python3 - "$res" "$kind" "$mask" "$round" "$((c1 - c0))" >> "$results" <<'EOF'
 import json, sys
 res, kind, mask, rnd, ticks = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 using VhostBackend.Reactor;
 
 namespace VhostBackend.Scsi;

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Scsi;
 

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using VhostBackend.Bdev.Modules;
+using VhostBackend.Platform;
 using Xunit;
 
 namespace VhostBackend.Bdev.Tests.Core;

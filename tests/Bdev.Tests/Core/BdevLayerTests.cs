@@ -1,5 +1,6 @@
 using System.Diagnostics;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
+using VhostBackend.BdevNull;
 using VhostBackend.Platform;
 using Xunit;
 

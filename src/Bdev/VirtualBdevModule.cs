@@ -169,7 +169,9 @@ public abstract class VirtualBdevModule : BdevModule
         if (rc != 0)
         {
             desc.Dispose();
-            throw new BdevClaimException(-rc, $"bdev {baseBdev.Name} already claimed by module {baseBdev.ClaimedBy}");
+            throw new BdevClaimException(-rc, baseBdev.ClaimedBy is { } owner
+                ? $"bdev {baseBdev.Name} already claimed by module {owner}"
+                : $"bdev {baseBdev.Name} already opened with write access");
         }
 
         Bdev vbdev;

@@ -1,7 +1,8 @@
 using System.Runtime.InteropServices;
 using BenchmarkDotNet.Attributes;
 using VhostBackend.Bdev;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
+using VhostBackend.BdevNull;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 

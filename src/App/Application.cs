@@ -60,6 +60,20 @@ public sealed class Application : IAsyncDisposable
     /// <summary>The JSON-RPC server while started with an RPC socket, else null.</summary>
     public JsonRpcServer? RpcServer => _server;
 
+    /// <summary>
+    /// Registers a bdev module (SPDK's SPDK_BDEV_MODULE_REGISTER, done explicitly): adds it to the bdev layer's
+    /// examine and save_config lists, calls its <see cref="BdevModule.Init"/> (its RPC methods), and runs its
+    /// <see cref="BdevModule.FiniAsync"/> at stop among the other stop hooks, in reverse registration order.
+    /// </summary>
+    public T AddBdevModule<T>(T module)
+        where T : BdevModule
+    {
+        Bdevs.AddModule(module);
+        module.Init(new BdevModuleContext(Bdevs, Reactors, Rpc, Subsystems, _loggerFactory));
+        OnStop(module.FiniAsync);
+        return module;
+    }
+
     /// <summary>Runs at stop, in reverse registration order (controllers before bdevs).</summary>
     public void OnStop(Func<Task> hook) => _stopHooks.Add(hook);
 

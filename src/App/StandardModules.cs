@@ -1,7 +1,9 @@
-using VhostBackend.Bdev.Modules.File;
+using VhostBackend.Bdev.Rpc;
+using VhostBackend.BdevFile;
+using VhostBackend.BdevMalloc;
+using VhostBackend.BdevNull;
 using VhostBackend.BdevNvme;
 using VhostBackend.BdevVirtio;
-using VhostBackend.Bdev.Rpc;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
 using VhostBackend.Vhost.Rpc;
@@ -10,7 +12,9 @@ namespace VhostBackend.App;
 
 /// <summary>
 /// The modules vhostd and bdevperf ship with, registered explicitly (no reflection, no static constructors).
-/// Order matters for config: subsystems are initialized and saved in registration order (bdev before vhost).
+/// Order matters for config: subsystems are initialized and saved in registration order (bdev before vhost), bdev
+/// modules write their module-level config and examine new bdevs in registration order, and stop in reverse order.
+/// Adding a bdev module: one <c>app.AddBdevModule(new XBdevModule())</c> line here (see docs/DEVELOPING.md).
 /// </summary>
 public static class StandardModules
 {
@@ -18,7 +22,9 @@ public static class StandardModules
     {
         FrameworkRpc.Register(app.Dispatcher, app.Subsystems, app.Reactors);
         BdevRpc.Register(app.Rpc, app.Subsystems, app.Bdevs);
-        FileBdevRpc.Register(app.Rpc, app.Bdevs);
+        app.AddBdevModule(new MallocBdevModule());
+        app.AddBdevModule(new NullBdevModule());
+        app.AddBdevModule(new FileBdevModule());
         NvmeBdevRpc.Register(app.Rpc, app.Subsystems, app.Bdevs);
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);

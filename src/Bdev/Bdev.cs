@@ -67,7 +67,11 @@ public abstract class Bdev
     /// <summary>I/O objects pre-allocated per channel.</summary>
     public int IoPoolSize { get; protected init; } = 1024;
 
-    public string? ClaimedBy { get; private set; }
+    /// <summary>The module holding the exclusive write claim (<see cref="BdevManager.Claim"/>), or null.</summary>
+    public BdevModule? ClaimModule { get; internal set; }
+
+    /// <summary>The claiming module's name, or null.</summary>
+    public string? ClaimedBy => ClaimModule?.Name;
 
     internal BdevLayerDevice LayerDevice { get; }
 
@@ -92,29 +96,6 @@ public abstract class Bdev
 
     /// <summary>Releases module resources after the bdev is unregistered and all descriptors are closed.</summary>
     protected internal virtual ValueTask DestructAsync() => ValueTask.CompletedTask;
-
-    /// <summary>Claims the bdev for a module (exclusive write ownership, like lvol or raid). Returns false if already claimed.</summary>
-    public bool TryClaim(string owner)
-    {
-        lock (_lock)
-        {
-            if (ClaimedBy is not null)
-            {
-                return false;
-            }
-
-            ClaimedBy = owner;
-            return true;
-        }
-    }
-
-    public void ReleaseClaim()
-    {
-        lock (_lock)
-        {
-            ClaimedBy = null;
-        }
-    }
 
     /// <summary>Changes the block count and tells every open descriptor (Resize event).</summary>
     protected void SetBlockCount(ulong blockCount)

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using VhostBackend.Platform;
 using VhostBackend.Reactor;
 
 namespace VhostBackend.Bdev;
@@ -14,7 +15,7 @@ namespace VhostBackend.Bdev;
 /// the completion never fires. -ENOMEM means the pool is empty: park a <see cref="BdevIoWaitEntry"/> with
 /// <see cref="QueueIoWait"/> and resubmit when it is called.
 /// </summary>
-public sealed unsafe class BdevChannel
+public sealed class BdevChannel
 {
     private const int MaxChildrenInFlight = 8;
     private const nuint MaxBounceBytes = 1 << 20;
@@ -33,8 +34,8 @@ public sealed unsafe class BdevChannel
     private BdevIo? _qosTail;
     private BdevIo? _splitWaitHead;
     private BdevIo? _splitWaitTail;
-    private readonly List<(nint Ptr, nuint Size)> _bounceFree = new();
-    private readonly List<nint> _bounceAll = new();
+    private readonly List<AlignedBuffer> _bounceFree = new();
+    private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
 
     internal BdevChannel(Bdev bdev, Reactor.Reactor reactor)
@@ -423,22 +424,16 @@ public sealed unsafe class BdevChannel
     private void SetupBounce(BdevIo io)
     {
         nuint length = (nuint)io.Length;
-        nint buffer = GetBounce(length);
+        var buffer = GetBounce(length);
         if (io.Type is BdevIoType.Write or BdevIoType.Compare)
         {
-            byte* dst = (byte*)buffer;
-            foreach (var v in io.CallerIovs)
-            {
-                // SAFETY: iovecs were validated by the submitter to cover mapped memory; the bounce buffer holds `length` bytes.
-                Buffer.MemoryCopy((void*)v.Base, dst, (long)v.Length, (long)v.Length);
-                dst += v.Length;
-            }
+            IoVecs.Gather(io.CallerIovs, buffer);
         }
 
         io.UseBounce(buffer, length);
     }
 
-    private nint GetBounce(nuint length)
+    private AlignedBuffer GetBounce(nuint length)
     {
         for (int i = 0; i < _bounceFree.Count; i++)
         {
@@ -446,34 +441,26 @@ public sealed unsafe class BdevChannel
             {
                 var b = _bounceFree[i];
                 _bounceFree.RemoveAt(i);
-                return b.Ptr;
+                return b;
             }
         }
 
         // Warm-up only: the pool keeps every buffer it ever made.
         nuint size = (length + 4095) & ~(nuint)4095;
-        nint p = (nint)NativeMemory.AlignedAlloc(size, Math.Max(4096, Bdev.RequiredAlignment));
+        var p = new AlignedBuffer(size, Math.Max(4096, Bdev.RequiredAlignment), zero: false);
         _bounceAll.Add(p);
-        _bounceSizes[p] = size;
         return p;
     }
 
-    private readonly Dictionary<nint, nuint> _bounceSizes = new();
-
     private void FinishBounce(BdevIo io)
     {
+        var buffer = io.BounceBuffer!;
         if (io.Status == BdevIoStatus.Success && io.Type == BdevIoType.Read)
         {
-            byte* src = (byte*)io.BounceBuffer;
-            foreach (var v in io.CallerIovs)
-            {
-                // SAFETY: as in SetupBounce.
-                Buffer.MemoryCopy(src, (void*)v.Base, (long)v.Length, (long)v.Length);
-                src += v.Length;
-            }
+            IoVecs.Scatter(buffer, 0, io.CallerIovs);
         }
 
-        _bounceFree.Add((io.BounceBuffer, _bounceSizes[io.BounceBuffer]));
+        _bounceFree.Add(buffer);
         io.ClearBounce();
     }
 
@@ -491,7 +478,7 @@ public sealed unsafe class BdevChannel
 
     private void Finish(BdevIo io)
     {
-        if (io.BounceBuffer != 0)
+        if (io.BounceBuffer is not null)
         {
             FinishBounce(io);
         }
@@ -698,7 +685,7 @@ public sealed unsafe class BdevChannel
 
         foreach (var p in _bounceAll)
         {
-            NativeMemory.AlignedFree((void*)p);
+            p.Dispose();
         }
 
         _bounceAll.Clear();

@@ -21,10 +21,13 @@ public sealed class BdevDesc : IDisposable
     }
 
     public Bdev Bdev { get; }
-    public bool Writable { get; }
+    public bool Writable { get; private set; }
     public bool IsClosed => Volatile.Read(ref _closed) != 0;
 
     internal event Action<BdevDesc>? Closed;
+
+    /// <summary>A claim taken through this descriptor makes it a writer (SPDK: the claiming desc gets write access).</summary>
+    internal void MarkWritable() => Writable = true;
 
     /// <summary>This reactor's channel to the bdev (shared by descriptors on the same reactor). Call on a reactor.</summary>
     public BdevChannel GetIoChannel()

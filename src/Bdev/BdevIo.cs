@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Bdev;
 
@@ -55,7 +56,7 @@ public sealed class BdevIo
     internal bool SplitFailed;
 
     // Bounce buffer in use, if any.
-    internal nint BounceBuffer;
+    internal AlignedBuffer? BounceBuffer;
     internal nuint BounceLength;
 
     public ulong Length => NumBlocks * Bdev.BlockSize;
@@ -104,17 +105,17 @@ public sealed class BdevIo
         _bounced = false;
     }
 
-    internal void UseBounce(nint buffer, nuint length)
+    internal void UseBounce(AlignedBuffer buffer, nuint length)
     {
         BounceBuffer = buffer;
         BounceLength = length;
-        _bounceIov[0] = new IoVec(buffer, length);
+        _bounceIov[0] = buffer.ToIoVec(0, length);
         _bounced = true;
     }
 
     internal void ClearBounce()
     {
-        BounceBuffer = 0;
+        BounceBuffer = null;
         BounceLength = 0;
         _bounced = false;
     }

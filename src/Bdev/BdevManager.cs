@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Bdev;
 
@@ -12,6 +13,7 @@ public sealed class BdevManager
     private readonly Dictionary<string, Bdev> _bdevs = new(StringComparer.Ordinal);
     private readonly List<Bdev> _order = new();
     private readonly Dictionary<Bdev, TaskCompletionSource> _removing = new();
+    private readonly List<BdevModule> _modules = new();
 
     public BdevManager(ILogger? logger = null) => Logger = logger ?? NullLogger.Instance;
 
@@ -22,6 +24,109 @@ public sealed class BdevManager
 
     /// <summary>Raised when a bdev starts going away, before descriptors get their Remove event.</summary>
     public event Action<Bdev>? Unregistering;
+
+    /// <summary>Raised when a bdev is gone (its name is free again), after the module destructed it.</summary>
+    public event Action<Bdev>? Unregistered;
+
+    /// <summary>The bdev modules in registration order.</summary>
+    public IReadOnlyList<BdevModule> Modules
+    {
+        get
+        {
+            lock (_modules)
+            {
+                return _modules.ToArray();
+            }
+        }
+    }
+
+    /// <summary>
+    /// Adds a module to the examine and save_config lists (the host then calls its <see cref="BdevModule.Init"/>).
+    /// Throws if a module of that name is registered already.
+    /// </summary>
+    public void AddModule(BdevModule module)
+    {
+        lock (_modules)
+        {
+            foreach (var m in _modules)
+            {
+                if (m.Name == module.Name)
+                {
+                    throw new InvalidOperationException($"bdev module '{module.Name}' registered twice");
+                }
+            }
+
+            _modules.Add(module);
+        }
+    }
+
+    /// <summary>Finds a registered module by name.</summary>
+    public BdevModule? FindModule(string name)
+    {
+        lock (_modules)
+        {
+            foreach (var m in _modules)
+            {
+                if (m.Name == name)
+                {
+                    return m;
+                }
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>
+    /// Claims <paramref name="bdev"/> for <paramref name="module"/>: exclusive write access, like SPDK's
+    /// spdk_bdev_module_claim_bdev. Returns 0, or -EPERM when another module claimed it already or it is open for
+    /// write through a descriptor other than <paramref name="desc"/>. A read-only <paramref name="desc"/> (the
+    /// claimer's own) becomes a writer. While claimed, nobody else can open the bdev for write (-EPERM).
+    /// </summary>
+    public int Claim(Bdev bdev, BdevModule module, BdevDesc? desc = null)
+    {
+        if (desc is not null && desc.Bdev != bdev)
+        {
+            throw new ArgumentException("the descriptor is not open on that bdev", nameof(desc));
+        }
+
+        lock (_bdevs)
+        {
+            if (bdev.ClaimModule is { } owner)
+            {
+                Logger.LogError("bdev {Name} already claimed by module {Module}", bdev.Name, owner.Name);
+                return -Native.EPERM;
+            }
+
+            foreach (var d in bdev.Descriptors)
+            {
+                if (d.Writable && d != desc)
+                {
+                    Logger.LogError("bdev {Name} already opened with write access", bdev.Name);
+                    return -Native.EPERM;
+                }
+            }
+
+            desc?.MarkWritable();
+            bdev.ClaimModule = module;
+        }
+
+        return 0;
+    }
+
+    /// <summary>Releases a claim taken with <see cref="Claim"/> (spdk_bdev_module_release_bdev).</summary>
+    public void ReleaseClaim(Bdev bdev, BdevModule module)
+    {
+        lock (_bdevs)
+        {
+            if (bdev.ClaimModule != module)
+            {
+                throw new InvalidOperationException($"bdev {bdev.Name} is not claimed by module {module.Name}");
+            }
+
+            bdev.ClaimModule = null;
+        }
+    }
 
     public IReadOnlyList<Bdev> All
     {
@@ -59,6 +164,23 @@ public sealed class BdevManager
 
         Logger.LogInformation("bdev {Name} registered: {Blocks} blocks of {BlockSize} bytes ({Product})", bdev.Name, bdev.BlockCount, bdev.BlockSize, bdev.ProductName);
         Registered?.Invoke(bdev);
+        Examine(bdev);
+    }
+
+    // SPDK's examine_config: every module sees every new bdev, in module registration order, synchronously.
+    private void Examine(Bdev bdev)
+    {
+        foreach (var m in Modules)
+        {
+            try
+            {
+                m.Examine(bdev);
+            }
+            catch (Exception e)
+            {
+                Logger.LogError(e, "bdev module {Module}: examine of {Name} failed", m.Name, bdev.Name);
+            }
+        }
     }
 
     /// <summary>Finds a bdev by name, alias or UUID.</summary>
@@ -70,7 +192,10 @@ public sealed class BdevManager
         }
     }
 
-    /// <summary>Opens a descriptor. Throws <see cref="BdevNotFoundException"/> or <see cref="InvalidOperationException"/> (claimed, going away).</summary>
+    /// <summary>
+    /// Opens a descriptor. Throws <see cref="BdevNotFoundException"/> (unknown, going away) or
+    /// <see cref="BdevClaimedException"/> (write access to a bdev a module claimed: SPDK's -EPERM).
+    /// </summary>
     public BdevDesc Open(string name, bool write, BdevEventCallback? eventCallback = null, object? context = null)
     {
         lock (_bdevs)
@@ -79,6 +204,12 @@ public sealed class BdevManager
             if (_removing.ContainsKey(bdev))
             {
                 throw new BdevNotFoundException($"bdev {name} is being removed");
+            }
+
+            if (write && bdev.ClaimModule is { } owner)
+            {
+                Logger.LogError("Could not open {Name} - {Module} module already claimed it", name, owner.Name);
+                throw new BdevClaimedException($"Could not open {name} - {owner.Name} module already claimed it");
             }
 
             var desc = new BdevDesc(bdev, write, eventCallback, context);
@@ -159,6 +290,7 @@ public sealed class BdevManager
                 _removing.Remove(bdev);
             }
 
+            Unregistered?.Invoke(bdev);
             return;
         }
 
@@ -175,6 +307,7 @@ public sealed class BdevManager
 
         await bdev.DestructAsync().ConfigureAwait(true);
         Logger.LogInformation("bdev {Name} unregistered", bdev.Name);
+        Unregistered?.Invoke(bdev);
     }
 }
 
@@ -184,6 +317,17 @@ public sealed class BdevNotFoundException : Exception
         : base(message)
     {
     }
+}
+
+/// <summary>Write access to a bdev another module claimed (SPDK answers -EPERM).</summary>
+public sealed class BdevClaimedException : InvalidOperationException
+{
+    public BdevClaimedException(string message)
+        : base(message)
+    {
+    }
+
+    public int Errno => Native.EPERM;
 }
 
 public sealed class BdevExistsException : Exception

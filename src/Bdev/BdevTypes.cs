@@ -1,22 +1,4 @@
-using System.Runtime.InteropServices;
-
 namespace VhostBackend.Bdev;
-
-/// <summary>One scatter-gather element: exactly Linux's <c>struct iovec</c> (16 bytes), so arrays pass to preadv/io_uring as is.</summary>
-[StructLayout(LayoutKind.Sequential)]
-public struct IoVec
-{
-    public nint Base;
-    public nuint Length;
-
-    public IoVec(nint @base, nuint length)
-    {
-        Base = @base;
-        Length = length;
-    }
-
-    public override readonly string ToString() => $"{Base:x}+{Length}";
-}
 
 public enum BdevIoType
 {

@@ -30,23 +30,30 @@ public sealed class PerfOptions
 }
 
 /// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>
-internal sealed unsafe class PerfTask
+internal sealed class PerfTask
 {
+    private readonly SharedMemoryArena? _shared;
+    private readonly AlignedBuffer? _heapBuffer;
+    private readonly AlignedBuffer? _heapReadBuffer;
+
     public PerfTask(PerfJob job, int size, SharedMemoryArena? shared)
     {
         Job = job;
         _shared = shared;
-        Buffer = Alloc(size);
-        ReadBuffer = Alloc(size);
-        NativeMemory.Clear((void*)Buffer, (nuint)size);
-        Iov = [new IoVec(Buffer, (nuint)size)];
-        ReadIov = [new IoVec(ReadBuffer, (nuint)size)];
+        Iov = [Alloc(size, out _heapBuffer)];
+        ReadIov = [Alloc(size, out _heapReadBuffer)];
+        Iov[0].AsSpan().Clear();
         Wait = new BdevIoWaitEntry(static t => ((PerfTask)t!).Job.Submit((PerfTask)t!), this);
     }
 
     public PerfJob Job { get; }
-    public nint Buffer { get; }
-    public nint ReadBuffer { get; }
+
+    /// <summary>The write (and verify pattern) buffer.</summary>
+    public Span<byte> Buffer => Iov[0].AsSpan();
+
+    /// <summary>The buffer verify reads back into.</summary>
+    public Span<byte> ReadBuffer => ReadIov[0].AsSpan();
+
     public IoVec[] Iov { get; }
     public IoVec[] ReadIov { get; }
     public BdevIoWaitEntry Wait { get; }
@@ -54,41 +61,41 @@ internal sealed unsafe class PerfTask
     public bool VerifyReadStage;
     public long StartTicks;
 
-    private readonly SharedMemoryArena? _shared;
-
     /// <summary>Buffers come from the shared arena when there is room (vhost-user front ends then send them by address), else the heap.</summary>
-    private nint Alloc(int size)
+    private IoVec Alloc(int size, out AlignedBuffer? heap)
     {
+        heap = null;
         if (_shared is not null)
         {
             try
             {
-                return _shared.Allocate((ulong)size);
+                return new IoVec(_shared.Allocate((ulong)size), (nuint)size);
             }
             catch (OutOfMemoryException)
             {
             }
         }
 
-        return (nint)NativeMemory.AlignedAlloc((nuint)size, 4096);
+        heap = new AlignedBuffer((nuint)size, 4096, zero: false);
+        return heap.ToIoVec();
     }
 
-    private void FreeOne(nint p)
+    private void FreeOne(IoVec iov, AlignedBuffer? heap)
     {
-        if (_shared is not null && _shared.TryTranslate(p, 1, out _))
+        if (heap is not null)
         {
-            _shared.Free(p);
+            heap.Dispose();
         }
         else
         {
-            NativeMemory.AlignedFree((void*)p);
+            _shared!.Free(iov.Base);
         }
     }
 
     public void Free()
     {
-        FreeOne(Buffer);
-        FreeOne(ReadBuffer);
+        FreeOne(Iov[0], _heapBuffer);
+        FreeOne(ReadIov[0], _heapReadBuffer);
     }
 }
 
@@ -96,7 +103,7 @@ internal sealed unsafe class PerfTask
 /// Drives one bdev from one reactor at a fixed queue depth. Everything it touches per I/O is pre-allocated;
 /// it runs only on its reactor.
 /// </summary>
-public sealed unsafe class PerfJob
+public sealed class PerfJob
 {
     private static readonly BdevIoCompletion s_done = static (io, ok, arg) => ((PerfTask)arg!).Job.OnDone((PerfTask)arg!, io, ok);
 
@@ -300,7 +307,7 @@ public sealed unsafe class PerfJob
     private void FillPattern(PerfTask t)
     {
         // Each 8-byte word: offset, position and a per-pass counter, so stale or misplaced data is detected.
-        ulong* p = (ulong*)t.Buffer;
+        var p = MemoryMarshal.Cast<byte, ulong>(t.Buffer);
         int words = _options.IoSize / 8;
         ulong pass = (ulong)Ios;
         for (int i = 0; i < words; i++)
@@ -333,7 +340,7 @@ public sealed unsafe class PerfJob
             else
             {
                 t.VerifyReadStage = false;
-                if (!new ReadOnlySpan<byte>((void*)t.Buffer, _options.IoSize).SequenceEqual(new ReadOnlySpan<byte>((void*)t.ReadBuffer, _options.IoSize)))
+                if (!t.Buffer[.._options.IoSize].SequenceEqual(t.ReadBuffer[.._options.IoSize]))
                 {
                     Miscompares++;
                 }

@@ -174,6 +174,67 @@ public sealed unsafe class IoUring : IDisposable
         return sqe;
     }
 
+    /// <summary>
+    /// Queues a READV/WRITEV of the first <paramref name="count"/> iovecs of <paramref name="iovs"/> (pinned, so the
+    /// kernel may read the list after submit; the caller keeps it referenced until the completion). False when the
+    /// submission ring is full.
+    /// </summary>
+    public bool TryPrepareReadWrite(bool write, int fd, PinnedArray<IoVec> iovs, int count, ulong offset, ulong userData)
+    {
+        if ((uint)count > (uint)iovs.Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(count));
+        }
+
+        IoUringSqe* sqe = GetSqe();
+        if (sqe == null)
+        {
+            return false;
+        }
+
+        sqe->Opcode = write ? OpWritev : OpReadv;
+        sqe->Fd = fd;
+        sqe->Addr = (ulong)iovs.Address;
+        sqe->Len = (uint)count;
+        sqe->Off = offset;
+        sqe->UserData = userData;
+        return true;
+    }
+
+    /// <summary>Queues an FSYNC (fdatasync with <paramref name="dataOnly"/>). False when the submission ring is full.</summary>
+    public bool TryPrepareFsync(int fd, bool dataOnly, ulong userData)
+    {
+        IoUringSqe* sqe = GetSqe();
+        if (sqe == null)
+        {
+            return false;
+        }
+
+        sqe->Opcode = OpFsync;
+        sqe->Fd = fd;
+        sqe->OpFlags = dataOnly ? FsyncDatasync : 0;
+        sqe->UserData = userData;
+        return true;
+    }
+
+    /// <summary>Queues an FALLOCATE of <paramref name="length"/> bytes at <paramref name="offset"/>. False when the submission ring is full.</summary>
+    public bool TryPrepareFallocate(int fd, int mode, ulong offset, ulong length, ulong userData)
+    {
+        IoUringSqe* sqe = GetSqe();
+        if (sqe == null)
+        {
+            return false;
+        }
+
+        sqe->Opcode = OpFallocate;
+        sqe->Fd = fd;
+        sqe->Off = offset;
+        sqe->Addr = length; // io_uring's fallocate takes the length in addr
+        sqe->Len = (uint)mode;
+        sqe->UserData = userData;
+        return true;
+    }
+
     /// <summary>Publishes filled SQEs and enters the kernel once. Returns the number submitted or -errno.</summary>
     public int Submit()
     {

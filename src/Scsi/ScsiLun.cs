@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 using VhostBackend.Reactor;
 
 namespace VhostBackend.Scsi;
@@ -296,7 +297,7 @@ public sealed partial class ScsiLun
         Submit(task);
     }
 
-    private unsafe void WriteSame(ScsiTask task, ulong lba, ulong blocks, byte flags, bool ndob)
+    private void WriteSame(ScsiTask task, ulong lba, ulong blocks, byte flags, bool ndob)
     {
         // flags: WRPROTECT(7-5) ANCHOR(4) UNMAP(3) obsolete PBDATA(2) LBDATA(1) [NDOB(0) for the 16-byte form]
         if ((flags & 0xF6) != 0)
@@ -326,11 +327,9 @@ public sealed partial class ScsiLun
 
         uint bs = Bdev.BlockSize;
         bool zero = true;
-        nint block = 0;
         if (!ndob)
         {
-            block = task.GetBlockBuffer(bs);
-            var span = new Span<byte>((void*)block, (int)bs);
+            var span = task.GetBlockBuffer(bs).Span[..(int)bs];
             if (!task.CopyFromDataOut(span))
             {
                 FailDeferred(task, SenseKey.IllegalRequest, Asc.InvalidFieldInCdb, -1);
@@ -359,8 +358,7 @@ public sealed partial class ScsiLun
         {
             if (ndob)
             {
-                block = task.GetBlockBuffer(bs);
-                new Span<byte>((void*)block, (int)bs).Clear();
+                task.GetBlockBuffer(bs).Span[..(int)bs].Clear();
             }
 
             task.Step = TaskStep.WriteSameReplicate;
@@ -590,10 +588,10 @@ public sealed partial class ScsiLun
                     int n = (int)Math.Min(task.Blocks, chunk);
                     task.EnsureWork(n);
                     uint bs = lun.Bdev.BlockSize;
-                    nint block = task.GetBlockBuffer(bs);
+                    var block = task.GetBlockBuffer(bs).ToIoVec((int)bs);
                     for (int i = 0; i < n; i++)
                     {
-                        task.Work[i] = new IoVec(block, bs);
+                        task.Work[i] = block;
                     }
 
                     task.WorkCount = n;

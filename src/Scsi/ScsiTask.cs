@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Scsi;
 
@@ -18,7 +19,7 @@ public delegate void ScsiTaskCompletion(ScsiTask task, object? state);
 /// <see cref="Status"/>, <see cref="Sense"/>, <see cref="DataTransferred"/>, <see cref="Residual"/>,
 /// <see cref="Aborted"/>. The completion never runs inside the Execute call.
 /// </summary>
-public sealed unsafe class ScsiTask
+public sealed class ScsiTask
 {
     public const int MaxCdbLength = 32;
 
@@ -109,7 +110,7 @@ public sealed unsafe class ScsiTask
     internal (ulong Lba, ulong Count)[] Ranges = new (ulong, ulong)[1];
     internal int RangeCount;
     internal int RangeIndex;
-    internal byte[]? BlockBuffer; // pinned: one logical block for WRITE SAME
+    internal PinnedArray<byte>? BlockBuffer; // pinned: one logical block for WRITE SAME
     internal byte[]? Scratch; // parameter lists copied out of guest memory (validated once, never re-read)
     internal ScsiLunChannel? TrackedBy;
     internal ScsiTask? Prev;
@@ -257,21 +258,7 @@ public sealed unsafe class ScsiTask
             return 0;
         }
 
-        ulong want = Math.Min((ulong)data.Length, Math.Min(limit, TransferLength));
-        ulong done = 0;
-        for (int i = 0; i < _iovCount && done < want; i++)
-        {
-            ulong take = Math.Min((ulong)_iovs[i].Length, want - done);
-            fixed (byte* src = data)
-            {
-                // SAFETY: take <= iovec length and <= data.Length - done.
-                Buffer.MemoryCopy(src + done, (void*)_iovs[i].Base, (long)take, (long)take);
-            }
-
-            done += take;
-        }
-
-        return done;
+        return IoVecs.CopyFrom(data, _iovs.AsSpan(0, _iovCount), Math.Min(limit, TransferLength));
     }
 
     /// <summary>Copies <paramref name="dest"/>.Length bytes of the data-out buffer starting at <paramref name="offset"/>. False if it holds fewer.</summary>
@@ -282,30 +269,7 @@ public sealed unsafe class ScsiTask
             return false;
         }
 
-        ulong pos = 0; // position in the buffer
-        int written = 0;
-        for (int i = 0; i < _iovCount && written < dest.Length; i++)
-        {
-            ulong len = _iovs[i].Length;
-            if (pos + len <= offset)
-            {
-                pos += len;
-                continue;
-            }
-
-            ulong start = offset > pos ? offset - pos : 0;
-            int take = (int)Math.Min(len - start, (ulong)(dest.Length - written));
-            fixed (byte* dst = dest)
-            {
-                // SAFETY: start + take <= iovec length; written + take <= dest.Length.
-                Buffer.MemoryCopy((byte*)_iovs[i].Base + start, dst + written, take, take);
-            }
-
-            written += take;
-            pos += len;
-        }
-
-        return written == dest.Length;
+        return IoVecs.CopyTo(_iovs.AsSpan(0, _iovCount), offset, dest);
     }
 
     /// <summary>Fills <see cref="Work"/> with the prefix of the data buffer covering <paramref name="bytes"/> (which must fit).</summary>
@@ -345,15 +309,14 @@ public sealed unsafe class ScsiTask
         }
     }
 
-    internal nint GetBlockBuffer(uint blockSize)
+    internal PinnedArray<byte> GetBlockBuffer(uint blockSize)
     {
         if (BlockBuffer is null || BlockBuffer.Length < blockSize)
         {
-            BlockBuffer = GC.AllocateArray<byte>((int)blockSize, pinned: true);
+            BlockBuffer = new PinnedArray<byte>((int)blockSize);
         }
 
-        // SAFETY: the array lives on the pinned object heap, so its address is stable for its lifetime.
-        return (nint)Unsafe.AsPointer(ref BlockBuffer[0]);
+        return BlockBuffer;
     }
 
     internal byte[] GetScratch(int size)

@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using VhostBackend.Rpc;

@@ -27,6 +27,21 @@ public sealed class BdevMethodTests
     }
 
     [Fact]
+    public async Task ModuleStatsReportEveryStandardModuleInRegistrationOrder()
+    {
+        await using var app = await TestApp.StartAsync();
+        await using var c = await app.ConnectAsync();
+        await c.ResultAsync("bdev_malloc_create", P(("name", "M1"), ("num_blocks", 256), ("block_size", 4096)));
+        var all = (JsonArray)await c.ResultAsync("bdev_get_module_stats");
+        Assert.Equal(new[] { "malloc", "null", "file" }, all.Select(m => (string)m!["module"]!).ToArray());
+        var malloc = ((JsonArray)await c.ResultAsync("bdev_get_module_stats", P(("name", "malloc"))))[0]!["stats"]!;
+        Assert.Equal(1, (long)malloc["bdevs"]!);
+        Assert.Equal(256 * 4096, (long)malloc["bytes_allocated"]!);
+        await c.ErrorAsync("bdev_get_module_stats", P(("name", "nope")), ENODEV);
+        await c.ErrorAsync("bdev_get_module_stats", P(("bogus", 1)), DecodeFailed);
+    }
+
+    [Fact]
     public async Task MallocCreateGetDelete()
     {
         await using var app = await TestApp.StartAsync();

@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Scsi.Tests;
 

@@ -1,4 +1,4 @@
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevNull;
 
 namespace VhostBackend.Scsi.Tests;
 

@@ -1,5 +1,6 @@
 using VhostBackend.Bdev;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
+using VhostBackend.BdevNull;
 
 namespace VhostBackend.Scsi.Tests;
 

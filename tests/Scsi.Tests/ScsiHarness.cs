@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using ReactorT = VhostBackend.Reactor.Reactor;

@@ -1,6 +1,6 @@
 using System.Buffers.Binary;
 using System.Runtime.InteropServices;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Vhost.Scsi;
 using VhostBackend.Virtio;

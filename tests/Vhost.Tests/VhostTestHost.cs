@@ -1,5 +1,5 @@
 using VhostBackend.Bdev;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using VhostBackend.Virtio;

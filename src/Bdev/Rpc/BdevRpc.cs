@@ -2,7 +2,6 @@ using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
-using VhostBackend.Bdev.Modules;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.Bdev.Rpc;
@@ -45,76 +44,10 @@ public static class BdevRpc
         public ulong? WMbytesPerSec { get; set; }
     }
 
-    public sealed class CreateParams : IRpcParams
-    {
-        public string? Name { get; set; }
-
-        [JsonRequired]
-        public ulong NumBlocks { get; set; }
-
-        [JsonRequired]
-        public uint BlockSize { get; set; }
-
-        public Guid? Uuid { get; set; }
-
-        public uint OptimalIoBoundary { get; set; }
-
-        public uint MdSize { get; set; }
-
-        public bool MdInterleave { get; set; }
-
-        public int DifType { get; set; }
-
-        public bool DifIsHeadOfMd { get; set; }
-
-        public uint PhysicalBlockSize { get; set; }
-
-        public uint DifPiFormat { get; set; }
-
-        public int NumaId { get; set; } = -1;
-
-        public uint PreferredWriteAlignment { get; set; }
-
-        public uint PreferredWriteGranularity { get; set; }
-
-        public uint OptimalWriteSize { get; set; }
-
-        public uint PreferredUnmapAlignment { get; set; }
-
-        public uint PreferredUnmapGranularity { get; set; }
-
-        public void Validate()
-        {
-            if (BlockSize < 512 || (BlockSize & (BlockSize - 1)) != 0 || BlockSize > 65536)
-            {
-                throw RpcException.Errno(RpcErrno.EINVAL, $"block_size {BlockSize} must be a power of two between 512 and 65536");
-            }
-
-            if (NumBlocks == 0)
-            {
-                throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks must be greater than 0");
-            }
-
-            if (MdSize != 0 || DifType != 0)
-            {
-                throw RpcException.Errno(RpcErrno.ENOTSUP, "metadata and DIF are not supported");
-            }
-        }
-    }
-
     public sealed class NameParams
     {
         [JsonRequired]
         public string Name { get; set; } = "";
-    }
-
-    public sealed class NullResizeParams
-    {
-        [JsonRequired]
-        public string Name { get; set; } = "";
-
-        [JsonRequired]
-        public ulong NewSize { get; set; }
     }
 
     public sealed class SetOptionsParams
@@ -130,6 +63,12 @@ public static class BdevRpc
         public uint IobufLargeCacheSize { get; set; }
     }
 
+    public sealed class ModuleStatsParams
+    {
+        /// <summary>Only this module (else every module that reports statistics).</summary>
+        public string? Name { get; set; }
+    }
+
     /// <summary>SPDK's bdev methods answer a params decoding failure with -32603 and this message.</summary>
     public const string DecodeFailed = "spdk_json_decode_object failed";
 
@@ -142,11 +81,6 @@ public static class BdevRpc
         rpc.Register("bdev_get_bdevs", r => GetBdevs(bdevs, Decode<GetBdevsParams>(r)), RpcStates.Runtime);
         rpc.Register("bdev_get_iostat", r => GetIostat(bdevs, Decode<IostatParams>(r)), RpcStates.Runtime);
         rpc.Register("bdev_set_qos_limit", r => SetQos(bdevs, Decode<QosParams>(r)), RpcStates.Runtime);
-        rpc.Register("bdev_malloc_create", r => Create(bdevs, Decode<CreateParams>(r), malloc: true), RpcStates.Runtime);
-        rpc.Register("bdev_null_create", r => Create(bdevs, Decode<CreateParams>(r), malloc: false), RpcStates.Runtime);
-        rpc.Register("bdev_malloc_delete", r => DeleteAsync<MallocBdev>(bdevs, Decode<NameParams>(r).Name), RpcStates.Runtime);
-        rpc.Register("bdev_null_delete", r => DeleteAsync<NullBdev>(bdevs, Decode<NameParams>(r).Name), RpcStates.Runtime);
-        rpc.Register("bdev_null_resize", r => NullResize(bdevs, Decode<NullResizeParams>(r)), RpcStates.Runtime);
         rpc.Register("bdev_set_options", r =>
         {
             r.Bind<SetOptionsParams>();
@@ -155,8 +89,9 @@ public static class BdevRpc
         rpc.Register("bdev_wait_for_examine", r =>
         {
             r.NoParams();
-            return (JsonNode?)null; // no examine step: bdevs are usable when their create call returns
+            return (JsonNode?)null; // examine is synchronous (modules examine a bdev inside its registration): nothing to wait for
         }, RpcStates.Runtime);
+        rpc.Register("bdev_get_module_stats", r => GetModuleStats(bdevs, Decode<ModuleStatsParams>(r)), RpcStates.Runtime);
         rpc.Register("bdev_examine", r =>
         {
             r.Bind<NameParams>();
@@ -300,111 +235,58 @@ public static class BdevRpc
         return null;
     }
 
-    private static JsonNode Create(BdevManager bdevs, CreateParams p, bool malloc)
+    /// <summary>
+    /// bdev_get_module_stats (ours, not SPDK's): <c>[{"module": name, "stats": {...}}]</c> for every module whose
+    /// <see cref="BdevModule.GetStats"/> reports something, in module registration order; with <c>name</c>, that
+    /// module only (-ENODEV if unknown).
+    /// </summary>
+    private static JsonNode GetModuleStats(BdevManager bdevs, ModuleStatsParams p)
     {
-        if (!malloc && p.Name is null)
+        var arr = new JsonArray();
+        if (p.Name is not null && bdevs.FindModule(p.Name) is null)
         {
-            throw new RpcException(RpcErrorCodes.InternalError, $"{DecodeFailed}: missing required property 'name'"); // required for null bdevs
+            throw RpcException.Errno(RpcErrno.ENODEV, $"No such bdev module: {p.Name}");
         }
 
-        string name = p.Name ?? NextName(bdevs, "Malloc");
-        if (bdevs.Find(name) is not null)
+        foreach (var m in bdevs.Modules)
         {
-            throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {name} already exists");
-        }
-
-        Guid? uuid = p.Uuid;
-        Bdev bdev;
-        try
-        {
-            bdev = malloc ? new MallocBdev(name, p.NumBlocks, p.BlockSize, uuid) : new NullBdev(name, p.NumBlocks, p.BlockSize, uuid);
-        }
-        catch (OverflowException)
-        {
-            throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks * block_size is too large");
-        }
-        catch (OutOfMemoryException)
-        {
-            throw RpcErrno.Error(RpcErrno.ENOMEM);
-        }
-
-        try
-        {
-            bdevs.Register(bdev);
-        }
-        catch (BdevExistsException e)
-        {
-            throw RpcException.Errno(RpcErrno.EEXIST, e.Message);
-        }
-
-        return JsonValue.Create(name);
-    }
-
-    private static string NextName(BdevManager bdevs, string prefix)
-    {
-        for (int i = 0; ; i++)
-        {
-            if (bdevs.Find(prefix + i) is null)
+            if (p.Name is not null && m.Name != p.Name)
             {
-                return prefix + i;
+                continue;
+            }
+
+            if (m.GetStats() is { } stats)
+            {
+                arr.Add(new JsonObject { ["module"] = m.Name, ["stats"] = stats });
             }
         }
+
+        return arr;
     }
 
-    private static async Task<JsonNode?> DeleteAsync<T>(BdevManager bdevs, string name)
-        where T : Bdev
-    {
-        if (bdevs.Find(name) is not T b)
-        {
-            throw RpcErrno.Error(RpcErrno.ENODEV);
-        }
-
-        await bdevs.UnregisterAsync(b).ConfigureAwait(true);
-        return null;
-    }
-
-    private static JsonNode? NullResize(BdevManager bdevs, NullResizeParams p)
-    {
-        // SPDK: unknown bdev -ENODEV; a bdev of another module, or a size below the current one, -EINVAL.
-        var found = Find(bdevs, p.Name);
-        if (found is not NullBdev b)
-        {
-            throw RpcException.Errno(RpcErrno.EINVAL, $"{p.Name} is not a null bdev");
-        }
-
-        ulong bytes = p.NewSize * 1024 * 1024;
-        ulong currentMb = b.BlockCount * b.BlockSize / (1024 * 1024);
-        if (p.NewSize < currentMb)
-        {
-            throw RpcException.Errno(RpcErrno.EINVAL, "The new bdev size must not be smaller than current bdev size.");
-        }
-
-        if (p.NewSize == 0 || bytes / 1024 / 1024 != p.NewSize || bytes / b.BlockSize == 0)
-        {
-            throw RpcException.Errno(RpcErrno.EINVAL, $"new_size {p.NewSize} MiB is not a valid size");
-        }
-
-        b.Resize(bytes / b.BlockSize);
-        return null;
-    }
-
+    /// <summary>
+    /// The bdev subsystem's config in SPDK's order (spdk_bdev_subsystem_config_json): bdev_set_options; every
+    /// module's module-level calls (module registration order); then per bdev, in registration order, the call that
+    /// created it and its QoS limits; bdev_wait_for_examine last.
+    /// </summary>
     private static JsonArray WriteConfig(BdevManager bdevs)
     {
         var calls = new JsonArray
         {
             Subsystem.Call("bdev_set_options", new JsonObject { ["bdev_auto_examine"] = true }),
         };
-        var all = bdevs.All;
-        foreach (var b in all)
+        foreach (var m in bdevs.Modules)
+        {
+            m.WriteConfig(calls);
+        }
+
+        foreach (var b in bdevs.All)
         {
             if (b.ConfigCall() is { } call)
             {
                 calls.Add(call);
             }
-        }
 
-        foreach (var b in all)
-        {
             var (rwIos, rwMb, rMb, wMb) = b.QosLimits;
             if (rwIos != 0 || rwMb != 0 || rMb != 0 || wMb != 0)
             {

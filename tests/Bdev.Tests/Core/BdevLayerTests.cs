@@ -1,5 +1,7 @@
 using System.Diagnostics;
-using VhostBackend.Bdev.Modules;
+using VhostBackend.BdevMalloc;
+using VhostBackend.BdevNull;
+using VhostBackend.Platform;
 using Xunit;
 
 namespace VhostBackend.Bdev.Tests.Core;

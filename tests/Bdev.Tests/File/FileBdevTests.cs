@@ -1,4 +1,4 @@
-using VhostBackend.Bdev.Modules.File;
+using VhostBackend.BdevFile;
 using VhostBackend.Bdev.Tests.Core;
 using VhostBackend.Platform;
 using Xunit;

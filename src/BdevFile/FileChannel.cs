@@ -1,14 +1,15 @@
+using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 
-namespace VhostBackend.Bdev.Modules.File;
+namespace VhostBackend.BdevFile;
 
 /// <summary>
 /// One reactor's io_uring for one file bdev. Slots (user_data = slot index) are pre-allocated; an I/O that finds
 /// the ring full waits in a FIFO and is issued when completions free room. Short transfers are continued from
 /// where they stopped. Runs on its reactor only.
 /// </summary>
-internal sealed unsafe class FileChannel : IDisposable
+internal sealed class FileChannel : IDisposable
 {
     private const uint RingSize = 256;
 
@@ -25,7 +26,7 @@ internal sealed unsafe class FileChannel : IDisposable
     {
         public BdevIo? Io;
         public ulong Done;       // bytes transferred so far (short reads/writes continue from here)
-        public IoVec[] Scratch = GC.AllocateArray<IoVec>(16, pinned: true); // pinned heap: the kernel reads it after submit
+        public PinnedArray<IoVec> Scratch = new(16); // pinned: the kernel reads it after submit
     }
 
     public FileChannel(FileBdev bdev, Reactor.Reactor reactor)
@@ -85,31 +86,30 @@ internal sealed unsafe class FileChannel : IDisposable
             return false;
         }
 
-        var sqe = _ring.GetSqe();
-        if (sqe == null)
-        {
-            _ring.Submit();
-            sqe = _ring.GetSqe();
-            if (sqe == null)
-            {
-                return false;
-            }
-        }
-
         int index = _freeSlots.Pop();
         var slot = _slots[index];
         slot.Io = io;
         slot.Done = 0;
-        Fill(sqe, slot, index, zeroRangeFallback: false);
+        if (!Fill(slot, index, zeroRangeFallback: false))
+        {
+            _ring.Submit(); // the submission ring is full: hand it to the kernel and try once more
+            if (!Fill(slot, index, zeroRangeFallback: false))
+            {
+                slot.Io = null;
+                _freeSlots.Push(index);
+                return false;
+            }
+        }
+
         return true;
     }
 
-    private void Fill(IoUringSqe* sqe, Slot slot, int index, bool zeroRangeFallback)
+    /// <summary>Queues the slot's I/O (from where a short transfer stopped). False when the submission ring is full.</summary>
+    private bool Fill(Slot slot, int index, bool zeroRangeFallback)
     {
         var io = slot.Io!;
         ulong offset = io.OffsetBlocks * _bdev.BlockSize;
-        sqe->Fd = _bdev.Fd;
-        sqe->UserData = (ulong)index;
+        int fd = _bdev.Fd;
         switch (io.Type)
         {
             case BdevIoType.Read:
@@ -119,12 +119,13 @@ internal sealed unsafe class FileChannel : IDisposable
                 var scratch = slot.Scratch;
                 if (count > scratch.Length)
                 {
-                    scratch = slot.Scratch = GC.AllocateArray<IoVec>(Math.Max(count, scratch.Length * 2), pinned: true); // grows once, then reused
+                    scratch = slot.Scratch = new PinnedArray<IoVec>(Math.Max(count, scratch.Length * 2)); // grows once, then reused
                 }
 
                 // Skip what a short transfer already did.
                 ulong skip = slot.Done;
                 int n = 0;
+                var dst = scratch.Span;
                 for (int i = 0; i < count; i++)
                 {
                     var v = iovs[i];
@@ -134,27 +135,20 @@ internal sealed unsafe class FileChannel : IDisposable
                         continue;
                     }
 
-                    scratch[n++] = new IoVec(v.Base + (nint)skip, v.Length - (nuint)skip);
+                    dst[n++] = new IoVec(v.Base + (nint)skip, v.Length - (nuint)skip);
                     skip = 0;
                 }
 
-                // SAFETY: scratch lives on the pinned object heap (never moves) and stays referenced by the slot until completion.
-                sqe->Addr = (ulong)System.Runtime.CompilerServices.Unsafe.AsPointer(ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(scratch));
-                sqe->Opcode = io.Type == BdevIoType.Read ? IoUring.OpReadv : IoUring.OpWritev;
-                sqe->Len = (uint)n;
-                sqe->Off = offset + slot.Done;
-                break;
+                // The scratch list stays referenced by the slot until the completion.
+                return _ring.TryPrepareReadWrite(io.Type == BdevIoType.Write, fd, scratch, n, offset + slot.Done, (ulong)index);
             case BdevIoType.Flush:
-                sqe->Opcode = IoUring.OpFsync;
-                sqe->OpFlags = IoUring.FsyncDatasync;
-                break;
+                return _ring.TryPrepareFsync(fd, dataOnly: true, (ulong)index);
             case BdevIoType.Unmap:
             case BdevIoType.WriteZeroes:
-                sqe->Opcode = IoUring.OpFallocate;
-                sqe->Off = offset;
-                sqe->Addr = io.NumBlocks * _bdev.BlockSize; // io_uring's fallocate takes the length in addr
-                sqe->Len = (uint)(io.Type == BdevIoType.WriteZeroes && !zeroRangeFallback ? FileBdev.FallocateMode(true) : FileBdev.PunchMode);
-                break;
+                int mode = io.Type == BdevIoType.WriteZeroes && !zeroRangeFallback ? FileBdev.FallocateMode(true) : FileBdev.PunchMode;
+                return _ring.TryPrepareFallocate(fd, mode, offset, io.NumBlocks * _bdev.BlockSize, (ulong)index);
+            default:
+                return _ring.TryPrepareFsync(fd, dataOnly: true, (ulong)index); // not reached: Reset completes in TryStart
         }
     }
 
@@ -218,10 +212,8 @@ internal sealed unsafe class FileChannel : IDisposable
             if (slot.Done < total && res > 0)
             {
                 // Short transfer: continue with the rest.
-                var sqe = _ring.GetSqe();
-                if (sqe != null)
+                if (Fill(slot, index, zeroRangeFallback: false))
                 {
-                    Fill(sqe, slot, index, zeroRangeFallback: false);
                     return;
                 }
             }
@@ -237,10 +229,8 @@ internal sealed unsafe class FileChannel : IDisposable
             {
                 // ZERO_RANGE unsupported (e.g. some file systems): a punched hole reads back as zeroes too.
                 slot.Done = 1;
-                var sqe = _ring.GetSqe();
-                if (sqe != null)
+                if (Fill(slot, index, zeroRangeFallback: true))
                 {
-                    Fill(sqe, slot, index, zeroRangeFallback: true);
                     return;
                 }
             }

@@ -1,9 +1,9 @@
 using VhostBackend.Reactor;
 
-namespace VhostBackend.Bdev.Modules;
+namespace VhostBackend.Bdev;
 
 /// <summary>An I/O device with no per-thread state, for modules that complete I/O inline (malloc, null).</summary>
-internal sealed class StatelessDevice : IoDevice
+public sealed class StatelessDevice : IoDevice
 {
     public static readonly StatelessDevice Instance = new();
 

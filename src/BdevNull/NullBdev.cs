@@ -1,10 +1,11 @@
 using System.Text.Json.Nodes;
+using VhostBackend.Bdev;
 using VhostBackend.Reactor;
 
-namespace VhostBackend.Bdev.Modules;
+namespace VhostBackend.BdevNull;
 
 /// <summary>bdev_null: discards writes, returns reads without touching the buffers (SPDK's null bdev behaviour).</summary>
-public sealed class NullBdev : Bdev
+public sealed class NullBdev : Bdev.Bdev
 {
     public NullBdev(string name, ulong numBlocks, uint blockSize, Guid? uuid = null)
         : base(name, "Null disk", blockSize, numBlocks, uuid)
@@ -13,9 +14,9 @@ public sealed class NullBdev : Bdev
 
     public override bool SupportsIoType(BdevIoType type) => type is not BdevIoType.Compare;
 
-    protected internal override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
+    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
 
-    protected internal override void Submit(IoChannel moduleChannel, BdevIo io) => io.Complete(BdevIoStatus.Success);
+    protected override void Submit(IoChannel moduleChannel, BdevIo io) => io.Complete(BdevIoStatus.Success);
 
     public void Resize(ulong numBlocks) => SetBlockCount(numBlocks);
 

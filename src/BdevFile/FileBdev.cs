@@ -1,11 +1,9 @@
-using System.Runtime.InteropServices;
-using System.Text;
 using System.Text.Json.Nodes;
-using Tmds.Linux;
+using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 
-namespace VhostBackend.Bdev.Modules.File;
+namespace VhostBackend.BdevFile;
 
 /// <summary>
 /// A regular file or block device served through io_uring: each reactor gets its own ring (an I/O channel),
@@ -15,12 +13,8 @@ namespace VhostBackend.Bdev.Modules.File;
 /// Unmap punches holes (files) or BLKDISCARD (block devices, synchronous); write-zeroes uses ZERO_RANGE
 /// (files) or BLKZEROOUT (block devices, synchronous).
 /// </summary>
-public sealed unsafe class FileBdev : Bdev
+public sealed class FileBdev : Bdev.Bdev
 {
-    private const ulong BLKGETSIZE64 = 0x80081272;
-    private const ulong BLKSSZGET = 0x1268;
-    private const ulong BLKDISCARD = 0x1277;
-    private const ulong BLKZEROOUT = 0x127f;
     private const int FALLOC_FL_KEEP_SIZE = 0x01;
     private const int FALLOC_FL_PUNCH_HOLE = 0x02;
     private const int FALLOC_FL_ZERO_RANGE = 0x10;
@@ -59,30 +53,30 @@ public sealed unsafe class FileBdev : Bdev
         }
 
         int flags = (readOnly ? Native.O_RDONLY : Native.O_RDWR) | Native.O_CLOEXEC;
-        int fd = OpenRaw(path, flags | Native.O_DIRECT);
+        int fd = FileOps.Open(path, flags | Native.O_DIRECT);
         bool direct = fd >= 0;
         if (fd < 0)
         {
-            int errno = Native.Errno;
+            int errno = -fd;
             if (errno != Native.EINVAL)
             {
                 throw new FileBdevException(errno, $"could not open {path}: {Native.StrError(errno)}");
             }
 
-            fd = OpenRaw(path, flags); // e.g. tmpfs: no O_DIRECT
+            fd = FileOps.Open(path, flags); // e.g. tmpfs: no O_DIRECT
             if (fd < 0)
             {
-                errno = Native.Errno;
+                errno = -fd;
                 throw new FileBdevException(errno, $"could not open {path}: {Native.StrError(errno)}");
             }
         }
 
         try
         {
-            StatBuf st;
-            if (Native.fstat(fd, &st) != 0)
+            int rc = FileOps.FStat(fd, out StatBuf st);
+            if (rc != 0)
             {
-                throw new FileBdevException(Native.Errno, $"fstat {path} failed");
+                throw new FileBdevException(-rc, $"fstat {path} failed");
             }
 
             ulong size;
@@ -90,15 +84,18 @@ public sealed unsafe class FileBdev : Bdev
             bool blockDevice = st.IsBlockDevice;
             if (blockDevice)
             {
-                ulong bytes;
-                int sector;
-                if (Native.ioctl(fd, BLKGETSIZE64, &bytes) != 0 || Native.ioctl(fd, BLKSSZGET, &sector) != 0)
+                rc = FileOps.GetBlockDeviceSize(fd, out ulong bytes);
+                if (rc == 0)
                 {
-                    throw new FileBdevException(Native.Errno, $"cannot read the size of block device {path}");
+                    rc = FileOps.GetLogicalBlockSize(fd, out detected);
+                }
+
+                if (rc != 0)
+                {
+                    throw new FileBdevException(-rc, $"cannot read the size of block device {path}");
                 }
 
                 size = bytes;
-                detected = (uint)sector;
             }
             else if (st.IsRegular)
             {
@@ -125,17 +122,8 @@ public sealed unsafe class FileBdev : Bdev
         }
         catch
         {
-            LibC.close(fd);
+            FileOps.Close(fd);
             throw;
-        }
-    }
-
-    private static int OpenRaw(string path, int flags)
-    {
-        byte[] bytes = Encoding.UTF8.GetBytes(path + "\0");
-        fixed (byte* p = bytes)
-        {
-            return LibC.open(p, flags, 0);
         }
     }
 
@@ -159,30 +147,28 @@ public sealed unsafe class FileBdev : Bdev
         _ => false,
     };
 
-    protected internal override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(_device);
+    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(_device);
 
-    protected internal override void Submit(IoChannel moduleChannel, BdevIo io) => ((FileChannel)moduleChannel.Context).Submit(io);
+    protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((FileChannel)moduleChannel.Context).Submit(io);
 
     /// <summary>Re-reads the file size (bdev_aio_rescan); raises a Resize event when it changed.</summary>
     public int Rescan()
     {
-        StatBuf st;
         ulong size;
         if (IsBlockDevice)
         {
-            ulong bytes;
-            if (Native.ioctl(_fd, BLKGETSIZE64, &bytes) != 0)
+            int rc = FileOps.GetBlockDeviceSize(_fd, out size);
+            if (rc != 0)
             {
-                return -Native.Errno;
+                return rc;
             }
-
-            size = bytes;
         }
         else
         {
-            if (Native.fstat(_fd, &st) != 0)
+            int rc = FileOps.FStat(_fd, out StatBuf st);
+            if (rc != 0)
             {
-                return -Native.Errno;
+                return rc;
             }
 
             size = (ulong)st.Size;
@@ -203,13 +189,7 @@ public sealed unsafe class FileBdev : Bdev
     }
 
     /// <summary>Synchronous discard / zero-out for block devices (io_uring has no opcode for them here).</summary>
-    internal int BlockDeviceRange(bool zero, ulong offset, ulong length)
-    {
-        ulong* range = stackalloc ulong[2];
-        range[0] = offset;
-        range[1] = length;
-        return Native.ioctl(_fd, zero ? BLKZEROOUT : BLKDISCARD, range) == 0 ? 0 : -Native.Errno;
-    }
+    internal int BlockDeviceRange(bool zero, ulong offset, ulong length) => FileOps.DiscardOrZero(_fd, zero, offset, length);
 
     internal static int FallocateMode(bool zero) => zero ? FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE : FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
 
@@ -237,15 +217,20 @@ public sealed unsafe class FileBdev : Bdev
         return VhostBackend.Rpc.Subsystem.Call(CreateMethod, p);
     }
 
-    protected internal override ValueTask DestructAsync()
+    protected override ValueTask DestructAsync()
+    {
+        Close();
+        return ValueTask.CompletedTask;
+    }
+
+    /// <summary>Closes the file (once). For a bdev that was never registered; a registered one is closed when unregistered.</summary>
+    internal void Close()
     {
         int fd = Interlocked.Exchange(ref _fd, -1);
         if (fd >= 0)
         {
-            LibC.close(fd);
+            FileOps.Close(fd);
         }
-
-        return ValueTask.CompletedTask;
     }
 
     private sealed class FileDevice : IoDevice

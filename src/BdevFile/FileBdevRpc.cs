@@ -1,9 +1,10 @@
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
+using VhostBackend.Bdev;
 using VhostBackend.Bdev.Rpc;
 using VhostBackend.Rpc;
 
-namespace VhostBackend.Bdev.Modules.File;
+namespace VhostBackend.BdevFile;
 
 /// <summary>
 /// SPDK's aio and uring bdev methods; both create a <see cref="FileBdev"/> (io_uring underneath). Errors as SPDK:
@@ -115,7 +116,7 @@ public static class FileBdevRpc
         }
         catch (BdevExistsException e)
         {
-            bdev.DestructAsync().AsTask().Wait();
+            bdev.Close();
             throw RpcException.Errno(RpcErrno.EEXIST, e.Message);
         }
 

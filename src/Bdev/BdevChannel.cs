@@ -115,17 +115,17 @@ public sealed class BdevChannel
     {
         if (desc.IsClosed || desc.Bdev != Bdev)
         {
-            return -19; // ENODEV
+            return -Errno.ENODEV;
         }
 
         if (type is BdevIoType.Write or BdevIoType.Unmap or BdevIoType.WriteZeroes && !desc.Writable)
         {
-            return -9; // EBADF, as SPDK
+            return -Errno.EBADF; // as SPDK
         }
 
         if (!Bdev.SupportsIoType(type))
         {
-            return -95; // ENOTSUP
+            return -Errno.ENOTSUP;
         }
 
         if (type == BdevIoType.Reset)
@@ -136,7 +136,7 @@ public sealed class BdevChannel
         ulong count = Bdev.BlockCount;
         if ((numBlocks == 0 && type != BdevIoType.Flush) || offsetBlocks > count || numBlocks > count - offsetBlocks)
         {
-            return -22; // EINVAL
+            return -Errno.EINVAL;
         }
 
         return 0;
@@ -157,7 +157,7 @@ public sealed class BdevChannel
             ulong len = iovs[i].Length;
             if (len > ulong.MaxValue - total)
             {
-                return -22; // a wrapping list must never pass as the right length
+                return -Errno.EINVAL; // a wrapping list must never pass as the right length
             }
 
             total += len;
@@ -165,13 +165,13 @@ public sealed class BdevChannel
 
         if (total != numBlocks * Bdev.BlockSize)
         {
-            return -22;
+            return -Errno.EINVAL;
         }
 
         var io = Alloc();
         if (io is null)
         {
-            return -12; // ENOMEM
+            return -Errno.ENOMEM;
         }
 
         io.Type = type;
@@ -196,7 +196,7 @@ public sealed class BdevChannel
         var io = Alloc();
         if (io is null)
         {
-            return -12;
+            return -Errno.ENOMEM;
         }
 
         io.Type = type;

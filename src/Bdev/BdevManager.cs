@@ -95,7 +95,7 @@ public sealed class BdevManager
             if (bdev.ClaimModule is { } owner)
             {
                 Logger.LogError("bdev {Name} already claimed by module {Module}", bdev.Name, owner.Name);
-                return -Native.EPERM;
+                return -Errno.EPERM;
             }
 
             foreach (var d in bdev.Descriptors)
@@ -103,7 +103,7 @@ public sealed class BdevManager
                 if (d.Writable && d != desc)
                 {
                     Logger.LogError("bdev {Name} already opened with write access", bdev.Name);
-                    return -Native.EPERM;
+                    return -Errno.EPERM;
                 }
             }
 
@@ -327,7 +327,7 @@ public sealed class BdevClaimedException : InvalidOperationException
     {
     }
 
-    public int Errno => Native.EPERM;
+    public int Errno => Platform.Errno.EPERM;
 }
 
 public sealed class BdevExistsException : Exception

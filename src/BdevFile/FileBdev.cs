@@ -49,7 +49,7 @@ public sealed class FileBdev : Bdev.Bdev
     {
         if (blockSize != 0 && (blockSize < 512 || (blockSize & (blockSize - 1)) != 0 || blockSize > 65536))
         {
-            throw new FileBdevException(Native.EINVAL, $"block_size {blockSize} must be a power of two between 512 and 65536");
+            throw new FileBdevException(Errno.EINVAL, $"block_size {blockSize} must be a power of two between 512 and 65536");
         }
 
         int flags = (readOnly ? Native.O_RDONLY : Native.O_RDWR) | Native.O_CLOEXEC;
@@ -58,7 +58,7 @@ public sealed class FileBdev : Bdev.Bdev
         if (fd < 0)
         {
             int errno = -fd;
-            if (errno != Native.EINVAL)
+            if (errno != Errno.EINVAL)
             {
                 throw new FileBdevException(errno, $"could not open {path}: {Native.StrError(errno)}");
             }
@@ -103,19 +103,19 @@ public sealed class FileBdev : Bdev.Bdev
             }
             else
             {
-                throw new FileBdevException(Native.EINVAL, $"{path} is neither a regular file nor a block device");
+                throw new FileBdevException(Errno.EINVAL, $"{path} is neither a regular file nor a block device");
             }
 
             uint bs = blockSize == 0 ? detected : blockSize;
             if (blockDevice && bs < detected)
             {
-                throw new FileBdevException(Native.EINVAL, $"block_size {bs} is smaller than {path}'s logical block size {detected}");
+                throw new FileBdevException(Errno.EINVAL, $"block_size {bs} is smaller than {path}'s logical block size {detected}");
             }
 
             ulong blocks = size / bs;
             if (blocks == 0)
             {
-                throw new FileBdevException(Native.EINVAL, $"{path} is smaller than one {bs}-byte block");
+                throw new FileBdevException(Errno.EINVAL, $"{path} is smaller than one {bs}-byte block");
             }
 
             return new FileBdev(name, path, fd, direct, blockDevice, readOnly, bs, blocks, uuid, createMethod);
@@ -177,7 +177,7 @@ public sealed class FileBdev : Bdev.Bdev
         ulong blocks = size / BlockSize;
         if (blocks == 0)
         {
-            return -Native.EINVAL;
+            return -Errno.EINVAL;
         }
 
         if (blocks != BlockCount)

@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using VhostBackend.Bdev;
@@ -75,7 +76,7 @@ public static class FileBdevRpc
             var name = BdevRpc.Decode<NameParams>(r).Name;
             if (bdevs.Find(name) is not FileBdev f)
             {
-                throw RpcErrno.Error(RpcErrno.ENODEV);
+                throw RpcErrno.Error(Errno.ENODEV);
             }
 
             int rc = f.Rescan();
@@ -92,12 +93,12 @@ public static class FileBdevRpc
     {
         if (string.IsNullOrEmpty(p.Name) || string.IsNullOrEmpty(p.Filename))
         {
-            throw RpcErrno.Error(RpcErrno.EINVAL);
+            throw RpcErrno.Error(Errno.EINVAL);
         }
 
         if (bdevs.Find(p.Name) is not null)
         {
-            throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {p.Name} already exists");
+            throw RpcException.Errno(Errno.EEXIST, $"Bdev name {p.Name} already exists");
         }
 
         FileBdev bdev;
@@ -117,7 +118,7 @@ public static class FileBdevRpc
         catch (BdevExistsException e)
         {
             bdev.Close();
-            throw RpcException.Errno(RpcErrno.EEXIST, e.Message);
+            throw RpcException.Errno(Errno.EEXIST, e.Message);
         }
 
         return JsonValue.Create(bdev.Name);
@@ -127,7 +128,7 @@ public static class FileBdevRpc
     {
         if (bdevs.Find(name) is not FileBdev f)
         {
-            throw RpcErrno.Error(RpcErrno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV);
         }
 
         await bdevs.UnregisterAsync(f).ConfigureAwait(true);

@@ -171,7 +171,7 @@ internal sealed class FileChannel : IDisposable
         if (_ring.Pending > 0)
         {
             int rc = _ring.Submit();
-            if (rc < 0 && rc != -Native.EAGAIN && rc != -Native.EBUSY)
+            if (rc < 0 && rc != -Errno.EAGAIN && rc != -Errno.EBUSY)
             {
                 FailPending(rc);
             }
@@ -220,10 +220,10 @@ internal sealed class FileChannel : IDisposable
 
             if (slot.Done < total)
             {
-                res = -Native.EIO;
+                res = -Errno.EIO;
             }
         }
-        else if (res == -Native.ENOTSUP || res == -95)
+        else if (res == -Errno.ENOTSUP)
         {
             if (io.Type == BdevIoType.WriteZeroes && slot.Done == 0)
             {

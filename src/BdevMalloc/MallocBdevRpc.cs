@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using VhostBackend.Bdev;
@@ -51,17 +52,17 @@ public static class MallocBdevRpc
         {
             if (BlockSize < 512 || (BlockSize & (BlockSize - 1)) != 0 || BlockSize > 65536)
             {
-                throw RpcException.Errno(RpcErrno.EINVAL, $"block_size {BlockSize} must be a power of two between 512 and 65536");
+                throw RpcException.Errno(Errno.EINVAL, $"block_size {BlockSize} must be a power of two between 512 and 65536");
             }
 
             if (NumBlocks == 0)
             {
-                throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks must be greater than 0");
+                throw RpcException.Errno(Errno.EINVAL, "num_blocks must be greater than 0");
             }
 
             if (MdSize != 0 || DifType != 0)
             {
-                throw RpcException.Errno(RpcErrno.ENOTSUP, "metadata and DIF are not supported");
+                throw RpcException.Errno(Errno.ENOTSUP, "metadata and DIF are not supported");
             }
         }
     }
@@ -83,7 +84,7 @@ public static class MallocBdevRpc
         string name = p.Name ?? NextName(bdevs, "Malloc");
         if (bdevs.Find(name) is not null)
         {
-            throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {name} already exists");
+            throw RpcException.Errno(Errno.EEXIST, $"Bdev name {name} already exists");
         }
 
         MallocBdev bdev;
@@ -93,11 +94,11 @@ public static class MallocBdevRpc
         }
         catch (OverflowException)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks * block_size is too large");
+            throw RpcException.Errno(Errno.EINVAL, "num_blocks * block_size is too large");
         }
         catch (OutOfMemoryException)
         {
-            throw RpcErrno.Error(RpcErrno.ENOMEM);
+            throw RpcErrno.Error(Errno.ENOMEM);
         }
 
         try
@@ -106,7 +107,7 @@ public static class MallocBdevRpc
         }
         catch (BdevExistsException e)
         {
-            throw RpcException.Errno(RpcErrno.EEXIST, e.Message);
+            throw RpcException.Errno(Errno.EEXIST, e.Message);
         }
 
         return JsonValue.Create(name);
@@ -127,7 +128,7 @@ public static class MallocBdevRpc
     {
         if (bdevs.Find(name) is not MallocBdev b)
         {
-            throw RpcErrno.Error(RpcErrno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV);
         }
 
         await bdevs.UnregisterAsync(b).ConfigureAwait(true);

@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using VhostBackend.Bdev;
@@ -51,17 +52,17 @@ public static class NullBdevRpc
         {
             if (BlockSize < 512 || (BlockSize & (BlockSize - 1)) != 0 || BlockSize > 65536)
             {
-                throw RpcException.Errno(RpcErrno.EINVAL, $"block_size {BlockSize} must be a power of two between 512 and 65536");
+                throw RpcException.Errno(Errno.EINVAL, $"block_size {BlockSize} must be a power of two between 512 and 65536");
             }
 
             if (NumBlocks == 0)
             {
-                throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks must be greater than 0");
+                throw RpcException.Errno(Errno.EINVAL, "num_blocks must be greater than 0");
             }
 
             if (MdSize != 0 || DifType != 0)
             {
-                throw RpcException.Errno(RpcErrno.ENOTSUP, "metadata and DIF are not supported");
+                throw RpcException.Errno(Errno.ENOTSUP, "metadata and DIF are not supported");
             }
         }
     }
@@ -98,7 +99,7 @@ public static class NullBdevRpc
         string name = p.Name;
         if (bdevs.Find(name) is not null)
         {
-            throw RpcException.Errno(RpcErrno.EEXIST, $"Bdev name {name} already exists");
+            throw RpcException.Errno(Errno.EEXIST, $"Bdev name {name} already exists");
         }
 
         NullBdev bdev;
@@ -108,11 +109,11 @@ public static class NullBdevRpc
         }
         catch (OverflowException)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, "num_blocks * block_size is too large");
+            throw RpcException.Errno(Errno.EINVAL, "num_blocks * block_size is too large");
         }
         catch (OutOfMemoryException)
         {
-            throw RpcErrno.Error(RpcErrno.ENOMEM);
+            throw RpcErrno.Error(Errno.ENOMEM);
         }
 
         try
@@ -121,7 +122,7 @@ public static class NullBdevRpc
         }
         catch (BdevExistsException e)
         {
-            throw RpcException.Errno(RpcErrno.EEXIST, e.Message);
+            throw RpcException.Errno(Errno.EEXIST, e.Message);
         }
 
         return JsonValue.Create(name);
@@ -131,7 +132,7 @@ public static class NullBdevRpc
     {
         if (bdevs.Find(name) is not NullBdev b)
         {
-            throw RpcErrno.Error(RpcErrno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV);
         }
 
         await bdevs.UnregisterAsync(b).ConfigureAwait(true);
@@ -141,22 +142,22 @@ public static class NullBdevRpc
     private static JsonNode? Resize(BdevManager bdevs, NullResizeParams p)
     {
         // SPDK: unknown bdev -ENODEV; a bdev of another module, or a size below the current one, -EINVAL.
-        var found = bdevs.Find(p.Name) ?? throw RpcErrno.Error(RpcErrno.ENODEV);
+        var found = bdevs.Find(p.Name) ?? throw RpcErrno.Error(Errno.ENODEV);
         if (found is not NullBdev b)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, $"{p.Name} is not a null bdev");
+            throw RpcException.Errno(Errno.EINVAL, $"{p.Name} is not a null bdev");
         }
 
         ulong bytes = p.NewSize * 1024 * 1024;
         ulong currentMb = b.BlockCount * b.BlockSize / (1024 * 1024);
         if (p.NewSize < currentMb)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, "The new bdev size must not be smaller than current bdev size.");
+            throw RpcException.Errno(Errno.EINVAL, "The new bdev size must not be smaller than current bdev size.");
         }
 
         if (p.NewSize == 0 || bytes / 1024 / 1024 != p.NewSize || bytes / b.BlockSize == 0)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, $"new_size {p.NewSize} MiB is not a valid size");
+            throw RpcException.Errno(Errno.EINVAL, $"new_size {p.NewSize} MiB is not a valid size");
         }
 
         b.Resize(bytes / b.BlockSize);

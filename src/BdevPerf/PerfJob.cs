@@ -284,11 +284,11 @@ public sealed class PerfJob
                 rc = ch.WriteZeroes(Desc, t.Offset, _blocksPerIo, s_done, t);
                 break;
             default:
-                rc = -22;
+                rc = -Errno.EINVAL;
                 break;
         }
 
-        if (rc == -12)
+        if (rc == -Errno.ENOMEM)
         {
             ch.QueueIoWait(t.Wait);
             return;

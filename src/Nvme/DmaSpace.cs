@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -152,7 +153,7 @@ public sealed unsafe class DmaSpace
             int i = Array.FindIndex(_regions, r => r.Va == (ulong)ptr);
             if (i < 0)
             {
-                return -Platform.Native.ENOENT;
+                return -Platform.Errno.ENOENT;
             }
 
             var r = _regions[i];
@@ -178,7 +179,7 @@ public sealed unsafe class DmaSpace
     {
         if (va == 0 || length == 0 || va % SmallPageSize != 0 || length % SmallPageSize != 0 || va + length < va)
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         lock (_lock)
@@ -187,14 +188,14 @@ public sealed unsafe class DmaSpace
             {
                 if (va < r.End && r.Va < va + length)
                 {
-                    return -Platform.Native.EEXIST;
+                    return -Platform.Errno.EEXIST;
                 }
             }
 
             ulong iova = ChooseIova(va, length);
             if (iova == ulong.MaxValue)
             {
-                return -Platform.Native.ENOSPC;
+                return -Platform.Errno.ENOSPC;
             }
 
             if (IsMapperReady())
@@ -250,7 +251,7 @@ public sealed unsafe class DmaSpace
             foreach (var r in _regions)
             {
                 ulong iova = ChooseIova(r.Va, r.Length);
-                int rc = iova == ulong.MaxValue ? -Platform.Native.ENOSPC : _mapper.Map((nint)r.Va, iova, r.Length);
+                int rc = iova == ulong.MaxValue ? -Platform.Errno.ENOSPC : _mapper.Map((nint)r.Va, iova, r.Length);
                 if (rc != 0)
                 {
                     _log.LogError("DMA map of 0x{Va:x}+{Len} failed: {Err}", r.Va, r.Length, rc);

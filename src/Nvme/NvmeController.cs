@@ -709,7 +709,7 @@ public sealed unsafe class NvmeController : IDisposable
         if (!st.IsSuccess)
         {
             _log.LogError("NVMe {Name}: Create I/O CQ {Qid} failed: {Status}", Name, qp.Id, st);
-            return -Platform.Native.EIO;
+            return -Platform.Errno.EIO;
         }
 
         var sq = MakeCommand(NvmeAdminOpcode.CreateIoSq, 0, size | qp.Id, ((uint)qp.Id << 16) | 1 /* PC */);
@@ -719,7 +719,7 @@ public sealed unsafe class NvmeController : IDisposable
         {
             _log.LogError("NVMe {Name}: Create I/O SQ {Qid} failed: {Status}", Name, qp.Id, st);
             ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, qp.Id), null, out _);
-            return -Platform.Native.EIO;
+            return -Platform.Errno.EIO;
         }
 
         qp.MarkConnected();

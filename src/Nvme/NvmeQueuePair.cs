@@ -160,7 +160,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     {
         if (numBlocks == 0 || numBlocks > 65536 || !ns.InRange(lba, numBlocks))
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         NvmeCommand cmd = default;
@@ -177,7 +177,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     {
         if (numBlocks == 0 || !ns.InRange(lba, numBlocks))
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         if (!IsConnected)
@@ -187,7 +187,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
 
         if (_freeCount == 0)
         {
-            return -Platform.Native.ENOMEM;
+            return -Platform.Errno.ENOMEM;
         }
 
         // The range list lives in the tracker's PRP page (a DMA page owned by this command until it completes).
@@ -215,13 +215,13 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     {
         if (numBlocks == 0 || numBlocks > 65536 || !ns.InRange(lba, numBlocks))
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         ulong bytes = (ulong)numBlocks * ns.BlockSize;
         if (bytes > _ctrl.MaxTransferBytes)
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         ulong total = 0;
@@ -232,7 +232,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
 
         if (total != bytes)
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         if (!IsConnected)
@@ -242,7 +242,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
 
         if (_freeCount == 0)
         {
-            return -Platform.Native.ENOMEM;
+            return -Platform.Errno.ENOMEM;
         }
 
         ushort cid = _free[_freeCount - 1];
@@ -274,7 +274,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
 
         if (_freeCount == 0)
         {
-            return -Platform.Native.ENOMEM;
+            return -Platform.Errno.ENOMEM;
         }
 
         ushort cid = _free[--_freeCount];
@@ -432,7 +432,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     {
         if (Volatile.Read(ref _state) == StateDestroyed)
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         MarkDisconnected();

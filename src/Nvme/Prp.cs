@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Runtime.InteropServices;
 
 namespace VhostBackend.Nvme;
@@ -65,7 +66,7 @@ public static unsafe class Prp
         prp2 = 0;
         if (iovs.Length == 0)
         {
-            return -Platform.Native.EINVAL;
+            return -Platform.Errno.EINVAL;
         }
 
         ulong mask = (ulong)pageSize - 1;
@@ -76,7 +77,7 @@ public static unsafe class Prp
             ulong len = iovs[i].Length;
             if (len == 0)
             {
-                return -Platform.Native.EINVAL;
+                return -Platform.Errno.EINVAL;
             }
 
             if (!space.TryTranslate(iovs[i].Base, iovs[i].Length, out ulong iova))
@@ -87,7 +88,7 @@ public static unsafe class Prp
             ulong end = iova + len;
             if ((i > 0 && (iova & mask) != 0) || (i < iovs.Length - 1 && (end & mask) != 0) || (iova & 3) != 0)
             {
-                return -Platform.Native.EINVAL;
+                return -Platform.Errno.EINVAL;
             }
 
             ulong page = iova;
@@ -102,7 +103,7 @@ public static unsafe class Prp
             {
                 if (count == listCapacity)
                 {
-                    return -Platform.Native.EINVAL;
+                    return -Platform.Errno.EINVAL;
                 }
 
                 // SAFETY: count < listCapacity, the list page holds listCapacity entries.

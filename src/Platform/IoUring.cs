@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Runtime.InteropServices;
 using Tmds.Linux;
 
@@ -251,7 +252,7 @@ public sealed unsafe class IoUring : IDisposable
         {
             rc = Native.syscall(Native.SYS_io_uring_enter, _fd, toSubmit, 0, 0, 0, 0);
         }
-        while (rc < 0 && Native.Errno == Native.EINTR);
+        while (rc < 0 && Native.Errno == Errno.EINTR);
         if (rc < 0)
         {
             return -Native.Errno;

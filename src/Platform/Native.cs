@@ -9,21 +9,6 @@ namespace VhostBackend.Platform;
 /// </summary>
 public static unsafe partial class Native
 {
-    public const int EINTR = 4;
-    public const int EAGAIN = 11;
-    public const int ENOMEM = 12;
-    public const int EBUSY = 16;
-    public const int EEXIST = 17;
-    public const int ENODEV = 19;
-    public const int EINVAL = 22;
-    public const int ENOSPC = 28;
-    public const int EIO = 5;
-    public const int ENOENT = 2;
-    public const int EPERM = 1;
-    public const int ENOTSUP = 95;
-    public const int ETIMEDOUT = 110;
-    public const int ECANCELED = 125;
-
     public const int O_RDONLY = 0x0;
     public const int O_RDWR = 0x2;
     public const int O_CREAT = 0x40;

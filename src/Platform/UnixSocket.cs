@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Runtime.InteropServices;
 using System.Text;
 
@@ -247,7 +248,7 @@ public sealed unsafe class UnixConnection : IDisposable
             {
                 n = SocketNative.recvmsg(_fd, &msg, SocketNative.MSG_CMSG_CLOEXEC);
             }
-            while (n < 0 && Native.Errno == Native.EINTR);
+            while (n < 0 && Native.Errno == Errno.EINTR);
 
             if (n < 0)
             {
@@ -326,7 +327,7 @@ public sealed unsafe class UnixConnection : IDisposable
     {
         if (fds.Length > MaxFdsPerMessage)
         {
-            return -Native.EINVAL;
+            return -Errno.EINVAL;
         }
 
         int controlSize = fds.Length == 0 ? 0 : 16 + (((fds.Length * 4) + 7) & ~7);
@@ -362,7 +363,7 @@ public sealed unsafe class UnixConnection : IDisposable
                 if (n < 0)
                 {
                     int e = Native.Errno;
-                    if (e == Native.EINTR)
+                    if (e == Errno.EINTR)
                     {
                         continue;
                     }

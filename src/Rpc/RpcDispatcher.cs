@@ -1,3 +1,4 @@
+using VhostBackend.Platform;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
@@ -145,7 +146,7 @@ public sealed class RpcDispatcher
         }
         catch (ArgumentException e)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, e.Message);
+            throw RpcException.Errno(Errno.EINVAL, e.Message);
         }
         catch (Exception e)
         {
@@ -162,38 +163,9 @@ public sealed class RpcDispatcher
     }
 }
 
-/// <summary>The errno values RPC methods report (negated on the wire), with glibc's strerror texts.</summary>
+/// <summary>SPDK's error replies for errno values (<see cref="Errno"/> defines the values and texts).</summary>
 public static class RpcErrno
 {
-    public const int EPERM = 1;
-    public const int ENOENT = 2;
-    public const int EIO = 5;
-    public const int ENOMEM = 12;
-    public const int EBUSY = 16;
-    public const int EEXIST = 17;
-    public const int ENODEV = 19;
-    public const int EINVAL = 22;
-    public const int ENOSPC = 28;
-    public const int ENOTSUP = 95;
-    public const int EALREADY = 114;
-
-    /// <summary>strerror(<paramref name="errno"/>) as SPDK's spdk_strerror prints it.</summary>
-    public static string Message(int errno) => Math.Abs(errno) switch
-    {
-        EPERM => "Operation not permitted",
-        ENOENT => "No such file or directory",
-        EIO => "Input/output error",
-        ENOMEM => "Cannot allocate memory",
-        EBUSY => "Device or resource busy",
-        EEXIST => "File exists",
-        ENODEV => "No such device",
-        EINVAL => "Invalid argument",
-        ENOSPC => "No space left on device",
-        ENOTSUP => "Operation not supported",
-        EALREADY => "Operation already in progress",
-        var n => $"Unknown error {n}",
-    };
-
     /// <summary>An error reply exactly like SPDK's <c>send_error_response(request, rc, spdk_strerror(-rc))</c>.</summary>
-    public static RpcException Error(int errno) => RpcException.Errno(errno, Message(errno));
+    public static RpcException Error(int errno) => RpcException.Errno(errno, Errno.Message(errno));
 }

@@ -32,10 +32,6 @@ public sealed class ScsiLunOptions
 /// </summary>
 public sealed partial class ScsiLun
 {
-    private const int EINVAL = 22;
-    private const int ENOMEM = 12;
-    private const int ENODEV = 19;
-    private const int EBADF = 9;
 
     private static readonly BdevIoCompletion s_ioDone = static (io, ok, arg) => IoDone(io, ok, (ScsiTask)arg!);
     private static readonly Action<object?> s_finish = static t => Finish((ScsiTask)t!);
@@ -610,7 +606,7 @@ public sealed partial class ScsiLun
             return;
         }
 
-        if (rc == -ENOMEM)
+        if (rc == -Errno.ENOMEM)
         {
             ch.QueueIoWait(task.WaitEntry);
             return;
@@ -618,13 +614,13 @@ public sealed partial class ScsiLun
 
         switch (-rc)
         {
-            case EINVAL:
+            case Errno.EINVAL:
                 task.SetCheckCondition(SenseKey.IllegalRequest, Asc.LbaOutOfRange, 0); // capacity shrank under us
                 break;
-            case EBADF:
+            case Errno.EBADF:
                 task.SetCheckCondition(SenseKey.DataProtect, Asc.WriteProtected, 0);
                 break;
-            case ENODEV:
+            case Errno.ENODEV:
                 task.SetCheckCondition(SenseKey.IllegalRequest, Asc.LogicalUnitNotSupported, 0);
                 break;
             default:

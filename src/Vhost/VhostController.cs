@@ -61,7 +61,7 @@ public abstract class VhostController : IVhostUserDevice
 
     public abstract int ReadConfig(uint offset, Span<byte> dest);
 
-    public virtual int WriteConfig(uint offset, ReadOnlySpan<byte> data) => -Native.ENOTSUP;
+    public virtual int WriteConfig(uint offset, ReadOnlySpan<byte> data) => -Errno.ENOTSUP;
 
     /// <summary>
     /// Copies [offset, offset+dest.Length) of a config space holding <paramref name="config"/> followed by zeros
@@ -75,7 +75,7 @@ public abstract class VhostController : IVhostUserDevice
         MemoryMarshal.Write(space, in config);
         if (offset > (uint)space.Length || (uint)dest.Length > (uint)space.Length - offset)
         {
-            return -Native.EINVAL;
+            return -Errno.EINVAL;
         }
 
         space.Slice((int)offset, dest.Length).CopyTo(dest);
@@ -160,12 +160,12 @@ public abstract class VhostController : IVhostUserDevice
     {
         if ((ulong)delayBaseUs * (ulong)VhostBackend.Platform.Ticks.Frequency / 1_000_000UL >= uint.MaxValue)
         {
-            throw new VhostException(Native.EINVAL, $"Delay time of {delayBaseUs} is too big");
+            throw new VhostException(Errno.EINVAL, $"Delay time of {delayBaseUs} is too big");
         }
 
         if (iopsThreshold * 10UL / 1000UL == 0)
         {
-            throw new VhostException(Native.EINVAL, $"IOPS rate of {iopsThreshold} is too low. Min is 100");
+            throw new VhostException(Errno.EINVAL, $"IOPS rate of {iopsThreshold} is too low. Min is 100");
         }
 
         Volatile.Write(ref _delayBaseUs, delayBaseUs);

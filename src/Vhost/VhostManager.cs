@@ -66,7 +66,7 @@ public sealed class VhostManager : IAsyncDisposable
             }
             catch (BdevNotFoundException e)
             {
-                throw new VhostException(Native.ENODEV, e.Message);
+                throw new VhostException(Errno.ENODEV, e.Message);
             }
         });
         _log.LogInformation("vhost-blk controller {Name} created on bdev {Bdev} (cpumask {Mask}, readonly {ReadOnly})", name, bdevName, ctrlr.CpuMask.ToMaskString(), readOnly);
@@ -92,7 +92,7 @@ public sealed class VhostManager : IAsyncDisposable
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
         {
-            throw new VhostException(Native.EIO, $"cannot listen on {ctrlr.SocketPath}: {e.Message}");
+            throw new VhostException(Errno.EIO, $"cannot listen on {ctrlr.SocketPath}: {e.Message}");
         }
     }
 
@@ -104,9 +104,9 @@ public sealed class VhostManager : IAsyncDisposable
 
     private VhostScsiController ScsiController(string name) => Find(name) switch
     {
-        null => throw new VhostException(Native.ENODEV, $"vhost controller {name} does not exist"),
+        null => throw new VhostException(Errno.ENODEV, $"vhost controller {name} does not exist"),
         VhostScsiController s => s,
-        _ => throw new VhostException(Native.EINVAL, $"{name} is not a vhost-scsi controller"),
+        _ => throw new VhostException(Errno.EINVAL, $"{name} is not a vhost-scsi controller"),
     };
 
     private T Create<T>(string name, string? cpumask, bool client, bool delay, Func<string, CpuSet, T> factory)
@@ -114,7 +114,7 @@ public sealed class VhostManager : IAsyncDisposable
     {
         if (string.IsNullOrEmpty(name) || name.Contains('/') || name is "." or "..")
         {
-            throw new VhostException(Native.EINVAL, $"invalid controller name '{name}'");
+            throw new VhostException(Errno.EINVAL, $"invalid controller name '{name}'");
         }
 
         CpuSet mask;
@@ -124,7 +124,7 @@ public sealed class VhostManager : IAsyncDisposable
         }
         else if (!CpuSet.TryParse(cpumask, out mask, out string err) || mask.Cores.Any(c => !_runtime.CpuMask.Contains(c)))
         {
-            throw new VhostException(Native.EINVAL, $"cpumask {cpumask} is invalid (core mask is {_runtime.CpuMask.ToMaskString()})");
+            throw new VhostException(Errno.EINVAL, $"cpumask {cpumask} is invalid (core mask is {_runtime.CpuMask.ToMaskString()})");
         }
 
         string path = Path.Combine(SocketDirectory, name);
@@ -132,7 +132,7 @@ public sealed class VhostManager : IAsyncDisposable
         {
             if (_controllers.ContainsKey(name))
             {
-                throw new VhostException(Native.EEXIST, $"vhost controller {name} already exists.");
+                throw new VhostException(Errno.EEXIST, $"vhost controller {name} already exists.");
             }
 
             T ctrlr = factory(path, mask);
@@ -149,7 +149,7 @@ public sealed class VhostManager : IAsyncDisposable
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
             {
                 (ctrlr as VhostBlkController)?.CloseBdev();
-                throw new VhostException(Native.EIO, $"cannot listen on {path}: {e.Message}");
+                throw new VhostException(Errno.EIO, $"cannot listen on {path}: {e.Message}");
             }
 
             _controllers.Add(name, ctrlr);
@@ -169,17 +169,17 @@ public sealed class VhostManager : IAsyncDisposable
         {
             if (!_controllers.TryGetValue(name, out ctrlr!))
             {
-                throw new VhostException(Native.ENODEV, $"vhost controller {name} does not exist");
+                throw new VhostException(Errno.ENODEV, $"vhost controller {name} does not exist");
             }
 
             if (ctrlr.Sessions.Count > 0)
             {
-                throw new VhostException(Native.EBUSY, $"Controller {name} has still valid connection.");
+                throw new VhostException(Errno.EBUSY, $"Controller {name} has still valid connection.");
             }
 
             if (ctrlr is VhostScsiController scsi && scsi.Targets.Any())
             {
-                throw new VhostException(Native.EBUSY, $"{name}: SCSI target {scsi.Targets.First().Id} is still present.");
+                throw new VhostException(Errno.EBUSY, $"{name}: SCSI target {scsi.Targets.First().Id} is still present.");
             }
 
             _controllers.Remove(name);

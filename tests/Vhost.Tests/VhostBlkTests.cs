@@ -300,7 +300,7 @@ public sealed class VhostBlkTests
 
         Assert.True(await VhostTestHost.WaitUntil(() => ctrl.Sessions.Count == 1));
         var ex = await Assert.ThrowsAsync<VhostException>(() => host.Vhost.DeleteControllerAsync("c"));
-        Assert.Equal(Native.EBUSY, ex.Errno);
+        Assert.Equal(Errno.EBUSY, ex.Errno);
 
         fe.Dispose(); // the "QEMU crash"
         Assert.True(await VhostTestHost.WaitUntil(() => ctrl.Sessions.Count == 0), "session not freed");
@@ -308,7 +308,7 @@ public sealed class VhostBlkTests
         Assert.Null(host.Vhost.Find("c"));
         Assert.False(File.Exists(Path.Combine(host.SocketDir, "c")));
         var ex2 = await Assert.ThrowsAsync<VhostException>(() => host.Vhost.DeleteControllerAsync("c"));
-        Assert.Equal(Native.ENODEV, ex2.Errno);
+        Assert.Equal(Errno.ENODEV, ex2.Errno);
     }
 
     [Fact]
@@ -316,10 +316,10 @@ public sealed class VhostBlkTests
     {
         await using var host = new VhostTestHost();
         host.Vhost.CreateBlkController("x", "Malloc0", null, false);
-        Assert.Equal(Native.EEXIST, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("x", "Malloc0", null, false)).Errno);
-        Assert.Equal(Native.ENODEV, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("y", "Nope", null, false)).Errno);
-        Assert.Equal(Native.EINVAL, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("z", "Malloc0", "0x100000", false)).Errno);
-        Assert.Equal(Native.EINVAL, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("a/b", "Malloc0", null, false)).Errno);
+        Assert.Equal(Errno.EEXIST, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("x", "Malloc0", null, false)).Errno);
+        Assert.Equal(Errno.ENODEV, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("y", "Nope", null, false)).Errno);
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("z", "Malloc0", "0x100000", false)).Errno);
+        Assert.Equal(Errno.EINVAL, Assert.Throws<VhostException>(() => host.Vhost.CreateBlkController("a/b", "Malloc0", null, false)).Errno);
 
         var json = host.Vhost.Find("x")!.ToJson();
         Assert.Equal("x", (string?)json["ctrlr"]);

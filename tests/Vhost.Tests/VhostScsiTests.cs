@@ -155,9 +155,9 @@ public sealed class VhostScsiTests
 
         // Errors with SPDK's errnos.
         var ex = await Assert.ThrowsAsync<VhostException>(() => host.Runtime.Main.InvokeAsync(() => host.Vhost.AddScsiTarget("scsi.0", 8, "Malloc0")));
-        Assert.Equal(Native.EINVAL, ex.Errno);
+        Assert.Equal(Errno.EINVAL, ex.Errno);
         ex = await Assert.ThrowsAsync<VhostException>(() => host.Vhost.RemoveScsiTargetAsync("scsi.0", 2));
-        Assert.Equal(Native.ENODEV, ex.Errno);
+        Assert.Equal(Errno.ENODEV, ex.Errno);
     }
 
     [Fact]

@@ -102,7 +102,7 @@ public static class BdevRpc
     }
 
     private static Bdev Find(BdevManager bdevs, string name) =>
-        bdevs.Find(name) ?? throw RpcErrno.Error(RpcErrno.ENODEV);
+        bdevs.Find(name) ?? throw RpcErrno.Error(Errno.ENODEV);
 
     private static JsonNode GetBdevs(BdevManager bdevs, GetBdevsParams p)
     {
@@ -167,14 +167,14 @@ public static class BdevRpc
         if (p.ResetMode is not (null or "none"))
         {
             throw p.ResetMode is "all" or "maxmin" or "error"
-                ? RpcErrno.Error(RpcErrno.ENOTSUP)
+                ? RpcErrno.Error(Errno.ENOTSUP)
                 : new RpcException(RpcErrorCodes.InternalError, $"{DecodeFailed}: reset_mode '{p.ResetMode}' is not one of all, maxmin, error, none");
         }
 
         string[]? names = p.Names ?? (p.Name is null ? null : [p.Name]);
         if (p.PerChannel && names is not { Length: 1 })
         {
-            throw RpcErrno.Error(RpcErrno.EINVAL); // SPDK: "Can't use per_channel with multiple bdevs"
+            throw RpcErrno.Error(Errno.EINVAL); // SPDK: "Can't use per_channel with multiple bdevs"
         }
 
         var list = names is null ? bdevs.All : names.Select(n => Find(bdevs, n)).ToArray();
@@ -225,7 +225,7 @@ public static class BdevRpc
         var b = Find(bdevs, p.Name);
         if (p.RwIosPerSec is null && p.RwMbytesPerSec is null && p.RMbytesPerSec is null && p.WMbytesPerSec is null)
         {
-            throw RpcException.Errno(RpcErrno.EINVAL, "No rate limits specified");
+            throw RpcException.Errno(Errno.EINVAL, "No rate limits specified");
         }
 
         // SPDK rounds an IOPS limit up to a multiple of 1000 (its minimum granularity) rather than failing.
@@ -245,7 +245,7 @@ public static class BdevRpc
         var arr = new JsonArray();
         if (p.Name is not null && bdevs.FindModule(p.Name) is null)
         {
-            throw RpcException.Errno(RpcErrno.ENODEV, $"No such bdev module: {p.Name}");
+            throw RpcException.Errno(Errno.ENODEV, $"No such bdev module: {p.Name}");
         }
 
         foreach (var m in bdevs.Modules)

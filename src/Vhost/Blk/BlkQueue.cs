@@ -345,7 +345,7 @@ internal sealed class BlkQueue : VhostQueue
             BdevIoType.Flush => ch.Flush(desc, req.OffsetBlocks, req.NumBlocks, s_done, req),
             BdevIoType.Unmap => ch.Unmap(desc, req.OffsetBlocks, req.NumBlocks, s_done, req),
             BdevIoType.WriteZeroes => ch.WriteZeroes(desc, req.OffsetBlocks, req.NumBlocks, s_done, req),
-            _ => -Native.EINVAL,
+            _ => -Errno.EINVAL,
         };
     }
 
@@ -358,7 +358,7 @@ internal sealed class BlkQueue : VhostQueue
             return;
         }
 
-        if (rc == -Native.ENOMEM && _ch!.QueueIoWait(req.WaitEntry))
+        if (rc == -Errno.ENOMEM && _ch!.QueueIoWait(req.WaitEntry))
         {
             return; // Resubmit runs when an I/O object is free; the request stays in flight.
         }
@@ -375,7 +375,7 @@ internal sealed class BlkQueue : VhostQueue
         }
 
         int rc = SubmitToBdev(req);
-        if (rc == 0 || (rc == -Native.ENOMEM && _ch.QueueIoWait(req.WaitEntry)))
+        if (rc == 0 || (rc == -Errno.ENOMEM && _ch.QueueIoWait(req.WaitEntry)))
         {
             return;
         }

@@ -51,7 +51,7 @@ public static class VhostRpc
 
     private static JsonNode? CreateBlk(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<CreateBlkParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL), allowUnknownNames: true);
+        var p = request.Bind<CreateBlkParams>(RpcErrorCodes.InvalidParams, Native.StrError(Errno.EINVAL), allowUnknownNames: true);
         try
         {
             manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly, p.Client);
@@ -124,11 +124,11 @@ public static class VhostRpc
 
     private static JsonNode? GetControllers(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<GetControllersParams>(RpcErrorCodes.InternalError, Native.StrError(Native.EINVAL));
+        var p = request.Bind<GetControllersParams>(RpcErrorCodes.InternalError, Native.StrError(Errno.EINVAL));
         var result = new JsonArray();
         if (p.Name is not null)
         {
-            var c = manager.Find(p.Name) ?? throw new RpcException(RpcErrorCodes.InternalError, Native.StrError(Native.ENODEV));
+            var c = manager.Find(p.Name) ?? throw new RpcException(RpcErrorCodes.InternalError, Native.StrError(Errno.ENODEV));
             result.Add(c.ToJson());
             return result;
         }
@@ -143,7 +143,7 @@ public static class VhostRpc
 
     private static async Task<JsonNode?> DeleteAsync(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<CtrlrParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL));
+        var p = request.Bind<CtrlrParams>(RpcErrorCodes.InvalidParams, Native.StrError(Errno.EINVAL));
         try
         {
             await manager.DeleteControllerAsync(p.Ctrlr).ConfigureAwait(true);
@@ -158,8 +158,8 @@ public static class VhostRpc
 
     private static async Task<JsonNode?> SetCoalescingAsync(VhostManager manager, RpcRequest request)
     {
-        var p = request.Bind<CoalescingParams>(RpcErrorCodes.InvalidParams, Native.StrError(Native.EINVAL));
-        var c = manager.Find(p.Ctrlr) ?? throw new RpcException(RpcErrorCodes.InvalidParams, Native.StrError(Native.ENODEV));
+        var p = request.Bind<CoalescingParams>(RpcErrorCodes.InvalidParams, Native.StrError(Errno.EINVAL));
+        var c = manager.Find(p.Ctrlr) ?? throw new RpcException(RpcErrorCodes.InvalidParams, Native.StrError(Errno.ENODEV));
         try
         {
             await c.SetCoalescingAsync(p.DelayBaseUs, p.IopsThreshold).ConfigureAwait(true);
@@ -200,7 +200,7 @@ public static class VhostRpc
 
             if (Transport is not null && !string.Equals(Transport, "vhost_user_blk", StringComparison.OrdinalIgnoreCase))
             {
-                throw RpcException.InvalidParams(Native.StrError(Native.EINVAL));
+                throw RpcException.InvalidParams(Native.StrError(Errno.EINVAL));
             }
         }
     }

@@ -112,10 +112,10 @@ public sealed class VhostScsiController : VhostController
         MemoryMarshal.Write(current, in c);
         if (offset < 20 || offset > 28 || (uint)data.Length > 28 - offset)
         {
-            return -Native.EINVAL;
+            return -Errno.EINVAL;
         }
 
-        return data.SequenceEqual(current.Slice((int)offset, data.Length)) ? 0 : -Native.ENOTSUP;
+        return data.SequenceEqual(current.Slice((int)offset, data.Length)) ? 0 : -Errno.ENOTSUP;
     }
 
     public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick)
@@ -146,16 +146,16 @@ public sealed class VhostScsiController : VhostController
                 num = Array.IndexOf(_targets, null);
                 if (num < 0)
                 {
-                    throw new VhostException(Native.EINVAL, $"Controller {Name} - all targets already in use");
+                    throw new VhostException(Errno.EINVAL, $"Controller {Name} - all targets already in use");
                 }
             }
             else if (num >= MaxTargets)
             {
-                throw new VhostException(Native.EINVAL, $"Controller {Name} target {num} number too big");
+                throw new VhostException(Errno.EINVAL, $"Controller {Name} target {num} number too big");
             }
             else if (_targets[num] is not null)
             {
-                throw new VhostException(Native.EEXIST, $"Controller {Name} target {num} already occupied");
+                throw new VhostException(Errno.EEXIST, $"Controller {Name} target {num} already occupied");
             }
 
             try
@@ -164,12 +164,12 @@ public sealed class VhostScsiController : VhostController
             }
             catch (BdevNotFoundException e)
             {
-                throw new VhostException(Native.ENODEV, e.Message);
+                throw new VhostException(Errno.ENODEV, e.Message);
             }
             catch (InvalidOperationException e)
             {
                 // Already claimed or opened read-write elsewhere.
-                throw new VhostException(Native.EBUSY, e.Message);
+                throw new VhostException(Errno.EBUSY, e.Message);
             }
 
             var device = new ScsiDevice($"Target {num}", num);
@@ -194,13 +194,13 @@ public sealed class VhostScsiController : VhostController
     {
         if ((uint)num >= MaxTargets)
         {
-            throw new VhostException(Native.EINVAL, $"Controller {Name} target {num} number too big");
+            throw new VhostException(Errno.EINVAL, $"Controller {Name} target {num} number too big");
         }
 
-        var target = GetTarget(num) ?? throw new VhostException(Native.ENODEV, $"Controller {Name} target {num} is not occupied");
+        var target = GetTarget(num) ?? throw new VhostException(Errno.ENODEV, $"Controller {Name} target {num} is not occupied");
         if (Interlocked.Exchange(ref target.Removing, 1) != 0)
         {
-            throw new VhostException(Native.EBUSY, $"Controller {Name} target {num} is already being removed");
+            throw new VhostException(Errno.EBUSY, $"Controller {Name} target {num} is already being removed");
         }
 
         Logger.LogInformation("vhost_scsi {Name}: removing target {Num}", Name, num);

@@ -295,7 +295,7 @@ public static class FrameworkRpc
     {
         long ticks = reactor.MaxIterationTicks;
         o["max_iteration_ticks"] = ticks;
-        o["max_iteration_us"] = Math.Round(ticks * 1_000_000.0 / Ticks.Frequency, 1);
+        o["max_iteration_us"] = Math.Round(Ticks.ToMicroseconds(ticks), 1);
     }
 
     private static string CoreMask(int core) => core < 64 ? (1UL << core).ToString("x", CultureInfo.InvariantCulture) : "0";

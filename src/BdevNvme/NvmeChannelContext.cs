@@ -355,10 +355,12 @@ internal sealed class NvmeChannelContext
     /// </summary>
     public void StartReconnect()
     {
-        if (_failed || _qp is null)
+        if (_qp is null || _ctrl.IsRemoved)
         {
             return;
         }
+
+        _failed = false; // failed by an earlier reset that did not succeed: this one did
 
         _ctrl.AddPendingReconnect();
         _reportReconnect = true;

@@ -1030,6 +1030,7 @@ public sealed unsafe class NvmeController : IDisposable
     {
         _log.LogError("NVMe {Name}: reset failed: {Why}", Name, why);
         ResetError = why;
+        NeedsReset = false; // no automatic retry loop: the owner decides (another reset, or detach)
         _resetTimedOut = timedOut;
         _admin.MarkDisconnected();
         _resetStep = 0;

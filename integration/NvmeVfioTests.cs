@@ -153,14 +153,16 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
                 Assert.Contains("PASS rpc-reset-under-io", run.Output, StringComparison.Ordinal);
                 Assert.Contains("tool exit 0", run.Output, StringComparison.Ordinal);
                 Assert.Contains("bdevperf exit 0", run.Output, StringComparison.Ordinal); // verify: no errors, no miscompares
-                var m = System.Text.RegularExpressions.Regex.Match(run.Output, @"baseline=\[[^\]]*\] max (\d+); during reset=\[[^\]]*\] max (\d+)");
+                var m = System.Text.RegularExpressions.Regex.Match(run.Output, @"baseline=\[[^\]]*\] max (\d+); during reset=\[[^\]]*\] max (\d+); reset rpc ms=\[[^\]]*\]; max_control_step_us=\[([^\]]*)\]");
                 Assert.True(m.Success, "no MEASURE line");
                 double baselineUs = double.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
                 double resetUs = double.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture);
-                output.WriteLine($"longest reactor iteration: baseline {baselineUs} us, with resets {resetUs} us");
+                double stepUs = m.Groups[3].Value.Split(',').Max(v => double.Parse(v, System.Globalization.CultureInfo.InvariantCulture));
+                output.WriteLine($"longest reactor iteration: baseline {baselineUs} us, with resets {resetUs} us; longest control-path step {stepUs} us");
 
-                // The bound: under 1 ms; when the TCG guest's own noise (the baseline) already exceeds that, the windows
-                // with a reset must stay within that noise (twice the baseline), not add a blocking wait.
+                // The bound: under 1 ms. When the TCG guest's own noise (the baseline windows: a starved vCPU preempts
+                // the reactor for hundreds of ms) already exceeds that, the windows with a (warm) reset must stay within
+                // that noise (twice the baseline), not add a blocking wait.
                 Assert.True(resetUs < 1000 || resetUs <= 2 * baselineUs, $"a reset made the reactor's longest iteration {resetUs} us (baseline {baselineUs} us)");
             }
 

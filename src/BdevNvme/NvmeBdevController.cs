@@ -19,6 +19,8 @@ public sealed class NvmeBdevController : IoDevice
     private volatile bool _resetting;
     private long _resetStartTicks;
     private int _pendingReconnects;
+    private long _maxControlStepTicks;
+    private long _lastResetTicks;
 
     internal NvmeBdevController(string name, string traddr, NvmeController ctrl, Reactor.Reactor adminReactor, ILogger log)
         : base("nvme:" + name)
@@ -38,6 +40,28 @@ public sealed class NvmeBdevController : IoDevice
     /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
     public bool IsResetting => _resetting;
     public bool IsRemoved { get; private set; }
+
+    /// <summary>
+    /// The longest single step of the control path on a reactor (one reset poll, one channel's reconnect start or
+    /// connect poll), in microseconds, since the last reset started: how long the control path held a reactor at once.
+    /// </summary>
+    public double MaxControlStepMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _maxControlStepTicks));
+
+    /// <summary>Duration of the last completed reset (start to every channel reconnected), microseconds.</summary>
+    public double LastResetMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _lastResetTicks));
+
+    /// <summary>Records one control-path step's duration (any reactor; control path only, never per I/O).</summary>
+    internal void RecordControlStep(long ticks)
+    {
+        long cur;
+        while (ticks > (cur = Volatile.Read(ref _maxControlStepTicks)))
+        {
+            if (Interlocked.CompareExchange(ref _maxControlStepTicks, ticks, cur) == cur)
+            {
+                return;
+            }
+        }
+    }
 
     /// <summary>Starts the admin poller (every 10 ms) on the calling reactor.</summary>
     internal void StartAdminPoller()
@@ -112,7 +136,10 @@ public sealed class NvmeBdevController : IoDevice
     {
         _resetting = true;
         _resetStartTicks = Ticks.Now();
-        if (!Controller.StartReset())
+        Volatile.Write(ref _maxControlStepTicks, 0);
+        bool started = Controller.StartReset();
+        RecordControlStep(Ticks.Now() - _resetStartTicks);
+        if (!started)
         {
             FinishReset(false);
             return;
@@ -123,7 +150,9 @@ public sealed class NvmeBdevController : IoDevice
 
     private int PollReset()
     {
+        long t0 = Ticks.Now();
         var st = Controller.PollReset();
+        RecordControlStep(Ticks.Now() - t0);
         if (st == NvmeResetState.InProgress)
         {
             return 0;
@@ -158,6 +187,7 @@ public sealed class NvmeBdevController : IoDevice
     private void FinishReset(bool ok)
     {
         _resetting = false;
+        Volatile.Write(ref _lastResetTicks, Ticks.Now() - _resetStartTicks);
         _log.LogInformation("NVMe controller {Name}: reset {Result} in {Us} us", CtrlName, ok ? "done" : "failed", Ticks.ToMicroseconds(Ticks.Now() - _resetStartTicks));
         var waiters = _resetWaiters.ToArray();
         _resetWaiters.Clear();

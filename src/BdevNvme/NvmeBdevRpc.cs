@@ -267,6 +267,12 @@ public sealed class NvmeBdevModule
                         ["trid"] = new JsonObject { ["trtype"] = "PCIe", ["traddr"] = c.TrAddr },
                         ["cntlid"] = c.Controller.Data.ControllerId,
                         ["host"] = new JsonObject { ["nqn"] = "", ["addr"] = "", ["svcid"] = "" },
+
+                        // Extension fields (not in SPDK): resets done, how long the last took, and the longest single
+                        // control-path step on a reactor since it started.
+                        ["reset_count"] = c.Controller.ResetCount,
+                        ["last_reset_us"] = Math.Round(c.LastResetMicroseconds, 1),
+                        ["max_control_step_us"] = Math.Round(c.MaxControlStepMicroseconds, 1),
                     },
                 },
             });

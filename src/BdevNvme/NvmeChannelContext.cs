@@ -265,7 +265,9 @@ internal sealed class NvmeChannelContext
 
         if (_connecting)
         {
+            long t0 = Ticks.Now();
             int rc = _qp.PollConnect();
+            _ctrl.RecordControlStep(Ticks.Now() - t0);
             if (rc == 0)
             {
                 return 0;
@@ -361,11 +363,13 @@ internal sealed class NvmeChannelContext
         }
 
         _failed = false; // failed by an earlier reset that did not succeed: this one did
-
         _ctrl.AddPendingReconnect();
         _reportReconnect = true;
         _connecting = true;
-        if (_qp.StartConnect() != 0)
+        long t0 = Ticks.Now();
+        int rc = _qp.StartConnect(); // fails what was outstanding (retried once connected)
+        _ctrl.RecordControlStep(Ticks.Now() - t0);
+        if (rc != 0)
         {
             ConnectFinished(-22);
         }

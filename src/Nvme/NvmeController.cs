@@ -1146,7 +1146,7 @@ public sealed unsafe class NvmeController : IDisposable
             // Disabled (or gone): queue pairs being deleted, or left by a refused delete, can be freed now.
             foreach (var qp in IoQueuePairs)
             {
-                if (!qp.IsConnected && !qp.IsConnecting && qp.IsDeleting)
+                if (qp.IsDeleting)
                 {
                     qp.Free();
                 }

@@ -73,8 +73,10 @@ public sealed class NvmeBdevController : IoDevice
     {
         if (_resetPoller is not null)
         {
+            // Detached in the middle of a reset: it will not finish; its callers hear so.
             AdminReactor.UnregisterPoller(_resetPoller);
             _resetPoller = null;
+            FinishReset(false);
         }
 
         if (_adminPoller is not null)

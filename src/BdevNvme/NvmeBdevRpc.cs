@@ -187,7 +187,7 @@ public sealed class NvmeBdevModule
                 }
             }
 
-            ctrl.Dispose();
+            await Task.Run(ctrl.Dispose).ConfigureAwait(true); // shutdown waits up to CAP.TO: not on the reactor
             lock (_ctrls)
             {
                 _ctrls.Remove(name);

@@ -12,8 +12,9 @@ namespace VhostBackend.Nvme.Tests;
 /// </summary>
 public sealed unsafe class NonBlockingControlPathTests : IDisposable
 {
-    // A single poll must not wait; generous against a loaded CI machine, tiny against CAP.TO (1 s in the model).
-    private const double MaxCallMs = 50;
+    // A single poll must not wait: generous against a loaded machine (100 ms preemptions seen with 2 shared cores),
+    // below the waits it replaces (CAP.TO: 1 s in the model; the admin timeout here: 300 ms).
+    private const double MaxCallMs = 200;
 
     private readonly DmaSpace _space = new(IdentityDmaMapper.Instance);
     private readonly NvmeControllerModel _model;

@@ -73,6 +73,9 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     /// <summary>Abort commands find nothing to abort (DW0 bit 0 set), so a timeout must escalate to a reset.</summary>
     public bool IgnoreAborts { get; set; }
 
+    /// <summary>CAP.TO in 500 ms units (default 2: one second). Read by the driver at attach.</summary>
+    public byte TimeoutUnits { get; set; } = 2;
+
     /// <summary>CC.EN=1 never sets CSTS.RDY (a controller that does not come back from a reset).</summary>
     public bool NeverReady { get; set; }
 
@@ -124,7 +127,7 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             return uint.MaxValue;
         }
 
-        ulong cap = (ulong)Mqes | (1UL << 16) | (2UL << 24) | ((ulong)Dstrd << 32) | (1UL << 37);
+        ulong cap = (ulong)Mqes | (1UL << 16) | ((ulong)TimeoutUnits << 24) | ((ulong)Dstrd << 32) | (1UL << 37);
         return offset switch
         {
             NvmeReg.Cap => (uint)cap,

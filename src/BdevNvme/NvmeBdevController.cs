@@ -37,6 +37,7 @@ public sealed class NvmeBdevController : IoDevice
     public NvmeController Controller { get; }
     public Reactor.Reactor AdminReactor { get; }
     public List<NvmeBdev> Bdevs { get; } = new();
+
     /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
     public bool IsResetting => _resetting;
     public bool IsRemoved { get; private set; }

@@ -1,6 +1,6 @@
-using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Nvme;
+using VhostBackend.Platform;
 using VhostBackend.Reactor;
 
 namespace VhostBackend.BdevNvme;
@@ -15,7 +15,12 @@ public sealed class NvmeBdevController : IoDevice
     private readonly ILogger _log;
     private readonly List<TaskCompletionSource> _resetWaiters = new();
     private Poller? _adminPoller;
-    private bool _resetting;
+    private Poller? _resetPoller;
+    private volatile bool _resetting;
+    private long _resetStartTicks;
+    private int _pendingReconnects;
+    private long _maxControlStepTicks;
+    private long _lastResetTicks;
 
     internal NvmeBdevController(string name, string traddr, NvmeController ctrl, Reactor.Reactor adminReactor, ILogger log)
         : base("nvme:" + name)
@@ -32,8 +37,32 @@ public sealed class NvmeBdevController : IoDevice
     public NvmeController Controller { get; }
     public Reactor.Reactor AdminReactor { get; }
     public List<NvmeBdev> Bdevs { get; } = new();
+
+    /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
     public bool IsResetting => _resetting;
     public bool IsRemoved { get; private set; }
+
+    /// <summary>
+    /// The longest single step of the control path on a reactor (one reset poll, one channel's reconnect start or
+    /// connect poll), in microseconds, since the last reset started: how long the control path held a reactor at once.
+    /// </summary>
+    public double MaxControlStepMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _maxControlStepTicks));
+
+    /// <summary>Duration of the last completed reset (start to every channel reconnected), microseconds.</summary>
+    public double LastResetMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _lastResetTicks));
+
+    /// <summary>Records one control-path step's duration (any reactor; control path only, never per I/O).</summary>
+    internal void RecordControlStep(long ticks)
+    {
+        long cur;
+        while (ticks > (cur = Volatile.Read(ref _maxControlStepTicks)))
+        {
+            if (Interlocked.CompareExchange(ref _maxControlStepTicks, ticks, cur) == cur)
+            {
+                return;
+            }
+        }
+    }
 
     /// <summary>Starts the admin poller (every 10 ms) on the calling reactor.</summary>
     internal void StartAdminPoller()
@@ -43,6 +72,14 @@ public sealed class NvmeBdevController : IoDevice
 
     internal void StopAdminPoller()
     {
+        if (_resetPoller is not null)
+        {
+            // Detached in the middle of a reset: it will not finish; its callers hear so.
+            AdminReactor.UnregisterPoller(_resetPoller);
+            _resetPoller = null;
+            FinishReset(false);
+        }
+
         if (_adminPoller is not null)
         {
             AdminReactor.UnregisterPoller(_adminPoller);
@@ -76,8 +113,12 @@ public sealed class NvmeBdevController : IoDevice
     }
 
     /// <summary>
-    /// Resets the controller (on the admin reactor): controller reset, then every channel reconnects its queue pair
-    /// on its own reactor; I/O that was outstanding is retried there. Concurrent callers share one reset.
+    /// Resets the controller without blocking any reactor (SPDK bdev_nvme's disconnect/reconnect): on the admin
+    /// reactor the driver's reset state machine (<see cref="NvmeController.StartReset"/>) is advanced by a poller,
+    /// then every channel reconnects its queue pair on its own reactor, again by polling. I/O submitted meanwhile
+    /// waits in its channel's queue, and I/O that was outstanding on a queue pair is retried (up to 3 times) once it
+    /// is reconnected, like SPDK. The task completes when every channel is reconnected (or failed); it faults when the
+    /// controller could not be reset (its I/O then fails). Concurrent callers share one reset.
     /// </summary>
     public Task ResetAsync()
     {
@@ -97,38 +138,73 @@ public sealed class NvmeBdevController : IoDevice
     private void StartReset()
     {
         _resetting = true;
-        var sw = Stopwatch.StartNew();
-        bool ok = true;
-        try
+        _resetStartTicks = Ticks.Now();
+        Volatile.Write(ref _maxControlStepTicks, 0);
+        bool started = Controller.StartReset();
+        RecordControlStep(Ticks.Now() - _resetStartTicks);
+        if (!started)
         {
-            Controller.Reset();
-        }
-        catch (Exception e) when (e is IOException or TimeoutException)
-        {
-            _log.LogError("NVMe controller {Name}: reset failed: {Error}", CtrlName, e.Message);
-            ok = false;
+            FinishReset(false);
+            return;
         }
 
-        ForEachChannel(
-            static ch => ((NvmeChannelContext)ch.Context).Reconnect(),
-            () =>
+        _resetPoller = AdminReactor.RegisterPoller("nvme_ctrlr_reset:" + CtrlName, static c => ((NvmeBdevController)c!).PollReset(), this);
+    }
+
+    private int PollReset()
+    {
+        long t0 = Ticks.Now();
+        var st = Controller.PollReset();
+        RecordControlStep(Ticks.Now() - t0);
+        if (st == NvmeResetState.InProgress)
+        {
+            return 0;
+        }
+
+        AdminReactor.UnregisterPoller(_resetPoller!);
+        _resetPoller = null;
+        if (st != NvmeResetState.Succeeded)
+        {
+            _log.LogError("NVMe controller {Name}: reset failed: {Error}; failing its I/O", CtrlName, Controller.ResetError);
+            ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).FailAll(), () => FinishReset(false));
+            return 1;
+        }
+
+        // One count for the walk itself, one per channel that starts reconnecting (each reports back here).
+        _pendingReconnects = 1;
+        ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).StartReconnect(), ReconnectDone);
+        return 1;
+    }
+
+    internal void AddPendingReconnect() => Interlocked.Increment(ref _pendingReconnects);
+
+    /// <summary>On the admin reactor: a channel finished reconnecting (or the walk over channels ended).</summary>
+    internal void ReconnectDone()
+    {
+        if (Interlocked.Decrement(ref _pendingReconnects) == 0 && _resetting)
+        {
+            FinishReset(true);
+        }
+    }
+
+    private void FinishReset(bool ok)
+    {
+        _resetting = false;
+        Volatile.Write(ref _lastResetTicks, Ticks.Now() - _resetStartTicks);
+        _log.LogInformation("NVMe controller {Name}: reset {Result} in {Us} us", CtrlName, ok ? "done" : "failed", Ticks.ToMicroseconds(Ticks.Now() - _resetStartTicks));
+        var waiters = _resetWaiters.ToArray();
+        _resetWaiters.Clear();
+        foreach (var w in waiters)
+        {
+            if (ok)
             {
-                _resetting = false;
-                _log.LogInformation("NVMe controller {Name}: reset {Result} in {Ms} ms", CtrlName, ok ? "done" : "failed", sw.ElapsedMilliseconds);
-                var waiters = _resetWaiters.ToArray();
-                _resetWaiters.Clear();
-                foreach (var w in waiters)
-                {
-                    if (ok)
-                    {
-                        w.TrySetResult();
-                    }
-                    else
-                    {
-                        w.TrySetException(new IOException("controller reset failed"));
-                    }
-                }
-            });
+                w.TrySetResult();
+            }
+            else
+            {
+                w.TrySetException(new IOException("controller reset failed: " + Controller.ResetError));
+            }
+        }
     }
 
     protected override object CreateChannelContext(Reactor.Reactor reactor) => new NvmeChannelContext(this, reactor, _log);

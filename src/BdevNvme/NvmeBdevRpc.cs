@@ -73,6 +73,13 @@ public sealed class GetControllersParams
     public string? Name { get; set; }
 }
 
+/// <summary>bdev_nvme_reset_controller params (SPDK's: the controller's name, optionally the cntlid of one of its paths).</summary>
+public sealed class ResetControllerParams
+{
+    [JsonRequired] public string Name { get; set; } = "";
+    public ushort? Cntlid { get; set; }
+}
+
 /// <summary>
 /// The NVMe bdev module: attached controllers by name and their RPC methods (bdev_nvme_attach_controller,
 /// bdev_nvme_detach_controller, bdev_nvme_get_controllers, bdev_nvme_reset_controller). Handlers run on the main reactor.
@@ -180,7 +187,7 @@ public sealed class NvmeBdevModule
                 }
             }
 
-            ctrl.Dispose();
+            await Task.Run(ctrl.Dispose).ConfigureAwait(true); // shutdown waits up to CAP.TO: not on the reactor
             lock (_ctrls)
             {
                 _ctrls.Remove(name);
@@ -260,6 +267,12 @@ public sealed class NvmeBdevModule
                         ["trid"] = new JsonObject { ["trtype"] = "PCIe", ["traddr"] = c.TrAddr },
                         ["cntlid"] = c.Controller.Data.ControllerId,
                         ["host"] = new JsonObject { ["nqn"] = "", ["addr"] = "", ["svcid"] = "" },
+
+                        // Extension fields (not in SPDK): resets done, how long the last took, and the longest single
+                        // control-path step on a reactor since it started.
+                        ["reset_count"] = c.Controller.ResetCount,
+                        ["last_reset_us"] = Math.Round(c.LastResetMicroseconds, 1),
+                        ["max_control_step_us"] = Math.Round(c.MaxControlStepMicroseconds, 1),
                     },
                 },
             });
@@ -316,9 +329,23 @@ public static class NvmeBdevRpc
 
         rpc.Register("bdev_nvme_reset_controller", async r =>
         {
-            var p = BdevRpc.Decode<GetControllersParams>(r);
-            var c = (p.Name is null ? null : module.Find(p.Name)) ?? throw RpcException.Errno(19, $"Controller {p.Name} does not exist");
-            await c.ResetAsync().ConfigureAwait(true);
+            // Completes when the controller is reset and every channel's queue pair reconnected; no reactor waits.
+            var p = BdevRpc.Decode<ResetControllerParams>(r);
+            var c = module.Find(p.Name);
+            if (c is null || (p.Cntlid is { } id && id != c.Controller.Data.ControllerId))
+            {
+                throw RpcException.Errno(19, $"Failed to find NVMe controller {p.Name}" + (p.Cntlid is { } i ? $" with cntlid {i}" : ""));
+            }
+
+            try
+            {
+                await c.ResetAsync().ConfigureAwait(true);
+            }
+            catch (IOException e)
+            {
+                throw RpcException.Errno(5, e.Message);
+            }
+
             return (JsonNode?)true;
         }, RpcStates.Runtime);
 

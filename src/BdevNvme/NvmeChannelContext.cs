@@ -14,11 +14,13 @@ namespace VhostBackend.BdevNvme;
 /// <para>
 /// Buffers go to the device as they are (zero copy) when they are registered DMA memory and meet the PRP rules
 /// (<see cref="Prp.IsCompatible"/>); otherwise the data is bounced through this channel's DMA buffers.
-/// I/O that cannot start now (no free command slot, no bounce buffer, queue pair reconnecting) waits in a FIFO
-/// and is started by the poller. I/O aborted by a controller reset is retried (up to 3 times).
+/// I/O that cannot start now (no free command slot, no bounce buffer, queue pair connecting or reconnecting after
+/// a reset) waits in a FIFO and is started by the poller. I/O aborted by a controller reset is retried (up to 3
+/// times). Nothing here waits for the controller: the queue pair is created (and re-created after a reset) by
+/// polling its connect state machine from this channel's poller, and deleted asynchronously on destroy.
 /// </para>
 /// </summary>
-internal sealed unsafe class NvmeChannelContext
+internal sealed class NvmeChannelContext
 {
     private const int MaxRetries = 3;
     private readonly NvmeBdevController _ctrl;
@@ -32,6 +34,8 @@ internal sealed unsafe class NvmeChannelContext
     private readonly Poller _poller;
     private long _nextTimeoutCheck;
     private bool _failed;
+    private bool _connecting;
+    private bool _reportReconnect;
 
     private sealed class Request
     {
@@ -45,15 +49,25 @@ internal sealed unsafe class NvmeChannelContext
         _ctrl = ctrl;
         _reactor = reactor;
         _log = log;
-        try
+        if (ctrl.IsRemoved)
         {
-            _qp = ctrl.Controller.AllocIoQueuePair();
+            _failed = true; // the device is gone: a channel that fails its I/O
         }
-        catch (Exception e) when (e is IOException or InvalidOperationException or ObjectDisposedException)
+        else
         {
-            // No queue pair (device removed, controller failed, out of queues): a channel that fails its I/O.
-            log.LogError("NVMe {Name}: no I/O queue pair for {Reactor}: {Error}", ctrl.CtrlName, reactor, e.Message);
-            _failed = true;
+            try
+            {
+                // Allocated here, created on the controller by the poller (PollConnect): I/O waits until then.
+                _qp = ctrl.Controller.CreateIoQueuePair();
+                _qp.StartConnect();
+                _connecting = true;
+            }
+            catch (Exception e) when (e is IOException or InvalidOperationException or ObjectDisposedException or OutOfMemoryException)
+            {
+                // No queue pair (controller failed, out of queues): a channel that fails its I/O.
+                log.LogError("NVMe {Name}: no I/O queue pair for {Reactor}: {Error}", ctrl.CtrlName, reactor, e.Message);
+                _failed = true;
+            }
         }
 
         int slots = _qp is null ? 1 : _qp.Entries - 1;
@@ -159,7 +173,7 @@ internal sealed unsafe class NvmeChannelContext
 
                     if (io.Type != BdevIoType.Read)
                     {
-                        CopyIn(io, va);
+                        _bounce.CopyIn(va, iovs);
                     }
 
                     req.Bounce = va;
@@ -200,28 +214,6 @@ internal sealed unsafe class NvmeChannelContext
         return true;
     }
 
-    private static void CopyIn(BdevIo io, nint dst)
-    {
-        byte* d = (byte*)dst;
-        foreach (var v in io.Iovs)
-        {
-            // SAFETY: the bdev layer checked that the iovecs add up to io.Length, which fits the bounce buffer.
-            Buffer.MemoryCopy((void*)v.Base, d, (long)v.Length, (long)v.Length);
-            d += v.Length;
-        }
-    }
-
-    private static void CopyOut(BdevIo io, nint src)
-    {
-        byte* s = (byte*)src;
-        foreach (var v in io.Iovs)
-        {
-            // SAFETY: as in CopyIn.
-            Buffer.MemoryCopy(s, (void*)v.Base, (long)v.Length, (long)v.Length);
-            s += v.Length;
-        }
-    }
-
     private void Release(Request req)
     {
         if (req.Bounce != 0)
@@ -248,7 +240,7 @@ internal sealed unsafe class NvmeChannelContext
 
         if (req.Bounce != 0 && status.IsSuccess && io.Type == BdevIoType.Read)
         {
-            CopyOut(io, req.Bounce);
+            _bounce.CopyOut(req.Bounce, MemoryMarshal.Cast<IoVec, NvmeIoVec>(io.Iovs));
         }
 
         Release(req);
@@ -271,6 +263,19 @@ internal sealed unsafe class NvmeChannelContext
             return 0;
         }
 
+        if (_connecting)
+        {
+            long t0 = Ticks.Now();
+            int rc = _qp.PollConnect();
+            _ctrl.RecordControlStep(Ticks.Now() - t0);
+            if (rc == 0)
+            {
+                return 0;
+            }
+
+            ConnectFinished(rc);
+        }
+
         int n = _qp.ProcessCompletions();
         while (_waiting.Count > 0 && _qp.IsConnected && !_failed)
         {
@@ -288,55 +293,98 @@ internal sealed unsafe class NvmeChannelContext
             FailWaiting();
         }
 
-        long now = Ticks.Now();
-        if (now >= _nextTimeoutCheck)
+        if (_qp.IsConnected)
         {
-            _nextTimeoutCheck = now + Ticks.Frequency;
-            _qp.CheckTimeouts(now, s_timeout, this);
+            long now = _reactor.Now;
+            if (now >= _nextTimeoutCheck)
+            {
+                _nextTimeoutCheck = now + Ticks.Frequency;
+                _qp.CheckTimeouts(now, s_timeout, this);
+            }
         }
 
         return n;
     }
 
+    private void ConnectFinished(int rc)
+    {
+        _connecting = false;
+        if (rc < 0)
+        {
+            if (_ctrl.IsResetting && !_reportReconnect)
+            {
+                // Failed because a reset started (it aborts admin commands): the reset reconnects this channel.
+                _log.LogInformation("NVMe {Name}: queue pair {Qid} connect interrupted by a reset ({Rc})", _ctrl.CtrlName, _qp!.Id, rc);
+            }
+            else
+            {
+                _log.LogError("NVMe {Name}: queue pair {Qid} could not be created ({Rc}); failing its I/O", _ctrl.CtrlName, _qp!.Id, rc);
+                FailAll();
+            }
+        }
+
+        if (_reportReconnect)
+        {
+            _reportReconnect = false;
+            _ctrl.AdminReactor.Send(static c => ((NvmeBdevController)c!).ReconnectDone(), _ctrl);
+        }
+    }
+
+    private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
+    {
+        // Runs where admin completions are reaped. A reset that fails the abort itself takes care of the command.
+        if (status != NvmeStatus.AbortedSqDeletion && (!status.IsSuccess || (dw0 & 1) != 0))
+        {
+            // Abort failed or the controller did not find the command: escalate to a controller reset.
+            ((NvmeController)arg!).RequestReset();
+        }
+    };
+
     private void OnTimeout(ushort cid)
     {
         ushort qid = _qp!.Id;
         _log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out; aborting it", _ctrl.CtrlName, cid, qid);
-        var ctrl = _ctrl;
-        ctrl.AdminReactor.Send(static s =>
+        var c = _ctrl.Controller;
+        if (c.SubmitAbort(qid, cid, s_abortDone, c) != 0)
         {
-            var (c, q, id) = ((NvmeBdevController, ushort, ushort))s!;
-            var st = c.Controller.Abort(q, id, out bool aborted);
-            if (!aborted)
-            {
-                // Abort failed or the controller did not find the command: escalate to a controller reset.
-                c.Controller.RequestReset();
-            }
-        }, (ctrl, qid, cid));
+            c.RequestReset();
+        }
     }
 
-    /// <summary>On this reactor, after the controller was reset: re-create the queue pair; aborted I/O is retried.</summary>
-    public void Reconnect()
+    /// <summary>
+    /// On this reactor, after the controller was reset: starts re-creating the queue pair (the poller drives it; I/O
+    /// that was outstanding is retried once it is connected) and reports to the controller when done.
+    /// </summary>
+    public void StartReconnect()
     {
-        if (_failed || _qp is null)
+        if (_qp is null || _ctrl.IsRemoved)
         {
             return;
         }
 
-        int rc = _qp.Reconnect();
+        _failed = false; // failed by an earlier reset that did not succeed: this one did
+        _ctrl.AddPendingReconnect();
+        _reportReconnect = true;
+        _connecting = true;
+        long t0 = Ticks.Now();
+        int rc = _qp.StartConnect(); // fails what was outstanding (retried once connected)
+        _ctrl.RecordControlStep(Ticks.Now() - t0);
         if (rc != 0)
         {
-            _log.LogError("NVMe {Name}: queue pair {Qid} could not be re-created ({Rc}); failing its I/O", _ctrl.CtrlName, _qp.Id, rc);
-            FailAll();
+            ConnectFinished(-22);
         }
     }
 
-    /// <summary>The device is gone: fail everything now and later.</summary>
+    /// <summary>The device is gone or its reset failed: fail everything now and later.</summary>
     public void FailAll()
     {
         _failed = true;
         _qp?.FailOutstanding(NvmeStatus.InternalDeviceError);
         FailWaiting();
+        if (_connecting)
+        {
+            ConnectFinished(-6);
+        }
     }
 
     private void FailWaiting()
@@ -347,12 +395,24 @@ internal sealed unsafe class NvmeChannelContext
         }
     }
 
+    /// <summary>On this reactor: the poller stops, the queue pair is deleted on the controller in the background and the bounce buffers freed after it (the device may write them until then).</summary>
     public void Destroy()
     {
         _reactor.UnregisterPoller(_poller);
         _failed = true;
         FailWaiting();
-        _qp?.Dispose();
-        _bounce.Dispose();
+        if (_reportReconnect)
+        {
+            ConnectFinished(-6);
+        }
+
+        if (_qp is not null)
+        {
+            _qp.BeginDestroy(_bounce);
+        }
+        else
+        {
+            _bounce.Dispose();
+        }
     }
 }

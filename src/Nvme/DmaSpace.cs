@@ -442,5 +442,60 @@ public sealed class DmaBufferPool : IDisposable
         _free[_freeCount++] = (int)(off / BufferSize);
     }
 
+    /// <summary>
+    /// Gathers <paramref name="src"/> (in order) into <paramref name="buffer"/>, a buffer taken from this pool. The
+    /// buffer is checked (it must be one of this pool's, and the elements must add up to at most
+    /// <see cref="BufferSize"/>); the elements are the caller's own memory (e.g. iovecs the bdev layer validated).
+    /// </summary>
+    public void CopyIn(nint buffer, ReadOnlySpan<NvmeIoVec> src)
+    {
+        CheckBuffer(buffer, src);
+        unsafe
+        {
+            byte* d = (byte*)buffer;
+            foreach (var v in src)
+            {
+                // SAFETY: the destination stays inside the pool buffer (CheckBuffer); the source is the caller's.
+                Buffer.MemoryCopy((void*)v.Base, d, (long)v.Length, (long)v.Length);
+                d += v.Length;
+            }
+        }
+    }
+
+    /// <summary>Scatters <paramref name="buffer"/> (a buffer of this pool) into <paramref name="dst"/>; checked as <see cref="CopyIn"/>.</summary>
+    public void CopyOut(nint buffer, ReadOnlySpan<NvmeIoVec> dst)
+    {
+        CheckBuffer(buffer, dst);
+        unsafe
+        {
+            byte* s = (byte*)buffer;
+            foreach (var v in dst)
+            {
+                // SAFETY: as in CopyIn, the other way round.
+                Buffer.MemoryCopy(s, (void*)v.Base, (long)v.Length, (long)v.Length);
+                s += v.Length;
+            }
+        }
+    }
+
+    private void CheckBuffer(nint buffer, ReadOnlySpan<NvmeIoVec> iovs)
+    {
+        long off = buffer - _region.Va;
+        if (off < 0 || off % BufferSize != 0 || off / BufferSize >= Count)
+        {
+            throw new ArgumentException("buffer does not belong to this pool");
+        }
+
+        ulong total = 0;
+        foreach (var v in iovs)
+        {
+            total += v.Length;
+            if (v.Length > (ulong)BufferSize || total > (ulong)BufferSize || (v.Base == 0 && v.Length != 0))
+            {
+                throw new ArgumentException("buffers larger than the pool buffer");
+            }
+        }
+    }
+
     public void Dispose() => _region.Dispose();
 }

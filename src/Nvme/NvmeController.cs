@@ -1,5 +1,4 @@
 using VhostBackend.Platform;
-using System.Diagnostics;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -16,7 +15,7 @@ public sealed class NvmeControllerOptions
     /// <summary>I/O queue pairs to ask the controller for (Set Features, Number of Queues).</summary>
     public int IoQueuesRequested { get; set; } = 16;
 
-    /// <summary>Timeout of admin commands issued synchronously.</summary>
+    /// <summary>Timeout of admin commands (synchronous or not): an expired command completes with "abort requested" and the controller is marked <see cref="NvmeController.NeedsReset"/>.</summary>
     public TimeSpan AdminTimeout { get; set; } = TimeSpan.FromSeconds(10);
 
     /// <summary>I/O command timeout applied to new queue pairs (zero = none).</summary>
@@ -38,6 +37,18 @@ public enum NvmeHealth
 
     /// <summary>Not enabled (being reset, or bring-up failed).</summary>
     NotReady,
+}
+
+/// <summary>Where a controller reset started by <see cref="NvmeController.StartReset"/> is.</summary>
+public enum NvmeResetState
+{
+    /// <summary>No reset was started.</summary>
+    Idle,
+    InProgress,
+    Succeeded,
+
+    /// <summary>The reset failed (<see cref="NvmeController.ResetError"/>); the controller is unusable until a reset succeeds.</summary>
+    Failed,
 }
 
 /// <summary>An active namespace of a controller.</summary>
@@ -65,12 +76,25 @@ public sealed class NvmeNamespace
 
 /// <summary>
 /// A userspace NVMe controller (NVMe 1.4): bring-up, identify, namespaces, I/O queue pairs, admin commands,
-/// health, reset. Control-plane methods are thread-safe (they serialise on the admin queue); I/O goes through
-/// <see cref="NvmeQueuePair"/>s owned by one thread each.
+/// health, reset. I/O goes through <see cref="NvmeQueuePair"/>s owned by one thread each.
+/// <para>
+/// The control path does not wait: admin commands are submitted with a completion callback
+/// (<see cref="SubmitAdmin"/>) and reaped by <see cref="ProcessAdminCompletions"/>, which the owner calls from a
+/// poller (it also expires admin commands older than <see cref="NvmeControllerOptions.AdminTimeout"/>). A
+/// controller reset (<see cref="StartReset"/> / <see cref="PollReset"/>) and the creation and deletion of I/O queue
+/// pairs (<see cref="NvmeQueuePair.StartConnect"/> / <see cref="NvmeQueuePair.PollConnect"/>,
+/// <see cref="NvmeQueuePair.BeginDestroy"/>) are state machines advanced by polling; their deadlines are
+/// <see cref="Ticks"/> comparisons. The admin queue is guarded by a lock held only for a submission or one reap,
+/// never across a wait, and <see cref="ProcessAdminCompletions"/> only tries it. The synchronous methods
+/// (<see cref="ExecuteAdmin"/>, <see cref="Identify"/>, <see cref="Reset"/>, <see cref="AllocIoQueuePair"/>,
+/// attach, detach) wait and are for control threads, tools and tests, never for a reactor that serves I/O.
+/// </para>
 /// </summary>
 public sealed unsafe class NvmeController : IDisposable
 {
     private readonly object _adminLock = new();
+    private readonly object _syncLock = new();
+    private readonly List<NvmeQueuePair> _orphans = new();
     private readonly ILogger _log;
     private readonly NvmeControllerOptions _opts;
     private readonly IDisposable? _owner;
@@ -82,6 +106,19 @@ public sealed unsafe class NvmeController : IDisposable
     private int _aersOutstanding;
     private bool _disposed;
     private long _lastHealthCheck;
+    private long _generation;
+    private volatile bool _resetting;
+    private NvmeResetState _lastReset;
+    private int _resetStep;
+    private long _resetDeadline;
+    private int _resetCmdDone;
+    private NvmeStatus _resetCmdStatus;
+    private uint _resetCmdDw0;
+    private bool _resetTimedOut;
+
+    private const int ResetWaitNotReady = 1;
+    private const int ResetWaitReady = 2;
+    private const int ResetWaitSetFeatures = 3;
 
     private NvmeController(string name, NvmeRegisters regs, DmaSpace dma, NvmeControllerOptions? opts, ILogger? log, IDisposable? owner)
     {
@@ -122,6 +159,26 @@ public sealed unsafe class NvmeController : IDisposable
 
     /// <summary>Asks the owner to reset the controller (it polls <see cref="NeedsReset"/>), e.g. after a failed abort.</summary>
     public void RequestReset() => NeedsReset = true;
+
+    /// <summary>A reset started by <see cref="StartReset"/> has not finished: the admin queue and every I/O queue pair refuse submissions (-ENXIO).</summary>
+    public bool IsResetting => _resetting;
+
+    /// <summary>Why the last reset failed (null when it did not).</summary>
+    public string? ResetError { get; private set; }
+
+    /// <summary>Incremented each time a reset re-enables the controller: queues created before no longer exist on it.</summary>
+    public long Generation => Volatile.Read(ref _generation);
+
+    internal bool QueuesMayExist(long generation) => generation >= 0 && generation == Volatile.Read(ref _generation);
+
+    /// <summary>CAP.TO in <see cref="Ticks"/>.</summary>
+    public long ReadyTimeoutTicks => (long)(Cap.Timeout.TotalSeconds * Ticks.Frequency);
+
+    /// <summary><see cref="NvmeControllerOptions.AdminTimeout"/> in <see cref="Ticks"/>.</summary>
+    public long AdminTimeoutTicks => (long)(_opts.AdminTimeout.TotalSeconds * Ticks.Frequency);
+
+    /// <summary>Bound of a queue pair connect that cannot get an admin slot (each admin command has its own timeout).</summary>
+    internal long ConnectTimeoutTicks => 3 * AdminTimeoutTicks;
 
     /// <summary>Raised (on the thread that processes admin completions) for each Asynchronous Event: the completion's DW0.</summary>
     public Action<NvmeController, uint>? AsyncEvent { get; set; }
@@ -190,7 +247,7 @@ public sealed unsafe class NvmeController : IDisposable
 
         _adminBuf = Dma.Allocate(16384, "vb-nvme-adminbuf");
         int adminEntries = Math.Clamp(_opts.AdminQueueEntries, 2, Math.Min(4096, Cap.MaxQueueEntries));
-        _admin = new NvmeQueuePair(this, 0, adminEntries, PageSize, Cap.DoorbellStride);
+        _admin = new NvmeQueuePair(this, 0, adminEntries, PageSize, Cap.DoorbellStride) { TimeoutTicks = AdminTimeoutTicks };
         EnableController();
 
         var identify = new byte[4096];
@@ -212,7 +269,10 @@ public sealed unsafe class NvmeController : IDisposable
             Name, Data.ModelNumber, Data.SerialNumber, Data.FirmwareRevision, Namespaces.Count, MaxIoQueuePairs, IoQueueEntries, MaxTransferBytes);
     }
 
-    /// <summary>CC.EN=0, wait RDY=0, program the admin queue, CC (IOSQES/IOCQES/MPS) with EN=1, wait RDY=1; each wait bounded by CAP.TO.</summary>
+    /// <summary>
+    /// Bring-up (attach, on a control thread): CC.EN=0, wait RDY=0, program the admin queue, CC (IOSQES/IOCQES/MPS)
+    /// with EN=1, wait RDY=1; each wait bounded by CAP.TO.
+    /// </summary>
     private void EnableController()
     {
         uint cc = Registers.Read32(NvmeReg.Cc);
@@ -222,6 +282,14 @@ public sealed unsafe class NvmeController : IDisposable
         }
 
         WaitReady(false);
+        ProgramAdminQueueAndEnable();
+        WaitReady(true);
+        _admin.MarkConnected();
+    }
+
+    /// <summary>With CSTS.RDY = 0: empty admin rings, AQA/ASQ/ACQ, then CC without and with EN.</summary>
+    private void ProgramAdminQueueAndEnable()
+    {
         _admin.ResetRings();
         uint q = (uint)(_admin.Entries - 1);
         Registers.Write32(NvmeReg.Aqa, q | (q << 16));
@@ -229,14 +297,12 @@ public sealed unsafe class NvmeController : IDisposable
         Registers.Write64(NvmeReg.Acq, _admin.CqIova);
         Registers.Write32(NvmeReg.Cc, NvmeReg.MakeCc(_mps, enable: false));
         Registers.Write32(NvmeReg.Cc, NvmeReg.MakeCc(_mps, enable: true));
-        WaitReady(true);
-        _admin.MarkConnected();
     }
 
+    /// <summary>Attach only (a control thread): waits for CSTS.RDY, spinning briefly, then sleeping 1 ms between reads.</summary>
     private void WaitReady(bool ready)
     {
-        var sw = Stopwatch.StartNew();
-        var limit = Cap.Timeout;
+        long deadline = Ticks.Now() + ReadyTimeoutTicks;
         int spins = 0;
         while (true)
         {
@@ -256,9 +322,9 @@ public sealed unsafe class NvmeController : IDisposable
                 throw new IOException($"{Name}: controller fatal status while enabling (CSTS 0x{csts:x})");
             }
 
-            if (sw.Elapsed > limit)
+            if (Ticks.Now() - deadline > 0)
             {
-                throw new TimeoutException($"{Name}: CSTS.RDY did not become {(ready ? 1 : 0)} within CAP.TO ({limit.TotalMilliseconds} ms)");
+                throw new TimeoutException($"{Name}: CSTS.RDY did not become {(ready ? 1 : 0)} within CAP.TO ({Cap.Timeout.TotalMilliseconds} ms)");
             }
 
             if (++spins > 100)
@@ -390,7 +456,7 @@ public sealed unsafe class NvmeController : IDisposable
     public NvmeStatus SetFeatures(byte featureId, uint cdw11, out uint dw0) =>
         ExecuteAdmin(MakeCommand(NvmeAdminOpcode.SetFeatures, 0, featureId, cdw11), null, out dw0);
 
-    /// <summary>Abort command <paramref name="cid"/> on SQ <paramref name="sqid"/>. <paramref name="aborted"/> is DW0 bit 0 clear.</summary>
+    /// <summary>Abort command <paramref name="cid"/> on SQ <paramref name="sqid"/>. <paramref name="aborted"/> is DW0 bit 0 clear. Synchronous (control threads).</summary>
     public NvmeStatus Abort(ushort sqid, ushort cid, out bool aborted)
     {
         var st = ExecuteAdmin(MakeCommand(NvmeAdminOpcode.Abort, 0, sqid | ((uint)cid << 16)), null, out uint dw0);
@@ -398,11 +464,39 @@ public sealed unsafe class NvmeController : IDisposable
         return st;
     }
 
+    /// <summary>Submits an Abort of command <paramref name="cid"/> on SQ <paramref name="sqid"/>; the command was aborted when the status is success and DW0 bit 0 is clear. Returns 0 or -errno (see <see cref="SubmitAdmin"/>).</summary>
+    public int SubmitAbort(ushort sqid, ushort cid, NvmeCompletionCallback cb, object? arg)
+    {
+        var cmd = MakeCommand(NvmeAdminOpcode.Abort, 0, sqid | ((uint)cid << 16));
+        return SubmitAdmin(ref cmd, cb, arg);
+    }
+
     public NvmeStatus KeepAlive() => ExecuteAdmin(MakeCommand(NvmeAdminOpcode.KeepAlive, 0), null, out _);
+
+    /// <summary>
+    /// Submits an admin command without waiting (SPDK's spdk_nvme_ctrlr_cmd_admin_raw): any PRPs must already point at
+    /// DMA memory. Any thread. Returns 0, and <paramref name="cb"/> fires exactly once, from
+    /// <see cref="ProcessAdminCompletions"/> on whichever thread calls it (a completion, or "abort requested" when the
+    /// command expired after <see cref="NvmeControllerOptions.AdminTimeout"/>, or "aborted: SQ deletion" when a reset
+    /// failed it); or returns -ENXIO (controller resetting, failed or disposed) or -ENOMEM (admin queue full) and
+    /// <paramref name="cb"/> never fires. Callbacks must be short: they run with the admin queue's lock held.
+    /// </summary>
+    public int SubmitAdmin(ref NvmeCommand cmd, NvmeCompletionCallback cb, object? arg)
+    {
+        lock (_adminLock)
+        {
+            if (_disposed)
+            {
+                return -6; // ENXIO
+            }
+
+            return _admin.Submit(ref cmd, cb, arg, noTimeout: false);
+        }
+    }
 
     private sealed class AdminWait
     {
-        public bool Done;
+        public int Done;
         public NvmeStatus Status;
         public uint Dw0;
     }
@@ -412,13 +506,14 @@ public sealed unsafe class NvmeController : IDisposable
         var w = (AdminWait)arg!;
         w.Status = status;
         w.Dw0 = dw0;
-        w.Done = true;
+        Volatile.Write(ref w.Done, 1);
     };
 
     /// <summary>
-    /// Runs one admin command synchronously (control plane). Data (up to 16 KiB) goes through the controller's
-    /// admin DMA buffer: copied in before (for data-out commands the caller's span is the source), out after.
-    /// On timeout the controller is marked <see cref="NeedsReset"/> and the call fails with an abort status.
+    /// Runs one admin command synchronously (control threads, tools, tests; never a reactor that serves I/O). Data
+    /// (up to 16 KiB) goes through the controller's admin DMA buffer: copied in before (for data-out commands the
+    /// caller's span is the source), out after. On timeout the command is expired ("abort requested") and the
+    /// controller marked <see cref="NeedsReset"/>.
     /// </summary>
     public NvmeStatus ExecuteAdmin(NvmeCommand cmd, Span<byte> data, out uint dw0, bool dataOut = false)
     {
@@ -428,7 +523,7 @@ public sealed unsafe class NvmeController : IDisposable
             throw new ArgumentException("admin data larger than the admin buffer");
         }
 
-        lock (_adminLock)
+        lock (_syncLock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
             if (data.Length > 0)
@@ -465,28 +560,27 @@ public sealed unsafe class NvmeController : IDisposable
             }
 
             var w = new AdminWait();
-            int rc = _admin.Submit(ref cmd, s_adminDone, w, noTimeout: false);
+            int rc = SubmitAdmin(ref cmd, s_adminDone, w);
             if (rc != 0)
             {
                 return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InternalDeviceError, dnr: false);
             }
 
-            var sw = Stopwatch.StartNew();
+            // The expiry in ProcessAdminCompletions normally ends the wait; this deadline only guards against it not running.
+            long deadline = Ticks.Now() + (2 * AdminTimeoutTicks);
             int spins = 0;
-            while (!w.Done)
+            while (Volatile.Read(ref w.Done) == 0)
             {
-                _admin.ProcessCompletions();
-                if (w.Done)
+                ProcessAdminCompletions();
+                if (Volatile.Read(ref w.Done) != 0)
                 {
                     break;
                 }
 
-                if (sw.Elapsed > _opts.AdminTimeout)
+                if (Ticks.Now() - deadline > 0)
                 {
                     NeedsReset = true;
                     _log.LogError("NVMe {Name}: admin command 0x{Opc:x2} timed out", Name, cmd.Opcode);
-
-                    // The command stays outstanding until the reset fails it; report it aborted now.
                     return NvmeStatus.AbortRequested;
                 }
 
@@ -515,6 +609,15 @@ public sealed unsafe class NvmeController : IDisposable
             return w.Status;
         }
     }
+
+    private static readonly NvmeTimeoutCallback s_adminTimeout = static (ctx, qp, cid) =>
+    {
+        var ctrl = (NvmeController)ctx!;
+        qp.IsOutstanding(cid, out byte opcode);
+        ctrl._log.LogError("NVMe {Name}: admin command 0x{Opc:x2} (cid {Cid}) timed out; the controller needs a reset", ctrl.Name, opcode, cid);
+        ctrl.NeedsReset = true;
+        qp.ExpireCommand(cid, NvmeStatus.AbortRequested);
+    };
 
     private static readonly NvmeCompletionCallback s_aerDone = static (arg, status, dw0) =>
     {
@@ -571,8 +674,9 @@ public sealed unsafe class NvmeController : IDisposable
     public int AsyncEventRequestsOutstanding => _aersOutstanding;
 
     /// <summary>
-    /// Admin poller body: reaps admin completions (asynchronous events), checks controller health every
-    /// ~100 ms. Never blocks: skips when another thread holds the admin queue. Returns completions reaped.
+    /// Admin poller body, any thread: reaps admin completions (firing their callbacks), expires admin commands older
+    /// than the admin timeout, checks controller health every ~100 ms. Never blocks: returns 0 when another thread
+    /// is in it. Returns completions reaped.
     /// </summary>
     public int ProcessAdminCompletions()
     {
@@ -590,10 +694,11 @@ public sealed unsafe class NvmeController : IDisposable
 
             int n = _admin.ProcessCompletions();
             long now = Ticks.Now();
+            _admin.CheckTimeouts(now, s_adminTimeout, this);
             if (now - _lastHealthCheck > Ticks.Frequency / 10)
             {
                 _lastHealthCheck = now;
-                if (CheckHealth() is NvmeHealth.Fatal or NvmeHealth.Removed)
+                if (!_resetting && CheckHealth() is NvmeHealth.Fatal or NvmeHealth.Removed)
                 {
                     NeedsReset = true;
                 }
@@ -624,14 +729,16 @@ public sealed unsafe class NvmeController : IDisposable
     }
 
     /// <summary>
-    /// Allocates an I/O queue pair and creates its CQ and SQ on the controller. The caller's thread owns it
-    /// from now on. Throws when the controller has no queue left or refuses.
+    /// Allocates an I/O queue pair (a queue id and its memory) without creating it on the controller: the caller's
+    /// thread owns it from now on and creates it with <see cref="NvmeQueuePair.StartConnect"/> /
+    /// <see cref="NvmeQueuePair.PollConnect"/>. Throws when no queue id is left.
     /// </summary>
-    public NvmeQueuePair AllocIoQueuePair(int entries = 0)
+    public NvmeQueuePair CreateIoQueuePair(int entries = 0)
     {
         ushort qid;
         lock (_ioQpairs)
         {
+            ObjectDisposedException.ThrowIf(_disposed, this);
             qid = 0;
             for (int i = 1; i <= MaxIoQueuePairs; i++)
             {
@@ -650,14 +757,19 @@ public sealed unsafe class NvmeController : IDisposable
             _qidUsed[qid] = true;
         }
 
-        NvmeQueuePair qp;
         try
         {
             int n = entries <= 0 ? IoQueueEntries : Math.Clamp(entries, 2, Math.Min(4096, Cap.MaxQueueEntries));
-            qp = new NvmeQueuePair(this, qid, n, PageSize, Cap.DoorbellStride)
+            var qp = new NvmeQueuePair(this, qid, n, PageSize, Cap.DoorbellStride)
             {
                 TimeoutTicks = (long)(_opts.IoTimeout.TotalSeconds * Ticks.Frequency),
             };
+            lock (_ioQpairs)
+            {
+                _ioQpairs.Add(qp);
+            }
+
+            return qp;
         }
         catch
         {
@@ -668,22 +780,20 @@ public sealed unsafe class NvmeController : IDisposable
 
             throw;
         }
+    }
 
-        int rc = CreateIoQueues(qp);
+    /// <summary>
+    /// Synchronous allocation for tools and tests: <see cref="CreateIoQueuePair"/>, then connects it, waiting. Throws
+    /// when the controller has no queue left or refuses.
+    /// </summary>
+    public NvmeQueuePair AllocIoQueuePair(int entries = 0)
+    {
+        var qp = CreateIoQueuePair(entries);
+        int rc = qp.Reconnect();
         if (rc != 0)
         {
-            qp.MarkDestroyed();
-            lock (_ioQpairs)
-            {
-                _qidUsed[qid] = false;
-            }
-
-            throw new IOException($"{Name}: creating I/O queue pair {qid} failed ({rc})");
-        }
-
-        lock (_ioQpairs)
-        {
-            _ioQpairs.Add(qp);
+            qp.Dispose();
+            throw new IOException($"{Name}: creating I/O queue pair {qp.Id} failed ({rc})");
         }
 
         return qp;
@@ -700,42 +810,10 @@ public sealed unsafe class NvmeController : IDisposable
         }
     }
 
-    internal int CreateIoQueues(NvmeQueuePair qp)
+    internal void LogQueueFailure(NvmeQueuePair qp, int step, NvmeStatus st, int rc)
     {
-        uint size = (uint)(qp.Entries - 1) << 16;
-        var cq = MakeCommand(NvmeAdminOpcode.CreateIoCq, 0, size | qp.Id, 1 /* PC, interrupts off */);
-        cq.Prp1 = qp.CqIova;
-        var st = ExecuteAdmin(cq, null, out _);
-        if (!st.IsSuccess)
-        {
-            _log.LogError("NVMe {Name}: Create I/O CQ {Qid} failed: {Status}", Name, qp.Id, st);
-            return -Platform.Errno.EIO;
-        }
-
-        var sq = MakeCommand(NvmeAdminOpcode.CreateIoSq, 0, size | qp.Id, ((uint)qp.Id << 16) | 1 /* PC */);
-        sq.Prp1 = qp.SqIova;
-        st = ExecuteAdmin(sq, null, out _);
-        if (!st.IsSuccess)
-        {
-            _log.LogError("NVMe {Name}: Create I/O SQ {Qid} failed: {Status}", Name, qp.Id, st);
-            ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, qp.Id), null, out _);
-            return -Platform.Errno.EIO;
-        }
-
-        qp.MarkConnected();
-        return 0;
-    }
-
-    internal void DeleteIoQueues(NvmeQueuePair qp)
-    {
-        if (_disposed || CheckHealth() != NvmeHealth.Ok)
-        {
-            return;
-        }
-
-        // Errors are expected after a reset (the queues no longer exist): invalid queue identifier.
-        ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoSq, 0, qp.Id), null, out _);
-        ExecuteAdmin(MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, qp.Id), null, out _);
+        string what = step switch { 0 => "Delete I/O SQ", 1 => "Delete I/O CQ", 2 => "Create I/O CQ", _ => "Create I/O SQ" };
+        _log.LogError("NVMe {Name}: {What} {Qid} failed: {Status} ({Rc})", Name, what, qp.Id, st, rc);
     }
 
     internal void ReleaseQueuePair(NvmeQueuePair qp)
@@ -743,43 +821,246 @@ public sealed unsafe class NvmeController : IDisposable
         lock (_ioQpairs)
         {
             _ioQpairs.Remove(qp);
+            _orphans.Remove(qp);
             _qidUsed[qp.Id] = false;
         }
     }
 
+    /// <summary>A destroyed queue pair whose queues the controller did not confirm deleted: freed by the next reset or the detach.</summary>
+    internal void Orphan(NvmeQueuePair qp)
+    {
+        lock (_ioQpairs)
+        {
+            if (!_orphans.Contains(qp))
+            {
+                _orphans.Add(qp);
+            }
+        }
+    }
+
+    internal bool IsOrphan(NvmeQueuePair qp)
+    {
+        lock (_ioQpairs)
+        {
+            return _orphans.Contains(qp);
+        }
+    }
+
+    private void FreeOrphans()
+    {
+        NvmeQueuePair[] orphans;
+        lock (_ioQpairs)
+        {
+            orphans = _orphans.ToArray();
+            _orphans.Clear();
+        }
+
+        foreach (var qp in orphans)
+        {
+            qp.Free();
+        }
+    }
+
     /// <summary>
-    /// Controller-level reset: marks every I/O queue pair disconnected (their submits fail with -ENXIO from now
-    /// on), disables the controller (CC.EN=0, RDY=0 within CAP.TO), fails outstanding admin commands, re-enables
-    /// it, sets the number of queues and re-posts asynchronous event requests. The I/O queue pairs stay
-    /// disconnected until their owners call <see cref="NvmeQueuePair.Reconnect"/> (which fails their outstanding
-    /// I/O with a retryable status and re-creates the queues). Throws when the controller cannot be re-enabled.
+    /// Starts a controller reset without waiting (SPDK bdev_nvme's disconnect/reconnect): every I/O queue pair and the
+    /// admin queue are marked disconnected (submissions fail with -ENXIO from now on) and CC.EN is cleared.
+    /// <see cref="PollReset"/> advances it: wait CSTS.RDY=0 (CAP.TO) → fail outstanding admin commands (aborted: SQ
+    /// deletion) → program the admin queue, CC.EN=1 → wait CSTS.RDY=1 (CAP.TO) → Set Features (number of queues) →
+    /// re-post asynchronous event requests. The controller data and namespaces are not identified again (a reset
+    /// does not change them; ScanNamespaces does it on a namespace-change event). The I/O queue pairs stay
+    /// disconnected until their owners reconnect them (<see cref="NvmeQueuePair.StartConnect"/>, which fails their
+    /// outstanding commands with a retryable status). Returns false when a reset is already running or the
+    /// controller is disposed.
     /// </summary>
-    public void Reset()
+    public bool StartReset()
     {
         lock (_adminLock)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            foreach (var qp in IoQueuePairs)
+            if (_disposed || _resetting)
             {
-                qp.MarkDisconnected();
+                return false;
             }
 
+            _resetting = true;
+            _lastReset = NvmeResetState.InProgress;
+            ResetError = null;
+            _resetTimedOut = false;
+            lock (_ioQpairs)
+            {
+                foreach (var qp in _ioQpairs)
+                {
+                    qp.MarkDisconnected();
+                }
+            }
+
+            _admin.MarkDisconnected();
             _log.LogWarning("NVMe {Name}: resetting controller", Name);
             uint cc = Registers.Read32(NvmeReg.Cc);
             if (cc == uint.MaxValue)
             {
-                throw new IOException($"{Name}: device removed");
+                FailReset("device removed");
+                return true;
             }
 
             Registers.Write32(NvmeReg.Cc, cc & ~NvmeReg.CcEn);
-            WaitReady(false);
-            _admin.FailOutstanding(NvmeStatus.AbortedSqDeletion);
-            _aersOutstanding = 0;
-            EnableController();
-            SetNumberOfQueues();
-            NeedsReset = false;
-            ResetCount++;
-            PostAsyncEventRequests();
+            _resetStep = ResetWaitNotReady;
+            _resetDeadline = Ticks.Now() + ReadyTimeoutTicks;
+            return true;
+        }
+    }
+
+    private static readonly NvmeCompletionCallback s_resetCmdDone = static (arg, status, dw0) =>
+    {
+        var ctrl = (NvmeController)arg!;
+        ctrl._resetCmdStatus = status;
+        ctrl._resetCmdDw0 = dw0;
+        Volatile.Write(ref ctrl._resetCmdDone, 1);
+    };
+
+    /// <summary>
+    /// Advances a reset started by <see cref="StartReset"/>; never waits (a register read or two, at most one admin
+    /// submission and one reap). Returns <see cref="NvmeResetState.InProgress"/> until the reset succeeded or failed
+    /// (a wait for CSTS.RDY longer than CAP.TO, fatal status, removal, the admin command failing or timing out);
+    /// afterwards it keeps returning that result. Call it from one thread at a time (the owner's poller).
+    /// </summary>
+    public NvmeResetState PollReset()
+    {
+        if (!_resetting)
+        {
+            return _lastReset;
+        }
+
+        lock (_adminLock)
+        {
+            if (!_resetting)
+            {
+                return _lastReset;
+            }
+
+            long now = Ticks.Now();
+            switch (_resetStep)
+            {
+                case ResetWaitNotReady:
+                {
+                    uint csts = Registers.Read32(NvmeReg.Csts);
+                    if (csts == uint.MaxValue)
+                    {
+                        return FailReset("device removed (CSTS reads all ones)");
+                    }
+
+                    if ((csts & NvmeReg.CstsRdy) != 0)
+                    {
+                        return now - _resetDeadline > 0 ? FailReset($"CSTS.RDY did not become 0 within CAP.TO ({Cap.Timeout.TotalMilliseconds} ms)", timedOut: true) : NvmeResetState.InProgress;
+                    }
+
+                    // Disabled: the device has forgotten every queue and command.
+                    _admin.FailOutstanding(NvmeStatus.AbortedSqDeletion);
+                    _aersOutstanding = 0;
+                    Interlocked.Increment(ref _generation);
+                    FreeOrphans();
+                    ProgramAdminQueueAndEnable();
+                    _resetStep = ResetWaitReady;
+                    _resetDeadline = Ticks.Now() + ReadyTimeoutTicks;
+                    return NvmeResetState.InProgress;
+                }
+
+                case ResetWaitReady:
+                {
+                    uint csts = Registers.Read32(NvmeReg.Csts);
+                    if (csts == uint.MaxValue)
+                    {
+                        return FailReset("device removed (CSTS reads all ones)");
+                    }
+
+                    if ((csts & NvmeReg.CstsCfs) != 0)
+                    {
+                        return FailReset($"controller fatal status while enabling (CSTS 0x{csts:x})");
+                    }
+
+                    if ((csts & NvmeReg.CstsRdy) == 0)
+                    {
+                        return now - _resetDeadline > 0 ? FailReset($"CSTS.RDY did not become 1 within CAP.TO ({Cap.Timeout.TotalMilliseconds} ms)", timedOut: true) : NvmeResetState.InProgress;
+                    }
+
+                    _admin.MarkConnected();
+                    int want = Math.Clamp(_opts.IoQueuesRequested, 1, 65535);
+                    var cmd = MakeCommand(NvmeAdminOpcode.SetFeatures, 0, NvmeFeature.NumberOfQueues, (uint)(want - 1) | ((uint)(want - 1) << 16));
+                    _resetCmdDone = 0;
+                    if (_admin.Submit(ref cmd, s_resetCmdDone, this, noTimeout: false) != 0)
+                    {
+                        return FailReset("could not submit Set Features");
+                    }
+
+                    _resetStep = ResetWaitSetFeatures;
+                    _admin.ProcessCompletions();
+                    return Volatile.Read(ref _resetCmdDone) != 0 ? FinishSetFeatures() : NvmeResetState.InProgress;
+                }
+
+                default:
+                    ProcessAdminCompletions(); // also expires the command after the admin timeout
+                    return Volatile.Read(ref _resetCmdDone) != 0 ? FinishSetFeatures() : NvmeResetState.InProgress;
+            }
+        }
+    }
+
+    private NvmeResetState FinishSetFeatures()
+    {
+        if (!_resetCmdStatus.IsSuccess)
+        {
+            return FailReset($"Set Features (number of queues) failed: {_resetCmdStatus}", timedOut: _resetCmdStatus == NvmeStatus.AbortRequested);
+        }
+
+        int granted = (int)Math.Min(_resetCmdDw0 & 0xFFFF, _resetCmdDw0 >> 16) + 1;
+        if (granted < MaxIoQueuePairs)
+        {
+            _log.LogWarning("NVMe {Name}: the controller grants {Granted} I/O queue pairs after the reset, {Had} before", Name, granted, MaxIoQueuePairs);
+            MaxIoQueuePairs = granted;
+        }
+
+        NeedsReset = false;
+        ResetCount++;
+        _resetStep = 0;
+        _lastReset = NvmeResetState.Succeeded;
+        _resetting = false;
+        PostAsyncEventRequests();
+        return NvmeResetState.Succeeded;
+    }
+
+    private NvmeResetState FailReset(string why, bool timedOut = false)
+    {
+        _log.LogError("NVMe {Name}: reset failed: {Why}", Name, why);
+        ResetError = why;
+        NeedsReset = false; // no automatic retry loop: the owner decides (another reset, or detach)
+        _resetTimedOut = timedOut;
+        _admin.MarkDisconnected();
+        _resetStep = 0;
+        _lastReset = NvmeResetState.Failed;
+        _resetting = false;
+        return NvmeResetState.Failed;
+    }
+
+    /// <summary>
+    /// Synchronous reset for tools and tests (never on a reactor that serves I/O): <see cref="StartReset"/>, then
+    /// <see cref="PollReset"/> until done. The I/O queue pairs stay disconnected (see <see cref="ResetAll"/>). Throws
+    /// <see cref="TimeoutException"/> when CSTS.RDY or the admin command timed out, <see cref="IOException"/> otherwise.
+    /// </summary>
+    public void Reset()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (!StartReset())
+        {
+            throw new InvalidOperationException($"{Name}: a reset is already in progress");
+        }
+
+        NvmeResetState st;
+        while ((st = PollReset()) == NvmeResetState.InProgress)
+        {
+            Thread.Yield();
+        }
+
+        if (st == NvmeResetState.Failed)
+        {
+            throw _resetTimedOut ? new TimeoutException($"{Name}: {ResetError}") : new IOException($"{Name}: {ResetError}");
         }
     }
 
@@ -797,7 +1078,7 @@ public sealed unsafe class NvmeController : IDisposable
         }
     }
 
-    /// <summary>Normal shutdown notification (CC.SHN = 01b), waiting for CSTS.SHST = complete within CAP.TO.</summary>
+    /// <summary>Normal shutdown notification (CC.SHN = 01b), waiting for CSTS.SHST = complete within CAP.TO. Detach only (a control thread).</summary>
     public void Shutdown()
     {
         lock (_adminLock)
@@ -809,8 +1090,8 @@ public sealed unsafe class NvmeController : IDisposable
             }
 
             Registers.Write32(NvmeReg.Cc, (cc & ~(3u << 14)) | (1u << 14));
-            var sw = Stopwatch.StartNew();
-            while (sw.Elapsed < Cap.Timeout)
+            long deadline = Ticks.Now() + ReadyTimeoutTicks;
+            while (Ticks.Now() - deadline < 0)
             {
                 uint csts = Registers.Read32(NvmeReg.Csts);
                 if (csts == uint.MaxValue || ((csts >> 2) & 3) == 2)
@@ -861,6 +1142,17 @@ public sealed unsafe class NvmeController : IDisposable
             }
 
             _disposed = true;
+
+            // Disabled (or gone): queue pairs being deleted, or left by a refused delete, can be freed now.
+            foreach (var qp in IoQueuePairs)
+            {
+                if (qp.IsDeleting)
+                {
+                    qp.Free();
+                }
+            }
+
+            FreeOrphans();
             _admin?.Dispose();
             _adminBuf?.Dispose();
             _owner?.Dispose();

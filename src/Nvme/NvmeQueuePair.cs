@@ -25,6 +25,14 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     private const int StateConnected = 0;
     private const int StateDisconnected = 1;
     private const int StateDestroyed = 2;
+    private const int StateConnecting = 3;
+    private const int StateDeleting = 4;
+
+    // Steps of the connect state machine (StartConnect / PollConnect).
+    private const int StepDeleteSq = 0;
+    private const int StepDeleteCq = 1;
+    private const int StepCreateCq = 2;
+    private const int StepCreateSq = 3;
 
     private readonly NvmeController _ctrl;
     private readonly NvmeRegisters _regs;
@@ -44,7 +52,18 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     private ushort _sqHead;
     private ushort _cqHead;
     private byte _phase;
-    private int _state;
+    private int _state = StateDisconnected;
+
+    // Connect/delete state machine. The step callbacks run on whichever thread reaps admin completions: they
+    // write the status, then publish _stepDone (release); the owner reads _stepDone (acquire), then the status.
+    private int _step;
+    private bool _stepPending;
+    private bool _restart;
+    private int _stepDone;
+    private NvmeStatus _stepStatus;
+    private long _connectDeadline;
+    private long _deviceGeneration = -1;
+    private IDisposable? _disposeAfterDelete;
 
     private struct Tracker
     {
@@ -130,11 +149,27 @@ public sealed unsafe class NvmeQueuePair : IDisposable
         _freeCount = _trackers.Length;
     }
 
-    internal void MarkDisconnected() => Interlocked.CompareExchange(ref _state, StateDisconnected, StateConnected);
+    internal void MarkDisconnected()
+    {
+        if (Interlocked.CompareExchange(ref _state, StateDisconnected, StateConnected) != StateConnected)
+        {
+            Interlocked.CompareExchange(ref _state, StateDisconnected, StateConnecting);
+        }
+    }
+
+    /// <summary>Being (re)created on the controller: <see cref="PollConnect"/> advances it.</summary>
+    public bool IsConnecting => Volatile.Read(ref _state) == StateConnecting;
+
+    /// <summary>Being deleted on the controller after <see cref="BeginDestroy"/>.</summary>
+    public bool IsDeleting => Volatile.Read(ref _state) == StateDeleting;
+
+    /// <summary>Destroyed (its memory freed, or left to the controller when the device did not delete its queues).</summary>
+    public bool IsDestroyed => Volatile.Read(ref _state) == StateDestroyed;
+
+    /// <summary>Why the last connect failed (-errno), 0 when it did not.</summary>
+    public int ConnectError { get; private set; }
 
     internal void MarkConnected() => Volatile.Write(ref _state, StateConnected);
-
-    internal void MarkDestroyed() => Volatile.Write(ref _state, StateDestroyed);
 
     /// <summary>Submits a Read of <paramref name="numBlocks"/> blocks into <paramref name="iovs"/>. Returns 0 or -errno (see <see cref="SubmitIo"/>).</summary>
     public int Read(NvmeNamespace ns, ulong lba, uint numBlocks, ReadOnlySpan<NvmeIoVec> iovs, NvmeCompletionCallback cb, object? arg, bool fua = false) =>
@@ -267,7 +302,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     /// </summary>
     public int Submit(ref NvmeCommand cmd, NvmeCompletionCallback cb, object? arg, bool noTimeout)
     {
-        if (!IsConnected && Id != 0)
+        if (!IsConnected)
         {
             return -6; // ENXIO
         }
@@ -310,6 +345,11 @@ public sealed unsafe class NvmeQueuePair : IDisposable
         if (max <= 0)
         {
             max = int.MaxValue;
+        }
+
+        if (_state >= StateDestroyed)
+        {
+            return 0; // destroyed, or the rings are being re-created or deleted: nothing of ours can be in them
         }
 
         while (n < max)
@@ -367,7 +407,28 @@ public sealed unsafe class NvmeQueuePair : IDisposable
         t.Arg = null;
         t.Active = false;
         _free[_freeCount++] = cid; // freed before the callback so it can submit again
-        cb!(arg, status, dw0);
+        cb?.Invoke(arg, status, dw0); // null: the command was expired (timed out) and its caller already told
+    }
+
+    /// <summary>
+    /// A command timed out: its callback fires now with <paramref name="status"/>, but its command id stays taken
+    /// (the device may still complete it) until the device completes it or <see cref="FailOutstanding"/> (reset)
+    /// frees it. Returns false when the command is not outstanding or already expired.
+    /// </summary>
+    internal bool ExpireCommand(ushort cid, NvmeStatus status)
+    {
+        if (cid >= _trackers.Length || !_trackers[cid].Active || _trackers[cid].Callback is null)
+        {
+            return false;
+        }
+
+        ref var t = ref _trackers[cid];
+        var cb = t.Callback;
+        var arg = t.Arg;
+        t.Callback = null;
+        t.Arg = null;
+        cb!(arg, status, 0);
+        return true;
     }
 
     /// <summary>
@@ -425,50 +486,316 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     }
 
     /// <summary>
-    /// Owner thread: after a controller reset (or to recover a failed queue pair) fails what was outstanding with
-    /// "aborted: SQ deletion" (retryable), and creates the queues on the controller again. Returns 0 or -errno.
+    /// Owner thread: starts (re)creating the queues on the controller, without waiting: outstanding commands fail
+    /// now with "aborted: SQ deletion" (retryable); if the queues may still exist on the controller (no reset since
+    /// they were created) they are deleted first; then Create I/O CQ and Create I/O SQ. <see cref="PollConnect"/>
+    /// advances it. Returns 0, or -EINVAL when the queue pair is destroyed. Calling it while a connect is under way
+    /// restarts it once the admin command in flight completes.
     /// </summary>
-    public int Reconnect()
+    public int StartConnect()
     {
-        if (Volatile.Read(ref _state) == StateDestroyed)
+        int s = Volatile.Read(ref _state);
+        if (s is StateDestroyed or StateDeleting || Id == 0)
         {
             return -Platform.Errno.EINVAL;
         }
 
-        MarkDisconnected();
-        FailOutstanding(NvmeStatus.AbortedSqDeletion);
-        _ctrl.DeleteIoQueues(this); // harmless when the controller was reset and they no longer exist
-        ResetRings();
-        return _ctrl.CreateIoQueues(this);
+        ConnectError = 0;
+        _connectDeadline = Ticks.Now() + _ctrl.ConnectTimeoutTicks;
+        if (_stepPending)
+        {
+            _restart = true;
+            Volatile.Write(ref _state, StateConnecting);
+            return 0;
+        }
+
+        BeginConnect();
+        return 0;
     }
 
-    /// <summary>Owner thread: stop using the queue pair (fails outstanding commands, deletes the queues on the device).</summary>
+    private void BeginConnect()
+    {
+        MarkDisconnected();
+        FailOutstanding(NvmeStatus.AbortedSqDeletion);
+        _restart = false;
+        _step = _ctrl.QueuesMayExist(_deviceGeneration) ? StepDeleteSq : StepCreateCq;
+        Volatile.Write(ref _state, StateConnecting);
+    }
+
+    private static readonly NvmeCompletionCallback s_stepDone = static (arg, status, dw0) =>
+    {
+        var qp = (NvmeQueuePair)arg!;
+        qp._stepStatus = status;
+        Volatile.Write(ref qp._stepDone, 1);
+    };
+
+    /// <summary>
+    /// Owner thread: advances a connect started by <see cref="StartConnect"/>; never waits. Returns 1 when the queue
+    /// pair is connected, 0 while in progress, or -errno when the connect failed (-EIO: the controller refused a
+    /// command or it timed out; -ENXIO: the controller is not usable; -ETIMEDOUT: no admin slot before the
+    /// deadline). Reaps admin completions itself (non-blocking), so it makes progress without an admin poller.
+    /// </summary>
+    public int PollConnect()
+    {
+        int s = Volatile.Read(ref _state);
+        if (s == StateConnected)
+        {
+            return 1;
+        }
+
+        if (s != StateConnecting)
+        {
+            return ConnectError != 0 ? ConnectError : -6;
+        }
+
+        _ctrl.ProcessAdminCompletions();
+        for (int guard = 0; guard < 8; guard++)
+        {
+            if (_stepPending)
+            {
+                if (Volatile.Read(ref _stepDone) == 0)
+                {
+                    return 0; // an admin timeout completes it (expired) if the controller never answers
+                }
+
+                _stepPending = false;
+                var st = _stepStatus;
+                if (_restart)
+                {
+                    if (_step == StepCreateCq && st.IsSuccess)
+                    {
+                        _deviceGeneration = _ctrl.Generation;
+                    }
+                    else if (_step == StepDeleteCq && st.IsSuccess)
+                    {
+                        _deviceGeneration = -1;
+                    }
+
+                    BeginConnect();
+                    continue;
+                }
+
+                switch (_step)
+                {
+                    case StepDeleteSq:
+                        _step = StepDeleteCq; // errors are fine: the queue may be gone already
+                        break;
+                    case StepDeleteCq:
+                        _deviceGeneration = -1;
+                        _step = StepCreateCq;
+                        break;
+                    case StepCreateCq:
+                        if (!st.IsSuccess)
+                        {
+                            return FailConnect(-Platform.Native.EIO, st);
+                        }
+
+                        _deviceGeneration = _ctrl.Generation;
+                        _step = StepCreateSq;
+                        break;
+                    default:
+                        if (!st.IsSuccess)
+                        {
+                            return FailConnect(-Platform.Native.EIO, st); // the CQ is deleted by the next connect or the destroy
+                        }
+
+                        Interlocked.CompareExchange(ref _state, StateConnected, StateConnecting);
+                        return IsConnected ? 1 : -6;
+                }
+            }
+
+            if (_step == StepCreateCq)
+            {
+                ResetRings(); // the device has no queues of ours now: the memory is ours alone
+            }
+
+            var cmd = MakeStepCommand(_step);
+            Volatile.Write(ref _stepDone, 0);
+            int rc = _ctrl.SubmitAdmin(ref cmd, s_stepDone, this);
+            if (rc != 0)
+            {
+                // Admin queue full, or the controller is being reset: try again on the next poll, until the deadline
+                // (no deadline while the controller resets: that has its own, CAP.TO).
+                if ((rc == -6 && _ctrl.IsResetting) || (rc == -Platform.Native.ENOMEM && Ticks.Now() - _connectDeadline < 0))
+                {
+                    return 0;
+                }
+
+                return FailConnect(rc == -Platform.Native.ENOMEM ? -110 : rc, default);
+            }
+
+            _stepPending = true;
+            _ctrl.ProcessAdminCompletions();
+        }
+
+        return 0;
+    }
+
+    private NvmeCommand MakeStepCommand(int step)
+    {
+        uint size = (uint)(Entries - 1) << 16;
+        NvmeCommand cmd;
+        switch (step)
+        {
+            case StepDeleteSq:
+                return NvmeController.MakeCommand(NvmeAdminOpcode.DeleteIoSq, 0, Id);
+            case StepDeleteCq:
+                return NvmeController.MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, Id);
+            case StepCreateCq:
+                cmd = NvmeController.MakeCommand(NvmeAdminOpcode.CreateIoCq, 0, size | Id, 1 /* PC, interrupts off */);
+                cmd.Prp1 = CqIova;
+                return cmd;
+            default:
+                cmd = NvmeController.MakeCommand(NvmeAdminOpcode.CreateIoSq, 0, size | Id, ((uint)Id << 16) | 1 /* PC */);
+                cmd.Prp1 = SqIova;
+                return cmd;
+        }
+    }
+
+    private int FailConnect(int rc, NvmeStatus st)
+    {
+        ConnectError = rc;
+        _ctrl.LogQueueFailure(this, _step, st, rc);
+        Interlocked.CompareExchange(ref _state, StateDisconnected, StateConnecting);
+        return rc;
+    }
+
+    /// <summary>
+    /// Synchronous reconnect for tools and tests (never on a reactor that serves other I/O): <see cref="StartConnect"/>
+    /// then <see cref="PollConnect"/> until done. Returns 0 or -errno.
+    /// </summary>
+    public int Reconnect()
+    {
+        int rc = StartConnect();
+        if (rc != 0)
+        {
+            return rc;
+        }
+
+        while ((rc = PollConnect()) == 0)
+        {
+            Thread.Yield();
+        }
+
+        return rc > 0 ? 0 : rc;
+    }
+
+    /// <summary>Owner thread: stop using the queue pair (fails outstanding commands; the queues stay on the device until <see cref="Dispose"/>).</summary>
     public void Disconnect()
     {
         MarkDisconnected();
-        _ctrl.DeleteIoQueues(this);
         FailOutstanding(NvmeStatus.AbortedSqDeletion);
     }
 
-    /// <summary>Deletes the queues on the device (if still connected), fails outstanding commands, frees memory. Owner thread.</summary>
-    public void Dispose()
+    private static readonly NvmeCompletionCallback s_deleteDone = static (arg, status, dw0) =>
     {
-        if (Volatile.Read(ref _state) == StateDestroyed)
+        var qp = (NvmeQueuePair)arg!;
+        qp.OnDeleteStep(status);
+    };
+
+    /// <summary>
+    /// Owner thread, last use: fails outstanding commands, then deletes the queues on the controller without waiting
+    /// (Delete I/O SQ, then CQ, each submitted from the previous one's completion, reaped by whoever processes admin
+    /// completions). When the controller confirms (or no queues exist since a reset), the memory is freed, the queue
+    /// id released and <paramref name="disposeAfter"/> (e.g. the owner's bounce buffers, which the device may write
+    /// until then) disposed. When the controller refuses or times out, the memory is kept until the controller is
+    /// disposed (the device might still write it).
+    /// </summary>
+    public void BeginDestroy(IDisposable? disposeAfter = null)
+    {
+        int s = Volatile.Read(ref _state);
+        if (s is StateDestroyed or StateDeleting)
+        {
+            disposeAfter?.Dispose();
+            return;
+        }
+
+        _disposeAfterDelete = disposeAfter;
+        MarkDisconnected();
+        FailOutstanding(NvmeStatus.AbortedSqDeletion);
+        Volatile.Write(ref _state, StateDeleting);
+        if (Id == 0 || _stepPending)
+        {
+            // Admin queue (the controller frees it), or a create still in flight: the controller keeps it until dispose.
+            _ctrl.Orphan(this);
+            return;
+        }
+
+        if (!_ctrl.QueuesMayExist(_deviceGeneration))
+        {
+            Free();
+            return;
+        }
+
+        _step = StepDeleteSq;
+        var cmd = MakeStepCommand(StepDeleteSq);
+        if (_ctrl.SubmitAdmin(ref cmd, s_deleteDone, this) != 0)
+        {
+            _ctrl.Orphan(this);
+        }
+    }
+
+    private void OnDeleteStep(NvmeStatus status)
+    {
+        if (_step == StepDeleteSq)
+        {
+            _step = StepDeleteCq;
+            var cmd = MakeStepCommand(StepDeleteCq);
+            if (_ctrl.SubmitAdmin(ref cmd, s_deleteDone, this) != 0)
+            {
+                _ctrl.Orphan(this);
+            }
+
+            return;
+        }
+
+        if (status.IsSuccess || !_ctrl.QueuesMayExist(_deviceGeneration))
+        {
+            Free();
+        }
+        else
+        {
+            _ctrl.Orphan(this);
+        }
+    }
+
+    /// <summary>Frees the memory and the queue id. Any thread, once the device no longer uses the queues.</summary>
+    internal void Free()
+    {
+        if (Interlocked.Exchange(ref _state, StateDestroyed) == StateDestroyed)
         {
             return;
         }
 
         if (Id != 0)
         {
-            Disconnect();
             _ctrl.ReleaseQueuePair(this);
         }
-        else
+
+        _mem.Dispose();
+        var after = Interlocked.Exchange(ref _disposeAfterDelete, null);
+        after?.Dispose();
+    }
+
+    /// <summary>
+    /// Synchronous destroy for tools and tests: <see cref="BeginDestroy"/>, then reaps admin completions until the
+    /// queues are deleted (bounded by the admin timeout).
+    /// </summary>
+    public void Dispose()
+    {
+        if (Id == 0)
         {
             FailOutstanding(NvmeStatus.AbortedSqDeletion);
+            Free();
+            return;
         }
 
-        MarkDestroyed();
-        _mem.Dispose();
+        BeginDestroy();
+        long deadline = Ticks.Now() + _ctrl.ConnectTimeoutTicks;
+        while (Volatile.Read(ref _state) == StateDeleting && Ticks.Now() - deadline < 0 && !_ctrl.IsOrphan(this))
+        {
+            _ctrl.ProcessAdminCompletions();
+            Thread.Yield();
+        }
     }
 }

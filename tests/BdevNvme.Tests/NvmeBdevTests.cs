@@ -25,6 +25,8 @@ public sealed class NvmeBdevTests : IAsyncLifetime
 
     private TimeSpan IoTimeout { get; set; } = TimeSpan.FromSeconds(30);
 
+    private byte CapTimeoutUnits { get; set; } = 2;
+
     public Task InitializeAsync()
     {
         var online = CpuSet.Online().Cores;
@@ -32,7 +34,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         _rt.Start();
         _module = new NvmeBdevModule(_bdevs, attach: (addr, opts, log) =>
         {
-            var model = new NvmeControllerModel(_space, blocks: 8192, blockSize: 512, serial: "SN-" + addr);
+            var model = new NvmeControllerModel(_space, blocks: 8192, blockSize: 512, serial: "SN-" + addr) { TimeoutUnits = CapTimeoutUnits };
             lock (_models)
             {
                 _models.Add(model);
@@ -247,6 +249,104 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         {
             Free(buf);
         }
+    }
+
+    [Fact]
+    public async Task ResetIsPolledSoTheReactorKeepsServingAndQueuedIoCompletesAfterIt()
+    {
+        CapTimeoutUnits = 20; // CAP.TO 10 s: the test holds the controller not ready for a second
+        await Attach();
+        var model = _models[0];
+        var bc = _module.Find("Nvme0")!;
+        using var desc = _bdevs.Open("Nvme0n1", write: false);
+        nint buf = Alloc(512);
+        try
+        {
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null)));
+
+            // The controller does not become ready again until the test says so; the reset poller reads CSTS meanwhile.
+            var sw = Stopwatch.StartNew();
+            model.ReadyDelayReads = int.MaxValue;
+            _rt.Main.ResetMaxIteration();
+            var reset = Call("bdev_nvme_reset_controller", """{"name":"Nvme0"}""");
+            while (!bc.IsResetting && sw.Elapsed < TimeSpan.FromSeconds(5))
+            {
+                await Task.Delay(1);
+            }
+
+            // I/O submitted on the same reactor during the reset waits; the reactor still runs messages.
+            var during = Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
+            for (int i = 0; i < 10; i++)
+            {
+                var t = Stopwatch.StartNew();
+                Assert.Equal(i, await _rt.Main.InvokeAsync(() => i));
+                Assert.True(t.ElapsedMilliseconds < 500, $"a message waited {t.ElapsedMilliseconds} ms during the reset");
+                await Task.Delay(100);
+            }
+
+            Assert.True(bc.IsResetting);
+            Assert.False(during.IsCompleted);
+            // The controller becomes ready at the next CSTS read.
+            model.ReadyDelayReads = 1;
+            model.ArmReady();
+            await reset.WaitAsync(TimeSpan.FromSeconds(10));
+            Assert.True(await during.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.Equal(1, bc.Controller.ResetCount);
+            double maxMs = Ticks.ToMicroseconds(_rt.Main.MaxIterationTicks) / 1000;
+            // A reset that waited for RDY on the reactor would show the whole >= 1 s; the bound leaves room for a loaded machine.
+            Assert.True(sw.ElapsedMilliseconds >= 1000);
+            Assert.True(maxMs < 500, $"the reactor's longest iteration during a {sw.ElapsedMilliseconds} ms reset was {maxMs} ms");
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task ResetOfAControllerThatNeverBecomesReadyFailsAfterCapTimeoutWithoutBlockingTheReactor()
+    {
+        await Attach();
+        var model = _models[0];
+        var bc = _module.Find("Nvme0")!;
+        using var desc = _bdevs.Open("Nvme0n1", write: false);
+        nint buf = Alloc(512);
+        try
+        {
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null)));
+            model.NeverReady = true;
+            _rt.Main.ResetMaxIteration();
+            var sw = Stopwatch.StartNew();
+            var reset = Call("bdev_nvme_reset_controller", """{"name":"Nvme0"}""");
+            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
+            var t = Stopwatch.StartNew();
+            Assert.Equal(7, await _rt.Main.InvokeAsync(() => 7));
+            Assert.True(t.ElapsedMilliseconds < 500);
+            var e = await Assert.ThrowsAsync<RpcException>(() => reset.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.Equal(-5, e.Code);
+            Assert.True(sw.Elapsed >= bc.Controller.Cap.Timeout * 0.9, $"failed after {sw.ElapsedMilliseconds} ms, before CAP.TO");
+            Assert.False(await pending.WaitAsync(TimeSpan.FromSeconds(10))); // I/O of a controller that failed its reset fails
+            double maxMs = Ticks.ToMicroseconds(_rt.Main.MaxIterationTicks) / 1000;
+            Assert.True(maxMs < 500, $"the reactor's longest iteration during the {sw.ElapsedMilliseconds} ms reset was {maxMs} ms"); // blocking: >= CAP.TO (1 s)
+            model.NeverReady = false;
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task ResetControllerRpcParams()
+    {
+        await Attach();
+        ushort cntlid = _module.Find("Nvme0")!.Controller.Data.ControllerId;
+        Assert.True((await Call("bdev_nvme_reset_controller", $$"""{"name":"Nvme0","cntlid":{{cntlid}}}"""))!.GetValue<bool>());
+        Assert.Equal(-19, await CallError("bdev_nvme_reset_controller", $$"""{"name":"Nvme0","cntlid":{{cntlid + 1}}}"""));
+        Assert.Equal(-19, await CallError("bdev_nvme_reset_controller", """{"name":"Nope"}"""));
+        Assert.Equal(-32603, await CallError("bdev_nvme_reset_controller", "{}"));
+        Assert.Equal(-32603, await CallError("bdev_nvme_reset_controller", """{"name":"Nvme0","bogus":1}"""));
+        Assert.Equal(1, _module.Find("Nvme0")!.Controller.ResetCount);
     }
 
     [Fact]

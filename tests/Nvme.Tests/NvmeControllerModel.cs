@@ -24,6 +24,7 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     private ulong _asq;
     private ulong _acq;
     private uint _grantedQueues = 8;
+    private int _readyCountdown;
 
     private sealed class Sq
     {
@@ -72,6 +73,18 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     /// <summary>Abort commands find nothing to abort (DW0 bit 0 set), so a timeout must escalate to a reset.</summary>
     public bool IgnoreAborts { get; set; }
 
+    /// <summary>CAP.TO in 500 ms units (default 2: one second). Read by the driver at attach.</summary>
+    public byte TimeoutUnits { get; set; } = 2;
+
+    /// <summary>CC.EN=1 never sets CSTS.RDY (a controller that does not come back from a reset).</summary>
+    public bool NeverReady { get; set; }
+
+    /// <summary>After CC.EN=1, CSTS reads this many times with RDY=0 before RDY=1 (a controller that takes its time).</summary>
+    public int ReadyDelayReads { get; set; }
+
+    /// <summary>Admin commands (other than Asynchronous Event Requests) are fetched but never completed.</summary>
+    public bool HoldAdmin { get; set; }
+
     /// <summary>The device is gone: every register reads all ones.</summary>
     public bool Removed { get; set; }
 
@@ -114,14 +127,14 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             return uint.MaxValue;
         }
 
-        ulong cap = (ulong)Mqes | (1UL << 16) | (2UL << 24) | ((ulong)Dstrd << 32) | (1UL << 37);
+        ulong cap = (ulong)Mqes | (1UL << 16) | ((ulong)TimeoutUnits << 24) | ((ulong)Dstrd << 32) | (1UL << 37);
         return offset switch
         {
             NvmeReg.Cap => (uint)cap,
             NvmeReg.Cap + 4 => (uint)(cap >> 32),
             NvmeReg.Vs => 0x00010400,
             NvmeReg.Cc => _cc,
-            NvmeReg.Csts => _csts,
+            NvmeReg.Csts => ReadCsts(),
             NvmeReg.Aqa => _aqa,
             NvmeReg.Asq => (uint)_asq,
             NvmeReg.Asq + 4 => (uint)(_asq >> 32),
@@ -129,6 +142,25 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             NvmeReg.Acq + 4 => (uint)(_acq >> 32),
             _ => 0,
         };
+    }
+
+    /// <summary>Restarts the ready countdown from <see cref="ReadyDelayReads"/> (a controller that is enabled and waiting for RDY).</summary>
+    public void ArmReady()
+    {
+        lock (this)
+        {
+            _readyCountdown = ReadyDelayReads;
+        }
+    }
+
+    private uint ReadCsts()
+    {
+        if (_readyCountdown > 0 && --_readyCountdown == 0 && (_cc & NvmeReg.CcEn) != 0)
+        {
+            _csts |= NvmeReg.CstsRdy;
+        }
+
+        return _csts;
     }
 
     private void Write32Locked(int offset, uint value)
@@ -214,7 +246,8 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             _cqs.Clear();
             _sqs[0] = new Sq { Iova = _asq, Size = asqs, Cqid = 0 };
             _cqs[0] = new Cq { Iova = _acq, Size = acqs };
-            _csts = NvmeReg.CstsRdy;
+            _csts = NeverReady || ReadyDelayReads > 0 ? 0 : NvmeReg.CstsRdy;
+            _readyCountdown = NeverReady ? 0 : ReadyDelayReads;
         }
         else if (wasEnabled && !enable)
         {
@@ -264,6 +297,11 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                 {
                     _pendingAers.Add((qid, cmd.Cid));
                     continue;
+                }
+
+                if (HoldAdmin)
+                {
+                    continue; // never completed
                 }
 
                 status = ExecuteAdmin(ref cmd, out dw0);

@@ -8,6 +8,8 @@ namespace VhostBackend.NvmeGuestTool;
 /// <summary>
 /// Checks the userspace NVMe driver against a real device (QEMU's emulated NVMe inside the test guest).
 /// Usage: NvmeGuestTool --traddr 0000:00:04.0 [--serial S] [--blocks N] [--block-size B] [--qpairs Q] [--tests a,b]
+/// (or --traddr A --bdev 1: the bdev module; or --rpc-reset-check SOCKET [--ctrl Nvme0] [--bdev-name Nvme0n1]
+/// [--rounds 3] [--window-ms 3000]: resets under I/O through a running bdevperf's RPC socket, see <see cref="RpcResetCheck"/>).
 /// Prints one "PASS name" / "FAIL name: why" line per check and "N passed, N failed"; exit code 0 only when all pass.
 /// </summary>
 internal static unsafe class Program
@@ -21,6 +23,27 @@ internal static unsafe class Program
         for (int i = 0; i + 1 < args.Length; i += 2)
         {
             opt[args[i].TrimStart('-')] = args[i + 1];
+        }
+
+        if (opt.TryGetValue("rpc-reset-check", out var socket))
+        {
+            try
+            {
+                RpcResetCheck.RunAsync(
+                    socket,
+                    opt.GetValueOrDefault("ctrl", "Nvme0"),
+                    opt.GetValueOrDefault("bdev-name", "Nvme0n1"),
+                    int.Parse(opt.GetValueOrDefault("rounds", "3"), CultureInfo.InvariantCulture),
+                    int.Parse(opt.GetValueOrDefault("window-ms", "3000"), CultureInfo.InvariantCulture),
+                    Pass,
+                    Fail).GetAwaiter().GetResult();
+            }
+            catch (Exception e)
+            {
+                Fail("rpc-unexpected", e.ToString());
+            }
+
+            return Summary();
         }
 
         if (!opt.TryGetValue("traddr", out var traddr))

@@ -161,7 +161,7 @@ internal sealed class NvmeChannelContext
                     ulong len = io.Length;
                     if (len > (ulong)_bounce.BufferSize)
                     {
-                        rc = -22;
+                        rc = -Errno.EINVAL;
                         break;
                     }
 
@@ -194,7 +194,7 @@ internal sealed class NvmeChannelContext
                 rc = io.NumBlocks > 65536 ? -22 : qp.WriteZeroes(ns, io.OffsetBlocks, (uint)io.NumBlocks, false, s_done, req);
                 break;
             default:
-                rc = -95;
+                rc = -Errno.ENOTSUP;
                 break;
         }
 

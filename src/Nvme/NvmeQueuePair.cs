@@ -587,7 +587,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
                     case StepCreateCq:
                         if (!st.IsSuccess)
                         {
-                            return FailConnect(-Platform.Native.EIO, st);
+                            return FailConnect(-Platform.Errno.EIO, st);
                         }
 
                         _deviceGeneration = _ctrl.Generation;
@@ -596,7 +596,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
                     default:
                         if (!st.IsSuccess)
                         {
-                            return FailConnect(-Platform.Native.EIO, st); // the CQ is deleted by the next connect or the destroy
+                            return FailConnect(-Platform.Errno.EIO, st); // the CQ is deleted by the next connect or the destroy
                         }
 
                         Interlocked.CompareExchange(ref _state, StateConnected, StateConnecting);
@@ -616,12 +616,12 @@ public sealed unsafe class NvmeQueuePair : IDisposable
             {
                 // Admin queue full, or the controller is being reset: try again on the next poll, until the deadline
                 // (no deadline while the controller resets: that has its own, CAP.TO).
-                if ((rc == -6 && _ctrl.IsResetting) || (rc == -Platform.Native.ENOMEM && Ticks.Now() - _connectDeadline < 0))
+                if ((rc == -6 && _ctrl.IsResetting) || (rc == -Platform.Errno.ENOMEM && Ticks.Now() - _connectDeadline < 0))
                 {
                     return 0;
                 }
 
-                return FailConnect(rc == -Platform.Native.ENOMEM ? -110 : rc, default);
+                return FailConnect(rc == -Platform.Errno.ENOMEM ? -110 : rc, default);
             }
 
             _stepPending = true;

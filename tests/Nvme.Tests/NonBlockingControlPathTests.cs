@@ -251,8 +251,8 @@ public sealed unsafe class NonBlockingControlPathTests : IDisposable
         _model.HoldAdmin = true;
         Assert.Equal(0, qp.StartConnect());
         var (rc, _, maxCall, totalMs) = PollUntil(qp.PollConnect, 0, TimeSpan.FromSeconds(5));
-        Assert.Equal(-Platform.Native.EIO, rc);
-        Assert.Equal(-Platform.Native.EIO, qp.ConnectError);
+        Assert.Equal(-Platform.Errno.EIO, rc);
+        Assert.Equal(-Platform.Errno.EIO, qp.ConnectError);
         Assert.True(totalMs >= 250, $"failed after {totalMs} ms");
         Assert.True(maxCall < MaxCallMs);
         Assert.True(_ctrl.NeedsReset);

@@ -1,7 +1,7 @@
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Reactor;
-using VhostBackend.Vhost.Blk;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.BdevVirtio;

@@ -2,8 +2,8 @@ using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
-using VhostBackend.Vhost;
-using VhostBackend.Vhost.Blk;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.BdevVirtio;

@@ -2,6 +2,7 @@ using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
+using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost;
@@ -82,7 +83,12 @@ public abstract class VhostController : IVhostUserDevice
         return 0;
     }
 
-    public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
+    public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, VhostUserReadyQueue queue);
+
+    /// <summary>Queues read guest memory through the view their ring was created with; nothing else to update.</summary>
+    public virtual void MemoryUpdated(VhostUserSession session, GuestMemory memory)
+    {
+    }
 
     /// <summary>Starts <paramref name="queue"/> on its reactor and tracks it (coalescing changes, hot remove).</summary>
     protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue)

@@ -3,6 +3,8 @@ using VhostBackend.Platform;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost.Blk;
 using VhostBackend.Vhost.Rpc;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Tests;
 using Xunit;
@@ -169,7 +171,7 @@ public sealed class VhostBlkLifecycleTests
         theirs.Dispose();
         Assert.True(await VhostTestHost.WaitUntil(() => ctrl.Sessions.Count == 1));
         Assert.True(ctrl.Sessions[0].SendConfigChange());
-        var msg = new FrontEndModel(backend).ReadReply();
+        var msg = new FrontEndModel(backend).ReadReply(reply: false);
         Assert.NotNull(msg);
         Assert.Equal((uint)VhostUserBackendRequest.ConfigChangeMsg, msg.Value.Header.Request);
         Assert.Equal(VhostUserConstants.Version, msg.Value.Header.Flags);

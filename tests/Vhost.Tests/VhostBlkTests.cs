@@ -4,6 +4,8 @@ using System.Text.Json.Nodes;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using VhostBackend.Vhost.Blk;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Tests;
 using Xunit;

@@ -4,6 +4,8 @@ using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Blk;

@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using VhostBackend.Platform;
 using VhostBackend.Scsi;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;

@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;

@@ -2,6 +2,8 @@ using System.Buffers.Binary;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Scsi;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;

@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 
-namespace VhostBackend.Vhost.Blk;
+namespace VhostBackend.Virtio.Blk;
 
 /// <summary>virtio-blk feature bits (virtio 1.1, 5.2.3).</summary>
 public static class VirtioBlkFeature

@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 
-namespace VhostBackend.Vhost.Scsi;
+namespace VhostBackend.Virtio.Scsi;
 
 /// <summary>virtio-scsi feature bits (virtio 1.1, 5.6.3).</summary>
 public static class VirtioScsiFeature

@@ -125,6 +125,29 @@ public abstract class VhostController : IVhostUserDevice
     /// <summary>The reactor for the next queue: round-robin over the controller's cpumask.</summary>
     protected Reactor.Reactor NextReactor() => _runtime.NextRoundRobin(_reactors);
 
+    /// <summary>The controller type as RPCs and save_config name it: its subsystem ("vhost_blk", "vhost_scsi").</summary>
+    public abstract string TypeName { get; }
+
+    /// <summary>Why the controller cannot be deleted yet besides connected front ends (SPDK: SCSI targets left), or null.</summary>
+    public virtual string? DeleteBlocker => null;
+
+    /// <summary>
+    /// Releases what the device holds once no front end can connect any more (after <see cref="ShutdownAsync"/>,
+    /// or when creation failed): the blk bdev descriptor, the SCSI targets.
+    /// </summary>
+    public virtual Task ReleaseAsync() => Task.CompletedTask;
+
+    /// <summary>The SCSI target operations (vhost_scsi_controller_*): EINVAL "not a vhost-scsi controller" unless overridden.</summary>
+    public virtual int AddScsiTarget(int targetNum, string bdevName, bool readOnly) => throw NotScsi();
+
+    /// <inheritdoc cref="AddScsiTarget"/>
+    public virtual Task RemoveScsiTargetAsync(int targetNum) => throw NotScsi();
+
+    /// <summary>vhost_start_scsi_controller: starts a controller created with delay (SCSI only).</summary>
+    public virtual void StartDelayed() => throw NotScsi();
+
+    private VhostException NotScsi() => new(Native.EINVAL, $"{Name} is not a vhost-scsi controller");
+
     /// <summary>Device-specific part of vhost_get_controllers ("backend_specific").</summary>
     public abstract JsonObject BackendSpecific();
 

@@ -332,7 +332,7 @@ public sealed class VhostBlkTests
         Assert.IsType<JsonArray>(json["sessions"]);
 
         await host.Vhost.Find("x")!.SetCoalescingAsync(50, 10000);
-        var calls = Rpc.VhostRpc.WriteConfig<VhostBlkController>(host.Vhost);
+        var calls = Rpc.VhostRpc.WriteConfig(host.Vhost, "vhost_blk");
         Assert.Equal(2, calls.Count);
         Assert.Equal("vhost_create_blk_controller", (string?)calls[0]!["method"]);
         Assert.Equal("vhost_controller_set_coalescing", (string?)calls[1]!["method"]);

@@ -208,4 +208,12 @@ public sealed class VhostBlkController : VhostController
 
     /// <summary>Closes the descriptor after all sessions are gone (controller deletion).</summary>
     internal void CloseBdev() => Interlocked.Exchange(ref _desc, null)?.Dispose();
+
+    public override string TypeName => "vhost_blk";
+
+    public override Task ReleaseAsync()
+    {
+        CloseBdev();
+        return Task.CompletedTask;
+    }
 }

@@ -254,6 +254,29 @@ public sealed class VhostScsiController : VhostController
         }
     }
 
+    public override string TypeName => "vhost_scsi";
+
+    public override string? DeleteBlocker
+    {
+        get
+        {
+            foreach (var t in Targets)
+            {
+                return $"{Name}: SCSI target {t.Id} is still present.";
+            }
+
+            return null;
+        }
+    }
+
+    public override Task ReleaseAsync() => RemoveAllTargetsAsync();
+
+    public override int AddScsiTarget(int targetNum, string bdevName, bool readOnly) => AddTarget(targetNum, bdevName, readOnly);
+
+    public override Task RemoveScsiTargetAsync(int targetNum) => RemoveTargetAsync(targetNum);
+
+    public override void StartDelayed() => Start();
+
     public override JsonObject BackendSpecific()
     {
         var scsi = new JsonArray();

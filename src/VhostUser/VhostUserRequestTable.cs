@@ -19,8 +19,9 @@ public readonly struct VhostUserRequestInfo
     /// <summary>No protocol feature needed.</summary>
     public const int NoFeature = -1;
 
-    public VhostUserRequestInfo(VhostUserRequest request, bool supported, int minSize, int maxSize, int minFds, int maxFds, int protocolFeature, VhostUserReplyKind reply)
+    public VhostUserRequestInfo(VhostUserRequest request, bool supported, int minSize, int maxSize, int minFds, int maxFds, int protocolFeature, VhostUserReplyKind reply, bool eitherSize = false)
     {
+        EitherSize = eitherSize;
         Request = request;
         Supported = supported;
         MinSize = minSize;
@@ -38,6 +39,9 @@ public readonly struct VhostUserRequestInfo
 
     public int MinSize { get; }
     public int MaxSize { get; }
+
+    /// <summary>The size is <see cref="MinSize"/> or <see cref="MaxSize"/>, nothing between (GET requests: none or an unused u64).</summary>
+    public bool EitherSize { get; }
     public int MinFds { get; }
     public int MaxFds { get; }
 
@@ -73,7 +77,8 @@ public static class VhostUserRequestTable
             return VhostUserError.Unsupported;
         }
 
-        if (header.Size < (uint)row.MinSize || header.Size > (uint)row.MaxSize)
+        if (header.Size < (uint)row.MinSize || header.Size > (uint)row.MaxSize
+            || (row.EitherSize && header.Size != (uint)row.MinSize && header.Size != (uint)row.MaxSize))
         {
             return VhostUserError.BadSize;
         }
@@ -120,7 +125,7 @@ public static class VhostUserRequestTable
         }
 
         void Row(VhostUserRequest r, int minSize, int maxSize, int minFds, int maxFds, int feature, VhostUserReplyKind reply) =>
-            t[(int)r] = new VhostUserRequestInfo(r, true, minSize, maxSize, minFds, maxFds, feature, reply);
+            t[(int)r] = new VhostUserRequestInfo(r, true, minSize, maxSize, minFds, maxFds, feature, reply, eitherSize: minSize == 0 && maxSize == u64);
 
         // GET requests carry no payload; some front ends send an unused u64.
         Row(VhostUserRequest.GetFeatures, 0, u64, 0, 0, none, always);

@@ -283,6 +283,30 @@ public sealed class VhostBlkTests
     }
 
     [Fact]
+    public async Task RequestsWhoseProtocolFeatureWasNotNegotiatedAreRefused()
+    {
+        await using var host = new VhostTestHost();
+        host.Vhost.CreateBlkController("nf", "Malloc0", null, readOnly: false);
+        using (var fe = host.Connect("nf"))
+        {
+            // REPLY_ACK only: SET_STATUS and SET_CONFIG get a failure ack and the session goes on.
+            fe.Negotiate(1UL << VhostUserProtocolFeature.ReplyAck);
+            Assert.Equal(1UL, fe.SetU64(VhostUserRequest.SetStatus, 0xF));
+            var cfg = new byte[12 + 4];
+            MemoryMarshal.Write(cfg, new VhostUserConfigHeader { Offset = 0, Size = 4 });
+            fe.Send(VhostUserRequest.SetConfig, cfg, needReply: true);
+            Assert.Equal(1UL, fe.ReadU64Reply(VhostUserRequest.SetConfig));
+            Assert.NotEqual(0UL, fe.Get(VhostUserRequest.GetFeatures));
+
+            // GET_STATUS must be answered, which cannot be refused: the connection is closed.
+            fe.Send(VhostUserRequest.GetStatus, ReadOnlySpan<byte>.Empty);
+            Assert.True(fe.IsClosedByPeer());
+        }
+
+        Assert.True(await VhostTestHost.WaitUntil(() => host.Vhost.Find("nf")!.Sessions.Count == 0), "sessions not released");
+    }
+
+    [Fact]
     public async Task DisconnectWithIoInFlightFreesTheSessionAndDeleteThenWorks()
     {
         await using var host = new VhostTestHost();

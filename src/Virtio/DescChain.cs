@@ -74,7 +74,13 @@ public static class DescChain
         where T : unmanaged
     {
         value = default;
-        return CopyFrom(segs, from, to, skip, MemoryMarshal.AsBytes(new Span<T>(ref value)));
+        if (CopyFrom(segs, from, to, skip, MemoryMarshal.AsBytes(new Span<T>(ref value))))
+        {
+            return true;
+        }
+
+        value = default; // no half-read struct
+        return false;
     }
 
     /// <summary>Writes a wire struct into segments [from, to) at <paramref name="skip"/>; at most <paramref name="maxBytes"/> of it. Returns bytes written.</summary>

@@ -35,6 +35,9 @@ public sealed class VhostUserSession
     private ulong _status;
     private volatile bool _closing;
 
+    // Refusals a front end can repeat at will are logged through this (checked before formatting).
+    private LogRateLimiter _refusalLog = new(burst: 32, perSecond: 2);
+
     public VhostUserSession(IVhostUserDevice device, UnixConnection connection, ILogger logger)
     {
         _device = device;
@@ -178,7 +181,11 @@ public sealed class VhostUserSession
                     throw new VhostProtocolException(req, e);
                 }
 
-                _log.LogWarning("vhost session {Name}: request {Request} refused: {Error}", Name, hdr.Request, e);
+                if (_refusalLog.TryAcquire(Ticks.Now(), out long suppressed))
+                {
+                    _log.LogWarning("vhost session {Name}: request {Request} refused: {Error} ({Suppressed} earlier refusals not logged)", Name, hdr.Request, e, suppressed);
+                }
+
                 Ack(hdr, ok: false);
                 continue;
             }
@@ -212,9 +219,9 @@ public sealed class VhostUserSession
         {
             Reply(hdr.Request, ok ? 0UL : 1UL);
         }
-        else if (!ok)
+        else if (!ok && _refusalLog.TryAcquire(Ticks.Now(), out long suppressed))
         {
-            _log.LogWarning("vhost session {Name}: request {Request} failed (no reply was asked)", Name, (VhostUserRequest)hdr.Request);
+            _log.LogWarning("vhost session {Name}: request {Request} failed, no reply was asked ({Suppressed} earlier refusals not logged)", Name, (VhostUserRequest)hdr.Request, suppressed);
         }
     }
 
@@ -287,9 +294,13 @@ public sealed class VhostUserSession
     /// <summary>A reply that could not be sent ends the connection.</summary>
     private static bool Sent(VhostUserRequest request, int rc) => rc == 0 ? true : throw new VhostProtocolException(request, VhostUserError.Io);
 
-    private bool Refuse<T>(string what, int index, T detail)
+    private bool Refuse<TWhat, TDetail>(TWhat what, int index, TDetail detail)
     {
-        _log.LogError("vhost session {Name}: {What} (queue or region {Index}): {Detail}", Name, what, index, detail);
+        if (_refusalLog.TryAcquire(Ticks.Now(), out long suppressed))
+        {
+            _log.LogError("vhost session {Name}: {What} (queue or region {Index}): {Detail} ({Suppressed} earlier refusals not logged)", Name, what, index, detail, suppressed);
+        }
+
         return false;
     }
 
@@ -441,7 +452,7 @@ public sealed class VhostUserSession
                 break;
         }
 
-        return e == VringError.None ? TryStartQueue(v) : Refuse(req.ToString(), v.Index, e);
+        return e == VringError.None ? TryStartQueue(v) : Refuse(req, v.Index, e);
     }
 
     private bool SetVringAddr(in VhostUserVringAddr a)

@@ -1,7 +1,7 @@
 using VhostBackend.Platform;
 using Xunit;
 
-namespace VhostBackend.Vhost.Tests;
+namespace VhostBackend.VhostUser.Tests;
 
 public class LogRateLimiterTests
 {

@@ -1,10 +1,10 @@
 using VhostBackend.Platform;
 
-namespace VhostBackend.Vhost;
+namespace VhostBackend.VhostUser;
 
 /// <summary>
 /// A token bucket for log lines on paths a guest controls: <see cref="TryAcquire"/> is checked before any message
-/// is built, costs two comparisons, and never allocates. Owned by one reactor (no synchronisation).
+/// is built, costs two comparisons, and never allocates. Owned by one thread (a reactor, a protocol thread): no synchronisation.
 /// </summary>
 public struct LogRateLimiter
 {

@@ -152,7 +152,7 @@ internal sealed class VirtioBlkChannel
         q.Status(slot) = 0xFF;
 
         Span<DriverBuffer> bufs = stackalloc DriverBuffer[3];
-        bufs[0] = new DriverBuffer(q.HeaderGpa(slot), 16, 0);
+        bufs[0] = new DriverBuffer(q.HeaderGpa(slot), VirtioBlkOutHeader.Size, 0);
         var status = new DriverBuffer(q.StatusGpa(slot), 1, VirtqDesc.FlagWrite);
         int n;
         switch (io.Type)
@@ -217,7 +217,7 @@ internal sealed class VirtioBlkChannel
                 range.Sector = sector;
                 range.NumSectors = (uint)sectors;
                 range.Flags = 0;
-                bufs[1] = new DriverBuffer(metaGpa + VirtioUserQueue.RangeOffset, 16, 0);
+                bufs[1] = new DriverBuffer(metaGpa + VirtioUserQueue.RangeOffset, VirtioBlkDiscardWriteZeroes.Size, 0);
                 bufs[2] = status;
                 n = 3;
                 break;

@@ -47,7 +47,8 @@ public class MessageLayoutTests
     [Fact]
     public void VirtioBlkAndScsiStructsHaveTheSpecSizesAndOffsets()
     {
-        Assert.Equal(16, Unsafe.SizeOf<VirtioBlkOutHeader>());
+        Assert.Equal(VirtioBlkOutHeader.Size, Unsafe.SizeOf<VirtioBlkOutHeader>());
+        Assert.Equal(VirtioBlkDiscardWriteZeroes.Size, Unsafe.SizeOf<VirtioBlkDiscardWriteZeroes>());
         Assert.Equal(8, Off<VirtioBlkOutHeader>(nameof(VirtioBlkOutHeader.Sector)));
         Assert.Equal(16, Unsafe.SizeOf<VirtioBlkDiscardWriteZeroes>());
         Assert.Equal(60, Unsafe.SizeOf<VirtioBlkConfig>());

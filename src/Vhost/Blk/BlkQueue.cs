@@ -124,7 +124,7 @@ internal sealed class BlkQueue : VhostQueue
         req.UsedLength = 1;
         var segs = req.Segments;
         var err = Vq.WalkChain(head, segs, out var info);
-        if (err != ChainError.None || info.ReadableBytes < 16 || info.WritableBytes < 1)
+        if (err != ChainError.None || info.ReadableBytes < VirtioBlkOutHeader.Size || info.WritableBytes < 1)
         {
             LogBadRequest(head, "virtio-blk request needs a 16-byte header and a status byte", err, info.ReadableBytes, info.WritableBytes);
 
@@ -136,7 +136,7 @@ internal sealed class BlkQueue : VhostQueue
 
         ref var last = ref segs[info.SegmentCount - 1];
         req.Status = DescChain.Slice(last, last.Length - 1, 1);
-        DescChain.TryRead(segs, 0, info.FirstWritable, 0, out VirtioBlkOutHeader hdr); // ReadableBytes >= 16 was checked
+        DescChain.TryRead(segs, 0, info.FirstWritable, 0, out VirtioBlkOutHeader hdr); // ReadableBytes >= its size was checked
         if (_bdevGone)
         {
             Finish(req, VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
@@ -204,8 +204,8 @@ internal sealed class BlkQueue : VhostQueue
             }
 
             // Data: every readable byte after the 16-byte header.
-            length = info.ReadableBytes - 16;
-            ulong skip = 16;
+            length = info.ReadableBytes - VirtioBlkOutHeader.Size;
+            ulong skip = VirtioBlkOutHeader.Size;
             for (int i = 0; i < info.FirstWritable; i++)
             {
                 ulong l = segs[i].Length;
@@ -292,14 +292,14 @@ internal sealed class BlkQueue : VhostQueue
         }
 
         // We advertise max_discard_seg = max_write_zeroes_seg = 1: exactly one 16-byte range.
-        ulong payload = info.ReadableBytes - 16;
-        if (payload != 16)
+        ulong payload = info.ReadableBytes - VirtioBlkOutHeader.Size;
+        if (payload != VirtioBlkDiscardWriteZeroes.Size)
         {
-            Finish(req, payload % 16 == 0 && payload > 16 ? VirtioBlkRequestType.StatusUnsupp : VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
+            Finish(req, payload % VirtioBlkDiscardWriteZeroes.Size == 0 && payload > VirtioBlkDiscardWriteZeroes.Size ? VirtioBlkRequestType.StatusUnsupp : VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
             return;
         }
 
-        DescChain.TryRead(req.Segments, 0, info.FirstWritable, (ulong)DescChain.SizeOf<VirtioBlkOutHeader>(), out VirtioBlkDiscardWriteZeroes seg);
+        DescChain.TryRead(req.Segments, 0, info.FirstWritable, VirtioBlkOutHeader.Size, out VirtioBlkDiscardWriteZeroes seg);
         uint allowedFlags = discard ? 0 : VirtioBlkRequestType.SegmentFlagUnmap;
         if ((seg.Flags & ~allowedFlags) != 0)
         {

@@ -43,6 +43,8 @@ public static class VirtioBlkRequestType
 [StructLayout(LayoutKind.Sequential, Size = 16)]
 public struct VirtioBlkOutHeader
 {
+    public const int Size = 16;
+
     public uint Type;
     public uint IoPrio;
     public ulong Sector;
@@ -52,6 +54,8 @@ public struct VirtioBlkOutHeader
 [StructLayout(LayoutKind.Sequential, Size = 16)]
 public struct VirtioBlkDiscardWriteZeroes
 {
+    public const int Size = 16;
+
     public ulong Sector;
     public uint NumSectors;
     public uint Flags;

@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Rpc;
+using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.BdevVirtio;
 
@@ -122,7 +123,7 @@ public sealed class VirtioBdevModule
             throw RpcException.InvalidParams($"Failed to attach virtio-user device {name} at {socketPath}: {e.Message}");
         }
 
-        uint bs = ctrl.Has(Vhost.Blk.VirtioBlkFeature.BlkSize) ? ctrl.Config.BlkSize : 512;
+        uint bs = ctrl.Has(VirtioBlkFeature.BlkSize) ? ctrl.Config.BlkSize : 512;
         var bdev = new VirtioBlkBdev(ctrl, bs, ctrl.Config.Capacity * 512 / bs);
         try
         {

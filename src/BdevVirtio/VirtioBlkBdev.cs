@@ -2,7 +2,7 @@ using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Reactor;
 using VhostBackend.Rpc;
-using VhostBackend.Vhost.Blk;
+using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.BdevVirtio;
 

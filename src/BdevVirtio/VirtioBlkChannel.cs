@@ -1,7 +1,7 @@
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Reactor;
-using VhostBackend.Vhost.Blk;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.BdevVirtio;
@@ -22,7 +22,7 @@ namespace VhostBackend.BdevVirtio;
 /// free slot or descriptor waits in a FIFO drained by the poller.
 /// </para>
 /// </summary>
-internal sealed unsafe class VirtioBlkChannel
+internal sealed class VirtioBlkChannel
 {
     private readonly VirtioUserController _ctrl;
     private readonly Reactor.Reactor _reactor;
@@ -142,19 +142,17 @@ internal sealed unsafe class VirtioBlkChannel
 
         var q = _queue!;
         int slot = _free[_freeCount - 1];
-        byte* meta = q.SlotPtr(slot);
         ulong metaGpa = q.SlotGpa(slot);
-        ulong bounceGpa = q.BounceBaseGpa + ((ulong)slot * (ulong)q.BounceBytes);
-        byte* bounce = (byte*)q.BounceBase + ((long)slot * q.BounceBytes);
+        ulong bounceGpa = q.BounceGpa(slot);
         uint bs = io.Bdev.BlockSize;
         ulong sector = io.OffsetBlocks * (bs / VirtioBlkRequestType.SectorSize);
-        var hdr = (VirtioBlkOutHeader*)q.HeaderPtr(slot);
-        hdr->IoPrio = 0;
-        hdr->Sector = sector;
-        *q.StatusPtr(slot) = 0xFF;
+        ref var hdr = ref q.Header(slot);
+        hdr.IoPrio = 0;
+        hdr.Sector = sector;
+        q.Status(slot) = 0xFF;
 
         Span<DriverBuffer> bufs = stackalloc DriverBuffer[3];
-        bufs[0] = new DriverBuffer(q.HeaderGpa(slot), 16, 0);
+        bufs[0] = new DriverBuffer(q.HeaderGpa(slot), VirtioBlkOutHeader.Size, 0);
         var status = new DriverBuffer(q.StatusGpa(slot), 1, VirtqDesc.FlagWrite);
         int n;
         switch (io.Type)
@@ -171,7 +169,7 @@ internal sealed unsafe class VirtioBlkChannel
                 }
 
                 bool read = io.Type == BdevIoType.Read;
-                hdr->Type = read ? VirtioBlkRequestType.In : VirtioBlkRequestType.Out;
+                hdr.Type = read ? VirtioBlkRequestType.In : VirtioBlkRequestType.Out;
                 var iovs = io.Iovs;
                 if (iovs.Length == 1 && _ctrl.Shared is { } shared && shared.TryTranslate(iovs[0].Base, len, out ulong sharedOffset))
                 {
@@ -186,7 +184,7 @@ internal sealed unsafe class VirtioBlkChannel
                     BouncedIos++;
                     if (!read)
                     {
-                        CopyIn(io, bounce);
+                        CopyIn(io, q.Memory, bounceGpa);
                     }
 
                     bufs[1] = new DriverBuffer(bounceGpa, (uint)len, read ? VirtqDesc.FlagWrite : (ushort)0);
@@ -198,8 +196,8 @@ internal sealed unsafe class VirtioBlkChannel
             }
 
             case BdevIoType.Flush:
-                hdr->Type = VirtioBlkRequestType.Flush;
-                hdr->Sector = 0;
+                hdr.Type = VirtioBlkRequestType.Flush;
+                hdr.Sector = 0;
                 bufs[1] = status;
                 n = 2;
                 break;
@@ -213,13 +211,13 @@ internal sealed unsafe class VirtioBlkChannel
                     return true;
                 }
 
-                hdr->Type = io.Type == BdevIoType.Unmap ? VirtioBlkRequestType.Discard : VirtioBlkRequestType.WriteZeroes;
-                hdr->Sector = 0;
-                var range = (VirtioBlkDiscardWriteZeroes*)(meta + VirtioUserQueue.RangeOffset);
-                range->Sector = sector;
-                range->NumSectors = (uint)sectors;
-                range->Flags = 0;
-                bufs[1] = new DriverBuffer(metaGpa + VirtioUserQueue.RangeOffset, 16, 0);
+                hdr.Type = io.Type == BdevIoType.Unmap ? VirtioBlkRequestType.Discard : VirtioBlkRequestType.WriteZeroes;
+                hdr.Sector = 0;
+                ref var range = ref q.Memory.Ref<VirtioBlkDiscardWriteZeroes>(metaGpa + VirtioUserQueue.RangeOffset);
+                range.Sector = sector;
+                range.NumSectors = (uint)sectors;
+                range.Flags = 0;
+                bufs[1] = new DriverBuffer(metaGpa + VirtioUserQueue.RangeOffset, VirtioBlkDiscardWriteZeroes.Size, 0);
                 bufs[2] = status;
                 n = 3;
                 break;
@@ -234,10 +232,9 @@ internal sealed unsafe class VirtioBlkChannel
         int head;
         if (_indirect)
         {
-            var table = (VirtqDesc*)(meta + VirtioUserQueue.TableOffset);
             for (int i = 0; i < n; i++)
             {
-                SplitVirtqueueDriver.WriteDesc(table + i, bufs[i].Addr, bufs[i].Length, (ushort)(bufs[i].Flags | (i < n - 1 ? VirtqDesc.FlagNext : 0)), (ushort)(i + 1));
+                q.Memory.WriteDesc(metaGpa + VirtioUserQueue.TableOffset + (ulong)(16 * i), bufs[i].Addr, bufs[i].Length, (ushort)(bufs[i].Flags | (i < n - 1 ? VirtqDesc.FlagNext : 0)), (ushort)(i + 1));
             }
 
             var one = new DriverBuffer(metaGpa + VirtioUserQueue.TableOffset, (uint)(16 * n), VirtqDesc.FlagIndirect);
@@ -279,22 +276,21 @@ internal sealed unsafe class VirtioBlkChannel
         }
     }
 
-    private static void CopyIn(BdevIo io, byte* dst)
+    private static void CopyIn(BdevIo io, DriverMemory memory, ulong dst)
     {
         foreach (var v in io.Iovs)
         {
-            // SAFETY: the bdev layer checked that the iovecs add up to io.Length, which fits the bounce buffer.
-            Buffer.MemoryCopy((void*)v.Base, dst, (long)v.Length, (long)v.Length);
+            // The bdev layer checked that the iovecs add up to io.Length, which fits the bounce buffer.
+            memory.CopyFromHost(v.Base, dst, (int)v.Length);
             dst += v.Length;
         }
     }
 
-    private static void CopyOut(BdevIo io, byte* src)
+    private static void CopyOut(BdevIo io, DriverMemory memory, ulong src)
     {
         foreach (var v in io.Iovs)
         {
-            // SAFETY: as in CopyIn.
-            Buffer.MemoryCopy(src, (void*)v.Base, (long)v.Length, (long)v.Length);
+            memory.CopyToHost(src, v.Base, (int)v.Length);
             src += v.Length;
         }
     }
@@ -330,10 +326,10 @@ internal sealed unsafe class VirtioBlkChannel
 
             var io = _ios[slot]!;
             _ios[slot] = null;
-            byte st = *q.StatusPtr(slot);
+            byte st = q.Status(slot);
             if (st == VirtioBlkRequestType.StatusOk && io.Type == BdevIoType.Read && _bounced[slot])
             {
-                CopyOut(io, (byte*)q.BounceBase + ((long)slot * q.BounceBytes));
+                CopyOut(io, q.Memory, q.BounceGpa(slot));
             }
 
             _free[_freeCount++] = slot;

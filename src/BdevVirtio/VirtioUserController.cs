@@ -2,8 +2,8 @@ using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
-using VhostBackend.Vhost;
-using VhostBackend.Vhost.Blk;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.BdevVirtio;
@@ -13,7 +13,7 @@ namespace VhostBackend.BdevVirtio;
 /// request header, a discard range and the status byte per slot) and a bounce buffer per slot, all inside the
 /// memfd shared with the back end, plus the kick and call eventfds. Claimed by at most one I/O channel at a time.
 /// </summary>
-internal sealed unsafe class VirtioUserQueue : IDisposable
+internal sealed class VirtioUserQueue : IDisposable
 {
     /// <summary>
     /// Bytes of per-slot metadata, two cache lines: the first holds the 3 indirect descriptors (48), which stay the
@@ -48,48 +48,46 @@ internal sealed unsafe class VirtioUserQueue : IDisposable
         return (0, availLine, avail, usedLine, used, total);
     }
 
-    public VirtioUserQueue(int index, SplitVirtqueueDriver driver, nint slots, ulong slotsGpa, nint bounce, ulong bounceGpa, int slotCount, int bounceBytes,
-        nint hotHeader, ulong hotHeaderGpa, nint hotStatus, ulong hotStatusGpa)
+    public VirtioUserQueue(int index, SplitVirtqueueDriver driver, DriverMemory memory, ulong slotsGpa, ulong bounceGpa, int slotCount, int bounceBytes,
+        ulong hotHeaderGpa, ulong hotStatusGpa)
     {
-        _hotHeader = hotHeader;
         _hotHeaderGpa = hotHeaderGpa;
-        _hotStatus = hotStatus;
         _hotStatusGpa = hotStatusGpa;
         Index = index;
         Driver = driver;
-        SlotBase = slots;
+        Memory = memory;
         SlotBaseGpa = slotsGpa;
-        BounceBase = bounce;
         BounceBaseGpa = bounceGpa;
         SlotCount = slotCount;
         BounceBytes = bounceBytes;
     }
 
-    private readonly nint _hotHeader;
     private readonly ulong _hotHeaderGpa;
-    private readonly nint _hotStatus;
     private readonly ulong _hotStatusGpa;
 
     public int Index { get; }
     public SplitVirtqueueDriver Driver { get; }
 
-    /// <summary>Slot <paramref name="slot"/>'s metadata (indirect table, discard range; header and status unless slot 0).</summary>
-    public byte* SlotPtr(int slot) => (byte*)SlotBase + (slot * SlotBytes);
+    /// <summary>The shared memory (GPA = offset in it) holding this queue's ring, slots and bounce buffers.</summary>
+    public DriverMemory Memory { get; }
 
+    /// <summary>Slot <paramref name="slot"/>'s metadata (indirect table, discard range; header and status unless slot 0).</summary>
     public ulong SlotGpa(int slot) => SlotBaseGpa + (ulong)(slot * SlotBytes);
 
     /// <summary>The request header of <paramref name="slot"/>: slot 0's shares the avail index's line.</summary>
-    public byte* HeaderPtr(int slot) => slot == 0 ? (byte*)_hotHeader : SlotPtr(slot) + HeaderOffset;
-
     public ulong HeaderGpa(int slot) => slot == 0 ? _hotHeaderGpa : SlotGpa(slot) + HeaderOffset;
 
-    /// <summary>The status byte of <paramref name="slot"/>: slot 0's shares the used index's line.</summary>
-    public byte* StatusPtr(int slot) => slot == 0 ? (byte*)_hotStatus : SlotPtr(slot) + StatusOffset;
+    public ref VirtioBlkOutHeader Header(int slot) => ref Memory.Ref<VirtioBlkOutHeader>(HeaderGpa(slot));
 
+    /// <summary>The status byte of <paramref name="slot"/>: slot 0's shares the used index's line.</summary>
     public ulong StatusGpa(int slot) => slot == 0 ? _hotStatusGpa : SlotGpa(slot) + StatusOffset;
-    public nint SlotBase { get; }
+
+    public ref byte Status(int slot) => ref Memory.Ref<byte>(StatusGpa(slot));
+
+    /// <summary>The bounce buffer of <paramref name="slot"/>.</summary>
+    public ulong BounceGpa(int slot) => BounceBaseGpa + ((ulong)slot * (ulong)BounceBytes);
+
     public ulong SlotBaseGpa { get; }
-    public nint BounceBase { get; }
     public ulong BounceBaseGpa { get; }
     public int SlotCount { get; }
     public int BounceBytes { get; }
@@ -115,7 +113,7 @@ internal sealed unsafe class VirtioUserQueue : IDisposable
 /// and bounce buffer; guest-physical addresses are offsets into it, user addresses are our mapping) and the
 /// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>).
 /// </summary>
-public sealed unsafe class VirtioUserController : IoDevice, IDisposable
+public sealed class VirtioUserController : IoDevice, IDisposable
 {
     /// <summary>Largest read/write sent as one request: the size of each slot's bounce buffer.</summary>
     public const int MaxIoBytes = 128 * 1024;
@@ -265,14 +263,16 @@ public sealed unsafe class VirtioUserController : IoDevice, IDisposable
             memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total);
             map = MappedRegion.Map(memFd, total);
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
+            var memory = new DriverMemory(map.Pointer, total);
             for (int q = 0; q < vqCount; q++)
             {
                 ulong off = perQueue * (ulong)q;
-                nint b = map.Pointer + (nint)off;
-                var drv = new SplitVirtqueueDriver(b + (nint)layout.Desc, b + (nint)layout.Avail, b + (nint)layout.Used, (ushort)vqSize, eventIdx);
+                var drv = new SplitVirtqueueDriver(memory.Address(off + layout.Desc, SplitVirtqueue.DescTableBytes((uint)vqSize)),
+                    memory.Address(off + layout.Avail, SplitVirtqueue.AvailRingBytes((uint)vqSize)),
+                    memory.Address(off + layout.Used, SplitVirtqueue.UsedRingBytes((uint)vqSize)), (ushort)vqSize, eventIdx);
                 drv.DisableInterrupts();
-                queues.Add(new VirtioUserQueue(q, drv, b + (nint)layout.Total, off + layout.Total, b + (nint)(layout.Total + slotArea), off + layout.Total + slotArea, vqSize, MaxIoBytes,
-                    b + (nint)layout.HotHeader, off + layout.HotHeader, b + (nint)layout.HotStatus, off + layout.HotStatus));
+                queues.Add(new VirtioUserQueue(q, drv, memory, off + layout.Total, off + layout.Total + slotArea, vqSize, MaxIoBytes,
+                    off + layout.HotHeader, off + layout.HotStatus));
             }
 
             // GPA = offset in the memfd; user address = our mapping (ring addresses are given in it).

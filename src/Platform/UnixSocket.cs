@@ -166,6 +166,25 @@ public static class Fd
         }
     }
 
+    /// <summary>
+    /// fstat: the size of the file behind <paramref name="fd"/> and whether it is a regular file (memfd, hugetlbfs
+    /// and tmpfs files are). Returns 0 or -errno.
+    /// </summary>
+    public static unsafe int GetFileSize(int fd, out long size, out bool regular)
+    {
+        StatBuf st;
+        if (Native.fstat(fd, &st) != 0)
+        {
+            size = 0;
+            regular = false;
+            return -Native.Errno;
+        }
+
+        size = st.Size;
+        regular = st.IsRegular;
+        return 0;
+    }
+
     public static bool SetNonBlocking(int fd)
     {
         int flags = SocketNative.fcntl(fd, SocketNative.F_GETFL, 0);
@@ -391,6 +410,40 @@ public sealed unsafe class UnixConnection : IDisposable
         int r = SocketNative.poll(&pfd, 1, timeoutMs);
         return r != 0;
     }
+
+    /// <summary>
+    /// Whether the peer has closed the connection (hang-up, error, or end of file with nothing pending). Does not
+    /// consume anything: a pending message is left for the reader. Any thread; one non-blocking poll.
+    /// </summary>
+    public bool IsPeerClosed()
+    {
+        int fd = Volatile.Read(ref _fd);
+        if (fd < 0)
+        {
+            return true;
+        }
+
+        SocketNative.PollFd pfd = default;
+        pfd.Fd = fd;
+        pfd.Events = SocketNative.POLLIN;
+        if (SocketNative.poll(&pfd, 1, 0) <= 0)
+        {
+            return false;
+        }
+
+        if ((pfd.REvents & (PollHup | PollErr)) != 0)
+        {
+            return true;
+        }
+
+        byte b;
+        return SocketNative.recv(fd, &b, 1, MsgPeek | MsgDontWait) == 0;
+    }
+
+    private const short PollErr = 0x8;
+    private const short PollHup = 0x10;
+    private const int MsgPeek = 0x2;
+    private const int MsgDontWait = 0x40;
 
     /// <summary>Shuts both directions down: a receive blocked on another thread returns 0 (any thread).</summary>
     public void Shutdown()

@@ -2,6 +2,7 @@ using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
+using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost;
@@ -82,7 +83,12 @@ public abstract class VhostController : IVhostUserDevice
         return 0;
     }
 
-    public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
+    public abstract Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, VhostUserReadyQueue queue);
+
+    /// <summary>Queues read guest memory through the view their ring was created with; nothing else to update.</summary>
+    public virtual void MemoryUpdated(VhostUserSession session, GuestMemory memory)
+    {
+    }
 
     /// <summary>Starts <paramref name="queue"/> on its reactor and tracks it (coalescing changes, hot remove).</summary>
     protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue)
@@ -118,6 +124,29 @@ public abstract class VhostController : IVhostUserDevice
 
     /// <summary>The reactor for the next queue: round-robin over the controller's cpumask.</summary>
     protected Reactor.Reactor NextReactor() => _runtime.NextRoundRobin(_reactors);
+
+    /// <summary>The controller type as RPCs and save_config name it: its subsystem ("vhost_blk", "vhost_scsi").</summary>
+    public abstract string TypeName { get; }
+
+    /// <summary>Why the controller cannot be deleted yet besides connected front ends (SPDK: SCSI targets left), or null.</summary>
+    public virtual string? DeleteBlocker => null;
+
+    /// <summary>
+    /// Releases what the device holds once no front end can connect any more (after <see cref="ShutdownAsync"/>,
+    /// or when creation failed): the blk bdev descriptor, the SCSI targets.
+    /// </summary>
+    public virtual Task ReleaseAsync() => Task.CompletedTask;
+
+    /// <summary>The SCSI target operations (vhost_scsi_controller_*): EINVAL "not a vhost-scsi controller" unless overridden.</summary>
+    public virtual int AddScsiTarget(int targetNum, string bdevName, bool readOnly) => throw NotScsi();
+
+    /// <inheritdoc cref="AddScsiTarget"/>
+    public virtual Task RemoveScsiTargetAsync(int targetNum) => throw NotScsi();
+
+    /// <summary>vhost_start_scsi_controller: starts a controller created with delay (SCSI only).</summary>
+    public virtual void StartDelayed() => throw NotScsi();
+
+    private VhostException NotScsi() => new(Native.EINVAL, $"{Name} is not a vhost-scsi controller");
 
     /// <summary>Device-specific part of vhost_get_controllers ("backend_specific").</summary>
     public abstract JsonObject BackendSpecific();

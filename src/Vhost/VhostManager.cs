@@ -81,14 +81,14 @@ public sealed class VhostManager : IAsyncDisposable
         return ctrlr;
     }
 
-    /// <summary>vhost_start_scsi_controller: starts a controller created with <c>delay</c> (idempotent, as SPDK). ENODEV if unknown.</summary>
+    /// <summary>vhost_start_scsi_controller: starts a controller created with <c>delay</c> (idempotent, as SPDK). ENODEV if unknown, EINVAL if not SCSI.</summary>
     public void StartScsiController(string name)
     {
-        var ctrlr = ScsiController(name);
+        var ctrlr = Get(name);
         try
         {
             Directory.CreateDirectory(SocketDirectory);
-            ctrlr.Start();
+            ctrlr.StartDelayed();
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
         {
@@ -97,17 +97,12 @@ public sealed class VhostManager : IAsyncDisposable
     }
 
     /// <summary>vhost_scsi_controller_add_target: ENODEV (no controller), EINVAL (not a SCSI controller), then as <see cref="VhostScsiController.AddTarget"/>.</summary>
-    public int AddScsiTarget(string ctrlrName, int targetNum, string bdevName, bool readOnly = false) => ScsiController(ctrlrName).AddTarget(targetNum, bdevName, readOnly);
+    public int AddScsiTarget(string ctrlrName, int targetNum, string bdevName, bool readOnly = false) => Get(ctrlrName).AddScsiTarget(targetNum, bdevName, readOnly);
 
     /// <summary>vhost_scsi_controller_remove_target: as <see cref="VhostScsiController.RemoveTargetAsync"/>.</summary>
-    public Task RemoveScsiTargetAsync(string ctrlrName, int targetNum) => ScsiController(ctrlrName).RemoveTargetAsync(targetNum);
+    public Task RemoveScsiTargetAsync(string ctrlrName, int targetNum) => Get(ctrlrName).RemoveScsiTargetAsync(targetNum);
 
-    private VhostScsiController ScsiController(string name) => Find(name) switch
-    {
-        null => throw new VhostException(Errno.ENODEV, $"vhost controller {name} does not exist"),
-        VhostScsiController s => s,
-        _ => throw new VhostException(Errno.EINVAL, $"{name} is not a vhost-scsi controller"),
-    };
+    private VhostController Get(string name) => Find(name) ?? throw new VhostException(Native.ENODEV, $"vhost controller {name} does not exist");
 
     private T Create<T>(string name, string? cpumask, bool client, bool delay, Func<string, CpuSet, T> factory)
         where T : VhostController
@@ -148,8 +143,8 @@ public sealed class VhostManager : IAsyncDisposable
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
             {
-                (ctrlr as VhostBlkController)?.CloseBdev();
-                throw new VhostException(Errno.EIO, $"cannot listen on {path}: {e.Message}");
+                ctrlr.ReleaseAsync().GetAwaiter().GetResult();
+                throw new VhostException(Native.EIO, $"cannot listen on {path}: {e.Message}");
             }
 
             _controllers.Add(name, ctrlr);
@@ -177,9 +172,9 @@ public sealed class VhostManager : IAsyncDisposable
                 throw new VhostException(Errno.EBUSY, $"Controller {name} has still valid connection.");
             }
 
-            if (ctrlr is VhostScsiController scsi && scsi.Targets.Any())
+            if (ctrlr.DeleteBlocker is { } blocker)
             {
-                throw new VhostException(Errno.EBUSY, $"{name}: SCSI target {scsi.Targets.First().Id} is still present.");
+                throw new VhostException(Native.EBUSY, blocker);
             }
 
             _controllers.Remove(name);
@@ -187,7 +182,7 @@ public sealed class VhostManager : IAsyncDisposable
         }
 
         await ctrlr.ShutdownAsync().ConfigureAwait(false);
-        (ctrlr as VhostBlkController)?.CloseBdev();
+        await ctrlr.ReleaseAsync().ConfigureAwait(false);
         _log.LogInformation("vhost controller {Name} deleted", name);
     }
 
@@ -205,11 +200,7 @@ public sealed class VhostManager : IAsyncDisposable
         foreach (var c in all)
         {
             await c.ShutdownAsync().ConfigureAwait(false);
-            (c as VhostBlkController)?.CloseBdev();
-            if (c is VhostScsiController scsi)
-            {
-                await scsi.RemoveAllTargetsAsync().ConfigureAwait(false);
-            }
+            await c.ReleaseAsync().ConfigureAwait(false);
         }
     }
 }

@@ -4,6 +4,7 @@ using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
+using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost;
@@ -20,7 +21,6 @@ public abstract class VhostQueue : IVhostQueueRunner
 {
     private const int PopBatch = 32;
     private const long StatsIntervalMs = 10;
-    private const int MaxLoggedChainErrors = 16;
 
     private static readonly PollerFn s_poll = static c => ((VhostQueue)c!).Poll();
     private static readonly PollerInterruptFn s_interrupt = static (c, arm) => ((VhostQueue)c!).OnInterruptMode(arm);
@@ -36,7 +36,8 @@ public abstract class VhostQueue : IVhostQueueRunner
     private bool _signalOwed;
     private int _completedSincePoll;
     private TaskCompletionSource? _drained;
-    private int _chainErrors;
+    private LogRateLimiter _badRequestLog = new(burst: 16, perSecond: 1);
+    private readonly string _logName;
 
     // Interrupt coalescing (vhost_controller_set_coalescing): SPDK's model, per queue.
     private long _delayBaseTicks;
@@ -57,6 +58,7 @@ public abstract class VhostQueue : IVhostQueueRunner
         _kick = kick;
         Reactor = reactor;
         _kind = kind;
+        _logName = kind + " " + session.Name + " queue " + index.ToString(System.Globalization.CultureInfo.InvariantCulture);
     }
 
     public VhostController Controller { get; }
@@ -225,14 +227,29 @@ public abstract class VhostQueue : IVhostQueueRunner
         return pending || _signalPending || _completedSincePoll > 0;
     }
 
-    /// <summary>Logs a malformed chain (rate limited: a hostile guest cannot flood the log).</summary>
-    protected void LogChainError(ushort head, string what)
+    /// <summary>
+    /// Logs a malformed request: rate limited (a burst, then a few per second, with the count of suppressed lines)
+    /// and checked before anything is formatted, so a hostile guest can neither flood the log nor make each bad
+    /// request allocate. <paramref name="reason"/> must be a literal.
+    /// </summary>
+    protected void LogBadRequest(ushort head, string reason, ChainError error, ulong readable, ulong writable)
     {
-        if (_chainErrors++ < MaxLoggedChainErrors)
+        if (_badRequestLog.TryAcquire(Reactor.Now, out long suppressed))
         {
-            Logger.LogError("{Kind} {Session} queue {Index}: invalid request at head {Head}: {What}", _kind, Session.Name, Index, head, what);
+            s_badRequest(Logger, _logName, head, reason, error, readable, writable, null);
+            if (suppressed > 0)
+            {
+                s_suppressed(Logger, _logName, suppressed, null);
+            }
         }
     }
+
+    private static readonly Action<ILogger, string, ushort, string, ChainError, ulong, ulong, Exception?> s_badRequest =
+        LoggerMessage.Define<string, ushort, string, ChainError, ulong, ulong>(LogLevel.Error, new EventId(1, "VhostBadRequest"),
+            "{Queue}: invalid request at head {Head}: {Reason} ({Error}, readable {Readable}, writable {Writable})");
+
+    private static readonly Action<ILogger, string, long, Exception?> s_suppressed =
+        LoggerMessage.Define<string, long>(LogLevel.Warning, new EventId(2, "VhostBadRequestSuppressed"), "{Queue}: {Count} more invalid requests were not logged");
 
     /// <summary>Marks a request as in flight (its completion will pass <c>wasInFlight: true</c>).</summary>
     protected void BeginInFlight() => _inFlight++;
@@ -305,48 +322,13 @@ public abstract class VhostQueue : IVhostQueueRunner
         }
     }
 
-    /// <summary>Copies <paramref name="len"/> device-readable bytes starting <paramref name="skip"/> bytes into the chain (they may span segments).</summary>
-    protected static unsafe bool CopyFromChain(ReadOnlySpan<DescSegment> segs, int readableSegs, ulong skip, byte* dst, int len)
-    {
-        for (int i = 0; i < readableSegs && len > 0; i++)
-        {
-            ulong l = segs[i].Length;
-            if (skip >= l)
-            {
-                skip -= l;
-                continue;
-            }
-
-            int n = (int)Math.Min((ulong)len, l - skip);
-            Unsafe.CopyBlockUnaligned(dst, (byte*)segs[i].Host + skip, (uint)n);
-            dst += n;
-            len -= n;
-            skip = 0;
-        }
-
-        return len == 0;
-    }
+    /// <summary>Copies dst.Length device-readable bytes starting <paramref name="skip"/> bytes into the chain (they may span segments).</summary>
+    protected static bool CopyFromChain(ReadOnlySpan<DescSegment> segs, int readableSegs, ulong skip, Span<byte> dst) =>
+        DescChain.CopyFrom(segs, 0, readableSegs, skip, dst);
 
     /// <summary>Copies <paramref name="src"/> into the device-writable segments [first, count) starting <paramref name="skip"/> bytes in.</summary>
-    protected static unsafe bool CopyToChain(ReadOnlySpan<DescSegment> segs, int firstWritable, int count, ulong skip, ReadOnlySpan<byte> src)
-    {
-        for (int i = firstWritable; i < count && !src.IsEmpty; i++)
-        {
-            ulong l = segs[i].Length;
-            if (skip >= l)
-            {
-                skip -= l;
-                continue;
-            }
-
-            int n = (int)Math.Min((ulong)src.Length, l - skip);
-            src[..n].CopyTo(new Span<byte>((byte*)segs[i].Host + skip, n));
-            src = src[n..];
-            skip = 0;
-        }
-
-        return src.IsEmpty;
-    }
+    protected static bool CopyToChain(ReadOnlySpan<DescSegment> segs, int firstWritable, int count, ulong skip, ReadOnlySpan<byte> src) =>
+        DescChain.CopyTo(segs, firstWritable, count, skip, src);
 
     /// <summary>
     /// Fills <paramref name="iovs"/> with the bytes of segments [from, to) after skipping <paramref name="skip"/>

@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using VhostBackend.Platform;
+using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Tests;
 
@@ -9,21 +10,36 @@ namespace VhostBackend.Vhost.Tests;
 /// A model of a vhost-user front end (what QEMU does), for tests: speaks the protocol over a Unix socket,
 /// shares a memfd as guest memory and drives one queue through <see cref="DriverRingModel"/>. Not QEMU.
 /// </summary>
-internal sealed unsafe class FrontEndModel : IDisposable
+internal sealed class FrontEndModel : IDisposable
 {
-    private readonly UnixConnection _conn;
+    private readonly VhostUserEndpoint _ep;
 
-    public FrontEndModel(UnixConnection conn) => _conn = conn;
+    public FrontEndModel(UnixConnection conn) => _ep = new VhostUserEndpoint(conn);
 
-    public UnixConnection Connection => _conn;
+    public UnixConnection Connection => _ep.Connection;
 
+    public VhostUserEndpoint Endpoint => _ep;
+
+    /// <summary>
+    /// Sends a request through the shared endpoint; messages the endpoint refuses to build (more fds than any
+    /// request carries) go out raw, since the model also plays a hostile front end.
+    /// </summary>
     public void Send(VhostUserRequest req, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default, bool needReply = false, uint? flags = null)
     {
-        var buf = new byte[12 + payload.Length];
-        var h = new VhostUserHeader { Request = (uint)req, Flags = flags ?? (VhostUserConstants.Version | (needReply ? VhostUserConstants.FlagNeedReply : 0)), Size = (uint)payload.Length };
-        MemoryMarshal.Write(buf, in h);
-        payload.CopyTo(buf.AsSpan(12));
-        int rc = _conn.Send(buf, fds);
+        uint f = flags ?? (VhostUserConstants.Version | (needReply ? VhostUserConstants.FlagNeedReply : 0));
+        int rc;
+        if (fds.Length > VhostUserConstants.MaxFds)
+        {
+            var buf = new byte[12 + payload.Length];
+            MemoryMarshal.Write(buf, new VhostUserHeader { Request = (uint)req, Flags = f, Size = (uint)payload.Length });
+            payload.CopyTo(buf.AsSpan(12));
+            rc = _ep.Connection.Send(buf, fds);
+        }
+        else
+        {
+            rc = _ep.Send((uint)req, f, payload, fds);
+        }
+
         if (rc != 0)
         {
             throw new IOException($"send failed {rc}");
@@ -31,35 +47,28 @@ internal sealed unsafe class FrontEndModel : IDisposable
     }
 
     public void Send<T>(VhostUserRequest req, T body, ReadOnlySpan<int> fds = default, bool needReply = false)
-        where T : unmanaged
+        where T : unmanaged =>
+        Send(req, VhostUserEndpoint.AsBytes(in body), fds, needReply);
+
+    /// <summary>
+    /// Reads one reply (or, with <paramref name="reply"/> false, one back-end request from the backend channel);
+    /// null when the back end closed the connection (or nothing came within the timeout).
+    /// </summary>
+    public (VhostUserHeader Header, byte[] Payload)? ReadReply(int timeoutMs = 5000, bool reply = true)
     {
-        var b = new byte[sizeof(T)];
-        MemoryMarshal.Write(b, in body);
-        Send(req, b, fds, needReply);
-    }
-
-    /// <summary>Reads one reply; null when the back end closed the connection (or nothing came within the timeout).</summary>
-    public (VhostUserHeader Header, byte[] Payload)? ReadReply(int timeoutMs = 5000)
-    {
-        if (!_conn.WaitReadable(timeoutMs))
+        if (!_ep.WaitReadable(timeoutMs))
         {
             return null;
         }
 
-        var hb = new byte[12];
-        if (!_conn.ReceiveExact(hb))
+        var payload = new byte[VhostUserConstants.MaxPayload];
+        var fds = new int[UnixConnection.MaxFdsPerMessage];
+        if (_ep.Receive(reply, out var h, payload, out int size, fds, out _) != VhostUserError.None)
         {
             return null;
         }
 
-        var h = MemoryMarshal.Read<VhostUserHeader>(hb);
-        var p = new byte[h.Size];
-        if (h.Size > 0 && !_conn.ReceiveExact(p))
-        {
-            return null;
-        }
-
-        return (h, p);
+        return (h, payload.AsSpan(0, size).ToArray());
     }
 
     public ulong ReadU64Reply(VhostUserRequest expected)
@@ -81,9 +90,7 @@ internal sealed unsafe class FrontEndModel : IDisposable
 
     public ulong SetU64(VhostUserRequest req, ulong value, ReadOnlySpan<int> fds = default)
     {
-        var b = new byte[8];
-        MemoryMarshal.Write(b, in value);
-        Send(req, b, fds, needReply: true);
+        Send(req, VhostUserEndpoint.AsBytes(in value), fds, needReply: true);
         return ReadU64Reply(req);
     }
 
@@ -97,14 +104,14 @@ internal sealed unsafe class FrontEndModel : IDisposable
     /// <summary>Whether the back end has closed the connection (EOF within the timeout).</summary>
     public bool IsClosedByPeer(int timeoutMs = 3000)
     {
-        if (!_conn.WaitReadable(timeoutMs))
+        if (!_ep.WaitReadable(timeoutMs))
         {
             return false;
         }
 
         Span<byte> b = stackalloc byte[1];
         Span<int> fds = stackalloc int[UnixConnection.MaxFdsPerMessage];
-        return _conn.Receive(b, fds, out _, out _) == 0;
+        return _ep.Connection.Receive(b, fds, out _, out _) == 0;
     }
 
     /// <summary>Full negotiation like QEMU 7.2: features, protocol features, owner, queue count.</summary>
@@ -156,5 +163,5 @@ internal sealed unsafe class FrontEndModel : IDisposable
         return rc;
     }
 
-    public void Dispose() => _conn.Dispose();
+    public void Dispose() => _ep.Dispose();
 }

@@ -4,6 +4,8 @@ using System.Text.Json.Nodes;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
 using VhostBackend.Vhost.Blk;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Tests;
 using Xunit;
@@ -281,6 +283,30 @@ public sealed class VhostBlkTests
     }
 
     [Fact]
+    public async Task RequestsWhoseProtocolFeatureWasNotNegotiatedAreRefused()
+    {
+        await using var host = new VhostTestHost();
+        host.Vhost.CreateBlkController("nf", "Malloc0", null, readOnly: false);
+        using (var fe = host.Connect("nf"))
+        {
+            // REPLY_ACK only: SET_STATUS and SET_CONFIG get a failure ack and the session goes on.
+            fe.Negotiate(1UL << VhostUserProtocolFeature.ReplyAck);
+            Assert.Equal(1UL, fe.SetU64(VhostUserRequest.SetStatus, 0xF));
+            var cfg = new byte[12 + 4];
+            MemoryMarshal.Write(cfg, new VhostUserConfigHeader { Offset = 0, Size = 4 });
+            fe.Send(VhostUserRequest.SetConfig, cfg, needReply: true);
+            Assert.Equal(1UL, fe.ReadU64Reply(VhostUserRequest.SetConfig));
+            Assert.NotEqual(0UL, fe.Get(VhostUserRequest.GetFeatures));
+
+            // GET_STATUS must be answered, which cannot be refused: the connection is closed.
+            fe.Send(VhostUserRequest.GetStatus, ReadOnlySpan<byte>.Empty);
+            Assert.True(fe.IsClosedByPeer());
+        }
+
+        Assert.True(await VhostTestHost.WaitUntil(() => host.Vhost.Find("nf")!.Sessions.Count == 0), "sessions not released");
+    }
+
+    [Fact]
     public async Task DisconnectWithIoInFlightFreesTheSessionAndDeleteThenWorks()
     {
         await using var host = new VhostTestHost();
@@ -330,7 +356,7 @@ public sealed class VhostBlkTests
         Assert.IsType<JsonArray>(json["sessions"]);
 
         await host.Vhost.Find("x")!.SetCoalescingAsync(50, 10000);
-        var calls = Rpc.VhostRpc.WriteConfig<VhostBlkController>(host.Vhost);
+        var calls = Rpc.VhostRpc.WriteConfig(host.Vhost, "vhost_blk");
         Assert.Equal(2, calls.Count);
         Assert.Equal("vhost_create_blk_controller", (string?)calls[0]!["method"]);
         Assert.Equal("vhost_controller_set_coalescing", (string?)calls[1]!["method"]);

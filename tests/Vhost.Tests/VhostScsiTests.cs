@@ -3,6 +3,8 @@ using System.Runtime.InteropServices;
 using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Vhost.Scsi;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Tests;
 using Xunit;

@@ -2,6 +2,7 @@ using VhostBackend.Bdev;
 using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Tests;
 
@@ -78,7 +79,7 @@ internal sealed unsafe class BlkDriverModel
     {
         ulong hdr = _m.Alloc(16);
         ulong status = _m.Alloc(1);
-        var h = (Blk.VirtioBlkOutHeader*)_m.Host(hdr);
+        var h = (VirtioBlkOutHeader*)_m.Host(hdr);
         h->Type = type;
         h->IoPrio = 0;
         h->Sector = sector;

@@ -4,6 +4,8 @@ using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Reactor;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Blk;
@@ -28,7 +30,8 @@ internal sealed class BlkRequest
     public IoVec[] Iovs { get; } = new IoVec[MaxSegments];
     public int IovCount;
     public ushort Head;
-    public nint StatusPtr;
+    /// <summary>The status byte (the chain's last writable byte); Length 0 when the chain has no safe one.</summary>
+    public DescSegment Status;
     public uint UsedLength;
     public BdevIoType Op;
     public ulong OffsetBlocks;
@@ -114,16 +117,16 @@ internal sealed class BlkQueue : VhostQueue
 
     // ---- request parsing ----------------------------------------------------------------------------------
 
-    private unsafe void Process(BlkRequest req, ushort head)
+    private void Process(BlkRequest req, ushort head)
     {
         req.Head = head;
-        req.StatusPtr = 0;
+        req.Status = default;
         req.UsedLength = 1;
         var segs = req.Segments;
         var err = Vq.WalkChain(head, segs, out var info);
-        if (err != ChainError.None || info.ReadableBytes < 16 || info.WritableBytes < 1)
+        if (err != ChainError.None || info.ReadableBytes < VirtioBlkOutHeader.Size || info.WritableBytes < 1)
         {
-            LogChainError(head, $"{err} (readable {info.ReadableBytes}, writable {info.WritableBytes})");
+            LogBadRequest(head, "virtio-blk request needs a 16-byte header and a status byte", err, info.ReadableBytes, info.WritableBytes);
 
             // No safe status byte: return the head with nothing written.
             req.UsedLength = 0;
@@ -132,9 +135,8 @@ internal sealed class BlkQueue : VhostQueue
         }
 
         ref var last = ref segs[info.SegmentCount - 1];
-        req.StatusPtr = last.Host + (nint)(last.Length - 1);
-        VirtioBlkOutHeader hdr;
-        CopyFromChain(segs, info.FirstWritable, 0, (byte*)&hdr, 16);
+        req.Status = DescChain.Slice(last, last.Length - 1, 1);
+        DescChain.TryRead(segs, 0, info.FirstWritable, 0, out VirtioBlkOutHeader hdr); // ReadableBytes >= its size was checked
         if (_bdevGone)
         {
             Finish(req, VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
@@ -202,8 +204,8 @@ internal sealed class BlkQueue : VhostQueue
             }
 
             // Data: every readable byte after the 16-byte header.
-            length = info.ReadableBytes - 16;
-            ulong skip = 16;
+            length = info.ReadableBytes - VirtioBlkOutHeader.Size;
+            ulong skip = VirtioBlkOutHeader.Size;
             for (int i = 0; i < info.FirstWritable; i++)
             {
                 ulong l = segs[i].Length;
@@ -249,7 +251,7 @@ internal sealed class BlkQueue : VhostQueue
         Submit(req);
     }
 
-    private unsafe void ProcessGetId(BlkRequest req, in ChainInfo info)
+    private void ProcessGetId(BlkRequest req, in ChainInfo info)
     {
         // The id goes into the writable bytes before the status byte (at most 20, not NUL-terminated when 20 long).
         var id = _ctrlr.SerialBytes;
@@ -259,7 +261,7 @@ internal sealed class BlkQueue : VhostQueue
         for (int i = info.FirstWritable; i < info.SegmentCount && written < room; i++)
         {
             ulong n = Math.Min(room - written, segs[i].Length);
-            var dst = new Span<byte>((void*)segs[i].Host, (int)n);
+            var dst = DescChain.AsSpan(segs[i])[..(int)n];
             for (int k = 0; k < (int)n; k++)
             {
                 int src = (int)written + k;
@@ -273,7 +275,7 @@ internal sealed class BlkQueue : VhostQueue
         Finish(req, VirtioBlkRequestType.StatusOk, wasInFlight: false);
     }
 
-    private unsafe void ProcessDiscard(BlkRequest req, in ChainInfo info, uint type)
+    private void ProcessDiscard(BlkRequest req, in ChainInfo info, uint type)
     {
         bool discard = type == VirtioBlkRequestType.Discard;
         var bdev = _ch!.Bdev;
@@ -290,15 +292,14 @@ internal sealed class BlkQueue : VhostQueue
         }
 
         // We advertise max_discard_seg = max_write_zeroes_seg = 1: exactly one 16-byte range.
-        ulong payload = info.ReadableBytes - 16;
-        if (payload != 16)
+        ulong payload = info.ReadableBytes - VirtioBlkOutHeader.Size;
+        if (payload != VirtioBlkDiscardWriteZeroes.Size)
         {
-            Finish(req, payload % 16 == 0 && payload > 16 ? VirtioBlkRequestType.StatusUnsupp : VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
+            Finish(req, payload % VirtioBlkDiscardWriteZeroes.Size == 0 && payload > VirtioBlkDiscardWriteZeroes.Size ? VirtioBlkRequestType.StatusUnsupp : VirtioBlkRequestType.StatusIoErr, wasInFlight: false);
             return;
         }
 
-        VirtioBlkDiscardWriteZeroes seg;
-        CopyFromChain(req.Segments, info.FirstWritable, 16, (byte*)&seg, 16);
+        DescChain.TryRead(req.Segments, 0, info.FirstWritable, VirtioBlkOutHeader.Size, out VirtioBlkDiscardWriteZeroes seg);
         uint allowedFlags = discard ? 0 : VirtioBlkRequestType.SegmentFlagUnmap;
         if ((seg.Flags & ~allowedFlags) != 0)
         {
@@ -388,11 +389,11 @@ internal sealed class BlkQueue : VhostQueue
         Finish(req, ok ? VirtioBlkRequestType.StatusOk : VirtioBlkRequestType.StatusIoErr, wasInFlight: true);
     }
 
-    private unsafe void Finish(BlkRequest req, byte status, bool wasInFlight)
+    private void Finish(BlkRequest req, byte status, bool wasInFlight)
     {
-        if (req.StatusPtr != 0)
+        if (req.Status.Length != 0)
         {
-            *(byte*)req.StatusPtr = status;
+            DescChain.AsSpan(req.Status)[0] = status;
         }
 
         ushort head = req.Head;

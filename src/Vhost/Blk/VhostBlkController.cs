@@ -4,6 +4,8 @@ using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Blk;
@@ -130,8 +132,8 @@ public sealed class VhostBlkController : VhostController
 
     public override int ReadConfig(uint offset, Span<byte> dest) => CopyConfigSpace(BuildConfig(), offset, dest);
 
-    public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick) =>
-        StartQueueAsync(new BlkQueue(this, session, index, queue, call, kick, NextReactor()));
+    public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, VhostUserReadyQueue q) =>
+        StartQueueAsync(new BlkQueue(this, session, q.Index, q.Queue, q.Call, q.Kick, NextReactor()));
 
     private void OnBdevEvent(BdevEventType type)
     {
@@ -206,4 +208,12 @@ public sealed class VhostBlkController : VhostController
 
     /// <summary>Closes the descriptor after all sessions are gone (controller deletion).</summary>
     internal void CloseBdev() => Interlocked.Exchange(ref _desc, null)?.Dispose();
+
+    public override string TypeName => "vhost_blk";
+
+    public override Task ReleaseAsync()
+    {
+        CloseBdev();
+        return Task.CompletedTask;
+    }
 }

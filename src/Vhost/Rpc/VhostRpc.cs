@@ -26,17 +26,21 @@ public static class VhostRpc
         registry.Register("vhost_scsi_controller_add_target", r => AddTarget(manager, r));
         registry.Register("vhost_scsi_controller_remove_target", r => RemoveTargetAsync(manager, r));
         registry.Register("vhost_start_scsi_controller", r => StartScsi(manager, r));
-        subsystems?.Add(new Subsystem("vhost_scsi", () => WriteConfig<VhostScsiController>(manager), "bdev"));
-        subsystems?.Add(new Subsystem("vhost_blk", () => WriteConfig<VhostBlkController>(manager), "bdev"));
+        subsystems?.Add(new Subsystem("vhost_scsi", () => WriteConfig(manager, "vhost_scsi"), "bdev"));
+        subsystems?.Add(new Subsystem("vhost_blk", () => WriteConfig(manager, "vhost_blk"), "bdev"));
     }
 
-    /// <summary>A vhost subsystem's save_config: the calls that recreate each controller of type <typeparamref name="T"/>.</summary>
-    public static JsonArray WriteConfig<T>(VhostManager manager)
-        where T : VhostController
+    /// <summary>A vhost subsystem's save_config: the calls that recreate each controller whose <see cref="VhostController.TypeName"/> is <paramref name="typeName"/>.</summary>
+    public static JsonArray WriteConfig(VhostManager manager, string typeName)
     {
         var calls = new JsonArray();
-        foreach (var c in manager.Controllers.OfType<T>())
+        foreach (var c in manager.Controllers)
         {
+            if (c.TypeName != typeName)
+            {
+                continue;
+            }
+
             foreach (var call in c.ConfigCalls())
             {
                 calls.Add(call);

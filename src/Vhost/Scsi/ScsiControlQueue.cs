@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using VhostBackend.Platform;
 using VhostBackend.Scsi;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;
@@ -31,7 +33,7 @@ internal sealed class ScsiControlQueue : VhostQueue
 
     protected override bool CanTakeRequest => _free is not null;
 
-    protected override unsafe void Process(ushort head)
+    protected override void Process(ushort head)
     {
         var req = _free!;
         _free = req.NextFree;
@@ -43,23 +45,22 @@ internal sealed class ScsiControlQueue : VhostQueue
         req.FirstWritable = info.FirstWritable;
         if (err != ChainError.None || info.ReadableBytes < 4 || info.WritableBytes < 1)
         {
-            LogChainError(head, $"control request: {err} (readable {info.ReadableBytes}, writable {info.WritableBytes})");
+            LogBadRequest(head, "control request needs a type and a response byte", err, info.ReadableBytes, info.WritableBytes);
             Finish(req, 0, wasInFlight: false);
             return;
         }
 
-        byte* buf = stackalloc byte[VirtioScsi.TmfReqSize];
-        CopyFromChain(segs, info.FirstWritable, 0, buf, 4);
-        uint type = BinaryPrimitives.ReadUInt32LittleEndian(new ReadOnlySpan<byte>(buf, 4));
+        Span<byte> typeBytes = stackalloc byte[4];
+        CopyFromChain(segs, info.FirstWritable, 0, typeBytes);
+        uint type = BinaryPrimitives.ReadUInt32LittleEndian(typeBytes);
         switch (type)
         {
             case VirtioScsi.TTmf when info.ReadableBytes >= VirtioScsi.TmfReqSize:
                 {
-                    CopyFromChain(segs, info.FirstWritable, 0, buf, VirtioScsi.TmfReqSize);
-                    var span = new ReadOnlySpan<byte>(buf, VirtioScsi.TmfReqSize);
-                    uint subtype = BinaryPrimitives.ReadUInt32LittleEndian(span[4..]);
-                    ulong tag = BinaryPrimitives.ReadUInt64LittleEndian(span[16..]);
-                    if (!VirtioScsi.TryDecodeLun(span.Slice(8, 8), out int target, out int lun) || _ctrlr.GetTarget(target) is not { } t)
+                    DescChain.TryRead(segs, 0, info.FirstWritable, 0, out VirtioScsiCtrlTmfReq tmf);
+                    uint subtype = tmf.Subtype;
+                    ulong tag = tmf.Tag;
+                    if (!VirtioScsi.TryDecodeLun(tmf.Lun, out int target, out int lun) || _ctrlr.GetTarget(target) is not { } t)
                     {
                         WriteResponse(req, 0, VirtioScsi.SBadTarget);
                         Finish(req, 1, wasInFlight: false);
@@ -81,16 +82,14 @@ internal sealed class ScsiControlQueue : VhostQueue
             case VirtioScsi.TAnQuery or VirtioScsi.TAnSubscribe when info.ReadableBytes >= VirtioScsi.AnReqSize && info.WritableBytes >= VirtioScsi.AnRespSize:
                 {
                     // event_actual = 0: no asynchronous notification classes are supported.
-                    Span<byte> resp = stackalloc byte[VirtioScsi.AnRespSize];
-                    resp.Clear();
-                    resp[4] = VirtioScsi.SOk;
-                    CopyToChain(segs, info.FirstWritable, info.SegmentCount, 0, resp);
+                    var resp = new VirtioScsiCtrlAnResp { EventActual = 0, Response = VirtioScsi.SOk };
+                    DescChain.Write(segs, info.FirstWritable, info.SegmentCount, 0, in resp);
                     Finish(req, VirtioScsi.AnRespSize, wasInFlight: false);
                     return;
                 }
 
             default:
-                LogChainError(head, $"control request type {type} with {info.ReadableBytes} readable bytes is not supported");
+                LogBadRequest(head, "control request type not supported (or too short for its type)", err, info.ReadableBytes, info.WritableBytes);
                 WriteResponse(req, 0, VirtioScsi.SFailure);
                 Finish(req, 1, wasInFlight: false);
                 return;

@@ -1,6 +1,8 @@
 using System.Buffers.Binary;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;
@@ -61,7 +63,7 @@ internal sealed class ScsiEventQueue : VhostQueue
         var err = Vq.WalkChain(head, _segments, out var info);
         if (err != ChainError.None || info.WritableBytes < VirtioScsi.EventSize)
         {
-            LogChainError(head, $"event buffer: {err} (writable {info.WritableBytes}, needs {VirtioScsi.EventSize})");
+            LogBadRequest(head, "event buffer needs 16 writable bytes", err, info.ReadableBytes, info.WritableBytes);
             Complete(head, 0, wasInFlight: false);
             return;
         }
@@ -69,17 +71,15 @@ internal sealed class ScsiEventQueue : VhostQueue
         var (type, target, reason) = _pending[_head];
         _head = (_head + 1) % Backlog;
         _count--;
-        Span<byte> ev = stackalloc byte[VirtioScsi.EventSize];
         if (_missed)
         {
             type |= VirtioScsi.EventsMissed;
             _missed = false;
         }
 
-        BinaryPrimitives.WriteUInt32LittleEndian(ev, type);
-        VirtioScsi.EncodeLun(ev.Slice(4, 8), target, 0);
-        BinaryPrimitives.WriteUInt32LittleEndian(ev[12..], reason);
-        CopyToChain(_segments.AsSpan(0, info.SegmentCount), info.FirstWritable, info.SegmentCount, 0, ev);
+        var ev = new VirtioScsiEvent { Event = type, Reason = reason };
+        VirtioScsi.EncodeLun(ev.Lun, target, 0);
+        DescChain.Write(_segments.AsSpan(0, info.SegmentCount), info.FirstWritable, info.SegmentCount, 0, in ev);
         Logger.LogInformation("vhost_scsi {Session}: event 0x{Type:x} for target {Target} (reason 0x{Reason:x}) delivered", Session.Name, type, target, reason);
         Complete(head, VirtioScsi.EventSize, wasInFlight: false);
     }

@@ -2,6 +2,8 @@ using System.Buffers.Binary;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Scsi;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;
@@ -128,7 +130,7 @@ internal sealed class ScsiRequestQueue : VhostQueue
         return _channels[id];
     }
 
-    protected override unsafe void Process(ushort head)
+    protected override void Process(ushort head)
     {
         var req = _free!;
         _free = req.NextFree;
@@ -140,19 +142,15 @@ internal sealed class ScsiRequestQueue : VhostQueue
         req.FirstWritable = info.FirstWritable;
         if (err != ChainError.None || info.ReadableBytes < VirtioScsi.CmdReqSize || info.WritableBytes < VirtioScsi.CmdRespSize)
         {
-            LogChainError(head, $"{err} (readable {info.ReadableBytes}, writable {info.WritableBytes}; a command needs {VirtioScsi.CmdReqSize} and {VirtioScsi.CmdRespSize})");
+            LogBadRequest(head, "a command needs a 51-byte request and a 108-byte response", err, info.ReadableBytes, info.WritableBytes);
             bool canRespond = err == ChainError.None && info.WritableBytes >= VirtioScsi.CmdRespHeaderSize;
             Respond(req, canRespond ? VirtioScsi.SFailure : (byte)0, canRespond, 0, wasInFlight: false);
             return;
         }
 
-        byte* hdr = stackalloc byte[VirtioScsi.CmdReqSize];
-        CopyFromChain(segs, info.FirstWritable, 0, hdr, VirtioScsi.CmdReqSize);
-        var lun = new ReadOnlySpan<byte>(hdr, 8);
-        ulong tag = BinaryPrimitives.ReadUInt64LittleEndian(new ReadOnlySpan<byte>(hdr + 8, 8));
-        var cdb = new ReadOnlySpan<byte>(hdr + 19, VirtioScsi.CdbSize);
-
-        if (!VirtioScsi.TryDecodeLun(lun, out int targetId, out int lunId) || _ctrlr.GetTarget(targetId) is not { } target)
+        DescChain.TryRead(segs, 0, info.FirstWritable, 0, out VirtioScsiCmdReq hdr); // ReadableBytes >= CmdReqSize was checked
+        ulong tag = hdr.Tag;
+        if (!VirtioScsi.TryDecodeLun(hdr.Lun, out int targetId, out int lunId) || _ctrlr.GetTarget(targetId) is not { } target)
         {
             Respond(req, VirtioScsi.SBadTarget, true, 0, wasInFlight: false);
             return;
@@ -164,7 +162,7 @@ internal sealed class ScsiRequestQueue : VhostQueue
         if (dataOut != 0 && dataIn != 0)
         {
             // Bidirectional commands need VIRTIO_SCSI_F_INOUT, which we do not offer.
-            LogChainError(head, "data in both directions (VIRTIO_SCSI_F_INOUT not negotiated)");
+            LogBadRequest(head, "data in both directions (VIRTIO_SCSI_F_INOUT not negotiated)", err, info.ReadableBytes, info.WritableBytes);
             Respond(req, VirtioScsi.SFailure, true, 0, wasInFlight: false);
             return;
         }
@@ -183,7 +181,7 @@ internal sealed class ScsiRequestQueue : VhostQueue
             req.DataIn = true;
         }
 
-        if (n < 0 || !task.SetCdb(cdb))
+        if (n < 0 || !task.SetCdb(hdr.Cdb))
         {
             Respond(req, VirtioScsi.SFailure, true, 0, wasInFlight: false);
             return;
@@ -209,29 +207,21 @@ internal sealed class ScsiRequestQueue : VhostQueue
         uint used = 0;
         if (writeResponse)
         {
-            Span<byte> resp = stackalloc byte[VirtioScsi.CmdRespSize];
-            resp.Clear();
+            var resp = default(VirtioScsiCmdResp);
             if (wasInFlight)
             {
                 var task = req.Task;
                 var sense = task.Sense;
                 int senseLen = Math.Min(sense.Length, VirtioScsi.SenseSize);
-                BinaryPrimitives.WriteUInt32LittleEndian(resp, (uint)senseLen);
-                BinaryPrimitives.WriteUInt32LittleEndian(resp[4..], (uint)Math.Min(task.Residual, uint.MaxValue));
-                resp[10] = (byte)task.Status;
-                sense[..senseLen].CopyTo(resp[12..]);
+                resp.SenseLen = (uint)senseLen;
+                resp.Resid = (uint)Math.Min(task.Residual, uint.MaxValue);
+                resp.Status = (byte)task.Status;
+                sense[..senseLen].CopyTo(resp.Sense);
             }
 
-            resp[11] = response;
+            resp.Response = response;
             var segs = req.Segments.AsSpan(0, req.SegmentCount);
-            int room = 0;
-            for (int i = req.FirstWritable; i < segs.Length && room < resp.Length; i++)
-            {
-                room += (int)Math.Min(segs[i].Length, (uint)resp.Length);
-            }
-
-            int len = Math.Min(room, resp.Length);
-            CopyToChain(segs, req.FirstWritable, segs.Length, 0, resp[..len]);
+            int len = DescChain.Write(segs, req.FirstWritable, segs.Length, 0, in resp);
             used = (uint)len + (uint)dataInBytes;
         }
 

@@ -4,6 +4,8 @@ using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 using VhostBackend.Scsi;
+using VhostBackend.VhostUser;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
 
 namespace VhostBackend.Vhost.Scsi;
@@ -118,9 +120,10 @@ public sealed class VhostScsiController : VhostController
         return data.SequenceEqual(current.Slice((int)offset, data.Length)) ? 0 : -Errno.ENOTSUP;
     }
 
-    public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick)
+    public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, VhostUserReadyQueue ready)
     {
         var reactor = NextReactor();
+        var (index, queue, call, kick) = (ready.Index, ready.Queue, ready.Call, ready.Kick);
         VhostQueue q = index switch
         {
             VirtioScsi.ControlQueue => new ScsiControlQueue(this, session, index, queue, call, kick, reactor),
@@ -250,6 +253,29 @@ public sealed class VhostScsiController : VhostController
             }
         }
     }
+
+    public override string TypeName => "vhost_scsi";
+
+    public override string? DeleteBlocker
+    {
+        get
+        {
+            foreach (var t in Targets)
+            {
+                return $"{Name}: SCSI target {t.Id} is still present.";
+            }
+
+            return null;
+        }
+    }
+
+    public override Task ReleaseAsync() => RemoveAllTargetsAsync();
+
+    public override int AddScsiTarget(int targetNum, string bdevName, bool readOnly) => AddTarget(targetNum, bdevName, readOnly);
+
+    public override Task RemoveScsiTargetAsync(int targetNum) => RemoveTargetAsync(targetNum);
+
+    public override void StartDelayed() => Start();
 
     public override JsonObject BackendSpecific()
     {

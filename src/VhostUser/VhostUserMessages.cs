@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 
-namespace VhostBackend.Vhost;
+namespace VhostBackend.VhostUser;
 
 /// <summary>Front-end requests (docs/interop/vhost-user.rst, "Front-end message types").</summary>
 public enum VhostUserRequest : uint
@@ -99,6 +99,11 @@ public static class VhostUserConstants
     /// <summary>Largest payload we read; anything bigger is a protocol error.</summary>
     public const int MaxPayload = 4096;
 
+    /// <summary>Most fds one message carries (SET_MEM_TABLE with <see cref="MaxMemTableRegions"/> regions).</summary>
+    public const int MaxFds = MaxMemTableRegions;
+
+    public const int HeaderSize = 12;
+
     /// <summary>u64 payload of SET_VRING_KICK/CALL/ERR: bits 0-7 queue index, bit 8 "no fd".</summary>
     public const ulong VringIndexMask = 0xFF;
     public const ulong VringNoFdMask = 0x100;
@@ -108,9 +113,21 @@ public static class VhostUserConstants
 [StructLayout(LayoutKind.Sequential, Pack = 4, Size = 12)]
 public struct VhostUserHeader
 {
+    /// <summary>Flag bits a message may carry: version, reply, need-reply.</summary>
+    public const uint KnownFlags = VhostUserConstants.VersionMask | VhostUserConstants.FlagReply | VhostUserConstants.FlagNeedReply;
+
     public uint Request;
     public uint Flags;
     public uint Size;
+
+    public readonly bool IsReply => (Flags & VhostUserConstants.FlagReply) != 0;
+
+    public readonly bool NeedReply => (Flags & VhostUserConstants.FlagNeedReply) != 0;
+
+    /// <summary>Version 1, no unknown flag bits, the reply bit as <paramref name="reply"/> says, and a payload we can read.</summary>
+    public readonly bool IsValid(bool reply) =>
+        (Flags & VhostUserConstants.VersionMask) == VhostUserConstants.Version && (Flags & ~KnownFlags) == 0 && IsReply == reply
+        && Size <= VhostUserConstants.MaxPayload;
 }
 
 /// <summary>struct vhost_user_memory_region (32 bytes).</summary>
@@ -121,6 +138,11 @@ public struct VhostUserMemoryRegion
     public ulong MemorySize;
     public ulong UserspaceAddr;
     public ulong MmapOffset;
+
+    /// <summary>Non-empty, and no range (guest physical, user, file offset + size) wraps or exceeds a signed 64-bit length.</summary>
+    public readonly bool IsValid =>
+        MemorySize != 0 && MemorySize <= ulong.MaxValue - MmapOffset && GuestPhysAddr <= ulong.MaxValue - MemorySize
+        && UserspaceAddr <= ulong.MaxValue - MemorySize && MemorySize + MmapOffset <= long.MaxValue;
 }
 
 /// <summary>SET_MEM_TABLE payload header: region count and padding (8 bytes), followed by the regions.</summary>
@@ -129,6 +151,12 @@ public struct VhostUserMemoryHeader
 {
     public uint NRegions;
     public uint Padding;
+
+    /// <summary>1..8 regions, padding zero, and the payload holds exactly that many regions.</summary>
+    public readonly bool IsValid(int payloadSize) =>
+        NRegions is >= 1 and <= VhostUserConstants.MaxMemTableRegions && Padding == 0 && payloadSize == PayloadSize(NRegions);
+
+    public static int PayloadSize(uint regions) => 8 + (32 * (int)regions);
 }
 
 /// <summary>ADD_MEM_REG / REM_MEM_REG payload: padding and one region (40 bytes).</summary>
@@ -137,6 +165,8 @@ public struct VhostUserSingleMemoryRegion
 {
     public ulong Padding;
     public VhostUserMemoryRegion Region;
+
+    public readonly bool IsValid => Region.IsValid;
 }
 
 /// <summary>struct vhost_vring_state (8 bytes).</summary>
@@ -145,6 +175,9 @@ public struct VhostUserVringState
 {
     public uint Index;
     public uint Num;
+
+    /// <summary>The queue index is one of <paramref name="queues"/>.</summary>
+    public readonly bool IsValid(int queues) => Index < (uint)queues;
 }
 
 /// <summary>struct vhost_vring_addr (40 bytes): addresses are in the front end's virtual address space.</summary>
@@ -159,13 +192,44 @@ public struct VhostUserVringAddr
     public ulong UsedUserAddr;
     public ulong AvailUserAddr;
     public ulong LogGuestAddr;
+
+    /// <summary>
+    /// Index in range, no flag but LOG, and the ring parts aligned as virtio 1.1 2.6 requires (descriptor table
+    /// 16, avail 2, used 4). Whether the addresses lie in guest memory is checked when the queue starts.
+    /// </summary>
+    public readonly bool IsValid(int queues) =>
+        Index < (uint)queues && (Flags & ~FlagLog) == 0 && (DescUserAddr & 15) == 0 && (AvailUserAddr & 1) == 0 && (UsedUserAddr & 3) == 0;
+}
+
+/// <summary>u64 payload of SET_VRING_KICK/CALL/ERR: bits 0-7 queue index, bit 8 "no fd", the rest reserved.</summary>
+public readonly struct VhostUserVringFile
+{
+    public VhostUserVringFile(ulong value) => Value = value;
+
+    public ulong Value { get; }
+
+    public uint Index => (uint)(Value & VhostUserConstants.VringIndexMask);
+
+    public bool NoFd => (Value & VhostUserConstants.VringNoFdMask) != 0;
+
+    /// <summary>No reserved bit, index in range, and one fd unless "no fd" is set.</summary>
+    public bool IsValid(int queues, int fdCount) =>
+        (Value & ~(VhostUserConstants.VringIndexMask | VhostUserConstants.VringNoFdMask)) == 0 && Index < (uint)queues && fdCount == (NoFd ? 0 : 1);
 }
 
 /// <summary>GET/SET_CONFIG payload header (12 bytes), followed by up to 256 bytes of config space.</summary>
 [StructLayout(LayoutKind.Sequential, Size = 12)]
 public struct VhostUserConfigHeader
 {
+    /// <summary>VHOST_SET_CONFIG_TYPE_MIGRATION: the only flag defined (bit 0 set = migration, clear = front end).</summary>
+    public const uint FlagMigration = 1;
+
     public uint Offset;
     public uint Size;
     public uint Flags;
+
+    /// <summary>The payload is the header plus exactly Size bytes, inside the 256-byte config space, no unknown flag.</summary>
+    public readonly bool IsValid(int payloadSize) =>
+        Size <= VhostUserConstants.ConfigSpaceMax && Offset <= VhostUserConstants.ConfigSpaceMax - Size
+        && payloadSize == 12 + (int)Size && (Flags & ~FlagMigration) == 0;
 }

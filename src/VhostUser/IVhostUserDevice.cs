@@ -1,7 +1,14 @@
 using VhostBackend.Platform;
 using VhostBackend.Virtio;
 
-namespace VhostBackend.Vhost;
+namespace VhostBackend.VhostUser;
+
+/// <summary>
+/// A queue ready to run, as the session hands it to the device: the validated split ring (its addresses checked
+/// against guest memory), and the kick and call eventfds (either may be null: no kick = poll only, no call = the
+/// front end polls). The eventfds stay owned by the session.
+/// </summary>
+public readonly record struct VhostUserReadyQueue(int Index, SplitVirtqueue Queue, EventFd? Call, EventFd? Kick);
 
 /// <summary>
 /// The device behind a vhost-user session (virtio-blk, virtio-scsi): what it offers and how its queues run. The
@@ -26,11 +33,11 @@ public interface IVhostUserDevice
     /// <summary>Writes config space (only writable fields). 0 or -errno.</summary>
     int WriteConfig(uint offset, ReadOnlySpan<byte> data);
 
-    /// <summary>
-    /// Starts polling a queue on one of the device's reactors. <paramref name="call"/> may be null (the front end
-    /// polls), <paramref name="kick"/> may be null (no kick fd: poll only). The fds stay owned by the session.
-    /// </summary>
-    Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, int index, SplitVirtqueue queue, EventFd? call, EventFd? kick);
+    /// <summary>Starts polling a queue on one of the device's reactors.</summary>
+    Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, VhostUserReadyQueue queue);
+
+    /// <summary>The guest memory view changed (every queue is stopped while it does).</summary>
+    void MemoryUpdated(VhostUserSession session, GuestMemory memory);
 
     void SessionOpened(VhostUserSession session);
 

@@ -1,6 +1,7 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
-namespace VhostBackend.Vhost.Scsi;
+namespace VhostBackend.Virtio.Scsi;
 
 /// <summary>virtio-scsi feature bits (virtio 1.1, 5.6.3).</summary>
 public static class VirtioScsiFeature
@@ -115,4 +116,76 @@ public struct VirtioScsiConfig
     public uint MaxLun;
 
     public const int Size = 36;
+}
+
+/// <summary>The 8-byte LUN field of virtio-scsi requests and events.</summary>
+[InlineArray(8)]
+public struct VirtioScsiLun
+{
+    private byte _b0;
+}
+
+/// <summary>The 32-byte CDB of a command request.</summary>
+[InlineArray(VirtioScsi.CdbSize)]
+public struct VirtioScsiCdb
+{
+    private byte _b0;
+}
+
+/// <summary>The 96-byte sense buffer of a command response.</summary>
+[InlineArray(VirtioScsi.SenseSize)]
+public struct VirtioScsiSense
+{
+    private byte _b0;
+}
+
+/// <summary>struct virtio_scsi_cmd_req (51 bytes, packed): the device-readable header of a command.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1)]
+public struct VirtioScsiCmdReq
+{
+    public VirtioScsiLun Lun;
+    public ulong Tag;
+    public byte TaskAttr;
+    public byte Prio;
+    public byte Crn;
+    public VirtioScsiCdb Cdb;
+}
+
+/// <summary>struct virtio_scsi_cmd_resp (108 bytes, packed): the device-writable header of a command.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1)]
+public struct VirtioScsiCmdResp
+{
+    public uint SenseLen;
+    public uint Resid;
+    public ushort StatusQualifier;
+    public byte Status;
+    public byte Response;
+    public VirtioScsiSense Sense;
+}
+
+/// <summary>struct virtio_scsi_ctrl_tmf_req (24 bytes): a task management request on the control queue.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1)]
+public struct VirtioScsiCtrlTmfReq
+{
+    public uint Type;
+    public uint Subtype;
+    public VirtioScsiLun Lun;
+    public ulong Tag;
+}
+
+/// <summary>struct virtio_scsi_ctrl_an_resp (5 bytes): the answer to an asynchronous notification query/subscribe.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1)]
+public struct VirtioScsiCtrlAnResp
+{
+    public uint EventActual;
+    public byte Response;
+}
+
+/// <summary>struct virtio_scsi_event (16 bytes): what the device writes into an event-queue buffer.</summary>
+[StructLayout(LayoutKind.Sequential, Pack = 1)]
+public struct VirtioScsiEvent
+{
+    public uint Event;
+    public VirtioScsiLun Lun;
+    public uint Reason;
 }

@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 
-namespace VhostBackend.Vhost.Blk;
+namespace VhostBackend.Virtio.Blk;
 
 /// <summary>virtio-blk feature bits (virtio 1.1, 5.2.3).</summary>
 public static class VirtioBlkFeature
@@ -43,6 +43,8 @@ public static class VirtioBlkRequestType
 [StructLayout(LayoutKind.Sequential, Size = 16)]
 public struct VirtioBlkOutHeader
 {
+    public const int Size = 16;
+
     public uint Type;
     public uint IoPrio;
     public ulong Sector;
@@ -52,6 +54,8 @@ public struct VirtioBlkOutHeader
 [StructLayout(LayoutKind.Sequential, Size = 16)]
 public struct VirtioBlkDiscardWriteZeroes
 {
+    public const int Size = 16;
+
     public ulong Sector;
     public uint NumSectors;
     public uint Flags;

@@ -1,0 +1,599 @@
+using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging;
+using VhostBackend.Platform;
+using VhostBackend.Virtio;
+
+namespace VhostBackend.VhostUser;
+
+/// <summary>
+/// The back-end side of one vhost-user connection (a front end such as QEMU): its protocol thread reads each
+/// request through <see cref="VhostUserEndpoint"/> (framing, fd limits and <see cref="VhostUserRequestTable"/>
+/// checks), checks the payload's own fields, and applies it to the negotiated features, the
+/// <see cref="GuestMemoryTable"/> and one <see cref="VringState"/> per queue. A queue that becomes complete is
+/// handed to the <see cref="IVhostUserDevice"/>; it is taken back (after in-flight requests drain) before
+/// anything it uses changes.
+///
+/// Errors: a malformed message (framing, size, fds, flags, queue index, reserved bits) closes the connection; a
+/// well-formed request we cannot honour (unsupported, feature not negotiated, a ring outside guest memory, a bad
+/// queue size) gets a REPLY_ACK failure, or a log line when no reply was asked.
+/// </summary>
+public sealed class VhostUserSession
+{
+    private static int s_nextId;
+
+    private readonly IVhostUserDevice _device;
+    private readonly VhostUserEndpoint _ep;
+    private readonly ILogger _log;
+    private readonly VringState[] _vrings;
+    private readonly GuestMemoryTable _memory = new(VhostUserConstants.MaxMemSlots);
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private readonly object _backendLock = new();
+    private VhostUserEndpoint? _backend;
+    private ulong _features;
+    private ulong _protocolFeatures;
+    private bool _featuresSet;
+    private ulong _status;
+    private volatile bool _closing;
+
+    // Refusals a front end can repeat at will are logged through this (checked before formatting).
+    private LogRateLimiter _refusalLog = new(burst: 32, perSecond: 2);
+
+    public VhostUserSession(IVhostUserDevice device, UnixConnection connection, ILogger logger)
+    {
+        _device = device;
+        _ep = new VhostUserEndpoint(connection);
+        _log = logger;
+        Id = Interlocked.Increment(ref s_nextId);
+        Name = device.Name + "_" + Id.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        _vrings = new VringState[Math.Max(1, device.MaxQueues)];
+        for (int i = 0; i < _vrings.Length; i++)
+        {
+            _vrings[i] = new VringState(i);
+        }
+    }
+
+    public int Id { get; }
+    public string Name { get; }
+    public ulong NegotiatedFeatures => Volatile.Read(ref _features);
+    public ulong NegotiatedProtocolFeatures => Volatile.Read(ref _protocolFeatures);
+
+    /// <summary>Completes when the connection is gone and every resource is released.</summary>
+    public Task Completion => _completion.Task;
+
+    /// <summary>Number of queues currently polled (racy read for statistics).</summary>
+    public int StartedQueues
+    {
+        get
+        {
+            int n = 0;
+            foreach (var v in _vrings)
+            {
+                n += v.Started ? 1 : 0;
+            }
+
+            return n;
+        }
+    }
+
+    public bool Started => StartedQueues > 0;
+
+    public int InFlight
+    {
+        get
+        {
+            int n = 0;
+            foreach (var v in _vrings)
+            {
+                n += v.Runner?.InFlight ?? 0;
+            }
+
+            return n;
+        }
+    }
+
+    public int MaxQueues => _vrings.Length;
+
+    /// <summary>Messages handled (for tests and statistics).</summary>
+    public long MessageCount { get; private set; }
+
+    private bool Has(int protocolFeature) => (_protocolFeatures & (1UL << protocolFeature)) != 0;
+
+    /// <summary>Starts the protocol thread.</summary>
+    public void Start()
+    {
+        _device.SessionOpened(this);
+        new Thread(Run) { Name = "vhost:" + Name, IsBackground = true }.Start();
+    }
+
+    /// <summary>Disconnects (any thread); <see cref="Completion"/> completes once queues are stopped and memory unmapped.</summary>
+    public void Close()
+    {
+        _closing = true;
+        _ep.Shutdown();
+    }
+
+    private void Run()
+    {
+        try
+        {
+            Loop();
+        }
+        catch (VhostProtocolException e)
+        {
+            _log.LogError("vhost session {Name}: protocol error, closing connection: {Request} {Error}", Name, e.Request, e.Error);
+        }
+        catch (Exception e)
+        {
+            _log.LogError(e, "vhost session {Name}: protocol thread failed", Name);
+        }
+        finally
+        {
+            try
+            {
+                StopAllQueues();
+                foreach (var v in _vrings)
+                {
+                    v.Reset();
+                }
+
+                _memory.Dispose();
+                lock (_backendLock)
+                {
+                    _backend?.Dispose();
+                    _backend = null;
+                }
+            }
+            catch (Exception e)
+            {
+                _log.LogError(e, "vhost session {Name}: cleanup failed", Name);
+            }
+
+            _ep.Dispose();
+            _device.SessionClosed(this);
+            _log.LogInformation("vhost session {Name} closed", Name);
+            _completion.TrySetResult();
+        }
+    }
+
+    private void Loop()
+    {
+        var payload = new byte[VhostUserConstants.MaxPayload];
+        int[] fds = new int[UnixConnection.MaxFdsPerMessage];
+        while (!_closing)
+        {
+            var e = _ep.ReceiveRequest(_protocolFeatures, out var hdr, payload, out int size, fds, out int fdCount);
+            if (e is VhostUserError.Closed or VhostUserError.Io)
+            {
+                if (e == VhostUserError.Io)
+                {
+                    _log.LogWarning("vhost session {Name}: receive failed: errno {Errno}", Name, _ep.LastErrno);
+                }
+
+                return;
+            }
+
+            MessageCount++;
+            var req = (VhostUserRequest)hdr.Request;
+            if (e != VhostUserError.None)
+            {
+                if (!VhostUserRequestTable.IsRefusable(hdr.Request, e))
+                {
+                    throw new VhostProtocolException(req, e);
+                }
+
+                if (_refusalLog.TryAcquire(Ticks.Now(), out long suppressed))
+                {
+                    _log.LogWarning("vhost session {Name}: request {Request} refused: {Error} ({Suppressed} earlier refusals not logged)", Name, hdr.Request, e, suppressed);
+                }
+
+                Ack(hdr, ok: false);
+                continue;
+            }
+
+            try
+            {
+                if (_log.IsEnabled(LogLevel.Debug))
+                {
+                    _log.LogDebug("vhost session {Name}: {Request} ({Size} bytes, {Fds} fds)", Name, req, size, fdCount);
+                }
+
+                Ack(hdr, Dispatch(req, payload.AsSpan(0, size), fds.AsSpan(0, fdCount)));
+            }
+            finally
+            {
+                // Whatever a handler did not take (it sets taken entries to -1) is closed here.
+                Fd.CloseAll(fds.AsSpan(0, fdCount));
+            }
+        }
+    }
+
+    /// <summary>The REPLY_ACK of a request without a mandatory reply (when asked and negotiated).</summary>
+    private void Ack(in VhostUserHeader hdr, bool ok)
+    {
+        if (VhostUserRequestTable.Get(hdr.Request).Reply == VhostUserReplyKind.Always)
+        {
+            return;
+        }
+
+        if (hdr.NeedReply && Has(VhostUserProtocolFeature.ReplyAck))
+        {
+            Reply(hdr.Request, ok ? 0UL : 1UL);
+        }
+        else if (!ok && _refusalLog.TryAcquire(Ticks.Now(), out long suppressed))
+        {
+            _log.LogWarning("vhost session {Name}: request {Request} failed, no reply was asked ({Suppressed} earlier refusals not logged)", Name, (VhostUserRequest)hdr.Request, suppressed);
+        }
+    }
+
+    /// <summary>Handles one request that passed the table checks. Returns success (for REPLY_ACK).</summary>
+    private bool Dispatch(VhostUserRequest req, ReadOnlySpan<byte> p, Span<int> fds)
+    {
+        switch (req)
+        {
+            case VhostUserRequest.GetFeatures:
+                return Reply(req, _device.Features);
+            case VhostUserRequest.GetProtocolFeatures:
+                return Reply(req, _device.ProtocolFeatures);
+            case VhostUserRequest.GetQueueNum:
+                return Reply(req, (ulong)_vrings.Length);
+            case VhostUserRequest.GetMaxMemSlots:
+                return Reply(req, (ulong)_memory.MaxSlots);
+            case VhostUserRequest.GetStatus:
+                return Reply(req, _status);
+            case VhostUserRequest.SetFeatures:
+                return SetFeatures(MemoryMarshal.Read<ulong>(p));
+            case VhostUserRequest.SetProtocolFeatures:
+                return SetProtocolFeatures(MemoryMarshal.Read<ulong>(p));
+            case VhostUserRequest.SetOwner:
+                return true;
+            case VhostUserRequest.ResetOwner:
+            case VhostUserRequest.ResetDevice:
+                ResetDevice();
+                return true;
+            case VhostUserRequest.SetStatus:
+                _status = MemoryMarshal.Read<ulong>(p) & 0xFF;
+                return true;
+            case VhostUserRequest.SetMemTable:
+                return SetMemTable(p, fds);
+            case VhostUserRequest.AddMemReg:
+            case VhostUserRequest.RemMemReg:
+                return ChangeMemReg(req, MemoryMarshal.Read<VhostUserSingleMemoryRegion>(p), fds);
+            case VhostUserRequest.SetVringNum:
+            case VhostUserRequest.SetVringBase:
+            case VhostUserRequest.SetVringEnable:
+            case VhostUserRequest.GetVringBase:
+                return HandleVringState(req, MemoryMarshal.Read<VhostUserVringState>(p));
+            case VhostUserRequest.SetVringAddr:
+                return SetVringAddr(MemoryMarshal.Read<VhostUserVringAddr>(p));
+            case VhostUserRequest.SetVringKick:
+            case VhostUserRequest.SetVringCall:
+            case VhostUserRequest.SetVringErr:
+                return SetVringFd(req, new VhostUserVringFile(MemoryMarshal.Read<ulong>(p)), fds);
+            case VhostUserRequest.GetConfig:
+                return GetConfig(p);
+            case VhostUserRequest.SetConfig:
+                return SetConfig(p);
+            case VhostUserRequest.SetBackendReqFd:
+                lock (_backendLock)
+                {
+                    _backend?.Dispose();
+                    _backend = new VhostUserEndpoint(new UnixConnection(fds[0]));
+                }
+
+                fds[0] = -1; // taken
+                return true;
+            default:
+                throw new VhostProtocolException(req, VhostUserError.Unsupported); // the table lists no other
+        }
+    }
+
+    private bool Reply(uint request, ulong value) => Sent((VhostUserRequest)request, _ep.SendReply(request, in value));
+
+    private bool Reply(VhostUserRequest request, ulong value) => Reply((uint)request, value);
+
+    /// <summary>A reply that could not be sent ends the connection.</summary>
+    private static bool Sent(VhostUserRequest request, int rc) => rc == 0 ? true : throw new VhostProtocolException(request, VhostUserError.Io);
+
+    private bool Refuse<TWhat, TDetail>(TWhat what, int index, TDetail detail)
+    {
+        if (_refusalLog.TryAcquire(Ticks.Now(), out long suppressed))
+        {
+            _log.LogError("vhost session {Name}: {What} (queue or region {Index}): {Detail} ({Suppressed} earlier refusals not logged)", Name, what, index, detail, suppressed);
+        }
+
+        return false;
+    }
+
+    // ---- features ----------------------------------------------------------------------------------------
+
+    private bool SetFeatures(ulong features)
+    {
+        if ((features & ~_device.Features) != 0)
+        {
+            return Refuse("SET_FEATURES", -1, features & ~_device.Features);
+        }
+
+        Volatile.Write(ref _features, features);
+        if (!_featuresSet)
+        {
+            // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled; with it they wait for SET_VRING_ENABLE.
+            _featuresSet = true;
+            bool protocol = (features & (1UL << VhostUserConstants.ProtocolFeaturesBit)) != 0;
+            foreach (var v in _vrings)
+            {
+                v.SetInitialEnable(!protocol);
+            }
+        }
+
+        _log.LogInformation("vhost session {Name}: features 0x{Features:x}", Name, features);
+        return true;
+    }
+
+    private bool SetProtocolFeatures(ulong features)
+    {
+        if ((features & ~_device.ProtocolFeatures) != 0)
+        {
+            return Refuse("SET_PROTOCOL_FEATURES", -1, features & ~_device.ProtocolFeatures);
+        }
+
+        Volatile.Write(ref _protocolFeatures, features);
+        return true;
+    }
+
+    private void ResetDevice()
+    {
+        StopAllQueues();
+        foreach (var v in _vrings)
+        {
+            v.Reset();
+        }
+
+        _featuresSet = false;
+        _features = 0;
+        _status = 0;
+    }
+
+    // ---- memory ------------------------------------------------------------------------------------------
+
+    private bool SetMemTable(ReadOnlySpan<byte> p, Span<int> fds)
+    {
+        var mh = MemoryMarshal.Read<VhostUserMemoryHeader>(p);
+        if (!mh.IsValid(p.Length) || fds.Length != mh.NRegions)
+        {
+            throw new VhostProtocolException(VhostUserRequest.SetMemTable, VhostUserError.InvalidPayload);
+        }
+
+        var regions = MemoryMarshal.Cast<byte, VhostUserMemoryRegion>(p[8..]);
+        var e = GuestMemoryTable.TryMapAll(regions, fds, out var mapped, out int failed);
+        if (e != MemoryRegionError.None)
+        {
+            return Refuse("SET_MEM_TABLE refused", failed, e);
+        }
+
+        // The fds are no longer needed once mapped (the mapping keeps the memory alive).
+        StopAllQueues();
+        _memory.ReplaceAll(mapped);
+        PublishMemory();
+        return true;
+    }
+
+    private bool ChangeMemReg(VhostUserRequest req, in VhostUserSingleMemoryRegion m, Span<int> fds)
+    {
+        if (!m.IsValid)
+        {
+            return Refuse("memory region refused", -1, MemoryRegionError.BadRange);
+        }
+
+        int index = req == VhostUserRequest.RemMemReg ? _memory.Find(m.Region) : -1;
+        if (req == VhostUserRequest.RemMemReg && index < 0)
+        {
+            return Refuse("REM_MEM_REG refused", -1, MemoryRegionError.NotFound);
+        }
+
+        StopAllQueues();
+        var e = MemoryRegionError.None;
+        if (req == VhostUserRequest.AddMemReg)
+        {
+            e = _memory.TryAdd(m.Region, fds[0]);
+        }
+        else
+        {
+            // Queues were drained and stopped, so no request references the region any more.
+            _memory.RemoveAt(index);
+        }
+
+        PublishMemory();
+        return e == MemoryRegionError.None || Refuse("ADD_MEM_REG refused", _memory.Count, e);
+    }
+
+    /// <summary>Tells the device about the new view and restarts every complete ring on it (a ring that cannot start is logged).</summary>
+    private void PublishMemory()
+    {
+        _device.MemoryUpdated(this, _memory.Memory);
+        if (_log.IsEnabled(LogLevel.Information))
+        {
+            _log.LogInformation("vhost session {Name}: guest memory has {Count} regions ({Regions})", Name, _memory.Count, string.Join("; ", _memory.Memory.Regions));
+        }
+
+        foreach (var v in _vrings)
+        {
+            TryStartQueue(v);
+        }
+    }
+
+    // ---- vrings ------------------------------------------------------------------------------------------
+
+    private VringState Vring(VhostUserRequest req, uint index) =>
+        index < (uint)_vrings.Length ? _vrings[index] : throw new VhostProtocolException(req, VhostUserError.InvalidPayload);
+
+    private bool HandleVringState(VhostUserRequest req, in VhostUserVringState s)
+    {
+        var v = Vring(req, s.Index);
+        VringError e;
+        switch (req)
+        {
+            case VhostUserRequest.SetVringNum:
+                e = v.SetNum(s.Num);
+                break;
+            case VhostUserRequest.SetVringBase:
+                e = v.SetBase(s.Num);
+                break;
+            case VhostUserRequest.GetVringBase:
+                StopQueue(v);
+                v.Suspend();
+                return Sent(req, _ep.SendReply((uint)req, new VhostUserVringState { Index = s.Index, Num = v.Base }));
+            default:
+                e = v.SetEnable(s.Num);
+                if (e == VringError.None && !v.Enabled)
+                {
+                    StopQueue(v);
+                }
+
+                break;
+        }
+
+        return e == VringError.None ? TryStartQueue(v) : Refuse(req, v.Index, e);
+    }
+
+    private bool SetVringAddr(in VhostUserVringAddr a)
+    {
+        var v = Vring(VhostUserRequest.SetVringAddr, a.Index);
+        StopQueue(v);
+        var e = v.SetAddress(a);
+        bool started = TryStartQueue(v); // with the new addresses, or again with the old ones
+        return e == VringError.None ? started : Refuse("SET_VRING_ADDR", v.Index, e);
+    }
+
+    private bool SetVringFd(VhostUserRequest req, VhostUserVringFile f, Span<int> fds)
+    {
+        if (!f.IsValid(_vrings.Length, fds.Length))
+        {
+            throw new VhostProtocolException(req, VhostUserError.InvalidPayload);
+        }
+
+        var v = _vrings[f.Index];
+        int fd = f.NoFd ? -1 : fds[0];
+        if (fd >= 0)
+        {
+            fds[0] = -1; // taken
+            Fd.SetNonBlocking(fd);
+        }
+
+        switch (req)
+        {
+            case VhostUserRequest.SetVringCall:
+                var call = fd >= 0 ? new EventFd(fd) : null;
+                var old = v.SetCall(call);
+                v.Runner?.SetCallAsync(call).GetAwaiter().GetResult();
+                old?.Dispose();
+                return true;
+            case VhostUserRequest.SetVringErr:
+                v.SetErr(fd);
+                return true;
+            default:
+                StopQueue(v);
+                v.SetKick(fd >= 0 ? new EventFd(fd) : null);
+                return TryStartQueue(v);
+        }
+    }
+
+    /// <summary>Hands a complete ring to the device (no-op when it is not complete or already running). False if it failed to start.</summary>
+    private bool TryStartQueue(VringState v)
+    {
+        if (_closing || !v.IsComplete(_memory.Count > 0))
+        {
+            return true;
+        }
+
+        var a = v.Address!.Value;
+        bool eventIdx = (_features & (1UL << VirtioFeatures.RingEventIdx)) != 0;
+        var vq = SplitVirtqueue.Create(_memory.Memory, v.Num, a.DescUserAddr, a.AvailUserAddr, a.UsedUserAddr, eventIdx, v.Base, out string error);
+        if (vq is null)
+        {
+            return Refuse("queue not started", v.Index, error);
+        }
+
+        try
+        {
+            v.MarkStarted(_device.StartQueueAsync(this, new VhostUserReadyQueue(v.Index, vq, v.Call, v.Kick)).GetAwaiter().GetResult());
+        }
+        catch (Exception e)
+        {
+            _log.LogError(e, "vhost session {Name}: queue {Index} failed to start", Name, v.Index);
+            return false;
+        }
+
+        _log.LogInformation("vhost session {Name}: queue {Index} started (size {Size}, base {Base}, event_idx {EventIdx}, kick {Kick}, call {Call})",
+            Name, v.Index, v.Num, v.Base, eventIdx, v.Kick is not null, v.Call is not null);
+        return true;
+    }
+
+    private void StopQueue(VringState v)
+    {
+        if (v.Runner is { } runner)
+        {
+            v.MarkStopped(runner.StopAsync().GetAwaiter().GetResult());
+            _log.LogInformation("vhost session {Name}: queue {Index} stopped at {Base}", Name, v.Index, v.Base);
+        }
+    }
+
+    private void StopAllQueues()
+    {
+        foreach (var v in _vrings)
+        {
+            StopQueue(v);
+        }
+    }
+
+    // ---- config and backend channel ---------------------------------------------------------------------
+
+    private bool GetConfig(ReadOnlySpan<byte> p)
+    {
+        var ch = MemoryMarshal.Read<VhostUserConfigHeader>(p);
+        Span<byte> reply = stackalloc byte[12 + VhostUserConstants.ConfigSpaceMax];
+        if (!ch.IsValid(p.Length) || _device.ReadConfig(ch.Offset, reply.Slice(12, (int)ch.Size)) != 0)
+        {
+            // Failure is a reply with an empty config payload (the front end sees the size mismatch).
+            _log.LogError("vhost session {Name}: GET_CONFIG offset {Offset} size {Size} refused", Name, ch.Offset, ch.Size);
+            ch.Size = 0;
+        }
+
+        MemoryMarshal.Write(reply, in ch);
+        return Sent(VhostUserRequest.GetConfig, _ep.SendReply((uint)VhostUserRequest.GetConfig, reply[..(12 + (int)ch.Size)]));
+    }
+
+    private bool SetConfig(ReadOnlySpan<byte> p)
+    {
+        var ch = MemoryMarshal.Read<VhostUserConfigHeader>(p);
+        if (!ch.IsValid(p.Length))
+        {
+            throw new VhostProtocolException(VhostUserRequest.SetConfig, VhostUserError.InvalidPayload);
+        }
+
+        return _device.WriteConfig(ch.Offset, p.Slice(12, (int)ch.Size)) == 0;
+    }
+
+    /// <summary>
+    /// Tells the front end the config space changed (e.g. capacity after a resize) over the backend channel.
+    /// Returns false when no backend channel was negotiated. Any thread; blocking send of a 12-byte message.
+    /// </summary>
+    public bool SendConfigChange()
+    {
+        lock (_backendLock)
+        {
+            if (_backend is null || !Has(VhostUserProtocolFeature.Config))
+            {
+                return false;
+            }
+
+            int rc = _backend.Send((uint)VhostUserBackendRequest.ConfigChangeMsg, VhostUserConstants.Version, ReadOnlySpan<byte>.Empty);
+            if (rc != 0)
+            {
+                _log.LogWarning("vhost session {Name}: config change notification failed: errno {Errno}", Name, -rc);
+                return false;
+            }
+
+            return true;
+        }
+    }
+}

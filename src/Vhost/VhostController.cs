@@ -146,7 +146,7 @@ public abstract class VhostController : IVhostUserDevice
     /// <summary>vhost_start_scsi_controller: starts a controller created with delay (SCSI only).</summary>
     public virtual void StartDelayed() => throw NotScsi();
 
-    private VhostException NotScsi() => new(Native.EINVAL, $"{Name} is not a vhost-scsi controller");
+    private VhostException NotScsi() => new(Errno.EINVAL, $"{Name} is not a vhost-scsi controller");
 
     /// <summary>Device-specific part of vhost_get_controllers ("backend_specific").</summary>
     public abstract JsonObject BackendSpecific();

@@ -102,7 +102,7 @@ public sealed class VhostManager : IAsyncDisposable
     /// <summary>vhost_scsi_controller_remove_target: as <see cref="VhostScsiController.RemoveTargetAsync"/>.</summary>
     public Task RemoveScsiTargetAsync(string ctrlrName, int targetNum) => Get(ctrlrName).RemoveScsiTargetAsync(targetNum);
 
-    private VhostController Get(string name) => Find(name) ?? throw new VhostException(Native.ENODEV, $"vhost controller {name} does not exist");
+    private VhostController Get(string name) => Find(name) ?? throw new VhostException(Errno.ENODEV, $"vhost controller {name} does not exist");
 
     private T Create<T>(string name, string? cpumask, bool client, bool delay, Func<string, CpuSet, T> factory)
         where T : VhostController
@@ -144,7 +144,7 @@ public sealed class VhostManager : IAsyncDisposable
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
             {
                 ctrlr.ReleaseAsync().GetAwaiter().GetResult();
-                throw new VhostException(Native.EIO, $"cannot listen on {path}: {e.Message}");
+                throw new VhostException(Errno.EIO, $"cannot listen on {path}: {e.Message}");
             }
 
             _controllers.Add(name, ctrlr);
@@ -174,7 +174,7 @@ public sealed class VhostManager : IAsyncDisposable
 
             if (ctrlr.DeleteBlocker is { } blocker)
             {
-                throw new VhostException(Native.EBUSY, blocker);
+                throw new VhostException(Errno.EBUSY, blocker);
             }
 
             _controllers.Remove(name);

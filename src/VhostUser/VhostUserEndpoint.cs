@@ -40,7 +40,7 @@ public sealed class VhostUserEndpoint : IDisposable
     {
         if (payload.Length > VhostUserConstants.MaxPayload || fds.Length > VhostUserConstants.MaxFds)
         {
-            return -Native.EINVAL;
+            return -Errno.EINVAL;
         }
 
         Span<byte> buf = stackalloc byte[VhostUserConstants.HeaderSize + VhostUserConstants.MaxPayload];

@@ -51,8 +51,8 @@ public class EndpointTests
         var (fe, be) = VhostUserEndpoint.CreatePair();
         using var _1 = fe;
         using var _2 = be;
-        Assert.Equal(-Native.EINVAL, fe.SendRequest(VhostUserRequest.SetFeatures, new byte[VhostUserConstants.MaxPayload + 1]));
-        Assert.Equal(-Native.EINVAL, fe.SendRequest(VhostUserRequest.SetMemTable, new byte[8], new int[VhostUserConstants.MaxFds + 1]));
+        Assert.Equal(-Errno.EINVAL, fe.SendRequest(VhostUserRequest.SetFeatures, new byte[VhostUserConstants.MaxPayload + 1]));
+        Assert.Equal(-Errno.EINVAL, fe.SendRequest(VhostUserRequest.SetMemTable, new byte[8], new int[VhostUserConstants.MaxFds + 1]));
     }
 
     [Fact]

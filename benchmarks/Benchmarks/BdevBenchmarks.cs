@@ -4,7 +4,7 @@ using VhostBackend.Bdev;
 using VhostBackend.BdevMalloc;
 using VhostBackend.BdevNull;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Benchmarks;
 
@@ -47,7 +47,7 @@ public unsafe class BdevBenchmarks
         private const int Depth = 32;
         private static readonly BdevIoCompletion s_done = static (_, ok, s) => ((Loop)s!).OnDone(ok);
         private static readonly Action<object?> s_start = static s => ((Loop)s!).Start();
-        private readonly Reactor.Reactor _reactor;
+        private readonly Reactor _reactor;
         private readonly BdevDesc _desc;
         private readonly IoVec[] _iov;
         private readonly ManualResetEventSlim _done = new();
@@ -57,7 +57,7 @@ public unsafe class BdevBenchmarks
         private bool _read;
         private ulong _lba;
 
-        public Loop(Reactor.Reactor reactor, BdevDesc desc)
+        public Loop(Reactor reactor, BdevDesc desc)
         {
             _reactor = reactor;
             _desc = desc;

@@ -1,6 +1,6 @@
 using BenchmarkDotNet.Attributes;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Benchmarks;
 
@@ -34,13 +34,13 @@ public class MessageBenchmarks
     {
         private static readonly Action<object?> s_ping = static s => ((PingPong)s!).OnPing();
         private static readonly Action<object?> s_pong = static s => ((PingPong)s!).OnPong();
-        private readonly Reactor.Reactor _a;
-        private readonly Reactor.Reactor _b;
+        private readonly Reactor _a;
+        private readonly Reactor _b;
         private readonly ManualResetEventSlim _done = new();
         private int _remaining;
         private bool _cross;
 
-        public PingPong(Reactor.Reactor a, Reactor.Reactor b)
+        public PingPong(Reactor a, Reactor b)
         {
             _a = a;
             _b = b;

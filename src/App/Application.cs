@@ -1,7 +1,7 @@
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.App;

@@ -1,6 +1,6 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.App;
 

@@ -1,5 +1,5 @@
 using System.Text.Json.Nodes;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Bdev;
 
@@ -80,7 +80,7 @@ public abstract class Bdev
     public abstract bool SupportsIoType(BdevIoType type);
 
     /// <summary>Returns the module's channel for the calling reactor (typically <c>reactor.GetIoChannel(device)</c>).</summary>
-    protected internal abstract IoChannel GetModuleChannel(Reactor.Reactor reactor);
+    protected internal abstract IoChannel GetModuleChannel(Reactor reactor);
 
     /// <summary>
     /// Starts one I/O. The module must eventually call <see cref="BdevIo.Complete"/> exactly once, on the same
@@ -187,9 +187,9 @@ internal sealed class BdevLayerDevice : IoDevice
     public BdevLayerDevice(Bdev bdev)
         : base("bdev:" + bdev.Name) => _bdev = bdev;
 
-    protected override object CreateChannelContext(Reactor.Reactor reactor) => new BdevChannel(_bdev, reactor);
+    protected override object CreateChannelContext(Reactor reactor) => new BdevChannel(_bdev, reactor);
 
-    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((BdevChannel)context).Destroy();
+    protected override void DestroyChannelContext(Reactor reactor, object context) => ((BdevChannel)context).Destroy();
 
     public void MarkGone() => MarkUnregistered();
 }

@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Bdev;
 
@@ -38,7 +38,7 @@ public sealed class BdevChannel
     private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
 
-    internal BdevChannel(Bdev bdev, Reactor.Reactor reactor)
+    internal BdevChannel(Bdev bdev, Reactor reactor)
     {
         Bdev = bdev;
         Reactor = reactor;
@@ -56,7 +56,7 @@ public sealed class BdevChannel
     }
 
     public Bdev Bdev { get; }
-    public Reactor.Reactor Reactor { get; }
+    public Reactor Reactor { get; }
     internal IoChannel? IoChannel { get; set; }
 
     /// <summary>I/Os submitted and not yet completed to their callers.</summary>

@@ -1,3 +1,4 @@
+using VhostBackend.Reactors;
 namespace VhostBackend.Bdev;
 
 /// <summary>
@@ -8,7 +9,7 @@ public sealed class BdevDesc : IDisposable
 {
     private readonly BdevEventCallback? _eventCallback;
     private readonly object? _eventContext;
-    private readonly Reactor.Reactor? _owner;
+    private readonly Reactor? _owner;
     private int _closed;
 
     internal BdevDesc(Bdev bdev, bool write, BdevEventCallback? cb, object? ctx)
@@ -17,7 +18,7 @@ public sealed class BdevDesc : IDisposable
         Writable = write;
         _eventCallback = cb;
         _eventContext = ctx;
-        _owner = Reactor.Reactor.Current;
+        _owner = Reactor.Current;
     }
 
     public Bdev Bdev { get; }
@@ -32,7 +33,7 @@ public sealed class BdevDesc : IDisposable
     /// <summary>This reactor's channel to the bdev (shared by descriptors on the same reactor). Call on a reactor.</summary>
     public BdevChannel GetIoChannel()
     {
-        var reactor = Reactor.Reactor.Current ?? throw new InvalidOperationException("GetIoChannel must be called on a reactor");
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("GetIoChannel must be called on a reactor");
         var ch = reactor.GetIoChannel(Bdev.LayerDevice);
         var bch = (BdevChannel)ch.Context;
         bch.IoChannel = ch;

@@ -1,6 +1,6 @@
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.Bdev;

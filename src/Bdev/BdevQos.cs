@@ -1,5 +1,5 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Bdev;
 

@@ -1,4 +1,4 @@
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Bdev;
 
@@ -12,9 +12,9 @@ public sealed class StatelessDevice : IoDevice
     {
     }
 
-    protected override object CreateChannelContext(Reactor.Reactor reactor) => this;
+    protected override object CreateChannelContext(Reactor reactor) => this;
 
-    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context)
+    protected override void DestroyChannelContext(Reactor reactor, object context)
     {
     }
 }

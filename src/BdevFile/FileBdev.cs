@@ -1,7 +1,7 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevFile;
 
@@ -147,7 +147,7 @@ public sealed class FileBdev : Bdev.Bdev
         _ => false,
     };
 
-    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(_device);
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((FileChannel)moduleChannel.Context).Submit(io);
 
@@ -240,9 +240,9 @@ public sealed class FileBdev : Bdev.Bdev
         public FileDevice(FileBdev bdev)
             : base("file:" + bdev.Name) => _bdev = bdev;
 
-        protected override object CreateChannelContext(Reactor.Reactor reactor) => new FileChannel(_bdev, reactor);
+        protected override object CreateChannelContext(Reactor reactor) => new FileChannel(_bdev, reactor);
 
-        protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((FileChannel)context).Dispose();
+        protected override void DestroyChannelContext(Reactor reactor, object context) => ((FileChannel)context).Dispose();
     }
 }
 

@@ -1,6 +1,6 @@
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevFile;
 
@@ -14,7 +14,7 @@ internal sealed class FileChannel : IDisposable
     private const uint RingSize = 256;
 
     private readonly FileBdev _bdev;
-    private readonly Reactor.Reactor _reactor;
+    private readonly Reactor _reactor;
     private readonly IoUring _ring;
     private readonly EventFd _eventFd = new();
     private readonly Poller _poller;
@@ -29,7 +29,7 @@ internal sealed class FileChannel : IDisposable
         public PinnedArray<IoVec> Scratch = new(16); // pinned: the kernel reads it after submit
     }
 
-    public FileChannel(FileBdev bdev, Reactor.Reactor reactor)
+    public FileChannel(FileBdev bdev, Reactor reactor)
     {
         _bdev = bdev;
         _reactor = reactor;

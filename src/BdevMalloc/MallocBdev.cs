@@ -1,7 +1,7 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevMalloc;
 
@@ -23,7 +23,7 @@ public sealed class MallocBdev : Bdev.Bdev
 
     public override bool SupportsIoType(BdevIoType type) => true;
 
-    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {

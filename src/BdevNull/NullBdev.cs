@@ -1,6 +1,6 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevNull;
 
@@ -14,7 +14,7 @@ public sealed class NullBdev : Bdev.Bdev
 
     public override bool SupportsIoType(BdevIoType type) => type is not BdevIoType.Compare;
 
-    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => io.Complete(BdevIoStatus.Success);
 

@@ -1,8 +1,8 @@
-using VhostBackend.Platform;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
 using VhostBackend.Bdev;
 using VhostBackend.Bdev.Rpc;
+using VhostBackend.Platform;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.BdevNull;

@@ -3,7 +3,7 @@ using System.Text;
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Nvme;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.BdevNvme;
@@ -55,7 +55,7 @@ public sealed class NvmeBdev : Bdev.Bdev
         };
     }
 
-    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(Ctrl);
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(Ctrl);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((NvmeChannelContext)moduleChannel.Context).Submit(this, io);
 

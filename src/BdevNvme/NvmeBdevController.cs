@@ -1,7 +1,7 @@
 using Microsoft.Extensions.Logging;
 using VhostBackend.Nvme;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevNvme;
 
@@ -22,7 +22,7 @@ public sealed class NvmeBdevController : IoDevice
     private long _maxControlStepTicks;
     private long _lastResetTicks;
 
-    internal NvmeBdevController(string name, string traddr, NvmeController ctrl, Reactor.Reactor adminReactor, ILogger log)
+    internal NvmeBdevController(string name, string traddr, NvmeController ctrl, Reactor adminReactor, ILogger log)
         : base("nvme:" + name)
     {
         CtrlName = name;
@@ -35,7 +35,7 @@ public sealed class NvmeBdevController : IoDevice
     public string CtrlName { get; }
     public string TrAddr { get; }
     public NvmeController Controller { get; }
-    public Reactor.Reactor AdminReactor { get; }
+    public Reactor AdminReactor { get; }
     public List<NvmeBdev> Bdevs { get; } = new();
 
     /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
@@ -207,9 +207,9 @@ public sealed class NvmeBdevController : IoDevice
         }
     }
 
-    protected override object CreateChannelContext(Reactor.Reactor reactor) => new NvmeChannelContext(this, reactor, _log);
+    protected override object CreateChannelContext(Reactor reactor) => new NvmeChannelContext(this, reactor, _log);
 
-    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((NvmeChannelContext)context).Destroy();
+    protected override void DestroyChannelContext(Reactor reactor, object context) => ((NvmeChannelContext)context).Destroy();
 
     internal void MarkGone() => MarkUnregistered();
 }

@@ -5,6 +5,7 @@ using Microsoft.Extensions.Logging.Abstractions;
 using VhostBackend.Bdev;
 using VhostBackend.Bdev.Rpc;
 using VhostBackend.Nvme;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.BdevNvme;
@@ -121,7 +122,7 @@ public sealed class NvmeBdevModule
     /// <summary>Attaches a controller and registers a bdev per active namespace. Must run on a reactor (the admin poller lives there).</summary>
     public async Task<IReadOnlyList<string>> AttachAsync(string name, string traddr, int? numIoQueues = null)
     {
-        var reactor = Reactor.Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
         traddr = VfioPciDevice.NormalizeAddress(traddr);
         lock (_ctrls)
         {

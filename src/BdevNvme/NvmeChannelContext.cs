@@ -1,10 +1,10 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Nvme;
-using VhostBackend.Reactor;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevNvme;
 
@@ -24,7 +24,7 @@ internal sealed class NvmeChannelContext
 {
     private const int MaxRetries = 3;
     private readonly NvmeBdevController _ctrl;
-    private readonly Reactor.Reactor _reactor;
+    private readonly Reactor _reactor;
     private readonly ILogger _log;
     private readonly NvmeQueuePair? _qp;
     private readonly DmaBufferPool _bounce;
@@ -44,7 +44,7 @@ internal sealed class NvmeChannelContext
         public nint Bounce;
     }
 
-    public NvmeChannelContext(NvmeBdevController ctrl, Reactor.Reactor reactor, ILogger log)
+    public NvmeChannelContext(NvmeBdevController ctrl, Reactor reactor, ILogger log)
     {
         _ctrl = ctrl;
         _reactor = reactor;

@@ -1,6 +1,6 @@
-using VhostBackend.Reactor;
 using System.Globalization;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevPerf;
 

@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevPerf;
 
@@ -122,7 +123,7 @@ public sealed class PerfJob
     private long _allocStart;
     private TaskCompletionSource? _drained;
 
-    public PerfJob(BdevDesc desc, Reactor.Reactor reactor, PerfOptions options, SharedMemoryArena? sharedMemory = null)
+    public PerfJob(BdevDesc desc, Reactor reactor, PerfOptions options, SharedMemoryArena? sharedMemory = null)
     {
         Desc = desc;
         Reactor = reactor;
@@ -145,7 +146,7 @@ public sealed class PerfJob
     }
 
     public BdevDesc Desc { get; }
-    public Reactor.Reactor Reactor { get; }
+    public Reactor Reactor { get; }
     public LatencyHistogram Latency { get; } = new();
     public long Ios { get; private set; }
     public long Bytes { get; private set; }

@@ -1,4 +1,3 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json;
@@ -8,6 +7,8 @@ using Serilog;
 using Serilog.Events;
 using VhostBackend.App;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevPerf;
 
@@ -49,7 +50,7 @@ public static class Program
             CpuMask = cl.CpuMask,
             ConfigFile = cl.ConfigFile,
             RpcSocket = cl.RpcSocket,
-            Reactor = new Reactor.ReactorOptions { Mode = cl.ReactorMode },
+            Reactor = new ReactorOptions { Mode = cl.ReactorMode },
         };
 
         Application app;
@@ -92,7 +93,7 @@ public static class Program
 
         bool writes = cl.Perf.Workload is not (Workload.Read or Workload.RandRead);
         var reactors = app.Reactors.Reactors;
-        var plan = new List<(Bdev.Bdev Bdev, Reactor.Reactor Reactor)>();
+        var plan = new List<(Bdev.Bdev Bdev, Reactor Reactor)>();
         for (int i = 0; i < bdevs.Count; i++)
         {
             if (cl.EveryCoreAllBdevs)

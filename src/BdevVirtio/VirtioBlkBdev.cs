@@ -1,6 +1,6 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 using VhostBackend.Virtio.Blk;
 
@@ -44,7 +44,7 @@ public sealed class VirtioBlkBdev : Bdev.Bdev
         _ => false,
     };
 
-    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(Ctrl);
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(Ctrl);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {

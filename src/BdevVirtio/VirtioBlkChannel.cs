@@ -1,8 +1,8 @@
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
-using VhostBackend.Reactor;
-using VhostBackend.Virtio.Blk;
+using VhostBackend.Reactors;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.BdevVirtio;
 
@@ -25,7 +25,7 @@ namespace VhostBackend.BdevVirtio;
 internal sealed class VirtioBlkChannel
 {
     private readonly VirtioUserController _ctrl;
-    private readonly Reactor.Reactor _reactor;
+    private readonly Reactor _reactor;
     private readonly VirtioUserQueue? _queue;
     private readonly SplitVirtqueueDriver? _driver;
     private readonly BdevIo?[] _ios;
@@ -40,7 +40,7 @@ internal sealed class VirtioBlkChannel
     private bool _inPoll;
     private bool _unpublished;
 
-    public VirtioBlkChannel(VirtioUserController ctrl, Reactor.Reactor reactor)
+    public VirtioBlkChannel(VirtioUserController ctrl, Reactor reactor)
     {
         _ctrl = ctrl;
         _reactor = reactor;

@@ -1,10 +1,10 @@
 using System.Runtime.InteropServices;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.BdevVirtio;
 
@@ -386,9 +386,9 @@ public sealed class VirtioUserController : IoDevice, IDisposable
         }
     }
 
-    protected override object CreateChannelContext(Reactor.Reactor reactor) => new VirtioBlkChannel(this, reactor);
+    protected override object CreateChannelContext(Reactor reactor) => new VirtioBlkChannel(this, reactor);
 
-    protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((VirtioBlkChannel)context).Destroy();
+    protected override void DestroyChannelContext(Reactor reactor, object context) => ((VirtioBlkChannel)context).Destroy();
 
     internal void MarkGone() => MarkUnregistered();
 

@@ -1,6 +1,6 @@
 using VhostBackend.App;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Daemon;
 

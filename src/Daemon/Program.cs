@@ -4,6 +4,7 @@ using Microsoft.Extensions.Hosting;
 using Serilog;
 using Serilog.Events;
 using VhostBackend.App;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Daemon;
 
@@ -102,7 +103,7 @@ internal sealed class DaemonService : IHostedService
         try
         {
             _app = new Application(_options.App, _loggerFactory);
-            VhostBackend.Reactor.Reactor.UnhandledException += (r, e) => log.Error(e, "unhandled exception on {Reactor}", r.Name);
+            VhostBackend.Reactors.Reactor.UnhandledException += (r, e) => log.Error(e, "unhandled exception on {Reactor}", r.Name);
             StandardModules.Register(_app);
             await _app.StartAsync().ConfigureAwait(false);
             if (_options.UseEmbeddedDefault && !_options.App.WaitForRpc)

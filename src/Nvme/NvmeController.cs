@@ -1,6 +1,6 @@
-using VhostBackend.Platform;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Nvme;
 

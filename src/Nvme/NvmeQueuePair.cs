@@ -1,6 +1,6 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Nvme;
 

@@ -1,5 +1,5 @@
-using VhostBackend.Platform;
 using System.Runtime.InteropServices;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Nvme;
 

@@ -1,6 +1,6 @@
-using VhostBackend.Platform;
 using System.Runtime.InteropServices;
 using System.Text;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Platform;
 

@@ -1,9 +1,9 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
-using VhostBackend.Reactor;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Rpc;
 
@@ -291,7 +291,7 @@ public static class FrameworkRpc
     /// Extension fields (not in SPDK): the reactor's longest loop iteration since start or the last
     /// framework_reset_max_iteration, in ticks (of tick_rate) and in microseconds.
     /// </summary>
-    private static void AddMaxIteration(JsonObject o, Reactor.Reactor reactor)
+    private static void AddMaxIteration(JsonObject o, Reactor reactor)
     {
         long ticks = reactor.MaxIterationTicks;
         o["max_iteration_ticks"] = ticks;

@@ -1,8 +1,9 @@
-using VhostBackend.Platform;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Rpc;
 
@@ -22,14 +23,14 @@ public sealed class RpcDispatcher
         "Method may only be called before framework is initialized. Use --wait-for-rpc command line parameter and then issue this RPC before the framework_start_init RPC.";
 
     private readonly TaskCompletionSource _initialized = new(TaskCreationOptions.RunContinuationsAsynchronously);
-    private readonly Reactor.Reactor _main;
+    private readonly Reactor _main;
     private readonly SemaphoreSlim _initLock = new(1, 1);
     private int _state;
 
     /// <param name="registry">The method table.</param>
     /// <param name="mainReactor">Where handlers run.</param>
     /// <param name="initialState">Startup when the daemon waits for framework_start_init (-S), else Runtime.</param>
-    public RpcDispatcher(RpcRegistry registry, Reactor.Reactor mainReactor, RpcStates initialState = RpcStates.Runtime, ILogger? logger = null)
+    public RpcDispatcher(RpcRegistry registry, Reactor mainReactor, RpcStates initialState = RpcStates.Runtime, ILogger? logger = null)
     {
         if (initialState is not (RpcStates.Startup or RpcStates.Runtime))
         {
@@ -48,7 +49,7 @@ public sealed class RpcDispatcher
 
     public RpcRegistry Registry { get; }
     public ILogger Logger { get; }
-    public Reactor.Reactor MainReactor => _main;
+    public Reactor MainReactor => _main;
 
     /// <summary>The current RPC state: Startup until framework init completes, then Runtime.</summary>
     public RpcStates State => (RpcStates)Volatile.Read(ref _state);

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Scsi;
 
@@ -175,7 +176,7 @@ public sealed class ScsiDevice
     public void TaskManagement(ScsiTaskManagementFunction function, int lunId, ulong tag, ScsiTmfCompletion callback, object? state)
     {
         ArgumentNullException.ThrowIfNull(callback);
-        var origin = Reactor.Reactor.Current;
+        var origin = Reactor.Current;
         ScsiLun[] targets;
         ScsiLun[] resets = [];
         switch (function)

@@ -1,7 +1,7 @@
 using System.Buffers.Binary;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Scsi;
 
@@ -37,7 +37,7 @@ public sealed partial class ScsiLun
     private static readonly Action<object?> s_finish = static t => Finish((ScsiTask)t!);
 
     private readonly LunIoDevice _ioDevice;
-    private readonly Reactor.Reactor? _owner;
+    private readonly Reactor? _owner;
     private int _removed;
     private int _uaReset;
     private int _uaCapacity;
@@ -47,7 +47,7 @@ public sealed partial class ScsiLun
     {
         Options = options ?? ScsiLunOptions.Default;
         ReadOnly = readOnly;
-        _owner = Reactor.Reactor.Current;
+        _owner = Reactor.Current;
         Desc = manager.Open(bdevName, !readOnly, static (type, _, ctx) => ((ScsiLun)ctx!).OnBdevEvent(type), this);
         Bdev = Desc.Bdev;
         _ioDevice = new LunIoDevice(this);
@@ -87,7 +87,7 @@ public sealed partial class ScsiLun
     /// <summary>This reactor's channel to the LUN (reference counted; create it once per queue and reuse it).</summary>
     public ScsiLunChannel GetIoChannel()
     {
-        var reactor = Reactor.Reactor.Current ?? throw new InvalidOperationException("GetIoChannel must be called on a reactor");
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("GetIoChannel must be called on a reactor");
         var ch = reactor.GetIoChannel(_ioDevice);
         var lch = (ScsiLunChannel)ch.Context;
         lch.IoChannel = ch;
@@ -754,7 +754,7 @@ public sealed partial class ScsiLun
     /// <summary>Completes the task from a fresh reactor turn (never inside <see cref="Execute"/>).</summary>
     internal static void Defer(ScsiTask task)
     {
-        var reactor = task.TrackedBy?.Reactor ?? Reactor.Reactor.Current;
+        var reactor = task.TrackedBy?.Reactor ?? Reactor.Current;
         if (reactor is null)
         {
             throw new InvalidOperationException("SCSI tasks run on reactors");
@@ -877,8 +877,8 @@ public sealed partial class ScsiLun
         public LunIoDevice(ScsiLun lun)
             : base("scsi_lun:" + lun.Bdev.Name) => _lun = lun;
 
-        protected override object CreateChannelContext(Reactor.Reactor reactor) => new ScsiLunChannel(_lun, reactor);
+        protected override object CreateChannelContext(Reactor reactor) => new ScsiLunChannel(_lun, reactor);
 
-        protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => ((ScsiLunChannel)context).Destroy();
+        protected override void DestroyChannelContext(Reactor reactor, object context) => ((ScsiLunChannel)context).Destroy();
     }
 }

@@ -1,5 +1,5 @@
 using VhostBackend.Bdev;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Scsi;
 
@@ -14,7 +14,7 @@ public sealed class ScsiLunChannel
     private ScsiTask? _head;
     private ScsiRemoveOperation? _drain;
 
-    internal ScsiLunChannel(ScsiLun lun, Reactor.Reactor reactor)
+    internal ScsiLunChannel(ScsiLun lun, Reactor reactor)
     {
         Lun = lun;
         Reactor = reactor;
@@ -32,7 +32,7 @@ public sealed class ScsiLunChannel
     }
 
     public ScsiLun Lun { get; }
-    public Reactor.Reactor Reactor { get; }
+    public Reactor Reactor { get; }
 
     /// <summary>The bdev channel; null once the LUN was removed and this channel drained.</summary>
     public BdevChannel? BdevChannel { get; private set; }
@@ -183,7 +183,7 @@ internal sealed class ScsiRemoveOperation
 /// <summary>One task management function in progress: completes when every task it aborted has completed.</summary>
 internal sealed class ScsiTmfOperation
 {
-    private readonly Reactor.Reactor? _origin;
+    private readonly Reactor? _origin;
     private readonly ScsiTmfCompletion _callback;
     private readonly object? _state;
     private readonly ScsiLun[] _resetLuns;
@@ -197,7 +197,7 @@ internal sealed class ScsiTmfOperation
         _resetLuns = resetLuns;
         _callback = cb;
         _state = state;
-        _origin = Reactor.Reactor.Current;
+        _origin = Reactor.Current;
     }
 
     public ScsiTaskManagementFunction Function { get; }
@@ -227,7 +227,7 @@ internal sealed class ScsiTmfOperation
         Deliver(_origin, _callback, _state, response);
     }
 
-    public static void Deliver(Reactor.Reactor? origin, ScsiTmfCompletion cb, object? state, ScsiTaskManagementResponse response)
+    public static void Deliver(Reactor? origin, ScsiTmfCompletion cb, object? state, ScsiTaskManagementResponse response)
     {
         if (origin is not null)
         {

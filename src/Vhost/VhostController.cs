@@ -2,6 +2,7 @@ using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 
@@ -16,8 +17,8 @@ public abstract class VhostController : IVhostUserDevice
 {
     private readonly List<VhostUserSession> _sessions = new();
     private readonly List<VhostQueue> _queues = new();
-    private readonly Reactor.Reactor[] _reactors;
-    private readonly Reactor.ReactorRuntime _runtime;
+    private readonly Reactor[] _reactors;
+    private readonly ReactorRuntime _runtime;
     private UnixSocketListener? _listener;
     private Thread? _acceptThread;
     private CancellationTokenSource? _clientStop;
@@ -28,7 +29,7 @@ public abstract class VhostController : IVhostUserDevice
     public const uint DefaultDelayBaseUs = 0;
     public const uint DefaultIopsThreshold = 60000;
 
-    protected VhostController(string name, string socketPath, CpuSet cpumask, Reactor.ReactorRuntime runtime, ILogger logger)
+    protected VhostController(string name, string socketPath, CpuSet cpumask, ReactorRuntime runtime, ILogger logger)
     {
         Name = name;
         SocketPath = socketPath;
@@ -123,7 +124,7 @@ public abstract class VhostController : IVhostUserDevice
     }
 
     /// <summary>The reactor for the next queue: round-robin over the controller's cpumask.</summary>
-    protected Reactor.Reactor NextReactor() => _runtime.NextRoundRobin(_reactors);
+    protected Reactor NextReactor() => _runtime.NextRoundRobin(_reactors);
 
     /// <summary>The controller type as RPCs and save_config name it: its subsystem ("vhost_blk", "vhost_scsi").</summary>
     public abstract string TypeName { get; }

@@ -2,7 +2,7 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Vhost.Blk;
 using VhostBackend.Vhost.Scsi;
 

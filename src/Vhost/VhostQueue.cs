@@ -3,7 +3,7 @@ using System.Runtime.CompilerServices;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 
@@ -15,7 +15,7 @@ namespace VhostBackend.Vhost;
 /// signalling the call eventfd only when the driver wants it (event idx) and as often as interrupt coalescing
 /// allows, and draining in-flight requests on stop. Device queues (virtio-blk, virtio-scsi request, control and
 /// event queues) derive from it and parse chains in <see cref="Process"/>. Everything here runs on the owning
-/// reactor; the protocol thread reaches it only through <see cref="Reactor.Reactor.InvokeAsync(Action)"/>.
+/// reactor; the protocol thread reaches it only through <see cref="Reactor.InvokeAsync(Action)"/>.
 /// </summary>
 public abstract class VhostQueue : IVhostQueueRunner
 {
@@ -48,7 +48,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     private uint _usedReqCount;
     private uint _reqCount;
 
-    protected VhostQueue(VhostController controller, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor, string kind)
+    protected VhostQueue(VhostController controller, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor, string kind)
     {
         Controller = controller;
         Session = session;
@@ -64,7 +64,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     public VhostController Controller { get; }
     public VhostUserSession Session { get; }
     public int Index { get; }
-    public Reactor.Reactor Reactor { get; }
+    public Reactor Reactor { get; }
     protected SplitVirtqueue Vq { get; }
     protected ILogger Logger => Controller.Logger;
 

@@ -84,12 +84,12 @@ public sealed partial class LayerGraphTests
 
     // The checker itself must be able to fail: each forbidden edge of the issue, added to the real graph, is reported.
     [Theory]
-    [InlineData("Reactor", "Bdev")]
-    [InlineData("Reactor", "Rpc")]
-    [InlineData("Nvme", "Reactor")]
+    [InlineData("Reactors", "Bdev")]
+    [InlineData("Reactors", "Rpc")]
+    [InlineData("Nvme", "Reactors")]
     [InlineData("Nvme", "Bdev")]
     [InlineData("Virtio", "Bdev")]
-    [InlineData("VhostUser", "Reactor")]
+    [InlineData("VhostUser", "Reactors")]
     [InlineData("VhostUser", "Scsi")]
     [InlineData("Bdev", "BdevMalloc")]
     [InlineData("Bdev", "BdevNvme")]

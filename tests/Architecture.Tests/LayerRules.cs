@@ -36,11 +36,11 @@ public static class LayerRules
 
         Only("Platform");
         Only("Cli");
-        Only("Reactor", "Platform");
+        Only("Reactors", "Platform");
         Only("Nvme", "Platform");                       // the NVMe driver knows neither threads nor bdevs
         Only("Virtio", "Platform");                     // rings and guest memory: no vhost, bdev, scsi, reactor
         Only("VhostUser", "Virtio", "Platform");        // the protocol layer: no bdev, scsi, reactor
-        Only("Rpc", "Reactor", "Platform");
+        Only("Rpc", "Reactors", "Platform");
         Never("Bdev", p => IsBdevModule(p) || p is "Vhost" or "VhostUser" or "Virtio" or "Scsi" or "Nvme" or "App",
             "the bdev core reaches no module, device or driver");
         Never("Scsi", p => IsBdevModule(p) || p is "Vhost" or "VhostUser" or "Virtio" or "Nvme" or "App",
@@ -69,7 +69,7 @@ public static class LayerRules
         {
             if (graph.TryGetValue(h, out var direct))
             {
-                foreach (string t in direct.Where(t => t is not ("App" or "Platform" or "Reactor" or "Rpc" or "Bdev")))
+                foreach (string t in direct.Where(t => t is not ("App" or "Platform" or "Reactors" or "Rpc" or "Bdev")))
                 {
                     errors.Add($"host {h} references {t} directly: hosts reach modules and devices only through App");
                 }

@@ -7,7 +7,7 @@ using VhostBackend.BdevNvme;
 using VhostBackend.Nvme;
 using VhostBackend.Nvme.Tests;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 using Xunit;
 
@@ -150,7 +150,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         Assert.Empty(module.Controllers);
     }
 
-    private async Task<bool> Io(BdevDesc desc, Reactor.Reactor r, Func<BdevChannel, BdevIoCompletion, int> submit)
+    private async Task<bool> Io(BdevDesc desc, Reactor r, Func<BdevChannel, BdevIoCompletion, int> submit)
     {
         return await r.InvokeAsync(async () =>
         {

@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
 using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
 using VhostBackend.Vhost.Tests;
@@ -51,7 +51,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         }
     }
 
-    private Reactor.Reactor R(int i) => _runtime.Reactors[i % _runtime.Reactors.Count];
+    private Reactor R(int i) => _runtime.Reactors[i % _runtime.Reactors.Count];
 
     /// <summary>Native buffer with a deterministic pattern.</summary>
     private sealed unsafe class Buf : IDisposable
@@ -79,7 +79,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
     }
 
     /// <summary>Runs one I/O on reactor <paramref name="r"/> through a channel taken and kept there; returns success.</summary>
-    private static Task<bool> Io(Reactor.Reactor r, BdevDesc desc, Func<BdevChannel, BdevIoCompletion, int> submit)
+    private static Task<bool> Io(Reactor r, BdevDesc desc, Func<BdevChannel, BdevIoCompletion, int> submit)
     {
         var tcs = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
         r.Send(_ =>
@@ -99,10 +99,10 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         return tcs.Task.WaitAsync(TimeSpan.FromSeconds(15));
     }
 
-    private static Task<bool> Write(Reactor.Reactor r, BdevDesc d, Buf b, ulong lba) =>
+    private static Task<bool> Write(Reactor r, BdevDesc d, Buf b, ulong lba) =>
         Io(r, d, (ch, cb) => ch.Write(d, [new IoVec(b.Ptr, (nuint)b.Length)], lba, (ulong)b.Length / d.Bdev.BlockSize, cb, null));
 
-    private static Task<bool> Read(Reactor.Reactor r, BdevDesc d, Buf b, ulong lba) =>
+    private static Task<bool> Read(Reactor r, BdevDesc d, Buf b, ulong lba) =>
         Io(r, d, (ch, cb) => ch.Read(d, [new IoVec(b.Ptr, (nuint)b.Length)], lba, (ulong)b.Length / d.Bdev.BlockSize, cb, null));
 
     /// <summary>Takes a channel on each reactor and keeps it until the returned action runs (so each reactor keeps its queue).</summary>

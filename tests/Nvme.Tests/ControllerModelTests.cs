@@ -1,6 +1,6 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
 using VhostBackend.Nvme;
+using VhostBackend.Platform;
 using Xunit;
 
 namespace VhostBackend.Nvme.Tests;

@@ -4,7 +4,7 @@ using VhostBackend.Bdev;
 using VhostBackend.BdevNvme;
 using VhostBackend.Nvme;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.NvmeGuestTool;
 
@@ -106,7 +106,7 @@ internal static class BdevMode
 
     private static unsafe void Free(nint p) => NativeMemory.AlignedFree((void*)p);
 
-    private static Task<bool> One(Reactor.Reactor r, BdevDesc desc, Func<BdevChannel, BdevIoCompletion, int> submit) =>
+    private static Task<bool> One(Reactor r, BdevDesc desc, Func<BdevChannel, BdevIoCompletion, int> submit) =>
         r.InvokeAsync(async () =>
         {
             var ch = desc.GetIoChannel();

@@ -1,5 +1,5 @@
 using VhostBackend.Bdev;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Scsi.Tests;
 
@@ -31,7 +31,7 @@ internal sealed class ParkingBdevModel : Bdev.Bdev
 
     public override bool SupportsIoType(BdevIoType type) => true;
 
-    protected override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(_device);
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {
@@ -42,7 +42,7 @@ internal sealed class ParkingBdevModel : Bdev.Bdev
     }
 
     /// <summary>Completes every parked I/O on <paramref name="reactor"/> with <paramref name="status"/>.</summary>
-    public Task CompleteAllAsync(Reactor.Reactor reactor, BdevIoStatus status = BdevIoStatus.Success, int nvmeStatus = 0) =>
+    public Task CompleteAllAsync(Reactor reactor, BdevIoStatus status = BdevIoStatus.Success, int nvmeStatus = 0) =>
         reactor.InvokeAsync(() =>
         {
             BdevIo[] ios;
@@ -66,9 +66,9 @@ internal sealed class ParkingBdevModel : Bdev.Bdev
         {
         }
 
-        protected override object CreateChannelContext(Reactor.Reactor reactor) => this;
+        protected override object CreateChannelContext(Reactor reactor) => this;
 
-        protected override void DestroyChannelContext(Reactor.Reactor reactor, object context)
+        protected override void DestroyChannelContext(Reactor reactor, object context)
         {
         }
     }

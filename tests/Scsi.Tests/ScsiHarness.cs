@@ -2,8 +2,8 @@ using System.Runtime.InteropServices;
 using VhostBackend.Bdev;
 using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
-using ReactorT = VhostBackend.Reactor.Reactor;
+using VhostBackend.Reactors;
+using ReactorT = VhostBackend.Reactors.Reactor;
 
 namespace VhostBackend.Scsi.Tests;
 

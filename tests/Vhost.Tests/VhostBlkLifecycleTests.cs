@@ -1,11 +1,12 @@
 using System.Text.Json;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost.Blk;
 using VhostBackend.Vhost.Rpc;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio.Tests;
 using Xunit;
 
@@ -64,7 +65,7 @@ public sealed class VhostBlkLifecycleTests
     public async Task CompletionsBeforeTheCallFdArrivesAreSignalledWhenItDoes()
     {
         // QEMU sends SET_VRING_CALL after the queue started and does not wait: the guest may submit first.
-        await using var host = new VhostTestHost(reactors: 1, mode: Reactor.ReactorMode.Interrupt);
+        await using var host = new VhostTestHost(reactors: 1, mode: ReactorMode.Interrupt);
         host.Vhost.CreateBlkController("c", "Malloc0", null, false);
         using var fe = host.Connect("c");
         fe.Negotiate(WantProtocol);

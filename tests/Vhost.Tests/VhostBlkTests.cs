@@ -2,11 +2,11 @@ using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Vhost.Blk;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio.Tests;
 using Xunit;
 

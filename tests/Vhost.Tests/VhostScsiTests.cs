@@ -4,8 +4,8 @@ using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
 using VhostBackend.Vhost.Scsi;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio.Tests;
 using Xunit;
 

@@ -1,9 +1,9 @@
 using VhostBackend.Bdev;
 using VhostBackend.BdevMalloc;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
-using VhostBackend.Virtio.Blk;
+using VhostBackend.Reactors;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio.Tests;
 
 namespace VhostBackend.Vhost.Tests;

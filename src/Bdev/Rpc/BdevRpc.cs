@@ -1,7 +1,7 @@
-using VhostBackend.Platform;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using System.Text.Json.Serialization;
+using VhostBackend.Platform;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.Bdev.Rpc;

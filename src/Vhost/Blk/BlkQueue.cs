@@ -3,10 +3,10 @@ using System.Runtime.CompilerServices;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.Vhost.Blk;
 
@@ -56,7 +56,7 @@ internal sealed class BlkQueue : VhostQueue
     private BlkRequest? _free;
     private bool _bdevGone;
 
-    public BlkQueue(VhostBlkController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor)
+    public BlkQueue(VhostBlkController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_blk")
     {
         _ctrlr = ctrlr;

@@ -4,9 +4,10 @@ using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Blk;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.Vhost.Blk;
 
@@ -29,7 +30,7 @@ public sealed class VhostBlkController : VhostController
     private BdevDesc? _desc;
     private readonly string _bdevName;
 
-    internal VhostBlkController(string name, string socketPath, CpuSet cpumask, Reactor.ReactorRuntime runtime, BdevManager bdevs, string bdevName, bool readOnly, ILogger logger)
+    internal VhostBlkController(string name, string socketPath, CpuSet cpumask, ReactorRuntime runtime, BdevManager bdevs, string bdevName, bool readOnly, ILogger logger)
         : base(name, socketPath, cpumask, runtime, logger)
     {
         ReadOnly = readOnly;

@@ -1,9 +1,10 @@
 using System.Buffers.Binary;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.Scsi;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Scsi;
 
 namespace VhostBackend.Vhost.Scsi;
 
@@ -21,7 +22,7 @@ internal sealed class ScsiControlQueue : VhostQueue
     private readonly VhostScsiController _ctrlr;
     private ControlRequest? _free;
 
-    public ScsiControlQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor)
+    public ScsiControlQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_scsi_ctrl")
     {
         _ctrlr = ctrlr;

@@ -1,9 +1,10 @@
 using System.Buffers.Binary;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Scsi;
 
 namespace VhostBackend.Vhost.Scsi;
 
@@ -23,7 +24,7 @@ internal sealed class ScsiEventQueue : VhostQueue
     private int _count;
     private bool _missed;
 
-    public ScsiEventQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor)
+    public ScsiEventQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_scsi_event")
     {
     }

@@ -1,10 +1,11 @@
 using System.Buffers.Binary;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.Scsi;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Scsi;
 
 namespace VhostBackend.Vhost.Scsi;
 
@@ -49,7 +50,7 @@ internal sealed class ScsiRequestQueue : VhostQueue
     private int _retiredCount;
     private ScsiRequest? _free;
 
-    public ScsiRequestQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor.Reactor reactor)
+    public ScsiRequestQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_scsi")
     {
         _ctrlr = ctrlr;

@@ -3,10 +3,11 @@ using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using VhostBackend.Scsi;
 using VhostBackend.VhostUser;
-using VhostBackend.Virtio.Scsi;
 using VhostBackend.Virtio;
+using VhostBackend.Virtio.Scsi;
 
 namespace VhostBackend.Vhost.Scsi;
 
@@ -54,7 +55,7 @@ public sealed class VhostScsiController : VhostController
     private readonly VhostScsiTarget?[] _targets = new VhostScsiTarget?[MaxTargets];
     private readonly BdevManager _bdevs;
 
-    internal VhostScsiController(string name, string socketPath, CpuSet cpumask, Reactor.ReactorRuntime runtime, BdevManager bdevs, ILogger logger)
+    internal VhostScsiController(string name, string socketPath, CpuSet cpumask, ReactorRuntime runtime, BdevManager bdevs, ILogger logger)
         : base(name, socketPath, cpumask, runtime, logger)
     {
         _bdevs = bdevs;

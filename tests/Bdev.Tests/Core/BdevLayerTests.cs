@@ -2,6 +2,7 @@ using System.Diagnostics;
 using VhostBackend.BdevMalloc;
 using VhostBackend.BdevNull;
 using VhostBackend.Platform;
+using VhostBackend.Reactors;
 using Xunit;
 
 namespace VhostBackend.Bdev.Tests.Core;
@@ -214,9 +215,9 @@ public class BdevLayerTests
 
         public override bool SupportsIoType(BdevIoType type) => true;
 
-        protected internal override Reactor.IoChannel GetModuleChannel(Reactor.Reactor reactor) => _inner.GetModuleChannel(reactor);
+        protected internal override IoChannel GetModuleChannel(Reactor reactor) => _inner.GetModuleChannel(reactor);
 
-        protected internal override void Submit(Reactor.IoChannel moduleChannel, BdevIo io)
+        protected internal override void Submit(IoChannel moduleChannel, BdevIo io)
         {
             foreach (var v in io.Iovs)
             {

@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 using VhostBackend.Platform;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 
 namespace VhostBackend.Bdev.Tests.Core;
 
@@ -16,7 +16,7 @@ internal sealed class BdevTestKit : IAsyncDisposable
 
     public ReactorRuntime Runtime { get; }
     public BdevManager Bdevs { get; } = new();
-    public Reactor.Reactor Main => Runtime.Main;
+    public Reactor Main => Runtime.Main;
 
     public ValueTask DisposeAsync() => Runtime.DisposeAsync();
 
@@ -84,7 +84,7 @@ internal sealed class RecordingBdev : Bdev
 
     public override bool SupportsIoType(BdevIoType type) => true;
 
-    protected internal override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(_device);
+    protected internal override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
 
     protected internal override void Submit(IoChannel moduleChannel, BdevIo io)
     {
@@ -117,9 +117,9 @@ internal sealed class RecordingBdev : Bdev
         {
         }
 
-        protected override object CreateChannelContext(Reactor.Reactor reactor) => this;
+        protected override object CreateChannelContext(Reactor reactor) => this;
 
-        protected override void DestroyChannelContext(Reactor.Reactor reactor, object context)
+        protected override void DestroyChannelContext(Reactor reactor, object context)
         {
         }
     }

@@ -1,5 +1,5 @@
-using VhostBackend.BdevFile;
 using VhostBackend.Bdev.Tests.Core;
+using VhostBackend.BdevFile;
 using VhostBackend.Platform;
 using Xunit;
 

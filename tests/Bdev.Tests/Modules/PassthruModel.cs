@@ -1,6 +1,6 @@
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging.Abstractions;
-using VhostBackend.Reactor;
+using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 
 namespace VhostBackend.Bdev.Tests.Modules;
@@ -57,7 +57,7 @@ internal sealed class PassthruBdev : Bdev
 
     public override bool SupportsIoType(BdevIoType type) => _base.Bdev.SupportsIoType(type);
 
-    protected internal override IoChannel GetModuleChannel(Reactor.Reactor reactor) => reactor.GetIoChannel(_device);
+    protected internal override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
 
     protected internal override void Submit(IoChannel moduleChannel, BdevIo io)
     {
@@ -86,8 +86,8 @@ internal sealed class PassthruBdev : Bdev
             : base("passthru:" + name) => _base = baseDesc;
 
         // Runs on the reactor that asked: the base channel is that reactor's.
-        protected override object CreateChannelContext(Reactor.Reactor reactor) => _base.GetIoChannel();
+        protected override object CreateChannelContext(Reactor reactor) => _base.GetIoChannel();
 
-        protected override void DestroyChannelContext(Reactor.Reactor reactor, object context) => BdevDesc.PutIoChannel((BdevChannel)context);
+        protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel((BdevChannel)context);
     }
 }

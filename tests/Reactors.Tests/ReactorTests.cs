@@ -1,8 +1,8 @@
-using VhostBackend.Platform;
 using System.Runtime.CompilerServices;
+using VhostBackend.Platform;
 using Xunit;
 
-namespace VhostBackend.Reactor.Tests;
+namespace VhostBackend.Reactors.Tests;
 
 public class ReactorTests
 {

@@ -1,4 +1,4 @@
-namespace VhostBackend.Reactor;
+namespace VhostBackend.Reactors;
 
 /// <summary>
 /// Something with per-reactor state (a bdev, an NVMe controller's queue pairs, a file's io_uring). Each reactor

@@ -1,8 +1,8 @@
-using Xunit;
 using System.Diagnostics;
 using VhostBackend.Platform;
+using Xunit;
 
-namespace VhostBackend.Reactor.Tests;
+namespace VhostBackend.Reactors.Tests;
 
 public class TicksTests
 {

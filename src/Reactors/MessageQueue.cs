@@ -1,7 +1,7 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
-namespace VhostBackend.Reactor;
+namespace VhostBackend.Reactors;
 
 /// <summary>
 /// Bounded lock-free multi-producer single-consumer queue of (function, argument) messages

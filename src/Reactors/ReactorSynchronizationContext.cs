@@ -1,4 +1,4 @@
-namespace VhostBackend.Reactor;
+namespace VhostBackend.Reactors;
 
 /// <summary>Keeps async control-plane code on its reactor: continuations are posted as reactor messages.</summary>
 internal sealed class ReactorSynchronizationContext : SynchronizationContext

@@ -1,6 +1,6 @@
 using Xunit;
 
-namespace VhostBackend.Reactor.Tests;
+namespace VhostBackend.Reactors.Tests;
 
 public class IoChannelTests
 {

@@ -1,4 +1,4 @@
-namespace VhostBackend.Reactor;
+namespace VhostBackend.Reactors;
 
 /// <summary>
 /// A poller's body: does a bounded amount of work and returns how many items it handled

@@ -1,6 +1,6 @@
 using VhostBackend.Platform;
 
-namespace VhostBackend.Reactor;
+namespace VhostBackend.Reactors;
 
 /// <summary>
 /// The set of reactors of one application: one per core of the core mask, the first being the main reactor

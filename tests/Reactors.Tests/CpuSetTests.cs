@@ -1,7 +1,7 @@
 using VhostBackend.Platform;
 using Xunit;
 
-namespace VhostBackend.Reactor.Tests;
+namespace VhostBackend.Reactors.Tests;
 
 public class CpuSetTests
 {

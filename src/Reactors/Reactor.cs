@@ -2,7 +2,7 @@ using System.Collections.Concurrent;
 using System.Diagnostics;
 using VhostBackend.Platform;
 
-namespace VhostBackend.Reactor;
+namespace VhostBackend.Reactors;
 
 /// <summary>How an idle reactor waits for work.</summary>
 public enum ReactorMode

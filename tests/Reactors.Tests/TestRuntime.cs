@@ -1,6 +1,6 @@
 using VhostBackend.Platform;
 
-namespace VhostBackend.Reactor.Tests;
+namespace VhostBackend.Reactors.Tests;
 
 internal static class TestRuntime
 {

@@ -28,6 +28,9 @@ vb_run_tool() {
             echo "error: build of $name failed" >&2
             exit 1
         fi
+        # An incremental build leaves an up-to-date assembly untouched; mark it current so the next start
+        # does not build again (and a benchmark never measures a build).
+        touch "$dll"
     fi
     export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
     exec dotnet "$dll" "$@"

@@ -48,12 +48,6 @@ public static class FileBdevRpc
         public Guid? Uuid { get; set; }
     }
 
-    public sealed class NameParams
-    {
-        [JsonRequired]
-        public string Name { get; set; } = "";
-    }
-
     public static void Register(RpcRegistry rpc, BdevManager bdevs)
     {
         rpc.Register("bdev_aio_create", r => Create(bdevs, BdevRpc.Decode<CreateParams>(r), "bdev_aio_create"), RpcStates.Runtime);
@@ -69,11 +63,11 @@ public static class FileBdevRpc
                 throw new RpcException(RpcErrorCodes.InternalError, $"Unable to create URING bdev. ({e.Message})");
             }
         }, RpcStates.Runtime);
-        rpc.Register("bdev_aio_delete", r => DeleteAsync(bdevs, BdevRpc.Decode<NameParams>(r).Name), RpcStates.Runtime);
-        rpc.Register("bdev_uring_delete", r => DeleteAsync(bdevs, BdevRpc.Decode<NameParams>(r).Name), RpcStates.Runtime);
+        rpc.Register("bdev_aio_delete", r => BdevCreateRpc.DeleteAsync<FileBdev>(bdevs, BdevRpc.Decode<BdevNameParams>(r).Name), RpcStates.Runtime);
+        rpc.Register("bdev_uring_delete", r => BdevCreateRpc.DeleteAsync<FileBdev>(bdevs, BdevRpc.Decode<BdevNameParams>(r).Name), RpcStates.Runtime);
         rpc.Register("bdev_aio_rescan", (Func<RpcRequest, JsonNode?>)(r =>
         {
-            var name = BdevRpc.Decode<NameParams>(r).Name;
+            var name = BdevRpc.Decode<BdevNameParams>(r).Name;
             if (bdevs.Find(name) is not FileBdev f)
             {
                 throw RpcErrno.Error(Errno.ENODEV);
@@ -122,16 +116,5 @@ public static class FileBdevRpc
         }
 
         return JsonValue.Create(bdev.Name);
-    }
-
-    private static async Task<JsonNode?> DeleteAsync(BdevManager bdevs, string name)
-    {
-        if (bdevs.Find(name) is not FileBdev f)
-        {
-            throw RpcErrno.Error(Errno.ENODEV);
-        }
-
-        await bdevs.UnregisterAsync(f).ConfigureAwait(true);
-        return null;
     }
 }

@@ -25,19 +25,14 @@ public static class StandardModules
         app.AddBdevModule(new MallocBdevModule());
         app.AddBdevModule(new NullBdevModule());
         app.AddBdevModule(new FileBdevModule());
-        NvmeBdevRpc.Register(app.Rpc, app.Subsystems, app.Bdevs);
+        app.AddBdevModule(new NvmeBdevModule());
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);
         app.OnStop(async () => await vhost.DisposeAsync().ConfigureAwait(false));
 
-        // Registered after vhost so it stops first (hooks run in reverse): a virtio-user front end attached to one
-        // of our own controllers disconnects before that controller shuts down.
-        var virtio = VirtioBdevRpc.Register(app.Rpc, app.Bdevs, new VirtioBdevModule(app.Bdevs, sharedMemory: () => app.SharedMemory));
-        app.OnStop(async () => await app.Reactors.Main.InvokeAsync(async () =>
-        {
-            await virtio.DetachAllAsync().ConfigureAwait(true);
-            return true;
-        }).ConfigureAwait(false));
+        // Registered after vhost so it stops first (stop hooks and module FiniAsync run in reverse): a virtio-user
+        // front end attached to one of our own controllers disconnects before that controller shuts down.
+        app.AddBdevModule(new VirtioBdevModule(sharedMemory: () => app.SharedMemory));
     }
 }

@@ -53,7 +53,11 @@ public abstract class BdevModule
     /// <summary>Registers the module's RPC methods (and anything else it needs) with the application.</summary>
     public abstract void Init(BdevModuleContext context);
 
-    /// <summary>Releases module-wide state at shutdown (detach controllers, close connections).</summary>
+    /// <summary>
+    /// Releases module-wide state at shutdown (detach controllers, close connections). Called off the reactors:
+    /// bdev work goes to the main reactor (<see cref="ReactorRuntime.Main"/>); keep waits bounded (the host gives
+    /// each stop hook 20 s).
+    /// </summary>
     public virtual Task FiniAsync() => Task.CompletedTask;
 
     /// <summary>

@@ -4,11 +4,13 @@ using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Nvme;
 using VhostBackend.Reactors;
-using VhostBackend.Rpc;
 
 namespace VhostBackend.BdevNvme;
 
-/// <summary>A namespace of an attached controller as a bdev, named <c>&lt;controller&gt;n&lt;nsid&gt;</c> (Nvme0n1).</summary>
+/// <summary>
+/// A namespace of an attached controller as a bdev, named <c>&lt;controller&gt;n&lt;nsid&gt;</c> (Nvme0n1). It has no
+/// <see cref="Bdev.Bdev.ConfigCall"/>: the module writes one attach call per controller (as SPDK's nvme bdevs write none).
+/// </summary>
 public sealed class NvmeBdev : Bdev.Bdev
 {
     /// <summary>Largest read/write handed to the driver; bounce buffers are this size.</summary>
@@ -86,10 +88,4 @@ public sealed class NvmeBdev : Bdev.Bdev
             },
         };
     }
-
-    /// <summary>The controller is recreated once, by its first namespace's bdev (SPDK writes one attach per controller).</summary>
-    public override JsonObject? ConfigCall() =>
-        Ctrl.Bdevs.Count > 0 && Ctrl.Bdevs[0] == this
-            ? Subsystem.Call("bdev_nvme_attach_controller", new JsonObject { ["name"] = Ctrl.CtrlName, ["trtype"] = "PCIe", ["traddr"] = Ctrl.TrAddr })
-            : null;
 }

@@ -53,8 +53,8 @@ public sealed class VhostManager : IAsyncDisposable
 
     /// <summary>
     /// Creates a vhost-user-blk controller over <paramref name="bdevName"/> and starts listening. Errors as
-    /// <see cref="VhostException"/> with SPDK's errno: EEXIST (name taken), ENODEV (no such bdev), EINVAL (bad
-    /// name or cpumask), EIO (socket).
+    /// <see cref="VhostException"/> with SPDK's errno: EEXIST (name taken), ENODEV (no such bdev), EPERM (bdev
+    /// claimed by a module), EINVAL (bad name or cpumask), EIO (socket).
     /// </summary>
     public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly, bool client = false)
     {
@@ -67,6 +67,11 @@ public sealed class VhostManager : IAsyncDisposable
             catch (BdevNotFoundException e)
             {
                 throw new VhostException(Errno.ENODEV, e.Message);
+            }
+            catch (BdevClaimedException e)
+            {
+                // SPDK's spdk_vhost_blk_construct returns spdk_bdev_open_ext's -EPERM as is ("Operation not permitted").
+                throw new VhostException(e.Errno, e.Message);
             }
         });
         _log.LogInformation("vhost-blk controller {Name} created on bdev {Bdev} (cpumask {Mask}, readonly {ReadOnly})", name, bdevName, ctrlr.CpuMask.ToMaskString(), readOnly);

@@ -2,7 +2,9 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using Microsoft.Extensions.Logging.Abstractions;
 using VhostBackend.Bdev;
+using VhostBackend.Bdev.Rpc;
 using VhostBackend.BdevNvme;
 using VhostBackend.Nvme;
 using VhostBackend.Nvme.Tests;
@@ -32,7 +34,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         var online = CpuSet.Online().Cores;
         _rt = new ReactorRuntime(CpuSet.Of(online.Take(2).ToArray()), new ReactorOptions { Mode = ReactorMode.Poll, PinThreads = false });
         _rt.Start();
-        _module = new NvmeBdevModule(_bdevs, attach: (addr, opts, log) =>
+        _module = NvmeBdevModule.WithAttach((addr, opts, log) =>
         {
             var model = new NvmeControllerModel(_space, blocks: 8192, blockSize: 512, serial: "SN-" + addr) { TimeoutUnits = CapTimeoutUnits };
             lock (_models)
@@ -43,7 +45,8 @@ public sealed class NvmeBdevTests : IAsyncLifetime
             opts.IoTimeout = IoTimeout;
             return NvmeController.Attach(addr, model, _space, opts, log);
         });
-        NvmeBdevRpc.Register(_rpc, null, _bdevs, _module);
+        _bdevs.AddModule(_module);
+        _module.Init(new BdevModuleContext(_bdevs, _rt, _rpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
         return Task.CompletedTask;
     }
 
@@ -108,8 +111,12 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         Assert.Equal(8192UL, bdev.BlockCount);
         Assert.True(bdev.SupportsIoType(BdevIoType.Unmap));
         Assert.True(bdev.SupportsIoType(BdevIoType.WriteZeroes));
-        Assert.Equal("bdev_nvme_attach_controller", bdev.ConfigCall()!["method"]!.GetValue<string>());
-        Assert.Equal("0000:00:04.0", bdev.ConfigCall()!["params"]!["traddr"]!.GetValue<string>());
+        // save_config: the module writes the controller (SPDK's bdev_nvme_config_json), its namespace bdevs nothing.
+        Assert.Null(bdev.ConfigCall());
+        var config = new JsonArray();
+        _module.WriteConfig(config);
+        Assert.Equal("bdev_nvme_attach_controller", Assert.Single(config)!["method"]!.GetValue<string>());
+        Assert.Equal("0000:00:04.0", config[0]!["params"]!["traddr"]!.GetValue<string>());
         Assert.Equal("SN-0000:00:04.0", bdev.DriverSpecific()["nvme"]![0]!["ctrlr_data"]!["serial_number"]!.GetValue<string>());
 
         var ctrls = await Call("bdev_nvme_get_controllers", "{}");
@@ -137,11 +144,40 @@ public sealed class NvmeBdevTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task SaveConfigWritesOneAttachPerControllerAndReplayingItReattachesThem()
+    {
+        var subsystems = new SubsystemRegistry();
+        BdevRpc.Register(new RpcRegistry(), subsystems, _bdevs);
+        await Attach("Nvme1", "0000:00:05.0");
+        await Attach("Nvme0", "0000:00:04.0");
+
+        var calls = await _rt.Main.InvokeAsync(() => subsystems.Find("bdev")!.WriteConfig());
+        Assert.Equal(
+            new[] { "bdev_set_options", "bdev_nvme_attach_controller", "bdev_nvme_attach_controller", "bdev_wait_for_examine" },
+            calls.Select(c => c!["method"]!.GetValue<string>()).ToArray());
+        Assert.Equal("""{"name":"Nvme1","trtype":"PCIe","traddr":"0000:00:05.0"}""", calls[1]!["params"]!.ToJsonString());
+        Assert.Equal("""{"name":"Nvme0","trtype":"PCIe","traddr":"0000:00:04.0"}""", calls[2]!["params"]!.ToJsonString());
+
+        // Shutdown detaches every controller; replaying the saved calls attaches them again, in the same order.
+        await _module.FiniAsync();
+        Assert.Empty(_module.Controllers);
+        Assert.Null(_bdevs.Find("Nvme0n1"));
+        foreach (var call in calls.Where(c => c!["method"]!.GetValue<string>() == "bdev_nvme_attach_controller"))
+        {
+            await Call("bdev_nvme_attach_controller", call!["params"]!.ToJsonString());
+        }
+
+        Assert.Equal(new[] { "Nvme1", "Nvme0" }, _module.Controllers.Select(c => c.CtrlName).ToArray());
+        Assert.NotNull(_bdevs.Find("Nvme0n1"));
+        Assert.NotNull(_bdevs.Find("Nvme1n1"));
+    }
+
+    [Fact]
     public async Task AttachFailureIsEnodevAndFreesTheName()
     {
-        var module = new NvmeBdevModule(_bdevs, attach: (a, o, l) => throw new IOException("PCI device not bound to vfio-pci"));
+        var module = NvmeBdevModule.WithAttach((a, o, l) => throw new IOException("PCI device not bound to vfio-pci"));
         var rpc = new RpcRegistry();
-        NvmeBdevRpc.Register(rpc, null, _bdevs, module);
+        module.Init(new BdevModuleContext(_bdevs, _rt, rpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
         Assert.True(rpc.TryGet("bdev_nvme_attach_controller", out var h, out _));
         using var doc = JsonDocument.Parse("""{"name":"X","trtype":"PCIe","traddr":"0000:00:09.0"}""");
         var e = await Assert.ThrowsAsync<RpcException>(() => _rt.Main.InvokeAsync(() => h(new RpcRequest("bdev_nvme_attach_controller", doc.RootElement.Clone()))));

@@ -53,6 +53,15 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
 
     private Reactor R(int i) => _runtime.Reactors[i % _runtime.Reactors.Count];
 
+    /// <summary>The module as the App's AddBdevModule sets it up: added to the bdev layer, then initialized.</summary>
+    private VirtioBdevModule StartModule(BdevManager bdevs, Func<SharedMemoryArena>? sharedMemory = null)
+    {
+        var module = new VirtioBdevModule(sharedMemory);
+        bdevs.AddModule(module);
+        module.Init(new BdevModuleContext(bdevs, _runtime, new RpcRegistry(), new SubsystemRegistry(), _log));
+        return module;
+    }
+
     /// <summary>Native buffer with a deterministic pattern.</summary>
     private sealed unsafe class Buf : IDisposable
     {
@@ -175,7 +184,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         bdevs.Register(malloc);
         await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         var ctrlr = vhost.CreateBlkController("vhost.0", "Malloc0", null, false);
-        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        var module = StartModule(bdevs);
         try
         {
             var names = await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlk0", Path.Combine(_dir, "vhost.0"), vqCount: 2, vqSize: 64));
@@ -280,7 +289,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
         await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         vhost.CreateBlkController("vhost.0", "Malloc0", null, false);
-        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        var module = StartModule(bdevs);
         try
         {
             await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlk0", Path.Combine(_dir, "vhost.0"), vqCount: 2, vqSize: 64));
@@ -334,7 +343,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         vhost.CreateBlkController("vhost.zc", "Malloc0", null, false);
         using var arena = SharedMemoryArena.Create("virtio-test", 8 << 20);
-        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"), () => arena);
+        var module = StartModule(bdevs, () => arena);
         await _runtime.Main.InvokeAsync(() => module.AttachAsync("Zc", Path.Combine(_dir, "vhost.zc"), vqCount: 1, vqSize: 32));
         var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("Zc"));
         using var desc = bdevs.Open("Zc", true);
@@ -398,7 +407,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
         await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         vhost.CreateBlkController("vhost.1", "Malloc0", null, false);
-        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        var module = StartModule(bdevs);
         await _runtime.Main.InvokeAsync(() => module.AttachAsync("V1", Path.Combine(_dir, "vhost.1"), vqCount: 1, vqSize: 16));
         using var desc = bdevs.Open("V1", true);
         var release = await HoldChannels(desc);
@@ -423,7 +432,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
         var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         vhost.CreateBlkController("vhost.3", "Malloc0", null, false);
-        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        var module = StartModule(bdevs);
         await _runtime.Main.InvokeAsync(() => module.AttachAsync("V3", Path.Combine(_dir, "vhost.3"), vqCount: 1, vqSize: 32));
         var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("V3"));
         using var desc = bdevs.Open("V3", true);
@@ -451,7 +460,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
         await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         vhost.CreateBlkController("vhost.2", "Malloc0", null, false);
-        var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+        var module = StartModule(bdevs); // Init registers the RPC methods too
 
         var e1 = await Assert.ThrowsAsync<RpcException>(() => _runtime.Main.InvokeAsync(() => module.AttachAsync("X", Path.Combine(_dir, "nope"))));
         Assert.Equal(RpcErrorCodes.InvalidParams, e1.Code);
@@ -464,8 +473,6 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         Assert.Empty(module.Controllers);
 
         // RPC parameter validation with SPDK's codes.
-        var rpc = new RpcRegistry();
-        VirtioBdevRpc.Register(rpc, bdevs, module);
         var bad = new VirtioAttachParams { Name = "Y", Trtype = "tcp", Traddr = "/x", DevType = "blk" };
         Assert.Equal(22, Assert.Throws<RpcException>(bad.Validate).Code);
         bad = new VirtioAttachParams { Name = "Y", Trtype = "user", Traddr = "/x", DevType = "net" };
@@ -513,7 +520,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
             }
 
             var bdevs = new BdevManager();
-            var module = new VirtioBdevModule(bdevs, _log.CreateLogger("virtio"));
+            var module = StartModule(bdevs);
             await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlkQ", sock, vqCount: 2, vqSize: 128));
             var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("VirtioBlkQ"));
             Assert.Equal(Blocks * BlockSize, bdev.BlockCount * bdev.BlockSize);

@@ -1,10 +1,12 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using Microsoft.Extensions.Logging.Abstractions;
 using VhostBackend.Bdev;
 using VhostBackend.BdevNvme;
 using VhostBackend.Nvme;
 using VhostBackend.Platform;
 using VhostBackend.Reactors;
+using VhostBackend.Rpc;
 
 namespace VhostBackend.NvmeGuestTool;
 
@@ -21,7 +23,9 @@ internal static class BdevMode
         await using var rt = new ReactorRuntime(CpuSet.Of(online.Take(2).ToArray()), new ReactorOptions { Mode = ReactorMode.Poll, PinThreads = false });
         rt.Start();
         var bdevs = new BdevManager();
-        var module = new NvmeBdevModule(bdevs);
+        var module = new NvmeBdevModule();
+        bdevs.AddModule(module);
+        module.Init(new BdevModuleContext(bdevs, rt, new RpcRegistry(), new SubsystemRegistry(), NullLoggerFactory.Instance));
         var sw = Stopwatch.StartNew();
         var names = await rt.Main.InvokeAsync(() => module.AttachAsync("Nvme0", traddr));
         pass("bdev-attach", $"{string.Join(",", names)} in {sw.ElapsedMilliseconds} ms");

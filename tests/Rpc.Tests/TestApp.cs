@@ -28,8 +28,11 @@ internal sealed class TestApp : IAsyncDisposable
 
     public TestLogs Logs => (TestLogs)App.LoggerFactory;
 
-    /// <summary>Starts an application; <paramref name="dir"/> reuses a directory (a restart), else a fresh one.</summary>
-    public static async Task<TestApp> StartAsync(bool waitForRpc = false, JsonObject? config = null, string? configFile = null, string? dir = null)
+    /// <summary>
+    /// Starts an application; <paramref name="dir"/> reuses a directory (a restart), else a fresh one;
+    /// <paramref name="configure"/> registers more modules after the standard ones (test models).
+    /// </summary>
+    public static async Task<TestApp> StartAsync(bool waitForRpc = false, JsonObject? config = null, string? configFile = null, string? dir = null, Action<Application>? configure = null)
     {
         dir ??= Directory.CreateTempSubdirectory("rpct").FullName;
         Directory.CreateDirectory(Path.Combine(dir, "vhost"));
@@ -45,6 +48,7 @@ internal sealed class TestApp : IAsyncDisposable
         };
         var app = new Application(options, new TestLogs());
         StandardModules.Register(app);
+        configure?.Invoke(app);
         try
         {
             await app.StartAsync();

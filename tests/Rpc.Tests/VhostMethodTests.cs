@@ -81,6 +81,35 @@ public sealed class VhostMethodTests
     }
 
     [Fact]
+    public async Task ClaimedBdevIsRefusedAsSpdkDoes()
+    {
+        var passthru = new PassthruClaimModel();
+        await using var app = await TestApp.StartAsync(configure: a => a.AddBdevModule(passthru));
+        await using var c = await app.ConnectAsync();
+        await c.ResultAsync("bdev_malloc_create", new JsonObject { ["name"] = "Base", ["num_blocks"] = 128, ["block_size"] = 512 });
+        await c.ResultAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s0" });
+        var claim = await app.App.Reactors.Main.InvokeAsync(() => passthru.Claim("Base"));
+        Assert.True((bool)((JsonArray)await c.ResultAsync("bdev_get_bdevs", new JsonObject { ["name"] = "Base" }))[0]!["claimed"]!);
+
+        // vhost-blk: spdk_vhost_blk_construct returns spdk_bdev_open_ext's -EPERM, which vhost_rpc.c answers
+        // as every create failure: -32602 with strerror.
+        Assert.Equal("Operation not permitted", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb0", ["dev_name"] = "Base" }, -32602));
+        Assert.True(app.Logs.Contains("Could not open Base - passthru module already claimed it"));
+
+        // vhost-scsi: spdk_vhost_scsi_dev_add_tgt turns a target it cannot build (the LUN's open failed) into -EINVAL.
+        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 0, ["bdev_name"] = "Base" }, -32602));
+        var ctrls = (JsonArray)await c.ResultAsync("vhost_get_controllers");
+        Assert.Equal("s0", (string?)Assert.Single(ctrls)!["ctrlr"]);
+        Assert.Empty((JsonArray)ctrls[0]!["backend_specific"]!["scsi"]!);
+
+        // Released: both work.
+        await app.App.Reactors.Main.InvokeAsync(claim.Dispose);
+        Assert.True((bool)(await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb0", ["dev_name"] = "Base" }))!);
+        Assert.True((bool)(await c.ResultAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "vb0" }))!);
+        Assert.Equal(0, (int)(await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 0, ["bdev_name"] = "Base" }))!);
+    }
+
+    [Fact]
     public async Task ScsiControllerTargetsAndErrors()
     {
         await using var app = await TestApp.StartAsync();

@@ -137,7 +137,8 @@ public sealed class VhostScsiController : VhostController
     /// <summary>
     /// Adds a target over <paramref name="bdevName"/> (SPDK's vhost_scsi_dev_add_tgt): <paramref name="num"/> &lt; 0
     /// takes the first free slot. Call on the main reactor. Errors: EINVAL (slot out of range or none free),
-    /// EEXIST (slot taken), ENODEV (no such bdev). Connected guests get a RESCAN event.
+    /// EEXIST (slot taken), ENODEV (no such bdev), EINVAL (bdev claimed by a module, as SPDK). Connected guests get
+    /// a RESCAN event.
     /// </summary>
     public int AddTarget(int num, string bdevName, bool readOnly = false)
     {
@@ -170,10 +171,11 @@ public sealed class VhostScsiController : VhostController
             {
                 throw new VhostException(Errno.ENODEV, e.Message);
             }
-            catch (InvalidOperationException e)
+            catch (BdevClaimedException e)
             {
-                // Already claimed or opened read-write elsewhere.
-                throw new VhostException(Errno.EBUSY, e.Message);
+                // Claimed by a module. SPDK's spdk_vhost_scsi_dev_add_tgt answers any failure to build the target
+                // (the LUN's spdk_bdev_open_ext -EPERM included) with -EINVAL.
+                throw new VhostException(Errno.EINVAL, e.Message);
             }
 
             var device = new ScsiDevice($"Target {num}", num);

@@ -164,7 +164,12 @@ public sealed class Application : IAsyncDisposable
         {
             try
             {
-                await Reactors.Main.InvokeAsync(() => Bdevs.UnregisterAsync(bdev, TimeSpan.FromSeconds(10))).ConfigureAwait(false);
+                // The Func<Task<T>> overload: the unregister itself is awaited, not just its start on the reactor.
+                await Reactors.Main.InvokeAsync(async () =>
+                {
+                    await Bdevs.UnregisterAsync(bdev, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+                    return true;
+                }).ConfigureAwait(false);
             }
             catch (Exception e)
             {

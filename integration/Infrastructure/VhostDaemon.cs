@@ -111,6 +111,34 @@ public sealed class VhostDaemon : IAsyncDisposable
         return r["result"];
     }
 
+    /// <summary>
+    /// Sends SIGTERM (what systemd and operators send) and waits for the exit; returns the exit code. Fails
+    /// (TimeoutException) when the daemon is still running after <paramref name="timeout"/>.
+    /// </summary>
+    public async Task<int> TerminateAsync(TimeSpan timeout)
+    {
+        using (var kill = Process.Start("kill", ["-TERM", _process.Id.ToString(System.Globalization.CultureInfo.InvariantCulture)]))
+        {
+            await kill.WaitForExitAsync();
+            if (kill.ExitCode != 0)
+            {
+                throw new InvalidOperationException($"kill -TERM {_process.Id} failed ({kill.ExitCode})");
+            }
+        }
+
+        using var cts = new CancellationTokenSource(timeout);
+        try
+        {
+            await _process.WaitForExitAsync(cts.Token);
+        }
+        catch (OperationCanceledException)
+        {
+            throw new TimeoutException($"vhostd still running {timeout.TotalSeconds} s after SIGTERM");
+        }
+
+        return _process.ExitCode;
+    }
+
     public async ValueTask DisposeAsync()
     {
         if (!_process.HasExited)

@@ -25,7 +25,15 @@ public sealed class MaxIterationTests
                 Thread.SpinWait(100);
             }
         });
+        // The value covers finished iterations: an RPC handled in the same message batch as the spin still sees the
+        // old one, so ask until the iteration has ended (a tracker that records nothing never gets there).
         var r = await c.ResultAsync("framework_get_reactors");
+        for (int i = 0; i < 50 && MaxUs(r) < 45_000; i++)
+        {
+            await Task.Delay(20);
+            r = await c.ResultAsync("framework_get_reactors");
+        }
+
         Assert.True(MaxUs(r) >= 45_000, $"max_iteration_us {MaxUs(r)} after a 50 ms iteration");
         foreach (var reactor in (JsonArray)r["reactors"]!)
         {

@@ -146,11 +146,25 @@ public sealed class VhostBlkTests(ITestOutputHelper output)
 
             // SIGTERM under guest I/O: the daemon stops its queues (in-flight requests drained), closes the
             // sessions and exits 0 within the stop budget, instead of hanging or dying on a signal.
-            await second.ExecAsync("(chroot /host fio --name=bg2 --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=32 --size=32M --time_based --runtime=120 >/dev/null 2>&1 &) ; sleep 3; echo started", Cmd);
-            long ops0 = await FileOps(daemon);
-            await Task.Delay(1000);
-            long ops1 = await FileOps(daemon);
-            Assert.True(ops1 > ops0, $"no guest I/O running before SIGTERM ({ops0} -> {ops1} ops)");
+            await second.ExecAsync("(chroot /host fio --name=bg2 --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randrw --bs=4k --iodepth=32 --size=32M --time_based --runtime=120 >/tmp/bg2.log 2>&1 &) ; sleep 3; echo started", Cmd);
+            // fio starts from the 9p host root, which takes a while in a loaded TCG guest: wait until the op count
+            // grows in two consecutive samples (I/O is running now), for up to 90 s.
+            long ops0 = await FileOps(daemon), ops1 = ops0;
+            int growing = 0;
+            var wait = Stopwatch.StartNew();
+            while (growing < 2 && wait.Elapsed < TimeSpan.FromSeconds(90))
+            {
+                await Task.Delay(300);
+                long now = await FileOps(daemon);
+                growing = now > ops1 ? growing + 1 : 0;
+                ops1 = now;
+            }
+
+            if (growing < 2)
+            {
+                var log = await second.ExecAsync("cat /tmp/bg2.log; ps", Cmd);
+                Assert.Fail($"no guest I/O running before SIGTERM ({ops0} -> {ops1} ops in {wait.Elapsed.TotalSeconds:F0} s); fio: {log.Output}");
+            }
             var stop = Stopwatch.StartNew();
             int rc = await daemon.TerminateAsync(TimeSpan.FromSeconds(60));
             output.WriteLine($"vhostd exited {rc} {stop.Elapsed.TotalSeconds:F1} s after SIGTERM under I/O ({ops1} ops done)");

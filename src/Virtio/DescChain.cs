@@ -11,10 +11,22 @@ namespace VhostBackend.Virtio;
 /// </summary>
 public static class DescChain
 {
-    /// <summary>The guest bytes of one segment.</summary>
-    public static unsafe Span<byte> AsSpan(in DescSegment segment) =>
-        // SAFETY: WalkChain produced Host/Length by translating a descriptor that lies entirely inside one mapped region.
-        new((void*)segment.Host, (int)segment.Length);
+    /// <summary>
+    /// <paramref name="length"/> guest bytes of one segment from <paramref name="offset"/>, bounds-checked. A segment
+    /// may be longer than a span can be (a guest descriptor of 2 GiB or more): only the part asked for is made a span,
+    /// never the whole length cast to int.
+    /// </summary>
+    public static unsafe Span<byte> AsSpan(in DescSegment segment, ulong offset, int length)
+    {
+        if (length < 0 || offset > segment.Length || (ulong)length > segment.Length - offset)
+        {
+            throw new ArgumentOutOfRangeException(nameof(length));
+        }
+
+        // SAFETY: WalkChain produced Host/Length by translating a descriptor that lies entirely inside one mapped
+        // region, and [offset, offset + length) was just checked to lie inside the segment.
+        return new((void*)(segment.Host + (nint)offset), length);
+    }
 
     /// <summary>A sub-range of one segment, bounds-checked (e.g. the status byte at its end).</summary>
     public static DescSegment Slice(in DescSegment segment, uint offset, uint length)
@@ -40,7 +52,7 @@ public static class DescChain
             }
 
             int n = (int)Math.Min((ulong)dst.Length, l - skip);
-            AsSpan(segs[i]).Slice((int)skip, n).CopyTo(dst);
+            AsSpan(segs[i], skip, n).CopyTo(dst);
             dst = dst[n..];
             skip = 0;
         }
@@ -61,7 +73,7 @@ public static class DescChain
             }
 
             int n = (int)Math.Min((ulong)src.Length, l - skip);
-            src[..n].CopyTo(AsSpan(segs[i]).Slice((int)skip, n));
+            src[..n].CopyTo(AsSpan(segs[i], skip, n));
             src = src[n..];
             skip = 0;
         }
@@ -97,7 +109,7 @@ public static class DescChain
     public static int Room(ReadOnlySpan<DescSegment> segs, int from, int to, ulong skip, int max)
     {
         ulong room = 0;
-        for (int i = from; i < to && room < (ulong)max; i++)
+        for (int i = from; i < to && room < skip + (ulong)max; i++)
         {
             room += segs[i].Length;
         }

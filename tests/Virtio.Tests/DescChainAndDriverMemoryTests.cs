@@ -28,11 +28,11 @@ public sealed class DescChainAndDriverMemoryTests
             // A write is cut to the room of the writable segments.
             Assert.Equal(8, DescChain.Room(segs, 2, 3, 0, 16));
             Assert.Equal(8, DescChain.Write(segs, 2, 3, 0, in hdr));
-            Assert.Equal(VirtioBlkRequestType.Out, MemoryMarshal.Read<uint>(DescChain.AsSpan(segs[2])));
+            Assert.Equal(VirtioBlkRequestType.Out, MemoryMarshal.Read<uint>(DescChain.AsSpan(segs[2], 0, 4)));
 
             var status = DescChain.Slice(segs[2], 7, 1);
-            DescChain.AsSpan(status)[0] = 0xAB;
-            Assert.Equal(0xAB, DescChain.AsSpan(segs[2])[7]);
+            DescChain.AsSpan(status, 0, 1)[0] = 0xAB;
+            Assert.Equal(0xAB, DescChain.AsSpan(segs[2], 7, 1)[0]);
             Assert.Throws<ArgumentOutOfRangeException>(() => DescChain.Slice(segs[2], 8, 1));
         }
         finally
@@ -83,5 +83,31 @@ public sealed class DescChainAndDriverMemoryTests
         {
             Marshal.FreeHGlobal(p);
         }
+    }
+
+    [Fact]
+    public unsafe void A_Segment_Longer_Than_A_Span_Is_Read_And_Written_Only_Where_Asked()
+    {
+        // A guest may describe one buffer of 2 GiB or more; only the bytes a copy needs become a span. (The whole
+        // length cast to int was negative and threw on the reactor.) The memory behind is 64 real bytes.
+        byte* mem = stackalloc byte[64];
+        new Span<byte>(mem, 64).Fill(7);
+        var huge = new[] { new DescSegment((nint)mem, 0xC000_0000u, true) };
+        Span<byte> got = stackalloc byte[16];
+        Assert.True(DescChain.CopyFrom(huge, 0, 1, 8, got));
+        Assert.Equal(16, got.IndexOfAnyExcept((byte)7) < 0 ? 16 : -1);
+        Assert.True(DescChain.CopyTo(huge, 0, 1, 4, [1, 2, 3]));
+        Assert.Equal(new byte[] { 7, 1, 2, 3, 7 }, new Span<byte>(mem + 3, 5).ToArray());
+        Assert.Equal(2, DescChain.AsSpan(huge[0], 62, 2).Length);
+        Assert.Throws<ArgumentOutOfRangeException>(() => DescChain.AsSpan(huge[0], 0xC000_0000u, 1));
+    }
+
+    [Fact]
+    public void Room_Counts_The_Bytes_After_Skip()
+    {
+        var segs = new[] { new DescSegment(1, 16, true), new DescSegment(1, 16, true) };
+        Assert.Equal(8, DescChain.Room(segs, 0, 2, 10, 8));
+        Assert.Equal(22, DescChain.Room(segs, 0, 2, 10, 100));
+        Assert.Equal(0, DescChain.Room(segs, 0, 2, 32, 8));
     }
 }

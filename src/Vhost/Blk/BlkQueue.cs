@@ -261,7 +261,7 @@ internal sealed class BlkQueue : VhostQueue
         for (int i = info.FirstWritable; i < info.SegmentCount && written < room; i++)
         {
             ulong n = Math.Min(room - written, segs[i].Length);
-            var dst = DescChain.AsSpan(segs[i])[..(int)n];
+            var dst = DescChain.AsSpan(segs[i], 0, (int)n);
             for (int k = 0; k < (int)n; k++)
             {
                 int src = (int)written + k;
@@ -393,7 +393,7 @@ internal sealed class BlkQueue : VhostQueue
     {
         if (req.Status.Length != 0)
         {
-            DescChain.AsSpan(req.Status)[0] = status;
+            DescChain.AsSpan(req.Status, 0, 1)[0] = status;
         }
 
         ushort head = req.Head;

@@ -279,21 +279,28 @@ public sealed class BdevManager
         {
             // Never free module memory under an open descriptor: drop the name, leak the bdev, say so.
             Logger.LogError("bdev {Name}: {Count} descriptor(s) still open {Timeout} after remove; unregistered without releasing its resources", bdev.Name, bdev.Descriptors.Count, timeout ?? TimeSpan.FromSeconds(30));
-            lock (_bdevs)
-            {
-                _order.Remove(bdev);
-                foreach (var key in _bdevs.Where(kv => kv.Value == bdev).Select(kv => kv.Key).ToList())
-                {
-                    _bdevs.Remove(key);
-                }
+            DropNames(bdev);
 
-                _removing.Remove(bdev);
-            }
-
-            Unregistered?.Invoke(bdev);
+            // No Unregistered event: it means "destructed", and a module that hears it releases what the bdev
+            // stands on (a vbdev's claim and base descriptor) while the leaked bdev's openers can still send I/O.
             return;
         }
 
+        DropNames(bdev);
+        try
+        {
+            await bdev.DestructAsync().ConfigureAwait(true);
+            Logger.LogInformation("bdev {Name} unregistered", bdev.Name);
+        }
+        finally
+        {
+            // Also after a failed destruct: its module must still release its claims, or the base stays held forever.
+            Unregistered?.Invoke(bdev);
+        }
+    }
+
+    private void DropNames(Bdev bdev)
+    {
         lock (_bdevs)
         {
             _order.Remove(bdev);
@@ -304,10 +311,6 @@ public sealed class BdevManager
 
             _removing.Remove(bdev);
         }
-
-        await bdev.DestructAsync().ConfigureAwait(true);
-        Logger.LogInformation("bdev {Name} unregistered", bdev.Name);
-        Unregistered?.Invoke(bdev);
     }
 }
 

@@ -106,6 +106,11 @@ public abstract class VirtualBdevModule : BdevModule
         {
             lock (_entries)
             {
+                if (entry.Vbdev is { } built)
+                {
+                    return built; // examine built it first (the base registered meanwhile); ours lost the claim race
+                }
+
                 _entries.Remove(entry);
             }
 
@@ -140,7 +145,7 @@ public abstract class VirtualBdevModule : BdevModule
     {
         foreach (var entry in Entries)
         {
-            if (entry.Vbdev is null && (entry.BaseName == bdev.Name || bdev.Aliases.Contains(entry.BaseName)))
+            if (entry.Vbdev is null && Bdevs.Find(entry.BaseName) == bdev) // by name, alias or UUID, as AddVbdev resolves it
             {
                 try
                 {

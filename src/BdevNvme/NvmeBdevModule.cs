@@ -265,7 +265,7 @@ public sealed class NvmeBdevModule : BdevModule
                 {
                     new JsonObject
                     {
-                        ["state"] = c.IsRemoved ? "failed" : c.IsResetting ? "resetting" : "enabled",
+                        ["state"] = c.IsRemoved || c.Controller.ResetError is not null ? "failed" : c.IsResetting ? "resetting" : "enabled",
                         ["trid"] = new JsonObject { ["trtype"] = "PCIe", ["traddr"] = c.TrAddr },
                         ["cntlid"] = c.Controller.Data.ControllerId,
                         ["host"] = new JsonObject { ["nqn"] = "", ["addr"] = "", ["svcid"] = "" },

@@ -867,7 +867,7 @@ public sealed unsafe class NvmeController : IDisposable
     /// <see cref="PollReset"/> advances it: wait CSTS.RDY=0 (CAP.TO) → fail outstanding admin commands (aborted: SQ
     /// deletion) → program the admin queue, CC.EN=1 → wait CSTS.RDY=1 (CAP.TO) → Set Features (number of queues) →
     /// re-post asynchronous event requests. The controller data and namespaces are not identified again (a reset
-    /// does not change them; ScanNamespaces does it on a namespace-change event). The I/O queue pairs stay
+    /// does not change them; namespace-change events are not acted on yet: namespaces are scanned at attach). The I/O queue pairs stay
     /// disconnected until their owners reconnect them (<see cref="NvmeQueuePair.StartConnect"/>, which fails their
     /// outstanding commands with a retryable status). Returns false when a reset is already running or the
     /// controller is disposed.

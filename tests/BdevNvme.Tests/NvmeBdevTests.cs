@@ -360,6 +360,8 @@ public sealed class NvmeBdevTests : IAsyncLifetime
             Assert.True(t.ElapsedMilliseconds < 500);
             var e = await Assert.ThrowsAsync<RpcException>(() => reset.WaitAsync(TimeSpan.FromSeconds(10)));
             Assert.Equal(-5, e.Code);
+            var listed = (JsonArray)(await Call("bdev_nvme_get_controllers", """{"name":"Nvme0"}"""))!;
+            Assert.Equal("failed", (string?)listed[0]!["ctrlrs"]![0]!["state"]); // not "enabled" after a failed reset
             Assert.True(sw.Elapsed >= bc.Controller.Cap.Timeout * 0.9, $"failed after {sw.ElapsedMilliseconds} ms, before CAP.TO");
             Assert.False(await pending.WaitAsync(TimeSpan.FromSeconds(10))); // I/O of a controller that failed its reset fails
             double maxMs = Ticks.ToMicroseconds(_rt.Main.MaxIterationTicks) / 1000;

@@ -1,6 +1,5 @@
 using System.Runtime.InteropServices;
 using Tmds.Linux;
-using VhostBackend.Platform;
 
 namespace VhostBackend.Platform;
 

@@ -1,4 +1,3 @@
-using System.Runtime.CompilerServices;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
 

@@ -124,6 +124,23 @@ public static class Program
         WithArgs(root, "vhost_get_controllers", "list controllers", [("-n|name", "controller name", "string?")], Columns(null, "ctrlr", "cpumask", "socket", "delay_base_us", "iops_threshold"));
         WithArgs(root, "vhost_delete_controller", "delete a controller", [("ctrlr", "controller name", "string")]);
         WithArgs(root, "vhost_controller_set_coalescing", "interrupt coalescing", [("ctrlr", "controller name", "string"), ("delay_base_us", "delay in us", "uint"), ("iops_threshold", "IOPS threshold", "uint")]);
+        // Virtual bdevs (rpc.py's flags and positionals).
+        WithArgs(root, "bdev_passthru_create", "pass-through bdev on a base bdev", [("-b|base_bdev_name", "base bdev name", "string"), ("-p|name", "pass-through bdev name", "string"), ("-u|uuid", "UUID", "string?")]);
+        WithArgs(root, "bdev_passthru_delete", "delete a pass-through bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_delay_create", "delay bdev on a base bdev (latencies in us)", [("-b|base_bdev_name", "base bdev name", "string"), ("-d|name", "delay bdev name", "string"), ("-u|uuid", "UUID", "string?"), ("-r|avg_read_latency", "average read latency (us)", "ulong"), ("--p99_read_latency|p99_read_latency", "p99 read latency (us)", "ulong"), ("-w|avg_write_latency", "average write latency (us)", "ulong"), ("-n|p99_write_latency", "p99 write latency (us)", "ulong")]);
+        WithArgs(root, "bdev_delay_delete", "delete a delay bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_delay_update_latency", "change one latency of a delay bdev", [("delay_bdev_name", "delay bdev name", "string"), ("latency_type", "avg_read, avg_write, p99_read or p99_write", "string"), ("latency_us", "latency (us)", "ulong")]);
+        WithArgs(root, "bdev_error_create", "error-injection bdev EE_<base>", [("base_name", "base bdev name", "string"), ("--uuid|uuid", "UUID", "string?")]);
+        WithArgs(root, "bdev_error_delete", "delete an error-injection bdev", [("name", "bdev name", "string")]);
+        WithArgs(root, "bdev_error_inject_error", "inject errors", [("name", "error bdev name", "string"), ("io_type", "clear, read, write, unmap, flush or all", "string"), ("error_type", "failure, pending, corrupt_data or nomem", "string"), ("-n|num", "number of commands to fail", "uint?"), ("-q|queue_depth", "queue depth at which to trigger", "uint?"), ("-o|corrupt_offset", "byte offset to xor", "ulong?"), ("-v|corrupt_value", "xor value (1-255)", "uint?")]);
+        WithArgs(root, "bdev_split_create", "split a bdev: BASE SPLIT_COUNT [-s MB]", [("base_bdev", "base bdev name", "string"), ("split_count", "number of parts", "uint"), ("--split_size_mb|split_size_mb", "part size in MiB (default: even split)", "ulong?")]);
+        WithArgs(root, "bdev_split_delete", "delete a bdev's split parts", [("base_bdev", "base bdev name", "string")]);
+        WithArgs(root, "bdev_raid_create", "create a raid bdev", [("-n|name", "raid bdev name", "string"), ("-z|strip_size_kb", "strip size (KiB)", "uint?"), ("-r|raid_level", "raid0, raid1 or concat", "string"), ("-b|base_bdevs", "base bdev names, whitespace separated", "list"), ("--uuid|uuid", "UUID", "string?"), ("--superblock|superblock", "on-disk superblock (not supported yet)", "flag")]);
+        WithArgs(root, "bdev_raid_delete", "delete a raid bdev", [("name", "raid bdev name", "string")]);
+        WithArgs(root, "bdev_raid_get_bdevs", "list raid bdevs: all, online, configuring or offline", [("category", "category", "string")], Columns(null, "name", "raid_level", "state", "strip_size_kb", "num_base_bdevs", "num_base_bdevs_discovered", "num_base_bdevs_operational"));
+        WithArgs(root, "bdev_raid_add_base_bdev", "add a base bdev to a raid (a raid1 rebuilds it)", [("raid_bdev", "raid bdev name", "string"), ("base_bdev", "base bdev name", "string")]);
+        WithArgs(root, "bdev_raid_remove_base_bdev", "remove a base bdev from its raid", [("name", "base bdev name", "string")]);
+        WithArgs(root, "bdev_raid_set_options", "raid options", [("-w|process_window_size_kb", "rebuild window (KiB)", "uint?")]);
         WithArgs(root, "bdev_nvme_attach_controller", "attach an NVMe controller", [("-b|name", "controller name", "string"), ("-t|trtype", "transport (PCIe)", "string"), ("-a|traddr", "address", "string")]);
         WithArgs(root, "bdev_nvme_detach_controller", "detach an NVMe controller", [("name", "controller name", "string")]);
         WithArgs(root, "bdev_nvme_get_controllers", "list NVMe controllers", [("-n|name", "controller name", "string?")]);
@@ -142,7 +159,7 @@ public static class Program
         root.Subcommands.Add(cmd);
     }
 
-    /// <summary>Declares a method's CLI: "name" = positional, "-x|name" or "--x|name" = option; types string, int, uint, ulong (suffix ? = optional), flag.</summary>
+    /// <summary>Declares a method's CLI: "name" = positional, "-x|name" or "--x|name" = option; types string, int, uint, ulong, list (whitespace-separated names sent as an array; suffix ? = optional), flag.</summary>
     private static void WithArgs(RootCommand root, string name, string description, (string Spec, string Help, string Type)[] specs, Table? table = null)
     {
         var cmd = new Command(name, description);
@@ -252,6 +269,7 @@ public static class Program
             "int" => int.TryParse(value, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int i) ? JsonValue.Create(i) : throw new FormatException($"{key}: '{value}' is not an integer"),
             "uint" => uint.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out uint u) ? JsonValue.Create(u) : throw new FormatException($"{key}: '{value}' is not a non-negative integer"),
             "ulong" => ulong.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out ulong l) ? JsonValue.Create(l) : throw new FormatException($"{key}: '{value}' is not a non-negative integer"),
+            "list" => new JsonArray(value.Split((char[]?)null, StringSplitOptions.RemoveEmptyEntries).Select(x => (JsonNode?)JsonValue.Create(x)).ToArray()),
             _ => JsonValue.Create(value),
         };
     }

@@ -17,6 +17,7 @@ public sealed class Application : IAsyncDisposable
     private readonly ILogger _logger;
     private readonly List<Func<Task>> _stopHooks = new();
     private JsonRpcServer? _server;
+    private ConfigPersistence? _persistence;
     private bool _started;
     private readonly Lazy<SharedMemoryArena> _sharedMemory = new(() => SharedMemoryArena.Create("vhostbackend-io", SharedMemoryBytes));
 
@@ -56,6 +57,9 @@ public sealed class Application : IAsyncDisposable
     /// sends in SET_MEM_TABLE so buffers allocated here (bdevperf's) go to the back end without a copy.
     /// </summary>
     public SharedMemoryArena SharedMemory => _sharedMemory.Value;
+
+    /// <summary>The running-config file keeper when <see cref="ApplicationOptions.PersistConfigFile"/> is set.</summary>
+    public ConfigPersistence? Persistence => _persistence;
 
     /// <summary>The JSON-RPC server while started with an RPC socket, else null.</summary>
     public JsonRpcServer? RpcServer => _server;
@@ -102,11 +106,39 @@ public sealed class Application : IAsyncDisposable
             _logger.LogInformation("JSON-RPC listening on {Path}", Options.RpcSocket);
         }
 
+        if (Options.PersistConfigFile is { } persist)
+        {
+            try
+            {
+                _persistence = new ConfigPersistence(persist, Dispatcher, Subsystems, _loggerFactory.CreateLogger("config"));
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or NotSupportedException)
+            {
+                throw new ApplicationConfigException($"--persist-config {persist}: {e.Message}", e);
+            }
+
+            if (File.Exists(_persistence.FilePath))
+            {
+                _logger.LogInformation("starting from the persisted config {Path}{Ignored}", _persistence.FilePath,
+                    Options.ConfigFile is { } seed ? $" (not {seed}, which seeds the first start only)" : "");
+                Options.ConfigFile = _persistence.FilePath;
+                Options.Config = null;
+            }
+        }
+
+        // Persistence is armed once the whole start-up config is in: the calls replayed from a config are not
+        // changes, and a snapshot taken half-way would overwrite the persisted file with part of it. A config
+        // that fails to apply never arms it (the file stays as it was).
         if (Options.ConfigFile is null && Options.Config is null)
         {
             if (!Options.WaitForRpc)
             {
                 await Dispatcher.StartInitAsync().ConfigureAwait(false);
+                await ArmPersistenceAsync().ConfigureAwait(false);
+            }
+            else
+            {
+                _ = Dispatcher.Initialized.ContinueWith(_ => ArmPersistenceAsync(), TaskScheduler.Default);
             }
 
             return;
@@ -119,6 +151,7 @@ public sealed class Application : IAsyncDisposable
         {
             _logger.LogInformation("waiting for framework_start_init over RPC");
             _ = load.ContinueWith(t => _logger.LogError(t.Exception!.GetBaseException(), "applying the config after framework_start_init failed"), TaskContinuationOptions.OnlyOnFaulted);
+            _ = load.ContinueWith(_ => ArmPersistenceAsync(), TaskContinuationOptions.OnlyOnRanToCompletion);
             return;
         }
 
@@ -132,7 +165,10 @@ public sealed class Application : IAsyncDisposable
         }
 
         _logger.LogInformation("config applied ({Source})", Options.ConfigFile ?? "embedded default");
+        await ArmPersistenceAsync().ConfigureAwait(false);
     }
+
+    private Task ArmPersistenceAsync() => _persistence?.ArmAsync() ?? Task.CompletedTask;
 
     /// <summary>Stops controllers and modules (hooks), closes bdevs, stops the RPC server and the reactors.</summary>
     public async Task StopAsync()
@@ -146,6 +182,13 @@ public sealed class Application : IAsyncDisposable
         if (_server is not null)
         {
             await _server.StopAsync().ConfigureAwait(false);
+        }
+
+        if (_persistence is not null)
+        {
+            // What shutdown removes is not a change to keep; a save still running finishes first.
+            _persistence.Dispose();
+            await _persistence.FlushAsync().ConfigureAwait(false);
         }
 
         for (int i = _stopHooks.Count - 1; i >= 0; i--)

@@ -28,6 +28,13 @@ public sealed class ApplicationOptions
 
     /// <summary>--wait-for-rpc: apply the config and start subsystems only on framework_start_init.</summary>
     public bool WaitForRpc { get; set; }
+
+    /// <summary>
+    /// --persist-config (ours): keep the running config in this file (save_config format, rewritten atomically
+    /// after every change over RPC) and start from it when it exists, instead of <see cref="ConfigFile"/> or
+    /// <see cref="Config"/> (those seed the first start). See <see cref="ConfigPersistence"/>.
+    /// </summary>
+    public string? PersistConfigFile { get; set; }
 }
 
 /// <summary>A configuration or option error the user must fix; the daemon prints it and exits 1.</summary>

@@ -18,6 +18,8 @@ public sealed class DaemonOptions
           -r, --rpc-socket PATH      JSON-RPC socket; default /var/tmp/vhost.sock
           -c, --json FILE            JSON config in SPDK's format, applied at start
               --wait-for-rpc         wait for framework_start_init before applying the config
+              --persist-config FILE  keep the running config in FILE (rewritten atomically after every
+                                     change over RPC) and start from FILE when it exists (-c seeds the first start)
               --reactor-mode MODE    poll, interrupt or adaptive (default adaptive)
               --interrupt-mode       same as --reactor-mode interrupt
               --default              also run the embedded default (when options are given, without -c)
@@ -92,6 +94,9 @@ public sealed class DaemonOptions
                 case "--config":
                     o.App.ConfigFile = Value();
                     break;
+                case "--persist-config":
+                    o.App.PersistConfigFile = Value();
+                    break;
                 case "--wait-for-rpc":
                     o.App.WaitForRpc = true;
                     break;
@@ -152,6 +157,12 @@ public sealed class DaemonOptions
         if (o.App.ConfigFile is { } cfg && !File.Exists(cfg))
         {
             throw new ApplicationConfigException($"-c/--json: config file '{cfg}' does not exist");
+        }
+
+        if (o.App.PersistConfigFile is { } persist &&
+            (persist.Length == 0 || Directory.Exists(persist) || !Directory.Exists(Path.GetDirectoryName(Path.GetFullPath(persist)))))
+        {
+            throw new ApplicationConfigException($"--persist-config: '{persist}' is not a file path in an existing directory");
         }
 
         if (!Directory.Exists(o.App.SocketDir))

@@ -27,6 +27,25 @@ public static unsafe class FileOps
 
     public static void Close(int fd) => LibC.close(fd);
 
+    /// <summary>fsync(2): 0 or -errno.</summary>
+    public static int Fsync(int fd) => LibC.fsync(fd) == 0 ? 0 : -Native.Errno;
+
+    /// <summary>
+    /// Makes a rename or create in <paramref name="directory"/> durable (fsync of the directory): 0 or -errno.
+    /// </summary>
+    public static int SyncDirectory(string directory)
+    {
+        int fd = Open(directory, LibC.O_RDONLY | LibC.O_DIRECTORY | LibC.O_CLOEXEC);
+        if (fd < 0)
+        {
+            return fd;
+        }
+
+        int rc = Fsync(fd);
+        Close(fd);
+        return rc;
+    }
+
     /// <summary>fstat(2): 0 or -errno.</summary>
     public static int FStat(int fd, out StatBuf st)
     {

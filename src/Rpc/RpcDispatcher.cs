@@ -58,6 +58,12 @@ public sealed class RpcDispatcher
     public Task Initialized => _initialized.Task;
 
     /// <summary>
+    /// Raised after a method returned successfully (on the caller's thread, not the main reactor), with the
+    /// method's name: what persists the running config after each change. Handler exceptions are logged.
+    /// </summary>
+    public event Action<string>? Succeeded;
+
+    /// <summary>
     /// What framework_start_init does before the state turns to Runtime (the daemon's subsystem init). Runs on
     /// the main reactor. Null: nothing to do.
     /// </summary>
@@ -131,6 +137,7 @@ public sealed class RpcDispatcher
         try
         {
             var result = await _main.InvokeAsync<JsonNode?>(() => handler(request)).WaitAsync(cancellationToken).ConfigureAwait(false);
+            RaiseSucceeded(method);
             return result ?? JsonValue.Create(true);
         }
         catch (RpcException)
@@ -153,6 +160,18 @@ public sealed class RpcDispatcher
         {
             Logger.LogError(e, "RPC method {Method} failed", method);
             throw new RpcException(RpcErrorCodes.InternalError, $"Internal error: {e.Message}");
+        }
+    }
+
+    private void RaiseSucceeded(string method)
+    {
+        try
+        {
+            Succeeded?.Invoke(method);
+        }
+        catch (Exception e)
+        {
+            Logger.LogError(e, "after RPC method {Method}", method);
         }
     }
 

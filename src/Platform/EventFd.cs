@@ -35,6 +35,13 @@ public sealed unsafe class EventFd : IDisposable
         return LibC.read(_fd, &value, 8) == 8;
     }
 
+    /// <summary>Resets the counter and returns it: how many signals arrived since the last read (0 if none).</summary>
+    public ulong DrainCount()
+    {
+        ulong value;
+        return LibC.read(_fd, &value, 8) == 8 ? value : 0;
+    }
+
     public void Dispose()
     {
         int fd = Interlocked.Exchange(ref _fd, -1);

@@ -26,6 +26,9 @@ public static unsafe partial class SocketNative
     public const int PROT_WRITE = 2;
     public const int MAP_SHARED = 1;
     public const uint MFD_CLOEXEC = 1;
+    public const uint MFD_ALLOW_SEALING = 2;
+    public const int F_ADD_SEALS = 1033;
+    public const int F_GET_SEALS = 1034;
 
     [StructLayout(LayoutKind.Sequential)]
     public struct MsgHdr
@@ -183,6 +186,22 @@ public static class Fd
         regular = st.IsRegular;
         return 0;
     }
+
+    /// <summary>memfd seals (F_SEAL_*), or -errno (-EINVAL for a file that cannot carry seals).</summary>
+    public static int GetSeals(int fd)
+    {
+        int seals = SocketNative.fcntl(fd, SocketNative.F_GET_SEALS, 0);
+        return seals >= 0 ? seals : -Native.Errno;
+    }
+
+    /// <summary>F_SEAL_SEAL: no more seals can be added.</summary>
+    public const int SealSeal = 1;
+
+    /// <summary>F_SEAL_SHRINK: the file cannot shrink (so a mapping of it cannot fault with SIGBUS).</summary>
+    public const int SealShrink = 2;
+
+    /// <summary>F_SEAL_GROW.</summary>
+    public const int SealGrow = 4;
 
     public static bool SetNonBlocking(int fd)
     {
@@ -609,13 +628,17 @@ public sealed unsafe class MappedRegion : IDisposable
         return new MappedRegion((nint)p, length);
     }
 
-    /// <summary>Creates a memfd of <paramref name="size"/> bytes; returns its fd (caller owns it).</summary>
-    public static int CreateMemFd(string name, long size)
+    /// <summary>
+    /// Creates a memfd of <paramref name="size"/> bytes; returns its fd (caller owns it). <paramref name="sealed"/>:
+    /// its size is sealed (no shrink, no grow, no further seals), so whoever it is handed to cannot make our
+    /// mapping of it fault.
+    /// </summary>
+    public static int CreateMemFd(string name, long size, bool @sealed = false)
     {
         var bytes = Encoding.UTF8.GetBytes(name + "\0");
         fixed (byte* p = bytes)
         {
-            int fd = SocketNative.memfd_create(p, SocketNative.MFD_CLOEXEC);
+            int fd = SocketNative.memfd_create(p, SocketNative.MFD_CLOEXEC | (@sealed ? SocketNative.MFD_ALLOW_SEALING : 0));
             if (fd < 0)
             {
                 throw new IOException($"memfd_create: {Native.StrError(Native.Errno)}");
@@ -626,6 +649,13 @@ public sealed unsafe class MappedRegion : IDisposable
                 int e = Native.Errno;
                 SocketNative.close(fd);
                 throw new IOException($"ftruncate: {Native.StrError(e)}");
+            }
+
+            if (@sealed && SocketNative.fcntl(fd, SocketNative.F_ADD_SEALS, Fd.SealShrink | Fd.SealGrow | Fd.SealSeal) != 0)
+            {
+                int e = Native.Errno;
+                SocketNative.close(fd);
+                throw new IOException($"F_ADD_SEALS: {Native.StrError(e)}");
             }
 
             return fd;

@@ -92,8 +92,9 @@ public abstract class VhostController : IVhostUserDevice
     }
 
     /// <summary>Starts <paramref name="queue"/> on its reactor and tracks it (coalescing changes, hot remove).</summary>
-    protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue)
+    protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue, VhostUserReadyQueue ready)
     {
+        queue.AttachInflight(ready.Inflight, ready.Resubmit);
         await queue.Reactor.InvokeAsync(queue.StartOnReactor).ConfigureAwait(false);
         lock (_queues)
         {

@@ -39,6 +39,11 @@ public abstract class VhostQueue : IVhostQueueRunner
     private LogRateLimiter _badRequestLog = new(burst: 16, perSecond: 1);
     private readonly string _logName;
 
+    // In-flight tracking (INFLIGHT_SHMFD): the queue's region, and heads a previous back end left in flight.
+    private InflightQueue? _inflight;
+    private ushort[] _resubmit = [];
+    private int _resubmitNext;
+
     // Interrupt coalescing (vhost_controller_set_coalescing): SPDK's model, per queue.
     private long _delayBaseTicks;
     private uint _ioRateThreshold;
@@ -98,6 +103,17 @@ public abstract class VhostQueue : IVhostQueueRunner
     /// <summary>Extra work each poll (e.g. delivering queued events); returns the amount done.</summary>
     protected virtual int PollDevice() => 0;
 
+    /// <summary>Before start: the in-flight region to keep up to date, and the heads to resubmit first.</summary>
+    internal void AttachInflight(InflightQueue? inflight, ushort[]? resubmit)
+    {
+        _inflight = inflight;
+        _resubmit = resubmit ?? [];
+        _resubmitNext = 0;
+    }
+
+    /// <summary>Heads recovered from the in-flight buffer that are still to be processed.</summary>
+    public int PendingResubmits => _resubmit.Length - _resubmitNext;
+
     /// <summary>Registers the poller (and the kick fd as its interrupt source). Runs on the reactor.</summary>
     internal void StartOnReactor()
     {
@@ -137,7 +153,7 @@ public abstract class VhostQueue : IVhostQueueRunner
             // driver waits forever. A spurious interrupt is harmless.
             _signalOwed = false;
             _signalPending = false;
-            Vq.PublishUsed();
+            PublishUsed();
             Vq.NeedsNotify();
             call.Signal();
         }
@@ -176,7 +192,15 @@ public abstract class VhostQueue : IVhostQueueRunner
         if (!_stopping && !_broken)
         {
             int popped = 0;
-            while (popped < PopBatch && CanTakeRequest)
+
+            // Requests a previous back end took and never completed go first, in the order it took them.
+            while (_resubmitNext < _resubmit.Length && popped < PopBatch && CanTakeRequest)
+            {
+                popped++;
+                Process(_resubmit[_resubmitNext++]);
+            }
+
+            while (popped < PopBatch && CanTakeRequest && _resubmitNext == _resubmit.Length)
             {
                 var r = Vq.TryPop(out ushort head);
                 if (r == PopResult.Empty)
@@ -192,6 +216,7 @@ public abstract class VhostQueue : IVhostQueueRunner
                 }
 
                 popped++;
+                _inflight?.Begin(head);
                 Process(head);
             }
 
@@ -223,7 +248,7 @@ public abstract class VhostQueue : IVhostQueueRunner
 
         // Buffers the device cannot take now (an event queue with no event, an exhausted request pool) must not
         // keep the reactor awake: completions and posted events arrive as reactor messages and wake it.
-        bool pending = Vq.EnableNotify() && CanTakeRequest && !_stopping && !_broken;
+        bool pending = (Vq.EnableNotify() || _resubmitNext < _resubmit.Length) && CanTakeRequest && !_stopping && !_broken;
         return pending || _signalPending || _completedSincePoll > 0;
     }
 
@@ -259,6 +284,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     {
         // Published in Flush, once per poll (or at once when forced): one used.idx store per batch.
         Vq.AddUsed(head, usedLength);
+        _inflight?.AddUsed(head);
         _usedReqCount++;
         _signalPending = true;
         _completedSincePoll++;
@@ -269,10 +295,17 @@ public abstract class VhostQueue : IVhostQueueRunner
         }
     }
 
+    /// <summary>Publishes used.idx, then marks the published batch as no longer in flight (this order survives a crash between the two).</summary>
+    private void PublishUsed()
+    {
+        Vq.PublishUsed();
+        _inflight?.CommitUsed(Vq.LastUsedIdx);
+    }
+
     /// <summary>Signals the call eventfd for used entries published since the last signal, honouring coalescing.</summary>
     protected void Flush(bool force)
     {
-        Vq.PublishUsed();
+        PublishUsed();
         if (!_signalPending)
         {
             return;

@@ -6,9 +6,12 @@ namespace VhostBackend.VhostUser;
 /// <summary>
 /// A queue ready to run, as the session hands it to the device: the validated split ring (its addresses checked
 /// against guest memory), and the kick and call eventfds (either may be null: no kick = poll only, no call = the
-/// front end polls). The eventfds stay owned by the session.
+/// front end polls). The eventfds stay owned by the session. <paramref name="Inflight"/>: the queue's region of the
+/// in-flight buffer when the front end set one up (INFLIGHT_SHMFD), to mark heads taken and completed;
+/// <paramref name="Resubmit"/>: heads a previous back end took and never completed, oldest first, to process before
+/// anything new from the avail ring (the ring's base already counts them).
 /// </summary>
-public readonly record struct VhostUserReadyQueue(int Index, SplitVirtqueue Queue, EventFd? Call, EventFd? Kick);
+public readonly record struct VhostUserReadyQueue(int Index, SplitVirtqueue Queue, EventFd? Call, EventFd? Kick, InflightQueue? Inflight = null, ushort[]? Resubmit = null);
 
 /// <summary>
 /// The device behind a vhost-user session (virtio-blk, virtio-scsi): what it offers and how its queues run. The

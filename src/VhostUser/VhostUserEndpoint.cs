@@ -66,8 +66,8 @@ public sealed class VhostUserEndpoint : IDisposable
         SendRequest(request, AsBytes(in body), fds, needReply);
 
     /// <summary>Sends the reply to <paramref name="request"/> (version 1, reply bit).</summary>
-    public int SendReply(uint request, ReadOnlySpan<byte> payload) =>
-        Send(request, VhostUserConstants.Version | VhostUserConstants.FlagReply, payload);
+    public int SendReply(uint request, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default) =>
+        Send(request, VhostUserConstants.Version | VhostUserConstants.FlagReply, payload, fds);
 
     public int SendReply<T>(uint request, in T body)
         where T : unmanaged =>
@@ -83,10 +83,11 @@ public sealed class VhostUserEndpoint : IDisposable
     /// <summary>
     /// Receives one message: header, fds (into <paramref name="fds"/>, at least <see cref="UnixConnection.MaxFdsPerMessage"/>
     /// long) and payload (into <paramref name="payload"/>). <paramref name="reply"/> says whether the reply bit
-    /// must be set (a front end reading replies) or clear (a back end reading requests); replies carry no fds.
+    /// must be set (a front end reading replies) or clear (a back end reading requests); replies carry no fds
+    /// unless the caller expects some (<paramref name="replyFds"/>: GET_INFLIGHT_FD's reply carries one).
     /// On any error, received fds are closed and <paramref name="fdCount"/> is 0.
     /// </summary>
-    public VhostUserError Receive(bool reply, out VhostUserHeader header, Span<byte> payload, out int payloadSize, Span<int> fds, out int fdCount)
+    public VhostUserError Receive(bool reply, out VhostUserHeader header, Span<byte> payload, out int payloadSize, Span<int> fds, out int fdCount, int replyFds = 0)
     {
         header = default;
         payloadSize = 0;
@@ -123,7 +124,7 @@ public sealed class VhostUserEndpoint : IDisposable
             return Fail(VhostUserError.Closed, fds, ref fdCount);
         }
 
-        if (truncated || fdCount > VhostUserConstants.MaxFds || (reply && fdCount != 0))
+        if (truncated || fdCount > VhostUserConstants.MaxFds || (reply && fdCount > replyFds))
         {
             return Fail(VhostUserError.TooManyFds, fds, ref fdCount);
         }

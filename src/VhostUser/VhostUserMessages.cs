@@ -233,3 +233,30 @@ public struct VhostUserConfigHeader
         Size <= VhostUserConstants.ConfigSpaceMax && Offset <= VhostUserConstants.ConfigSpaceMax - Size
         && payloadSize == 12 + (int)Size && (Flags & ~FlagMigration) == 0;
 }
+
+/// <summary>
+/// GET/SET_INFLIGHT_FD payload (VhostUserInflight: 20 bytes of fields, 24 with the C struct's tail padding, which
+/// QEMU sends): the in-flight buffer's size and offset in its memfd, and the queue count and size it covers.
+/// </summary>
+[StructLayout(LayoutKind.Sequential, Size = 24)]
+public struct VhostUserInflight
+{
+    /// <summary>The fields' bytes (what a front end must send at least).</summary>
+    public const int FieldBytes = 20;
+
+    public ulong MmapSize;
+    public ulong MmapOffset;
+    public ushort NumQueues;
+    public ushort QueueSize;
+
+    /// <summary>
+    /// The queue count is within what the device offers and the size a valid split-ring size; for SET, the
+    /// buffer covers every queue and the offset is page aligned (the mapping starts there).
+    /// </summary>
+    public readonly bool IsValidRequest(int maxQueues) =>
+        NumQueues > 0 && NumQueues <= maxQueues && Virtio.SplitVirtqueue.IsValidSize(QueueSize);
+
+    public readonly bool IsValidBuffer(int maxQueues) =>
+        IsValidRequest(maxQueues) && (MmapOffset & 4095) == 0 && MmapOffset <= (1UL << 40)
+        && MmapSize >= NumQueues * Virtio.InflightQueue.RegionBytes(QueueSize) && MmapSize <= (1UL << 32);
+}

@@ -115,6 +115,7 @@ public static class VhostUserRequestTable
         const int addr = 40;
         const int region = 40;
         const int config = 12;
+        const int inflight = 24;
         var t = new VhostUserRequestInfo[Max + 1];
         for (uint i = 0; i <= Max; i++)
         {
@@ -156,6 +157,8 @@ public static class VhostUserRequestTable
         // The spec tolerates one (ignored) fd for front ends that send one.
         Row(VhostUserRequest.RemMemReg, region, region, 0, 1, VhostUserProtocolFeature.ConfigureMemSlots, ack);
         Row(VhostUserRequest.SetStatus, u64, u64, 0, 0, VhostUserProtocolFeature.Status, ack);
+        Row(VhostUserRequest.GetInflightFd, VhostUserInflight.FieldBytes, inflight, 0, 0, VhostUserProtocolFeature.InflightShmfd, always);
+        Row(VhostUserRequest.SetInflightFd, VhostUserInflight.FieldBytes, inflight, 1, 1, VhostUserProtocolFeature.InflightShmfd, ack);
         Row(VhostUserRequest.GetStatus, 0, u64, 0, 0, VhostUserProtocolFeature.Status, always);
         return t;
     }

@@ -29,6 +29,7 @@ public sealed class VhostUserSession
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly object _backendLock = new();
     private VhostUserEndpoint? _backend;
+    private InflightBuffer? _inflight;
     private ulong _features;
     private ulong _protocolFeatures;
     private bool _featuresSet;
@@ -137,6 +138,8 @@ public sealed class VhostUserSession
                 }
 
                 _memory.Dispose();
+                _inflight?.Dispose();
+                _inflight = null;
                 lock (_backendLock)
                 {
                     _backend?.Dispose();
@@ -273,6 +276,10 @@ public sealed class VhostUserSession
                 return GetConfig(p);
             case VhostUserRequest.SetConfig:
                 return SetConfig(p);
+            case VhostUserRequest.GetInflightFd:
+                return GetInflightFd(ReadInflight(p));
+            case VhostUserRequest.SetInflightFd:
+                return SetInflightFd(ReadInflight(p), fds);
             case VhostUserRequest.SetBackendReqFd:
                 lock (_backendLock)
                 {
@@ -497,6 +504,87 @@ public sealed class VhostUserSession
         }
     }
 
+    // ---- in-flight tracking (INFLIGHT_SHMFD) -------------------------------------------------------------
+
+    private static VhostUserInflight ReadInflight(ReadOnlySpan<byte> p)
+    {
+        // 20 bytes of fields; the C struct's 4 bytes of tail padding may or may not be sent.
+        Span<byte> buf = stackalloc byte[24];
+        p[..Math.Min(p.Length, 24)].CopyTo(buf);
+        return MemoryMarshal.Read<VhostUserInflight>(buf);
+    }
+
+    /// <summary>GET_INFLIGHT_FD: a fresh zeroed buffer for the queue count and size the front end gives, sent as an fd.</summary>
+    private bool GetInflightFd(in VhostUserInflight m)
+    {
+        var reply = new VhostUserInflight { NumQueues = m.NumQueues, QueueSize = m.QueueSize };
+        int fd = -1;
+        if (!m.IsValidRequest(_vrings.Length))
+        {
+            Refuse("GET_INFLIGHT_FD", m.NumQueues, m.QueueSize);
+        }
+        else
+        {
+            try
+            {
+                var buffer = InflightBuffer.Create(m.NumQueues, m.QueueSize, out fd);
+                StopAllQueues();
+                _inflight?.Dispose();
+                _inflight = buffer;
+                reply.MmapSize = buffer.Size;
+                _log.LogInformation("vhost session {Name}: in-flight buffer of {Size} bytes for {Queues} queues of {QueueSize}", Name, buffer.Size, m.NumQueues, m.QueueSize);
+            }
+            catch (IOException e)
+            {
+                _log.LogError("vhost session {Name}: GET_INFLIGHT_FD: {Error}", Name, e.Message);
+            }
+        }
+
+        // A refusal is a reply with size 0 and no fd (the front end then runs without tracking).
+        try
+        {
+            return Sent(VhostUserRequest.GetInflightFd, _ep.SendReply((uint)VhostUserRequest.GetInflightFd, VhostUserEndpoint.AsBytes(in reply), fd >= 0 ? [fd] : []))
+                && reply.MmapSize != 0;
+        }
+        finally
+        {
+            Fd.Close(fd);
+        }
+    }
+
+    /// <summary>
+    /// SET_INFLIGHT_FD: the buffer to track in-flight requests in (after a reconnect: the one a previous back end
+    /// filled). Its size is checked against the file; queues restart on it and resubmit what it records.
+    /// </summary>
+    private bool SetInflightFd(in VhostUserInflight m, Span<int> fds)
+    {
+        if (!m.IsValidBuffer(_vrings.Length))
+        {
+            return Refuse("SET_INFLIGHT_FD", m.NumQueues, $"size {m.MmapSize} offset {m.MmapOffset} queue size {m.QueueSize}");
+        }
+
+        var buffer = InflightBuffer.TryMap(m, fds[0], out string error, out bool shrinkable);
+        if (buffer is null)
+        {
+            return Refuse("SET_INFLIGHT_FD", m.NumQueues, error);
+        }
+
+        if (shrinkable)
+        {
+            _log.LogWarning("vhost session {Name}: the in-flight buffer's memfd is not sealed against shrinking; the front end could still truncate it", Name);
+        }
+
+        StopAllQueues();
+        _inflight?.Dispose();
+        _inflight = buffer;
+        foreach (var v in _vrings)
+        {
+            TryStartQueue(v);
+        }
+
+        return true;
+    }
+
     /// <summary>Hands a complete ring to the device (no-op when it is not complete or already running). False if it failed to start.</summary>
     private bool TryStartQueue(VringState v)
     {
@@ -513,9 +601,35 @@ public sealed class VhostUserSession
             return Refuse("queue not started", v.Index, error);
         }
 
+        // In-flight tracking: requests a previous back end took and never completed are resubmitted first; the
+        // ring's base then counts them (used.idx + in flight), whatever base the front end restored.
+        var inflight = _inflight?.ForQueue(v.Index, v.Num);
+        ushort[]? resubmit = null;
+        if (inflight is not null)
+        {
+            resubmit = inflight.Recover(vq.LastUsedIdx, out bool reset);
+            if (reset)
+            {
+                _log.LogWarning("vhost session {Name}: queue {Index}: in-flight region did not match the queue size; reset", Name, v.Index);
+            }
+
+            if (resubmit.Length > 0)
+            {
+                var rebased = SplitVirtqueue.Create(_memory.Memory, v.Num, a.DescUserAddr, a.AvailUserAddr, a.UsedUserAddr, eventIdx, (ushort)(vq.LastUsedIdx + resubmit.Length), out error);
+                if (rebased is null)
+                {
+                    return Refuse("queue not started", v.Index, error);
+                }
+
+                _log.LogWarning("vhost session {Name}: queue {Index}: resubmitting {Count} requests left in flight (used {Used}, base {Base} -> {NewBase})",
+                    Name, v.Index, resubmit.Length, vq.LastUsedIdx, v.Base, rebased.LastAvailIdx);
+                vq = rebased;
+            }
+        }
+
         try
         {
-            v.MarkStarted(_device.StartQueueAsync(this, new VhostUserReadyQueue(v.Index, vq, v.Call, v.Kick)).GetAwaiter().GetResult());
+            v.MarkStarted(_device.StartQueueAsync(this, new VhostUserReadyQueue(v.Index, vq, v.Call, v.Kick, inflight, resubmit)).GetAwaiter().GetResult());
         }
         catch (Exception e)
         {

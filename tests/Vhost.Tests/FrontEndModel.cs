@@ -71,6 +71,24 @@ internal sealed class FrontEndModel : IDisposable
         return (h, payload.AsSpan(0, size).ToArray());
     }
 
+    /// <summary>Reads a reply that may carry one fd (GET_INFLIGHT_FD); the caller owns the fd (-1 if none).</summary>
+    public (VhostUserHeader Header, byte[] Payload, int Fd)? ReadReplyWithFd(int timeoutMs = 5000)
+    {
+        if (!_ep.WaitReadable(timeoutMs))
+        {
+            return null;
+        }
+
+        var payload = new byte[VhostUserConstants.MaxPayload];
+        var fds = new int[UnixConnection.MaxFdsPerMessage];
+        if (_ep.Receive(true, out var h, payload, out int size, fds, out int n, replyFds: 1) != VhostUserError.None)
+        {
+            return null;
+        }
+
+        return (h, payload.AsSpan(0, size).ToArray(), n == 1 ? fds[0] : -1);
+    }
+
     public ulong ReadU64Reply(VhostUserRequest expected)
     {
         var r = ReadReply() ?? throw new IOException($"no reply to {expected}");
@@ -146,10 +164,10 @@ internal sealed class FrontEndModel : IDisposable
     }
 
     /// <summary>Configures queue <paramref name="index"/> on the model's ring and hands over kick/call eventfds.</summary>
-    public ulong SetupQueue(DriverRingModel m, uint index, EventFd? kick, EventFd? call)
+    public ulong SetupQueue(DriverRingModel m, uint index, EventFd? kick, EventFd? call, ushort vringBase = 0)
     {
         ulong rc = SetStruct(VhostUserRequest.SetVringNum, new VhostUserVringState { Index = index, Num = m.Size });
-        rc |= SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = index, Num = 0 });
+        rc |= SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = index, Num = vringBase });
         rc |= SetStruct(VhostUserRequest.SetVringAddr, new VhostUserVringAddr
         {
             Index = index,

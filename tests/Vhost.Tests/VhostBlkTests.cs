@@ -51,7 +51,7 @@ public sealed class VhostBlkTests
         Assert.NotEqual(0UL, features & (1UL << VirtioFeatures.Version1));
         Assert.NotEqual(0UL, features & (1UL << VirtioBlkFeature.Discard));
         Assert.Equal(0UL, features & (1UL << VirtioBlkFeature.Ro));
-        Assert.Equal(0UL, proto & (1UL << VhostUserProtocolFeature.InflightShmfd));
+        Assert.NotEqual(0UL, proto & (1UL << VhostUserProtocolFeature.InflightShmfd));
         Assert.Equal((ulong)VhostBlkController.MaxQueuesPerSession, fe.Get(VhostUserRequest.GetQueueNum));
         Assert.Equal((ulong)VhostUserConstants.MaxMemSlots, fe.Get(VhostUserRequest.GetMaxMemSlots));
 

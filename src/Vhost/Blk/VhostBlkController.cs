@@ -91,7 +91,7 @@ public sealed class VhostBlkController : VhostController
     public override ulong ProtocolFeatures { get; } =
         (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Config)
         | (1UL << VhostUserProtocolFeature.BackendReq) | (1UL << VhostUserProtocolFeature.ConfigureMemSlots)
-        | (1UL << VhostUserProtocolFeature.ResetDevice) | (1UL << VhostUserProtocolFeature.Status);
+        | (1UL << VhostUserProtocolFeature.ResetDevice) | (1UL << VhostUserProtocolFeature.Status) | (1UL << VhostUserProtocolFeature.InflightShmfd);
 
     public override int MaxQueues => MaxQueuesPerSession;
 
@@ -134,7 +134,7 @@ public sealed class VhostBlkController : VhostController
     public override int ReadConfig(uint offset, Span<byte> dest) => CopyConfigSpace(BuildConfig(), offset, dest);
 
     public override Task<IVhostQueueRunner> StartQueueAsync(VhostUserSession session, VhostUserReadyQueue q) =>
-        StartQueueAsync(new BlkQueue(this, session, q.Index, q.Queue, q.Call, q.Kick, NextReactor()));
+        StartQueueAsync(new BlkQueue(this, session, q.Index, q.Queue, q.Call, q.Kick, NextReactor()), q);
 
     private void OnBdevEvent(BdevEventType type)
     {

@@ -69,7 +69,7 @@ public sealed class VhostScsiController : VhostController
     public override ulong ProtocolFeatures { get; } =
         (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Config)
         | (1UL << VhostUserProtocolFeature.ConfigureMemSlots) | (1UL << VhostUserProtocolFeature.ResetDevice)
-        | (1UL << VhostUserProtocolFeature.Status);
+        | (1UL << VhostUserProtocolFeature.Status) | (1UL << VhostUserProtocolFeature.InflightShmfd);
 
     /// <summary>Control + event + request queues.</summary>
     public override int MaxQueues => VirtioScsi.FirstRequestQueue + MaxRequestQueues;
@@ -131,7 +131,7 @@ public sealed class VhostScsiController : VhostController
             VirtioScsi.EventQueue => new ScsiEventQueue(this, session, index, queue, call, kick, reactor),
             _ => new ScsiRequestQueue(this, session, index, queue, call, kick, reactor),
         };
-        return StartQueueAsync(q);
+        return StartQueueAsync(q, ready);
     }
 
     /// <summary>

@@ -19,7 +19,8 @@ public sealed class VhostDaemon : IAsyncDisposable
         _rpcSocket = rpcSocket;
     }
 
-    public static async Task<VhostDaemon> StartAsync(string dir, Action<string> log)
+    /// <summary>Starts ./vhostd on two cores with its sockets in <paramref name="dir"/>, plus <paramref name="extraArgs"/>.</summary>
+    public static async Task<VhostDaemon> StartAsync(string dir, Action<string> log, params string[] extraArgs)
     {
         string rpc = Path.Combine(dir, "rpc.sock");
         var psi = new ProcessStartInfo(Path.Combine(GuestImage.RepoRoot, "vhostd"))
@@ -28,7 +29,7 @@ public sealed class VhostDaemon : IAsyncDisposable
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (var a in new[] { "-m", "0x3", "-S", dir, "-r", rpc })
+        foreach (var a in new[] { "-m", "0x3", "-S", dir, "-r", rpc }.Concat(extraArgs))
         {
             psi.ArgumentList.Add(a);
         }
@@ -137,6 +138,13 @@ public sealed class VhostDaemon : IAsyncDisposable
         }
 
         return _process.ExitCode;
+    }
+
+    /// <summary>SIGKILL (a crash: nothing is drained or closed cleanly) and waits for the process to be gone.</summary>
+    public async Task KillAsync()
+    {
+        _process.Kill(entireProcessTree: true);
+        await _process.WaitForExitAsync();
     }
 
     public async ValueTask DisposeAsync()

@@ -112,6 +112,37 @@ public class VbdevCommonTests
 
     [Theory]
     [MemberData(nameof(Modules))]
+    public async Task Io_Waits_In_Order_When_The_Base_Runs_Out_Of_Io_Objects(string module)
+    {
+        await using var kit = new VbdevKit();
+        var holding = new HoldingBdev("H", pool: 3);
+        kit.Bdevs.Register(holding);
+        string name = kit.CreateVbdev(module, "H");
+        using var desc = kit.Bdevs.Open(name, write: true);
+        using var buf = new TestBuffer(4096);
+
+        // 8 I/Os through the vbdev, 3 base I/O objects: the base submit says -ENOMEM for the rest, which wait (no failure).
+        var ios = await kit.Start(desc, 8, (ch, i, cb) => ch.Read(desc, buf.Iov(i * 512, 512), (ulong)i, 1, cb, null));
+        Assert.True(SpinWait.SpinUntil(() => holding.HeldCount == 3, 5000));
+        await Task.Delay(50);
+        Assert.Equal(3, holding.HeldCount);
+        Assert.DoesNotContain(ios, t => t.IsCompleted);
+
+        for (int round = 0; round < 3; round++)
+        {
+            await kit.Main.InvokeAsync(holding.ReleaseAll); // each freed base I/O lets a waiting one through
+        }
+
+        foreach (var io in ios)
+        {
+            Assert.Equal(BdevIoStatus.Success, await io.WaitAsync(TimeSpan.FromSeconds(10)));
+        }
+
+        Assert.Equal(new ulong[] { 0, 1, 2, 3, 4, 5, 6, 7 }, holding.Offsets);
+    }
+
+    [Theory]
+    [MemberData(nameof(Modules))]
     public async Task Delete_Releases_The_Base_And_An_Unknown_Name_Is_Refused(string module)
     {
         await using var kit = new VbdevKit();

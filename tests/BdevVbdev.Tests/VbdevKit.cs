@@ -164,10 +164,11 @@ internal sealed class HoldingBdev : Bdev.Bdev
     private readonly Device _device = new();
     private readonly List<BdevIo> _held = new();
 
-    public HoldingBdev(string name)
-        : base(name, "Holding", 512, 1024)
-    {
-    }
+    public HoldingBdev(string name, int pool = 1024)
+        : base(name, "Holding", 512, 1024) => IoPoolSize = pool;
+
+    /// <summary>The offsets of the I/Os in the order they arrived.</summary>
+    public List<ulong> Offsets { get; } = new();
 
     public int HeldCount
     {
@@ -205,6 +206,7 @@ internal sealed class HoldingBdev : Bdev.Bdev
         lock (_held)
         {
             _held.Add(io);
+            Offsets.Add(io.OffsetBlocks);
         }
     }
 

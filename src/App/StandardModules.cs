@@ -1,8 +1,11 @@
 using VhostBackend.Bdev.Rpc;
+using VhostBackend.BdevDelay;
+using VhostBackend.BdevError;
 using VhostBackend.BdevFile;
 using VhostBackend.BdevMalloc;
 using VhostBackend.BdevNull;
 using VhostBackend.BdevNvme;
+using VhostBackend.BdevPassthru;
 using VhostBackend.BdevVirtio;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
@@ -26,6 +29,9 @@ public static class StandardModules
         app.AddBdevModule(new NullBdevModule());
         app.AddBdevModule(new FileBdevModule());
         app.AddBdevModule(new NvmeBdevModule());
+        app.AddBdevModule(new PassthruBdevModule());
+        app.AddBdevModule(new DelayBdevModule());
+        app.AddBdevModule(new ErrorBdevModule());
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);

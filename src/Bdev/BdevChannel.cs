@@ -34,6 +34,9 @@ public sealed class BdevChannel
     private BdevIo? _qosTail;
     private BdevIo? _splitWaitHead;
     private BdevIo? _splitWaitTail;
+    private BdevIo? _nomemHead;
+    private BdevIo? _nomemTail;
+    private long _nomemRetryAt;
     private readonly List<AlignedBuffer> _bounceFree = new();
     private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
@@ -65,7 +68,13 @@ public sealed class BdevChannel
     public int PoolSize { get; }
     public int FreeIoCount => _freeCount;
 
-    private bool HasPendingWork => _deferredHead is not null || _qosHead is not null;
+    private bool HasPendingWork => _deferredHead is not null || _qosHead is not null || _nomemHead is not null;
+
+    /// <summary>How long an I/O a module answered with NoMemory waits before it is retried when nothing else completes.</summary>
+    private static readonly long NomemRetryTicks = Ticks.FromMicroseconds(1000);
+
+    /// <summary>I/Os waiting for a retry after the module answered NoMemory (tests and statistics).</summary>
+    public int NoMemoryQueued { get; private set; }
 
     public int Read(BdevDesc desc, ReadOnlySpan<IoVec> iovs, ulong offsetBlocks, ulong numBlocks, BdevIoCompletion cb, object? arg) =>
         SubmitData(BdevIoType.Read, desc, iovs, offsetBlocks, numBlocks, cb, arg);
@@ -483,6 +492,23 @@ public sealed class BdevChannel
             FinishBounce(io);
         }
 
+        if (io.Status == BdevIoStatus.NoMemory && io.Type != BdevIoType.Reset)
+        {
+            // SPDK's nomem_io: the module is out of a resource, not failing. The I/O waits and is submitted again
+            // when another I/O of this channel completes (resources came back), or after a short delay when
+            // nothing else is in flight; the submitter never sees the NoMemory.
+            io.Status = BdevIoStatus.Pending;
+            Append(ref _nomemHead, ref _nomemTail, io);
+            NoMemoryQueued++;
+            _nomemRetryAt = Reactor.Now + NomemRetryTicks;
+            return;
+        }
+
+        if (_nomemHead is not null)
+        {
+            RetryNoMemory();
+        }
+
         if (io.Parent is { } parent)
         {
             ChildDone(parent, io);
@@ -490,6 +516,25 @@ public sealed class BdevChannel
         }
 
         CompleteToUser(io);
+    }
+
+    /// <summary>Submits the I/Os that were answered NoMemory again, in order (a repeated NoMemory queues them again).</summary>
+    private int RetryNoMemory()
+    {
+        var io = _nomemHead;
+        _nomemHead = _nomemTail = null;
+        int n = 0;
+        while (io is not null)
+        {
+            var next = io.Next;
+            io.Next = null;
+            NoMemoryQueued--;
+            SubmitToModule(io);
+            io = next;
+            n++;
+        }
+
+        return n;
     }
 
     private void CompleteToUser(BdevIo io)
@@ -634,6 +679,10 @@ public sealed class BdevChannel
     private int Poll()
     {
         int work = DeliverDeferred();
+        if (_nomemHead is not null && Reactor.Now >= _nomemRetryAt)
+        {
+            work += RetryNoMemory();
+        }
 
         if (_qosHead is not null && Bdev.Qos is var qos)
         {

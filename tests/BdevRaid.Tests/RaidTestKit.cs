@@ -87,12 +87,12 @@ internal sealed class RaidTestKit : IAsyncDisposable
             return (rc, ok);
         });
 
-    public async Task<bool> Write(BdevDesc desc, ulong lba, byte[] data)
+    public async Task<bool> Write(BdevDesc desc, ulong lba, byte[] data, Reactor? on = null)
     {
         using var buf = new AlignedBuffer((nuint)data.Length);
         data.CopyTo(buf.AsSpan(0, data.Length));
         var iov = new[] { buf.ToIoVec() };
-        var (rc, ok) = await Io(desc, (ch, cb) => ch.Write(desc, iov, lba, (ulong)data.Length / desc.Bdev.BlockSize, cb, null));
+        var (rc, ok) = await Io(desc, (ch, cb) => ch.Write(desc, iov, lba, (ulong)data.Length / desc.Bdev.BlockSize, cb, null), on);
         Assert.Equal(0, rc);
         return ok;
     }
@@ -145,6 +145,9 @@ internal sealed class FlakyDiskModel : Bdev.Bdev, IDisposable
     public volatile bool FailReads;
     public volatile bool FailWrites;
     public volatile bool Hold;
+
+    /// <summary>Holds only the writes submitted on this reactor (until <see cref="Release"/>).</summary>
+    public volatile Reactor? HoldWritesOn;
     public int Reads;
     public int Writes;
     public int MaxInFlight;
@@ -157,7 +160,7 @@ internal sealed class FlakyDiskModel : Bdev.Bdev, IDisposable
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {
         MaxInFlight = Math.Max(MaxInFlight, Interlocked.Increment(ref _inFlight));
-        if (Hold)
+        if (Hold || (io.Type == BdevIoType.Write && HoldWritesOn is { } r && r == moduleChannel.Reactor))
         {
             lock (_held)
             {
@@ -171,9 +174,21 @@ internal sealed class FlakyDiskModel : Bdev.Bdev, IDisposable
     }
 
     /// <summary>Completes the held I/O (on their reactor).</summary>
+    public int HeldCount
+    {
+        get
+        {
+            lock (_held)
+            {
+                return _held.Count;
+            }
+        }
+    }
+
     public void Release()
     {
         Hold = false;
+        HoldWritesOn = null;
         BdevIo[] held;
         lock (_held)
         {

@@ -248,6 +248,39 @@ public sealed class RaidTests
     }
 
     [Fact]
+    public async Task Rebuild_Window_Holds_A_Guest_Write_Until_The_Copy_Of_Its_Range_Landed()
+    {
+        await using var kit = new RaidTestKit(reactors: 2, windowKb: 8);
+        Assert.True(kit.Runtime.Reactors.Count >= 2, "needs two reactors");
+        kit.Malloc("m0", 64);
+        kit.Malloc("m1", 64);
+        var a = await kit.CreateRaid("r1", RaidLevel.Raid1, 0, "m0", "m1");
+        using var d = kit.Bdevs.Open("r1", write: true);
+        Assert.True(await kit.Write(d, 0, Pattern(0, 64, Bs, 1)));
+        await kit.OnMain(() => kit.Raid.RemoveBaseAsync("m1"));
+
+        // The target holds the rebuild's copy of window 0 (written from the main reactor); a guest write to that
+        // window, from the other reactor, must not land before it (else the copy's old data overwrites it).
+        using var target = new FlakyDiskModel("t", 64) { HoldWritesOn = kit.Main };
+        kit.Bdevs.Register(target);
+        await kit.Main.InvokeAsync(() => kit.Raid.AddBase("r1", "t"));
+        await Until(() => target.HeldCount > 0, "the copy of window 0 to reach the target");
+        var guest = kit.Write(d, 2, Pattern(2, 1, Bs, 0x99), kit.Other);
+        await Task.Delay(100);
+        Assert.False(guest.IsCompleted, "a guest write overlapping the window being copied went ahead of the copy");
+        target.Release();
+        Assert.True(await guest);
+        await Until(() => kit.Raid.Info(a)["process"] is null, "the rebuild to finish");
+
+        using var b0 = kit.Bdevs.Open("m0", write: false);
+        using var bt = kit.Bdevs.Open("t", write: false);
+        var x = await kit.Read(b0, 0, 64);
+        var y = await kit.Read(bt, 0, 64);
+        Assert.Equal(0x99, x[(2 * (int)Bs) + 100]);
+        Assert.True(x.AsSpan().SequenceEqual(y), "rebuilt base differs from the source");
+    }
+
+    [Fact]
     public async Task Raid0_Losing_A_Base_Unregisters_It_And_In_Flight_Io_Completes()
     {
         await using var kit = new RaidTestKit();

@@ -381,7 +381,17 @@ public sealed class RaidBdevModule : BdevModule
             return removed;
         }
 
-        if (a.Operational-- == a.MinOperational)
+        // A rebuild target counts as operational (SPDK) but holds no complete copy: without another active base the array is lost.
+        bool anyActive = false;
+        for (int i = 0; i < a.Slots.Length; i++)
+        {
+            var o = a.Slots[i];
+            anyActive |= i != slot && o.Attachment is not null && !o.RemoveScheduled && o.Mode == SlotMode.Active;
+        }
+
+        bool last = a.Operational == a.MinOperational || !anyActive;
+        a.Operational--;
+        if (last)
         {
             _logger.LogWarning("raid {Name}: base bdev {Base} removed, not enough bases left: going offline", a.Name, att.Desc.Bdev.Name);
             return Deconfigure(a).ContinueWith(_ => removed, TaskScheduler.Default).Unwrap();
@@ -591,7 +601,11 @@ public sealed class RaidBdevModule : BdevModule
         {
             try
             {
-                await _main.InvokeAsync(() => DeleteAsync(a)).WaitAsync(TimeSpan.FromSeconds(15)).ConfigureAwait(false);
+                await _main.InvokeAsync(async () =>
+                {
+                    await DeleteAsync(a).ConfigureAwait(true);
+                    return true;
+                }).WaitAsync(TimeSpan.FromSeconds(15)).ConfigureAwait(false);
             }
             catch (Exception e)
             {

@@ -42,7 +42,7 @@ internal sealed class RaidChannel
     private readonly Queue<RaidIo> _noMem = new(16);
     private readonly Queue<RaidIo> _windowQueue = new(16);
     private int _version = -1;
-    private int _readCursor;
+    private uint _readCursor;
     private ulong _lockStart;
     private ulong _lockEnd;
     private int _lockWaiters;
@@ -136,10 +136,10 @@ internal sealed class RaidChannel
     {
         int best = -1;
         ulong min = ulong.MaxValue;
-        int start = _readCursor++;
+        uint start = _readCursor++;
         for (int k = 0; k < _n; k++)
         {
-            int s = (start + k) % _n;
+            int s = (int)((start + (uint)k) % (uint)_n);
             if (_mode[s] == SlotMode.Active && _base[s] is not null && !io.Tried[s] && _readBlocks[s] < min)
             {
                 min = _readBlocks[s];

@@ -288,6 +288,16 @@ internal sealed class IoLoop
         return _tcs.Task;
     }
 
+    /// <summary>Releases the channel (on its reactor): the array's bases are let go only when no channel holds them.</summary>
+    public void Release()
+    {
+        if (_ch is { } ch)
+        {
+            BdevDesc.PutIoChannel(ch);
+            _ch = null;
+        }
+    }
+
     private void Submit()
     {
         _remaining--;

@@ -388,7 +388,9 @@ public sealed class RaidTests
         long bytes = await kit.Main.InvokeAsync(async () =>
         {
             await loop.Run(20_000, 32);
-            return await loop.Run(100_000, 32);
+            long b = await loop.Run(100_000, 32);
+            loop.Release();
+            return b;
         });
         Assert.True(bytes < 200, $"{level}: {bytes} bytes allocated over 100k I/Os");
     }

@@ -454,9 +454,19 @@ internal sealed class RaidChannel
 
             if (att is not null && _att[s] is null)
             {
+                BdevChannel ch;
+                try
+                {
+                    ch = att.Desc.GetIoChannel();
+                }
+                catch (InvalidOperationException)
+                {
+                    continue; // the base is being hot-removed (no new channels): this channel never uses it; the layout drops it soon
+                }
+
                 att.AddRef();
                 _att[s] = att;
-                _base[s] = att.Desc.GetIoChannel();
+                _base[s] = ch;
                 _detaching[s] = false;
                 _failed[s] = false;
             }

@@ -69,7 +69,15 @@ internal sealed class RaidRebuild
 
     private void Next()
     {
-        _targetChannel ??= _target.Desc.GetIoChannel();
+        try
+        {
+            _targetChannel ??= _target.Desc.GetIoChannel();
+        }
+        catch (InvalidOperationException)
+        {
+            _abort = true; // the target is being hot-removed
+        }
+
         ulong count = _bdev.BlockCount;
         if (_abort || Offset >= count)
         {
@@ -112,9 +120,21 @@ internal sealed class RaidRebuild
         if (src != _source)
         {
             ReleaseSource();
+            BdevChannel ch;
+            try
+            {
+                ch = src.Desc.GetIoChannel();
+            }
+            catch (InvalidOperationException)
+            {
+                _badSources.Add(src); // being hot-removed: copy from another one
+                Copy();
+                return;
+            }
+
             src.AddRef();
             _source = src;
-            _sourceChannel = src.Desc.GetIoChannel();
+            _sourceChannel = ch;
         }
 
         Submit();

@@ -281,6 +281,49 @@ public sealed class RaidTests
     }
 
     [Fact]
+    public async Task Rebuild_Onto_A_Failing_Target_Aborts_And_The_Target_Leaves()
+    {
+        await using var kit = new RaidTestKit(windowKb: 8);
+        kit.Malloc("m0", 256);
+        kit.Malloc("m1", 256);
+        var a = await kit.CreateRaid("r1", RaidLevel.Raid1, 0, "m0", "m1");
+        using var d = kit.Bdevs.Open("r1", write: true);
+        var data = Pattern(0, 256, Bs, 0x31);
+        Assert.True(await kit.Write(d, 0, data));
+        await kit.OnMain(() => kit.Raid.RemoveBaseAsync("m1"));
+        using var bad = new FlakyDiskModel("bad", 256) { FailWrites = true };
+        kit.Bdevs.Register(bad);
+        await kit.Main.InvokeAsync(() => kit.Raid.AddBase("r1", "bad"));
+        await Until(() => kit.Raid.Info(a)["process"] is null && a.Discovered == 1, "the rebuild to give up and the target to leave");
+        Assert.Equal(1, a.Operational);
+        Assert.Equal(RaidState.Online, a.State);
+        Assert.Null(bad.ClaimedBy);
+        Assert.Equal(data, await kit.Read(d, 0, 256));
+        Assert.True(await kit.Write(d, 0, Pattern(0, 8, Bs, 0x32)));
+    }
+
+    [Fact]
+    public async Task Losing_The_Last_Complete_Base_During_A_Rebuild_Takes_The_Array_Offline()
+    {
+        await using var kit = new RaidTestKit(windowKb: 8);
+        var m0 = kit.Malloc("m0", 256);
+        kit.Malloc("m1", 256);
+        var a = await kit.CreateRaid("r1", RaidLevel.Raid1, 0, "m0", "m1");
+        await kit.OnMain(() => kit.Raid.RemoveBaseAsync("m1"));
+        using var slow = new FlakyDiskModel("slow", 256) { Hold = true };
+        kit.Bdevs.Register(slow);
+        await kit.Main.InvokeAsync(() => kit.Raid.AddBase("r1", "slow"));
+        await Until(() => slow.HeldCount > 0, "the copy to reach the target");
+        var going = kit.Bdevs.UnregisterAsync(m0, TimeSpan.FromSeconds(10));
+        await Until(() => a.State == RaidState.Offline, "the array to go offline (a rebuild target holds no complete copy)");
+        slow.Release();
+        await going;
+        await Until(() => kit.Bdevs.Find("r1") is null && kit.Raid.Info(a)["process"] is null, "raid bdev and rebuild gone");
+        await kit.OnMain(() => kit.Raid.DeleteAsync("r1"));
+        Assert.Null(slow.ClaimedBy);
+    }
+
+    [Fact]
     public async Task Raid0_Losing_A_Base_Unregisters_It_And_In_Flight_Io_Completes()
     {
         await using var kit = new RaidTestKit();

@@ -3,6 +3,8 @@ using VhostBackend.BdevFile;
 using VhostBackend.BdevMalloc;
 using VhostBackend.BdevNull;
 using VhostBackend.BdevNvme;
+using VhostBackend.BdevRaid;
+using VhostBackend.BdevSplit;
 using VhostBackend.BdevVirtio;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
@@ -26,6 +28,8 @@ public static class StandardModules
         app.AddBdevModule(new NullBdevModule());
         app.AddBdevModule(new FileBdevModule());
         app.AddBdevModule(new NvmeBdevModule());
+        app.AddBdevModule(new SplitBdevModule());
+        app.AddBdevModule(new RaidBdevModule());
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);

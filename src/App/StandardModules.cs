@@ -6,6 +6,8 @@ using VhostBackend.BdevMalloc;
 using VhostBackend.BdevNull;
 using VhostBackend.BdevNvme;
 using VhostBackend.BdevPassthru;
+using VhostBackend.BdevRaid;
+using VhostBackend.BdevSplit;
 using VhostBackend.BdevVirtio;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
@@ -32,6 +34,8 @@ public static class StandardModules
         app.AddBdevModule(new PassthruBdevModule());
         app.AddBdevModule(new DelayBdevModule());
         app.AddBdevModule(new ErrorBdevModule());
+        app.AddBdevModule(new SplitBdevModule());
+        app.AddBdevModule(new RaidBdevModule());
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);

@@ -80,6 +80,53 @@ public sealed class ExternalClientTests
     }
 
     [Fact]
+    public async Task VhostctlDrivesEveryVirtualBdevVerb()
+    {
+        await using var app = await TestApp.StartAsync();
+        string cli = Path.Combine(OutDir, "VhostBackend.Cli.dll");
+        string s = app.RpcSocket;
+        async Task<string> Ok(params string[] args)
+        {
+            var r = await RunAsync("dotnet", [cli, "-s", s, .. args]);
+            Assert.True(r.Code == 0, $"vhostctl {string.Join(' ', args)}: {r.Stderr}");
+            return r.Stdout;
+        }
+
+        await Ok("bdev_malloc_create", "-b", "M1", "8", "512");
+        await Ok("bdev_malloc_create", "-b", "M2", "8", "512");
+        await Ok("bdev_malloc_create", "-b", "M3", "8", "512");
+        await Ok("bdev_raid_create", "-n", "R0", "-r", "raid0", "-z", "64", "-b", "M1 M2");
+        string table = await Ok("bdev_raid_get_bdevs", "all");
+        Assert.Contains(table.Split('\n'), l => l.StartsWith("R0 ", StringComparison.Ordinal) && l.Contains("online") && l.Contains("raid0"));
+        await Ok("bdev_passthru_create", "-b", "R0", "-p", "P0");
+        await Ok("bdev_error_create", "P0");
+        await Ok("bdev_error_inject_error", "EE_P0", "write", "failure", "-n", "3");
+        await Ok("bdev_delay_create", "-b", "M3", "-d", "D0", "-r", "100", "--p99_read_latency", "200", "-w", "100", "-n", "200");
+        await Ok("bdev_delay_update_latency", "D0", "avg_read", "150");
+        Assert.Equal(["D0p0", "D0p1"], JsonNode.Parse(await Ok("bdev_split_create", "D0", "2"))!.AsArray().Select(n => (string)n!));
+
+        await using var c = await app.ConnectAsync();
+        var names = ((JsonArray)await c.ResultAsync("bdev_get_bdevs")).Select(b => (string)b!["name"]!).ToHashSet();
+        Assert.Superset(new HashSet<string> { "R0", "P0", "EE_P0", "D0", "D0p0", "D0p1" }, names);
+        var delay = ((JsonArray)await c.ResultAsync("bdev_get_bdevs", new JsonObject { ["name"] = "D0" }))[0]!["driver_specific"]!["delay"]!;
+        Assert.Equal(150, (long)delay["avg_read_latency"]!);
+
+        // A bad verb argument is caught before the call; a refused call exits 1 with SPDK's code.
+        var bad = await RunAsync("dotnet", cli, "-s", s, "bdev_raid_create", "-n", "R1", "-r", "raid1", "-b", "M1");
+        Assert.Equal(1, bad.Code);
+        Assert.NotEqual("", bad.Stderr.Trim());
+
+        await Ok("bdev_split_delete", "D0");
+        await Ok("bdev_delay_delete", "D0");
+        await Ok("bdev_error_delete", "EE_P0");
+        await Ok("bdev_passthru_delete", "P0");
+        await Ok("bdev_raid_remove_base_bdev", "M2");
+        await Ok("bdev_raid_delete", "R0");
+        names = ((JsonArray)await c.ResultAsync("bdev_get_bdevs")).Select(b => (string)b!["name"]!).ToHashSet();
+        Assert.Equal(new HashSet<string> { "M1", "M2", "M3" }, names);
+    }
+
+    [Fact]
     public async Task VhostctlLoadConfigReplaysIntoAWaitForRpcDaemon()
     {
         string cli = Path.Combine(OutDir, "VhostBackend.Cli.dll");

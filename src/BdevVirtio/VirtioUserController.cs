@@ -260,7 +260,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             ulong bounceArea = (ulong)vqSize * MaxIoBytes;
             ulong perQueue = layout.Total + slotArea + bounceArea;
             ulong total = perQueue * (ulong)vqCount;
-            memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total);
+            memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total, @sealed: true); // the back end can trust its size
             map = MappedRegion.Map(memFd, total);
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
             var memory = new DriverMemory(map.Pointer, total);

@@ -16,7 +16,7 @@ public sealed class SharedMemoryArena : IDisposable
 
     private SharedMemoryArena(string name, ulong size)
     {
-        Fd = MappedRegion.CreateMemFd(name, (long)size);
+        Fd = MappedRegion.CreateMemFd(name, (long)size, @sealed: true); // back ends can trust its size
         try
         {
             _map = MappedRegion.Map(Fd, size);

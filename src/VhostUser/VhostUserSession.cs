@@ -30,6 +30,7 @@ public sealed class VhostUserSession
     private readonly object _backendLock = new();
     private VhostUserEndpoint? _backend;
     private InflightBuffer? _inflight;
+    private bool _shrinkWarned;
     private ulong _features;
     private ulong _protocolFeatures;
     private bool _featuresSet;
@@ -371,6 +372,11 @@ public sealed class VhostUserSession
         }
 
         var regions = MemoryMarshal.Cast<byte, VhostUserMemoryRegion>(p[8..]);
+        foreach (int fd in fds)
+        {
+            WarnIfShrinkable(fd);
+        }
+
         var e = GuestMemoryTable.TryMapAll(regions, fds, out var mapped, out int failed);
         if (e != MemoryRegionError.None)
         {
@@ -401,6 +407,7 @@ public sealed class VhostUserSession
         var e = MemoryRegionError.None;
         if (req == VhostUserRequest.AddMemReg)
         {
+            WarnIfShrinkable(fds[0]);
             e = _memory.TryAdd(m.Region, fds[0]);
         }
         else
@@ -411,6 +418,28 @@ public sealed class VhostUserSession
 
         PublishMemory();
         return e == MemoryRegionError.None || Refuse("ADD_MEM_REG refused", _memory.Count, e);
+    }
+
+    /// <summary>
+    /// The size of a region was checked against its file when it was mapped; a memfd not sealed against
+    /// shrinking can still be truncated by the front end afterwards, and touching the lost pages would fault
+    /// (SIGBUS). QEMU seals its memfd backends by default (memory-backend-memfd seal=on); say so once per session
+    /// when a front end's memory is not sealed, so an operator knows the daemon trusts that front end.
+    /// </summary>
+    private void WarnIfShrinkable(int fd)
+    {
+        if (_shrinkWarned)
+        {
+            return;
+        }
+
+        int seals = Fd.GetSeals(fd);
+        if (seals < 0 || (seals & Fd.SealShrink) == 0)
+        {
+            _shrinkWarned = true;
+            _log.LogWarning("vhost session {Name}: guest memory fd is not sealed against shrinking ({Reason}); a front end that truncates it could fault the daemon",
+                Name, seals < 0 ? "not a memfd: " + Errno.Message(-seals) : "no F_SEAL_SHRINK");
+        }
     }
 
     /// <summary>Tells the device about the new view and restarts every complete ring on it (a ring that cannot start is logged).</summary>

@@ -146,6 +146,57 @@ public sealed class HostileGuestTests
         Assert.Equal(0, host.Vhost.Find("rm")!.Sessions[0].StartedQueues);
     }
 
+    [Fact]
+    public async Task UnsealedGuestMemoryIsReportedOnceAndAFloodingFrontEndStallsOnlyItself()
+    {
+        await using var host = new VhostTestHost(reactors: 1);
+        host.Bdevs.Register(new MallocBdev("Malloc1", 2048, 512));
+        host.Vhost.CreateBlkController("sealed", "Malloc0", null, readOnly: false);
+        host.Vhost.CreateBlkController("open", "Malloc1", null, readOnly: false);
+        const string Warning = "not sealed against shrinking";
+
+        using (var sm = new DriverRingModel(Size))
+        using (var sfe = Open(host, "sealed", sm))
+        {
+            Assert.Equal(0UL, sfe.SetMemTable(sm));
+        }
+
+        Assert.DoesNotContain(host.Log.Lines, l => l.Contains(Warning, StringComparison.Ordinal));
+        using var um = new DriverRingModel(Size, sealMemory: false);
+        using var ufe = Open(host, "open", um);
+        Assert.Equal(0UL, ufe.SetMemTable(um)); // a second table: still one line per session
+        Assert.Single(host.Log.Lines, l => l.Contains(Warning, StringComparison.Ordinal));
+
+        // A front end that floods requests and never reads a reply: its protocol thread blocks once the socket
+        // buffer is full; another guest on the same reactor connects and does I/O meanwhile.
+        var flood = Task.Run(() =>
+        {
+            var payload = Array.Empty<byte>();
+            for (int i = 0; i < 200_000; i++)
+            {
+                try
+                {
+                    ufe.Send(VhostUserRequest.GetFeatures, payload);
+                }
+                catch (IOException)
+                {
+                    return;
+                }
+            }
+        });
+        await Task.Delay(300);
+        using var gm = new DriverRingModel(Size);
+        using var gfe = Open(host, "sealed", gm);
+        using var call = new EventFd();
+        Assert.Equal(0UL, gfe.SetupQueue(gm, 0, null, call));
+        var drv = new BlkDriverModel(gm);
+        ulong st = drv.Post(VirtioBlkRequestType.In, 0, gm.Alloc(512), 512, true);
+        Assert.True(await VhostTestHost.WaitUntil(() => gm.UsedIdx == 1), "a guest could not do I/O while another front end flooded its socket");
+        Assert.Equal(VirtioBlkRequestType.StatusOk, drv.Status(st));
+        ufe.Endpoint.Shutdown(); // unblocks the flooding sender (and ends its session)
+        await flood.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
     private static FrontEndModel Open(VhostTestHost host, string name, DriverRingModel m)
     {
         var fe = host.Connect(name);

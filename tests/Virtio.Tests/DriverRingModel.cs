@@ -19,10 +19,11 @@ internal sealed unsafe class DriverRingModel : IDisposable
     private ulong _next;
     private ushort _availIdx;
 
-    public DriverRingModel(ushort size = 16, bool eventIdx = false)
+    /// <param name="sealMemory">Seal the memfd's size as QEMU's memfd backend does (false: a front end that could still truncate it).</param>
+    public DriverRingModel(ushort size = 16, bool eventIdx = false, bool sealMemory = true)
     {
         Size = size;
-        _fd = MappedRegion.CreateMemFd("driver-model", (long)(2 * RegionSize));
+        _fd = MappedRegion.CreateMemFd("driver-model", (long)(2 * RegionSize), sealMemory);
         _map = MappedRegion.Map(_fd, 2 * RegionSize);
 
         // Two regions, adjacent in guest-physical and user space, backed by the same mapping (so a buffer can

@@ -18,6 +18,7 @@ namespace VhostBackend.Vhost.Tests;
 /// threads and managed memory are counted after a warm-up and at the end: none may grow, and the healthy guest
 /// sees no error and no stall.
 /// </summary>
+[Collection(SoakCollection.Name)]
 public sealed class SoakTests(ITestOutputHelper output)
 {
     private const ulong WantProtocol = (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Config)
@@ -139,4 +140,11 @@ public sealed class SoakTests(ITestOutputHelper output)
 
         public override string ToString() => $"fds {Fds}, maps {Maps} ({MemfdMaps} memfd), threads {Threads}, managed {ManagedBytes / 1024} KiB";
     }
+}
+
+/// <summary>The soak test counts the process's fds, mappings and threads: nothing else may run meanwhile.</summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class SoakCollection
+{
+    public const string Name = "soak (runs alone)";
 }

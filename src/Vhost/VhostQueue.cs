@@ -335,9 +335,15 @@ public abstract class VhostQueue : IVhostQueueRunner
         if (now >= _nextStatsCheck)
         {
             _nextStatsCheck = now + (StatsIntervalMs * Ticks.Frequency / 1000);
+            // SPDK's session_vq_io_stats_update: the delay follows the last interval's rate, and each check opens
+            // the gate (next event = now), so a guest waits at most about one interval plus one delay computed from
+            // one interval's count. (Before: the gate stayed at last signal + a delay computed from every completion
+            // since that signal, which grew without bound under load and held the last interrupt for seconds.)
+            // Below the threshold there is no delay at all (SPDK keeps the previous one).
             uint reqs = _reqCount + _usedReqCount;
             _irqDelayTicks = reqs > _ioRateThreshold ? _delayBaseTicks * (reqs - _ioRateThreshold) / _ioRateThreshold : 0;
             _reqCount = 0;
+            _nextEventTime = now;
         }
 
         if (now < _nextEventTime)

@@ -3,6 +3,7 @@
 # vhost-user-blk back ends and compares them:
 #   ours-null     ./vhostd (poll mode) exporting a null bdev
 #   ours-malloc   ./vhostd (poll mode) exporting a malloc bdev
+#   ours-passthru ./vhostd (poll mode) exporting a passthru bdev on a null bdev (the cost of one vbdev hop)
 #   qsd           qemu-storage-daemon, null-co (read-zeroes=off), main loop
 #   qsd-iothread  qemu-storage-daemon, null-co (read-zeroes=off), export in an iothread
 # Every back end is pinned to core 0, bdevperf to core 1 (-m 0x2). Workloads: 4 KiB randread QD128,
@@ -78,11 +79,14 @@ start_backend() { # start_backend NAME -> sets daemon_pid, sock, rpc_sock, bdev
     bdev=""
     rm -f "$sock"
     case "$name" in
-        ours-null|ours-malloc)
+        ours-null|ours-malloc|ours-passthru)
             local create
             if [ "$name" = ours-null ]; then
                 bdev=Null0
                 create='{"method":"bdev_null_create","params":{"name":"Null0","num_blocks":2097152,"block_size":512}}'
+            elif [ "$name" = ours-passthru ]; then
+                bdev=Pass0
+                create='{"method":"bdev_null_create","params":{"name":"Null0","num_blocks":2097152,"block_size":512}},{"method":"bdev_passthru_create","params":{"base_bdev_name":"Null0","name":"Pass0"}}'
             else
                 bdev=Malloc0
                 create='{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":524288,"block_size":512}}'

@@ -9,7 +9,8 @@ namespace VhostBackend.Fuzz;
 /// crash); so is an execution that never returns (a hang, AFL's timeout).
 ///
 /// <c>VhostBackend.Fuzz TARGET FILE|DIR...</c> replays inputs without AFL (regression checks, triage): every
-/// input runs once and the first exception is printed with the input's name (exit code 1).
+/// input runs once and the first exception is printed with the input's name (exit code 1). Replay with the
+/// uninstrumented build: instrumented assemblies need the coverage map only <see cref="Fuzzer.Run(Action{Stream})"/> sets up.
 /// </summary>
 internal static class Program
 {
@@ -29,14 +30,17 @@ internal static class Program
             return 2;
         }
 
-        var target = create();
         if (args.Length > 1)
         {
-            return Replay(target, args[1..]);
+            return Replay(create(), args[1..]);
         }
 
+        // Instrumented code may run only inside Fuzzer.Run (it writes AFL's coverage map, which Run sets up), so
+        // the target is built on the first execution; its set-up coverage is recorded that once only.
+        IFuzzTarget? target = null;
         Fuzzer.Run(stream =>
         {
+            target ??= create();
             using var ms = new MemoryStream();
             stream.CopyTo(ms);
             target.Run(ms.GetBuffer().AsSpan(0, (int)ms.Length));

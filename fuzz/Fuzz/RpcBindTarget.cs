@@ -14,13 +14,12 @@ namespace VhostBackend.Fuzz;
 /// and do nothing else (no bdev or controller is created).
 ///
 /// Input: byte 0 is the read size (1..256 bytes per receive: how the stream is cut), the rest is the stream. The
-/// only exceptions a handler may throw are <see cref="RpcException"/> (an error reply); anything else is a finding,
-/// as is a splitter that hands out a value that is not one whole JSON text.
+/// only exceptions a handler may throw are <see cref="RpcException"/> (an error reply); anything else is a finding.
+/// Values are parsed and requests read by the server's own <see cref="JsonRpcServer.ParseValue"/> and
+/// <see cref="JsonRpcServer.TryReadRequest"/>.
 /// </summary>
 internal sealed class RpcBindTarget : IFuzzTarget
 {
-    private static readonly JsonDocumentOptions s_documentOptions = new() { MaxDepth = 64 };
-
     private readonly RpcRegistry _registry = new();
 
     public RpcBindTarget()
@@ -92,78 +91,39 @@ internal sealed class RpcBindTarget : IFuzzTarget
 
     private void HandleValue(ReadOnlyMemory<byte> value)
     {
-        JsonDocument doc;
-        try
+        using var doc = JsonRpcServer.ParseValue(value.Span);
+        if (doc is null)
         {
-            doc = JsonDocument.Parse(value.ToArray(), s_documentOptions);
-        }
-        catch (JsonException)
-        {
-            // The splitter found the value's end by its own scan; a complete value it cut must still parse.
-            if (IsWholeJsonText(value.Span))
-            {
-                throw new FuzzFindingException("the splitter cut a value that is not one JSON text, yet the bytes are valid JSON");
-            }
-
-            return;
+            return; // the server answers a parse error and closes
         }
 
-        using (doc)
+        var root = doc.RootElement;
+        if (root.ValueKind == JsonValueKind.Object)
         {
-            var root = doc.RootElement;
-            if (root.ValueKind == JsonValueKind.Object)
+            HandleRequest(root);
+        }
+        else if (root.ValueKind == JsonValueKind.Array)
+        {
+            foreach (var element in root.EnumerateArray())
             {
-                HandleRequest(root);
-            }
-            else if (root.ValueKind == JsonValueKind.Array)
-            {
-                foreach (var element in root.EnumerateArray())
+                if (element.ValueKind == JsonValueKind.Object)
                 {
-                    if (element.ValueKind == JsonValueKind.Object)
-                    {
-                        HandleRequest(element);
-                    }
+                    HandleRequest(element);
                 }
             }
-        }
-    }
-
-    private static bool IsWholeJsonText(ReadOnlySpan<byte> bytes)
-    {
-        var reader = new Utf8JsonReader(bytes, new JsonReaderOptions { MaxDepth = 64 });
-        try
-        {
-            return reader.Read() && reader.TrySkip() && !reader.Read();
-        }
-        catch (JsonException)
-        {
-            return false;
         }
     }
 
     /// <summary>The server's envelope rules, then the method's binding (<see cref="RpcException"/> is its error reply).</summary>
     private void HandleRequest(JsonElement request)
     {
-        JsonElement? id = null;
-        JsonElement? method = null;
-        JsonElement? parameters = null;
-        foreach (var p in request.EnumerateObject())
+        if (!JsonRpcServer.TryReadRequest(request, out var id, out string method, out var parameters))
         {
-            switch (p.Name)
-            {
-                case "method":
-                    method = p.Value;
-                    break;
-                case "params":
-                    parameters = p.Value;
-                    break;
-                case "id" when p.Value.ValueKind is JsonValueKind.String or JsonValueKind.Number or JsonValueKind.Null:
-                    id = p.Value;
-                    break;
-            }
+            _ = JsonRpcServer.ErrorReply(id, RpcErrorCodes.InvalidRequest, "Invalid request");
+            return;
         }
 
-        if (method is not { ValueKind: JsonValueKind.String } m || !_registry.TryGet(m.GetString()!, out var handler, out _))
+        if (!_registry.TryGet(method, out var handler, out _))
         {
             _ = JsonRpcServer.ErrorReply(id, RpcErrorCodes.MethodNotFound, "Method not found");
             return;
@@ -171,7 +131,7 @@ internal sealed class RpcBindTarget : IFuzzTarget
 
         try
         {
-            JsonNode? result = handler(new RpcRequest(m.GetString()!, parameters is { ValueKind: JsonValueKind.Null } ? null : parameters)).GetAwaiter().GetResult();
+            JsonNode? result = handler(new RpcRequest(method, parameters is { ValueKind: JsonValueKind.Null } ? null : parameters)).GetAwaiter().GetResult();
             _ = result?.ToJsonString();
         }
         catch (RpcException e)

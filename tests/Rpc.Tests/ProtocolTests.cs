@@ -28,6 +28,30 @@ public sealed class ProtocolTests
         Assert.NotNull(await d.ResultAsync("spdk_get_version"));
     }
 
+    /// <summary>
+    /// Regression (fuzzing, rpc-bind): invalid UTF-8 in a member name or in the method name used to throw out of
+    /// the request's handling (System.Text.Json checks a string's bytes only when read), and the server closed
+    /// the connection without a reply. It is a parse error, as in SPDK, whose parser rejects invalid UTF-8.
+    /// The first input is AFL's crashing input (a 0x88 byte in "method"), the others the same in a value and in the method name.
+    /// </summary>
+    [Theory]
+    [InlineData("7b226a7063223a22322e30222c226d6588686f64223a22626465765f6d616c6c6f625f637265617465222c226964223a312c22706172616d73223a7b226e616d65223a2242616c222c226e756d5f626c6c636b73223a332c22626c6f636b5f73697a65223a3531327d7d")]
+    [InlineData("7b226a736f6e727063223a22322e30222c226d6574686f64223a227370646b5f6765745f76657273696f6e88222c226964223a317d")]
+    [InlineData("7b226a736f6e727063223a22322e30222c226d6574686f64223a22626465765f6d616c6c6f635f637265617465222c226964223a312c22706172616d73223a7b226e616d65223a22c328222c226e756d5f626c6f636b73223a382c22626c6f636b5f73697a65223a3531327d7d")]
+    public async Task InvalidUtf8IsParseErrorAndTheConnectionIsClosed(string hex)
+    {
+        await using var app = await TestApp.StartAsync();
+        await using var c = await app.ConnectAsync();
+        await c.SendAsync(Convert.FromHexString(hex));
+        var reply = await c.ReadAsync();
+        RawClient.AssertError(reply, -32700);
+        Assert.True(await c.ClosedByServerAsync());
+        Assert.DoesNotContain(app.Logs.Lines, l => l.Contains("RPC connection", StringComparison.Ordinal) && l.Contains(" failed", StringComparison.Ordinal));
+
+        await using var d = await app.ConnectAsync();
+        Assert.NotNull(await d.ResultAsync("spdk_get_version"));
+    }
+
     [Theory]
     [InlineData("[1,2")] // mismatched bracket
     [InlineData("\u0001\u0002garbage")] // not JSON at all

@@ -451,10 +451,11 @@ public sealed class JsonRpcServer : IAsyncDisposable
 
     /// <summary>
     /// Parses one value the splitter cut (copied: the splitter's buffer is reused for the next read while a handler
-    /// may still look at params). Null is a parse error: malformed JSON, nesting deeper than 64, or bytes that are
-    /// not UTF-8. SPDK's parser rejects invalid UTF-8 too; System.Text.Json checks a string's bytes only when it is
-    /// read, so without this check a bad member name or method name threw out of the request's handling and the
-    /// connection closed without a reply (found by fuzzing, docs/RELIABILITY.md).
+    /// may still look at params). Null is a parse error: malformed JSON, nesting deeper than 64, bytes that are not
+    /// UTF-8, or a \u escape that is an unpaired surrogate. SPDK's parser rejects the last two as well;
+    /// System.Text.Json accepts them and throws only when the string is read, so without these checks a bad member
+    /// name, method name or params string threw out of the request's handling and the connection closed without a
+    /// reply (found by fuzzing, docs/RELIABILITY.md).
     /// </summary>
     public static JsonDocument? ParseValue(ReadOnlySpan<byte> value)
     {
@@ -465,9 +466,18 @@ public sealed class JsonRpcServer : IAsyncDisposable
 
         try
         {
+            var reader = new Utf8JsonReader(value, new JsonReaderOptions { MaxDepth = 64 });
+            while (reader.Read())
+            {
+                if (reader.TokenType is JsonTokenType.String or JsonTokenType.PropertyName && reader.ValueIsEscaped)
+                {
+                    _ = reader.GetString();
+                }
+            }
+
             return JsonDocument.Parse(value.ToArray(), new JsonDocumentOptions { MaxDepth = 64 });
         }
-        catch (JsonException)
+        catch (Exception e) when (e is JsonException or InvalidOperationException)
         {
             return null;
         }

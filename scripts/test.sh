@@ -3,8 +3,8 @@
 # integration tests that boot real QEMU guests against the daemon. Prints one closing line:
 #   "N passed, N failed, N skipped"
 # Options: --unit (unit tests only), --filter EXPR (dotnet test filter for all suites; no fuzz run then),
-# --no-fuzz (skip the fuzz suite). The fuzz suite (scripts/fuzz.sh, FUZZ_SECONDS per target, default 35: about
-# 4 minutes in all) counts as one test: passed when afl-fuzz ran every target and found no crash or hang.
+# --no-fuzz (skip the fuzz suite). The fuzz suite (scripts/fuzz.sh, FUZZ_SECONDS per target, default 45: about
+# 3.5 minutes in all) counts as one test: passed when afl-fuzz ran every target and found no crash or hang.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -70,7 +70,7 @@ done
 run_fuzz() {
     local log="$logdir/fuzz.log"
     echo "== fuzz"
-    bash scripts/fuzz.sh -t "${FUZZ_SECONDS:-35}" -o "$logdir/fuzz-findings" >"$log" 2>&1
+    bash scripts/fuzz.sh -t "${FUZZ_SECONDS:-45}" -o "$logdir/fuzz-findings" >"$log" 2>&1
     local rc=$?
     sed -n '/== fuzz: summary/,$p' "$log"
     if [ $rc -eq 0 ]; then

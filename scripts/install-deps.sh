@@ -9,7 +9,8 @@ if ! command -v dotnet >/dev/null 2>&1; then
 fi
 bash "$root/qemu/install-deps.sh"
 extra=()
-for pkg in qemu-system-common python3 util-linux iproute2; do
+# afl++: afl-fuzz for scripts/fuzz.sh (the fuzz suite of scripts/test.sh).
+for pkg in qemu-system-common python3 util-linux iproute2 afl++; do
     if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)" != installed ]; then
         extra+=("$pkg")
     fi

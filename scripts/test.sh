@@ -2,17 +2,21 @@
 # Installs what the tests need, builds everything, and runs every test suite: the fast unit tests, then the
 # integration tests that boot real QEMU guests against the daemon. Prints one closing line:
 #   "N passed, N failed, N skipped"
-# Options: --unit (unit tests only), --filter EXPR (dotnet test filter for all suites).
+# Options: --unit (unit tests only), --filter EXPR (dotnet test filter for all suites; no fuzz run then),
+# --no-fuzz (skip the fuzz suite). The fuzz suite (scripts/fuzz.sh, FUZZ_SECONDS per target, default 45: about
+# 3.5 minutes in all) counts as one test: passed when afl-fuzz ran every target and found no crash or hang.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 unit_only=0
+fuzz=1
 filter=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --unit) unit_only=1 ;;
-        --filter) filter=(--filter "$2"); shift ;;
-        *) echo "usage: scripts/test.sh [--unit] [--filter EXPR]" >&2; exit 2 ;;
+        --filter) filter=(--filter "$2"); fuzz=0; shift ;;
+        --no-fuzz) fuzz=0 ;;
+        *) echo "usage: scripts/test.sh [--unit] [--filter EXPR] [--no-fuzz]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -60,6 +64,25 @@ run_suite() {
 for proj in $(dotnet sln VhostBackend.sln list | grep -E '^tests/.*\.Tests\.csproj$' | sort); do
     run_suite "$proj"
 done
+
+# Fuzzing (docs/RELIABILITY.md): a short AFL++ run of every target; any crash or hang, or a run that could not
+# happen, fails it.
+run_fuzz() {
+    local log="$logdir/fuzz.log"
+    echo "== fuzz"
+    bash scripts/fuzz.sh -t "${FUZZ_SECONDS:-45}" -o "$logdir/fuzz-findings" >"$log" 2>&1
+    local rc=$?
+    sed -n '/== fuzz: summary/,$p' "$log"
+    if [ $rc -eq 0 ]; then
+        passed=$((passed + 1))
+    else
+        echo "fuzz: failed (exit $rc; findings in $logdir/fuzz-findings):"; tail -40 "$log"
+        failed=$((failed + 1)); status=1
+    fi
+}
+if [ $fuzz -eq 1 ]; then
+    run_fuzz
+fi
 if [ $unit_only -eq 0 ]; then
     run_suite integration/VhostBackend.IntegrationTests.csproj
 fi

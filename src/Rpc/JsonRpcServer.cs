@@ -390,13 +390,8 @@ public sealed class JsonRpcServer : IAsyncDisposable
     /// <summary>Handles one JSON value: a request object or a batch array. Returns the reply (null: none) and whether to close.</summary>
     private async Task<(byte[]? Reply, bool Close)> HandleValueAsync(ReadOnlyMemory<byte> value, int connectionId, CancellationToken ct)
     {
-        JsonDocument doc;
-        try
-        {
-            // Copy: the splitter's buffer is reused for the next read while a handler may still look at params.
-            doc = JsonDocument.Parse(value.ToArray(), new JsonDocumentOptions { MaxDepth = 64 });
-        }
-        catch (JsonException)
+        var doc = ParseValue(value.Span);
+        if (doc is null)
         {
             return (ErrorReply(null, RpcErrorCodes.ParseError, "Parse error"), true);
         }
@@ -454,12 +449,50 @@ public sealed class JsonRpcServer : IAsyncDisposable
         }
     }
 
-    /// <summary>Validates and runs one request object (SPDK's rules); returns the reply or null for a notification's result.</summary>
-    private async Task<byte[]?> HandleRequestAsync(JsonElement request, int connectionId, CancellationToken ct)
+    /// <summary>
+    /// Parses one value the splitter cut (copied: the splitter's buffer is reused for the next read while a handler
+    /// may still look at params). Null is a parse error: malformed JSON, nesting deeper than 64, bytes that are not
+    /// UTF-8, or a \u escape that is an unpaired surrogate. SPDK's parser rejects the last two as well;
+    /// System.Text.Json accepts them and throws only when the string is read, so without these checks a bad member
+    /// name, method name or params string threw out of the request's handling and the connection closed without a
+    /// reply (found by fuzzing, docs/RELIABILITY.md).
+    /// </summary>
+    public static JsonDocument? ParseValue(ReadOnlySpan<byte> value)
     {
-        JsonElement? id = null;
-        JsonElement? method = null;
-        JsonElement? parameters = null;
+        if (!System.Text.Unicode.Utf8.IsValid(value))
+        {
+            return null;
+        }
+
+        try
+        {
+            var reader = new Utf8JsonReader(value, new JsonReaderOptions { MaxDepth = 64 });
+            while (reader.Read())
+            {
+                if (reader.TokenType is JsonTokenType.String or JsonTokenType.PropertyName && reader.ValueIsEscaped)
+                {
+                    _ = reader.GetString();
+                }
+            }
+
+            return JsonDocument.Parse(value.ToArray(), new JsonDocumentOptions { MaxDepth = 64 });
+        }
+        catch (Exception e) when (e is JsonException or InvalidOperationException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>
+    /// Reads a request object's envelope by SPDK's rules (jsonrpc "2.0" if present, a string method, params an
+    /// object, array or null, an id that is a string, number or null, no other member). False: an invalid request.
+    /// </summary>
+    public static bool TryReadRequest(JsonElement request, out JsonElement? id, out string method, out JsonElement? parameters)
+    {
+        id = null;
+        parameters = null;
+        method = "";
+        JsonElement? m = null;
         bool valid = true;
         foreach (var p in request.EnumerateObject())
         {
@@ -469,7 +502,7 @@ public sealed class JsonRpcServer : IAsyncDisposable
                     valid &= p.Value.ValueKind == JsonValueKind.String && p.Value.ValueEquals("2.0");
                     break;
                 case "method":
-                    method = p.Value;
+                    m = p.Value;
                     break;
                 case "params":
                     parameters = p.Value;
@@ -491,18 +524,23 @@ public sealed class JsonRpcServer : IAsyncDisposable
             }
         }
 
-        if (method is not { ValueKind: JsonValueKind.String }
-            || parameters is { ValueKind: not (JsonValueKind.Object or JsonValueKind.Array or JsonValueKind.Null) })
+        if (m is not { ValueKind: JsonValueKind.String } || parameters is { ValueKind: not (JsonValueKind.Object or JsonValueKind.Array or JsonValueKind.Null) })
         {
-            valid = false;
+            return false;
         }
 
-        if (!valid)
+        method = m.Value.GetString()!;
+        return valid;
+    }
+
+    /// <summary>Validates and runs one request object (SPDK's rules); returns the reply or null for a notification's result.</summary>
+    private async Task<byte[]?> HandleRequestAsync(JsonElement request, int connectionId, CancellationToken ct)
+    {
+        if (!TryReadRequest(request, out var id, out string name, out var parameters))
         {
             return ErrorReply(id, RpcErrorCodes.InvalidRequest, "Invalid request");
         }
 
-        string name = method!.Value.GetString()!;
         bool notification = id is null || id.Value.ValueKind == JsonValueKind.Null;
         _logger.LogDebug("RPC connection {Id}: {Method}", connectionId, name);
         try

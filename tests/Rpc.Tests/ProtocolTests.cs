@@ -28,6 +28,34 @@ public sealed class ProtocolTests
         Assert.NotNull(await d.ResultAsync("spdk_get_version"));
     }
 
+    /// <summary>
+    /// Regression (fuzzing, rpc-bind): invalid UTF-8, or a \u escape that is an unpaired surrogate, in a member
+    /// name, the method name or a params string used to throw out of the request's handling (System.Text.Json
+    /// checks a string only when it is read), and the server closed the connection without a reply (or answered an
+    /// internal error for params). It is a parse error, as in SPDK, whose parser rejects both. Inputs: AFL's first
+    /// crash (a 0x88 byte in "method"), the same byte in the method name, an invalid sequence in a params string,
+    /// AFL's unpaired low surrogate in a member name, an unpaired high surrogate in the method name.
+    /// </summary>
+    [Theory]
+    [InlineData("7b226a7063223a22322e30222c226d6588686f64223a22626465765f6d616c6c6f625f637265617465222c226964223a312c22706172616d73223a7b226e616d65223a2242616c222c226e756d5f626c6c636b73223a332c22626c6f636b5f73697a65223a3531327d7d")]
+    [InlineData("7b226a736f6e727063223a22322e30222c226d6574686f64223a227370646b5f6765745f76657273696f6e88222c226964223a317d")]
+    [InlineData("7b226a736f6e727063223a22322e30222c226d6574686f64223a22626465765f6d616c6c6f635f637265617465222c226964223a312c22706172616d73223a7b226e616d65223a22c328222c226e756d5f626c6f636b73223a382c22626c6f636b5f73697a65223a3531327d7d")]
+    [InlineData("7b226a736f6e727063223a22322e30222c226d6574686f64223a22626465765f6d616c6c6f635f64656c657465222c226964223a31342c227075643833645c756465306172616d73223a7b226e616d65223a2267227d7d")]
+    [InlineData("7b226a736f6e727063223a22322e30222c226d6574686f64223a227370646b5f6765745f76657273696f6e5c7564383364222c226964223a317d")]
+    public async Task InvalidUtf8IsParseErrorAndTheConnectionIsClosed(string hex)
+    {
+        await using var app = await TestApp.StartAsync();
+        await using var c = await app.ConnectAsync();
+        await c.SendAsync(Convert.FromHexString(hex));
+        var reply = await c.ReadAsync();
+        RawClient.AssertError(reply, -32700);
+        Assert.True(await c.ClosedByServerAsync());
+        Assert.DoesNotContain(app.Logs.Lines, l => l.Contains("RPC connection", StringComparison.Ordinal) && l.Contains(" failed", StringComparison.Ordinal));
+
+        await using var d = await app.ConnectAsync();
+        Assert.NotNull(await d.ResultAsync("spdk_get_version"));
+    }
+
     [Theory]
     [InlineData("[1,2")] // mismatched bracket
     [InlineData("\u0001\u0002garbage")] // not JSON at all

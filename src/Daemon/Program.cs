@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -63,6 +64,12 @@ public static class Program
             builder.Services.AddHostedService<DaemonService>();
             AddServiceManagerNotification(builder.Services);
             using var host = builder.Build();
+            // SystemdLifetime (under NOTIFY_SOCKET) handles SIGTERM only: without these, Ctrl-C or `systemctl kill
+            // -s INT` would end the process without the drain. With the console lifetime this is a second handler
+            // of the same request, which is harmless.
+            var lifetime = host.Services.GetRequiredService<IHostApplicationLifetime>();
+            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; lifetime.StopApplication(); });
+            using var sigquit = PosixSignalRegistration.Create(PosixSignal.SIGQUIT, c => { c.Cancel = true; lifetime.StopApplication(); });
             await host.RunAsync().ConfigureAwait(false);
             return 0;
         }

@@ -11,7 +11,7 @@ namespace VhostBackend.Rpc.Tests;
 /// <summary>
 /// vhostd as a systemd Type=notify service, run as a real process (dotnet VhostBackend.Daemon.dll) with
 /// NOTIFY_SOCKET pointing at a datagram socket of the test: READY=1 only once the RPC socket answers and the
-/// configured controller's socket listens, STOPPING=1 on SIGTERM, then the drain and exit 0.
+/// configured controller's socket listens, STOPPING=1 on SIGTERM (and SIGINT, which systemd's lifetime alone would not drain), then the drain and exit 0.
 /// </summary>
 public sealed class DaemonNotifyTests : IDisposable
 {
@@ -29,8 +29,10 @@ public sealed class DaemonNotifyTests : IDisposable
         }
     }
 
-    [Fact]
-    public async Task ReadyAfterStartThenStoppingOnSigtermAndExitZero()
+    [Theory]
+    [InlineData("TERM")]
+    [InlineData("INT")]
+    public async Task ReadyAfterStartThenStoppingOnSignalAndExitZero(string signal)
     {
         Assert.True(File.Exists(Daemon), $"{Daemon} not built next to the tests");
         Assert.True(SocketOwnership.TryResolveGroup("disk", out uint disk), "group 'disk' missing (Debian has gid 6)");
@@ -60,7 +62,7 @@ public sealed class DaemonNotifyTests : IDisposable
         Assert.Equal(("660", disk), await StatAsync(rpc));
         Assert.Equal(("660", disk), await StatAsync(vhost));
 
-        await SendSigtermAsync(daemon);
+        await SendSignalAsync(daemon, signal);
         Assert.Equal("STOPPING=1", await ReceiveAsync(notify, daemon, output));
         using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
         await daemon.WaitForExitAsync(cts.Token);
@@ -173,9 +175,9 @@ public sealed class DaemonNotifyTests : IDisposable
         return Encoding.UTF8.GetString(buffer, 0, await receive).Trim();
     }
 
-    private static async Task SendSigtermAsync(Process daemon)
+    private static async Task SendSignalAsync(Process daemon, string signal)
     {
-        using var kill = Process.Start("kill", ["-TERM", daemon.Id.ToString(CultureInfo.InvariantCulture)]);
+        using var kill = Process.Start("kill", ["-" + signal, daemon.Id.ToString(CultureInfo.InvariantCulture)]);
         await kill.WaitForExitAsync();
         Assert.Equal(0, kill.ExitCode);
     }

@@ -42,7 +42,7 @@ public static class Program
             })
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
             // A start-up config error is reported once, by Main, without the host's "failed to start" stack trace.
-            .Filter.ByExcluding(e => e.Exception is ApplicationConfigException)
+            .Filter.ByExcluding(e => e.Exception is ApplicationConfigException && Serilog.Filters.Matching.FromSource("Microsoft.Extensions.Hosting")(e))
             .WriteTo.Console(outputTemplate: "[{Timestamp:HH:mm:ss.fff} {Level:u3}] {SourceContext}: {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose);
         if (options.LogFile is { } logFile)
         {

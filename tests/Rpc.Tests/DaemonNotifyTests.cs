@@ -91,17 +91,29 @@ public sealed class DaemonNotifyTests : IDisposable
     private string WriteConfig()
     {
         string path = Path.Combine(_dir, "config.json");
+        // 200 null bdevs before the controller: applying the config takes long enough that a READY=1 sent before
+        // the start work finished would find the controller's socket missing.
+        var bdevs = new JsonArray(new JsonObject
+        {
+            ["method"] = "bdev_malloc_create",
+            ["params"] = new JsonObject { ["name"] = "Malloc0", ["num_blocks"] = 2048, ["block_size"] = 512 },
+        });
+        for (int i = 0; i < 200; i++)
+        {
+            bdevs.Add(new JsonObject
+            {
+                ["method"] = "bdev_null_create",
+                ["params"] = new JsonObject { ["name"] = $"Null{i}", ["num_blocks"] = 1024, ["block_size"] = 512 },
+            });
+        }
+
         var config = new JsonObject
         {
             ["subsystems"] = new JsonArray(
                 new JsonObject
                 {
                     ["subsystem"] = "bdev",
-                    ["config"] = new JsonArray(new JsonObject
-                    {
-                        ["method"] = "bdev_malloc_create",
-                        ["params"] = new JsonObject { ["name"] = "Malloc0", ["num_blocks"] = 2048, ["block_size"] = 512 },
-                    }),
+                    ["config"] = bdevs,
                 },
                 new JsonObject
                 {

@@ -93,7 +93,7 @@ public sealed class Application : IAsyncDisposable
         _logger.LogInformation("{Count} reactor(s) started on cores {Mask} ({Mode} mode)", Reactors.Reactors.Count, Options.CpuMask, Options.Reactor.Mode);
         if (!string.IsNullOrEmpty(Options.RpcSocket))
         {
-            _server = new JsonRpcServer(Dispatcher, _loggerFactory.CreateLogger("rpc"));
+            _server = new JsonRpcServer(Dispatcher, _loggerFactory.CreateLogger("rpc")) { SocketOwnership = Options.SocketOwnership };
             try
             {
                 await _server.StartAsync(Options.RpcSocket).ConfigureAwait(false);

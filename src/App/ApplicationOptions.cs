@@ -26,6 +26,12 @@ public sealed class ApplicationOptions
     /// <summary>-S/--socket-dir: where vhost-user sockets are created.</summary>
     public string SocketDir { get; set; } = Environment.CurrentDirectory;
 
+    /// <summary>
+    /// --socket-user/--socket-group/--socket-mode (ours): owner, group and mode of the RPC socket and of every
+    /// vhost-user controller socket, applied when each is created; null: as created (root's umask).
+    /// </summary>
+    public SocketOwnership? SocketOwnership { get; set; }
+
     /// <summary>--wait-for-rpc: apply the config and start subsystems only on framework_start_init.</summary>
     public bool WaitForRpc { get; set; }
 

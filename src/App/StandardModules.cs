@@ -37,7 +37,7 @@ public static class StandardModules
         app.AddBdevModule(new SplitBdevModule());
         app.AddBdevModule(new RaidBdevModule());
 
-        var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory);
+        var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory) { SocketOwnership = app.Options.SocketOwnership };
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);
         app.OnStop(async () => await vhost.DisposeAsync().ConfigureAwait(false));
 

@@ -16,6 +16,9 @@ public sealed class DaemonOptions
           -m, --cpumask MASK         reactor cores: hex mask (0x3) or list ([0,1]); default 0x1
           -S, --socket-dir DIR       directory for vhost-user sockets; default /var/tmp
           -r, --rpc-socket PATH      JSON-RPC socket; default /var/tmp/vhost.sock
+              --socket-user USER     owner (name or uid) of the RPC socket and of every vhost-user socket
+              --socket-group GROUP   their group (name or gid), e.g. kvm so libvirt's QEMU can connect
+              --socket-mode MODE     their permissions in octal, e.g. 0660 (default: as created, umask)
           -c, --json FILE            JSON config in SPDK's format, applied at start
               --wait-for-rpc         wait for framework_start_init before applying the config
               --persist-config FILE  keep the running config in FILE (rewritten atomically after every
@@ -43,6 +46,9 @@ public sealed class DaemonOptions
     public static DaemonOptions Parse(string[] args)
     {
         var o = new DaemonOptions { UseEmbeddedDefault = args.Length == 0 };
+        uint? socketUser = null;
+        uint? socketGroup = null;
+        UnixFileMode? socketMode = null;
         for (int i = 0; i < args.Length; i++)
         {
             string a = args[i];
@@ -93,6 +99,33 @@ public sealed class DaemonOptions
                 case "--json":
                 case "--config":
                     o.App.ConfigFile = Value();
+                    break;
+                case "--socket-user":
+                    string user = Value();
+                    if (!SocketOwnership.TryResolveUser(user, out uint uid))
+                    {
+                        throw new ApplicationConfigException($"--socket-user: unknown user '{user}'");
+                    }
+
+                    socketUser = uid;
+                    break;
+                case "--socket-group":
+                    string group = Value();
+                    if (!SocketOwnership.TryResolveGroup(group, out uint gid))
+                    {
+                        throw new ApplicationConfigException($"--socket-group: unknown group '{group}'");
+                    }
+
+                    socketGroup = gid;
+                    break;
+                case "--socket-mode":
+                    string modeText = Value();
+                    if (!SocketOwnership.TryParseMode(modeText, out var socketModeValue))
+                    {
+                        throw new ApplicationConfigException($"--socket-mode: '{modeText}' is not an octal permission mode (e.g. 0660)");
+                    }
+
+                    socketMode = socketModeValue;
                     break;
                 case "--persist-config":
                     o.App.PersistConfigFile = Value();
@@ -147,6 +180,11 @@ public sealed class DaemonOptions
                 default:
                     throw new ApplicationConfigException($"unknown option '{args[i]}' (see --help)");
             }
+        }
+
+        if (socketUser is not null || socketGroup is not null || socketMode is not null)
+        {
+            o.App.SocketOwnership = new SocketOwnership(socketUser, socketGroup, socketMode);
         }
 
         if (o.App.ConfigFile is not null && o.UseEmbeddedDefault)

@@ -1,6 +1,8 @@
+using System.Runtime.InteropServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Hosting.Systemd;
 using Serilog;
 using Serilog.Events;
 using VhostBackend.App;
@@ -39,6 +41,8 @@ public static class Program
                 _ => LogEventLevel.Information,
             })
             .MinimumLevel.Override("Microsoft", LogEventLevel.Warning)
+            // A start-up config error is reported once, by Main, without the host's "failed to start" stack trace.
+            .Filter.ByExcluding(e => e.Exception is ApplicationConfigException && Serilog.Filters.Matching.FromSource("Microsoft.Extensions.Hosting")(e))
             .WriteTo.Console(outputTemplate: "[{Timestamp:HH:mm:ss.fff} {Level:u3}] {SourceContext}: {Message:lj}{NewLine}{Exception}", standardErrorFromLevel: LogEventLevel.Verbose);
         if (options.LogFile is { } logFile)
         {
@@ -58,9 +62,16 @@ public static class Program
             builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = TimeSpan.FromSeconds(30));
             builder.Services.AddSingleton(options);
             builder.Services.AddHostedService<DaemonService>();
+            AddServiceManagerNotification(builder.Services);
             using var host = builder.Build();
+            // SystemdLifetime (under NOTIFY_SOCKET) handles SIGTERM only: without these, Ctrl-C or `systemctl kill
+            // -s INT` would end the process without the drain. With the console lifetime this is a second handler
+            // of the same request, which is harmless.
+            var lifetime = host.Services.GetRequiredService<IHostApplicationLifetime>();
+            using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; lifetime.StopApplication(); });
+            using var sigquit = PosixSignalRegistration.Create(PosixSignal.SIGQUIT, c => { c.Cancel = true; lifetime.StopApplication(); });
             await host.RunAsync().ConfigureAwait(false);
-            return DaemonService.ExitCode;
+            return 0;
         }
         catch (ApplicationConfigException e)
         {
@@ -78,24 +89,38 @@ public static class Program
             await Log.CloseAndFlushAsync().ConfigureAwait(false);
         }
     }
+
+    /// <summary>
+    /// systemd Type=notify: the host's <see cref="SystemdLifetime"/> sends READY=1 when the host raises
+    /// ApplicationStarted, which comes after every hosted service's StartAsync has returned, i.e. after
+    /// <see cref="DaemonService"/> awaited <see cref="Application.StartAsync"/> (RPC socket listening, config
+    /// applied, controllers' sockets listening); and STOPPING=1 on SIGTERM before the drain. UseSystemd/AddSystemd
+    /// switches to it only when the parent process is systemd; a service started through a wrapper, or by any
+    /// supervisor speaking sd_notify, is recognised by NOTIFY_SOCKET alone, as sd_notify(3) does.
+    /// </summary>
+    private static void AddServiceManagerNotification(IServiceCollection services)
+    {
+        services.AddSystemd();
+        if (!SystemdHelpers.IsSystemdService() && !string.IsNullOrEmpty(Environment.GetEnvironmentVariable("NOTIFY_SOCKET")))
+        {
+            services.AddSingleton<ISystemdNotifier, SystemdNotifier>();
+            services.AddSingleton<IHostLifetime, SystemdLifetime>();
+        }
+    }
 }
 
 /// <summary>Runs the application inside the generic host: start on host start, drain and stop on SIGTERM/SIGINT.</summary>
 internal sealed class DaemonService : IHostedService
 {
     private readonly DaemonOptions _options;
-    private readonly IHostApplicationLifetime _lifetime;
     private readonly Microsoft.Extensions.Logging.ILoggerFactory _loggerFactory;
     private Application? _app;
 
-    public DaemonService(DaemonOptions options, IHostApplicationLifetime lifetime, Microsoft.Extensions.Logging.ILoggerFactory loggerFactory)
+    public DaemonService(DaemonOptions options, Microsoft.Extensions.Logging.ILoggerFactory loggerFactory)
     {
         _options = options;
-        _lifetime = lifetime;
         _loggerFactory = loggerFactory;
     }
-
-    public static int ExitCode { get; private set; }
 
     public async Task StartAsync(CancellationToken cancellationToken)
     {
@@ -113,18 +138,17 @@ internal sealed class DaemonService : IHostedService
 
             log.Information("vhostd ready (pid {Pid})", Environment.ProcessId);
         }
-        catch (ApplicationConfigException e)
+        catch (ApplicationConfigException)
         {
-            Console.Error.WriteLine($"vhostd: {e.Message}");
-            log.Error("{Message}", e.Message);
-            ExitCode = 1;
+            // Rethrown so the host never raises ApplicationStarted: under systemd no READY=1 is sent for a daemon
+            // that failed to start (Main prints the error and exits 1).
             if (_app is not null)
             {
                 await _app.StopAsync().ConfigureAwait(false);
                 _app = null;
             }
 
-            _lifetime.StopApplication();
+            throw;
         }
     }
 

@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Runtime.InteropServices;
 using System.Text;
 
@@ -74,6 +75,20 @@ public static unsafe partial class SocketNative
 
     [LibraryImport("libc", SetLastError = true)]
     public static partial int socket(int domain, int type, int protocol);
+
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int chown(string path, uint owner, uint group);
+
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial int chmod(string path, uint mode);
+
+    /// <summary>struct passwd*; offsets of pw_uid (16) on x86_64 glibc. Not thread safe: parse-time only.</summary>
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial nint getpwnam(string name);
+
+    /// <summary>struct group*; gr_gid at offset 16 on x86_64 glibc. Not thread safe: parse-time only.</summary>
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    public static partial nint getgrnam(string name);
 
     [LibraryImport("libc", SetLastError = true)]
     public static partial int socketpair(int domain, int type, int protocol, int* sv);
@@ -494,8 +509,11 @@ public sealed unsafe class UnixSocketListener : IDisposable
 
     public string Path { get; }
 
-    /// <summary>Binds and listens at <paramref name="path"/>, replacing a stale socket file (not any other file).</summary>
-    public static UnixSocketListener Listen(string path, int backlog = 16)
+    /// <summary>
+    /// Binds and listens at <paramref name="path"/>, replacing a stale socket file (not any other file). With
+    /// <paramref name="ownership"/>, the socket file gets its owner, group and mode before it listens.
+    /// </summary>
+    public static UnixSocketListener Listen(string path, int backlog = 16, SocketOwnership? ownership = null)
     {
         if (File.Exists(path))
         {
@@ -515,10 +533,30 @@ public sealed unsafe class UnixSocketListener : IDisposable
 
         SocketNative.SockAddrUn addr;
         int len = SocketNative.FillAddress(path, &addr);
-        if (SocketNative.bind(fd, &addr, (uint)len) != 0 || SocketNative.listen(fd, backlog) != 0)
+        if (SocketNative.bind(fd, &addr, (uint)len) != 0)
         {
             int e = Native.Errno;
             SocketNative.close(fd);
+            throw new IOException($"cannot listen on {path}: {Native.StrError(e)}");
+        }
+
+        try
+        {
+            // Between bind and listen: no front end can connect before the owner and mode are right.
+            ownership?.Apply(path);
+        }
+        catch
+        {
+            SocketNative.close(fd);
+            File.Delete(path);
+            throw;
+        }
+
+        if (SocketNative.listen(fd, backlog) != 0)
+        {
+            int e = Native.Errno;
+            SocketNative.close(fd);
+            File.Delete(path);
             throw new IOException($"cannot listen on {path}: {Native.StrError(e)}");
         }
 
@@ -669,5 +707,105 @@ public sealed unsafe class MappedRegion : IDisposable
         {
             SocketNative.munmap((void*)p, (nuint)Length);
         }
+    }
+}
+
+/// <summary>
+/// Owner, group and mode for a Unix socket file (vhostd's --socket-user/--socket-group/--socket-mode), so that
+/// QEMU running as another user (libvirt's qemu:kvm) can connect without the operator chowning sockets by hand
+/// after every controller creation, as SPDK users do. Null members leave that attribute as created.
+/// </summary>
+public sealed record SocketOwnership(uint? UserId, uint? GroupId, UnixFileMode? Mode)
+{
+    /// <summary>Whether anything is to be changed.</summary>
+    public bool IsEmpty => UserId is null && GroupId is null && Mode is null;
+
+    /// <summary>Applies the owner/group (chown) then the mode (chmod) to <paramref name="path"/>; throws <see cref="IOException"/>.</summary>
+    public void Apply(string path)
+    {
+        if (UserId is not null || GroupId is not null)
+        {
+            // (uid_t)-1 leaves that id unchanged.
+            if (SocketNative.chown(path, UserId ?? uint.MaxValue, GroupId ?? uint.MaxValue) != 0)
+            {
+                int e = Native.Errno;
+                throw new IOException($"cannot chown {path} to {UserId?.ToString(CultureInfo.InvariantCulture) ?? "-"}:{GroupId?.ToString(CultureInfo.InvariantCulture) ?? "-"}: {Native.StrError(e)}");
+            }
+        }
+
+        if (Mode is { } mode)
+        {
+            if (SocketNative.chmod(path, (uint)mode) != 0)
+            {
+                int e = Native.Errno;
+                throw new IOException($"cannot chmod {path} to {Convert.ToString((int)mode, 8)}: {Native.StrError(e)}");
+            }
+        }
+    }
+
+    /// <summary>A user name or numeric uid; false when no such user exists.</summary>
+    public static bool TryResolveUser(string user, out uint uid)
+    {
+        if (uint.TryParse(user, NumberStyles.None, CultureInfo.InvariantCulture, out uid) && uid != uint.MaxValue)
+        {
+            return true;
+        }
+
+        nint pw = user.Length == 0 || user.Contains('\0', StringComparison.Ordinal) ? 0 : SocketNative.getpwnam(user);
+        if (pw == 0)
+        {
+            return false;
+        }
+
+        uid = (uint)Marshal.ReadInt32(pw, 16); // struct passwd { char *pw_name; char *pw_passwd; uid_t pw_uid; ... }
+        return true;
+    }
+
+    /// <summary>A group name or numeric gid; false when no such group exists.</summary>
+    public static bool TryResolveGroup(string group, out uint gid)
+    {
+        if (uint.TryParse(group, NumberStyles.None, CultureInfo.InvariantCulture, out gid) && gid != uint.MaxValue)
+        {
+            return true;
+        }
+
+        nint gr = group.Length == 0 || group.Contains('\0', StringComparison.Ordinal) ? 0 : SocketNative.getgrnam(group);
+        if (gr == 0)
+        {
+            return false;
+        }
+
+        gid = (uint)Marshal.ReadInt32(gr, 16); // struct group { char *gr_name; char *gr_passwd; gid_t gr_gid; ... }
+        return true;
+    }
+
+    /// <summary>An octal permission mode (0660, 660, 0o660): permission bits only, no setuid/setgid/sticky.</summary>
+    public static bool TryParseMode(string text, out UnixFileMode mode)
+    {
+        mode = default;
+        string digits = text.StartsWith("0o", StringComparison.OrdinalIgnoreCase) ? text[2..] : text;
+        if (digits.Length is 0 or > 4)
+        {
+            return false;
+        }
+
+        int value = 0;
+        foreach (char c in digits)
+        {
+            if (c is < '0' or > '7')
+            {
+                return false;
+            }
+
+            value = (value * 8) + (c - '0');
+        }
+
+        if (value > 0x1FF)
+        {
+            return false;
+        }
+
+        mode = (UnixFileMode)value;
+        return true;
     }
 }

@@ -5,6 +5,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using VhostBackend.Platform;
 
 namespace VhostBackend.Rpc;
 
@@ -68,6 +69,12 @@ public sealed class JsonRpcServer : IAsyncDisposable
     }
 
     /// <summary>
+    /// Owner, group and mode given to the socket file before it listens (--socket-user/--socket-group/--socket-mode),
+    /// so a management user other than root may connect; null leaves the socket as bind created it.
+    /// </summary>
+    public SocketOwnership? SocketOwnership { get; init; }
+
+    /// <summary>
     /// Listens on <paramref name="path"/>. A stale socket file is removed; throws <see cref="IOException"/> when a
     /// live server already listens there, or the path is unusable.
     /// </summary>
@@ -115,11 +122,23 @@ public sealed class JsonRpcServer : IAsyncDisposable
             try
             {
                 listener.Bind(new UnixDomainSocketEndPoint(path));
-                listener.Listen(128);
             }
             catch (SocketException e)
             {
                 listener.Dispose();
+                throw new IOException($"cannot listen on {path}: {e.Message}", e);
+            }
+
+            try
+            {
+                // Between bind and listen: no client connects before the owner and mode are right.
+                SocketOwnership?.Apply(path);
+                listener.Listen(128);
+            }
+            catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException)
+            {
+                listener.Dispose();
+                File.Delete(path);
                 throw new IOException($"cannot listen on {path}: {e.Message}", e);
             }
 

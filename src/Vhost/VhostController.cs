@@ -231,7 +231,7 @@ public abstract class VhostController : IVhostUserDevice
     /// <summary>Starts listening on <see cref="SocketPath"/> and accepting front ends on a dedicated thread.</summary>
     public void StartListening()
     {
-        _listener = UnixSocketListener.Listen(SocketPath);
+        _listener = UnixSocketListener.Listen(SocketPath, ownership: SocketOwnership);
         var listener = _listener;
         _acceptThread = new Thread(() => AcceptLoop(listener)) { Name = "vhost-accept:" + Name, IsBackground = true };
         _acceptThread.Start();
@@ -269,6 +269,9 @@ public abstract class VhostController : IVhostUserDevice
 
     /// <summary>True when the controller connects to the front end's socket instead of listening.</summary>
     public bool ClientMode { get; internal set; }
+
+    /// <summary>Owner, group and mode the listening socket gets before it accepts (from the manager); null: as created.</summary>
+    public SocketOwnership? SocketOwnership { get; internal set; }
 
     private void ConnectLoop(CancellationToken stop)
     {

@@ -32,6 +32,13 @@ public sealed class VhostManager : IAsyncDisposable
 
     public string SocketDirectory { get; }
 
+    /// <summary>
+    /// Owner, group and mode every controller's socket gets right after it is created (vhostd's --socket-user,
+    /// --socket-group, --socket-mode), so QEMU running as another user can connect to controllers created at any
+    /// time over RPC; null leaves sockets as created. Client-mode controllers connect to QEMU's socket instead.
+    /// </summary>
+    public SocketOwnership? SocketOwnership { get; init; }
+
     public IReadOnlyList<VhostController> Controllers
     {
         get
@@ -137,6 +144,7 @@ public sealed class VhostManager : IAsyncDisposable
 
             T ctrlr = factory(path, mask);
             ctrlr.ClientMode = client;
+            ctrlr.SocketOwnership = SocketOwnership;
             ctrlr.CreatedDelayed = delay;
             try
             {

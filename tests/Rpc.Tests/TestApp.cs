@@ -32,7 +32,7 @@ internal sealed class TestApp : IAsyncDisposable
     /// Starts an application; <paramref name="dir"/> reuses a directory (a restart), else a fresh one;
     /// <paramref name="configure"/> registers more modules after the standard ones (test models).
     /// </summary>
-    public static async Task<TestApp> StartAsync(bool waitForRpc = false, JsonObject? config = null, string? configFile = null, string? dir = null, Action<Application>? configure = null, string? persistConfig = null)
+    public static async Task<TestApp> StartAsync(bool waitForRpc = false, JsonObject? config = null, string? configFile = null, string? dir = null, Action<Application>? configure = null, string? persistConfig = null, SocketOwnership? socketOwnership = null)
     {
         dir ??= Directory.CreateTempSubdirectory("rpct").FullName;
         Directory.CreateDirectory(Path.Combine(dir, "vhost"));
@@ -46,6 +46,7 @@ internal sealed class TestApp : IAsyncDisposable
             Config = config,
             ConfigFile = configFile,
             PersistConfigFile = persistConfig,
+            SocketOwnership = socketOwnership,
         };
         var app = new Application(options, new TestLogs());
         StandardModules.Register(app);

@@ -1,16 +1,16 @@
-using VhostBackend.Bdev;
 using VhostBackend.Platform;
 
-namespace VhostBackend.BdevPassthru;
+namespace VhostBackend.Bdev;
 
 /// <summary>
 /// One reactor's path from a vbdev to its base bdev: the base's channel on this reactor and a queue of I/Os waiting
 /// for a free base I/O object. A base submit that returns -ENOMEM parks the I/O here (linked through its
 /// <see cref="BdevIo.ModuleContext"/>, so waiting allocates nothing) behind one wait entry per channel, and later
 /// I/Os queue behind it so none overtakes. While forwarded, an I/O's ModuleContext is this forwarder, which is how
-/// the base's completion finds its way back without a closure.
+/// the base's completion finds its way back without a closure. Shared by the single-base vbdev modules (passthru,
+/// delay, error): each derives from it or uses it as its channel context.
 /// </summary>
-internal class BaseForwarder
+public class BaseForwarder
 {
     private static readonly BdevIoCompletion s_done = static (baseIo, _, arg) =>
     {

@@ -1,13 +1,13 @@
 using System.Security.Cryptography;
 
-namespace VhostBackend.BdevDelay;
+namespace VhostBackend.Bdev;
 
 /// <summary>
 /// SPDK's spdk_uuid_generate_sha1 (an RFC 4122 version-5 UUID): SHA-1 over a module's namespace UUID and the base
 /// bdev's UUID, both in wire byte order. A vbdev created without a UUID gets the same one on every run over the same
 /// base, as in SPDK.
 /// </summary>
-internal static class VbdevUuid
+public static class VbdevUuid
 {
     public static Guid FromBase(Guid namespaceUuid, Guid baseUuid)
     {

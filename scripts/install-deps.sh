@@ -10,7 +10,9 @@ fi
 bash "$root/qemu/install-deps.sh"
 extra=()
 # afl++: afl-fuzz for scripts/fuzz.sh (the fuzz suite of scripts/test.sh).
-for pkg in qemu-system-common python3 util-linux iproute2 afl++; do
+# libvirt-daemon-system, libvirt-clients (virsh, virt-xml-validate): integration/LibvirtTests (libvirtd runs
+# without systemd: the test starts virtlogd and libvirtd itself when they are not running). tmux: vhostctl top's test.
+for pkg in qemu-system-common python3 util-linux iproute2 afl++ libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu tmux; do
     if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)" != installed ]; then
         extra+=("$pkg")
     fi

@@ -151,13 +151,58 @@ public sealed class QemuGuest : IAsyncDisposable
     private int _disposed;
 
     private QemuGuest(Process process, QemuGuestOptions options, string workDirectory)
+        : this(process, options, workDirectory, Path.Combine(workDirectory, "console.log"), Path.Combine(workDirectory, "agent.sock"))
+    {
+    }
+
+    private QemuGuest(Process process, QemuGuestOptions options, string workDirectory, string consoleLogPath, string agentSocketPath)
     {
         _process = process;
         _options = options;
         WorkDirectory = workDirectory;
-        ConsoleLogPath = Path.Combine(workDirectory, "console.log");
-        AgentSocketPath = Path.Combine(workDirectory, "agent.sock");
+        ConsoleLogPath = consoleLogPath;
+        AgentSocketPath = agentSocketPath;
         QmpSocketPath = Path.Combine(workDirectory, "qmp.sock");
+    }
+
+    /// <summary>
+    /// Attaches to a guest someone else started (libvirt): QEMU process <paramref name="qemuPid"/>, the agent's
+    /// virtio-serial port on <paramref name="agentSocketPath"/> (QEMU listens), the serial console in
+    /// <paramref name="consoleLogPath"/>. Disposing powers the guest off like a guest this class started; the
+    /// work directory (the caller's) is kept.
+    /// </summary>
+    public static async Task<QemuGuest> AttachAsync(int qemuPid, string agentSocketPath, string consoleLogPath, QemuGuestOptions options, CancellationToken cancellationToken = default)
+    {
+        var process = Process.GetProcessById(qemuPid);
+        var guest = new QemuGuest(process, new QemuGuestOptions
+        {
+            Name = options.Name,
+            Log = options.Log,
+            BootTimeout = options.BootTimeout,
+            KeepWorkDirectory = true,
+        }, Path.GetDirectoryName(consoleLogPath)!, consoleLogPath, agentSocketPath);
+        var sw = Stopwatch.StartNew();
+        try
+        {
+            using var bootCts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            bootCts.CancelAfter(options.BootTimeout);
+            await guest.ConnectAgentAsync(bootCts.Token, options.BootTimeout, cancellationToken).ConfigureAwait(false);
+            var token = "VBREADY-" + Guid.NewGuid().ToString("N");
+            var ready = await guest.ExecAsync("echo " + token, options.BootTimeout, cancellationToken).ConfigureAwait(false);
+            if (ready.ExitCode != 0 || !ready.Output.Contains(token, StringComparison.Ordinal))
+            {
+                throw new QemuGuestException($"Unexpected agent answer during boot: {ready}\n{guest.Diagnostics()}");
+            }
+
+            guest.BootTime = sw.Elapsed;
+            guest.LogLine($"attached to guest (QEMU pid {qemuPid}) after {guest.BootTime.TotalSeconds:F2}s");
+            return guest;
+        }
+        catch
+        {
+            await guest.DisposeAsync().ConfigureAwait(false);
+            throw;
+        }
     }
 
     /// <summary>Temporary directory holding the console log and the agent/QMP sockets.</summary>

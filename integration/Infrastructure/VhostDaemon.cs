@@ -19,6 +19,9 @@ public sealed class VhostDaemon : IAsyncDisposable
         _rpcSocket = rpcSocket;
     }
 
+    /// <summary>The daemon's JSON-RPC socket.</summary>
+    public string RpcSocket => _rpcSocket;
+
     /// <summary>Starts ./vhostd on two cores with its sockets in <paramref name="dir"/>, plus <paramref name="extraArgs"/>.</summary>
     public static async Task<VhostDaemon> StartAsync(string dir, Action<string> log, params string[] extraArgs)
     {

@@ -147,6 +147,7 @@ public sealed class Application : IAsyncDisposable
         Task load = Options.ConfigFile is { } path
             ? JsonConfig.LoadFileAsync(path, Dispatcher, Subsystems, startInit: !Options.WaitForRpc)
             : JsonConfig.LoadAsync(Options.Config, Dispatcher, Subsystems, startInit: !Options.WaitForRpc);
+        Dispatcher.StartupConfig = load;
         if (Options.WaitForRpc)
         {
             _logger.LogInformation("waiting for framework_start_init over RPC");

@@ -6,7 +6,7 @@ using System.Text.Json.Nodes;
 namespace VhostBackend.Cli;
 
 /// <summary>vhostctl: SPDK rpc.py-style commands for vhostd, human tables by default, --json for raw results.</summary>
-public static class Program
+public static partial class Program
 {
     private static readonly Option<string> Server = new("--server", "-s") { Description = "JSON-RPC socket of vhostd", DefaultValueFactory = _ => "/var/tmp/vhost.sock", Recursive = true };
     private static readonly Option<bool> Json = new("--json") { Description = "print the raw JSON result", Recursive = true };
@@ -144,6 +144,7 @@ public static class Program
         WithArgs(root, "bdev_nvme_attach_controller", "attach an NVMe controller", [("-b|name", "controller name", "string"), ("-t|trtype", "transport (PCIe)", "string"), ("-a|traddr", "address", "string")]);
         WithArgs(root, "bdev_nvme_detach_controller", "detach an NVMe controller", [("name", "controller name", "string")]);
         WithArgs(root, "bdev_nvme_get_controllers", "list NVMe controllers", [("-n|name", "controller name", "string?")]);
+        AddLibvirtXml(root);
 
         return root.Parse(args).Invoke();
     }

@@ -68,6 +68,7 @@ public static class FrameworkRpc
         {
             // SPDK ignores this method's params.
             await dispatcher.Initialized.ConfigureAwait(true);
+            await dispatcher.StartupConfig.ContinueWith(_ => { }, TaskScheduler.Default).ConfigureAwait(true);
             return JsonValue.Create(true);
         }, RpcStates.Both);
 

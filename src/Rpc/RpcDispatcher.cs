@@ -58,6 +58,13 @@ public sealed class RpcDispatcher
     public Task Initialized => _initialized.Task;
 
     /// <summary>
+    /// The start-up JSON config being applied (-c, --persist-config), or a completed task. framework_wait_init
+    /// waits for it as well as for <see cref="Initialized"/>, as in SPDK, where the RPC state turns to Runtime
+    /// only after the whole config file is loaded. Its failure is the application's to report.
+    /// </summary>
+    public Task StartupConfig { get; set; } = Task.CompletedTask;
+
+    /// <summary>
     /// Raised after a method returned successfully (on the caller's thread, not the main reactor), with the
     /// method's name: what persists the running config after each change. Handler exceptions are logged.
     /// </summary>

@@ -61,7 +61,9 @@ public sealed class WaitForRpcTests
         await using var c = await app.ConnectAsync();
         Assert.Empty(app.App.Bdevs.All);
         await c.ResultAsync("framework_start_init");
-        await ProtocolTests.WaitUntil(() => Task.FromResult(app.App.Bdevs.Find("Late") is not null));
+        // framework_wait_init returns once the whole config is in (SPDK: Runtime only after the config file is loaded).
+        Assert.True((bool)(await c.ResultAsync("framework_wait_init"))!);
+        Assert.NotNull(app.App.Bdevs.Find("Late"));
         Assert.Equal("Late", (string?)((JsonArray)await c.ResultAsync("bdev_get_bdevs"))[0]!["name"]);
     }
 }

@@ -161,7 +161,8 @@ public sealed class VhostScsiTests(ITestOutputHelper output)
         Assert.Equal(code, (int)r["error"]!["code"]!);
         if (message is not null)
         {
-            Assert.Equal(message, (string)r["error"]!["message"]!);
+            // SPDK's strerror first, then the parameter at fault and the reason.
+            Assert.StartsWith(message + ": ", (string)r["error"]!["message"]!);
         }
     }
 

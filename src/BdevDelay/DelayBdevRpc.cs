@@ -64,17 +64,17 @@ public static class DelayBdevRpc
             module.Create(p.Name, p.BaseBdevName, p.Uuid is { } u && u != Guid.Empty ? u : null,
                 new DelayLatencies(p.AvgReadLatency, p.P99ReadLatency, p.AvgWriteLatency, p.P99WriteLatency));
         }
-        catch (BdevExistsException)
+        catch (BdevExistsException e)
         {
-            throw RpcErrno.Error(Errno.EEXIST);
+            throw RpcErrno.Error(Errno.EEXIST, "name", e.Message);
         }
         catch (BdevClaimException e)
         {
-            throw RpcErrno.Error(e.Errno);
+            throw RpcErrno.Error(e.Errno, "base_bdev_name", e.Message);
         }
-        catch (ArgumentException)
+        catch (ArgumentException e)
         {
-            throw RpcErrno.Error(Errno.EINVAL);
+            throw RpcErrno.Error(Errno.EINVAL, e, "p99_read_latency");
         }
 
         return JsonValue.Create(p.Name);
@@ -84,7 +84,7 @@ public static class DelayBdevRpc
     {
         if (!await module.DeleteAsync(name).ConfigureAwait(true))
         {
-            throw RpcErrno.Error(Errno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV, "name", $"no delay bdev named {name}");
         }
 
         return null;

@@ -57,17 +57,17 @@ public static class ErrorBdevRpc
         {
             module.Create(p.BaseName, p.Uuid is { } u && u != Guid.Empty ? u : null);
         }
-        catch (BdevExistsException)
+        catch (BdevExistsException e)
         {
-            throw RpcErrno.Error(Errno.EEXIST);
+            throw RpcErrno.Error(Errno.EEXIST, "base_name", e.Message);
         }
         catch (BdevClaimException e)
         {
-            throw RpcErrno.Error(e.Errno);
+            throw RpcErrno.Error(e.Errno, "base_name", e.Message);
         }
-        catch (ArgumentException)
+        catch (ArgumentException e)
         {
-            throw RpcErrno.Error(Errno.EINVAL);
+            throw RpcErrno.Error(Errno.EINVAL, e, "uuid");
         }
 
         return null;
@@ -77,7 +77,7 @@ public static class ErrorBdevRpc
     {
         if (!await module.DeleteAsync(name).ConfigureAwait(true))
         {
-            throw RpcErrno.Error(Errno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV, "name", $"no error bdev named {name}");
         }
 
         return null;
@@ -110,12 +110,12 @@ public static class ErrorBdevRpc
 
         if (errorType == ErrorType.CorruptData && p.CorruptValue == 0)
         {
-            throw RpcErrno.Error(Errno.EINVAL); // "corrupt_value should be non-zero": XOR with 0 corrupts nothing
+            throw RpcErrno.Error(Errno.EINVAL, "corrupt_value", "corrupt_value should be non-zero (XOR with 0 corrupts nothing)");
         }
 
         if (bdevs.Find(p.Name) is not ErrorBdev b)
         {
-            throw RpcErrno.Error(Errno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV, "name", $"no error bdev named {p.Name}");
         }
 
         if (clear)

@@ -70,13 +70,13 @@ public static class FileBdevRpc
             var name = BdevRpc.Decode<BdevNameParams>(r).Name;
             if (bdevs.Find(name) is not FileBdev f)
             {
-                throw RpcErrno.Error(Errno.ENODEV);
+                throw RpcErrno.Error(Errno.ENODEV, "name", $"no file bdev named {name}");
             }
 
             int rc = f.Rescan();
             if (rc != 0)
             {
-                throw RpcErrno.Error(-rc);
+                throw RpcErrno.Error(-rc, "name", $"rescanning the size of {name} failed");
             }
 
             return null;
@@ -87,7 +87,7 @@ public static class FileBdevRpc
     {
         if (string.IsNullOrEmpty(p.Name) || string.IsNullOrEmpty(p.Filename))
         {
-            throw RpcErrno.Error(Errno.EINVAL);
+            throw RpcErrno.Error(Errno.EINVAL, string.IsNullOrEmpty(p.Name) ? "name" : "filename", "must not be empty");
         }
 
         if (bdevs.Find(p.Name) is not null)

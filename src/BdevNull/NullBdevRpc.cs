@@ -45,7 +45,7 @@ public static class NullBdevRpc
     private static JsonNode? Resize(BdevManager bdevs, NullResizeParams p)
     {
         // SPDK: unknown bdev -ENODEV; a bdev of another module, or a size below the current one, -EINVAL.
-        var found = bdevs.Find(p.Name) ?? throw RpcErrno.Error(Errno.ENODEV);
+        var found = bdevs.Find(p.Name) ?? throw RpcErrno.Error(Errno.ENODEV, "name", $"no bdev named {p.Name}");
         if (found is not NullBdev b)
         {
             throw RpcException.Errno(Errno.EINVAL, $"{p.Name} is not a null bdev");

@@ -37,17 +37,17 @@ public static class PassthruBdevRpc
         {
             module.Create(p.Name, p.BaseBdevName, p.Uuid is { } u && u != Guid.Empty ? u : null);
         }
-        catch (BdevExistsException)
+        catch (BdevExistsException e)
         {
-            throw RpcErrno.Error(Errno.EEXIST);
+            throw RpcErrno.Error(Errno.EEXIST, "name", e.Message);
         }
         catch (BdevClaimException e)
         {
-            throw RpcErrno.Error(e.Errno);
+            throw RpcErrno.Error(e.Errno, "base_bdev_name", e.Message);
         }
-        catch (ArgumentException)
+        catch (ArgumentException e)
         {
-            throw RpcErrno.Error(Errno.EINVAL);
+            throw RpcErrno.Error(Errno.EINVAL, e, "name");
         }
 
         return JsonValue.Create(p.Name);
@@ -57,7 +57,7 @@ public static class PassthruBdevRpc
     {
         if (!await module.DeleteAsync(name).ConfigureAwait(true))
         {
-            throw RpcErrno.Error(Errno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV, "name", $"no passthru bdev named {name}");
         }
 
         return null;

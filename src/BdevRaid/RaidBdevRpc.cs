@@ -129,7 +129,7 @@ public static class RaidBdevRpc
     {
         if (!RaidNames.TryParseCategory(p.Category, out var state))
         {
-            throw RpcErrno.Error(Errno.EINVAL);
+            throw RpcErrno.Error(Errno.EINVAL, "category", $"'{p.Category}' is not one of all, online, configuring, offline");
         }
 
         var arr = new JsonArray();
@@ -188,7 +188,7 @@ public static class RaidBdevRpc
         {
             if (kb == 0)
             {
-                throw RpcErrno.Error(Errno.EINVAL); // SPDK's raid_bdev_set_opts
+                throw RpcErrno.Error(Errno.EINVAL, "process_window_size_kb", "must be greater than 0"); // SPDK's raid_bdev_set_opts
             }
 
             module.ProcessWindowSizeKb = kb;

@@ -195,4 +195,16 @@ public static class RpcErrno
 {
     /// <summary>An error reply exactly like SPDK's <c>send_error_response(request, rc, spdk_strerror(-rc))</c>.</summary>
     public static RpcException Error(int errno) => RpcException.Errno(errno, Errno.Message(errno));
+
+    /// <summary>
+    /// SPDK's reply for <paramref name="errno"/> with the parameter at fault and the reason appended:
+    /// <c>"File exists: name: a bdev named M0 already exists"</c>. The message still starts with SPDK's strerror
+    /// and the code is SPDK's, so clients that match either keep working.
+    /// </summary>
+    public static RpcException Error(int errno, string param, string reason) =>
+        RpcException.Errno(errno, $"{Errno.Message(errno)}: {param}: {reason}");
+
+    /// <summary><see cref="Error(int, string, string)"/> for an <see cref="ArgumentException"/>: its parameter (or <paramref name="fallbackParam"/>) and its message.</summary>
+    public static RpcException Error(int errno, ArgumentException e, string fallbackParam) =>
+        Error(errno, e.ParamName ?? fallbackParam, e.ParamName is { } n ? e.Message.Replace($" (Parameter '{n}')", string.Empty, StringComparison.Ordinal) : e.Message);
 }

@@ -148,7 +148,7 @@ public abstract class VhostController : IVhostUserDevice
     /// <summary>vhost_start_scsi_controller: starts a controller created with delay (SCSI only).</summary>
     public virtual void StartDelayed() => throw NotScsi();
 
-    private VhostException NotScsi() => new(Errno.EINVAL, $"{Name} is not a vhost-scsi controller");
+    private VhostException NotScsi() => new(Errno.EINVAL, "ctrlr", $"{Name} is not a vhost-scsi controller");
 
     /// <summary>Device-specific part of vhost_get_controllers ("backend_specific").</summary>
     public abstract JsonObject BackendSpecific();
@@ -191,12 +191,12 @@ public abstract class VhostController : IVhostUserDevice
     {
         if ((ulong)delayBaseUs * (ulong)VhostBackend.Platform.Ticks.Frequency / 1_000_000UL >= uint.MaxValue)
         {
-            throw new VhostException(Errno.EINVAL, $"Delay time of {delayBaseUs} is too big");
+            throw new VhostException(Errno.EINVAL, "delay_base_us", $"Delay time of {delayBaseUs} is too big");
         }
 
         if (iopsThreshold * 10UL / 1000UL == 0)
         {
-            throw new VhostException(Errno.EINVAL, $"IOPS rate of {iopsThreshold} is too low. Min is 100");
+            throw new VhostException(Errno.EINVAL, "iops_threshold", $"IOPS rate of {iopsThreshold} is too low. Min is 100");
         }
 
         Volatile.Write(ref _delayBaseUs, delayBaseUs);
@@ -359,5 +359,18 @@ public sealed class VhostException : Exception
     public VhostException(int errno, string message)
         : base(message) => Errno = errno;
 
+    /// <param name="errno">SPDK's errno for the failure.</param>
+    /// <param name="param">The RPC parameter at fault (named in the error reply).</param>
+    /// <param name="message">The reason.</param>
+    public VhostException(int errno, string param, string message)
+        : base(message)
+    {
+        Errno = errno;
+        Param = param;
+    }
+
     public int Errno { get; }
+
+    /// <summary>The RPC parameter the failure is about, when there is one.</summary>
+    public string? Param { get; }
 }

@@ -73,12 +73,12 @@ public sealed class VhostManager : IAsyncDisposable
             }
             catch (BdevNotFoundException e)
             {
-                throw new VhostException(Errno.ENODEV, e.Message);
+                throw new VhostException(Errno.ENODEV, "dev_name", e.Message);
             }
             catch (BdevClaimedException e)
             {
                 // SPDK's spdk_vhost_blk_construct returns spdk_bdev_open_ext's -EPERM as is ("Operation not permitted").
-                throw new VhostException(e.Errno, e.Message);
+                throw new VhostException(e.Errno, "dev_name", e.Message);
             }
         });
         _log.LogInformation("vhost-blk controller {Name} created on bdev {Bdev} (cpumask {Mask}, readonly {ReadOnly})", name, bdevName, ctrlr.CpuMask.ToMaskString(), readOnly);
@@ -104,7 +104,7 @@ public sealed class VhostManager : IAsyncDisposable
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
         {
-            throw new VhostException(Errno.EIO, $"cannot listen on {ctrlr.SocketPath}: {e.Message}");
+            throw new VhostException(Errno.EIO, "ctrlr", $"cannot listen on {ctrlr.SocketPath}: {e.Message}");
         }
     }
 
@@ -114,14 +114,26 @@ public sealed class VhostManager : IAsyncDisposable
     /// <summary>vhost_scsi_controller_remove_target: as <see cref="VhostScsiController.RemoveTargetAsync"/>.</summary>
     public Task RemoveScsiTargetAsync(string ctrlrName, int targetNum) => Get(ctrlrName).RemoveScsiTargetAsync(targetNum);
 
-    private VhostController Get(string name) => Find(name) ?? throw new VhostException(Errno.ENODEV, $"vhost controller {name} does not exist");
+    /// <summary>The longest path a Unix socket address (sun_path, 108 bytes with its NUL) holds.</summary>
+    public const int MaxSocketPathBytes = 107;
+
+    private VhostController Get(string name) => Find(name) ?? throw new VhostException(Errno.ENODEV, "ctrlr", $"vhost controller {name} does not exist");
 
     private T Create<T>(string name, string? cpumask, bool client, bool delay, Func<string, CpuSet, T> factory)
         where T : VhostController
     {
         if (string.IsNullOrEmpty(name) || name.Contains('/') || name is "." or "..")
         {
-            throw new VhostException(Errno.EINVAL, $"invalid controller name '{name}'");
+            throw new VhostException(Errno.EINVAL, "ctrlr", $"invalid controller name '{name}' (empty, '.', '..' or with '/')");
+        }
+
+        // A Unix socket address holds 107 bytes of path: a longer one cannot be listened on.
+        string socketPath = Path.Combine(SocketDirectory, name);
+        int pathBytes = System.Text.Encoding.UTF8.GetByteCount(socketPath);
+        if (pathBytes > MaxSocketPathBytes)
+        {
+            throw new VhostException(Errno.EINVAL, "ctrlr",
+                $"the socket path {socketPath} is {pathBytes} bytes; a Unix socket path holds at most {MaxSocketPathBytes} (shorten the name or the socket directory)");
         }
 
         CpuSet mask;
@@ -131,7 +143,7 @@ public sealed class VhostManager : IAsyncDisposable
         }
         else if (!CpuSet.TryParse(cpumask, out mask, out string err) || mask.Cores.Any(c => !_runtime.CpuMask.Contains(c)))
         {
-            throw new VhostException(Errno.EINVAL, $"cpumask {cpumask} is invalid (core mask is {_runtime.CpuMask.ToMaskString()})");
+            throw new VhostException(Errno.EINVAL, "cpumask", $"{cpumask} is not a subset of the application's core mask {_runtime.CpuMask.ToMaskString()}{(err.Length > 0 ? " (" + err + ")" : string.Empty)}");
         }
 
         string path = Path.Combine(SocketDirectory, name);
@@ -139,7 +151,7 @@ public sealed class VhostManager : IAsyncDisposable
         {
             if (_controllers.ContainsKey(name))
             {
-                throw new VhostException(Errno.EEXIST, $"vhost controller {name} already exists.");
+                throw new VhostException(Errno.EEXIST, "ctrlr", $"vhost controller {name} already exists.");
             }
 
             T ctrlr = factory(path, mask);
@@ -157,7 +169,7 @@ public sealed class VhostManager : IAsyncDisposable
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
             {
                 ctrlr.ReleaseAsync().GetAwaiter().GetResult();
-                throw new VhostException(Errno.EIO, $"cannot listen on {path}: {e.Message}");
+                throw new VhostException(Errno.EIO, "ctrlr", $"cannot listen on {path}: {e.Message}");
             }
 
             _controllers.Add(name, ctrlr);
@@ -177,17 +189,17 @@ public sealed class VhostManager : IAsyncDisposable
         {
             if (!_controllers.TryGetValue(name, out ctrlr!))
             {
-                throw new VhostException(Errno.ENODEV, $"vhost controller {name} does not exist");
+                throw new VhostException(Errno.ENODEV, "ctrlr", $"vhost controller {name} does not exist");
             }
 
             if (ctrlr.Sessions.Count > 0)
             {
-                throw new VhostException(Errno.EBUSY, $"Controller {name} has still valid connection.");
+                throw new VhostException(Errno.EBUSY, "ctrlr", $"Controller {name} has still valid connection.");
             }
 
             if (ctrlr.DeleteBlocker is { } blocker)
             {
-                throw new VhostException(Errno.EBUSY, blocker);
+                throw new VhostException(Errno.EBUSY, "ctrlr", blocker);
             }
 
             _controllers.Remove(name);

@@ -86,7 +86,7 @@ public sealed class BdevMethodTests
         Assert.Null(app.App.Bdevs.Find("X"));
 
         // get_bdevs: unknown name -ENODEV, decoding -32603.
-        Assert.Equal("No such device", await c.ErrorAsync("bdev_get_bdevs", P(("name", "nope")), ENODEV));
+        Assert.Equal("No such device: name: no bdev named nope", await c.ErrorAsync("bdev_get_bdevs", P(("name", "nope")), ENODEV));
         await c.ErrorAsync("bdev_get_bdevs", P(("name", 1)), DecodeFailed);
         await c.ErrorAsync("bdev_get_bdevs", P(("nme", "M1")), DecodeFailed);
 

@@ -33,7 +33,7 @@ public sealed class VhostMethodTests
 
         // by name
         Assert.Single((JsonArray)await c.ResultAsync("vhost_get_controllers", new JsonObject { ["name"] = "vb0" }));
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["name"] = "nope" }, -32603));
+        Named("No such device", "name", await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["name"] = "nope" }, -32603));
         await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["name"] = 1 }, -32603);
         await c.ErrorAsync("vhost_get_controllers", new JsonObject { ["bogus"] = "x" }, -32603);
 
@@ -42,14 +42,14 @@ public sealed class VhostMethodTests
         ctrl = ((JsonArray)await c.ResultAsync("vhost_get_controllers", new JsonObject { ["name"] = "vb0" }))[0]!;
         Assert.Equal(50, (int)ctrl["delay_base_us"]!);
         Assert.Equal(60000, (int)ctrl["iops_threshold"]!);
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "nope", ["delay_base_us"] = 1, ["iops_threshold"] = 1000 }, -32602));
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1, ["iops_threshold"] = 1 }, -32602));
+        Named("No such device", "ctrlr", await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "nope", ["delay_base_us"] = 1, ["iops_threshold"] = 1000 }, -32602));
+        Named("Invalid argument", "iops_threshold", await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1, ["iops_threshold"] = 1 }, -32602));
         await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1 }, -32602);
         await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = -1, ["iops_threshold"] = 1000 }, -32602);
         await c.ErrorAsync("vhost_controller_set_coalescing", new JsonObject { ["ctrlr"] = "vb0", ["delay_base_us"] = 1, ["iops_threshold"] = 1000, ["x"] = 1 }, -32602);
 
         // delete
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "nope" }, -32602));
+        Named("No such device", "ctrlr", await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "nope" }, -32602));
         await c.ErrorAsync("vhost_delete_controller", null, -32602);
         await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "vb0", ["x"] = 1 }, -32602);
         Assert.True((bool)(await c.ResultAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "vb0" }))!);
@@ -66,17 +66,24 @@ public sealed class VhostMethodTests
         await using var c = await app.ConnectAsync();
         await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "Disk", ["num_blocks"] = 128, ["block_size"] = 512 });
 
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "nope" }, -32602));
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["cpumask"] = "0x4" }, -32602));
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["transport"] = "bogus" }, -32602));
-        Assert.StartsWith("Invalid argument", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v" }, -32602));
+        Named("No such device", "dev_name", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "nope" }, -32602));
+        Named("Invalid argument", "cpumask", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["cpumask"] = "0x4" }, -32602));
+        Named("Invalid argument", "transport", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["transport"] = "bogus" }, -32602));
+        string missing = await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v" }, -32602);
+        Assert.StartsWith("Invalid argument", missing);
+        Assert.Contains("dev_name", missing);
+
+        // A name whose socket path cannot fit a Unix socket address (used to answer "Input/output error").
+        string tooLong = await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = new string('x', 120), ["dev_name"] = "Disk" }, -32602);
+        Named("Invalid argument", "ctrlr", tooLong);
+        Assert.Contains("at most 107", tooLong);
         await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = 5 }, -32602);
         await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["readonly"] = "yes" }, -32602);
         Assert.Empty((JsonArray)await c.ResultAsync("vhost_get_controllers"));
 
         // Relaxed decoding, as SPDK: an unknown (transport-specific) name does not fail the call.
         Assert.True((bool)(await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk", ["some_transport_opt"] = 1 }))!);
-        Assert.Equal("File exists", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk" }, -32602));
+        Named("File exists", "ctrlr", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "v", ["dev_name"] = "Disk" }, -32602));
         Assert.Single((JsonArray)await c.ResultAsync("vhost_get_controllers"));
     }
 
@@ -93,11 +100,11 @@ public sealed class VhostMethodTests
 
         // vhost-blk: spdk_vhost_blk_construct returns spdk_bdev_open_ext's -EPERM, which vhost_rpc.c answers
         // as every create failure: -32602 with strerror.
-        Assert.Equal("Operation not permitted", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb0", ["dev_name"] = "Base" }, -32602));
+        Named("Operation not permitted", "dev_name", await c.ErrorAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb0", ["dev_name"] = "Base" }, -32602));
         Assert.True(app.Logs.Contains("Could not open Base - passthru module already claimed it"));
 
         // vhost-scsi: spdk_vhost_scsi_dev_add_tgt turns a target it cannot build (the LUN's open failed) into -EINVAL.
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 0, ["bdev_name"] = "Base" }, -32602));
+        Named("Invalid argument", "bdev_name", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 0, ["bdev_name"] = "Base" }, -32602));
         var ctrls = (JsonArray)await c.ResultAsync("vhost_get_controllers");
         Assert.Equal("s0", (string?)Assert.Single(ctrls)!["ctrlr"]);
         Assert.Empty((JsonArray)ctrls[0]!["backend_specific"]!["scsi"]!);
@@ -118,16 +125,16 @@ public sealed class VhostMethodTests
         await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "N1", ["num_blocks"] = 256, ["block_size"] = 4096 });
 
         Assert.True((bool)(await c.ResultAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s0" }))!);
-        Assert.Equal("File exists", await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s0" }, -32602));
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s1", ["cpumask"] = "0x10" }, -32602));
+        Named("File exists", "ctrlr", await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s0" }, -32602));
+        Named("Invalid argument", "cpumask", await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject { ["ctrlr"] = "s1", ["cpumask"] = "0x10" }, -32602));
         await c.ErrorAsync("vhost_create_scsi_controller", new JsonObject(), -32602);
 
         Assert.Equal(3, (int)(await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3, ["bdev_name"] = "N0" }))!);
         Assert.Equal(0, (int)(await c.ResultAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = -1, ["bdev_name"] = "N1" }))!);
-        Assert.Equal("File exists", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3, ["bdev_name"] = "N1" }, -32602));
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 8, ["bdev_name"] = "N1" }, -32602));
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 4, ["bdev_name"] = "nope" }, -32602));
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "zz", ["scsi_target_num"] = 4, ["bdev_name"] = "N1" }, -32602));
+        Named("File exists", "scsi_target_num", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3, ["bdev_name"] = "N1" }, -32602));
+        Named("Invalid argument", "scsi_target_num", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 8, ["bdev_name"] = "N1" }, -32602));
+        Named("No such device", "bdev_name", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 4, ["bdev_name"] = "nope" }, -32602));
+        Named("No such device", "ctrlr", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "zz", ["scsi_target_num"] = 4, ["bdev_name"] = "N1" }, -32602));
         await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = "4", ["bdev_name"] = "N1" }, -32602);
         await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "s0", ["bdev_name"] = "N1" }, -32602);
 
@@ -139,11 +146,11 @@ public sealed class VhostMethodTests
         // A blk controller is not a SCSI controller; remove errors; delete refuses while targets remain.
         await c.ResultAsync("bdev_null_create", new JsonObject { ["name"] = "N2", ["num_blocks"] = 128, ["block_size"] = 512 });
         await c.ResultAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "b0", ["dev_name"] = "N2" });
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "b0", ["scsi_target_num"] = 1, ["bdev_name"] = "N1" }, -32602));
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 5 }, -32602));
-        Assert.Equal("Invalid argument", await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 9 }, -32602));
+        Named("Invalid argument", "ctrlr", await c.ErrorAsync("vhost_scsi_controller_add_target", new JsonObject { ["ctrlr"] = "b0", ["scsi_target_num"] = 1, ["bdev_name"] = "N1" }, -32602));
+        Named("No such device", "scsi_target_num", await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 5 }, -32602));
+        Named("Invalid argument", "scsi_target_num", await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 9 }, -32602));
         await c.ErrorAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = -1 }, -32602);
-        Assert.Equal("Device or resource busy", await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "s0" }, -32602));
+        Named("Device or resource busy", "ctrlr", await c.ErrorAsync("vhost_delete_controller", new JsonObject { ["ctrlr"] = "s0" }, -32602));
 
         Assert.True((bool)(await c.ResultAsync("vhost_scsi_controller_remove_target", new JsonObject { ["ctrlr"] = "s0", ["scsi_target_num"] = 3 }))!);
         // Deleting the bdev behind target 0 removes that target too.
@@ -162,8 +169,12 @@ public sealed class VhostMethodTests
         Assert.True((bool)(await c.ResultAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "sd" }))!);
         Assert.True(File.Exists(delayed));
         Assert.True((bool)(await c.ResultAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "sd" }))!);
-        Assert.Equal("No such device", await c.ErrorAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "nope" }, -32602));
+        Named("No such device", "ctrlr", await c.ErrorAsync("vhost_start_scsi_controller", new JsonObject { ["ctrlr"] = "nope" }, -32602));
         var calls = ((JsonArray)(await c.ResultAsync("framework_get_config", new JsonObject { ["name"] = "vhost_scsi" }))!).Select(n => (string)n!["method"]!).ToArray();
         Assert.Equal(["vhost_create_scsi_controller", "vhost_scsi_controller_add_target", "vhost_start_scsi_controller"], calls);
     }
+
+    /// <summary>SPDK's message (strerror) first, then the parameter at fault and the reason.</summary>
+    private static void Named(string strerror, string param, string actual) =>
+        Assert.StartsWith($"{strerror}: {param}: ", actual);
 }

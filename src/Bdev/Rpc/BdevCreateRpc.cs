@@ -98,7 +98,7 @@ public static class BdevCreateRpc
         }
         catch (OutOfMemoryException)
         {
-            throw RpcErrno.Error(Errno.ENOMEM);
+            throw RpcErrno.Error(Errno.ENOMEM, "num_blocks", "not enough memory for num_blocks * block_size");
         }
 
         try
@@ -131,7 +131,7 @@ public static class BdevCreateRpc
     {
         if (bdevs.Find(name) is not T b)
         {
-            throw RpcErrno.Error(Errno.ENODEV);
+            throw RpcErrno.Error(Errno.ENODEV, "name", $"no {typeof(T).Name} named {name}");
         }
 
         await bdevs.UnregisterAsync(b).ConfigureAwait(true);

@@ -102,7 +102,7 @@ public static class BdevRpc
     }
 
     private static Bdev Find(BdevManager bdevs, string name) =>
-        bdevs.Find(name) ?? throw RpcErrno.Error(Errno.ENODEV);
+        bdevs.Find(name) ?? throw RpcErrno.Error(Errno.ENODEV, "name", $"no bdev named {name}");
 
     private static JsonNode GetBdevs(BdevManager bdevs, GetBdevsParams p)
     {
@@ -167,14 +167,14 @@ public static class BdevRpc
         if (p.ResetMode is not (null or "none"))
         {
             throw p.ResetMode is "all" or "maxmin" or "error"
-                ? RpcErrno.Error(Errno.ENOTSUP)
+                ? RpcErrno.Error(Errno.ENOTSUP, "reset_mode", $"'{p.ResetMode}' is not supported (only none)")
                 : new RpcException(RpcErrorCodes.InternalError, $"{DecodeFailed}: reset_mode '{p.ResetMode}' is not one of all, maxmin, error, none");
         }
 
         string[]? names = p.Names ?? (p.Name is null ? null : [p.Name]);
         if (p.PerChannel && names is not { Length: 1 })
         {
-            throw RpcErrno.Error(Errno.EINVAL); // SPDK: "Can't use per_channel with multiple bdevs"
+            throw RpcErrno.Error(Errno.EINVAL, "per_channel", "Can't use per_channel with multiple bdevs (or none): give one name");
         }
 
         var list = names is null ? bdevs.All : names.Select(n => Find(bdevs, n)).ToArray();

@@ -50,8 +50,11 @@ public static class VhostRpc
         return calls;
     }
 
+    /// <summary>SPDK's reply (Invalid params, strerror) with the parameter at fault and the reason appended.</summary>
     private static RpcException Error(VhostException e) =>
-        new(RpcErrorCodes.InvalidParams, Native.StrError(e.Errno));
+        new(RpcErrorCodes.InvalidParams, e.Param is { } param
+            ? $"{Native.StrError(e.Errno)}: {param}: {e.Message}"
+            : $"{Native.StrError(e.Errno)}: {e.Message}");
 
     private static JsonNode? CreateBlk(VhostManager manager, RpcRequest request)
     {
@@ -132,7 +135,7 @@ public static class VhostRpc
         var result = new JsonArray();
         if (p.Name is not null)
         {
-            var c = manager.Find(p.Name) ?? throw new RpcException(RpcErrorCodes.InternalError, Native.StrError(Errno.ENODEV));
+            var c = manager.Find(p.Name) ?? throw new RpcException(RpcErrorCodes.InternalError, $"{Native.StrError(Errno.ENODEV)}: name: no vhost controller {p.Name}");
             result.Add(c.ToJson());
             return result;
         }
@@ -163,7 +166,7 @@ public static class VhostRpc
     private static async Task<JsonNode?> SetCoalescingAsync(VhostManager manager, RpcRequest request)
     {
         var p = request.Bind<CoalescingParams>(RpcErrorCodes.InvalidParams, Native.StrError(Errno.EINVAL));
-        var c = manager.Find(p.Ctrlr) ?? throw new RpcException(RpcErrorCodes.InvalidParams, Native.StrError(Errno.ENODEV));
+        var c = manager.Find(p.Ctrlr) ?? throw new RpcException(RpcErrorCodes.InvalidParams, $"{Native.StrError(Errno.ENODEV)}: ctrlr: vhost controller {p.Ctrlr} does not exist");
         try
         {
             await c.SetCoalescingAsync(p.DelayBaseUs, p.IopsThreshold).ConfigureAwait(true);
@@ -199,12 +202,12 @@ public static class VhostRpc
         {
             if (PackedRing)
             {
-                throw RpcException.InvalidParams("packed_ring is not supported");
+                throw RpcException.InvalidParams($"{Native.StrError(Errno.ENOTSUP)}: packed_ring: the packed virtqueue layout is not supported");
             }
 
             if (Transport is not null && !string.Equals(Transport, "vhost_user_blk", StringComparison.OrdinalIgnoreCase))
             {
-                throw RpcException.InvalidParams(Native.StrError(Errno.EINVAL));
+                throw RpcException.InvalidParams($"{Native.StrError(Errno.EINVAL)}: transport: '{Transport}' is not a vhost-blk transport (vhost_user_blk)");
             }
         }
     }

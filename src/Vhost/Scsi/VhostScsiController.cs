@@ -151,16 +151,16 @@ public sealed class VhostScsiController : VhostController
                 num = Array.IndexOf(_targets, null);
                 if (num < 0)
                 {
-                    throw new VhostException(Errno.EINVAL, $"Controller {Name} - all targets already in use");
+                    throw new VhostException(Errno.EINVAL, "scsi_target_num", $"Controller {Name} - all targets already in use");
                 }
             }
             else if (num >= MaxTargets)
             {
-                throw new VhostException(Errno.EINVAL, $"Controller {Name} target {num} number too big");
+                throw new VhostException(Errno.EINVAL, "scsi_target_num", $"Controller {Name} target {num} number too big (targets 0..{MaxTargets - 1})");
             }
             else if (_targets[num] is not null)
             {
-                throw new VhostException(Errno.EEXIST, $"Controller {Name} target {num} already occupied");
+                throw new VhostException(Errno.EEXIST, "scsi_target_num", $"Controller {Name} target {num} already occupied");
             }
 
             try
@@ -169,13 +169,13 @@ public sealed class VhostScsiController : VhostController
             }
             catch (BdevNotFoundException e)
             {
-                throw new VhostException(Errno.ENODEV, e.Message);
+                throw new VhostException(Errno.ENODEV, "bdev_name", e.Message);
             }
             catch (BdevClaimedException e)
             {
                 // Claimed by a module. SPDK's spdk_vhost_scsi_dev_add_tgt answers any failure to build the target
                 // (the LUN's spdk_bdev_open_ext -EPERM included) with -EINVAL.
-                throw new VhostException(Errno.EINVAL, e.Message);
+                throw new VhostException(Errno.EINVAL, "bdev_name", e.Message);
             }
 
             var device = new ScsiDevice($"Target {num}", num);
@@ -200,13 +200,13 @@ public sealed class VhostScsiController : VhostController
     {
         if ((uint)num >= MaxTargets)
         {
-            throw new VhostException(Errno.EINVAL, $"Controller {Name} target {num} number too big");
+            throw new VhostException(Errno.EINVAL, "scsi_target_num", $"Controller {Name} target {num} number too big (targets 0..{MaxTargets - 1})");
         }
 
-        var target = GetTarget(num) ?? throw new VhostException(Errno.ENODEV, $"Controller {Name} target {num} is not occupied");
+        var target = GetTarget(num) ?? throw new VhostException(Errno.ENODEV, "scsi_target_num", $"Controller {Name} target {num} is not occupied");
         if (Interlocked.Exchange(ref target.Removing, 1) != 0)
         {
-            throw new VhostException(Errno.EBUSY, $"Controller {Name} target {num} is already being removed");
+            throw new VhostException(Errno.EBUSY, "scsi_target_num", $"Controller {Name} target {num} is already being removed");
         }
 
         Logger.LogInformation("vhost_scsi {Name}: removing target {Num}", Name, num);

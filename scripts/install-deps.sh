@@ -10,7 +10,8 @@ fi
 bash "$root/qemu/install-deps.sh"
 extra=()
 # afl++: afl-fuzz for scripts/fuzz.sh (the fuzz suite of scripts/test.sh).
-for pkg in qemu-system-common python3 util-linux iproute2 afl++; do
+# tmux: the pseudo-terminal in which tests/Rpc.Tests (TopTests) drives `vhostctl top`.
+for pkg in qemu-system-common python3 util-linux iproute2 afl++ tmux; do
     if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)" != installed ]; then
         extra+=("$pkg")
     fi

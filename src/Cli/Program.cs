@@ -326,7 +326,7 @@ public static class Program
             Console.Error.WriteLine($"error {e.Code}: {e.Message}");
             return 1;
         }
-        catch (Exception e) when (e is RpcClientException or IOException or JsonException)
+        catch (Exception e) when (e is RpcClientException or IOException or JsonException or System.Net.Sockets.SocketException)
         {
             Console.Error.WriteLine($"vhostctl: {e.Message}");
             return 1;

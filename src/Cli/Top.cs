@@ -85,7 +85,7 @@ internal static class Top
                 {
                     cur = TakeSample(client, available);
                 }
-                catch (Exception e) when (e is RpcClientException or IOException)
+                catch (Exception e) when (e is RpcClientException or IOException or System.Net.Sockets.SocketException or JsonException)
                 {
                     if (tty)
                     {
@@ -93,7 +93,7 @@ internal static class Top
                         tty = false;
                     }
 
-                    Console.Error.WriteLine($"vhostctl top: {e.Message}");
+                    Console.Error.WriteLine($"vhostctl top: {e.Message} (did the daemon stop?)");
                     return 1;
                 }
 

@@ -90,15 +90,22 @@ public sealed class TopTests
         Assert.Contains(s["pollers"]!.AsArray(), p => (string?)p!["name"] == "bdev_channel:TopMal1" && (double)p["runs_per_s"]! > 0);
         Assert.Empty(s["unavailable"]!.AsArray());
 
+        // Output not a terminal: each refresh as plain text; -n 1 = the first screen and one refresh, then exit 0.
+        var plain = await ExternalClientTests.RunAsync("dotnet", Cli, "-s", app.RpcSocket, "top", "-n", "1", "-d", "0.2");
+        Assert.True(plain.Code == 0, plain.Stderr);
+        Assert.Equal(2, Regex.Matches(plain.Stdout, "^REACTORS", RegexOptions.Multiline).Count);
+        Assert.DoesNotContain("\e[", plain.Stdout, StringComparison.Ordinal);
+        Assert.True(Iops(plain.Stdout, "TopMal1") > 0, plain.Stdout);
+
         var bad = await ExternalClientTests.RunAsync("dotnet", Cli, "-s", app.RpcSocket, "top", "-d", "0");
         Assert.Equal(1, bad.Code);
         Assert.Contains("-d/--delay", bad.Stderr, StringComparison.Ordinal);
     }
 
-    /// <summary>The IOPS column of <paramref name="bdev"/>'s row, or -1 ("-" before the first interval, or no row).</summary>
+    /// <summary>The IOPS column of <paramref name="bdev"/>'s last row, or -1 ("-" before the first interval, or no row).</summary>
     private static double Iops(string screen, string bdev)
     {
-        var row = screen.Split('\n').FirstOrDefault(l => l.StartsWith(bdev + " ", StringComparison.Ordinal));
+        var row = screen.Split('\n').LastOrDefault(l => l.StartsWith(bdev + " ", StringComparison.Ordinal));
         var cells = row?.Split(' ', StringSplitOptions.RemoveEmptyEntries);
         return cells is { Length: > 1 } && double.TryParse(cells[1], NumberStyles.Float, CultureInfo.InvariantCulture, out double v) ? v : -1;
     }

@@ -11,7 +11,8 @@ bash "$root/qemu/install-deps.sh"
 extra=()
 # afl++: afl-fuzz for scripts/fuzz.sh (the fuzz suite of scripts/test.sh).
 # libvirt-daemon-system, libvirt-clients (virsh, virt-xml-validate): integration/LibvirtTests (libvirtd runs
-# without systemd: the test starts virtlogd and libvirtd itself when they are not running). tmux: vhostctl top's test.
+# without systemd: the test starts virtlogd and libvirtd itself when they are not running). tmux: the pseudo-terminal in which
+# tests/Rpc.Tests (TopTests) drives `vhostctl top`.
 for pkg in qemu-system-common python3 util-linux iproute2 afl++ libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu tmux; do
     if [ "$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)" != installed ]; then
         extra+=("$pkg")

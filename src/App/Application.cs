@@ -1,3 +1,4 @@
+using System.Diagnostics.Metrics;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
@@ -36,6 +37,9 @@ public sealed class Application : IAsyncDisposable
         }
 
         Bdevs = new BdevManager(loggerFactory.CreateLogger("bdev"));
+        Meter = new Meter(MeterName, $"{ProductVersion.Major}.{ProductVersion.Minor}.{ProductVersion.Patch}");
+        ReactorMetrics.Register(Meter, Reactors);
+        BdevMetrics.Register(Meter, Bdevs);
         // Always start in the STARTUP state: the config's startup-time calls run first, then framework_start_init.
         Dispatcher = new RpcDispatcher(Rpc, Reactors.Main, RpcStates.Startup, loggerFactory.CreateLogger("rpc"));
     }
@@ -48,6 +52,15 @@ public sealed class Application : IAsyncDisposable
     public RpcDispatcher Dispatcher { get; }
 
     public ILoggerFactory LoggerFactory => _loggerFactory;
+
+    /// <summary>The name of <see cref="Meter"/>: <c>dotnet-counters monitor -n vhostd --counters VhostBackend</c>.</summary>
+    public const string MeterName = "VhostBackend";
+
+    /// <summary>
+    /// The application's instruments (System.Diagnostics.Metrics, all observable: reactors, bdevs, and what modules
+    /// add, e.g. vhost controllers); see docs/OPERATIONS.md. Disposed at stop.
+    /// </summary>
+    public Meter Meter { get; }
 
     /// <summary>Virtual size of <see cref="SharedMemory"/> (pages are committed only when touched).</summary>
     public const ulong SharedMemoryBytes = 512UL << 20;
@@ -176,6 +189,7 @@ public sealed class Application : IAsyncDisposable
     {
         if (!_started)
         {
+            Meter.Dispose();
             return;
         }
 
@@ -222,6 +236,7 @@ public sealed class Application : IAsyncDisposable
         }
 
         await Reactors.DisposeAsync().ConfigureAwait(false);
+        Meter.Dispose();
         if (_sharedMemory.IsValueCreated)
         {
             _sharedMemory.Value.Dispose();

@@ -39,6 +39,7 @@ public static class StandardModules
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory) { SocketOwnership = app.Options.SocketOwnership };
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);
+        VhostMetrics.Register(app.Meter, vhost);
         app.OnStop(async () => await vhost.DisposeAsync().ConfigureAwait(false));
 
         // Registered after vhost so it stops first (stop hooks and module FiniAsync run in reverse): a virtio-user

@@ -14,6 +14,7 @@ public abstract class Bdev
     private readonly object _lock = new();
     private ulong _blockCount;
     private BdevIoStats _retiredStats;
+    private readonly long[] _retiredLatency = new long[BdevLatencyHistogram.Length];
 
     protected Bdev(string name, string productName, uint blockSize, ulong blockCount, Guid? uuid = null)
     {
@@ -136,12 +137,60 @@ public abstract class Bdev
     }
 
     /// <summary>Moves a closing channel's counters into the retired total and zeroes them, atomically with respect to <see cref="GetStats"/>.</summary>
-    internal void RetireStats(ref BdevIoStats stats)
+    internal void RetireStats(ref BdevIoStats stats, long[] latency)
     {
         lock (_lock)
         {
             _retiredStats.Add(stats);
             stats = default;
+            for (int i = 0; i < latency.Length; i++)
+            {
+                _retiredLatency[i] += latency[i];
+                latency[i] = 0;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Adds the latency histogram of <paramref name="cls"/> (<see cref="BdevLatencyHistogram"/>: 64 buckets), summed
+    /// over live and closed channels, into <paramref name="buckets"/>. Racy reads of live counters, never torn.
+    /// </summary>
+    public void GetLatencyHistogram(BdevLatencyClass cls, Span<long> buckets)
+    {
+        if (buckets.Length < BdevLatencyHistogram.Buckets)
+        {
+            throw new ArgumentException($"needs {BdevLatencyHistogram.Buckets} buckets", nameof(buckets));
+        }
+
+        int from = (int)cls * BdevLatencyHistogram.Buckets;
+        lock (_lock)
+        {
+            var channels = LayerDevice.SnapshotChannels();
+            for (int i = 0; i < BdevLatencyHistogram.Buckets; i++)
+            {
+                long n = _retiredLatency[from + i];
+                foreach (var ch in channels)
+                {
+                    n += Volatile.Read(ref ((BdevChannel)ch.Context).Latency[from + i]);
+                }
+
+                buckets[i] += n;
+            }
+        }
+    }
+
+    /// <summary>I/Os submitted through the bdev layer and not yet completed, summed over channels (a racy snapshot).</summary>
+    public int QueueDepth
+    {
+        get
+        {
+            int n = 0;
+            foreach (var ch in LayerDevice.SnapshotChannels())
+            {
+                n += ((BdevChannel)ch.Context).Outstanding;
+            }
+
+            return n;
         }
     }
 

@@ -41,6 +41,9 @@ public sealed class BdevChannel
     private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
 
+    /// <summary>Latency histogram (<see cref="BdevLatencyHistogram"/>), written only on this reactor.</summary>
+    internal readonly long[] Latency = new long[BdevLatencyHistogram.Length];
+
     internal BdevChannel(Bdev bdev, Reactor reactor)
     {
         Bdev = bdev;
@@ -573,6 +576,7 @@ public sealed class BdevChannel
                 Stats.ReadLatencyTicks += ticks;
                 Stats.MaxReadLatencyTicks = Math.Max(Stats.MaxReadLatencyTicks, ticks);
                 Stats.MinReadLatencyTicks = Stats.MinReadLatencyTicks == 0 ? ticks : Math.Min(Stats.MinReadLatencyTicks, ticks);
+                Latency[BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Write:
                 Stats.NumWriteOps++;
@@ -580,6 +584,7 @@ public sealed class BdevChannel
                 Stats.WriteLatencyTicks += ticks;
                 Stats.MaxWriteLatencyTicks = Math.Max(Stats.MaxWriteLatencyTicks, ticks);
                 Stats.MinWriteLatencyTicks = Stats.MinWriteLatencyTicks == 0 ? ticks : Math.Min(Stats.MinWriteLatencyTicks, ticks);
+                Latency[BdevLatencyHistogram.Buckets + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Unmap:
                 Stats.NumUnmapOps++;
@@ -587,12 +592,15 @@ public sealed class BdevChannel
                 Stats.UnmapLatencyTicks += ticks;
                 Stats.MaxUnmapLatencyTicks = Math.Max(Stats.MaxUnmapLatencyTicks, ticks);
                 Stats.MinUnmapLatencyTicks = Stats.MinUnmapLatencyTicks == 0 ? ticks : Math.Min(Stats.MinUnmapLatencyTicks, ticks);
+                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.WriteZeroes:
                 Stats.NumWriteZeroesOps++;
+                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Flush:
                 Stats.NumFlushOps++;
+                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
         }
     }
@@ -725,7 +733,7 @@ public sealed class BdevChannel
         Poll(); // deliver completions already deferred
         Reactor.UnregisterPoller(_poller);
         _moduleChannel.Release();
-        Bdev.RetireStats(ref Stats);
+        Bdev.RetireStats(ref Stats, Latency);
         if (Outstanding > 0)
         {
             // Released with I/O in flight (a caller bug): keep bounce buffers alive rather than free memory a module may still write.

@@ -146,6 +146,29 @@ public static partial class Program
         WithArgs(root, "bdev_nvme_get_controllers", "list NVMe controllers", [("-n|name", "controller name", "string?")]);
         AddLibvirtXml(root);
 
+        var delay = new Option<double>("--delay", "-d") { Description = "seconds between refreshes (0.1 to 3600)", DefaultValueFactory = _ => 1.0 };
+        var iterations = new Option<int>("--iterations", "-n") { Description = "refreshes before exiting (default 0: until q)", DefaultValueFactory = _ => 0 };
+        var top = new Command("top", "live view like spdk_top: reactors, pollers, bdevs (IOPS, MB/s, latency), controllers; q quits; with --json one snapshot of rates over one -d interval") { delay, iterations };
+        top.SetAction(r =>
+        {
+            double d = r.GetValue(delay);
+            int n = r.GetValue(iterations);
+            if (!double.IsFinite(d) || d < 0.1 || d > 3600)
+            {
+                Console.Error.WriteLine($"vhostctl top: -d/--delay: {d.ToString(CultureInfo.InvariantCulture)} is not between 0.1 and 3600 seconds");
+                return 1;
+            }
+
+            if (n < 0)
+            {
+                Console.Error.WriteLine($"vhostctl top: -n/--iterations: {n} is negative");
+                return 1;
+            }
+
+            return WithClient(r, c => Top.Run(c, d, n, r.GetValue(Json), r.GetValue(Server)!));
+        });
+        root.Subcommands.Add(top);
+
         return root.Parse(args).Invoke();
     }
 
@@ -304,7 +327,7 @@ public static partial class Program
             Console.Error.WriteLine($"error {e.Code}: {e.Message}");
             return 1;
         }
-        catch (Exception e) when (e is RpcClientException or IOException or JsonException)
+        catch (Exception e) when (e is RpcClientException or IOException or JsonException or System.Net.Sockets.SocketException)
         {
             Console.Error.WriteLine($"vhostctl: {e.Message}");
             return 1;

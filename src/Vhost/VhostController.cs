@@ -112,6 +112,18 @@ public abstract class VhostController : IVhostUserDevice
         }
     }
 
+    /// <summary>How many queues of all sessions run (started on their reactors).</summary>
+    public int RunningQueues
+    {
+        get
+        {
+            lock (_queues)
+            {
+                return _queues.Count;
+            }
+        }
+    }
+
     /// <summary>The running queues of every session.</summary>
     protected VhostQueue[] Queues
     {

@@ -163,10 +163,10 @@ public sealed class ExternalClientTests
         }
     }
 
-    private static string? FindOnPath(string name) =>
+    internal static string? FindOnPath(string name) =>
         (Environment.GetEnvironmentVariable("PATH") ?? "").Split(':').Select(d => Path.Combine(d, name)).FirstOrDefault(File.Exists);
 
-    private static async Task<(int Code, string Stdout, string Stderr)> RunAsync(string exe, params string[] args)
+    internal static async Task<(int Code, string Stdout, string Stderr)> RunAsync(string exe, params string[] args)
     {
         var psi = new ProcessStartInfo(exe) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         foreach (var a in args)

@@ -382,7 +382,7 @@ public class BdevLayerTests
     }
 
     /// <summary>Keeps `depth` I/Os in flight with a cached callback; measures allocation on the reactor thread.</summary>
-    private sealed class IoLoop
+    internal sealed class IoLoop
     {
         private static readonly BdevIoCompletion s_done = static (io, ok, arg) => ((IoLoop)arg!).OnDone(ok);
         private readonly BdevDesc _desc;

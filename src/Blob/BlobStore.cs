@@ -883,6 +883,13 @@ public sealed class BlobStore
                     _usedClusters[c] = false;
                 }
             }
+            foreach (var p in oldPages)
+            {
+                if (p != 0 && Array.IndexOf(b.ExtentPages, p) < 0 && !ExtentPageReferencedElsewhere(p, b))
+                {
+                    _usedPages[p] = false;
+                }
+            }
         }
     });
 

@@ -539,6 +539,8 @@ public sealed class BlobStore
     /// </summary>
     private async Task PersistAsync(Blob b, IEnumerable<int>? extentPagesToWrite, bool relocateExtentPages = false)
     {
+        // A full rewrite never touches a live extent page in place: the commit (first page) switches to new ones.
+        relocateExtentPages |= extentPagesToWrite == null;
         var oldChain = b.ChainPages.ToList();
         var oldExtent = b.ExtentPages.Where(p => p != 0).ToHashSet();
         var newlyClaimed = new List<uint>();

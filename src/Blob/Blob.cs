@@ -30,8 +30,34 @@ public sealed class Blob
     internal readonly List<KeyValuePair<string, byte[]>> XattrList = [];
     internal readonly List<KeyValuePair<string, byte[]>> InternalXattrList = [];
 
+    /// <summary>The parent blob object (kept equal to <see cref="ParentId"/> by the store), read by I/O threads
+    /// without a lookup.</summary>
+    internal volatile Blob? Parent;
+
+    /// <summary>Writes in flight on the bdev path (see <see cref="Frozen"/>).</summary>
     internal int InFlightWrites;
+    /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it.</summary>
     internal TaskCompletionSource? Frozen;
+
+    /// <summary>True while writes are quiesced: a writer on the fast path takes the slow one.</summary>
+    public bool IsFrozen => Volatile.Read(ref Frozen) != null;
+
+    /// <summary>Counts a write on the fast path; false (nothing counted) when the blob is quiesced.</summary>
+    public bool TryEnterFastWrite()
+    {
+        Interlocked.Increment(ref InFlightWrites);
+        if (Volatile.Read(ref Frozen) == null)
+        {
+            return true;
+        }
+        Interlocked.Decrement(ref InFlightWrites);
+        return false;
+    }
+
+    public void ExitFastWrite() => Interlocked.Decrement(ref InFlightWrites);
+
+    /// <summary>The parent blob (allocation-free, for the I/O path).</summary>
+    public Blob? ParentBlob => Parent;
 
     public ulong NumClusters => (ulong)Clusters.Length;
 

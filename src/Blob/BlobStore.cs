@@ -45,7 +45,7 @@ public sealed class BlobStore
 {
     private readonly IBlobDevice _dev;
     private readonly SemaphoreSlim _md = new(1, 1);
-    private readonly Dictionary<ulong, Blob> _blobs = [];
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<ulong, Blob> _blobs = new();
     private SuperBlock _sb;
     private BitSet _usedPages;
     private BitSet _usedBlobIds;
@@ -95,7 +95,7 @@ public sealed class BlobStore
 
     public BlobStoreLoadReport LoadReport { get; private set; } = new();
 
-    public IReadOnlyCollection<Blob> Blobs => _blobs.Values;
+    public IReadOnlyCollection<Blob> Blobs => _blobs.Values.ToList();
 
     public BitSet UsedClusters => _usedClusters.Clone();
 
@@ -302,6 +302,7 @@ public sealed class BlobStore
         bs._sb.Clean = 0;
         await bs.WriteSuperAsync().ConfigureAwait(false);
         await bs.RepairInterruptedAsync().ConfigureAwait(false);
+        bs.ResolveParents();
         return bs;
     }
 
@@ -472,7 +473,7 @@ public sealed class BlobStore
     private async Task DropBlobMdAsync(Blob b)
     {
         await _dev.WriteAsync(MdPageOffset(b.FirstPage), new byte[BlobFormat.PageSize]).ConfigureAwait(false);
-        _blobs.Remove(b.Id);
+        _blobs.TryRemove(b.Id, out _);
     }
 
     /// <summary>Unloads (SPDK's <c>spdk_bs_unload</c>): writes the masks, then the super block with clean = 1.</summary>
@@ -677,7 +678,18 @@ public sealed class BlobStore
         }
         finally
         {
+            ResolveParents();
             _md.Release();
+        }
+    }
+
+    /// <summary>Points every blob's <see cref="Blob.Parent"/> at its parent object.</summary>
+    private void ResolveParents()
+    {
+        foreach (var b in _blobs.Values)
+        {
+            ulong pid = b.ParentId;
+            b.Parent = pid != BlobFormat.InvalidBlobId ? _blobs.GetValueOrDefault(pid) : null;
         }
     }
 
@@ -1007,6 +1019,7 @@ public sealed class BlobStore
             var oc = o.Clusters;
             var op = o.ExtentPages;
             var of = o.InvalidFlags;
+            o.Parent = s; // before the clusters go: a concurrent reader then finds them in the snapshot
             o.Clusters = new uint[oc.Length];
             o.ExtentPages = new uint[op.Length];
             o.InvalidFlags |= BlobFormat.FlagThinProv;
@@ -1021,6 +1034,7 @@ public sealed class BlobStore
                 o.ExtentPages = op;
                 o.InvalidFlags = of;
                 o.SetParent(s.ParentId);
+                o.Parent = s.Parent;
                 throw;
             }
             // Commit 3.
@@ -1207,8 +1221,8 @@ public sealed class BlobStore
     /// past the parent's end.</summary>
     private async ValueTask ReadBackingAsync(Blob b, ulong offset, Memory<byte> buffer)
     {
-        ulong pid = b.ParentId;
-        if (pid == BlobFormat.InvalidBlobId || !_blobs.TryGetValue(pid, out var p))
+        var p = b.Parent;
+        if (p == null)
         {
             buffer.Span.Clear();
             return;

@@ -11,7 +11,7 @@ namespace VhostBackend.BdevLvol;
 /// through a DMA-able bounce buffer per call (control plane and first-write allocation only; the guests' I/O to
 /// allocated clusters goes straight to the base, see <see cref="LvolBdev"/>).
 /// </summary>
-internal sealed class BdevBlobDevice : IBlobDevice
+public sealed class BdevBlobDevice : IBlobDevice
 {
     private static readonly BdevIoCompletion s_done = static (_, ok, arg) => ((Op)arg!).Tcs.TrySetResult(ok);
 

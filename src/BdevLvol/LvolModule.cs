@@ -80,6 +80,7 @@ public sealed class LvolModule : BdevModule
         }
         var dev = new BdevBlobDevice(desc, _main);
         LvolStore lvs;
+        bool claimed = false;
         try
         {
             if (bdev.BlockCount * bdev.BlockSize < BlobFormat.PageSize || BlobFormat.PageSize % bdev.BlockSize != 0)
@@ -93,17 +94,25 @@ public sealed class LvolModule : BdevModule
                 await CloseAsync(dev, desc).ConfigureAwait(true);
                 return 0;
             }
+            // Loading writes (the dirty flag, a recovery): claim the base first, as SPDK's examine does.
+            if (_bdevs.Claim(bdev, this, desc) != 0)
+            {
+                throw new BlobException(BlobErrno.EPERM, "base is claimed or open for writing");
+            }
+            claimed = true;
             lvs = await LvolStore.LoadAsync(dev).ConfigureAwait(true);
+            if (FindStore(null, lvs.Name) != null)
+            {
+                throw new BlobException(BlobErrno.EEXIST, $"an lvstore named {lvs.Name} is already loaded");
+            }
         }
         catch (Exception e)
         {
-            _logger.LogInformation("lvol: no lvstore on {Bdev}: {Error}", bdev.Name, e.Message);
-            await CloseAsync(dev, desc).ConfigureAwait(true);
-            return 0;
-        }
-        if (FindStore(null, lvs.Name) != null || _bdevs.Claim(bdev, this, desc) != 0)
-        {
-            _logger.LogError("lvol: lvstore {Name} on {Bdev} not loaded (name in use or base claimed)", lvs.Name, bdev.Name);
+            _logger.LogInformation("lvol: no lvstore loaded from {Bdev}: {Error}", bdev.Name, e.Message);
+            if (claimed)
+            {
+                _bdevs.ReleaseClaim(bdev, this);
+            }
             await CloseAsync(dev, desc).ConfigureAwait(true);
             return 0;
         }

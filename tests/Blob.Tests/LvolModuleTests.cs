@@ -18,7 +18,7 @@ internal sealed class LvolKit : IAsyncDisposable
     public LvolKit(int reactors = 2)
     {
         var online = CpuSet.Online().Cores;
-        Runtime = new ReactorRuntime(CpuSet.Of(online.Take(Math.Min(reactors, online.Count)).ToArray()), new ReactorOptions { Mode = ReactorMode.Poll, PinThreads = false });
+        Runtime = new ReactorRuntime(CpuSet.Of(online.Take(Math.Min(reactors, online.Count)).ToArray()), new ReactorOptions { Mode = ReactorMode.Interrupt, PinThreads = false });
         Runtime.Start();
         var subsystems = new SubsystemRegistry();
         BdevRpc.Register(Rpc, subsystems, Bdevs);

@@ -2,6 +2,7 @@ using VhostBackend.Bdev.Rpc;
 using VhostBackend.BdevDelay;
 using VhostBackend.BdevError;
 using VhostBackend.BdevFile;
+using VhostBackend.BdevLvol;
 using VhostBackend.BdevMalloc;
 using VhostBackend.BdevNull;
 using VhostBackend.BdevNvme;
@@ -36,6 +37,9 @@ public static class StandardModules
         app.AddBdevModule(new ErrorBdevModule());
         app.AddBdevModule(new SplitBdevModule());
         app.AddBdevModule(new RaidBdevModule());
+        // After every module whose bdevs can hold an lvstore (examine order), before vhost (stops after it: lvstores
+        // are unloaded cleanly once no controller uses their lvols).
+        app.AddBdevModule(new LvolModule());
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory) { SocketOwnership = app.Options.SocketOwnership };
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);

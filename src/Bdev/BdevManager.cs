@@ -183,6 +183,40 @@ public sealed class BdevManager
         }
     }
 
+    /// <summary>Replaces one alias of a registered bdev (an lvol renamed); throws <see cref="BdevExistsException"/>
+    /// when the new one is taken.</summary>
+    public void RenameAlias(Bdev bdev, string oldAlias, string newAlias)
+    {
+        if (oldAlias == newAlias)
+        {
+            return;
+        }
+
+        lock (_bdevs)
+        {
+            if (_bdevs.ContainsKey(newAlias))
+            {
+                throw new BdevExistsException($"Bdev name {newAlias} already exists");
+            }
+
+            if (_bdevs.TryGetValue(oldAlias, out var b) && b == bdev)
+            {
+                _bdevs.Remove(oldAlias);
+            }
+
+            _bdevs[newAlias] = bdev;
+            int i = bdev.Aliases.IndexOf(oldAlias);
+            if (i >= 0)
+            {
+                bdev.Aliases[i] = newAlias;
+            }
+            else
+            {
+                bdev.Aliases.Add(newAlias);
+            }
+        }
+    }
+
     /// <summary>Finds a bdev by name, alias or UUID.</summary>
     public Bdev? Find(string name)
     {

@@ -77,6 +77,13 @@ public abstract class BdevModule
     {
     }
 
+    /// <summary>
+    /// Completes when the examines this module started asynchronously are done (a module that must read a bdev
+    /// to examine it, such as lvol, cannot finish inside <see cref="Examine"/>). <c>bdev_wait_for_examine</c>
+    /// waits for every module's.
+    /// </summary>
+    public virtual Task WaitForExamineAsync() => Task.CompletedTask;
+
     /// <summary>Module-specific counters for <c>bdev_get_module_stats</c>; null = none.</summary>
     public virtual JsonObject? GetStats() => null;
 

@@ -80,6 +80,45 @@ public sealed class ExternalClientTests
     }
 
     [Fact]
+    public async Task VhostctlDrivesEveryLvolVerb()
+    {
+        await using var app = await TestApp.StartAsync();
+        string cli = Path.Combine(OutDir, "VhostBackend.Cli.dll");
+        string s = app.RpcSocket;
+        async Task<string> Ok(params string[] args)
+        {
+            var r = await RunAsync("dotnet", [cli, "-s", s, .. args]);
+            Assert.True(r.Code == 0, $"vhostctl {string.Join(' ', args)}: {r.Stderr}");
+            return r.Stdout;
+        }
+
+        await Ok("bdev_malloc_create", "-b", "LM0", "64", "512");
+        string uuid = (await Ok("bdev_lvol_create_lvstore", "LM0", "lvs0", "-c", "1048576")).Trim().Trim('"');
+        Assert.True(Guid.TryParse(uuid, out _), uuid);
+        await Ok("bdev_lvol_create", "v0", "8", "-t", "-l", "lvs0");
+        await Ok("bdev_lvol_create", "v1", "4", "-u", uuid, "-c", "none");
+        await Ok("bdev_lvol_snapshot", "lvs0/v0", "s0");
+        await Ok("bdev_lvol_clone", "lvs0/s0", "c0");
+        await Ok("bdev_lvol_rename", "lvs0/v1", "v2");
+        await Ok("bdev_lvol_resize", "lvs0/v2", "6");
+        await Ok("bdev_lvol_set_read_only", "lvs0/v2");
+        await Ok("bdev_lvol_inflate", "lvs0/c0");
+        await Ok("bdev_lvol_decouple_parent", "lvs0/v0");
+        await Ok("bdev_lvol_delete", "lvs0/c0");
+        string table = await Ok("bdev_lvol_get_lvols", "-l", "lvs0");
+        Assert.Contains(table.Split('\n'), l => l.StartsWith("lvs0/v2 ", StringComparison.Ordinal));
+        Assert.DoesNotContain("lvs0/c0", table);
+        await Ok("bdev_lvol_rename_lvstore", "lvs0", "lvs1");
+        string stores = await Ok("bdev_lvol_get_lvstores");
+        Assert.Contains(stores.Split('\n'), l => l.StartsWith("lvs1 ", StringComparison.Ordinal) && l.Contains("LM0"));
+        var bad = await RunAsync("dotnet", cli, "-s", s, "bdev_lvol_create", "v0", "8", "-l", "lvs1");
+        Assert.Equal(1, bad.Code);
+        Assert.Contains("File exists", bad.Stderr + bad.Stdout);
+        await Ok("bdev_lvol_delete_lvstore", "-l", "lvs1");
+        Assert.Equal("[]", JsonNode.Parse(await Ok("--json", "bdev_lvol_get_lvstores"))!.ToJsonString());
+    }
+
+    [Fact]
     public async Task VhostctlDrivesEveryVirtualBdevVerb()
     {
         await using var app = await TestApp.StartAsync();

@@ -86,10 +86,15 @@ public static class BdevRpc
             r.Bind<SetOptionsParams>();
             return (JsonNode?)null; // accepted for config compatibility: our pools are per channel and sized per bdev
         }, RpcStates.Startup);
-        rpc.Register("bdev_wait_for_examine", r =>
+        rpc.Register("bdev_wait_for_examine", async r =>
         {
             r.NoParams();
-            return (JsonNode?)null; // examine is synchronous (modules examine a bdev inside its registration): nothing to wait for
+            // Examine is synchronous for most modules; those that read the bdev (lvol) finish later.
+            foreach (var m in bdevs.Modules)
+            {
+                await m.WaitForExamineAsync().ConfigureAwait(true);
+            }
+            return (JsonNode?)null;
         }, RpcStates.Runtime);
         rpc.Register("bdev_get_module_stats", r => GetModuleStats(bdevs, Decode<ModuleStatsParams>(r)), RpcStates.Runtime);
         rpc.Register("bdev_examine", r =>

@@ -1,0 +1,151 @@
+using VhostBackend.Bdev;
+using VhostBackend.Blob;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
+
+namespace VhostBackend.BdevLvol;
+
+/// <summary>
+/// The blobstore's device on a bdev (SPDK's <c>bs_dev</c> from <c>spdk_bdev_create_bs_dev</c>): metadata and
+/// copy-on-write I/O of the blobstore, submitted on the main reactor through its channel of the base descriptor,
+/// through a DMA-able bounce buffer per call (control plane and first-write allocation only; the guests' I/O to
+/// allocated clusters goes straight to the base, see <see cref="LvolBdev"/>).
+/// </summary>
+public sealed class BdevBlobDevice : IBlobDevice
+{
+    private static readonly BdevIoCompletion s_done = static (_, ok, arg) => ((Op)arg!).Tcs.TrySetResult(ok);
+
+    private readonly BdevDesc _desc;
+    private readonly Reactor _main;
+    private BdevChannel? _channel;
+
+    public BdevBlobDevice(BdevDesc desc, Reactor main)
+    {
+        _desc = desc;
+        _main = main;
+    }
+
+    public int BlockSize => (int)_desc.Bdev.BlockSize;
+
+    public ulong BlockCount => _desc.Bdev.BlockCount;
+
+    private sealed class Op
+    {
+        public readonly TaskCompletionSource<bool> Tcs = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public IoVec[] Iov = [];
+        public BdevIoType Type;
+        public ulong Lba;
+        public ulong Blocks;
+    }
+
+    private void Check(ulong offset, ulong length)
+    {
+        if (offset % (ulong)BlockSize != 0 || length % (ulong)BlockSize != 0 || offset / (ulong)BlockSize + length / (ulong)BlockSize > BlockCount)
+        {
+            throw new BlobException(Blob.Errno.EINVAL, $"I/O {offset}+{length} outside {_desc.Bdev.Name} or unaligned");
+        }
+    }
+
+    private async Task Run(Op op)
+    {
+        while (true)
+        {
+            var rc = await _main.InvokeAsync(() => Submit(op)).ConfigureAwait(false);
+            if (rc == -Platform.Errno.ENOMEM)
+            {
+                await Task.Delay(1).ConfigureAwait(false);
+                continue;
+            }
+            if (rc != 0)
+            {
+                throw new IOException($"{op.Type} on {_desc.Bdev.Name} refused: {Platform.Errno.Message(rc)}");
+            }
+            break;
+        }
+        if (!await op.Tcs.Task.ConfigureAwait(false))
+        {
+            throw new IOException($"{op.Type} of {op.Blocks} blocks at {op.Lba} on {_desc.Bdev.Name} failed");
+        }
+    }
+
+    private int Submit(Op op)
+    {
+        if (_desc.IsClosed)
+        {
+            return -Platform.Errno.ENODEV;
+        }
+        _channel ??= _desc.GetIoChannel();
+        return op.Type switch
+        {
+            BdevIoType.Read => _channel.Read(_desc, op.Iov, op.Lba, op.Blocks, s_done, op),
+            BdevIoType.Write => _channel.Write(_desc, op.Iov, op.Lba, op.Blocks, s_done, op),
+            BdevIoType.WriteZeroes => _channel.WriteZeroes(_desc, op.Lba, op.Blocks, s_done, op),
+            _ => _channel.Flush(_desc, 0, BlockCount, s_done, op),
+        };
+    }
+
+    public async ValueTask ReadAsync(ulong offset, Memory<byte> buffer)
+    {
+        Check(offset, (ulong)buffer.Length);
+        if (buffer.Length == 0)
+        {
+            return;
+        }
+        using var b = new AlignedBuffer((nuint)buffer.Length, Math.Max(4096u, _desc.Bdev.RequiredAlignment), zero: false);
+        var op = new Op { Type = BdevIoType.Read, Iov = [b.ToIoVec()], Lba = offset / (ulong)BlockSize, Blocks = (ulong)buffer.Length / (ulong)BlockSize };
+        await Run(op).ConfigureAwait(false);
+        b.AsSpan(0, buffer.Length).CopyTo(buffer.Span);
+    }
+
+    public async ValueTask WriteAsync(ulong offset, ReadOnlyMemory<byte> buffer)
+    {
+        Check(offset, (ulong)buffer.Length);
+        if (buffer.Length == 0)
+        {
+            return;
+        }
+        using var b = new AlignedBuffer((nuint)buffer.Length, Math.Max(4096u, _desc.Bdev.RequiredAlignment), zero: false);
+        buffer.Span.CopyTo(b.AsSpan(0, buffer.Length));
+        var op = new Op { Type = BdevIoType.Write, Iov = [b.ToIoVec()], Lba = offset / (ulong)BlockSize, Blocks = (ulong)buffer.Length / (ulong)BlockSize };
+        await Run(op).ConfigureAwait(false);
+    }
+
+    public async ValueTask WriteZeroesAsync(ulong offset, ulong length)
+    {
+        Check(offset, length);
+        if (length == 0)
+        {
+            return;
+        }
+        if (_desc.Bdev.SupportsIoType(BdevIoType.WriteZeroes))
+        {
+            await Run(new Op { Type = BdevIoType.WriteZeroes, Lba = offset / (ulong)BlockSize, Blocks = length / (ulong)BlockSize }).ConfigureAwait(false);
+            return;
+        }
+        var zero = new byte[(int)Math.Min(length, 1UL << 20)];
+        for (ulong done = 0; done < length;)
+        {
+            int n = (int)Math.Min((ulong)zero.Length, length - done);
+            await WriteAsync(offset + done, zero.AsMemory(0, n)).ConfigureAwait(false);
+            done += (ulong)n;
+        }
+    }
+
+    public async ValueTask FlushAsync()
+    {
+        if (_desc.Bdev.SupportsIoType(BdevIoType.Flush))
+        {
+            await Run(new Op { Type = BdevIoType.Flush }).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Releases the main reactor's channel (on the main reactor).</summary>
+    public Task CloseAsync() => _main.InvokeAsync(() =>
+    {
+        if (_channel != null)
+        {
+            BdevDesc.PutIoChannel(_channel);
+            _channel = null;
+        }
+    });
+}

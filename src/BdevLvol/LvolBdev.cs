@@ -1,0 +1,203 @@
+using System.Text.Json.Nodes;
+using VhostBackend.Bdev;
+using VhostBackend.Blob;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
+using Errno = VhostBackend.Platform.Errno;
+
+namespace VhostBackend.BdevLvol;
+
+/// <summary>
+/// One lvol as a bdev (SPDK's vbdev_lvol, product "Logical Volume"): named by the lvol's uuid, aliased
+/// <c>lvs_name/lvol_name</c>. The bdev layer splits I/O at cluster boundaries (<see cref="Bdev.Bdev.OptimalIoBoundaryBlocks"/>),
+/// so each read or write touches one cluster.
+/// <para>Fast path (no allocation, no lock): a read goes to the first blob up the backing chain that has the
+/// cluster (zeroes when none does); a write to an allocated cluster goes straight to the base, counted in the
+/// blob's in-flight writes so a snapshot can quiesce them. Slow path (first write to a cluster, a write while the
+/// blob is quiesced, unmap and write zeroes): the data is copied out and the blobstore allocates on its metadata
+/// serializer; the completion is posted back to the submitting reactor.</para>
+/// </summary>
+public sealed class LvolBdev : Bdev.Bdev
+{
+    private static readonly BdevIoCompletion s_readDone = static (_, ok, arg) => ((BdevIo)arg!).Complete(ok);
+
+    private static readonly BdevIoCompletion s_writeDone = static (_, ok, arg) =>
+    {
+        var io = (BdevIo)arg!;
+        ((Blob.Blob)io.ModuleContext!).ExitFastWrite();
+        io.Complete(ok);
+    };
+
+    private readonly LvsEntry _lvs;
+    private readonly ulong _blocksPerCluster;
+
+    public LvolBdev(LvsEntry lvs, Lvol lvol)
+        : base(lvol.Uuid.ToString(), "Logical Volume", lvs.Desc.Bdev.BlockSize, lvol.SizeBytes / lvs.Desc.Bdev.BlockSize, lvol.Uuid)
+    {
+        _lvs = lvs;
+        Lvol = lvol;
+        _blocksPerCluster = lvs.Store.ClusterSize / lvs.Desc.Bdev.BlockSize;
+        OptimalIoBoundaryBlocks = (uint)_blocksPerCluster;
+        RequiredAlignment = lvs.Desc.Bdev.RequiredAlignment;
+        Aliases.Add(lvol.Alias);
+    }
+
+    public Lvol Lvol { get; }
+
+    internal void Resized() => SetBlockCount(Lvol.SizeBytes / BlockSize);
+
+    public override bool SupportsIoType(BdevIoType type) => type switch
+    {
+        BdevIoType.Read or BdevIoType.Reset => true,
+        BdevIoType.Write or BdevIoType.Unmap or BdevIoType.WriteZeroes => !Lvol.IsReadOnly,
+        _ => false,
+    };
+
+    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_lvs.IoDevice);
+
+    protected override void Submit(IoChannel moduleChannel, BdevIo io)
+    {
+        var ch = (LvsChannel)moduleChannel.Context;
+        var blob = Lvol.Blob;
+        ulong ci = io.OffsetBlocks / _blocksPerCluster;
+        ulong within = io.OffsetBlocks % _blocksPerCluster;
+        bool oneCluster = within + io.NumBlocks <= _blocksPerCluster;
+        switch (io.Type)
+        {
+            case BdevIoType.Read:
+                if (!oneCluster)
+                {
+                    SlowRead(io);
+                    return;
+                }
+                for (var b = blob; b != null; b = b.ParentBlob)
+                {
+                    uint c = b.ClusterAt(ci);
+                    if (c != 0)
+                    {
+                        int rc = ch.Base.Read(_lvs.Desc, io.Iovs, c * _blocksPerCluster + within, io.NumBlocks, s_readDone, io);
+                        if (rc != 0)
+                        {
+                            io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
+                        }
+                        return;
+                    }
+                }
+                foreach (var v in io.Iovs)
+                {
+                    v.AsSpan().Clear();
+                }
+                io.Complete(BdevIoStatus.Success);
+                return;
+            case BdevIoType.Write:
+                if (Lvol.IsReadOnly)
+                {
+                    io.Complete(BdevIoStatus.Failed);
+                    return;
+                }
+                if (oneCluster && blob.ClusterAt(ci) != 0 && blob.TryEnterFastWrite())
+                {
+                    uint c = blob.ClusterAt(ci);
+                    if (c == 0)
+                    {
+                        blob.ExitFastWrite();
+                        SlowWrite(io);
+                        return;
+                    }
+                    io.ModuleContext = blob;
+                    int rc = ch.Base.Write(_lvs.Desc, io.Iovs, c * _blocksPerCluster + within, io.NumBlocks, s_writeDone, io);
+                    if (rc != 0)
+                    {
+                        blob.ExitFastWrite();
+                        io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
+                    }
+                    return;
+                }
+                SlowWrite(io);
+                return;
+            case BdevIoType.Unmap:
+            case BdevIoType.WriteZeroes:
+                if (Lvol.IsReadOnly)
+                {
+                    io.Complete(BdevIoStatus.Failed);
+                    return;
+                }
+                Finish(io, _lvs.Store.BlobStore.WriteZeroesAsync(blob.Id, io.OffsetBlocks * BlockSize, io.NumBlocks * BlockSize).AsTask(), null);
+                return;
+            default:
+                io.Complete(BdevIoStatus.Success);
+                return;
+        }
+    }
+
+    private void SlowWrite(BdevIo io)
+    {
+        var data = new byte[io.Length];
+        IoVecs.CopyTo(io.Iovs, 0, data);
+        Finish(io, _lvs.Store.BlobStore.WriteAsync(Lvol.Blob.Id, io.OffsetBlocks * BlockSize, data).AsTask(), null);
+    }
+
+    private void SlowRead(BdevIo io)
+    {
+        var data = new byte[io.Length];
+        Finish(io, _lvs.Store.BlobStore.ReadAsync(Lvol.Blob.Id, io.OffsetBlocks * BlockSize, data).AsTask(), data);
+    }
+
+    /// <summary>Completes <paramref name="io"/> on its reactor when <paramref name="work"/> ends (a read's data
+    /// copied into its iovecs there).</summary>
+    private static void Finish(BdevIo io, Task work, byte[]? readData)
+    {
+        work.ContinueWith(static (t, s) =>
+        {
+            var (io, data) = ((BdevIo, byte[]?))s!;
+            bool ok = t.IsCompletedSuccessfully;
+            io.Channel.Reactor.Send(static st =>
+            {
+                var (io, data, ok) = ((BdevIo, byte[]?, bool))st!;
+                if (ok && data != null)
+                {
+                    IoVecs.CopyFrom(data, io.Iovs);
+                }
+                io.Complete(ok);
+            }, (io, data, ok));
+        }, (io, readData), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    public override JsonObject DriverSpecific() => new()
+    {
+        ["lvol"] = new JsonObject
+        {
+            ["lvol_store_uuid"] = _lvs.Store.Uuid.ToString(),
+            ["base_bdev"] = _lvs.Desc.Bdev.Name,
+            ["thin_provision"] = Lvol.IsThinProvisioned,
+            ["num_allocated_clusters"] = Lvol.AllocatedClusters,
+            ["snapshot"] = Lvol.IsSnapshot,
+            ["clone"] = Lvol.IsClone,
+            ["esnap_clone"] = false,
+        },
+    };
+}
+
+/// <summary>A reactor's channel for the lvols of one lvstore: that reactor's channel of the base.</summary>
+public sealed class LvsChannel(BdevChannel baseChannel)
+{
+    public BdevChannel Base { get; } = baseChannel;
+}
+
+/// <summary>The I/O device of one lvstore's base: its per-reactor context is the base channel.</summary>
+public sealed class LvsIoDevice(BdevDesc desc) : IoDevice("lvs:" + desc.Bdev.Name)
+{
+    protected override object CreateChannelContext(Reactor reactor) => new LvsChannel(desc.GetIoChannel());
+
+    protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel(((LvsChannel)context).Base);
+}
+
+/// <summary>A loaded lvstore: the store, its claimed base, the blobstore device and the registered lvol bdevs.</summary>
+public sealed class LvsEntry(LvolStore store, BdevDesc desc, BdevBlobDevice device)
+{
+    public LvolStore Store { get; } = store;
+    public BdevDesc Desc { get; } = desc;
+    public BdevBlobDevice Device { get; } = device;
+    public LvsIoDevice IoDevice { get; } = new(desc);
+    public Dictionary<Lvol, LvolBdev> Bdevs { get; } = [];
+}

@@ -1,0 +1,323 @@
+using Microsoft.Extensions.Logging;
+using VhostBackend.Bdev;
+using VhostBackend.Blob;
+using VhostBackend.Reactors;
+using BlobErrno = VhostBackend.Blob.Errno;
+
+namespace VhostBackend.BdevLvol;
+
+/// <summary>
+/// The lvol module (SPDK's module/bdev/lvol, "lvol"): lvstores on any bdev, found by examine (no config needed to
+/// bring them back: SPDK's lvol module writes nothing to save_config), and their lvols as bdevs. Operations run on
+/// the main reactor (the RPC handlers' thread); the blobstore serialises its metadata updates.
+/// </summary>
+public sealed class LvolModule : BdevModule
+{
+    private readonly List<LvsEntry> _stores = [];
+    private readonly List<Task> _examines = [];
+    private BdevManager _bdevs = null!;
+    private Reactor _main = null!;
+    private ILogger _logger = null!;
+
+    public override string Name => "lvol";
+
+    public override void Init(BdevModuleContext context)
+    {
+        _bdevs = context.Bdevs;
+        _main = context.Reactors.Main;
+        _logger = context.LoggerFactory.CreateLogger("vbdev_lvol");
+        LvolRpc.Register(context.Rpc, this);
+    }
+
+    internal IReadOnlyList<LvsEntry> Stores
+    {
+        get
+        {
+            lock (_stores)
+            {
+                return _stores.ToList();
+            }
+        }
+    }
+
+    /// <summary>Examine: every new bdev (not an lvol, not claimed) is probed for an lvstore, asynchronously
+    /// (the probe reads the base through the bdev layer); <see cref="WaitForExamineAsync"/> waits for them.</summary>
+    public override void Examine(Bdev.Bdev bdev)
+    {
+        if (bdev is LvolBdev || bdev.ClaimModule != null)
+        {
+            return;
+        }
+        Task t = _main.InvokeAsync(() => ExamineAsync(bdev));
+        lock (_examines)
+        {
+            _examines.RemoveAll(x => x.IsCompleted);
+            _examines.Add(t);
+        }
+    }
+
+    /// <summary>Waits for the examines started so far (SPDK's bdev_wait_for_examine).</summary>
+    public override async Task WaitForExamineAsync()
+    {
+        Task[] pending;
+        lock (_examines)
+        {
+            pending = _examines.ToArray();
+        }
+        await Task.WhenAll(pending).ConfigureAwait(false);
+    }
+
+    private async Task<int> ExamineAsync(Bdev.Bdev bdev)
+    {
+        BdevDesc desc;
+        try
+        {
+            desc = _bdevs.Open(bdev.Name, write: false);
+        }
+        catch (Exception)
+        {
+            return 0;
+        }
+        var dev = new BdevBlobDevice(desc, _main);
+        LvolStore lvs;
+        bool claimed = false;
+        try
+        {
+            if (bdev.BlockCount * bdev.BlockSize < BlobFormat.PageSize || BlobFormat.PageSize % bdev.BlockSize != 0)
+            {
+                throw new BlobException(BlobErrno.EINVAL, "too small or block size over 4 KiB");
+            }
+            var page = new byte[BlobFormat.PageSize];
+            await dev.ReadAsync(0, page).ConfigureAwait(true);
+            if (!page.AsSpan(0, 8).SequenceEqual(SuperBlock.Signature))
+            {
+                await CloseAsync(dev, desc).ConfigureAwait(true);
+                return 0;
+            }
+            // Loading writes (the dirty flag, a recovery): claim the base first, as SPDK's examine does.
+            if (_bdevs.Claim(bdev, this, desc) != 0)
+            {
+                throw new BlobException(BlobErrno.EPERM, "base is claimed or open for writing");
+            }
+            claimed = true;
+            lvs = await LvolStore.LoadAsync(dev).ConfigureAwait(true);
+            if (FindStore(null, lvs.Name) != null)
+            {
+                throw new BlobException(BlobErrno.EEXIST, $"an lvstore named {lvs.Name} is already loaded");
+            }
+        }
+        catch (Exception e)
+        {
+            _logger.LogInformation("lvol: no lvstore loaded from {Bdev}: {Error}", bdev.Name, e.Message);
+            if (claimed)
+            {
+                _bdevs.ReleaseClaim(bdev, this);
+            }
+            await CloseAsync(dev, desc).ConfigureAwait(true);
+            return 0;
+        }
+        if (lvs.BlobStore.LoadReport.Recovered)
+        {
+            _logger.LogWarning("lvol: lvstore {Name} on {Bdev} was not unloaded cleanly: recovered ({Repairs})", lvs.Name, bdev.Name,
+                string.Join("; ", lvs.BlobStore.LoadReport.Repairs));
+        }
+        var entry = new LvsEntry(lvs, desc, dev);
+        lock (_stores)
+        {
+            _stores.Add(entry);
+        }
+        foreach (var l in lvs.Lvols)
+        {
+            RegisterLvol(entry, l);
+        }
+        _logger.LogInformation("lvol: lvstore {Name} ({Uuid}) loaded from {Bdev} with {Count} lvols", lvs.Name, lvs.Uuid, bdev.Name, lvs.Lvols.Count);
+        return 0;
+    }
+
+    private static async Task CloseAsync(BdevBlobDevice dev, BdevDesc desc)
+    {
+        await dev.CloseAsync().ConfigureAwait(true);
+        desc.Dispose();
+    }
+
+    private LvolBdev RegisterLvol(LvsEntry lvs, Lvol l)
+    {
+        var b = new LvolBdev(lvs, l);
+        _bdevs.Register(b);
+        lvs.Bdevs[l] = b;
+        return b;
+    }
+
+    internal LvsEntry? FindStore(string? uuid, string? name)
+    {
+        foreach (var s in Stores)
+        {
+            if ((uuid != null && Guid.TryParse(uuid, out var g) && s.Store.Uuid == g) || (name != null && s.Store.Name == name))
+            {
+                return s;
+            }
+        }
+        return null;
+    }
+
+    /// <summary>An lvol by its bdev name, uuid or alias (lvs/lvol); null when none.</summary>
+    internal LvolBdev? FindLvol(string name) => _bdevs.Find(name) as LvolBdev;
+
+    internal LvsEntry StoreOf(LvolBdev b) => Stores.First(s => s.Bdevs.ContainsValue(b));
+
+    /// <summary>bdev_lvol_create_lvstore. Returns the new store's uuid.</summary>
+    public async Task<Guid> CreateLvstoreAsync(string bdevName, string lvsName, uint clusterSize, string clearMethod)
+    {
+        LvolStore.ValidateName(lvsName, "lvol store");
+        if (FindStore(null, lvsName) != null)
+        {
+            throw new BlobException(BlobErrno.EEXIST, $"lvol store {lvsName} already exists");
+        }
+        if (clusterSize != 0 && (clusterSize < BlobFormat.PageSize || clusterSize % BlobFormat.PageSize != 0))
+        {
+            throw new BlobException(BlobErrno.EINVAL, "cluster_sz must be a multiple of 4096");
+        }
+        var bdev = _bdevs.Find(bdevName) ?? throw new BlobException(BlobErrno.ENODEV, $"bdev {bdevName} not found");
+        var desc = _bdevs.Open(bdevName, write: false);
+        if (_bdevs.Claim(bdev, this, desc) != 0)
+        {
+            desc.Dispose();
+            throw new BlobException(BlobErrno.EPERM, $"bdev {bdevName} is claimed or open for writing");
+        }
+        var dev = new BdevBlobDevice(desc, _main);
+        LvolStore lvs;
+        try
+        {
+            lvs = await LvolStore.CreateAsync(dev, lvsName, clusterSize == 0 ? LvolStore.DefaultClusterSize : clusterSize, clearMethod).ConfigureAwait(true);
+        }
+        catch
+        {
+            _bdevs.ReleaseClaim(bdev, this);
+            await CloseAsync(dev, desc).ConfigureAwait(true);
+            throw;
+        }
+        lock (_stores)
+        {
+            _stores.Add(new LvsEntry(lvs, desc, dev));
+        }
+        return lvs.Uuid;
+    }
+
+    /// <summary>bdev_lvol_delete_lvstore: its lvol bdevs unregistered, the store destroyed, the base released.</summary>
+    public async Task DeleteLvstoreAsync(LvsEntry e)
+    {
+        foreach (var b in e.Bdevs.Values.ToList())
+        {
+            await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+        }
+        e.Bdevs.Clear();
+        await e.Store.DestroyAsync().ConfigureAwait(true);
+        await ReleaseAsync(e).ConfigureAwait(true);
+    }
+
+    private async Task ReleaseAsync(LvsEntry e)
+    {
+        lock (_stores)
+        {
+            _stores.Remove(e);
+        }
+        _bdevs.ReleaseClaim(e.Desc.Bdev, this);
+        await CloseAsync(e.Device, e.Desc).ConfigureAwait(true);
+    }
+
+    public async Task RenameLvstoreAsync(LvsEntry e, string newName)
+    {
+        if (e.Store.Name == newName)
+        {
+            return;
+        }
+        if (FindStore(null, newName) != null)
+        {
+            throw new BlobException(BlobErrno.EEXIST, $"lvol store {newName} already exists");
+        }
+        var old = e.Bdevs.ToDictionary(kv => kv.Value, kv => kv.Key.Alias);
+        await e.Store.RenameAsync(newName).ConfigureAwait(true);
+        foreach (var (b, oldAlias) in old)
+        {
+            _bdevs.RenameAlias(b, oldAlias, b.Lvol.Alias);
+        }
+    }
+
+    public async Task<LvolBdev> CreateLvolAsync(LvsEntry e, string name, ulong sizeBytes, bool thin, int clearMethod)
+    {
+        var l = await e.Store.CreateLvolAsync(name, sizeBytes, thin, clearMethod).ConfigureAwait(true);
+        return RegisterLvol(e, l);
+    }
+
+    public async Task<LvolBdev> SnapshotAsync(LvolBdev origin, string name)
+    {
+        var e = StoreOf(origin);
+        var s = await e.Store.SnapshotAsync(origin.Lvol, name).ConfigureAwait(true);
+        return RegisterLvol(e, s);
+    }
+
+    public async Task<LvolBdev> CloneAsync(LvolBdev snapshot, string name)
+    {
+        var e = StoreOf(snapshot);
+        var c = await e.Store.CloneAsync(snapshot.Lvol, name).ConfigureAwait(true);
+        return RegisterLvol(e, c);
+    }
+
+    public async Task RenameLvolAsync(LvolBdev b, string newName)
+    {
+        var old = b.Lvol.Alias;
+        await StoreOf(b).Store.RenameLvolAsync(b.Lvol, newName).ConfigureAwait(true);
+        _bdevs.RenameAlias(b, old, b.Lvol.Alias);
+    }
+
+    public async Task ResizeAsync(LvolBdev b, ulong sizeBytes)
+    {
+        await StoreOf(b).Store.ResizeLvolAsync(b.Lvol, sizeBytes).ConfigureAwait(true);
+        b.Resized();
+    }
+
+    public Task SetReadOnlyAsync(LvolBdev b) => StoreOf(b).Store.SetReadOnlyAsync(b.Lvol);
+
+    public Task InflateAsync(LvolBdev b) => StoreOf(b).Store.InflateAsync(b.Lvol);
+
+    public Task DecoupleParentAsync(LvolBdev b) => StoreOf(b).Store.DecoupleParentAsync(b.Lvol);
+
+    /// <summary>bdev_lvol_delete: a snapshot with more than one clone is refused (-EBUSY) before its bdev goes.</summary>
+    public async Task DeleteLvolAsync(LvolBdev b)
+    {
+        var e = StoreOf(b);
+        if (b.Lvol.Clones.Count > 1)
+        {
+            throw new BlobException(BlobErrno.EBUSY, "snapshot has more than one clone");
+        }
+        await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+        e.Bdevs.Remove(b.Lvol);
+        await e.Store.DeleteLvolAsync(b.Lvol).ConfigureAwait(true);
+    }
+
+    /// <summary>At shutdown: every lvstore's bdevs unregistered and the store unloaded cleanly (clean flag set).</summary>
+    public override async Task FiniAsync()
+    {
+        foreach (var e in Stores)
+        {
+            try
+            {
+                await _main.InvokeAsync(async () =>
+                {
+                    foreach (var b in e.Bdevs.Values.ToList())
+                    {
+                        await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(5)).ConfigureAwait(true);
+                    }
+                    e.Bdevs.Clear();
+                    await e.Store.UnloadAsync().ConfigureAwait(true);
+                    await ReleaseAsync(e).ConfigureAwait(true);
+                    return 0;
+                }).WaitAsync(TimeSpan.FromSeconds(15)).ConfigureAwait(false);
+            }
+            catch (Exception ex)
+            {
+                _logger.LogError(ex, "lvol: unloading lvstore {Name} failed", e.Store.Name);
+            }
+        }
+    }
+}

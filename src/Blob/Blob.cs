@@ -1,0 +1,171 @@
+using System.Buffers.Binary;
+using System.Text;
+
+namespace VhostBackend.Blob;
+
+/// <summary>
+/// One blob's metadata in memory (SPDK's <c>struct spdk_blob</c>, active state): flags, xattrs, the cluster map
+/// (<see cref="Clusters"/>: the device cluster of each blob cluster, 0 = unallocated) and, for blobs in the
+/// extent-table format, the md page of each extent page (<see cref="ExtentPages"/>, one per 512 clusters,
+/// 0 = none). Mutated only by its <see cref="BlobStore"/> under the metadata serializer.
+/// </summary>
+public sealed class Blob
+{
+    internal Blob(ulong id) => Id = id;
+
+    public ulong Id { get; }
+
+    internal uint FirstPage => (uint)Id;
+
+    internal uint[] Clusters = [];
+    internal uint[] ExtentPages = [];
+    internal bool UseExtentTable = true;
+    /// <summary>The md pages of the chain: [0] is the blob id's page, the rest continuation pages.</summary>
+    internal List<uint> ChainPages = [];
+
+    public ulong InvalidFlags { get; internal set; }
+    public ulong DataRoFlags { get; internal set; }
+    public ulong MdRoFlags { get; internal set; }
+
+    internal readonly List<KeyValuePair<string, byte[]>> XattrList = [];
+    internal readonly List<KeyValuePair<string, byte[]>> InternalXattrList = [];
+
+    /// <summary>The parent blob object (kept equal to <see cref="ParentId"/> by the store), read by I/O threads
+    /// without a lookup.</summary>
+    internal volatile Blob? Parent;
+
+    /// <summary>Writes in flight on the bdev path (see <see cref="Frozen"/>).</summary>
+    internal int InFlightWrites;
+    /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it.</summary>
+    internal TaskCompletionSource? Frozen;
+
+    /// <summary>True while writes are quiesced: a writer on the fast path takes the slow one.</summary>
+    public bool IsFrozen => Volatile.Read(ref Frozen) != null;
+
+    /// <summary>Counts a write on the fast path; false (nothing counted) when the blob is quiesced.</summary>
+    public bool TryEnterFastWrite()
+    {
+        Interlocked.Increment(ref InFlightWrites);
+        if (Volatile.Read(ref Frozen) == null)
+        {
+            return true;
+        }
+        Interlocked.Decrement(ref InFlightWrites);
+        return false;
+    }
+
+    public void ExitFastWrite() => Interlocked.Decrement(ref InFlightWrites);
+
+    /// <summary>The parent blob (allocation-free, for the I/O path).</summary>
+    public Blob? ParentBlob => Parent;
+
+    public ulong NumClusters => (ulong)Clusters.Length;
+
+    public bool IsThinProvisioned => (InvalidFlags & BlobFormat.FlagThinProv) != 0;
+
+    public bool IsReadOnly => DataRoFlags != 0;
+
+    /// <summary>The clear method from md_ro_flags (0 default, 1 none, 2 unmap, 3 write zeroes).</summary>
+    public int ClearMethod => (int)(MdRoFlags & BlobFormat.MdRoClearMethodMask);
+
+    /// <summary>The snapshot this blob reads unallocated clusters from (internal xattr SNAP), or InvalidBlobId.</summary>
+    public ulong ParentId => TryGetXattr(BlobFormat.XattrSnapshot, true, out var v) && v.Length == 8
+        ? BinaryPrimitives.ReadUInt64LittleEndian(v) : BlobFormat.InvalidBlobId;
+
+    public IReadOnlyList<KeyValuePair<string, byte[]>> Xattrs => XattrList;
+
+    public IReadOnlyList<KeyValuePair<string, byte[]>> InternalXattrs => InternalXattrList;
+
+    public int AllocatedClusters
+    {
+        get
+        {
+            int n = 0;
+            foreach (var c in Clusters)
+            {
+                n += c != 0 ? 1 : 0;
+            }
+            return n;
+        }
+    }
+
+    /// <summary>The device cluster behind blob cluster <paramref name="index"/> (0: not allocated).</summary>
+    public uint ClusterAt(ulong index) => index < (ulong)Clusters.Length ? Clusters[index] : 0;
+
+    public bool TryGetXattr(string name, bool internalXattr, out byte[] value)
+    {
+        foreach (var kv in internalXattr ? InternalXattrList : XattrList)
+        {
+            if (kv.Key == name)
+            {
+                value = kv.Value;
+                return true;
+            }
+        }
+        value = [];
+        return false;
+    }
+
+    /// <summary>An xattr read as a NUL-terminated string (lvol names and uuids), null when absent.</summary>
+    public string? GetStringXattr(string name)
+    {
+        if (!TryGetXattr(name, false, out var v))
+        {
+            return null;
+        }
+        int n = Array.IndexOf(v, (byte)0);
+        return Encoding.UTF8.GetString(v, 0, n < 0 ? v.Length : n);
+    }
+
+    internal void SetXattr(string name, byte[] value, bool internalXattr)
+    {
+        var list = internalXattr ? InternalXattrList : XattrList;
+        for (int i = 0; i < list.Count; i++)
+        {
+            if (list[i].Key == name)
+            {
+                list[i] = new(name, value);
+                return;
+            }
+        }
+        list.Add(new(name, value));
+        if (internalXattr)
+        {
+            InvalidFlags |= BlobFormat.FlagInternalXattr;
+        }
+    }
+
+    internal bool RemoveXattr(string name, bool internalXattr)
+    {
+        var list = internalXattr ? InternalXattrList : XattrList;
+        int i = list.FindIndex(kv => kv.Key == name);
+        if (i < 0)
+        {
+            return false;
+        }
+        list.RemoveAt(i);
+        if (internalXattr && list.Count == 0)
+        {
+            InvalidFlags &= ~BlobFormat.FlagInternalXattr;
+        }
+        return true;
+    }
+
+    internal void SetParent(ulong parentId)
+    {
+        if (parentId == BlobFormat.InvalidBlobId)
+        {
+            RemoveXattr(BlobFormat.XattrSnapshot, true);
+            return;
+        }
+        var v = new byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(v, parentId);
+        SetXattr(BlobFormat.XattrSnapshot, v, true);
+    }
+
+    internal void ResizeMaps(ulong clusters)
+    {
+        Array.Resize(ref Clusters, checked((int)clusters));
+        Array.Resize(ref ExtentPages, BlobFormat.DivRoundUp((long)clusters, BlobFormat.ExtentsPerPage));
+    }
+}

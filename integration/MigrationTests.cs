@@ -71,6 +71,13 @@ public sealed class MigrationTests(ITestOutputHelper output)
         await WaitForIo(daemon, 300);
 
         await using var dest = await QemuGuest.StartAsync(Options("mig-dst", "unix:" + migSock));
+        var listen = Stopwatch.StartNew();
+        while (!File.Exists(migSock))
+        {
+            Assert.True(listen.Elapsed < TimeSpan.FromSeconds(60), "the destination never listened for the migration");
+            await Task.Delay(100);
+        }
+
         await using (var qmp = await Qmp.ConnectAsync(source.QmpSocketPath, TimeSpan.FromSeconds(10)))
         {
             await qmp.ExecuteAsync("migrate-set-parameters", new JsonObject { ["max-bandwidth"] = 4L << 30, ["downtime-limit"] = 2000 });

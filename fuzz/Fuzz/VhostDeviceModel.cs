@@ -51,7 +51,7 @@ internal sealed class VhostDeviceModel : IVhostUserDevice
         return Task.FromResult<IVhostQueueRunner>(new Runner(q));
     }
 
-    private void Walk(SplitVirtqueue q, ushort head)
+    private void Walk(DeviceVirtqueue q, ushort head)
     {
         if (head >= q.Size)
         {
@@ -73,11 +73,11 @@ internal sealed class VhostDeviceModel : IVhostUserDevice
     {
     }
 
-    private sealed class Runner(SplitVirtqueue queue) : IVhostQueueRunner
+    private sealed class Runner(DeviceVirtqueue queue) : IVhostQueueRunner
     {
         public int InFlight => 0;
 
-        public Task<ushort> StopAsync() => Task.FromResult(queue.LastAvailIdx);
+        public Task<uint> StopAsync() => Task.FromResult(queue.VringBase);
 
         public Task SetCallAsync(EventFd? call) => Task.CompletedTask;
     }

@@ -62,6 +62,13 @@ public sealed class QemuGuestOptions
     public string? Name { get; init; }
 
     /// <summary>
+    /// A migration destination: QEMU starts with <c>-incoming</c> and this URI (e.g. <c>unix:/path</c>), and
+    /// <see cref="QemuGuest.StartAsync"/> returns once the agent socket is connected, without waiting for a boot
+    /// (the guest runs once the migration completes; then the agent answers as on the source).
+    /// </summary>
+    public string? Incoming { get; init; }
+
+    /// <summary>
     /// Optional log sink (e.g. <c>ITestOutputHelper.WriteLine</c>) for the QEMU command line, QEMU's own
     /// stderr and every executed command. Exceptions thrown by the sink are ignored.
     /// </summary>
@@ -336,6 +343,12 @@ public sealed class QemuGuest : IAsyncDisposable
         }
 
         args.Add("--");
+        if (options.Incoming is { } incoming)
+        {
+            args.Add("-incoming");
+            args.Add(incoming);
+        }
+
         foreach (var qarg in options.ExtraQemuArgs)
         {
             args.Add(qarg);
@@ -365,6 +378,11 @@ public sealed class QemuGuest : IAsyncDisposable
             using var bootCts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             bootCts.CancelAfter(options.BootTimeout);
             await guest.ConnectAgentAsync(bootCts.Token, options.BootTimeout, cancellationToken).ConfigureAwait(false);
+            if (options.Incoming is not null)
+            {
+                guest.LogLine($"migration destination waiting on {options.Incoming} (pid {process.Id}, work dir {workDir})");
+                return guest;
+            }
 
             var remaining = options.BootTimeout - sw.Elapsed;
             if (remaining < TimeSpan.FromSeconds(1))

@@ -63,13 +63,13 @@ public sealed class VhostManager : IAsyncDisposable
     /// <see cref="VhostException"/> with SPDK's errno: EEXIST (name taken), ENODEV (no such bdev), EPERM (bdev
     /// claimed by a module), EINVAL (bad name or cpumask), EIO (socket).
     /// </summary>
-    public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly, bool client = false)
+    public VhostBlkController CreateBlkController(string name, string bdevName, string? cpumask, bool readOnly, bool client = false, bool packedRing = false)
     {
         var ctrlr = Create(name, cpumask, client, false, (path, mask) =>
         {
             try
             {
-                return new VhostBlkController(name, path, mask, _runtime, _bdevs, bdevName, readOnly, _loggerFactory.CreateLogger("vhost_blk"));
+                return new VhostBlkController(name, path, mask, _runtime, _bdevs, bdevName, readOnly, _loggerFactory.CreateLogger("vhost_blk"), packedRing);
             }
             catch (BdevNotFoundException e)
             {

@@ -53,7 +53,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     private uint _usedReqCount;
     private uint _reqCount;
 
-    protected VhostQueue(VhostController controller, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor, string kind)
+    protected VhostQueue(VhostController controller, VhostUserSession session, int index, DeviceVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor, string kind)
     {
         Controller = controller;
         Session = session;
@@ -70,7 +70,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     public VhostUserSession Session { get; }
     public int Index { get; }
     public Reactor Reactor { get; }
-    protected SplitVirtqueue Vq { get; }
+    protected DeviceVirtqueue Vq { get; }
     protected ILogger Logger => Controller.Logger;
 
     /// <summary>Requests taken from the ring and not yet completed (racy read off the reactor).</summary>
@@ -127,7 +127,7 @@ public abstract class VhostQueue : IVhostQueueRunner
         }
     }
 
-    public Task<ushort> StopAsync() => Reactor.InvokeAsync(async () =>
+    public Task<uint> StopAsync() => Reactor.InvokeAsync(async () =>
     {
         _stopping = true;
         await WaitDrainedAsync().ConfigureAwait(true);
@@ -140,17 +140,21 @@ public abstract class VhostQueue : IVhostQueueRunner
 
         OnStop();
         Controller.UntrackQueue(this);
-        return Vq.LastAvailIdx;
+        return Vq.VringBase;
     });
 
     public Task SetCallAsync(EventFd? call) => Reactor.InvokeAsync(() =>
     {
+        var old = _call;
         _call = call;
-        if (call is not null && _signalOwed)
+        if (call is not null && (_signalOwed || (old is not null && old != call)))
         {
             // Used entries were published while there was no call fd: QEMU sends SET_VRING_CALL after the
             // queue started, and the guest can submit (and we complete) in between. Interrupt now, or the
             // driver waits forever. A spurious interrupt is harmless.
+            // Likewise when the fd changes: after a VM stop/cont QEMU tears down its guest notifiers (closing the
+            // old call eventfd) and the queue restarts with the stale one until SET_VRING_CALL arrives; a
+            // completion signalled in between went nowhere (found by the packed-ring stop/cont test, issue 19).
             _signalOwed = false;
             _signalPending = false;
             PublishUsed();

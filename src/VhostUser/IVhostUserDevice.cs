@@ -11,7 +11,7 @@ namespace VhostBackend.VhostUser;
 /// <paramref name="Resubmit"/>: heads a previous back end took and never completed, oldest first, to process before
 /// anything new from the avail ring (the ring's base already counts them).
 /// </summary>
-public readonly record struct VhostUserReadyQueue(int Index, SplitVirtqueue Queue, EventFd? Call, EventFd? Kick, InflightQueue? Inflight = null, ushort[]? Resubmit = null);
+public readonly record struct VhostUserReadyQueue(int Index, DeviceVirtqueue Queue, EventFd? Call, EventFd? Kick, InflightQueue? Inflight = null, ushort[]? Resubmit = null);
 
 /// <summary>
 /// The device behind a vhost-user session (virtio-blk, virtio-scsi): what it offers and how its queues run. The
@@ -50,8 +50,8 @@ public interface IVhostUserDevice
 /// <summary>A running queue, owned by its reactor. Methods are called from the protocol thread and hop to the reactor.</summary>
 public interface IVhostQueueRunner
 {
-    /// <summary>Stops taking requests, waits for in-flight ones to complete, stops polling; returns last_avail_idx.</summary>
-    Task<ushort> StopAsync();
+    /// <summary>Stops taking requests, waits for in-flight ones to complete, stops polling; returns the GET_VRING_BASE value (<see cref="DeviceVirtqueue.VringBase"/>).</summary>
+    Task<uint> StopAsync();
 
     /// <summary>Switches the call eventfd (QEMU does this when the guest masks/unmasks the queue's interrupt).</summary>
     Task SetCallAsync(EventFd? call);

@@ -83,6 +83,9 @@ public static class VhostUserConstants
     /// <summary>Virtio feature bit 30: the front end may use GET/SET_PROTOCOL_FEATURES.</summary>
     public const int ProtocolFeaturesBit = 30;
 
+    /// <summary>VHOST_F_LOG_ALL (feature bit 26): the back end logs its writes into guest memory in the dirty log (live migration).</summary>
+    public const int LogAllBit = 26;
+
     public const uint VersionMask = 0x3;
     public const uint Version = 0x1;
     public const uint FlagReply = 0x4;
@@ -178,6 +181,20 @@ public struct VhostUserVringState
 
     /// <summary>The queue index is one of <paramref name="queues"/>.</summary>
     public readonly bool IsValid(int queues) => Index < (uint)queues;
+}
+
+/// <summary>VhostUserLog, the SET_LOG_BASE payload (16 bytes): the dirty log's size and offset in the fd sent with it.</summary>
+[StructLayout(LayoutKind.Sequential, Size = 16)]
+public struct VhostUserLog
+{
+    /// <summary>Largest log we map: 1 GiB of bitmap covers 32 TiB of guest-physical space.</summary>
+    public const ulong MaxSize = 1UL << 30;
+
+    public ulong MmapSize;
+    public ulong MmapOffset;
+
+    /// <summary>A non-empty log of at most <see cref="MaxSize"/> bytes whose end does not wrap.</summary>
+    public readonly bool IsValid => MmapSize != 0 && MmapSize <= MaxSize && MmapOffset <= ulong.MaxValue - MmapSize;
 }
 
 /// <summary>struct vhost_vring_addr (40 bytes): addresses are in the front end's virtual address space.</summary>

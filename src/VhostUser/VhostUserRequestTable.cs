@@ -160,6 +160,9 @@ public static class VhostUserRequestTable
         Row(VhostUserRequest.GetInflightFd, VhostUserInflight.FieldBytes, inflight, 0, 0, VhostUserProtocolFeature.InflightShmfd, always);
         Row(VhostUserRequest.SetInflightFd, VhostUserInflight.FieldBytes, inflight, 1, 1, VhostUserProtocolFeature.InflightShmfd, ack);
         Row(VhostUserRequest.GetStatus, 0, u64, 0, 0, VhostUserProtocolFeature.Status, always);
+
+        // With LOG_SHMFD the front end waits for a reply once the log is mapped (QEMU reads one, libvhost-user sends a u64).
+        Row(VhostUserRequest.SetLogBase, 16, 16, 1, 1, VhostUserProtocolFeature.LogShmfd, always);
         return t;
     }
 }

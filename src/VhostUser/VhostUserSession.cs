@@ -30,7 +30,10 @@ public sealed class VhostUserSession
     private readonly object _backendLock = new();
     private VhostUserEndpoint? _backend;
     private InflightBuffer? _inflight;
+    private MappedRegion? _logMap;
+    private DirtyLog? _dirtyLog;
     private bool _shrinkWarned;
+    private bool _packedInflightWarned;
     private ulong _features;
     private ulong _protocolFeatures;
     private bool _featuresSet;
@@ -100,6 +103,9 @@ public sealed class VhostUserSession
 
     private bool Has(int protocolFeature) => (_protocolFeatures & (1UL << protocolFeature)) != 0;
 
+    /// <summary>VIRTIO_F_RING_PACKED negotiated: rings use the packed layout.</summary>
+    private bool Packed => (_features & (1UL << VirtioFeatures.RingPacked)) != 0;
+
     /// <summary>Starts the protocol thread.</summary>
     public void Start()
     {
@@ -141,6 +147,9 @@ public sealed class VhostUserSession
                 _memory.Dispose();
                 _inflight?.Dispose();
                 _inflight = null;
+                _dirtyLog = null;
+                _logMap?.Dispose();
+                _logMap = null;
                 lock (_backendLock)
                 {
                     _backend?.Dispose();
@@ -281,6 +290,8 @@ public sealed class VhostUserSession
                 return GetInflightFd(ReadInflight(p));
             case VhostUserRequest.SetInflightFd:
                 return SetInflightFd(ReadInflight(p), fds);
+            case VhostUserRequest.SetLogBase:
+                return SetLogBase(MemoryMarshal.Read<VhostUserLog>(p), fds);
             case VhostUserRequest.SetBackendReqFd:
                 lock (_backendLock)
                 {
@@ -321,7 +332,22 @@ public sealed class VhostUserSession
             return Refuse("SET_FEATURES", -1, features & ~_device.Features);
         }
 
+        bool logAll = (features & (1UL << VhostUserConstants.LogAllBit)) != 0;
+        if (logAll && _dirtyLog is null)
+        {
+            // Logging without a log would let migration copy stale pages: refuse (QEMU waits for this reply).
+            return Refuse("SET_FEATURES with VHOST_F_LOG_ALL before SET_LOG_BASE", -1, features);
+        }
+
+        bool logChanged = logAll != ((_features & (1UL << VhostUserConstants.LogAllBit)) != 0);
         Volatile.Write(ref _features, features);
+        if (logChanged)
+        {
+            // Running queues pick the logging state up when they start: restart them (in-flight requests drain).
+            _log.LogInformation("vhost session {Name}: dirty page logging {State}", Name, logAll ? "on" : "off");
+            RestartQueues();
+        }
+
         if (!_featuresSet)
         {
             // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled; with it they wait for SET_VRING_ENABLE.
@@ -346,6 +372,68 @@ public sealed class VhostUserSession
 
         Volatile.Write(ref _protocolFeatures, features);
         return true;
+    }
+
+    private void RestartQueues()
+    {
+        StopAllQueues();
+        foreach (var v in _vrings)
+        {
+            TryStartQueue(v);
+        }
+    }
+
+    // ---- dirty page log (live migration) -----------------------------------------------------------------
+
+    /// <summary>
+    /// SET_LOG_BASE (LOG_SHMFD): maps the front end's dirty log: its size and offset checked against the file, at
+    /// most <see cref="VhostUserLog.MaxSize"/> bytes. Queues stop while the log is swapped (a resize replaces it
+    /// while rings run) and restart on the new one; the old mapping goes only once nothing writes to it. The reply
+    /// (a u64 0, or 1 when refused) tells the front end the log is in place.
+    /// </summary>
+    private bool SetLogBase(in VhostUserLog m, Span<int> fds)
+    {
+        MappedRegion? map = null;
+        string error = "";
+        if (!m.IsValid)
+        {
+            error = $"size {m.MmapSize} offset {m.MmapOffset}";
+        }
+        else if (Fd.GetFileSize(fds[0], out long fileSize, out bool regular) != 0 || !regular || (ulong)fileSize < m.MmapOffset + m.MmapSize)
+        {
+            error = $"the log fd is not a file of at least offset {m.MmapOffset} + size {m.MmapSize} bytes";
+        }
+        else
+        {
+            try
+            {
+                map = MappedRegion.Map(fds[0], m.MmapOffset + m.MmapSize);
+            }
+            catch (IOException e)
+            {
+                error = e.Message;
+            }
+        }
+
+        if (map is null)
+        {
+            Refuse("SET_LOG_BASE", -1, error);
+            Reply(VhostUserRequest.SetLogBase, 1);
+            return false;
+        }
+
+        StopAllQueues();
+        var old = _logMap;
+        _logMap = map;
+        _dirtyLog = new DirtyLog(map.Pointer + (nint)m.MmapOffset, m.MmapSize);
+        old?.Dispose();
+        foreach (var v in _vrings)
+        {
+            TryStartQueue(v);
+        }
+
+        _log.LogInformation("vhost session {Name}: dirty log of {Size} bytes mapped (covers {Covered} MiB of guest memory)", Name, m.MmapSize, _dirtyLog.CoveredBytes >> 20);
+        return Reply(VhostUserRequest.SetLogBase, 0);
     }
 
     private void ResetDevice()
@@ -472,7 +560,7 @@ public sealed class VhostUserSession
                 e = v.SetNum(s.Num);
                 break;
             case VhostUserRequest.SetVringBase:
-                e = v.SetBase(s.Num);
+                e = v.SetBase(s.Num, Packed);
                 break;
             case VhostUserRequest.GetVringBase:
                 StopQueue(v);
@@ -624,7 +712,12 @@ public sealed class VhostUserSession
 
         var a = v.Address!.Value;
         bool eventIdx = (_features & (1UL << VirtioFeatures.RingEventIdx)) != 0;
-        var vq = SplitVirtqueue.Create(_memory.Memory, v.Num, a.DescUserAddr, a.AvailUserAddr, a.UsedUserAddr, eventIdx, v.Base, out string error);
+        if (Packed)
+        {
+            return TryStartPacked(v, a, eventIdx);
+        }
+
+        var vq = SplitVirtqueue.Create(_memory.Memory, v.Num, a.DescUserAddr, a.AvailUserAddr, a.UsedUserAddr, eventIdx, (ushort)v.Base, out string error);
         if (vq is null)
         {
             return Refuse("queue not started", v.Index, error);
@@ -656,6 +749,41 @@ public sealed class VhostUserSession
             }
         }
 
+        return StartRunner(v, vq, inflight, resubmit, eventIdx);
+    }
+
+    /// <summary>
+    /// A packed ring (VIRTIO_F_RING_PACKED): avail = the driver event suppression area, used = the device's. In-flight
+    /// tracking is QEMU's split format only: with a packed ring the buffer a front end gave is left untouched (no
+    /// request is recovered after a back-end crash), which is said once per session.
+    /// </summary>
+    private bool TryStartPacked(VringState v, in VhostUserVringAddr a, bool eventIdx)
+    {
+        var vq = PackedVirtqueue.Create(_memory.Memory, v.Num, a.DescUserAddr, a.AvailUserAddr, a.UsedUserAddr, eventIdx, v.Base, out string error);
+        if (vq is null)
+        {
+            return Refuse("packed queue not started", v.Index, error);
+        }
+
+        if (_inflight is not null && !_packedInflightWarned)
+        {
+            _packedInflightWarned = true;
+            _log.LogWarning("vhost session {Name}: in-flight tracking is not supported with packed rings; requests in flight at a back-end crash are not recovered", Name);
+        }
+
+        return StartRunner(v, vq, null, null, eventIdx);
+    }
+
+    private bool StartRunner(VringState v, DeviceVirtqueue vq, InflightQueue? inflight, ushort[]? resubmit, bool eventIdx)
+    {
+        // Live migration: with VHOST_F_LOG_ALL every device write into guest memory is logged; used ring writes
+        // too when the ring's VHOST_VRING_F_LOG is set, at its log_guest_addr.
+        var a = v.Address!.Value;
+        if ((_features & (1UL << VhostUserConstants.LogAllBit)) != 0 && _dirtyLog is { } dirty)
+        {
+            vq.SetDirtyLog(dirty, (a.Flags & VhostUserVringAddr.FlagLog) != 0, a.LogGuestAddr);
+        }
+
         try
         {
             v.MarkStarted(_device.StartQueueAsync(this, new VhostUserReadyQueue(v.Index, vq, v.Call, v.Kick, inflight, resubmit)).GetAwaiter().GetResult());
@@ -666,8 +794,8 @@ public sealed class VhostUserSession
             return false;
         }
 
-        _log.LogInformation("vhost session {Name}: queue {Index} started (size {Size}, base {Base}, event_idx {EventIdx}, kick {Kick}, call {Call})",
-            Name, v.Index, v.Num, v.Base, eventIdx, v.Kick is not null, v.Call is not null);
+        _log.LogInformation("vhost session {Name}: queue {Index} started ({Layout}, size {Size}, base 0x{Base:x}, event_idx {EventIdx}, kick {Kick}, call {Call})",
+            Name, v.Index, vq.IsPacked ? "packed" : "split", v.Num, v.Base, eventIdx, v.Kick is not null, v.Call is not null);
         return true;
     }
 
@@ -676,7 +804,7 @@ public sealed class VhostUserSession
         if (v.Runner is { } runner)
         {
             v.MarkStopped(runner.StopAsync().GetAwaiter().GetResult());
-            _log.LogInformation("vhost session {Name}: queue {Index} stopped at {Base}", Name, v.Index, v.Base);
+            _log.LogInformation("vhost session {Name}: queue {Index} stopped at 0x{Base:x}", Name, v.Index, v.Base);
         }
     }
 

@@ -11,7 +11,7 @@ public enum VringError
     /// <summary>SET_VRING_NUM: not a power of two in 1..32768.</summary>
     BadSize,
 
-    /// <summary>SET_VRING_BASE: not a 16-bit index.</summary>
+    /// <summary>SET_VRING_BASE: not a 16-bit index (split ring), or an index beyond the ring (packed ring).</summary>
     BadBase,
 
     /// <summary>SET_VRING_ENABLE: neither 0 nor 1.</summary>
@@ -42,8 +42,11 @@ public sealed class VringState
 
     public VhostUserVringAddr? Address { get; private set; }
 
-    /// <summary>The next avail index to process (SET_VRING_BASE, or where a stopped runner left off).</summary>
-    public ushort Base { get; private set; }
+    /// <summary>
+    /// The next avail index to process (SET_VRING_BASE, or where a stopped runner left off); for a packed ring the
+    /// 32-bit value of vhost-user.rst (avail index and wrap counter, used index and wrap counter).
+    /// </summary>
+    public uint Base { get; private set; }
 
     public EventFd? Call { get; private set; }
 
@@ -80,19 +83,20 @@ public sealed class VringState
         return VringError.None;
     }
 
-    public VringError SetBase(uint value)
+    public VringError SetBase(uint value, bool packed = false)
     {
         if (Started)
         {
             return VringError.Running;
         }
 
-        if (value > ushort.MaxValue)
+        // Packed: bits 0-14 and 16-30 are ring positions (checked against the size when the ring starts).
+        if (!packed && value > ushort.MaxValue)
         {
             return VringError.BadBase;
         }
 
-        Base = (ushort)value;
+        Base = value;
         return VringError.None;
     }
 
@@ -165,11 +169,11 @@ public sealed class VringState
     /// <summary>The device took the ring.</summary>
     public void MarkStarted(IVhostQueueRunner runner) => Runner = runner;
 
-    /// <summary>The device gave the ring back at <paramref name="lastAvail"/>.</summary>
-    public void MarkStopped(ushort lastAvail)
+    /// <summary>The device gave the ring back at <paramref name="vringBase"/> (what GET_VRING_BASE returns).</summary>
+    public void MarkStopped(uint vringBase)
     {
         Runner = null;
-        Base = lastAvail;
+        Base = vringBase;
     }
 
     /// <summary>GET_VRING_BASE on a stopped ring: the kick fd is dropped, a new SET_VRING_KICK is needed to start again.</summary>

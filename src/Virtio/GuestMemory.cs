@@ -123,4 +123,25 @@ public sealed class GuestMemory
         host = 0;
         return false;
     }
+
+    /// <summary>
+    /// The guest-physical address of a host pointer inside one of the regions (a segment a chain walk produced):
+    /// for the dirty log, which is indexed by guest-physical page. False when no region holds it.
+    /// </summary>
+    public bool TryHostToGpa(nint host, out ulong gpa)
+    {
+        var regions = _regions;
+        for (int i = 0; i < regions.Length; i++)
+        {
+            ref readonly var r = ref regions[i];
+            if (host >= r.Host && (ulong)(host - r.Host) < r.Size)
+            {
+                gpa = r.GuestPhysAddr + (ulong)(host - r.Host);
+                return true;
+            }
+        }
+
+        gpa = 0;
+        return false;
+    }
 }

@@ -25,7 +25,7 @@ public enum PopResult
 /// load of the driver's field (used_event / avail.flags / avail.idx), the store-load pairing the spec requires.</item>
 /// </list>
 /// </summary>
-public sealed unsafe class SplitVirtqueue
+public sealed unsafe class SplitVirtqueue : DeviceVirtqueue
 {
     public const int MaxQueueSize = 32768;
     public const ushort AvailFlagNoInterrupt = 1;
@@ -39,6 +39,7 @@ public sealed unsafe class SplitVirtqueue
     private ushort _publishedUsed;
     private bool _signalledUsedValid;
     private bool _notifyEnabled;
+    private ushort _lastUsed;
 
     private SplitVirtqueue(GuestMemory memory, ushort size, nint desc, nint avail, nint used, bool eventIdx, ushort lastAvail)
     {
@@ -51,19 +52,22 @@ public sealed unsafe class SplitVirtqueue
         LastAvailIdx = lastAvail;
 
         // The used index the driver sees is our starting point (equal to lastAvail after a clean stop).
-        LastUsedIdx = Volatile.Read(ref _ring.UsedIdx);
-        _publishedUsed = LastUsedIdx;
+        _lastUsed = Volatile.Read(ref _ring.UsedIdx);
+        _publishedUsed = _lastUsed;
     }
 
-    public ushort Size { get; }
-    public bool EventIdx { get; }
-    public GuestMemory Memory => _memory;
+    public override ushort Size { get; }
+    public override bool EventIdx { get; }
+    public override bool IsPacked => false;
+    public override GuestMemory Memory => _memory;
 
     /// <summary>Next avail ring slot to consume (GET/SET_VRING_BASE).</summary>
     public ushort LastAvailIdx { get; private set; }
 
     /// <summary>Next used ring slot to fill (shadow of used.idx).</summary>
-    public ushort LastUsedIdx { get; private set; }
+    public override ushort LastUsedIdx => _lastUsed;
+
+    public override uint VringBase => LastAvailIdx;
 
     /// <summary>Byte sizes of the three parts for a queue of <paramref name="size"/> entries (with the event-idx fields).</summary>
     public static ulong DescTableBytes(uint size) => 16UL * size;
@@ -121,10 +125,10 @@ public sealed unsafe class SplitVirtqueue
     }
 
     /// <summary>Whether the driver has published heads we have not consumed (acquire read of avail.idx).</summary>
-    public bool HasAvailable => Volatile.Read(ref _ring.AvailIdx) != LastAvailIdx;
+    public override bool HasAvailable => Volatile.Read(ref _ring.AvailIdx) != LastAvailIdx;
 
     /// <summary>Consumes the next available head, if any.</summary>
-    public PopResult TryPop(out ushort head)
+    public override PopResult TryPop(out ushort head)
     {
         head = 0;
 
@@ -151,6 +155,7 @@ public sealed unsafe class SplitVirtqueue
         {
             // Keep asking for a kick at the next new head while notifications are armed.
             Volatile.Write(ref _ring.AvailEvent, LastAvailIdx);
+            LogUsedArea(4 + (8UL * Size), 2);
         }
 
         head = h;
@@ -162,7 +167,7 @@ public sealed unsafe class SplitVirtqueue
     /// that cross memory regions. Bounded: at most one pass over the table (or the indirect table), no nested
     /// indirect tables, readable buffers before writable ones.
     /// </summary>
-    public ChainError WalkChain(ushort head, Span<DescSegment> segments, out ChainInfo info)
+    public override ChainError WalkChain(ushort head, Span<DescSegment> segments, out ChainInfo info)
     {
         info = default;
         info.FirstWritable = -1;
@@ -285,52 +290,47 @@ public sealed unsafe class SplitVirtqueue
         return ChainError.None;
     }
 
-    /// <summary>Returns a chain to the driver: writes the used element, then publishes used.idx.</summary>
-    public void PushUsed(ushort head, uint length)
-    {
-        AddUsed(head, length);
-        PublishUsed();
-    }
-
     /// <summary>
     /// Writes a used element without publishing it: the driver sees it after <see cref="PublishUsed"/>. Batching
     /// the index store saves a cache-line transfer to the polling driver per request.
     /// </summary>
-    public void AddUsed(ushort head, uint length)
+    public override void AddUsed(ushort head, uint length)
     {
         // Compare before writing: a driver that reuses its heads (a polling driver at low queue depth reuses the
         // same one) finds the element unchanged, and the line stays shared in its cache instead of moving to us and
         // back: two cache-line transfers less per request. Skipping an equal store cannot change what the driver
         // reads; the used.idx release store in PublishUsed still orders what was written.
-        var elem = _ring.UsedRing + (LastUsedIdx & _mask);
+        var elem = _ring.UsedRing + (_lastUsed & _mask);
         if (elem->Id != head || elem->Len != length)
         {
             elem->Id = head;
             elem->Len = length;
+            LogUsedArea(4 + (8UL * (ulong)(_lastUsed & _mask)), 8);
         }
 
-        LastUsedIdx++;
+        _lastUsed++;
     }
 
     /// <summary>Publishes every element added since the last call (one used.idx store).</summary>
-    public void PublishUsed()
+    public override void PublishUsed()
     {
-        if (_publishedUsed == LastUsedIdx)
+        if (_publishedUsed == _lastUsed)
         {
             return;
         }
 
-        _publishedUsed = LastUsedIdx;
+        _publishedUsed = _lastUsed;
 
         // Release: the elements written before are visible to the driver before the index that publishes them.
-        Volatile.Write(ref _ring.UsedIdx, LastUsedIdx);
+        Volatile.Write(ref _ring.UsedIdx, _lastUsed);
+        LogUsedArea(2, 2);
     }
 
     /// <summary>
     /// Whether the driver wants an interrupt for the used entries published since the last call (EVENT_IDX:
     /// used_event crossed; otherwise: VRING_AVAIL_F_NO_INTERRUPT clear).
     /// </summary>
-    public bool NeedsNotify()
+    public override bool NeedsNotify()
     {
         // Full fence: our used.idx store must be visible before we read used_event / avail.flags, or the
         // driver could re-enable interrupts after our read and miss the entry (store-load ordering).
@@ -361,16 +361,18 @@ public sealed unsafe class SplitVirtqueue
     /// Asks the driver to kick us on new heads (interrupt mode). Returns true when heads arrived meanwhile, in
     /// which case the caller must poll instead of sleeping.
     /// </summary>
-    public bool EnableNotify()
+    public override bool EnableNotify()
     {
         _notifyEnabled = true;
         if (EventIdx)
         {
             Volatile.Write(ref _ring.AvailEvent, LastAvailIdx);
+            LogUsedArea(4 + (8UL * Size), 2);
         }
         else
         {
             Volatile.Write(ref _ring.UsedFlags, (ushort)(Volatile.Read(ref _ring.UsedFlags) & ~UsedFlagNoNotify));
+            LogUsedArea(0, 2);
         }
 
         // Full fence: the store above must be visible before we re-read avail.idx (store-load), so either the
@@ -380,12 +382,13 @@ public sealed unsafe class SplitVirtqueue
     }
 
     /// <summary>Tells the driver not to kick (polling). With EVENT_IDX the stale avail_event already suppresses kicks.</summary>
-    public void DisableNotify()
+    public override void DisableNotify()
     {
         _notifyEnabled = false;
         if (!EventIdx)
         {
             Volatile.Write(ref _ring.UsedFlags, (ushort)(Volatile.Read(ref _ring.UsedFlags) | UsedFlagNoNotify));
+            LogUsedArea(0, 2);
         }
     }
 }

@@ -30,6 +30,40 @@ public struct VirtqDesc
     public ushort Next;
 }
 
+/// <summary>struct pvirtq_desc (virtio 1.2, 2.8.13: 16 bytes, little endian): a packed ring descriptor.</summary>
+[StructLayout(LayoutKind.Sequential, Size = 16)]
+public struct VirtqPackedDesc
+{
+    public const ushort FlagNext = 1;
+    public const ushort FlagWrite = 2;
+    public const ushort FlagIndirect = 4;
+    public const ushort FlagAvail = 1 << 7;
+    public const ushort FlagUsed = 1 << 15;
+
+    public ulong Addr;
+    public uint Len;
+    public ushort Id;
+    public ushort Flags;
+}
+
+/// <summary>struct pvirtq_event_suppress (virtio 1.2, 2.8.14: 4 bytes): the driver's and the device's event suppression areas.</summary>
+[StructLayout(LayoutKind.Sequential, Size = 4)]
+public struct VirtqEventSuppress
+{
+    /// <summary>Notifications enabled.</summary>
+    public const ushort Enable = 0;
+
+    /// <summary>Notifications disabled.</summary>
+    public const ushort Disable = 1;
+
+    /// <summary>Notify when the descriptor at OffWrap is reached (needs VIRTIO_F_RING_EVENT_IDX).</summary>
+    public const ushort Desc = 2;
+
+    /// <summary>Bits 0-14: descriptor ring offset; bit 15: wrap counter.</summary>
+    public ushort OffWrap;
+    public ushort Flags;
+}
+
 /// <summary>struct virtq_used_elem (8 bytes).</summary>
 [StructLayout(LayoutKind.Sequential, Size = 8)]
 public struct VirtqUsedElem

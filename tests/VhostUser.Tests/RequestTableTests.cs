@@ -61,9 +61,14 @@ public class RequestTableTests
     public void UnknownAndUnsupportedRequestsAreRefusedOrClosed()
     {
         Assert.Equal(VhostUserError.Unsupported, VhostUserRequestTable.Check(H((VhostUserRequest)999, 8), 0, AllProtocol));
-        Assert.Equal(VhostUserError.Unsupported, VhostUserRequestTable.Check(H(VhostUserRequest.SetLogBase, 16), 0, AllProtocol));
+        Assert.Equal(VhostUserError.Unsupported, VhostUserRequestTable.Check(H(VhostUserRequest.SetLogFd, 0), 0, AllProtocol));
         Assert.True(VhostUserRequestTable.IsRefusable(999, VhostUserError.Unsupported));
-        Assert.True(VhostUserRequestTable.IsRefusable((uint)VhostUserRequest.SetLogBase, VhostUserError.Unsupported));
+        Assert.True(VhostUserRequestTable.IsRefusable((uint)VhostUserRequest.SetLogFd, VhostUserError.Unsupported));
+
+        // SET_LOG_BASE (issue 19): needs LOG_SHMFD and its fd, and always has a reply.
+        Assert.Equal(VhostUserError.MissingFds, VhostUserRequestTable.Check(H(VhostUserRequest.SetLogBase, 16), 0, AllProtocol));
+        Assert.Equal(VhostUserError.None, VhostUserRequestTable.Check(H(VhostUserRequest.SetLogBase, 16), 1, AllProtocol));
+        Assert.Equal(VhostUserReplyKind.Always, VhostUserRequestTable.Get((uint)VhostUserRequest.SetLogBase).Reply);
         Assert.False(VhostUserRequestTable.IsRefusable((uint)VhostUserRequest.GetInflightFd, VhostUserError.Unsupported));
         Assert.Equal(VhostUserReplyKind.Always, VhostUserRequestTable.Get((uint)VhostUserRequest.GetVringBase).Reply);
         Assert.Equal(VhostUserReplyKind.Ack, VhostUserRequestTable.Get((uint)VhostUserRequest.SetVringBase).Reply);

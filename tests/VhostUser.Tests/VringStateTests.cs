@@ -7,11 +7,11 @@ public class VringStateTests
 {
     private sealed class Runner : IVhostQueueRunner
     {
-        public ushort StopAt { get; init; }
+        public uint StopAt { get; init; }
 
         public int InFlight => 0;
 
-        public Task<ushort> StopAsync() => Task.FromResult(StopAt);
+        public Task<uint> StopAsync() => Task.FromResult(StopAt);
 
         public Task SetCallAsync(EventFd? call) => Task.CompletedTask;
     }
@@ -55,7 +55,7 @@ public class VringStateTests
 
         v.MarkStopped(42);
         Assert.False(v.Started);
-        Assert.Equal(42, v.Base);
+        Assert.Equal(42u, v.Base);
         Assert.True(v.IsComplete(true));
 
         // GET_VRING_BASE: the kick is dropped, a new SET_VRING_KICK is needed.
@@ -80,6 +80,9 @@ public class VringStateTests
         Assert.Equal(VringError.BadSize, v.SetNum(100));
         Assert.Equal(VringError.BadSize, v.SetNum(65536));
         Assert.Equal(VringError.BadBase, v.SetBase(65536));
+        // A packed ring's base is 32 bits (indices and wrap counters).
+        Assert.Equal(VringError.None, v.SetBase(0x8000_8000, packed: true));
+        Assert.Equal(0x8000_8000u, v.Base);
         Assert.Equal(VringError.BadEnable, v.SetEnable(2));
         Assert.Equal(VringError.BadAddress, v.SetAddress(Addr with { Flags = 4 }));
         Assert.Equal(VringError.BadAddress, v.SetAddress(Addr with { DescUserAddr = 0x1008 }));

@@ -30,6 +30,10 @@ internal sealed class BlkRequest
     public IoVec[] Iovs { get; } = new IoVec[MaxSegments];
     public int IovCount;
     public ushort Head;
+
+    /// <summary>The walked chain (segments [0, SegmentCount), writable from FirstWritable): logged when dirty logging is on.</summary>
+    public int SegmentCount;
+    public int FirstWritable;
     /// <summary>The status byte (the chain's last writable byte); Length 0 when the chain has no safe one.</summary>
     public DescSegment Status;
     public uint UsedLength;
@@ -56,7 +60,7 @@ internal sealed class BlkQueue : VhostQueue
     private BlkRequest? _free;
     private bool _bdevGone;
 
-    public BlkQueue(VhostBlkController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
+    public BlkQueue(VhostBlkController ctrlr, VhostUserSession session, int index, DeviceVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_blk")
     {
         _ctrlr = ctrlr;
@@ -124,6 +128,8 @@ internal sealed class BlkQueue : VhostQueue
         req.UsedLength = 1;
         var segs = req.Segments;
         var err = Vq.WalkChain(head, segs, out var info);
+        req.SegmentCount = err == ChainError.None ? info.SegmentCount : 0;
+        req.FirstWritable = info.FirstWritable;
         if (err != ChainError.None || info.ReadableBytes < VirtioBlkOutHeader.Size || info.WritableBytes < 1)
         {
             LogBadRequest(head, "virtio-blk request needs a 16-byte header and a status byte", err, info.ReadableBytes, info.WritableBytes);
@@ -396,6 +402,8 @@ internal sealed class BlkQueue : VhostQueue
             DescChain.AsSpan(req.Status, 0, 1)[0] = status;
         }
 
+        // Live migration: the pages this request wrote (read data, GET_ID, the status byte) are marked dirty.
+        Vq.LogWrites(req.Segments, req.FirstWritable, req.SegmentCount);
         ushort head = req.Head;
         uint used = req.UsedLength;
         req.NextFree = _free;

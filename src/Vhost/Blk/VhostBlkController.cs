@@ -30,10 +30,11 @@ public sealed class VhostBlkController : VhostController
     private BdevDesc? _desc;
     private readonly string _bdevName;
 
-    internal VhostBlkController(string name, string socketPath, CpuSet cpumask, ReactorRuntime runtime, BdevManager bdevs, string bdevName, bool readOnly, ILogger logger)
+    internal VhostBlkController(string name, string socketPath, CpuSet cpumask, ReactorRuntime runtime, BdevManager bdevs, string bdevName, bool readOnly, ILogger logger, bool packedRing = false)
         : base(name, socketPath, cpumask, runtime, logger)
     {
         ReadOnly = readOnly;
+        PackedRing = packedRing;
         _bdevName = bdevName;
         _desc = bdevs.Open(bdevName, !readOnly, static (type, bdev, ctx) => ((VhostBlkController)ctx!).OnBdevEvent(type), this);
         var bdev = _desc.Bdev;
@@ -50,7 +51,7 @@ public sealed class VhostBlkController : VhostController
             | VirtioFeatures.Bit(VirtioFeatures.RingEventIdx) | VirtioFeatures.Bit(VhostUserConstants.ProtocolFeaturesBit)
             | VirtioFeatures.Bit(VirtioBlkFeature.SizeMax) | VirtioFeatures.Bit(VirtioBlkFeature.SegMax)
             | VirtioFeatures.Bit(VirtioBlkFeature.BlkSize) | VirtioFeatures.Bit(VirtioBlkFeature.Topology)
-            | VirtioFeatures.Bit(VirtioBlkFeature.Mq);
+            | VirtioFeatures.Bit(VirtioBlkFeature.Mq) | VirtioFeatures.Bit(VhostUserConstants.LogAllBit);
         if (SupportsFlush)
         {
             f |= VirtioFeatures.Bit(VirtioBlkFeature.Flush);
@@ -71,10 +72,19 @@ public sealed class VhostBlkController : VhostController
             f |= VirtioFeatures.Bit(VirtioBlkFeature.Ro);
         }
 
+        // SPDK's packed_ring: offer VIRTIO_F_RING_PACKED (QEMU negotiates it only with packed=on).
+        if (packedRing)
+        {
+            f |= VirtioFeatures.Bit(VirtioFeatures.RingPacked);
+        }
+
         Features = f;
     }
 
     public bool ReadOnly { get; }
+
+    /// <summary>vhost_create_blk_controller packed_ring: VIRTIO_F_RING_PACKED is offered.</summary>
+    public bool PackedRing { get; }
     public bool SupportsDiscard { get; }
     public bool SupportsWriteZeroes { get; }
     public bool SupportsFlush { get; }
@@ -91,7 +101,8 @@ public sealed class VhostBlkController : VhostController
     public override ulong ProtocolFeatures { get; } =
         (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Config)
         | (1UL << VhostUserProtocolFeature.BackendReq) | (1UL << VhostUserProtocolFeature.ConfigureMemSlots)
-        | (1UL << VhostUserProtocolFeature.ResetDevice) | (1UL << VhostUserProtocolFeature.Status) | (1UL << VhostUserProtocolFeature.InflightShmfd);
+        | (1UL << VhostUserProtocolFeature.ResetDevice) | (1UL << VhostUserProtocolFeature.Status) | (1UL << VhostUserProtocolFeature.InflightShmfd)
+        | (1UL << VhostUserProtocolFeature.LogShmfd);
 
     public override int MaxQueues => MaxQueuesPerSession;
 
@@ -195,6 +206,11 @@ public sealed class VhostBlkController : VhostController
             ["readonly"] = ReadOnly,
             ["transport"] = "vhost_user_blk",
         };
+        if (PackedRing)
+        {
+            create["packed_ring"] = true;
+        }
+
         if (ClientMode)
         {
             create["client"] = true;

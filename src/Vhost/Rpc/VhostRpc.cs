@@ -61,7 +61,7 @@ public static class VhostRpc
         var p = request.Bind<CreateBlkParams>(RpcErrorCodes.InvalidParams, Native.StrError(Errno.EINVAL), allowUnknownNames: true);
         try
         {
-            manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly, p.Client);
+            manager.CreateBlkController(p.Ctrlr, p.DevName, p.Cpumask, p.Readonly, p.Client, p.PackedRing);
         }
         catch (VhostException e)
         {
@@ -200,11 +200,6 @@ public static class VhostRpc
 
         public void Validate()
         {
-            if (PackedRing)
-            {
-                throw RpcException.InvalidParams($"{Native.StrError(Errno.ENOTSUP)}: packed_ring: the packed virtqueue layout is not supported");
-            }
-
             if (Transport is not null && !string.Equals(Transport, "vhost_user_blk", StringComparison.OrdinalIgnoreCase))
             {
                 throw RpcException.InvalidParams($"{Native.StrError(Errno.EINVAL)}: transport: '{Transport}' is not a vhost-blk transport (vhost_user_blk)");

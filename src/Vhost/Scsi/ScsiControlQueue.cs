@@ -22,7 +22,7 @@ internal sealed class ScsiControlQueue : VhostQueue
     private readonly VhostScsiController _ctrlr;
     private ControlRequest? _free;
 
-    public ScsiControlQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
+    public ScsiControlQueue(VhostScsiController ctrlr, VhostUserSession session, int index, DeviceVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_scsi_ctrl")
     {
         _ctrlr = ctrlr;
@@ -118,6 +118,7 @@ internal sealed class ScsiControlQueue : VhostQueue
 
     private void Finish(ControlRequest req, uint used, bool wasInFlight)
     {
+        Vq.LogWrites(req.Segments, req.FirstWritable, req.SegmentCount);
         ushort head = req.Head;
         req.NextFree = _free;
         _free = req;

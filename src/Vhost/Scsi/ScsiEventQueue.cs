@@ -24,7 +24,7 @@ internal sealed class ScsiEventQueue : VhostQueue
     private int _count;
     private bool _missed;
 
-    public ScsiEventQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
+    public ScsiEventQueue(VhostScsiController ctrlr, VhostUserSession session, int index, DeviceVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_scsi_event")
     {
     }
@@ -81,6 +81,7 @@ internal sealed class ScsiEventQueue : VhostQueue
         var ev = new VirtioScsiEvent { Event = type, Reason = reason };
         VirtioScsi.EncodeLun(ev.Lun, target, 0);
         DescChain.Write(_segments.AsSpan(0, info.SegmentCount), info.FirstWritable, info.SegmentCount, 0, in ev);
+        Vq.LogWrites(_segments, info.FirstWritable, info.SegmentCount);
         Logger.LogInformation("vhost_scsi {Session}: event 0x{Type:x} for target {Target} (reason 0x{Reason:x}) delivered", Session.Name, type, target, reason);
         Complete(head, VirtioScsi.EventSize, wasInFlight: false);
     }

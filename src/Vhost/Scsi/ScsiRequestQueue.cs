@@ -50,7 +50,7 @@ internal sealed class ScsiRequestQueue : VhostQueue
     private int _retiredCount;
     private ScsiRequest? _free;
 
-    public ScsiRequestQueue(VhostScsiController ctrlr, VhostUserSession session, int index, SplitVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
+    public ScsiRequestQueue(VhostScsiController ctrlr, VhostUserSession session, int index, DeviceVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor)
         : base(ctrlr, session, index, vq, call, kick, reactor, "vhost_scsi")
     {
         _ctrlr = ctrlr;
@@ -226,6 +226,7 @@ internal sealed class ScsiRequestQueue : VhostQueue
             used = (uint)len + (uint)dataInBytes;
         }
 
+        Vq.LogWrites(req.Segments, req.FirstWritable, req.SegmentCount); // live migration: data-in and the response
         ushort head = req.Head;
         req.NextFree = _free;
         _free = req;

@@ -64,12 +64,15 @@ public sealed class VhostScsiController : VhostController
     public override ulong Features { get; } =
         VirtioFeatures.Bit(VirtioFeatures.Version1) | VirtioFeatures.Bit(VirtioFeatures.RingIndirectDesc)
         | VirtioFeatures.Bit(VirtioFeatures.RingEventIdx) | VirtioFeatures.Bit(VhostUserConstants.ProtocolFeaturesBit)
-        | VirtioFeatures.Bit(VirtioScsiFeature.Hotplug) | VirtioFeatures.Bit(VirtioScsiFeature.Change);
+        | VirtioFeatures.Bit(VirtioScsiFeature.Hotplug) | VirtioFeatures.Bit(VirtioScsiFeature.Change)
+        | VirtioFeatures.Bit(VirtioFeatures.RingPacked) // SPDK has no packed_ring for SCSI; QEMU negotiates it only with packed=on
+        | VirtioFeatures.Bit(VhostUserConstants.LogAllBit);
 
     public override ulong ProtocolFeatures { get; } =
         (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Config)
         | (1UL << VhostUserProtocolFeature.ConfigureMemSlots) | (1UL << VhostUserProtocolFeature.ResetDevice)
-        | (1UL << VhostUserProtocolFeature.Status) | (1UL << VhostUserProtocolFeature.InflightShmfd);
+        | (1UL << VhostUserProtocolFeature.Status) | (1UL << VhostUserProtocolFeature.InflightShmfd)
+        | (1UL << VhostUserProtocolFeature.LogShmfd);
 
     /// <summary>Control + event + request queues.</summary>
     public override int MaxQueues => VirtioScsi.FirstRequestQueue + MaxRequestQueues;

@@ -46,6 +46,9 @@ public sealed class NvmeTcpTargetModel : IDisposable
     /// <summary>Misbehaviour for the next read or write (the test sets it, the connection thread applies it once).</summary>
     public volatile string? Hostile;
 
+    /// <summary>Close new connections at once (a target that is down; the listener stays so the port is not reused).</summary>
+    public volatile bool Refuse;
+
     /// <summary>Send reads' data with C2HData SUCCESS instead of a CapsuleResp.</summary>
     public bool UseC2HSuccess { get; set; }
 
@@ -94,6 +97,12 @@ public sealed class NvmeTcpTargetModel : IDisposable
             catch (Exception e) when (e is SocketException or ObjectDisposedException or InvalidOperationException)
             {
                 return;
+            }
+
+            if (Refuse)
+            {
+                s.Dispose(); // a target that is down: the connection closes at once
+                continue;
             }
 
             lock (_conns)

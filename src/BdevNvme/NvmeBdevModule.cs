@@ -133,7 +133,7 @@ public sealed class NvmeBdevModule : BdevModule
             opts.ConnectTimeout = ct;
         }
 
-        long ioTimeout = o.TimeoutUs > 0 ? (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) : 0;
+        long ioTimeout = o.TimeoutUs > 0 && o.ActionOnTimeout == "reset" ? (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) : 0;
         string key = $"TCP:{trid.Address}:{trid.Port}:{trid.SubNqn}";
         return AttachCoreAsync(name, key, trid.ToString(), maxBdevs, async () =>
         {

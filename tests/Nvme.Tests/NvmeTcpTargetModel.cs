@@ -275,6 +275,12 @@ public sealed class NvmeTcpTargetModel : IDisposable
     private void Handle(Socket s, NvmeCommand cmd, byte[] data, int icd, bool hd, bool dd, byte[] tx)
     {
         ushort cid = cmd.Cid;
+        if ((cmd.Flags & 0xC0) != NvmeFabrics.PsdtSgl)
+        {
+            Respond(s, cid, 0, 2, 0, hd, tx); // like nvmet: fabrics commands must use SGLs (PSDT 01b)
+            return;
+        }
+
         if (cmd.Opcode == NvmeFabrics.Opcode)
         {
             switch (cmd.Nsid & 0xFF)

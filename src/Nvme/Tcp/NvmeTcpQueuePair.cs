@@ -398,10 +398,9 @@ public sealed class NvmeTcpQueuePair : IDisposable
         t.Transferred = 0;
         t.R2TActive = false;
         cmd.Cid = t.Cid;
-        if (dataLength > 0)
-        {
-            NvmeFabrics.SetSgl(ref cmd, dataLength, t.InCapsule);
-        }
+
+        // Fabrics commands always use SGLs (PSDT 01b, which targets check): a null transport data block when no data.
+        NvmeFabrics.SetSgl(ref cmd, dataLength, t.InCapsule);
 
         uint inCapsule = t.InCapsule ? dataLength : 0;
         t.TxHeaderLength = NvmeTcpPdu.WriteCapsuleCmd(t.TxHeader, in cmd, _hdgst, _ddgst, _cpda, (int)inCapsule);

@@ -108,9 +108,15 @@ public sealed class NvmeTcpTests(ITestOutputHelper output)
         // 3. the target goes away mid-run (the subsystem leaves the port: nvmet closes every connection) and comes
         //    back 4 s later: the initiator reconnects (every reconnect_delay_sec), queued I/O completes, no errors.
         string cfg = WriteConfig("nvmf-tcp-restart.json", port, """, "hdgst": true, "ctrlr_loss_timeout_sec": 60, "reconnect_delay_sec": 1, "fast_io_fail_timeout_sec": 30""");
+        var before = await guest.ExecAsync("dmesg | grep -c 'creating nvm controller'", t);
+        int created = int.Parse(before.Output.Trim(), System.Globalization.CultureInfo.InvariantCulture);
         var perf = BdevPerf(cfg, 25);
-        await Task.Delay(TimeSpan.FromSeconds(8));
-        var down = await guest.ExecAsync($"rm {Cfs}/ports/1/subsystems/{Nqn} && echo target-down; sleep 4; ln -s {Cfs}/subsystems/{Nqn} {Cfs}/ports/1/subsystems/{Nqn} && echo target-up", t);
+
+        // Take the target down 3 s after this run's controller exists (bdevperf's start-up time varies with the load).
+        var down = await guest.ExecAsync(
+            $"for i in $(seq 1 1200); do [ $(dmesg | grep -c 'creating nvm controller') -gt {created} ] && break; sleep 0.1; done; sleep 3; "
+            + $"rm {Cfs}/ports/1/subsystems/{Nqn} && echo target-down; sleep 4; ln -s {Cfs}/subsystems/{Nqn} {Cfs}/ports/1/subsystems/{Nqn} && echo target-up",
+            TimeSpan.FromMinutes(3));
         output.WriteLine(down.Output);
         Assert.Contains("target-up", down.Output, StringComparison.Ordinal);
         run = await perf;

@@ -143,6 +143,180 @@ public sealed class NvmeBdevModule : BdevModule
         });
     }
 
+    private sealed class DiscoveryService
+    {
+        public required string Name;
+        public required NvmeTcpTransportId Trid;
+        public required NvmePathLossPolicy Policy;
+        public NvmeTcpController? Controller;
+        public Poller? Poller;
+        public readonly List<string> Attached = new();
+        public ulong Generation;
+    }
+
+    private readonly Dictionary<string, DiscoveryService?> _discovery = new(StringComparer.Ordinal); // null: starting
+
+    /// <summary>
+    /// bdev_nvme_start_discovery: connects to the discovery controller at <paramref name="trid"/>, reads its log page and
+    /// attaches every NVM subsystem it lists over TCP as controller <c>&lt;name&gt;&lt;n&gt;</c> (SPDK's naming). Entries
+    /// that fail to attach are logged and skipped. The discovery controller stays connected (keep-alive) until
+    /// <see cref="StopDiscoveryAsync"/>; its asynchronous events are not followed (the log is read once).
+    /// </summary>
+    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy)
+    {
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("discovery must run on a reactor");
+        trid = trid with { SubNqn = NvmeFabrics.DiscoveryNqn };
+        lock (_ctrls)
+        {
+            if (_discovery.ContainsKey(name))
+            {
+                throw RpcException.Errno(17, $"Discovery service {name} already exists");
+            }
+
+            if (_discovery.Values.Any(d => d is not null && d.Trid.Address.Equals(trid.Address) && d.Trid.Port == trid.Port))
+            {
+                throw RpcException.Errno(17, $"Discovery service for {trid.Address}:{trid.Port} already exists");
+            }
+
+            _discovery[name] = null;
+        }
+
+        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy };
+        IReadOnlyList<NvmeDiscoveryEntry> entries;
+        try
+        {
+            var opts = new NvmeTcpControllerOptions { KeepAliveTimeoutMs = Options.KeepAliveTimeoutMs };
+            svc.Controller = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
+            entries = await Task.Run(() => svc.Controller.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
+        }
+        catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or InvalidOperationException)
+        {
+            if (svc.Controller is { } dc)
+            {
+                await Task.Run(dc.Dispose).ConfigureAwait(true);
+            }
+
+            lock (_ctrls)
+            {
+                _discovery.Remove(name);
+            }
+
+            throw RpcException.Errno(19, $"Failed to start discovery {name} at {trid.Address}:{trid.Port}: {e.Message}");
+        }
+
+        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), svc.Controller, 10_000);
+        lock (_ctrls)
+        {
+            _discovery[name] = svc;
+        }
+
+        int index = 0;
+        foreach (var e in entries)
+        {
+            if (e.SubType != NvmeDiscoveryEntry.SubTypeNvme)
+            {
+                continue; // referrals and discovery subsystems are not attached
+            }
+
+            if (e.TrType != NvmeDiscoveryEntry.TrTypeTcp || !System.Net.IPAddress.TryParse(e.TrAddr, out var addr)
+                || !int.TryParse(e.TrSvcId, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int port) || port is < 1 or > 65535
+                || !NvmeFabrics.IsValidNqn(e.SubNqn))
+            {
+                _log.LogWarning("discovery {Name}: skipping entry trtype {TrType} traddr '{Addr}' trsvcid '{Svc}' subnqn '{Nqn}'", name, e.TrType, e.TrAddr, e.TrSvcId, e.SubNqn);
+                continue;
+            }
+
+            string ctrlName = name + index.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            index++;
+            try
+            {
+                await AttachTcpAsync(ctrlName, trid with { Address = addr, Port = port, SubNqn = e.SubNqn }, policy).ConfigureAwait(true);
+                lock (_ctrls)
+                {
+                    svc.Attached.Add(ctrlName);
+                }
+            }
+            catch (RpcException ex)
+            {
+                _log.LogWarning("discovery {Name}: could not attach {Nqn} at {Addr}:{Port}: {Error}", name, e.SubNqn, addr, port, ex.Message);
+            }
+        }
+    }
+
+    /// <summary>bdev_nvme_stop_discovery: detaches the controllers the service attached and closes the discovery controller.</summary>
+    public async Task StopDiscoveryAsync(string name)
+    {
+        DiscoveryService? svc;
+        lock (_ctrls)
+        {
+            svc = _discovery.GetValueOrDefault(name);
+            if (svc is null)
+            {
+                throw RpcException.Errno(19, $"Discovery service {name} does not exist");
+            }
+
+            _discovery.Remove(name);
+        }
+
+        foreach (var c in svc.Attached)
+        {
+            if (FindController(c) is not null)
+            {
+                try
+                {
+                    await DetachAsync(c).ConfigureAwait(true);
+                }
+                catch (RpcException)
+                {
+                    // detached meanwhile
+                }
+            }
+        }
+
+        if (svc.Poller is { } p)
+        {
+            Reactor.Current!.UnregisterPoller(p);
+        }
+
+        if (svc.Controller is { } dc)
+        {
+            await Task.Run(dc.Dispose).ConfigureAwait(true);
+        }
+    }
+
+    /// <summary>bdev_nvme_get_discovery_info (SPDK's shape: name, trid, referrals).</summary>
+    public JsonArray GetDiscoveryInfo()
+    {
+        var list = new JsonArray();
+        lock (_ctrls)
+        {
+            foreach (var d in _discovery.Values)
+            {
+                if (d is null)
+                {
+                    continue;
+                }
+
+                list.Add(new JsonObject
+                {
+                    ["name"] = d.Name,
+                    ["trid"] = new JsonObject
+                    {
+                        ["trtype"] = "TCP",
+                        ["adrfam"] = d.Trid.Family == System.Net.Sockets.AddressFamily.InterNetworkV6 ? "IPv6" : "IPv4",
+                        ["traddr"] = d.Trid.Address.ToString(),
+                        ["trsvcid"] = d.Trid.Port.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                        ["subnqn"] = NvmeFabrics.DiscoveryNqn,
+                    },
+                    ["referrals"] = new JsonArray(),
+                    ["attached"] = new JsonArray(d.Attached.Select(a => (JsonNode?)a).ToArray()), // extension field
+                });
+            }
+        }
+
+        return list;
+    }
+
     private void OnGiveUp(NvmeTcpBdevController c)
     {
         // SPDK deletes a controller that stayed lost for ctrlr_loss_timeout_sec.
@@ -300,6 +474,24 @@ public sealed class NvmeBdevModule : BdevModule
 
         await _reactors.Main.InvokeAsync(async () =>
         {
+            List<string> services;
+            lock (_ctrls)
+            {
+                services = _discovery.Keys.ToList();
+            }
+
+            foreach (var d in services)
+            {
+                try
+                {
+                    await StopDiscoveryAsync(d).ConfigureAwait(true);
+                }
+                catch (RpcException)
+                {
+                    // Stopped meanwhile.
+                }
+            }
+
             foreach (var c in Controllers.Reverse())
             {
                 try
@@ -324,9 +516,38 @@ public sealed class NvmeBdevModule : BdevModule
             calls.Add(Subsystem.Call("bdev_nvme_set_options", Options.ToJson()));
         }
 
+        HashSet<string> discovered;
+        List<DiscoveryService> services;
+        lock (_ctrls)
+        {
+            services = _discovery.Values.OfType<DiscoveryService>().ToList();
+            discovered = services.SelectMany(d => d.Attached).ToHashSet(StringComparer.Ordinal);
+        }
+
         foreach (var c in Controllers)
         {
-            calls.Add(Subsystem.Call("bdev_nvme_attach_controller", c.ConfigParams()));
+            if (!discovered.Contains(c.CtrlName))
+            {
+                calls.Add(Subsystem.Call("bdev_nvme_attach_controller", c.ConfigParams()));
+            }
+        }
+
+        // Discovery services (SPDK writes these and not the controllers they attached).
+        foreach (var d in services)
+        {
+            calls.Add(Subsystem.Call("bdev_nvme_start_discovery", new JsonObject
+            {
+                ["name"] = d.Name,
+                ["trtype"] = "TCP",
+                ["adrfam"] = d.Trid.Family == System.Net.Sockets.AddressFamily.InterNetworkV6 ? "IPv6" : "IPv4",
+                ["traddr"] = d.Trid.Address.ToString(),
+                ["trsvcid"] = d.Trid.Port.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                ["hostnqn"] = d.Trid.EffectiveHostNqn,
+                ["wait_for_attach"] = true,
+                ["ctrlr_loss_timeout_sec"] = d.Policy.CtrlrLossTimeoutSec,
+                ["reconnect_delay_sec"] = d.Policy.ReconnectDelaySec,
+                ["fast_io_fail_timeout_sec"] = d.Policy.FastIoFailTimeoutSec,
+            }));
         }
     }
 

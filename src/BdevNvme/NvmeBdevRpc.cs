@@ -354,6 +354,69 @@ public sealed class DetachControllerParams
     }
 }
 
+/// <summary>bdev_nvme_start_discovery params (SPDK v24.01 names; TCP only).</summary>
+public sealed class StartDiscoveryParams : IRpcParams
+{
+    [JsonRequired] public string Name { get; set; } = "";
+    [JsonRequired] public string Trtype { get; set; } = "";
+    [JsonRequired] public string Traddr { get; set; } = "";
+    public string? Adrfam { get; set; }
+    public string? Trsvcid { get; set; }
+    public string? Hostnqn { get; set; }
+    public bool? WaitForAttach { get; set; }
+    public ulong? AttachTimeoutMs { get; set; }
+    public int? CtrlrLossTimeoutSec { get; set; }
+    public int? ReconnectDelaySec { get; set; }
+    public int? FastIoFailTimeoutSec { get; set; }
+
+    [JsonIgnore] public IPAddress Address { get; private set; } = IPAddress.None;
+    [JsonIgnore] public int Port { get; private set; } = 8009;
+
+    public void Validate()
+    {
+        if (string.IsNullOrWhiteSpace(Name) || Name.Length > 120 || Name.Any(c => char.IsWhiteSpace(c) || c == '/'))
+        {
+            throw RpcException.Errno(22, "name must be a non-empty word");
+        }
+
+        if (!string.Equals(Trtype, "TCP", StringComparison.OrdinalIgnoreCase))
+        {
+            throw RpcException.Errno(22, $"trtype {Trtype} is not supported for discovery (TCP only)");
+        }
+
+        if (!IPAddress.TryParse(Traddr, out var a))
+        {
+            throw RpcException.Errno(22, $"Failed to parse traddr: {Traddr}");
+        }
+
+        Address = a;
+        if (Adrfam is not null && !string.Equals(Adrfam, a.AddressFamily == AddressFamily.InterNetworkV6 ? "IPv6" : "IPv4", StringComparison.OrdinalIgnoreCase))
+        {
+            throw RpcException.Errno(22, $"adrfam {Adrfam} does not match traddr {Traddr}");
+        }
+
+        if (Trsvcid is not null)
+        {
+            Port = int.TryParse(Trsvcid, NumberStyles.None, CultureInfo.InvariantCulture, out int p) && p is > 0 and <= 65535 ? p : throw RpcException.Errno(22, $"Failed to parse trsvcid: {Trsvcid}");
+        }
+
+        if (Hostnqn is not null && !NvmeFabrics.IsValidNqn(Hostnqn))
+        {
+            throw RpcException.Errno(22, $"Failed to parse hostnqn: {Hostnqn}");
+        }
+
+        if (AttachTimeoutMs is not null)
+        {
+            throw RpcException.Errno(22, "attach_timeout_ms is not supported (the call always waits for the attach)");
+        }
+    }
+}
+
+public sealed class StopDiscoveryParams
+{
+    [JsonRequired] public string Name { get; set; } = "";
+}
+
 public sealed class GetControllersParams
 {
     public string? Name { get; set; }
@@ -442,6 +505,32 @@ internal static class NvmeBdevRpc
             module.Options.CopyFrom(p);
             return (JsonNode?)true;
         }, RpcStates.Both);
+
+        rpc.Register("bdev_nvme_start_discovery", async r =>
+        {
+            var p = BdevRpc.Decode<StartDiscoveryParams>(r);
+            var o = module.Options;
+            var policy = new NvmePathLossPolicy(p.CtrlrLossTimeoutSec ?? o.CtrlrLossTimeoutSec, p.ReconnectDelaySec ?? o.ReconnectDelaySec, p.FastIoFailTimeoutSec ?? o.FastIoFailTimeoutSec);
+            if (policy.Check() is { } err)
+            {
+                throw RpcException.Errno(22, err);
+            }
+
+            await module.StartDiscoveryAsync(p.Name, new NvmeTcpTransportId { Address = p.Address, Port = p.Port, HostNqn = p.Hostnqn }, policy).ConfigureAwait(true);
+            return (JsonNode?)true;
+        }, RpcStates.Both);
+
+        rpc.Register("bdev_nvme_stop_discovery", async r =>
+        {
+            await module.StopDiscoveryAsync(BdevRpc.Decode<StopDiscoveryParams>(r).Name).ConfigureAwait(true);
+            return (JsonNode?)true;
+        }, RpcStates.Runtime);
+
+        rpc.Register("bdev_nvme_get_discovery_info", r =>
+        {
+            r.NoParams();
+            return module.GetDiscoveryInfo();
+        }, RpcStates.Runtime);
 
         rpc.Register("bdev_nvme_get_controllers", r => module.GetControllers(BdevRpc.Decode<GetControllersParams>(r).Name), RpcStates.Runtime);
 

@@ -253,4 +253,35 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
         Assert.True(_target.Connects >= connects + 1);
         Assert.True(await Io(desc, _rt.Reactors[1], (ch, cb) => ch.Read(desc, iov, 0, 8, cb, null)));
     }
+
+    [Fact]
+    public async Task DiscoveryAttachesTheListedSubsystemsAndStopDetachesThem()
+    {
+        // The model answers the discovery log with its own subsystem, a referral and the discovery subsystem.
+        Assert.True((await Call("bdev_nvme_start_discovery", $$"""{"name":"disc","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_target.Port}}","wait_for_attach":true}"""))!.GetValue<bool>());
+        Assert.NotNull(_module.FindController("disc0"));
+        Assert.Null(_module.FindController("disc1")); // only the NVM subsystem entry is attached
+        Assert.IsType<NvmeBdev>(_bdevs.Find("disc0n1"));
+
+        var info = await Call("bdev_nvme_get_discovery_info", "{}");
+        Assert.Equal("disc", info![0]!["name"]!.GetValue<string>());
+        Assert.Equal("nqn.2014-08.org.nvmexpress.discovery", info[0]!["trid"]!["subnqn"]!.GetValue<string>());
+        Assert.Equal("[\"disc0\"]", info[0]!["attached"]!.ToJsonString());
+
+        // save_config writes the discovery service, not the controller it attached.
+        var config = new JsonArray();
+        _module.WriteConfig(config);
+        Assert.Equal("bdev_nvme_start_discovery", Assert.Single(config)!["method"]!.GetValue<string>());
+
+        Assert.Equal(-17, (await CallError("bdev_nvme_start_discovery", $$"""{"name":"disc","trtype":"TCP","traddr":"127.0.0.1","trsvcid":"{{_target.Port}}"}""")).Code);
+        Assert.Equal(-22, (await CallError("bdev_nvme_start_discovery", """{"name":"d2","trtype":"RDMA","traddr":"127.0.0.1"}""")).Code);
+        Assert.Equal(-22, (await CallError("bdev_nvme_start_discovery", """{"name":"d2","trtype":"TCP","traddr":"127.0.0.1","attach_timeout_ms":100}""")).Code);
+        Assert.Equal(-19, (await CallError("bdev_nvme_start_discovery", """{"name":"d3","trtype":"TCP","traddr":"127.0.0.1","trsvcid":"1"}""")).Code);
+
+        Assert.True((await Call("bdev_nvme_stop_discovery", """{"name":"disc"}"""))!.GetValue<bool>());
+        Assert.Null(_module.FindController("disc0"));
+        Assert.Null(_bdevs.Find("disc0n1"));
+        Assert.Empty((await Call("bdev_nvme_get_discovery_info", "{}"))!.AsArray());
+        Assert.Equal(-19, (await CallError("bdev_nvme_stop_discovery", """{"name":"disc"}""")).Code);
+    }
 }

@@ -360,6 +360,21 @@ public sealed class NvmeTcpTargetModel : IDisposable
                 return;
             }
 
+            case NvmeAdminOpcode.GetLogPage when (cmd.Cdw10 & 0xFF) == NvmeDiscoveryEntry.LogPageId:
+            {
+                // A discovery log: this subsystem, a referral and the discovery subsystem itself (the host attaches only the first).
+                var log = new byte[4 * 1024];
+                BinaryPrimitives.WriteUInt64LittleEndian(log, 7);
+                BinaryPrimitives.WriteUInt64LittleEndian(log.AsSpan(8), 3);
+                string port = Port.ToString(System.Globalization.CultureInfo.InvariantCulture);
+                new NvmeDiscoveryEntry(NvmeDiscoveryEntry.TrTypeTcp, NvmeDiscoveryEntry.AdrFamIpv4, NvmeDiscoveryEntry.SubTypeNvme, 1, 0xFFFF, port, SubNqn, "127.0.0.1").Write(log.AsSpan(1024));
+                new NvmeDiscoveryEntry(NvmeDiscoveryEntry.TrTypeTcp, NvmeDiscoveryEntry.AdrFamIpv4, NvmeDiscoveryEntry.SubTypeReferral, 2, 0xFFFF, "8009", NvmeFabrics.DiscoveryNqn, "192.0.2.1").Write(log.AsSpan(2048));
+                new NvmeDiscoveryEntry(NvmeDiscoveryEntry.TrTypeTcp, NvmeDiscoveryEntry.AdrFamIpv4, NvmeDiscoveryEntry.SubTypeCurrentDiscovery, 1, 0xFFFF, port, NvmeFabrics.DiscoveryNqn, "127.0.0.1").Write(log.AsSpan(3072));
+                SendC2H(s, cid, log.AsSpan(0, (int)Math.Min(dataLen, (uint)log.Length)), hd, dd, false);
+                Respond(s, cid, 0, 0, 0, hd, tx);
+                return;
+            }
+
             case NvmeAdminOpcode.SetFeatures:
                 Respond(s, cid, 0, 0, 3 | (3u << 16), hd, tx);
                 return;

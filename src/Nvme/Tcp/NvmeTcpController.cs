@@ -198,6 +198,51 @@ public sealed class NvmeTcpController : IDisposable
         Namespaces = list;
     }
 
+    /// <summary>
+    /// Reads the discovery log page (0x70) of a discovery controller (control threads only): the generation counter
+    /// and at most <paramref name="maxEntries"/> entries, each validated (strings trimmed of NUL and space padding).
+    /// </summary>
+    public IReadOnlyList<NvmeDiscoveryEntry> GetDiscoveryLog(out ulong generation, int maxEntries = 64)
+    {
+        var head = new PinnedArray<byte>(1024);
+        var st = ExecuteAdmin(MakeGetLogPage(NvmeDiscoveryEntry.LogPageId, 1024), head, 1024);
+        if (!st.IsSuccess)
+        {
+            throw new IOException($"{Name}: Get Log Page (discovery) failed: {st}");
+        }
+
+        generation = BinaryPrimitives.ReadUInt64LittleEndian(head.Span);
+        ulong numrec = BinaryPrimitives.ReadUInt64LittleEndian(head.Span[8..]);
+        int n = (int)Math.Min(numrec, (ulong)Math.Max(0, maxEntries));
+        var list = new List<NvmeDiscoveryEntry>(n);
+        if (n == 0)
+        {
+            return list;
+        }
+
+        int len = 1024 * (n + 1);
+        var all = new PinnedArray<byte>(len);
+        st = ExecuteAdmin(MakeGetLogPage(NvmeDiscoveryEntry.LogPageId, len), all, len);
+        if (!st.IsSuccess)
+        {
+            throw new IOException($"{Name}: Get Log Page (discovery) failed: {st}");
+        }
+
+        generation = BinaryPrimitives.ReadUInt64LittleEndian(all.Span);
+        for (int i = 0; i < n; i++)
+        {
+            list.Add(NvmeDiscoveryEntry.Parse(all.Span.Slice(1024 * (i + 1), 1024)));
+        }
+
+        return list;
+    }
+
+    private static NvmeCommand MakeGetLogPage(byte lid, int bytes)
+    {
+        uint numd = (uint)(bytes / 4) - 1;
+        return new NvmeCommand { Opcode = NvmeAdminOpcode.GetLogPage, Cdw10 = lid | ((numd & 0xFFFF) << 16), Cdw11 = numd >> 16 };
+    }
+
     private static NvmeCommand MakeIdentify(byte cns, uint nsid) => new() { Opcode = NvmeAdminOpcode.Identify, Nsid = nsid, Cdw10 = cns };
 
     /// <summary>Submits an admin command (any thread). Returns 0 or a negative errno (-ENXIO when disconnected).</summary>
@@ -548,5 +593,50 @@ public sealed class NvmeTcpController : IDisposable
         {
             _admin.Dispose();
         }
+    }
+}
+
+/// <summary>One discovery log page entry (NVMe-oF 1.1, figure 38), the fields a host uses.</summary>
+public sealed record NvmeDiscoveryEntry(byte TrType, byte AdrFam, byte SubType, ushort PortId, ushort Cntlid, string TrSvcId, string SubNqn, string TrAddr)
+{
+    public const byte LogPageId = 0x70;
+    public const byte TrTypeTcp = 3;
+    public const byte AdrFamIpv4 = 1;
+    public const byte AdrFamIpv6 = 2;
+
+    /// <summary>Subtype of a referral to another discovery service.</summary>
+    public const byte SubTypeReferral = 1;
+
+    /// <summary>Subtype of an NVM subsystem.</summary>
+    public const byte SubTypeNvme = 2;
+
+    /// <summary>Subtype of the current discovery subsystem.</summary>
+    public const byte SubTypeCurrentDiscovery = 3;
+
+    public static NvmeDiscoveryEntry Parse(ReadOnlySpan<byte> e) => new(
+        e[0], e[1], e[2],
+        BinaryPrimitives.ReadUInt16LittleEndian(e[4..]),
+        BinaryPrimitives.ReadUInt16LittleEndian(e[6..]),
+        Text(e.Slice(32, 32)), Text(e.Slice(256, 256)), Text(e.Slice(512, 256)));
+
+    private static string Text(ReadOnlySpan<byte> b)
+    {
+        int end = b.IndexOf((byte)0);
+        var s = System.Text.Encoding.ASCII.GetString(end >= 0 ? b[..end] : b).Trim();
+        return s.Any(char.IsControl) ? "" : s;
+    }
+
+    /// <summary>Writes the entry (a target's discovery service, and tests).</summary>
+    public void Write(Span<byte> e)
+    {
+        e[..1024].Clear();
+        e[0] = TrType;
+        e[1] = AdrFam;
+        e[2] = SubType;
+        BinaryPrimitives.WriteUInt16LittleEndian(e[4..], PortId);
+        BinaryPrimitives.WriteUInt16LittleEndian(e[6..], Cntlid);
+        System.Text.Encoding.ASCII.GetBytes(TrSvcId, e.Slice(32, 32));
+        System.Text.Encoding.ASCII.GetBytes(SubNqn, e.Slice(256, 256));
+        System.Text.Encoding.ASCII.GetBytes(TrAddr, e.Slice(512, 256));
     }
 }

@@ -16,22 +16,22 @@ public sealed class NvmeBdev : Bdev.Bdev
     /// <summary>Largest read/write handed to the driver; bounce buffers are this size.</summary>
     public const uint MaxIoBytes = 128 * 1024;
 
-    internal NvmeBdev(NvmeBdevController ctrl, NvmeNamespace ns)
+    internal NvmeBdev(NvmeBdevControllerBase ctrl, NvmeNamespace ns)
         : base(ctrl.CtrlName + "n" + ns.Id.ToString(System.Globalization.CultureInfo.InvariantCulture), "NVMe disk", ns.BlockSize, ns.BlockCount, MakeUuid(ctrl, ns))
     {
         Ctrl = ctrl;
         Namespace = ns;
-        var oncs = ctrl.Controller.Data.Oncs;
-        WriteCache = ctrl.Controller.Data.HasVolatileWriteCache;
-        MaxTransferBlocks = Math.Max(1, Math.Min(ctrl.Controller.MaxTransferBytes, MaxIoBytes) / ns.BlockSize);
+        var oncs = ctrl.Data.Oncs;
+        WriteCache = ctrl.Data.HasVolatileWriteCache;
+        MaxTransferBlocks = Math.Max(1, Math.Min(ctrl.MaxTransferBytes, MaxIoBytes) / ns.BlockSize);
         MaxWriteZeroesBlocks = (oncs & NvmeOncs.WriteZeroes) != 0 ? 65536UL : 0;
         MaxUnmapBlocks = uint.MaxValue;
     }
 
-    public NvmeBdevController Ctrl { get; }
+    public NvmeBdevControllerBase Ctrl { get; }
     public NvmeNamespace Namespace { get; }
 
-    private static Guid MakeUuid(NvmeBdevController ctrl, NvmeNamespace ns)
+    private static Guid MakeUuid(NvmeBdevControllerBase ctrl, NvmeNamespace ns)
     {
         var nguid = ns.Data.Nguid;
         if (nguid.AsSpan().IndexOfAnyExcept((byte)0) >= 0)
@@ -40,13 +40,13 @@ public sealed class NvmeBdev : Bdev.Bdev
         }
 
         // No NGUID: a stable UUID from the serial number and namespace id, so save/load keeps the same one.
-        var hash = SHA256.HashData(Encoding.UTF8.GetBytes($"{ctrl.Controller.Data.SerialNumber}/{ctrl.Controller.Data.ModelNumber}/{ns.Id}"));
+        var hash = SHA256.HashData(Encoding.UTF8.GetBytes($"{ctrl.Data.SerialNumber}/{ctrl.Data.ModelNumber}/{ns.Id}"));
         return new Guid(hash.AsSpan(0, 16));
     }
 
     public override bool SupportsIoType(BdevIoType type)
     {
-        var oncs = Ctrl.Controller.Data.Oncs;
+        var oncs = Ctrl.Data.Oncs;
         return type switch
         {
             BdevIoType.Read or BdevIoType.Write or BdevIoType.Flush or BdevIoType.Reset => true,
@@ -59,33 +59,33 @@ public sealed class NvmeBdev : Bdev.Bdev
 
     protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(Ctrl);
 
-    protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((NvmeChannelContext)moduleChannel.Context).Submit(this, io);
+    protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((INvmeChannel)moduleChannel.Context).Submit(this, io);
 
     public override JsonObject DriverSpecific()
     {
-        var c = Ctrl.Controller;
-        return new JsonObject
+        var c = Ctrl;
+        var nvme = new JsonObject
         {
-            ["nvme"] = new JsonArray
+            ["trid"] = Ctrl.TridJson(),
+            ["ctrlr_data"] = new JsonObject
             {
-                new JsonObject
-                {
-                    ["pci_address"] = Ctrl.TrAddr,
-                    ["trid"] = new JsonObject { ["trtype"] = "PCIe", ["traddr"] = Ctrl.TrAddr },
-                    ["ctrlr_data"] = new JsonObject
-                    {
-                        ["cntlid"] = c.Data.ControllerId,
-                        ["vendor_id"] = $"0x{c.Data.VendorId:x4}",
-                        ["model_number"] = c.Data.ModelNumber,
-                        ["serial_number"] = c.Data.SerialNumber,
-                        ["firmware_revision"] = c.Data.FirmwareRevision,
-                        ["subnqn"] = c.Data.SubsystemNqn,
-                        ["oacs"] = new JsonObject { ["security"] = (c.Data.Oacs & 1) != 0 ? 1 : 0, ["format"] = (c.Data.Oacs & 2) != 0 ? 1 : 0, ["firmware"] = (c.Data.Oacs & 4) != 0 ? 1 : 0, ["ns_manage"] = (c.Data.Oacs & 8) != 0 ? 1 : 0 },
-                    },
-                    ["vs"] = new JsonObject { ["nvme_version"] = $"{c.Version >> 16}.{(c.Version >> 8) & 0xFF}" + ((c.Version & 0xFF) != 0 ? $".{c.Version & 0xFF}" : "") },
-                    ["ns_data"] = new JsonObject { ["id"] = Namespace.Id, ["can_share"] = false },
-                },
+                ["cntlid"] = c.Data.ControllerId,
+                ["vendor_id"] = $"0x{c.Data.VendorId:x4}",
+                ["model_number"] = c.Data.ModelNumber,
+                ["serial_number"] = c.Data.SerialNumber,
+                ["firmware_revision"] = c.Data.FirmwareRevision,
+                ["subnqn"] = c.Data.SubsystemNqn,
+                ["oacs"] = new JsonObject { ["security"] = (c.Data.Oacs & 1) != 0 ? 1 : 0, ["format"] = (c.Data.Oacs & 2) != 0 ? 1 : 0, ["firmware"] = (c.Data.Oacs & 4) != 0 ? 1 : 0, ["ns_manage"] = (c.Data.Oacs & 8) != 0 ? 1 : 0 },
             },
+            ["vs"] = new JsonObject { ["nvme_version"] = $"{c.Data.Version >> 16}.{(c.Data.Version >> 8) & 0xFF}" + ((c.Data.Version & 0xFF) != 0 ? $".{c.Data.Version & 0xFF}" : "") },
+            ["ns_data"] = new JsonObject { ["id"] = Namespace.Id, ["can_share"] = false },
         };
+        if (Ctrl is NvmeBdevController pcie)
+        {
+            nvme.Insert(0, "pci_address", pcie.TrAddr);
+            ((JsonObject)nvme["vs"]!)["nvme_version"] = $"{pcie.Controller.Version >> 16}.{(pcie.Controller.Version >> 8) & 0xFF}" + ((pcie.Controller.Version & 0xFF) != 0 ? $".{pcie.Controller.Version & 0xFF}" : "");
+        }
+
+        return new JsonObject { ["nvme"] = new JsonArray { nvme } };
     }
 }

@@ -1,3 +1,4 @@
+using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Nvme;
 using VhostBackend.Platform;
@@ -10,7 +11,7 @@ namespace VhostBackend.BdevNvme;
 /// namespaces' bdevs, the I/O device whose per-reactor channels own one queue pair each, and the admin poller
 /// (asynchronous events, health, resets) on the reactor that attached it.
 /// </summary>
-public sealed class NvmeBdevController : IoDevice
+public sealed class NvmeBdevController : NvmeBdevControllerBase
 {
     private readonly ILogger _log;
     private readonly List<TaskCompletionSource> _resetWaiters = new();
@@ -23,24 +24,46 @@ public sealed class NvmeBdevController : IoDevice
     private long _lastResetTicks;
 
     internal NvmeBdevController(string name, string traddr, NvmeController ctrl, Reactor adminReactor, ILogger log)
-        : base("nvme:" + name)
+        : base(name, adminReactor)
     {
-        CtrlName = name;
-        TrAddr = traddr;
+        _traddr = traddr;
         Controller = ctrl;
-        AdminReactor = adminReactor;
         _log = log;
     }
 
-    public string CtrlName { get; }
-    public string TrAddr { get; }
+    private readonly string _traddr;
+
+    public override string TrType => "PCIe";
+    public override string TrAddr => _traddr;
+    public override string TridKey => "PCIe:" + _traddr;
+    public override NvmeControllerData Data => Controller.Data;
+    public override uint MaxTransferBytes => Controller.MaxTransferBytes;
     public NvmeController Controller { get; }
-    public Reactor AdminReactor { get; }
-    public List<NvmeBdev> Bdevs { get; } = new();
+
+    public override JsonObject TridJson() => new() { ["trtype"] = "PCIe", ["traddr"] = TrAddr };
+
+    public override JsonObject ConfigParams() => new() { ["name"] = CtrlName, ["trtype"] = "PCIe", ["traddr"] = TrAddr };
+
+    public override JsonObject Describe() => new()
+    {
+        ["state"] = IsRemoved || Controller.ResetError is not null ? "failed" : IsResetting ? "resetting" : "enabled",
+        ["trid"] = TridJson(),
+        ["cntlid"] = Controller.Data.ControllerId,
+        ["host"] = new JsonObject { ["nqn"] = "", ["addr"] = "", ["svcid"] = "" },
+
+        // Extension fields (not in SPDK): resets done, how long the last took, and the longest single
+        // control-path step on a reactor since it started.
+        ["reset_count"] = Controller.ResetCount,
+        ["last_reset_us"] = Math.Round(LastResetMicroseconds, 1),
+        ["max_control_step_us"] = Math.Round(MaxControlStepMicroseconds, 1),
+    };
+
+    internal override void DisposeDriver() => Controller.Dispose();
 
     /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
     public bool IsResetting => _resetting;
-    public bool IsRemoved { get; private set; }
+    public override bool IsRemoved => _removed;
+    private bool _removed;
 
     /// <summary>
     /// The longest single step of the control path on a reactor (one reset poll, one channel's reconnect start or
@@ -65,12 +88,12 @@ public sealed class NvmeBdevController : IoDevice
     }
 
     /// <summary>Starts the admin poller (every 10 ms) on the calling reactor.</summary>
-    internal void StartAdminPoller()
+    internal override void StartAdminPoller()
     {
         _adminPoller = AdminReactor.RegisterPoller("nvme_ctrlr_admin:" + CtrlName, static ctx => ((NvmeBdevController)ctx!).PollAdmin(), this, 10_000);
     }
 
-    internal void StopAdminPoller()
+    internal override void StopAdminPoller()
     {
         if (_resetPoller is not null)
         {
@@ -97,7 +120,7 @@ public sealed class NvmeBdevController : IoDevice
         int n = Controller.ProcessAdminCompletions();
         if (Controller.CheckHealth() == NvmeHealth.Removed)
         {
-            IsRemoved = true;
+            _removed = true;
             _log.LogError("NVMe controller {Name} ({Addr}) was removed: failing its I/O", CtrlName, TrAddr);
             ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).FailAll(), static () => { });
             return 1;
@@ -120,7 +143,7 @@ public sealed class NvmeBdevController : IoDevice
     /// is reconnected, like SPDK. The task completes when every channel is reconnected (or failed); it faults when the
     /// controller could not be reset (its I/O then fails). Concurrent callers share one reset.
     /// </summary>
-    public Task ResetAsync()
+    public override Task ResetAsync()
     {
         var tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         AdminReactor.Send(static s =>
@@ -210,6 +233,4 @@ public sealed class NvmeBdevController : IoDevice
     protected override object CreateChannelContext(Reactor reactor) => new NvmeChannelContext(this, reactor, _log);
 
     protected override void DestroyChannelContext(Reactor reactor, object context) => ((NvmeChannelContext)context).Destroy();
-
-    internal void MarkGone() => MarkUnregistered();
 }

@@ -3,6 +3,8 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using VhostBackend.Bdev;
 using VhostBackend.Nvme;
+using VhostBackend.Nvme.Tcp;
+using VhostBackend.Platform;
 using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 
@@ -20,10 +22,11 @@ public sealed class NvmeBdevModule : BdevModule
 {
     private static readonly TimeSpan FiniUnregisterTimeout = TimeSpan.FromSeconds(5);
 
-    private readonly Dictionary<string, NvmeBdevController?> _ctrls = new(StringComparer.Ordinal); // null: name reserved while attaching
-    private readonly List<NvmeBdevController> _attached = new(); // attach order (under _ctrls' lock)
-    private readonly HashSet<string> _attaching = new(StringComparer.Ordinal); // traddrs being attached (under _ctrls' lock)
+    private readonly Dictionary<string, NvmeBdevControllerBase?> _ctrls = new(StringComparer.Ordinal); // null: name reserved while attaching
+    private readonly List<NvmeBdevControllerBase> _attached = new(); // attach order (under _ctrls' lock)
+    private readonly HashSet<string> _attaching = new(StringComparer.Ordinal); // trid keys being attached (under _ctrls' lock)
     private Func<string, NvmeControllerOptions, ILogger, NvmeController> _attach = NvmeController.AttachPci;
+    private Func<NvmeTcpTransportId, NvmeTcpControllerOptions, ILogger, NvmeTcpController> _attachTcp = NvmeTcpController.Attach;
     private BdevManager? _bdevs;
     private ReactorRuntime? _reactors;
     private ILogger _log = NullLogger.Instance;
@@ -39,6 +42,9 @@ public sealed class NvmeBdevModule : BdevModule
     /// </summary>
     public static NvmeBdevModule WithAttach(Func<string, NvmeControllerOptions, ILogger, NvmeController> attach) => new() { _attach = attach };
 
+    /// <summary>Module-wide options (bdev_nvme_set_options).</summary>
+    public NvmeBdevOptions Options { get; } = new();
+
     public override string Name => "nvme";
 
     private BdevManager Bdevs => _bdevs ?? throw new InvalidOperationException("the nvme bdev module is not initialized (Init)");
@@ -52,7 +58,7 @@ public sealed class NvmeBdevModule : BdevModule
     }
 
     /// <summary>The attached controllers, in attach order (controllers still attaching are not listed).</summary>
-    public IReadOnlyList<NvmeBdevController> Controllers
+    public IReadOnlyList<NvmeBdevControllerBase> Controllers
     {
         get
         {
@@ -63,7 +69,11 @@ public sealed class NvmeBdevModule : BdevModule
         }
     }
 
-    public NvmeBdevController? Find(string name)
+    /// <summary>The PCIe controller named <paramref name="name"/> (null when there is none or it is another transport).</summary>
+    public NvmeBdevController? Find(string name) => FindController(name) as NvmeBdevController;
+
+    /// <summary>The controller named <paramref name="name"/>, any transport.</summary>
+    public NvmeBdevControllerBase? FindController(string name)
     {
         lock (_ctrls)
         {
@@ -71,30 +81,24 @@ public sealed class NvmeBdevModule : BdevModule
         }
     }
 
-    /// <summary>Attaches a controller and registers a bdev per active namespace. Must run on a reactor (the admin poller lives there).</summary>
-    public async Task<IReadOnlyList<string>> AttachAsync(string name, string traddr, int? numIoQueues = null)
+    /// <summary>True while any controller is attached or attaching (bdev_nvme_set_options is refused then).</summary>
+    public bool HasControllers
     {
-        var bdevs = Bdevs;
-        var reactor = Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
-        traddr = VfioPciDevice.NormalizeAddress(traddr);
-        lock (_ctrls)
+        get
         {
-            if (_ctrls.ContainsKey(name))
+            lock (_ctrls)
             {
-                throw RpcException.Errno(17, $"A controller named {name} already exists");
+                return _ctrls.Count > 0;
             }
-
-            if (_attaching.Contains(traddr) || _attached.Any(c => c.TrAddr == traddr))
-            {
-                throw RpcException.Errno(17, $"A controller with the same trid {traddr} already exists");
-            }
-
-            _ctrls[name] = null; // reserve the name and the address while attaching
-            _attaching.Add(traddr);
         }
+    }
 
-        NvmeController ctrl;
-        try
+    /// <summary>Attaches a PCIe controller and registers a bdev per active namespace. Must run on a reactor (the admin poller lives there).</summary>
+    public Task<IReadOnlyList<string>> AttachAsync(string name, string traddr, int? numIoQueues = null, int maxBdevs = 128)
+    {
+        traddr = VfioPciDevice.NormalizeAddress(traddr);
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
+        return AttachCoreAsync(name, "PCIe:" + traddr, traddr, maxBdevs, async () =>
         {
             var opts = new NvmeControllerOptions();
             if (numIoQueues is { } q)
@@ -103,25 +107,272 @@ public sealed class NvmeBdevModule : BdevModule
             }
 
             // Bring-up blocks for a while (CAP.TO bounded): keep it off the reactor.
-            ctrl = await Task.Run(() => _attach(traddr, opts, _log)).ConfigureAwait(true);
+            var ctrl = await Task.Run(() => _attach(traddr, opts, _log)).ConfigureAwait(true);
+            return (new NvmeBdevController(name, traddr, ctrl, reactor, _log), ctrl.Namespaces);
+        });
+    }
+
+    /// <summary>Attaches an NVMe/TCP controller (connect, enable, identify off the reactor) and registers a bdev per active namespace.</summary>
+    public Task<IReadOnlyList<string>> AttachTcpAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy, int? numIoQueues = null, TimeSpan? connectTimeout = null, int maxBdevs = 128)
+    {
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
+        var o = Options;
+        var opts = new NvmeTcpControllerOptions
+        {
+            KeepAliveTimeoutMs = o.KeepAliveTimeoutMs,
+            IoQueuesRequested = numIoQueues ?? 1024,
+            IoQueueEntries = o.IoQueueRequests > 0 ? o.IoQueueRequests + 1 : 128,
+        };
+        if (o.TimeoutAdminUs > 0)
+        {
+            opts.AdminTimeout = TimeSpan.FromMicroseconds(o.TimeoutAdminUs);
         }
-        catch (Exception e) when (e is IOException or TimeoutException or UnauthorizedAccessException or ArgumentException or OutOfMemoryException)
+
+        if (connectTimeout is { } ct)
+        {
+            opts.ConnectTimeout = ct;
+        }
+
+        long ioTimeout = o.TimeoutUs > 0 && o.ActionOnTimeout == "reset" ? (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) : 0;
+        string key = $"TCP:{trid.Address}:{trid.Port}:{trid.SubNqn}";
+        return AttachCoreAsync(name, key, trid.ToString(), maxBdevs, async () =>
+        {
+            var ctrl = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
+            var bc = new NvmeTcpBdevController(name, ctrl, policy, opts.IoQueueEntries, ioTimeout, reactor, _log, OnGiveUp);
+            return (bc, ctrl.Namespaces);
+        });
+    }
+
+    private sealed class DiscoveryService
+    {
+        public required string Name;
+        public required NvmeTcpTransportId Trid;
+        public required NvmePathLossPolicy Policy;
+        public NvmeTcpController? Controller;
+        public Poller? Poller;
+        public readonly List<string> Attached = new();
+        public ulong Generation;
+    }
+
+    private readonly Dictionary<string, DiscoveryService?> _discovery = new(StringComparer.Ordinal); // null: starting
+
+    /// <summary>
+    /// bdev_nvme_start_discovery: connects to the discovery controller at <paramref name="trid"/>, reads its log page and
+    /// attaches every NVM subsystem it lists over TCP as controller <c>&lt;name&gt;&lt;n&gt;</c> (SPDK's naming). Entries
+    /// that fail to attach are logged and skipped. The discovery controller stays connected (keep-alive) until
+    /// <see cref="StopDiscoveryAsync"/>; its asynchronous events are not followed (the log is read once).
+    /// </summary>
+    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy)
+    {
+        var reactor = Reactor.Current ?? throw new InvalidOperationException("discovery must run on a reactor");
+        trid = trid with { SubNqn = NvmeFabrics.DiscoveryNqn };
+        lock (_ctrls)
+        {
+            if (_discovery.ContainsKey(name))
+            {
+                throw RpcException.Errno(17, $"Discovery service {name} already exists");
+            }
+
+            if (_discovery.Values.Any(d => d is not null && d.Trid.Address.Equals(trid.Address) && d.Trid.Port == trid.Port))
+            {
+                throw RpcException.Errno(17, $"Discovery service for {trid.Address}:{trid.Port} already exists");
+            }
+
+            _discovery[name] = null;
+        }
+
+        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy };
+        IReadOnlyList<NvmeDiscoveryEntry> entries;
+        try
+        {
+            var opts = new NvmeTcpControllerOptions { KeepAliveTimeoutMs = Options.KeepAliveTimeoutMs };
+            svc.Controller = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
+            entries = await Task.Run(() => svc.Controller.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
+        }
+        catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or InvalidOperationException)
+        {
+            if (svc.Controller is { } dc)
+            {
+                await Task.Run(dc.Dispose).ConfigureAwait(true);
+            }
+
+            lock (_ctrls)
+            {
+                _discovery.Remove(name);
+            }
+
+            throw RpcException.Errno(19, $"Failed to start discovery {name} at {trid.Address}:{trid.Port}: {e.Message}");
+        }
+
+        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), svc.Controller, 10_000);
+        lock (_ctrls)
+        {
+            _discovery[name] = svc;
+        }
+
+        int index = 0;
+        foreach (var e in entries)
+        {
+            if (e.SubType != NvmeDiscoveryEntry.SubTypeNvme)
+            {
+                continue; // referrals and discovery subsystems are not attached
+            }
+
+            if (e.TrType != NvmeDiscoveryEntry.TrTypeTcp || !System.Net.IPAddress.TryParse(e.TrAddr, out var addr)
+                || !int.TryParse(e.TrSvcId, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int port) || port is < 1 or > 65535
+                || !NvmeFabrics.IsValidNqn(e.SubNqn))
+            {
+                _log.LogWarning("discovery {Name}: skipping entry trtype {TrType} traddr '{Addr}' trsvcid '{Svc}' subnqn '{Nqn}'", name, e.TrType, e.TrAddr, e.TrSvcId, e.SubNqn);
+                continue;
+            }
+
+            string ctrlName = name + index.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            index++;
+            try
+            {
+                await AttachTcpAsync(ctrlName, trid with { Address = addr, Port = port, SubNqn = e.SubNqn }, policy).ConfigureAwait(true);
+                lock (_ctrls)
+                {
+                    svc.Attached.Add(ctrlName);
+                }
+            }
+            catch (RpcException ex)
+            {
+                _log.LogWarning("discovery {Name}: could not attach {Nqn} at {Addr}:{Port}: {Error}", name, e.SubNqn, addr, port, ex.Message);
+            }
+        }
+    }
+
+    /// <summary>bdev_nvme_stop_discovery: detaches the controllers the service attached and closes the discovery controller.</summary>
+    public async Task StopDiscoveryAsync(string name)
+    {
+        DiscoveryService? svc;
+        lock (_ctrls)
+        {
+            svc = _discovery.GetValueOrDefault(name);
+            if (svc is null)
+            {
+                throw RpcException.Errno(19, $"Discovery service {name} does not exist");
+            }
+
+            _discovery.Remove(name);
+        }
+
+        foreach (var c in svc.Attached)
+        {
+            if (FindController(c) is not null)
+            {
+                try
+                {
+                    await DetachAsync(c).ConfigureAwait(true);
+                }
+                catch (RpcException)
+                {
+                    // detached meanwhile
+                }
+            }
+        }
+
+        if (svc.Poller is { } p)
+        {
+            Reactor.Current!.UnregisterPoller(p);
+        }
+
+        if (svc.Controller is { } dc)
+        {
+            await Task.Run(dc.Dispose).ConfigureAwait(true);
+        }
+    }
+
+    /// <summary>bdev_nvme_get_discovery_info (SPDK's shape: name, trid, referrals).</summary>
+    public JsonArray GetDiscoveryInfo()
+    {
+        var list = new JsonArray();
+        lock (_ctrls)
+        {
+            foreach (var d in _discovery.Values)
+            {
+                if (d is null)
+                {
+                    continue;
+                }
+
+                list.Add(new JsonObject
+                {
+                    ["name"] = d.Name,
+                    ["trid"] = new JsonObject
+                    {
+                        ["trtype"] = "TCP",
+                        ["adrfam"] = d.Trid.Family == System.Net.Sockets.AddressFamily.InterNetworkV6 ? "IPv6" : "IPv4",
+                        ["traddr"] = d.Trid.Address.ToString(),
+                        ["trsvcid"] = d.Trid.Port.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                        ["subnqn"] = NvmeFabrics.DiscoveryNqn,
+                    },
+                    ["referrals"] = new JsonArray(),
+                    ["attached"] = new JsonArray(d.Attached.Select(a => (JsonNode?)a).ToArray()), // extension field
+                });
+            }
+        }
+
+        return list;
+    }
+
+    private void OnGiveUp(NvmeTcpBdevController c)
+    {
+        // SPDK deletes a controller that stayed lost for ctrlr_loss_timeout_sec.
+        _reactors?.Main.Send(static s =>
+        {
+            var (m, name) = ((NvmeBdevModule, string))s!;
+            _ = m.DetachAsync(name).ContinueWith(static _ => { }, TaskScheduler.Default);
+        }, (this, c.CtrlName));
+    }
+
+    private async Task<IReadOnlyList<string>> AttachCoreAsync(string name, string tridKey, string where, int maxBdevs, Func<Task<(NvmeBdevControllerBase Ctrl, IReadOnlyList<NvmeNamespace> Namespaces)>> attach)
+    {
+        var bdevs = Bdevs;
+        lock (_ctrls)
+        {
+            if (_ctrls.ContainsKey(name))
+            {
+                throw RpcException.Errno(17, $"A controller named {name} already exists");
+            }
+
+            if (_attaching.Contains(tridKey) || _attached.Any(c => c.TridKey == tridKey))
+            {
+                throw RpcException.Errno(17, $"A controller with the same trid {where} already exists");
+            }
+
+            _ctrls[name] = null; // reserve the name and the address while attaching
+            _attaching.Add(tridKey);
+        }
+
+        NvmeBdevControllerBase bc;
+        IReadOnlyList<NvmeNamespace> namespaces;
+        try
+        {
+            (bc, namespaces) = await attach().ConfigureAwait(true);
+        }
+        catch (Exception e) when (e is IOException or TimeoutException or UnauthorizedAccessException or ArgumentException or OutOfMemoryException or System.Net.Sockets.SocketException or InvalidOperationException)
         {
             lock (_ctrls)
             {
                 _ctrls.Remove(name);
-                _attaching.Remove(traddr);
+                _attaching.Remove(tridKey);
             }
 
-            _log.LogError("bdev_nvme_attach_controller {Name} {Addr} failed: {Error}", name, traddr, e.Message);
-            throw RpcException.Errno(19, $"Failed to attach controller {name} at {traddr}: {e.Message}");
+            _log.LogError("bdev_nvme_attach_controller {Name} {Addr} failed: {Error}", name, where, e.Message);
+            throw RpcException.Errno(19, $"Failed to attach controller {name} at {where}: {e.Message}");
         }
 
-        var bc = new NvmeBdevController(name, traddr, ctrl, reactor, _log);
         var names = new List<string>();
         try
         {
-            foreach (var ns in ctrl.Namespaces)
+            if (namespaces.Count > maxBdevs)
+            {
+                throw new BdevExistsException($"Maximum number of namespaces supported per NVMe controller is {maxBdevs} (max_bdevs); the controller has {namespaces.Count}");
+            }
+
+            foreach (var ns in namespaces)
             {
                 var b = new NvmeBdev(bc, ns);
                 bc.Bdevs.Add(b);
@@ -143,21 +394,21 @@ public sealed class NvmeBdevModule : BdevModule
                 }
             }
 
-            await Task.Run(ctrl.Dispose).ConfigureAwait(true); // shutdown waits up to CAP.TO: not on the reactor
+            await Task.Run(bc.DisposeDriver).ConfigureAwait(true); // shutdown may wait: not on the reactor
             lock (_ctrls)
             {
                 _ctrls.Remove(name);
-                _attaching.Remove(traddr);
+                _attaching.Remove(tridKey);
             }
 
-            throw RpcException.Errno(17, e.Message);
+            throw RpcException.Errno(e.Message.StartsWith("Maximum number", StringComparison.Ordinal) ? 22 : 17, e.Message);
         }
 
         bc.StartAdminPoller();
         lock (_ctrls)
         {
             _ctrls[name] = bc;
-            _attaching.Remove(traddr);
+            _attaching.Remove(tridKey);
             _attached.Add(bc);
         }
 
@@ -170,7 +421,7 @@ public sealed class NvmeBdevModule : BdevModule
     private async Task DetachAsync(string name, TimeSpan? unregisterTimeout)
     {
         var bdevs = Bdevs;
-        NvmeBdevController? bc;
+        NvmeBdevControllerBase? bc;
         lock (_ctrls)
         {
             bc = _ctrls.GetValueOrDefault(name);
@@ -206,7 +457,7 @@ public sealed class NvmeBdevModule : BdevModule
             return;
         }
 
-        await Task.Run(bc.Controller.Dispose).ConfigureAwait(true);
+        await Task.Run(bc.DisposeDriver).ConfigureAwait(true);
     }
 
     /// <summary>
@@ -223,6 +474,24 @@ public sealed class NvmeBdevModule : BdevModule
 
         await _reactors.Main.InvokeAsync(async () =>
         {
+            List<string> services;
+            lock (_ctrls)
+            {
+                services = _discovery.Keys.ToList();
+            }
+
+            foreach (var d in services)
+            {
+                try
+                {
+                    await StopDiscoveryAsync(d).ConfigureAwait(true);
+                }
+                catch (RpcException)
+                {
+                    // Stopped meanwhile.
+                }
+            }
+
             foreach (var c in Controllers.Reverse())
             {
                 try
@@ -242,9 +511,43 @@ public sealed class NvmeBdevModule : BdevModule
     /// <summary>One bdev_nvme_attach_controller per attached controller, in attach order (SPDK's bdev_nvme_config_json).</summary>
     public override void WriteConfig(JsonArray calls)
     {
+        if (!Options.IsDefault)
+        {
+            calls.Add(Subsystem.Call("bdev_nvme_set_options", Options.ToJson()));
+        }
+
+        HashSet<string> discovered;
+        List<DiscoveryService> services;
+        lock (_ctrls)
+        {
+            services = _discovery.Values.OfType<DiscoveryService>().ToList();
+            discovered = services.SelectMany(d => d.Attached).ToHashSet(StringComparer.Ordinal);
+        }
+
         foreach (var c in Controllers)
         {
-            calls.Add(Subsystem.Call("bdev_nvme_attach_controller", new JsonObject { ["name"] = c.CtrlName, ["trtype"] = "PCIe", ["traddr"] = c.TrAddr }));
+            if (!discovered.Contains(c.CtrlName))
+            {
+                calls.Add(Subsystem.Call("bdev_nvme_attach_controller", c.ConfigParams()));
+            }
+        }
+
+        // Discovery services (SPDK writes these and not the controllers they attached).
+        foreach (var d in services)
+        {
+            calls.Add(Subsystem.Call("bdev_nvme_start_discovery", new JsonObject
+            {
+                ["name"] = d.Name,
+                ["trtype"] = "TCP",
+                ["adrfam"] = d.Trid.Family == System.Net.Sockets.AddressFamily.InterNetworkV6 ? "IPv6" : "IPv4",
+                ["traddr"] = d.Trid.Address.ToString(),
+                ["trsvcid"] = d.Trid.Port.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                ["hostnqn"] = d.Trid.EffectiveHostNqn,
+                ["wait_for_attach"] = true,
+                ["ctrlr_loss_timeout_sec"] = d.Policy.CtrlrLossTimeoutSec,
+                ["reconnect_delay_sec"] = d.Policy.ReconnectDelaySec,
+                ["fast_io_fail_timeout_sec"] = d.Policy.FastIoFailTimeoutSec,
+            }));
         }
     }
 
@@ -261,22 +564,7 @@ public sealed class NvmeBdevModule : BdevModule
             list.Add(new JsonObject
             {
                 ["name"] = c.CtrlName,
-                ["ctrlrs"] = new JsonArray
-                {
-                    new JsonObject
-                    {
-                        ["state"] = c.IsRemoved || c.Controller.ResetError is not null ? "failed" : c.IsResetting ? "resetting" : "enabled",
-                        ["trid"] = new JsonObject { ["trtype"] = "PCIe", ["traddr"] = c.TrAddr },
-                        ["cntlid"] = c.Controller.Data.ControllerId,
-                        ["host"] = new JsonObject { ["nqn"] = "", ["addr"] = "", ["svcid"] = "" },
-
-                        // Extension fields (not in SPDK): resets done, how long the last took, and the longest single
-                        // control-path step on a reactor since it started.
-                        ["reset_count"] = c.Controller.ResetCount,
-                        ["last_reset_us"] = Math.Round(c.LastResetMicroseconds, 1),
-                        ["max_control_step_us"] = Math.Round(c.MaxControlStepMicroseconds, 1),
-                    },
-                },
+                ["ctrlrs"] = new JsonArray { c.Describe() },
             });
         }
 

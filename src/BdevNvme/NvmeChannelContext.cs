@@ -20,7 +20,7 @@ namespace VhostBackend.BdevNvme;
 /// polling its connect state machine from this channel's poller, and deleted asynchronously on destroy.
 /// </para>
 /// </summary>
-internal sealed class NvmeChannelContext
+internal sealed class NvmeChannelContext : INvmeChannel
 {
     private const int MaxRetries = 3;
     private readonly NvmeBdevController _ctrl;

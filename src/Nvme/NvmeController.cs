@@ -54,7 +54,7 @@ public enum NvmeResetState
 /// <summary>An active namespace of a controller.</summary>
 public sealed class NvmeNamespace
 {
-    internal NvmeNamespace(NvmeController ctrl, NvmeNamespaceData data)
+    internal NvmeNamespace(NvmeController? ctrl, NvmeNamespaceData data)
     {
         Controller = ctrl;
         Data = data;
@@ -63,7 +63,8 @@ public sealed class NvmeNamespace
         BlockCount = data.Size;
     }
 
-    public NvmeController Controller { get; }
+    /// <summary>The PCIe controller, or null for a namespace of a fabrics (TCP) controller.</summary>
+    public NvmeController? Controller { get; }
     public uint Id { get; }
     public uint BlockSize { get; }
     public ulong BlockCount { get; }

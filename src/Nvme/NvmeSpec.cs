@@ -173,6 +173,9 @@ public readonly struct NvmeStatus : IEquatable<NvmeStatus>
     /// <summary>Generic: internal error, no retry (device removed or controller fatal).</summary>
     public static readonly NvmeStatus InternalDeviceError = Make(NvmeSct.Generic, NvmeSc.InternalDeviceError, dnr: true);
 
+    /// <summary>A fabrics transport failed (the connection was lost): retryable on another or a new connection.</summary>
+    public static readonly NvmeStatus TransientTransportError = Make(NvmeSct.Generic, NvmeSc.TransientTransportError);
+
     public ushort Field { get; }
     public int Sc => Field & 0xFF;
     public int Sct => (Field >> 8) & 7;
@@ -215,6 +218,7 @@ public static class NvmeSc
     public const int AbortRequested = 0x07;
     public const int AbortedSqDeletion = 0x08;
     public const int InvalidNamespace = 0x0B;
+    public const int TransientTransportError = 0x22;
     public const int LbaOutOfRange = 0x80;
     public const int InvalidQueueId = 0x01; // command specific
     public const int InvalidQueueSize = 0x02; // command specific

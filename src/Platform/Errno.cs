@@ -22,7 +22,11 @@ public static class Errno
     public const int ENOSPC = 28;
     public const int ERANGE = 34;
     public const int ENOTSUP = 95;
+    public const int EADDRINUSE = 98;
+    public const int EADDRNOTAVAIL = 99;
+    public const int ECONNRESET = 104;
     public const int ETIMEDOUT = 110;
+    public const int ECONNREFUSED = 111;
     public const int EALREADY = 114;
     public const int ECANCELED = 125;
 

@@ -51,7 +51,7 @@ internal static class BdevMode
         Check("bdev-bounce-write-read", ok == total && ok2 == total && same, $"{ok}+{ok2} of {total}+{total} I/Os on {rt.Reactors.Count} reactors, data equal: {same}");
 
         // DMA memory, PRP friendly: zero copy.
-        using var pool = new DmaBufferPool(bdev.Ctrl.Controller.Dma, 2, ioBytes, "bdev-mode");
+        using var pool = new DmaBufferPool(((NvmeBdevController)bdev.Ctrl).Controller.Dma, 2, ioBytes, "bdev-mode");
         pool.TryGet(out nint dma, out _);
         Marshal.Copy(pattern, 0, dma, ioBytes);
         bool w = await One(rt.Main, desc, (ch, cb) => ch.Write(desc, new[] { new IoVec(dma, ioBytes) }, 4096, (ulong)(ioBytes / bs), cb, null));
@@ -86,7 +86,7 @@ internal static class BdevMode
         ok2 = await RunBatch(rt, desc, heap, ioBytes, perReactor, bs, write: false);
         Marshal.Copy(heap, back, 0, back.Length);
         same = back.AsSpan().SequenceEqual(pattern);
-        Check("bdev-reset-retry", ok == total && ok2 == total && same && bdev.Ctrl.Controller.ResetCount == 1, $"{ok}/{total} writes across a reset ({resetMs} ms) succeeded, read back equal: {same}");
+        Check("bdev-reset-retry", ok == total && ok2 == total && same && ((NvmeBdevController)bdev.Ctrl).Controller.ResetCount == 1, $"{ok}/{total} writes across a reset ({resetMs} ms) succeeded, read back equal: {same}");
 
         Free(heap);
         desc.Dispose();

@@ -31,7 +31,7 @@ public static class BdevMetrics
         meter.CreateObservableCounter("vhost.bdev.latency.time", () => LatencyTime(bdevs), "s",
             "sum of the latencies of completed I/Os, by bdev and op (read, write, unmap); divided by the operations it is the mean latency");
         meter.CreateObservableCounter("vhost.bdev.latency.bucket", () => LatencyBuckets(bdevs), "{operation}",
-            "completed I/Os per latency bucket (log2 of ticks), by bdev, op (read, write, other) and le_us, the bucket's exclusive upper bound in microseconds; only non-empty buckets");
+            "completed I/Os per latency bucket (log2 of ticks), by bdev, op (read, write, other) and lt_us, the bucket's exclusive upper bound in microseconds; only non-empty buckets");
     }
 
     private static KeyValuePair<string, object?> Tag(string key, object? value) => new(key, value);
@@ -111,7 +111,7 @@ public static class BdevMetrics
                 {
                     if (buckets[i] != 0)
                     {
-                        yield return new(buckets[i], name, Tag("op", ClassNames[c]), Tag("le_us", BucketLabels[i]));
+                        yield return new(buckets[i], name, Tag("op", ClassNames[c]), Tag("lt_us", BucketLabels[i]));
                     }
                 }
             }

@@ -57,7 +57,7 @@ public class BdevMetricsTests
         Assert.Equal(510, m.Sum("vhost.bdev.latency.bucket", "bdev=M0", "op=read"));
         Assert.Equal(506, m.Sum("vhost.bdev.latency.bucket", "bdev=M0", "op=write"));
         Assert.Equal(1, m.Sum("vhost.bdev.latency.bucket", "bdev=M0", "op=other"));
-        var bounds = m.All("vhost.bdev.latency.bucket").Select(b => double.Parse(b.Tags["le_us"]!, CultureInfo.InvariantCulture)).ToList();
+        var bounds = m.All("vhost.bdev.latency.bucket").Select(b => double.Parse(b.Tags["lt_us"]!, CultureInfo.InvariantCulture)).ToList();
         Assert.All(bounds, b => Assert.True(b > 0));
 
         // The mean latency from the histogram's buckets cannot exceed their upper bounds: check the time counter agrees.
@@ -65,7 +65,7 @@ public class BdevMetricsTests
         double readSeconds = m.Sum("vhost.bdev.latency.time", "bdev=M0", "op=read");
         Assert.Equal(st.ReadLatencyTicks / (double)Platform.Ticks.Frequency, readSeconds, 9);
         double upper = m.All("vhost.bdev.latency.bucket").Where(b => b.Tags["op"] == "read")
-            .Sum(b => b.Value * double.Parse(b.Tags["le_us"]!, CultureInfo.InvariantCulture)) / 1e6;
+            .Sum(b => b.Value * double.Parse(b.Tags["lt_us"]!, CultureInfo.InvariantCulture)) / 1e6;
         Assert.True(readSeconds <= upper * 1.001, $"latency sum {readSeconds} s above the buckets' bound {upper} s");
 
         // Queue depth while I/Os are in flight: collected on the reactor between submit and completion.

@@ -180,7 +180,7 @@ public static class LvolRpc
             {
                 foreach (var l in e.Store.Lvols.OrderBy(l => l.Blob.Id))
                 {
-                    arr.Add(new JsonObject
+                    var lvol = new JsonObject
                     {
                         ["alias"] = l.Alias,
                         ["uuid"] = l.Uuid.ToString(),
@@ -191,7 +191,19 @@ public static class LvolRpc
                         ["is_esnap_clone"] = false,
                         ["is_degraded"] = false,
                         ["lvs"] = new JsonObject { ["name"] = e.Store.Name, ["uuid"] = e.Store.Uuid.ToString() },
-                    });
+                    };
+                    if (l.Blob.CopyProgress is { } copy)
+                    {
+                        // Ours (SPDK reports no progress): an inflate or decouple_parent under way on this lvol.
+                        lvol["progress"] = new JsonObject
+                        {
+                            ["operation"] = copy.Operation,
+                            ["clusters_copied"] = copy.Done,
+                            ["clusters_total"] = copy.Total,
+                        };
+                    }
+
+                    arr.Add(lvol);
                 }
             }
             return (JsonNode?)arr;

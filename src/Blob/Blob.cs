@@ -34,6 +34,29 @@ public sealed class Blob
     /// without a lookup.</summary>
     internal volatile Blob? Parent;
 
+    private long _copyDone;
+    private long _copyTotal;
+    private volatile string? _copyOperation;
+
+    /// <summary>
+    /// The cluster copy of an inflate or decouple running on this blob (operation, clusters copied, clusters to
+    /// copy), or null: what <c>bdev_lvol_get_lvols</c> reports while the RPC waits. Written by the md thread,
+    /// read from any thread.
+    /// </summary>
+    public (string Operation, long Done, long Total)? CopyProgress =>
+        _copyOperation is { } op ? (op, Interlocked.Read(ref _copyDone), Interlocked.Read(ref _copyTotal)) : null;
+
+    internal void StartCopy(string operation, long total)
+    {
+        Interlocked.Exchange(ref _copyDone, 0);
+        Interlocked.Exchange(ref _copyTotal, total);
+        _copyOperation = operation;
+    }
+
+    internal void CopiedCluster() => Interlocked.Increment(ref _copyDone);
+
+    internal void EndCopy() => _copyOperation = null;
+
     /// <summary>Writes in flight on the bdev path (see <see cref="Frozen"/>).</summary>
     internal int InFlightWrites;
     /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it.</summary>

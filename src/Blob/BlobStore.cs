@@ -1103,12 +1103,14 @@ public sealed class BlobStore
         try
         {
             var buf = new byte[_sb.ClusterSize];
+            b.StartCopy(decouple ? "decouple_parent" : "inflate", need.Count);
             foreach (var i in need)
             {
                 uint c = ClaimCluster();
                 claimed.Add((i, c));
                 await ReadBackingAsync(b, (ulong)i * _sb.ClusterSize, buf).ConfigureAwait(false);
                 await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
+                b.CopiedCluster();
             }
             foreach (var (i, c) in claimed)
             {
@@ -1121,9 +1123,11 @@ public sealed class BlobStore
                 b.InvalidFlags &= ~BlobFormat.FlagThinProv;
             }
             await PersistAsync(b, null).ConfigureAwait(false);
+            b.EndCopy();
         }
         catch
         {
+            b.EndCopy();
             foreach (var (i, c) in claimed)
             {
                 b.Clusters[i] = 0;

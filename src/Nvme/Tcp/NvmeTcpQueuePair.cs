@@ -866,6 +866,13 @@ public sealed class NvmeTcpQueuePair : IDisposable
                     return;
                 }
 
+                if (t.Queued)
+                {
+                    // Data for a read whose capsule has not yet left: the controller cannot know the command.
+                    Fail($"C2HData for command {cid} before its capsule was sent", NvmeTcpFes.PduSequenceError, 0);
+                    return;
+                }
+
                 if (len != (uint)_rxInfo.DataLength)
                 {
                     Fail($"C2HData DATAL {len} does not match PLEN", NvmeTcpFes.InvalidHeaderField, 16);

@@ -332,13 +332,10 @@ public sealed class VhostUserSession
             return Refuse("SET_FEATURES", -1, features & ~_device.Features);
         }
 
+        // VHOST_F_LOG_ALL may come before SET_LOG_BASE: QEMU's vhost_dev_start on a device started while migration
+        // logging is on sends SET_FEATURES with it first and the log right after. Logging begins when the log
+        // arrives (SET_LOG_BASE restarts the queues on it); until then there is nothing to log into.
         bool logAll = (features & (1UL << VhostUserConstants.LogAllBit)) != 0;
-        if (logAll && _dirtyLog is null)
-        {
-            // Logging without a log would let migration copy stale pages: refuse (QEMU waits for this reply).
-            return Refuse("SET_FEATURES with VHOST_F_LOG_ALL before SET_LOG_BASE", -1, features);
-        }
-
         bool logChanged = logAll != ((_features & (1UL << VhostUserConstants.LogAllBit)) != 0);
         Volatile.Write(ref _features, features);
         if (logChanged)

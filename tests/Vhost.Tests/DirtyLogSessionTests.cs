@@ -93,6 +93,24 @@ public sealed class DirtyLogSessionTests
         Assert.True(Dirty(st), "status byte not logged");
         Assert.True(Dirty(m.UsedGpa), "used ring not logged");
         Assert.False(Dirty(rbuf + 65536), "a page nobody wrote is marked");
+
+        // The sealed log drew no warning; an unsealed one does, once per session (like guest memory).
+        const string Warning = "dirty log fd is not sealed against shrinking";
+        Assert.DoesNotContain(host.Log.Lines, l => l.Contains(Warning, StringComparison.Ordinal));
+        for (int i = 0; i < 2; i++)
+        {
+            int open = MappedRegion.CreateMemFd("open-log", (long)logBytes);
+            try
+            {
+                Assert.Equal(0UL, SetLogBase(fe, open, logBytes));
+            }
+            finally
+            {
+                Fd.Close(open);
+            }
+        }
+
+        Assert.Single(host.Log.Lines, l => l.Contains(Warning, StringComparison.Ordinal));
     }
 
     private static ulong SetLogBase(FrontEndModel fe, int fd, ulong size)

@@ -162,7 +162,9 @@ public sealed class NvmeBdevModule : BdevModule
     /// that fail to attach are logged and skipped. The discovery controller stays connected (keep-alive) until
     /// <see cref="StopDiscoveryAsync"/>; its asynchronous events are not followed (the log is read once).
     /// </summary>
-    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy)
+    /// With <paramref name="attachTimeout"/> (attach_timeout_ms) a discovery controller that cannot be reached or read
+    /// is retried until it passes, then the call fails with ETIMEDOUT (SPDK's behaviour); without it one attempt is made.
+    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy, TimeSpan? attachTimeout = null)
     {
         var reactor = Reactor.Current ?? throw new InvalidOperationException("discovery must run on a reactor");
         trid = trid with { SubNqn = NvmeFabrics.DiscoveryNqn };
@@ -183,25 +185,39 @@ public sealed class NvmeBdevModule : BdevModule
 
         var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy };
         IReadOnlyList<NvmeDiscoveryEntry> entries;
-        try
+        long deadline = attachTimeout is { } at ? Environment.TickCount64 + (long)at.TotalMilliseconds : 0;
+        while (true)
         {
-            var opts = new NvmeTcpControllerOptions { KeepAliveTimeoutMs = Options.KeepAliveTimeoutMs };
-            svc.Controller = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
-            entries = await Task.Run(() => svc.Controller.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
-        }
-        catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or InvalidOperationException)
-        {
-            if (svc.Controller is { } dc)
+            try
             {
-                await Task.Run(dc.Dispose).ConfigureAwait(true);
+                var opts = new NvmeTcpControllerOptions { KeepAliveTimeoutMs = Options.KeepAliveTimeoutMs };
+                svc.Controller = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
+                entries = await Task.Run(() => svc.Controller.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
+                break;
             }
-
-            lock (_ctrls)
+            catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or InvalidOperationException)
             {
-                _discovery.Remove(name);
-            }
+                if (svc.Controller is { } dc)
+                {
+                    svc.Controller = null;
+                    await Task.Run(dc.Dispose).ConfigureAwait(true);
+                }
 
-            throw RpcException.Errno(19, $"Failed to start discovery {name} at {trid.Address}:{trid.Port}: {e.Message}");
+                if (deadline != 0 && Environment.TickCount64 < deadline)
+                {
+                    await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(100, Math.Max(1, deadline - Environment.TickCount64)))).ConfigureAwait(true);
+                    continue;
+                }
+
+                lock (_ctrls)
+                {
+                    _discovery.Remove(name);
+                }
+
+                throw deadline != 0
+                    ? RpcException.Errno(110, $"Discovery {name} at {trid.Address}:{trid.Port} not attached within attach_timeout_ms: {e.Message}")
+                    : RpcException.Errno(19, $"Failed to start discovery {name} at {trid.Address}:{trid.Port}: {e.Message}");
+            }
         }
 
         svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), svc.Controller, 10_000);

@@ -405,9 +405,9 @@ public sealed class StartDiscoveryParams : IRpcParams
             throw RpcException.Errno(22, $"Failed to parse hostnqn: {Hostnqn}");
         }
 
-        if (AttachTimeoutMs is not null)
+        if (AttachTimeoutMs is > int.MaxValue)
         {
-            throw RpcException.Errno(22, "attach_timeout_ms is not supported (the call always waits for the attach)");
+            throw RpcException.Errno(22, $"attach_timeout_ms {AttachTimeoutMs} is out of range");
         }
     }
 }
@@ -516,7 +516,8 @@ internal static class NvmeBdevRpc
                 throw RpcException.Errno(22, err);
             }
 
-            await module.StartDiscoveryAsync(p.Name, new NvmeTcpTransportId { Address = p.Address, Port = p.Port, HostNqn = p.Hostnqn }, policy).ConfigureAwait(true);
+            await module.StartDiscoveryAsync(p.Name, new NvmeTcpTransportId { Address = p.Address, Port = p.Port, HostNqn = p.Hostnqn }, policy,
+                p.AttachTimeoutMs is > 0 and var ms ? TimeSpan.FromMilliseconds(ms) : null).ConfigureAwait(true);
             return (JsonNode?)true;
         }, RpcStates.Both);
 

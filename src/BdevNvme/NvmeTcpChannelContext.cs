@@ -248,6 +248,16 @@ internal sealed class NvmeTcpChannelContext : INvmeChannel
         }
 
         int n = 0;
+        if (!_connecting && !_failed && !_reportedLoss && _ctrl.IsPathUp && !_qp.IsConnected && !_qp.IsConnecting && !_qp.IsFailed)
+        {
+            // Created while the controller was reconnecting, after the walk that reconnects channels took its
+            // snapshot: nobody else will connect this queue pair, so do it once the path is back.
+            long t0 = Ticks.Now();
+            _qp.StartConnect(_ctrl.Controller.Cntlid, 0); // PollConnect reports a failure
+            _ctrl.RecordControlStep(Ticks.Now() - t0);
+            _connecting = true;
+        }
+
         if (_connecting)
         {
             long t0 = Ticks.Now();

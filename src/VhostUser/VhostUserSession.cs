@@ -33,6 +33,7 @@ public sealed class VhostUserSession
     private MappedRegion? _logMap;
     private DirtyLog? _dirtyLog;
     private bool _shrinkWarned;
+    private bool _logShrinkWarned;
     private bool _packedInflightWarned;
     private ulong _features;
     private ulong _protocolFeatures;
@@ -332,13 +333,10 @@ public sealed class VhostUserSession
             return Refuse("SET_FEATURES", -1, features & ~_device.Features);
         }
 
+        // VHOST_F_LOG_ALL may come before SET_LOG_BASE: QEMU's vhost_dev_start on a device started while migration
+        // logging is on sends SET_FEATURES with it first and the log right after. Logging begins when the log
+        // arrives (SET_LOG_BASE restarts the queues on it); until then there is nothing to log into.
         bool logAll = (features & (1UL << VhostUserConstants.LogAllBit)) != 0;
-        if (logAll && _dirtyLog is null)
-        {
-            // Logging without a log would let migration copy stale pages: refuse (QEMU waits for this reply).
-            return Refuse("SET_FEATURES with VHOST_F_LOG_ALL before SET_LOG_BASE", -1, features);
-        }
-
         bool logChanged = logAll != ((_features & (1UL << VhostUserConstants.LogAllBit)) != 0);
         Volatile.Write(ref _features, features);
         if (logChanged)
@@ -422,6 +420,7 @@ public sealed class VhostUserSession
             return false;
         }
 
+        WarnIfShrinkable(fds[0], "dirty log", ref _logShrinkWarned);
         StopAllQueues();
         var old = _logMap;
         _logMap = map;
@@ -462,7 +461,7 @@ public sealed class VhostUserSession
         var regions = MemoryMarshal.Cast<byte, VhostUserMemoryRegion>(p[8..]);
         foreach (int fd in fds)
         {
-            WarnIfShrinkable(fd);
+            WarnIfShrinkable(fd, "guest memory", ref _shrinkWarned);
         }
 
         var e = GuestMemoryTable.TryMapAll(regions, fds, out var mapped, out int failed);
@@ -495,7 +494,7 @@ public sealed class VhostUserSession
         var e = MemoryRegionError.None;
         if (req == VhostUserRequest.AddMemReg)
         {
-            WarnIfShrinkable(fds[0]);
+            WarnIfShrinkable(fds[0], "guest memory", ref _shrinkWarned);
             e = _memory.TryAdd(m.Region, fds[0]);
         }
         else
@@ -512,11 +511,12 @@ public sealed class VhostUserSession
     /// The size of a region was checked against its file when it was mapped; a memfd not sealed against
     /// shrinking can still be truncated by the front end afterwards, and touching the lost pages would fault
     /// (SIGBUS). QEMU seals its memfd backends by default (memory-backend-memfd seal=on); say so once per session
-    /// when a front end's memory is not sealed, so an operator knows the daemon trusts that front end.
+    /// when a front end's memory is not sealed, so an operator knows the daemon trusts that front end. The dirty
+    /// log (SET_LOG_BASE) is mapped and written the same way and is checked the same way, with its own once flag.
     /// </summary>
-    private void WarnIfShrinkable(int fd)
+    private void WarnIfShrinkable(int fd, string what, ref bool warned)
     {
-        if (_shrinkWarned)
+        if (warned)
         {
             return;
         }
@@ -524,9 +524,9 @@ public sealed class VhostUserSession
         int seals = Fd.GetSeals(fd);
         if (seals < 0 || (seals & Fd.SealShrink) == 0)
         {
-            _shrinkWarned = true;
-            _log.LogWarning("vhost session {Name}: guest memory fd is not sealed against shrinking ({Reason}); a front end that truncates it could fault the daemon",
-                Name, seals < 0 ? "not a memfd: " + Errno.Message(-seals) : "no F_SEAL_SHRINK");
+            warned = true;
+            _log.LogWarning("vhost session {Name}: {What} fd is not sealed against shrinking ({Reason}); a front end that truncates it could fault the daemon",
+                Name, what, seals < 0 ? "not a memfd: " + Errno.Message(-seals) : "no F_SEAL_SHRINK");
         }
     }
 

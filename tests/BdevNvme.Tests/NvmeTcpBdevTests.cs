@@ -275,7 +275,11 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
 
         Assert.Equal(-17, (await CallError("bdev_nvme_start_discovery", $$"""{"name":"disc","trtype":"TCP","traddr":"127.0.0.1","trsvcid":"{{_target.Port}}"}""")).Code);
         Assert.Equal(-22, (await CallError("bdev_nvme_start_discovery", """{"name":"d2","trtype":"RDMA","traddr":"127.0.0.1"}""")).Code);
-        Assert.Equal(-22, (await CallError("bdev_nvme_start_discovery", """{"name":"d2","trtype":"TCP","traddr":"127.0.0.1","attach_timeout_ms":100}""")).Code);
+        // attach_timeout_ms: an unreachable discovery controller is retried for that long, then ETIMEDOUT.
+        var sw = Stopwatch.StartNew();
+        Assert.Equal(-110, (await CallError("bdev_nvme_start_discovery", """{"name":"d2","trtype":"TCP","traddr":"127.0.0.1","trsvcid":"1","attach_timeout_ms":600}""")).Code);
+        Assert.InRange(sw.Elapsed.TotalSeconds, 0.5, 10);
+        Assert.DoesNotContain((await Call("bdev_nvme_get_discovery_info", "{}"))!.AsArray(), d => d!["name"]!.GetValue<string>() == "d2");
         Assert.Equal(-19, (await CallError("bdev_nvme_start_discovery", """{"name":"d3","trtype":"TCP","traddr":"127.0.0.1","trsvcid":"1"}""")).Code);
 
         Assert.True((await Call("bdev_nvme_stop_discovery", """{"name":"disc"}"""))!.GetValue<bool>());

@@ -27,8 +27,11 @@ namespace VhostBackend.Nvme.Tcp;
 /// </summary>
 public sealed class NvmeTcpQueuePair : IDisposable
 {
-    /// <summary>Most buffer segments one command may carry.</summary>
-    public const int MaxIovs = 64;
+    /// <summary>
+    /// Most buffer segments one command may carry: at least the most the vhost layer hands a bdev in one request
+    /// (vhost-blk and vhost-scsi queues accept up to 160 descriptors; SegMax 126 is advertised), with headroom.
+    /// </summary>
+    public const int MaxIovs = 256;
 
     private const int StateIdle = 0;
     private const int StateTcpConnecting = 1;
@@ -860,6 +863,13 @@ public sealed class NvmeTcpQueuePair : IDisposable
                 if (t is null || t.HostToController || t.DataLength == 0)
                 {
                     Fail($"C2HData for command {cid}, which does not read", NvmeTcpFes.InvalidHeaderField, 8);
+                    return;
+                }
+
+                if (t.Queued)
+                {
+                    // Data for a read whose capsule has not yet left: the controller cannot know the command.
+                    Fail($"C2HData for command {cid} before its capsule was sent", NvmeTcpFes.PduSequenceError, 0);
                     return;
                 }
 

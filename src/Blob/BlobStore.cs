@@ -1301,14 +1301,31 @@ public sealed class BlobStore
     /// cluster-level unmap of partially covered clusters).</summary>
     public ValueTask UnmapAsync(ulong id, ulong offset, ulong length) => WriteZeroesAsync(id, offset, length);
 
+    /// <summary>The slow path of a write (the caller counts it in <see cref="Blob.InFlightWrites"/>). The write
+    /// leaves the in-flight count while it waits for the metadata serializer: its holder may be quiescing this
+    /// blob (snapshot, delete, inflate), which waits for the count to drain, so counting ourselves would deadlock
+    /// both. Once the serializer is held nobody quiesces (quiescing happens only under it), so the write counts
+    /// itself again and re-checks the cluster, which a snapshot may have moved meanwhile.</summary>
     private async Task AllocateAndWriteAsync(Blob b, ulong ci, ulong within, ReadOnlyMemory<byte> data)
     {
-        await _md.WaitAsync().ConfigureAwait(false);
+        Interlocked.Decrement(ref b.InFlightWrites);
+        try
+        {
+            await _md.WaitAsync().ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Increment(ref b.InFlightWrites);
+        }
         try
         {
             if (_closed)
             {
                 throw new BlobException(Errno.ENODEV, "blobstore is unloaded");
+            }
+            if (!_blobs.TryGetValue(b.Id, out var live) || live != b)
+            {
+                throw new BlobException(Errno.ENOENT, $"blob 0x{b.Id:x} was deleted");
             }
             uint c = b.ClusterAt(ci);
             if (c != 0)

@@ -34,6 +34,9 @@ public sealed class Blob
     /// without a lookup.</summary>
     internal volatile Blob? Parent;
 
+    /// <summary>The blob names a parent that is not in the store: it does not open (no I/O, not listed as an lvol).</summary>
+    public bool ParentMissing { get; internal set; }
+
     /// <summary>Writes in flight on the bdev path (see <see cref="Frozen"/>).</summary>
     internal int InFlightWrites;
     /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it.</summary>

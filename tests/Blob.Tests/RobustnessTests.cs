@@ -1,4 +1,3 @@
-using System.Buffers.Binary;
 
 namespace VhostBackend.Blob.Tests;
 
@@ -66,5 +65,78 @@ public class RobustnessTests
         Assert.True(got.AsSpan().IndexOfAnyExcept((byte)0) < 0);
         Assert.Equal(0, Volatile.Read(ref v.Blob.InFlightWrites));
         Assert.Null(bs.CheckMasks());
+    }
+
+    /// <summary>A store (left dirty) whose snapshot's md names a parent chosen by <paramref name="corrupt"/>,
+    /// written through the store's own md path (valid CRCs), loaded again from a copy of the device.</summary>
+    private static async Task<(LvolStore Lvs, ulong V, ulong S1, ulong S2)> CraftedParents(Func<ulong, ulong, ulong, ulong> corrupt)
+    {
+        var dev = new MemoryBlobDevice(512, 16 * MiB / 512);
+        var lvs = await LvolStore.CreateAsync(dev, "lvs", 1 * MiB);
+        var v = await lvs.CreateLvolAsync("v", 2 * MiB, true);
+        await CompatTests.Write(lvs, v, "P", 0, 2 * MiB);
+        var s1 = await lvs.SnapshotAsync(v, "s1");
+        var s2 = await lvs.SnapshotAsync(v, "s2");
+        // v -> s2 -> s1; s2's parent rewritten.
+        ulong target = corrupt(v.Blob.Id, s1.Blob.Id, s2.Blob.Id);
+        s2.Blob.SetParent(target);
+        await lvs.BlobStore.SyncMdAsync(s2.Blob.Id);
+        var copy = (byte[])dev.Data.Clone();
+        var again = await LvolStore.LoadAsync(new MemoryBlobDevice(512, copy)).WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.True(again.BlobStore.LoadReport.Recovered);
+        return (again, v.Blob.Id, s1.Blob.Id, s2.Blob.Id);
+    }
+
+    [Fact]
+    public async Task ABlobThatIsItsOwnParentIsDroppedAndItsCloneDoesNotOpen()
+    {
+        var (lvs, v, s1, s2) = await CraftedParents((_, _, s2) => s2);
+        var bs = lvs.BlobStore;
+        Assert.Equal([(s2, Errno.EINVAL)], bs.LoadReport.Dropped);
+        Assert.Null(bs.GetBlob(s2));
+        // v names the dropped s2: kept on disk, not openable, not an lvol; no zeroes read in place of its data.
+        Assert.True(bs.GetBlob(v)!.ParentMissing);
+        Assert.Equal([v], bs.LoadReport.MissingParent);
+        Assert.Null(lvs.FindByName("v"));
+        var e = await Assert.ThrowsAsync<BlobException>(async () => await bs.ReadAsync(v, 0, new byte[4096]));
+        Assert.Equal(Errno.ENOENT, e.Errno);
+        e = await Assert.ThrowsAsync<BlobException>(async () => await bs.WriteAsync(v, 0, new byte[4096]));
+        Assert.Equal(Errno.ENOENT, e.Errno);
+        // s1 is untouched.
+        var got = new byte[2 * MiB];
+        await bs.ReadAsync(s1, 0, got);
+        Assert.Equal(GoldenImages.Sha256(GoldenImages.Pattern("P", 0, 2 * MiB)), GoldenImages.Sha256(got));
+        Assert.NotNull(lvs.FindByName("s1"));
+    }
+
+    [Fact]
+    public async Task ATwoBlobParentLoopIsDropped()
+    {
+        // s2 -> v -> s2: both on the loop.
+        var (lvs, v, s1, s2) = await CraftedParents((v, _, _) => v);
+        var bs = lvs.BlobStore;
+        Assert.Equal(new[] { s2, v }.Order().ToList(), bs.LoadReport.Dropped.Select(d => d.Id).Order().ToList());
+        Assert.All(bs.LoadReport.Dropped, d => Assert.Equal(Errno.EINVAL, d.Errno));
+        Assert.Null(lvs.FindByName("v"));
+        Assert.Null(lvs.FindByName("s2"));
+        Assert.NotNull(lvs.FindByName("s1"));
+        Assert.Null(bs.CheckMasks());
+    }
+
+    [Fact]
+    public async Task AParentIdNotInTheStoreMakesTheCloneUnopenable()
+    {
+        var (lvs, v, s1, s2) = await CraftedParents((_, _, _) => BlobFormat.PageToBlobId(3000));
+        var bs = lvs.BlobStore;
+        Assert.Empty(bs.LoadReport.Dropped);
+        // s2 names a parent that does not exist; v reads through s2, so neither opens.
+        Assert.Equal(new[] { v, s2 }.Order().ToList(), bs.LoadReport.MissingParent.Order().ToList());
+        Assert.Null(lvs.FindByName("s2"));
+        Assert.Null(lvs.FindByName("v"));
+        Assert.NotNull(lvs.FindByName("s1"));
+        var e = await Assert.ThrowsAsync<BlobException>(async () => await bs.ReadAsync(s2, 0, new byte[4096]));
+        Assert.Equal(Errno.ENOENT, e.Errno);
+        e = await Assert.ThrowsAsync<BlobException>(async () => await bs.ReadAsync(v, 0, new byte[4096]));
+        Assert.Equal(Errno.ENOENT, e.Errno);
     }
 }

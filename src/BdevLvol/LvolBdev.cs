@@ -70,7 +70,9 @@ public sealed class LvolBdev : Bdev.Bdev
                     SlowRead(io);
                     return;
                 }
-                for (var b = blob; b != null; b = b.ParentBlob)
+                // Past a parent's end the backing reads zeroes, whatever the grandparent holds (chains are
+                // loop-free: the store drops looping blobs at load).
+                for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
                 {
                     uint c = b.ClusterAt(ci);
                     if (c != 0)

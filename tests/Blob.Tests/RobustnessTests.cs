@@ -1,3 +1,4 @@
+using VhostBackend.BdevFile;
 
 namespace VhostBackend.Blob.Tests;
 
@@ -138,5 +139,33 @@ public class RobustnessTests
         Assert.Equal(Errno.ENOENT, e.Errno);
         e = await Assert.ThrowsAsync<BlobException>(async () => await bs.ReadAsync(v, 0, new byte[4096]));
         Assert.Equal(Errno.ENOENT, e.Errno);
+    }
+
+    [Fact]
+    public async Task ABdevReadPastItsParentsEndReadsZeroesNotTheGrandparent()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"lvoltest-{Guid.NewGuid():N}.img");
+        FileBdev.CreateSparseIfMissing(path, 32 * MiB);
+        try
+        {
+            await using var kit = new LvolKit();
+            kit.Bdevs.Register(FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
+            await kit.Call("bdev_wait_for_examine");
+            await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "aio0", lvs_name = "lvs", cluster_sz = MiB });
+            var v = (await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "v", size_in_mib = 2, thin_provision = true }))!.GetValue<string>();
+            Assert.True(await kit.Write("lvs/v", 0, GoldenImages.Pattern("P", 0, 2 * MiB)));
+            // v -> s2 (1 cluster) -> s1 (2 clusters, P): v's second cluster is past s2's end.
+            await kit.Call("bdev_lvol_snapshot", new { lvol_name = "lvs/v", snapshot_name = "s1" });
+            await kit.Call("bdev_lvol_resize", new { name = "lvs/v", size_in_mib = 1 });
+            await kit.Call("bdev_lvol_snapshot", new { lvol_name = "lvs/v", snapshot_name = "s2" });
+            await kit.Call("bdev_lvol_resize", new { name = "lvs/v", size_in_mib = 2 });
+            var got = await kit.Read(v, MiB, 4096);
+            Assert.True(got.AsSpan().IndexOfAnyExcept((byte)0) < 0, "the second cluster reads zeroes");
+            Assert.Equal(GoldenImages.Pattern("P", 0, 4096), await kit.Read(v, 0, 4096));
+        }
+        finally
+        {
+            File.Delete(path);
+        }
     }
 }

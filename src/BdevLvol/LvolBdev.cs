@@ -44,6 +44,16 @@ public sealed class LvolBdev : Bdev.Bdev
 
     public Lvol Lvol { get; }
 
+    /// <summary>Set when the bdev layer destructs the bdev: every descriptor was closed. An unregister that timed
+    /// out leaves it false; the lvol's clusters must then not be freed (an opener may still do I/O to them).</summary>
+    internal bool Destructed { get; private set; }
+
+    protected override ValueTask DestructAsync()
+    {
+        Destructed = true;
+        return ValueTask.CompletedTask;
+    }
+
     internal void Resized() => SetBlockCount(Lvol.SizeBytes / BlockSize);
 
     public override bool SupportsIoType(BdevIoType type) => type switch

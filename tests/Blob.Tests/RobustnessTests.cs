@@ -168,4 +168,37 @@ public class RobustnessTests
             File.Delete(path);
         }
     }
+
+    [Fact]
+    public async Task DeletingAnLvolOrLvstoreWhoseBdevStaysOpenIsBusyAndFreesNothing()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"lvoltest-{Guid.NewGuid():N}.img");
+        FileBdev.CreateSparseIfMissing(path, 32 * MiB);
+        try
+        {
+            await using var kit = new LvolKit();
+            kit.Bdevs.Register(FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
+            await kit.Call("bdev_wait_for_examine");
+            await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "aio0", lvs_name = "lvs", cluster_sz = MiB });
+            await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "v", size_in_mib = 2 });
+            var lvs = kit.Lvol.Stores.Single().Store;
+            uint free = lvs.BlobStore.FreeClusters;
+            // An opener that ignores the remove event keeps its descriptor: the unregister times out.
+            using var desc = kit.Bdevs.Open("lvs/v", true, (_, _, _) => { });
+            var busy = await kit.CallFails("bdev_lvol_delete", new { name = "lvs/v" });
+            Assert.Equal(-32602, busy.Code);
+            Assert.Contains("busy", busy.Message, StringComparison.OrdinalIgnoreCase);
+            Assert.Equal(free, lvs.BlobStore.FreeClusters);
+            Assert.NotNull(lvs.FindByName("v"));
+            busy = await kit.CallFails("bdev_lvol_delete_lvstore", new { lvs_name = "lvs" });
+            Assert.Equal(-32602, busy.Code);
+            Assert.Contains("busy", busy.Message, StringComparison.OrdinalIgnoreCase);
+            Assert.Single(kit.Lvol.Stores);
+            Assert.Equal(free, lvs.BlobStore.FreeClusters);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
 }

@@ -95,6 +95,14 @@ public sealed class Blob
     /// <summary>The device cluster behind blob cluster <paramref name="index"/> (0: not allocated).</summary>
     public uint ClusterAt(ulong index) => index < (ulong)Clusters.Length ? Clusters[index] : 0;
 
+    /// <summary>A first-write allocation being committed: the md written names <see cref="PendingCluster"/> at
+    /// <see cref="PendingIndex"/>, while <see cref="Clusters"/> (what I/O sees) shows it only after the commit.</summary>
+    internal long PendingIndex = -1;
+    internal uint PendingCluster;
+
+    /// <summary>The cluster map as the metadata being written names it (<see cref="Clusters"/> plus the pending one).</summary>
+    internal uint MdClusterAt(int index) => index == PendingIndex ? PendingCluster : Clusters[index];
+
     public bool TryGetXattr(string name, bool internalXattr, out byte[] value)
     {
         foreach (var kv in internalXattr ? InternalXattrList : XattrList)

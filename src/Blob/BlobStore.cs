@@ -595,7 +595,7 @@ public sealed class BlobStore
                     int start = k * BlobFormat.ExtentsPerPage, end = Math.Min(b.Clusters.Length, start + BlobFormat.ExtentsPerPage);
                     for (int i = start; i < end && !any; i++)
                     {
-                        any = b.Clusters[i] != 0;
+                        any = b.MdClusterAt(i) != 0;
                     }
                     if (any && b.ExtentPages[k] != 0 && relocateExtentPages && toWrite.Contains(k))
                     {
@@ -1409,11 +1409,18 @@ public sealed class BlobStore
                 }
                 data.Span.CopyTo(buf.AsSpan((int)within));
                 await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
-                b.Clusters[ci] = c;
+                // The md names the cluster before I/O does: a fast-path write on another channel must not land
+                // in (and be acknowledged from) a cluster a failed commit then frees. Until it is published,
+                // such writes take the slow path and wait here.
+                b.PendingCluster = c;
+                b.PendingIndex = (long)ci;
                 await PersistExtentAsync(b, (int)(ci / BlobFormat.ExtentsPerPage)).ConfigureAwait(false);
+                b.PendingIndex = -1;
+                b.Clusters[ci] = c;
             }
             catch
             {
+                b.PendingIndex = -1;
                 b.Clusters[ci] = 0;
                 b.ExtentPages = oldPages;
                 _usedClusters[c] = false;

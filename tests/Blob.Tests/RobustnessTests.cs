@@ -8,6 +8,12 @@ internal sealed class GatedBlobDevice(MemoryBlobDevice inner) : IBlobDevice
 {
     public volatile Task? Gate;
 
+    /// <summary>Only writes below this offset wait (e.g. the md region).</summary>
+    public ulong GateBelow = ulong.MaxValue;
+
+    /// <summary>Completed when a write first waits at the gate.</summary>
+    public TaskCompletionSource Hit { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
     public MemoryBlobDevice Inner => inner;
 
     public int BlockSize => inner.BlockSize;
@@ -19,8 +25,9 @@ internal sealed class GatedBlobDevice(MemoryBlobDevice inner) : IBlobDevice
     public async ValueTask WriteAsync(ulong offset, ReadOnlyMemory<byte> buffer)
     {
         var g = Gate;
-        if (g != null)
+        if (g != null && offset < GateBelow)
         {
+            Hit.TrySetResult();
             await g;
         }
         await inner.WriteAsync(offset, buffer);
@@ -200,5 +207,34 @@ public class RobustnessTests
         {
             File.Delete(path);
         }
+    }
+
+    [Fact]
+    public async Task AFirstWriteClusterIsVisibleToIoOnlyAfterItsCommit()
+    {
+        var gated = new GatedBlobDevice(new MemoryBlobDevice(512, 16 * MiB / 512));
+        var lvs = await LvolStore.CreateAsync(gated, "lvs", 1 * MiB);
+        var v = await lvs.CreateLvolAsync("v", 2 * MiB, true);
+        var bs = lvs.BlobStore;
+        uint free = bs.FreeClusters;
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        gated.GateBelow = (ulong)bs.MdClusters * bs.ClusterSize;
+        gated.Gate = gate.Task;
+        var write = bs.WriteAsync(v.Blob.Id, 0, new byte[4096]).AsTask();
+        // The cluster's data is written, its md commit waits: the fast path must not see the cluster yet.
+        await gated.Hit.Task.WaitAsync(TimeSpan.FromSeconds(20));
+        Assert.Equal(0u, v.Blob.ClusterAt(0));
+        // The commit fails: the cluster is freed, and nobody wrote to it.
+        gated.Gate = null;
+        gate.SetException(new IOException("md write failed"));
+        await Assert.ThrowsAsync<IOException>(() => write);
+        Assert.Equal(0u, v.Blob.ClusterAt(0));
+        Assert.Equal(free, bs.FreeClusters);
+        // A retry commits and publishes.
+        await bs.WriteAsync(v.Blob.Id, 0, GoldenImages.Pattern("R", 0, 4096));
+        Assert.NotEqual(0u, v.Blob.ClusterAt(0));
+        var got = new byte[4096];
+        await bs.ReadAsync(v.Blob.Id, 0, got);
+        Assert.Equal(GoldenImages.Pattern("R", 0, 4096), got);
     }
 }

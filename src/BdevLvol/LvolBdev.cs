@@ -44,6 +44,16 @@ public sealed class LvolBdev : Bdev.Bdev
 
     public Lvol Lvol { get; }
 
+    /// <summary>Set when the bdev layer destructs the bdev: every descriptor was closed. An unregister that timed
+    /// out leaves it false; the lvol's clusters must then not be freed (an opener may still do I/O to them).</summary>
+    internal bool Destructed { get; private set; }
+
+    protected override ValueTask DestructAsync()
+    {
+        Destructed = true;
+        return ValueTask.CompletedTask;
+    }
+
     internal void Resized() => SetBlockCount(Lvol.SizeBytes / BlockSize);
 
     public override bool SupportsIoType(BdevIoType type) => type switch
@@ -70,7 +80,9 @@ public sealed class LvolBdev : Bdev.Bdev
                     SlowRead(io);
                     return;
                 }
-                for (var b = blob; b != null; b = b.ParentBlob)
+                // Past a parent's end the backing reads zeroes, whatever the grandparent holds (chains are
+                // loop-free: the store drops looping blobs at load).
+                for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
                 {
                     uint c = b.ClusterAt(ci);
                     if (c != 0)

@@ -208,9 +208,21 @@ public sealed class LvolModule : BdevModule
     {
         foreach (var b in e.Bdevs.Values.ToList())
         {
-            await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+            if (_bdevs.Find(b.Name) == b)
+            {
+                await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+            }
+            if (b.Destructed)
+            {
+                e.Bdevs.Remove(b.Lvol);
+            }
         }
-        e.Bdevs.Clear();
+        if (e.Bdevs.Count > 0)
+        {
+            // An unregister timed out with descriptors still open: destroying the store would free clusters an
+            // opener may still read or write. Nothing is freed; the store stays loaded.
+            throw new BlobException(BlobErrno.EBUSY, $"lvol bdev(s) {string.Join(", ", e.Bdevs.Values.Select(b => b.Name))} still open");
+        }
         await e.Store.DestroyAsync().ConfigureAwait(true);
         await ReleaseAsync(e).ConfigureAwait(true);
     }
@@ -291,6 +303,12 @@ public sealed class LvolModule : BdevModule
             throw new BlobException(BlobErrno.EBUSY, "snapshot has more than one clone");
         }
         await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+        if (!b.Destructed)
+        {
+            // The unregister timed out with descriptors still open: deleting the blob would free clusters an
+            // opener may still read or write. Nothing is freed (the bdev's name is gone, its lvol stays).
+            throw new BlobException(BlobErrno.EBUSY, $"lvol bdev {b.Name} is still open");
+        }
         e.Bdevs.Remove(b.Lvol);
         await e.Store.DeleteLvolAsync(b.Lvol).ConfigureAwait(true);
     }

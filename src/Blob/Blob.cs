@@ -57,6 +57,9 @@ public sealed class Blob
 
     internal void EndCopy() => _copyOperation = null;
 
+    /// <summary>The blob names a parent that is not in the store: it does not open (no I/O, not listed as an lvol).</summary>
+    public bool ParentMissing { get; internal set; }
+
     /// <summary>Writes in flight on the bdev path (see <see cref="Frozen"/>).</summary>
     internal int InFlightWrites;
     /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it.</summary>
@@ -114,6 +117,14 @@ public sealed class Blob
 
     /// <summary>The device cluster behind blob cluster <paramref name="index"/> (0: not allocated).</summary>
     public uint ClusterAt(ulong index) => index < (ulong)Clusters.Length ? Clusters[index] : 0;
+
+    /// <summary>A first-write allocation being committed: the md written names <see cref="PendingCluster"/> at
+    /// <see cref="PendingIndex"/>, while <see cref="Clusters"/> (what I/O sees) shows it only after the commit.</summary>
+    internal long PendingIndex = -1;
+    internal uint PendingCluster;
+
+    /// <summary>The cluster map as the metadata being written names it (<see cref="Clusters"/> plus the pending one).</summary>
+    internal uint MdClusterAt(int index) => index == PendingIndex ? PendingCluster : Clusters[index];
 
     public bool TryGetXattr(string name, bool internalXattr, out byte[] value)
     {

@@ -16,6 +16,9 @@ public sealed class BlobStoreLoadReport
 
     /// <summary>Clean stores only: the on-disk masks differed from the ones the metadata implies.</summary>
     public bool MaskMismatch { get; internal set; }
+
+    /// <summary>Clones whose parent (snapshot) is not in the store: kept on disk but they do not open (as in SPDK).</summary>
+    public List<ulong> MissingParent { get; } = [];
 }
 
 /// <summary>Options for a new blob (SPDK's <c>struct spdk_blob_opts</c>).</summary>
@@ -288,6 +291,13 @@ public sealed class BlobStore
             }
             bs._blobs[blob!.Id] = blob;
         }
+        // A parent chain that loops (a blob its own ancestor) would send readers round it forever: the blobs on
+        // the loop are corrupt and dropped like any other.
+        foreach (var id in bs.BlobsOnParentLoops())
+        {
+            bs._blobs.TryRemove(id, out _);
+            report.Dropped.Add((id, Errno.EINVAL));
+        }
         if (!report.Recovered && report.Dropped.Count > 0)
         {
             throw new BlobException(report.Dropped[0].Errno, $"blob 0x{report.Dropped[0].Id:x} metadata is corrupt");
@@ -303,7 +313,35 @@ public sealed class BlobStore
         await bs.WriteSuperAsync().ConfigureAwait(false);
         await bs.RepairInterruptedAsync().ConfigureAwait(false);
         bs.ResolveParents();
+        foreach (var b in bs._blobs.Values)
+        {
+            if (b.ParentMissing)
+            {
+                report.MissingParent.Add(b.Id);
+            }
+        }
         return bs;
+    }
+
+    /// <summary>Blobs that are their own ancestor (each walk bounded by the number of blobs).</summary>
+    private List<ulong> BlobsOnParentLoops()
+    {
+        var loops = new List<ulong>();
+        int n = _blobs.Count;
+        foreach (var b in _blobs.Values)
+        {
+            ulong pid = b.ParentId;
+            for (int depth = 0; depth <= n && pid != BlobFormat.InvalidBlobId; depth++)
+            {
+                if (pid == b.Id)
+                {
+                    loops.Add(b.Id);
+                    break;
+                }
+                pid = _blobs.TryGetValue(pid, out var p) ? p.ParentId : BlobFormat.InvalidBlobId;
+            }
+        }
+        return loops;
     }
 
     private int ParseBlob(byte[] md, uint first, out Blob? blob)
@@ -557,7 +595,7 @@ public sealed class BlobStore
                     int start = k * BlobFormat.ExtentsPerPage, end = Math.Min(b.Clusters.Length, start + BlobFormat.ExtentsPerPage);
                     for (int i = start; i < end && !any; i++)
                     {
-                        any = b.Clusters[i] != 0;
+                        any = b.MdClusterAt(i) != 0;
                     }
                     if (any && b.ExtentPages[k] != 0 && relocateExtentPages && toWrite.Contains(k))
                     {
@@ -689,7 +727,26 @@ public sealed class BlobStore
         foreach (var b in _blobs.Values)
         {
             ulong pid = b.ParentId;
-            b.Parent = pid != BlobFormat.InvalidBlobId ? _blobs.GetValueOrDefault(pid) : null;
+            var p = pid != BlobFormat.InvalidBlobId ? _blobs.GetValueOrDefault(pid) : null;
+            b.Parent = p;
+        }
+        // SPDK fails to open a clone whose snapshot does not open (up the whole chain); it must not read zeroes
+        // instead. Walks are bounded: chains are loop-free after load, the bound only guards.
+        int n = _blobs.Count;
+        foreach (var b in _blobs.Values)
+        {
+            bool missing = false;
+            var cur = b;
+            for (int depth = 0; depth <= n && cur != null; depth++)
+            {
+                if (cur.ParentId != BlobFormat.InvalidBlobId && cur.Parent == null)
+                {
+                    missing = true;
+                    break;
+                }
+                cur = cur.Parent;
+            }
+            b.ParentMissing = missing || cur != null;
         }
     }
 
@@ -700,6 +757,13 @@ public sealed class BlobStore
     });
 
     private Blob Get(ulong id) => _blobs.TryGetValue(id, out var b) ? b : throw new BlobException(Errno.ENOENT, $"blob 0x{id:x} not found");
+
+    /// <summary>A blob for I/O or for an operation reading its data: one whose parent is missing does not open.</summary>
+    private Blob GetOpenable(ulong id)
+    {
+        var b = Get(id);
+        return b.ParentMissing ? throw new BlobException(Errno.ENOENT, $"blob 0x{id:x}: its parent 0x{b.ParentId:x} is not found") : b;
+    }
 
     // ---------------------------------------------------------------- blob operations
 
@@ -997,7 +1061,7 @@ public sealed class BlobStore
     /// </summary>
     public Task<Blob> CreateSnapshotAsync(ulong id, IReadOnlyList<KeyValuePair<string, byte[]>> xattrs) => OnMdThread(async () =>
     {
-        var o = Get(id);
+        var o = GetOpenable(id);
         if (o.IsReadOnly && o.ParentId == BlobFormat.InvalidBlobId && ClonesOf(id).Count > 0)
         {
             throw new BlobException(Errno.EINVAL, "cannot snapshot a snapshot");
@@ -1052,7 +1116,7 @@ public sealed class BlobStore
     /// <summary>Clones a read-only blob (SPDK's <c>spdk_bs_create_clone</c>): a thin blob reading through it.</summary>
     public Task<Blob> CreateCloneAsync(ulong snapshotId, IReadOnlyList<KeyValuePair<string, byte[]>> xattrs) => OnMdThread(() =>
     {
-        var s = Get(snapshotId);
+        var s = GetOpenable(snapshotId);
         if (!s.IsReadOnly)
         {
             throw new BlobException(Errno.EINVAL, "clone source must be read-only");
@@ -1063,13 +1127,13 @@ public sealed class BlobStore
 
     /// <summary>Inflates a blob (SPDK's <c>spdk_bs_inflate_blob</c>): every cluster allocated, copied from the
     /// backing chain (zeroes where none); no parent, not thin.</summary>
-    public Task InflateAsync(ulong id) => OnMdThread(() => CopyUpLockedAsync(Get(id), decouple: false));
+    public Task InflateAsync(ulong id) => OnMdThread(() => CopyUpLockedAsync(GetOpenable(id), decouple: false));
 
     /// <summary>Decouples a blob from its parent (SPDK's <c>spdk_bs_blob_decouple_parent</c>): the clusters the
     /// parent holds are copied in; the parent's parent becomes the blob's parent.</summary>
     public Task DecoupleParentAsync(ulong id) => OnMdThread(() =>
     {
-        var b = Get(id);
+        var b = GetOpenable(id);
         if (b.ParentId == BlobFormat.InvalidBlobId)
         {
             throw new BlobException(Errno.EINVAL, "blob has no parent");
@@ -1195,7 +1259,7 @@ public sealed class BlobStore
     /// at the end of it).</summary>
     public ValueTask ReadAsync(ulong id, ulong offset, Memory<byte> buffer)
     {
-        var b = Get(id);
+        var b = GetOpenable(id);
         CheckRange(b, offset, buffer.Length);
         return ReadCoreAsync(b, offset, buffer);
     }
@@ -1246,7 +1310,7 @@ public sealed class BlobStore
     /// (copying the rest of the cluster from the backing chain) and returns once that is committed.</summary>
     public async ValueTask WriteAsync(ulong id, ulong offset, ReadOnlyMemory<byte> data)
     {
-        var b = Get(id);
+        var b = GetOpenable(id);
         CheckRange(b, offset, data.Length);
         if (b.IsReadOnly)
         {
@@ -1282,7 +1346,7 @@ public sealed class BlobStore
     /// <summary>Writes zeroes (unallocated clusters of a blob without a parent stay unallocated).</summary>
     public async ValueTask WriteZeroesAsync(ulong id, ulong offset, ulong length)
     {
-        var b = Get(id);
+        var b = GetOpenable(id);
         var zero = new byte[(int)Math.Min(length, _sb.ClusterSize)];
         ulong cs = _sb.ClusterSize;
         while (length > 0)
@@ -1305,14 +1369,31 @@ public sealed class BlobStore
     /// cluster-level unmap of partially covered clusters).</summary>
     public ValueTask UnmapAsync(ulong id, ulong offset, ulong length) => WriteZeroesAsync(id, offset, length);
 
+    /// <summary>The slow path of a write (the caller counts it in <see cref="Blob.InFlightWrites"/>). The write
+    /// leaves the in-flight count while it waits for the metadata serializer: its holder may be quiescing this
+    /// blob (snapshot, delete, inflate), which waits for the count to drain, so counting ourselves would deadlock
+    /// both. Once the serializer is held nobody quiesces (quiescing happens only under it), so the write counts
+    /// itself again and re-checks the cluster, which a snapshot may have moved meanwhile.</summary>
     private async Task AllocateAndWriteAsync(Blob b, ulong ci, ulong within, ReadOnlyMemory<byte> data)
     {
-        await _md.WaitAsync().ConfigureAwait(false);
+        Interlocked.Decrement(ref b.InFlightWrites);
+        try
+        {
+            await _md.WaitAsync().ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Increment(ref b.InFlightWrites);
+        }
         try
         {
             if (_closed)
             {
                 throw new BlobException(Errno.ENODEV, "blobstore is unloaded");
+            }
+            if (!_blobs.TryGetValue(b.Id, out var live) || live != b)
+            {
+                throw new BlobException(Errno.ENOENT, $"blob 0x{b.Id:x} was deleted");
             }
             uint c = b.ClusterAt(ci);
             if (c != 0)
@@ -1332,11 +1413,18 @@ public sealed class BlobStore
                 }
                 data.Span.CopyTo(buf.AsSpan((int)within));
                 await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
-                b.Clusters[ci] = c;
+                // The md names the cluster before I/O does: a fast-path write on another channel must not land
+                // in (and be acknowledged from) a cluster a failed commit then frees. Until it is published,
+                // such writes take the slow path and wait here.
+                b.PendingCluster = c;
+                b.PendingIndex = (long)ci;
                 await PersistExtentAsync(b, (int)(ci / BlobFormat.ExtentsPerPage)).ConfigureAwait(false);
+                b.PendingIndex = -1;
+                b.Clusters[ci] = c;
             }
             catch
             {
+                b.PendingIndex = -1;
                 b.Clusters[ci] = 0;
                 b.ExtentPages = oldPages;
                 _usedClusters[c] = false;

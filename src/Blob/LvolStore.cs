@@ -148,7 +148,7 @@ public sealed class LvolStore
         var lvs = new LvolStore(bs, name, uuid);
         foreach (var b in bs.Blobs.OrderBy(b => b.Id))
         {
-            if (b.Id == bs.SuperBlobId)
+            if (b.Id == bs.SuperBlobId || b.ParentMissing)
             {
                 continue;
             }

@@ -251,7 +251,7 @@ public static class MdCodec
         BinaryPrimitives.WriteUInt32LittleEndian(d[5..], (uint)start);
         for (int i = 0; i < n; i++)
         {
-            BinaryPrimitives.WriteUInt32LittleEndian(d[(9 + 4 * i)..], blob.Clusters[start + i]);
+            BinaryPrimitives.WriteUInt32LittleEndian(d[(9 + 4 * i)..], blob.MdClusterAt(start + i));
         }
         SealPage(page);
         return page;
@@ -333,8 +333,9 @@ public static class MdCodec
         }
         else
         {
-            foreach (var c in blob.Clusters)
+            for (int i = 0; i < blob.Clusters.Length; i++)
             {
+                uint c = blob.MdClusterAt(i);
                 if (runs.Count > 0 && ((c == 0 && runs[^1].Start == 0) || (c != 0 && runs[^1].Start != 0 && runs[^1].Start + runs[^1].Count == c)))
                 {
                     runs[^1] = (runs[^1].Start, runs[^1].Count + 1);

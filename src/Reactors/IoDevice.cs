@@ -112,6 +112,9 @@ public sealed class IoChannel
     public object Context { get; }
     internal int RefCount;
 
+    /// <summary>Set (on the owning reactor) when the context has been destroyed.</summary>
+    internal bool Destroyed;
+
     /// <summary>Drops one reference; the last one destroys the context. Must be called on <see cref="Reactor"/>.</summary>
     public void Release() => Reactor.ReleaseIoChannel(this);
 }

@@ -270,8 +270,16 @@ public sealed class Reactor
         AssertCurrent();
         if (_channels.TryGetValue(device, out var ch))
         {
-            ch.RefCount++;
-            return ch;
+            // A channel whose last reference went (its destruction is queued) is taken back, as SPDK's
+            // get_io_channel does: the module never holds two contexts of one device on one thread (a
+            // virtio-user channel's queue, say, is still claimed by the first until it is destroyed).
+            if (ch.RefCount > 0 || !device.IsUnregistered)
+            {
+                ch.RefCount++;
+                return ch;
+            }
+
+            _channels.Remove(device);
         }
 
         if (device.IsUnregistered)
@@ -294,16 +302,27 @@ public sealed class Reactor
             return;
         }
 
-        _channels.Remove(ch.Device);
-
         // Destroy on the next loop iteration, like SPDK's put_io_channel: the caller may be deep inside a
         // completion delivered by this very channel (e.g. releasing it from an I/O callback), and the module
-        // must be allowed to finish what it was doing before its context goes away. The device lists the
-        // channel until its context is gone, so whoever walks the device's channels (statistics, teardown
-        // waits) sees the context while it still exists; walkers skip it by its zero reference count.
+        // must be allowed to finish what it was doing before its context goes away. Until then the channel
+        // stays this thread's channel of the device: a GetIoChannel meanwhile takes it back (the queued
+        // destruction then does nothing). The device lists the channel until its context is gone, so whoever
+        // walks the device's channels (statistics, teardown waits) sees the context while it still exists;
+        // walkers skip it by its zero reference count.
         Send(static s =>
         {
             var (reactor, channel) = ((Reactor, IoChannel))s!;
+            if (channel.RefCount > 0 || channel.Destroyed)
+            {
+                return; // taken back, or an earlier queued destruction already ran
+            }
+
+            channel.Destroyed = true;
+            if (reactor._channels.TryGetValue(channel.Device, out var current) && ReferenceEquals(current, channel))
+            {
+                reactor._channels.Remove(channel.Device);
+            }
+
             channel.Device.DestroyChannelContext(reactor, channel.Context);
             channel.Device.RemoveChannel(channel);
         }, (this, ch));

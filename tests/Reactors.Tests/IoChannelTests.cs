@@ -37,6 +37,36 @@ public class IoChannelTests
     }
 
     [Fact]
+    public async Task A_Channel_Taken_Again_Before_Its_Queued_Destruction_Is_Revived_Not_Duplicated()
+    {
+        // SPDK's put/get_io_channel: the last release queues the destruction; a get on the same thread before it
+        // runs takes the same channel back (a module never sees two contexts of one device on one thread).
+        await using var rt = TestRuntime.Start(1);
+        var dev = new CountingDevice();
+        var r = rt.Reactors[0];
+        var (first, again) = await r.InvokeAsync(() =>
+        {
+            var a = r.GetIoChannel(dev);
+            a.Release();
+            var b = r.GetIoChannel(dev);
+            return (a, b);
+        });
+        Assert.Same(first, again);
+        await r.InvokeAsync(() => 0); // the queued destruction has run (and did nothing)
+        Assert.Equal(1, dev.Created);
+        Assert.Equal(0, dev.Destroyed);
+
+        // Released for good: destroyed once; a later get creates a new context.
+        await r.InvokeAsync(() => again.Release());
+        await r.InvokeAsync(() => 0);
+        Assert.Equal(1, dev.Destroyed);
+        var third = await r.InvokeAsync(() => r.GetIoChannel(dev));
+        Assert.NotSame(first, third);
+        Assert.Equal(2, dev.Created);
+        await r.InvokeAsync(() => third.Release());
+    }
+
+    [Fact]
     public async Task Channel_Per_Reactor_RefCounted_Created_And_Destroyed_On_Its_Thread()
     {
         await using var rt = TestRuntime.Start(2);

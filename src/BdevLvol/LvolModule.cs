@@ -165,8 +165,9 @@ public sealed class LvolModule : BdevModule
 
     internal LvsEntry StoreOf(LvolBdev b) => Stores.First(s => s.Bdevs.ContainsValue(b));
 
-    /// <summary>bdev_lvol_create_lvstore. Returns the new store's uuid.</summary>
-    public async Task<Guid> CreateLvstoreAsync(string bdevName, string lvsName, uint clusterSize, string clearMethod)
+    /// <summary>bdev_lvol_create_lvstore. Returns the new store's uuid. <paramref name="mdPagesPerClusterRatio"/>:
+    /// metadata pages per 100 clusters (SPDK's num_md_pages_per_cluster_ratio; 0 = the default 100).</summary>
+    public async Task<Guid> CreateLvstoreAsync(string bdevName, string lvsName, uint clusterSize, string clearMethod, uint mdPagesPerClusterRatio = 0)
     {
         LvolStore.ValidateName(lvsName, "lvol store");
         if (FindStore(null, lvsName) != null)
@@ -188,7 +189,8 @@ public sealed class LvolModule : BdevModule
         LvolStore lvs;
         try
         {
-            lvs = await LvolStore.CreateAsync(dev, lvsName, clusterSize == 0 ? LvolStore.DefaultClusterSize : clusterSize, clearMethod).ConfigureAwait(true);
+            lvs = await LvolStore.CreateAsync(dev, lvsName, clusterSize == 0 ? LvolStore.DefaultClusterSize : clusterSize, clearMethod,
+                mdPagesPerClusterRatio: mdPagesPerClusterRatio).ConfigureAwait(true);
         }
         catch
         {

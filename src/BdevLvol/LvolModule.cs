@@ -304,6 +304,11 @@ public sealed class LvolModule : BdevModule
         {
             throw new BlobException(BlobErrno.EBUSY, "snapshot has more than one clone");
         }
+        if (e.Store.BlobStore.IsLocked(b.Lvol.Blob.Id))
+        {
+            // Checked before the bdev goes (the blobstore refuses the delete too).
+            throw new BlobException(BlobErrno.EBUSY, "an inflate or decouple_parent is in progress on it or on a clone of it");
+        }
         await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
         if (!b.Destructed)
         {

@@ -256,4 +256,7 @@ public sealed class LvsEntry(LvolStore store, BdevDesc desc, BdevBlobDevice devi
     public BdevBlobDevice Device { get; } = device;
     public LvsIoDevice IoDevice { get; } = new(desc);
     public Dictionary<Lvol, LvolBdev> Bdevs { get; } = [];
+
+    /// <summary>Set once the base's removal began the store's hot removal (main reactor only).</summary>
+    internal bool HotRemoved { get; set; }
 }

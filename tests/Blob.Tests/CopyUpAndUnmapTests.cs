@@ -189,3 +189,66 @@ public class CopyUpAndUnmapTests
         Assert.True(kit.Bdevs.Find(name)!.SupportsIoType(BdevIoType.Unmap));
     }
 }
+
+/// <summary>The lvstore's base bdev is hot-removed: its lvols are hot-removed (openers get the remove event),
+/// the store is unloaded and the base released, as SPDK's vbdev_lvs_hotremove_cb does.</summary>
+public class LvolBaseHotRemoveTests
+{
+    private const int MiB = 1024 * 1024;
+
+    [Fact]
+    public async Task RemovingTheBaseHotRemovesTheLvolsAndTheStoreComesBackCleanFromTheSameMedium()
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"lvoltest-{Guid.NewGuid():N}.img");
+        VhostBackend.BdevFile.FileBdev.CreateSparseIfMissing(path, 32 * MiB);
+        try
+        {
+            await using var kit = new LvolKit();
+            kit.Bdevs.Register(VhostBackend.BdevFile.FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
+            await kit.Call("bdev_wait_for_examine");
+            await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "aio0", lvs_name = "lvs", cluster_sz = MiB });
+            var a = (await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "a", size_in_mib = 4, thin_provision = true }))!.GetValue<string>();
+            await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "b", size_in_mib = 2 });
+            Assert.True(await kit.Write(a, 0, GoldenImages.Pattern("H", 0, 64 * 1024)));
+            await kit.Call("bdev_lvol_snapshot", new { lvol_name = "lvs/a", snapshot_name = "s" });
+
+            // An opener of lvol a (as a vhost controller is) hears the remove and closes.
+            var removed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            BdevDesc? desc = null;
+            desc = kit.Bdevs.Open("lvs/a", true, (type, _, _) =>
+            {
+                if (type == BdevEventType.Remove)
+                {
+                    desc!.Dispose();
+                    removed.TrySetResult();
+                }
+            });
+
+            var baseBdev = kit.Bdevs.Find("aio0")!;
+            await kit.Main.InvokeAsync(async () =>
+            {
+                await kit.Bdevs.UnregisterAsync(baseBdev, TimeSpan.FromSeconds(20));
+                return 0;
+            }).WaitAsync(TimeSpan.FromSeconds(30));
+            await removed.Task.WaitAsync(TimeSpan.FromSeconds(5));
+            Assert.Null(kit.Bdevs.Find("aio0"));
+            Assert.Null(kit.Bdevs.Find("lvs/a"));
+            Assert.Null(kit.Bdevs.Find("lvs/b"));
+            Assert.Null(kit.Bdevs.Find("lvs/s"));
+            Assert.Empty((await kit.Call("bdev_lvol_get_lvstores"))!.AsArray());
+            Assert.Equal(-19, (await kit.CallFails("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "c", size_in_mib = 1 })).Code);
+
+            // The medium comes back: examine finds the store, unloaded cleanly (nothing to recover), all lvols.
+            kit.Bdevs.Register(VhostBackend.BdevFile.FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
+            await kit.Call("bdev_wait_for_examine");
+            var store = Assert.Single(kit.Lvol.Stores);
+            Assert.False(store.Store.BlobStore.LoadReport.Recovered);
+            Assert.Equal(["a", "b", "s"], (await kit.Call("bdev_lvol_get_lvols"))!.AsArray().Select(l => l!["name"]!.GetValue<string>()).Order());
+            Assert.Equal(GoldenImages.Sha256(GoldenImages.Pattern("H", 0, 64 * 1024)), GoldenImages.Sha256(await kit.Read("lvs/s", 0, 64 * 1024)));
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+}

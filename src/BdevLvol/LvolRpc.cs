@@ -348,6 +348,16 @@ public static class LvolRpc
                 return JsonValue.Create(true);
             }, sizeParam: sizeParam);
         });
+        rpc.Register("bdev_lvol_grow_lvstore", r =>
+        {
+            var p = BdevRpc.Decode<LvsSelectParams>(r);
+            var e = Store(m, p.Uuid, p.LvsName);
+            return Run(p.Uuid != null ? "uuid" : "lvs_name", async () =>
+            {
+                await e.Store.GrowAsync().ConfigureAwait(true);
+                return JsonValue.Create(true);
+            });
+        });
         RegisterNamed(rpc, "bdev_lvol_set_read_only", (b) => m.SetReadOnlyAsync(b), m);
         RegisterNamed(rpc, "bdev_lvol_delete", (b) => m.DeleteLvolAsync(b), m);
         RegisterNamed(rpc, "bdev_lvol_inflate", (b) => m.InflateAsync(b), m);

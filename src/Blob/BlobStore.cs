@@ -77,7 +77,7 @@ public sealed class BlobStore
 
     public uint IoUnitSize => _sb.IoUnitSize;
 
-    public uint TotalClusters { get; }
+    public uint TotalClusters { get; private set; }
 
     /// <summary>Clusters taken by the super block, masks and md region.</summary>
     public uint MdClusters { get; }
@@ -180,7 +180,15 @@ public sealed class BlobStore
             dataStart = (dataStart + (ulong)dev.BlockSize - 1) / (ulong)dev.BlockSize * (ulong)dev.BlockSize;
             if (dataStart < size)
             {
-                await dev.WriteZeroesAsync(dataStart, size - dataStart).ConfigureAwait(false);
+                // SPDK's spdk_bs_init: unmap (the default) or write zeroes over the data region.
+                if (clearMethod == 3)
+                {
+                    await dev.WriteZeroesAsync(dataStart, size - dataStart).ConfigureAwait(false);
+                }
+                else
+                {
+                    await dev.UnmapAsync(dataStart, size - dataStart).ConfigureAwait(false);
+                }
             }
         }
         await bs.WriteSuperAsync().ConfigureAwait(false);
@@ -867,9 +875,18 @@ public sealed class BlobStore
         {
             return;
         }
+        // SPDK's bs_batch_clear_dev: default and unmap unmap (zeroes written when the device has no unmap),
+        // write_zeroes writes zeroes.
         foreach (var c in clusters)
         {
-            await _dev.WriteZeroesAsync(ClusterOffset(c), _sb.ClusterSize).ConfigureAwait(false);
+            if (clearMethod == 3)
+            {
+                await _dev.WriteZeroesAsync(ClusterOffset(c), _sb.ClusterSize).ConfigureAwait(false);
+            }
+            else
+            {
+                await _dev.UnmapAsync(ClusterOffset(c), _sb.ClusterSize).ConfigureAwait(false);
+            }
         }
     }
 
@@ -1590,6 +1607,65 @@ public sealed class BlobStore
         }
         await PersistAsync(b, [k]).ConfigureAwait(false);
     }
+
+    /// <summary>
+    /// Grows the store to its device's current size (SPDK's <c>spdk_bs_grow_live</c>, used by
+    /// <c>bdev_lvol_grow_lvstore</c> after the base bdev grew): the super block takes the new size and the
+    /// used-cluster mask's new length, the new clusters become free. The mask must fit the room the store reserved
+    /// for it at init (as much as the md region would need); a device smaller than the store or a mask that does
+    /// not fit is -ENOSPC. Returns whether the store grew. The super block is the commit point; the masks are
+    /// written at unload (a crash in between recovers them from the metadata).
+    /// </summary>
+    public Task<bool> GrowLiveAsync() => OnMdThread(async () =>
+    {
+        var page = new byte[BlobFormat.PageSize];
+        await _dev.ReadAsync(0, page).ConfigureAwait(false);
+        int rc = SuperBlock.TryParse(page, out var onDisk);
+        if (rc != 0 || onDisk.ClusterSize != _sb.ClusterSize || onDisk.MdStart != _sb.MdStart)
+        {
+            throw new BlobException(rc != 0 ? -rc : Errno.EILSEQ, "the super block on the device is not this store's");
+        }
+        ulong devSize = _dev.BlockCount * (ulong)_dev.BlockSize;
+        if (devSize == _sb.Size)
+        {
+            return false;
+        }
+        ulong total = devSize / _sb.ClusterSize;
+        long maskLen = BlobFormat.MaskPages((long)total);
+        long room = (long)_sb.UsedBlobIdMaskStart - _sb.UsedClusterMaskStart;
+        if (devSize < _sb.Size || total < TotalClusters || total > int.MaxValue || maskLen > room)
+        {
+            throw new BlobException(Errno.ENOSPC, devSize < _sb.Size
+                ? $"the device ({devSize} bytes) is smaller than the store ({_sb.Size} bytes)"
+                : $"the used-cluster mask for {total} clusters does not fit the {room} page(s) reserved for it");
+        }
+        ulong oldSize = _sb.Size;
+        uint oldMaskLen = _sb.UsedClusterMaskLen;
+        _sb.Size = devSize;
+        _sb.UsedClusterMaskLen = (uint)maskLen;
+        _sb.Clean = 0;
+        try
+        {
+            await WriteSuperAsync().ConfigureAwait(false);
+        }
+        catch
+        {
+            _sb.Size = oldSize;
+            _sb.UsedClusterMaskLen = oldMaskLen;
+            throw;
+        }
+        var grown = new BitSet((int)total);
+        for (uint c = 0; c < TotalClusters; c++)
+        {
+            if (_usedClusters[c])
+            {
+                grown[c] = true;
+            }
+        }
+        _usedClusters = grown;
+        TotalClusters = (uint)total;
+        return true;
+    });
 
     /// <summary>Writes the blob's metadata as it is in memory (SPDK's <c>spdk_blob_sync_md</c>).</summary>
     public Task SyncMdAsync(ulong id) => OnMdThread(() => PersistAsync(Get(id), null));

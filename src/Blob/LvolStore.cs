@@ -255,6 +255,9 @@ public sealed class LvolStore
 
     public Task SetReadOnlyAsync(Lvol lvol) => BlobStore.SetReadOnlyAsync(lvol.Blob.Id);
 
+    /// <summary>bdev_lvol_grow_lvstore: the store takes its base's current size (SPDK's <c>spdk_lvs_grow_live</c>).</summary>
+    public Task<bool> GrowAsync() => BlobStore.GrowLiveAsync();
+
     public Task InflateAsync(Lvol lvol) => BlobStore.InflateAsync(lvol.Blob.Id);
 
     public Task DecoupleParentAsync(Lvol lvol) => BlobStore.DecoupleParentAsync(lvol.Blob.Id);

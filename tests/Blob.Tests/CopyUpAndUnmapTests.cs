@@ -121,14 +121,19 @@ public class CopyUpAndUnmapTests
     {
         var dev = new MemoryBlobDevice(512, 16 * MiB / 512);
         var lvs = await LvolStore.CreateAsync(dev, "lvs", Cluster);
+        // The store's data region and a thick lvol's clusters are cleared by unmap (SPDK's default clear method).
+        Assert.Equal(0, dev.ZeroedBytes - (long)lvs.BlobStore.SuperBlockCopy.MdStart * 4096 - ((long)lvs.BlobStore.SuperBlockCopy.MdLen * 4096) + 4096);
+        Assert.True(dev.UnmappedBytes > 14 * MiB, $"{dev.UnmappedBytes} bytes unmapped at init");
+        long beforeThick = dev.UnmappedBytes;
         var thick = await lvs.CreateLvolAsync("t", 4 * Cluster, thinProvision: false);
+        Assert.Equal(4 * Cluster, dev.UnmappedBytes - beforeThick);
         await lvs.WriteAsync(thick, 0, GoldenImages.Pattern("T", 0, 4 * Cluster));
         var bs = lvs.BlobStore;
-        long zeroed = dev.ZeroedBytes;
+        long zeroed = dev.ZeroedBytes, unmappedBefore = dev.UnmappedBytes;
         int allocated = thick.Blob.AllocatedClusters;
 
         await bs.UnmapAsync(thick.Blob.Id, Cluster / 2, 2 * Cluster);
-        Assert.Equal(2 * Cluster, dev.UnmappedBytes);
+        Assert.Equal(2 * Cluster, dev.UnmappedBytes - unmappedBefore);
         Assert.Equal(zeroed, dev.ZeroedBytes);
         Assert.Equal(allocated, thick.Blob.AllocatedClusters); // clusters stay allocated (SPDK: thick stays thick)
         var all = new byte[4 * Cluster];

@@ -4,12 +4,19 @@ namespace VhostBackend.Blob.Tests;
 /// reads as zeroes. Large geometries (many GiB) cost only what is written.</summary>
 internal sealed class SparseBlobDevice(int blockSize, ulong blockCount) : IBlobDevice
 {
+    private ulong _blockCount = blockCount;
+
     private const int Page = 4096;
     private readonly Dictionary<ulong, byte[]> _pages = [];
 
     public int BlockSize => blockSize;
 
-    public ulong BlockCount => blockCount;
+    /// <summary>Settable: a test grows the "disk" under the store.</summary>
+    public ulong BlockCount
+    {
+        get => _blockCount;
+        set => _blockCount = value;
+    }
 
     public long BytesRead { get; private set; }
 
@@ -28,7 +35,7 @@ internal sealed class SparseBlobDevice(int blockSize, ulong blockCount) : IBlobD
 
     private void Check(ulong offset, ulong length)
     {
-        if (offset % (ulong)blockSize != 0 || length % (ulong)blockSize != 0 || offset + length > blockCount * (ulong)blockSize)
+        if (offset % (ulong)blockSize != 0 || length % (ulong)blockSize != 0 || offset + length > _blockCount * (ulong)blockSize)
         {
             throw new BlobException(Errno.EINVAL, $"I/O {offset}+{length} outside the device or unaligned");
         }

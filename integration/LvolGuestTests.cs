@@ -25,7 +25,7 @@ public sealed class LvolGuestTests(ITestOutputHelper output)
 
         var work = Directory.CreateTempSubdirectory("vb-lvol-").FullName;
         await using var daemon = await VhostDaemon.StartAsync(work, output.WriteLine);
-        await daemon.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "M0", ["num_blocks"] = 96 * 2048, ["block_size"] = 512 });
+        await daemon.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "M0", ["num_blocks"] = 160 * 2048, ["block_size"] = 512 });
         await daemon.CallAsync("bdev_lvol_create_lvstore", new JsonObject { ["bdev_name"] = "M0", ["lvs_name"] = "lvs", ["cluster_sz"] = 1 << 20 });
         await daemon.CallAsync("bdev_lvol_create", new JsonObject { ["lvs_name"] = "lvs", ["lvol_name"] = "v", ["size_in_mib"] = 32, ["thin_provision"] = true });
         await daemon.CallAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb.lv", ["dev_name"] = "lvs/v" });
@@ -39,7 +39,7 @@ public sealed class LvolGuestTests(ITestOutputHelper output)
             BlkDevices = [new VhostUserDevice(Path.Combine(work, "vb.lv"), 2)],
             ScsiDevices = [new VhostUserDevice(Path.Combine(work, "vs.0"), 1)],
             Log = output.WriteLine,
-            BootTimeout = TimeSpan.FromSeconds(120),
+            BootTimeout = TimeSpan.FromSeconds(300), // TCG on a loaded 2-vCPU machine
         });
         Assert.Equal("65536", (await Run(guest, "cat /sys/block/vda/size")).Trim());
 

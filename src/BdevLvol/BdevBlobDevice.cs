@@ -18,6 +18,9 @@ public sealed class BdevBlobDevice : IBlobDevice
     private readonly BdevDesc _desc;
     private readonly Reactor _main;
     private BdevChannel? _channel;
+    /// <summary>One spare DMA buffer kept between calls (the metadata path and first-write copies run one at a
+    /// time, so a cluster-sized buffer is reused rather than allocated per call); taken and returned lock-free.</summary>
+    private AlignedBuffer? _spare;
 
     public BdevBlobDevice(BdevDesc desc, Reactor main)
     {
@@ -80,8 +83,28 @@ public sealed class BdevBlobDevice : IBlobDevice
             BdevIoType.Read => _channel.Read(_desc, op.Iov, op.Lba, op.Blocks, s_done, op),
             BdevIoType.Write => _channel.Write(_desc, op.Iov, op.Lba, op.Blocks, s_done, op),
             BdevIoType.WriteZeroes => _channel.WriteZeroes(_desc, op.Lba, op.Blocks, s_done, op),
+            BdevIoType.Unmap => _channel.Unmap(_desc, op.Lba, op.Blocks, s_done, op),
             _ => _channel.Flush(_desc, 0, BlockCount, s_done, op),
         };
+    }
+
+    private AlignedBuffer Rent(int length)
+    {
+        var b = Interlocked.Exchange(ref _spare, null);
+        if (b != null && b.Size >= (nuint)length)
+        {
+            return b;
+        }
+        b?.Dispose();
+        return new AlignedBuffer((nuint)length, Math.Max(4096u, _desc.Bdev.RequiredAlignment), zero: false);
+    }
+
+    private void Return(AlignedBuffer b)
+    {
+        if (Interlocked.CompareExchange(ref _spare, b, null) != null)
+        {
+            b.Dispose();
+        }
     }
 
     public async ValueTask ReadAsync(ulong offset, Memory<byte> buffer)
@@ -91,10 +114,17 @@ public sealed class BdevBlobDevice : IBlobDevice
         {
             return;
         }
-        using var b = new AlignedBuffer((nuint)buffer.Length, Math.Max(4096u, _desc.Bdev.RequiredAlignment), zero: false);
-        var op = new Op { Type = BdevIoType.Read, Iov = [b.ToIoVec()], Lba = offset / (ulong)BlockSize, Blocks = (ulong)buffer.Length / (ulong)BlockSize };
-        await Run(op).ConfigureAwait(false);
-        b.AsSpan(0, buffer.Length).CopyTo(buffer.Span);
+        var b = Rent(buffer.Length);
+        try
+        {
+            var op = new Op { Type = BdevIoType.Read, Iov = [b.ToIoVec(0, (nuint)buffer.Length)], Lba = offset / (ulong)BlockSize, Blocks = (ulong)buffer.Length / (ulong)BlockSize };
+            await Run(op).ConfigureAwait(false);
+            b.AsSpan(0, buffer.Length).CopyTo(buffer.Span);
+        }
+        finally
+        {
+            Return(b);
+        }
     }
 
     public async ValueTask WriteAsync(ulong offset, ReadOnlyMemory<byte> buffer)
@@ -104,10 +134,17 @@ public sealed class BdevBlobDevice : IBlobDevice
         {
             return;
         }
-        using var b = new AlignedBuffer((nuint)buffer.Length, Math.Max(4096u, _desc.Bdev.RequiredAlignment), zero: false);
-        buffer.Span.CopyTo(b.AsSpan(0, buffer.Length));
-        var op = new Op { Type = BdevIoType.Write, Iov = [b.ToIoVec()], Lba = offset / (ulong)BlockSize, Blocks = (ulong)buffer.Length / (ulong)BlockSize };
-        await Run(op).ConfigureAwait(false);
+        var b = Rent(buffer.Length);
+        try
+        {
+            buffer.Span.CopyTo(b.AsSpan(0, buffer.Length));
+            var op = new Op { Type = BdevIoType.Write, Iov = [b.ToIoVec(0, (nuint)buffer.Length)], Lba = offset / (ulong)BlockSize, Blocks = (ulong)buffer.Length / (ulong)BlockSize };
+            await Run(op).ConfigureAwait(false);
+        }
+        finally
+        {
+            Return(b);
+        }
     }
 
     public async ValueTask WriteZeroesAsync(ulong offset, ulong length)
@@ -131,6 +168,24 @@ public sealed class BdevBlobDevice : IBlobDevice
         }
     }
 
+    /// <summary>The base bdev takes unmap (SPDK's bs_dev passes blob unmaps to it).</summary>
+    public bool SupportsUnmap => _desc.Bdev.SupportsIoType(BdevIoType.Unmap);
+
+    public async ValueTask UnmapAsync(ulong offset, ulong length)
+    {
+        Check(offset, length);
+        if (length == 0)
+        {
+            return;
+        }
+        if (!SupportsUnmap)
+        {
+            await WriteZeroesAsync(offset, length).ConfigureAwait(false);
+            return;
+        }
+        await Run(new Op { Type = BdevIoType.Unmap, Lba = offset / (ulong)BlockSize, Blocks = length / (ulong)BlockSize }).ConfigureAwait(false);
+    }
+
     public async ValueTask FlushAsync()
     {
         if (_desc.Bdev.SupportsIoType(BdevIoType.Flush))
@@ -139,9 +194,10 @@ public sealed class BdevBlobDevice : IBlobDevice
         }
     }
 
-    /// <summary>Releases the main reactor's channel (on the main reactor).</summary>
+    /// <summary>Releases the main reactor's channel (on the main reactor) and the spare buffer.</summary>
     public Task CloseAsync() => _main.InvokeAsync(() =>
     {
+        Interlocked.Exchange(ref _spare, null)?.Dispose();
         if (_channel != null)
         {
             BdevDesc.PutIoChannel(_channel);

@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Blob;
@@ -14,7 +15,7 @@ namespace VhostBackend.BdevLvol;
 /// <para>Fast path (no allocation, no lock): a read goes to the first blob up the backing chain that has the
 /// cluster (zeroes when none does); a write to an allocated cluster goes straight to the base, counted in the
 /// blob's in-flight writes so a snapshot can quiesce them. Slow path (first write to a cluster, a write while the
-/// blob is quiesced, unmap and write zeroes): the data is copied out and the blobstore allocates on its metadata
+/// blob is quiesced, unmap and write zeroes over several clusters or an unallocated one): the data is copied out and the blobstore allocates on its metadata
 /// serializer; the completion is posted back to the submitting reactor.</para>
 /// </summary>
 public sealed class LvolBdev : Bdev.Bdev
@@ -134,7 +135,42 @@ public sealed class LvolBdev : Bdev.Bdev
                     io.Complete(BdevIoStatus.Failed);
                     return;
                 }
-                Finish(io, _lvs.Store.BlobStore.WriteZeroesAsync(blob.Id, io.OffsetBlocks * BlockSize, io.NumBlocks * BlockSize).AsTask(), null);
+                bool unmap = io.Type == BdevIoType.Unmap && _lvs.Device.SupportsUnmap;
+                if (oneCluster && (unmap || _lvs.Desc.Bdev.SupportsIoType(BdevIoType.WriteZeroes)))
+                {
+                    // SPDK's blob unmap / write zeroes of one cluster: an allocated cluster's range goes to the
+                    // base as the same command; an unallocated one is left alone by an unmap (a clone still reads
+                    // its parent there, as in SPDK) and by write zeroes when nothing is under it.
+                    uint c0 = blob.ClusterAt(ci);
+                    if (c0 == 0 && (unmap || blob.ParentBlob == null))
+                    {
+                        io.Complete(BdevIoStatus.Success);
+                        return;
+                    }
+                    if (c0 != 0 && blob.TryEnterFastWrite())
+                    {
+                        uint c = blob.ClusterAt(ci);
+                        if (c != 0)
+                        {
+                            io.ModuleContext = blob;
+                            ulong at = c * _blocksPerCluster + within;
+                            int rc = unmap
+                                ? ch.Base.Unmap(_lvs.Desc, at, io.NumBlocks, s_writeDone, io)
+                                : ch.Base.WriteZeroes(_lvs.Desc, at, io.NumBlocks, s_writeDone, io);
+                            if (rc != 0)
+                            {
+                                blob.ExitFastWrite();
+                                io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
+                            }
+                            return;
+                        }
+                        blob.ExitFastWrite();
+                    }
+                }
+                ulong offset = io.OffsetBlocks * BlockSize, length = io.NumBlocks * BlockSize;
+                Finish(io, unmap
+                    ? _lvs.Store.BlobStore.UnmapAsync(blob.Id, offset, length).AsTask()
+                    : _lvs.Store.BlobStore.WriteZeroesAsync(blob.Id, offset, length).AsTask(), null);
                 return;
             default:
                 io.Complete(BdevIoStatus.Success);
@@ -142,37 +178,45 @@ public sealed class LvolBdev : Bdev.Bdev
         }
     }
 
+    // The slow path's copy of the data comes from the shared array pool (per-core buckets, so in effect per
+    // channel) and goes back when the I/O completes: no large-object allocation per first write.
     private void SlowWrite(BdevIo io)
     {
-        var data = new byte[io.Length];
-        IoVecs.CopyTo(io.Iovs, 0, data);
-        Finish(io, _lvs.Store.BlobStore.WriteAsync(Lvol.Blob.Id, io.OffsetBlocks * BlockSize, data).AsTask(), null);
+        int n = checked((int)io.Length);
+        var data = ArrayPool<byte>.Shared.Rent(n);
+        IoVecs.CopyTo(io.Iovs, 0, data.AsSpan(0, n));
+        Finish(io, _lvs.Store.BlobStore.WriteAsync(Lvol.Blob.Id, io.OffsetBlocks * BlockSize, data.AsMemory(0, n)).AsTask(), data, read: false);
     }
 
     private void SlowRead(BdevIo io)
     {
-        var data = new byte[io.Length];
-        Finish(io, _lvs.Store.BlobStore.ReadAsync(Lvol.Blob.Id, io.OffsetBlocks * BlockSize, data).AsTask(), data);
+        int n = checked((int)io.Length);
+        var data = ArrayPool<byte>.Shared.Rent(n);
+        Finish(io, _lvs.Store.BlobStore.ReadAsync(Lvol.Blob.Id, io.OffsetBlocks * BlockSize, data.AsMemory(0, n)).AsTask(), data, read: true);
     }
 
     /// <summary>Completes <paramref name="io"/> on its reactor when <paramref name="work"/> ends (a read's data
-    /// copied into its iovecs there).</summary>
-    private static void Finish(BdevIo io, Task work, byte[]? readData)
+    /// copied into its iovecs there); a pooled <paramref name="data"/> buffer is returned then.</summary>
+    private static void Finish(BdevIo io, Task work, byte[]? data, bool read = false)
     {
         work.ContinueWith(static (t, s) =>
         {
-            var (io, data) = ((BdevIo, byte[]?))s!;
+            var (io, data, read) = ((BdevIo, byte[]?, bool))s!;
             bool ok = t.IsCompletedSuccessfully;
             io.Channel.Reactor.Send(static st =>
             {
-                var (io, data, ok) = ((BdevIo, byte[]?, bool))st!;
-                if (ok && data != null)
+                var (io, data, read, ok) = ((BdevIo, byte[]?, bool, bool))st!;
+                if (ok && read && data != null)
                 {
-                    IoVecs.CopyFrom(data, io.Iovs);
+                    IoVecs.CopyFrom(data.AsSpan(0, checked((int)io.Length)), io.Iovs);
+                }
+                if (data != null)
+                {
+                    ArrayPool<byte>.Shared.Return(data);
                 }
                 io.Complete(ok);
-            }, (io, data, ok));
-        }, (io, readData), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+            }, (io, data, read, ok));
+        }, (io, data, read), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
     }
 
     public override JsonObject DriverSpecific() => new()
@@ -212,4 +256,7 @@ public sealed class LvsEntry(LvolStore store, BdevDesc desc, BdevBlobDevice devi
     public BdevBlobDevice Device { get; } = device;
     public LvsIoDevice IoDevice { get; } = new(desc);
     public Dictionary<Lvol, LvolBdev> Bdevs { get; } = [];
+
+    /// <summary>Set once the base's removal began the store's hot removal (main reactor only).</summary>
+    internal bool HotRemoved { get; set; }
 }

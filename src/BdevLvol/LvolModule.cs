@@ -70,9 +70,10 @@ public sealed class LvolModule : BdevModule
     private async Task<int> ExamineAsync(Bdev.Bdev bdev)
     {
         BdevDesc desc;
+        var watch = new BaseWatch();
         try
         {
-            desc = _bdevs.Open(bdev.Name, write: false);
+            desc = _bdevs.Open(bdev.Name, write: false, OnBaseEvent, watch);
         }
         catch (Exception)
         {
@@ -131,6 +132,12 @@ public sealed class LvolModule : BdevModule
             RegisterLvol(entry, l);
         }
         _logger.LogInformation("lvol: lvstore {Name} ({Uuid}) loaded from {Bdev} with {Count} lvols", lvs.Name, lvs.Uuid, bdev.Name, lvs.Lvols.Count);
+        watch.Entry = entry;
+        if (watch.Removed)
+        {
+            // The base went away while the store loaded.
+            await HotRemoveAsync(entry).ConfigureAwait(true);
+        }
         return 0;
     }
 
@@ -165,8 +172,9 @@ public sealed class LvolModule : BdevModule
 
     internal LvsEntry StoreOf(LvolBdev b) => Stores.First(s => s.Bdevs.ContainsValue(b));
 
-    /// <summary>bdev_lvol_create_lvstore. Returns the new store's uuid.</summary>
-    public async Task<Guid> CreateLvstoreAsync(string bdevName, string lvsName, uint clusterSize, string clearMethod)
+    /// <summary>bdev_lvol_create_lvstore. Returns the new store's uuid. <paramref name="mdPagesPerClusterRatio"/>:
+    /// metadata pages per 100 clusters (SPDK's num_md_pages_per_cluster_ratio; 0 = the default 100).</summary>
+    public async Task<Guid> CreateLvstoreAsync(string bdevName, string lvsName, uint clusterSize, string clearMethod, uint mdPagesPerClusterRatio = 0)
     {
         LvolStore.ValidateName(lvsName, "lvol store");
         if (FindStore(null, lvsName) != null)
@@ -178,7 +186,16 @@ public sealed class LvolModule : BdevModule
             throw new BlobException(BlobErrno.EINVAL, "cluster_sz must be a multiple of 4096");
         }
         var bdev = _bdevs.Find(bdevName) ?? throw new BlobException(BlobErrno.ENODEV, $"bdev {bdevName} not found");
-        var desc = _bdevs.Open(bdevName, write: false);
+        var watch = new BaseWatch();
+        BdevDesc desc;
+        try
+        {
+            desc = _bdevs.Open(bdevName, write: false, OnBaseEvent, watch);
+        }
+        catch (BdevNotFoundException e)
+        {
+            throw new BlobException(BlobErrno.ENODEV, e.Message);
+        }
         if (_bdevs.Claim(bdev, this, desc) != 0)
         {
             desc.Dispose();
@@ -188,7 +205,8 @@ public sealed class LvolModule : BdevModule
         LvolStore lvs;
         try
         {
-            lvs = await LvolStore.CreateAsync(dev, lvsName, clusterSize == 0 ? LvolStore.DefaultClusterSize : clusterSize, clearMethod).ConfigureAwait(true);
+            lvs = await LvolStore.CreateAsync(dev, lvsName, clusterSize == 0 ? LvolStore.DefaultClusterSize : clusterSize, clearMethod,
+                mdPagesPerClusterRatio: mdPagesPerClusterRatio).ConfigureAwait(true);
         }
         catch
         {
@@ -196,11 +214,78 @@ public sealed class LvolModule : BdevModule
             await CloseAsync(dev, desc).ConfigureAwait(true);
             throw;
         }
+        var entry = new LvsEntry(lvs, desc, dev);
         lock (_stores)
         {
-            _stores.Add(new LvsEntry(lvs, desc, dev));
+            _stores.Add(entry);
+        }
+        watch.Entry = entry;
+        if (watch.Removed)
+        {
+            await HotRemoveAsync(entry).ConfigureAwait(true);
         }
         return lvs.Uuid;
+    }
+
+    /// <summary>What a base descriptor's event callback knows: the store on it, once loaded or created.</summary>
+    private sealed class BaseWatch
+    {
+        public volatile LvsEntry? Entry;
+        public volatile bool Removed;
+    }
+
+    /// <summary>The base bdev of an lvstore is being removed (SPDK's vbdev_lvs_hotremove_cb): on the main reactor,
+    /// the store's lvols are hot-removed and the store unloaded.</summary>
+    private void OnBaseEvent(BdevEventType type, Bdev.Bdev bdev, object? context)
+    {
+        if (type != BdevEventType.Remove)
+        {
+            return;
+        }
+        var watch = (BaseWatch)context!;
+        _ = _main.InvokeAsync(async () =>
+        {
+            watch.Removed = true;
+            if (watch.Entry is { } e)
+            {
+                await HotRemoveAsync(e).ConfigureAwait(true);
+            }
+            return 0;
+        });
+    }
+
+    /// <summary>
+    /// Hot removal of an lvstore whose base goes away, as SPDK unloads it: every lvol bdev is unregistered (its
+    /// openers get their remove event: a vhost controller drops the disk), then the store is unloaded (masks and
+    /// clean flag written while the base still takes I/O; when it does not, the store simply stays dirty and is
+    /// recovered at its next load), then the base is released so its removal completes.
+    /// </summary>
+    internal async Task HotRemoveAsync(LvsEntry e)
+    {
+        if (e.HotRemoved)
+        {
+            return;
+        }
+        e.HotRemoved = true;
+        _logger.LogWarning("lvol: base bdev {Bdev} of lvstore {Name} is being removed: hot-removing its {Count} lvol(s)", e.Desc.Bdev.Name, e.Store.Name, e.Bdevs.Count);
+        foreach (var b in e.Bdevs.Values.ToList())
+        {
+            if (_bdevs.Find(b.Name) == b)
+            {
+                await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+            }
+        }
+        e.Bdevs.Clear();
+        try
+        {
+            await e.Store.UnloadAsync().WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(true);
+        }
+        catch (Exception ex)
+        {
+            _logger.LogWarning("lvol: lvstore {Name} could not be unloaded cleanly from its removed base ({Error}); it is recovered at its next load", e.Store.Name, ex.Message);
+        }
+        await ReleaseAsync(e).ConfigureAwait(true);
+        _logger.LogInformation("lvol: lvstore {Name} unloaded: its base {Bdev} was removed", e.Store.Name, e.Desc.Bdev.Name);
     }
 
     /// <summary>bdev_lvol_delete_lvstore: its lvol bdevs unregistered, the store destroyed, the base released.</summary>
@@ -231,7 +316,10 @@ public sealed class LvolModule : BdevModule
     {
         lock (_stores)
         {
-            _stores.Remove(e);
+            if (!_stores.Remove(e))
+            {
+                return; // released already (a hot removal and a delete or shutdown crossing)
+            }
         }
         _bdevs.ReleaseClaim(e.Desc.Bdev, this);
         await CloseAsync(e.Device, e.Desc).ConfigureAwait(true);
@@ -301,6 +389,11 @@ public sealed class LvolModule : BdevModule
         if (b.Lvol.Clones.Count > 1)
         {
             throw new BlobException(BlobErrno.EBUSY, "snapshot has more than one clone");
+        }
+        if (e.Store.BlobStore.IsLocked(b.Lvol.Blob.Id))
+        {
+            // Checked before the bdev goes (the blobstore refuses the delete too).
+            throw new BlobException(BlobErrno.EBUSY, "an inflate or decouple_parent is in progress on it or on a clone of it");
         }
         await _bdevs.UnregisterAsync(b, TimeSpan.FromSeconds(10)).ConfigureAwait(true);
         if (!b.Destructed)

@@ -77,20 +77,60 @@ public static class LvolRpc
         public ulong SizeInMib { get; set; }
     }
 
-    private static RpcException Err(int errno) => RpcException.Errno(errno, PErrno.Message(errno));
+    /// <summary>SPDK's errno reply with the parameter at fault and the reason: "No such device: name: no lvol named x".</summary>
+    private static RpcException Err(int errno, string param, string reason) => RpcErrno.Error(errno, param, reason);
 
-    private static RpcException Failed(BlobException e) => RpcException.InvalidParams(PErrno.Message(e.Errno));
+    /// <summary>A refused operation: SPDK answers -32602 with strerror; the parameter and the reason are appended.</summary>
+    private static RpcException Failed(int errno, string param, string reason) =>
+        RpcException.InvalidParams($"{PErrno.Message(errno)}: {param}: {reason}");
 
-    private static LvsEntry Store(LvolModule m, string? uuid, string? name)
+    /// <summary>The lvstore chosen by exactly one of <paramref name="uuid"/> / <paramref name="name"/>
+    /// (SPDK: -EINVAL when both or neither, -ENODEV when not found).</summary>
+    private static LvsEntry Store(LvolModule m, string? uuid, string? name, string uuidParam = "uuid", string nameParam = "lvs_name")
     {
         if ((uuid == null) == (name == null))
         {
-            throw Err(PErrno.EINVAL);
+            throw Err(PErrno.EINVAL, uuid == null ? nameParam : uuidParam, $"give exactly one of {uuidParam} or {nameParam}");
         }
-        return m.FindStore(uuid, name) ?? throw Err(PErrno.ENODEV);
+        return m.FindStore(uuid, name)
+            ?? throw (uuid != null
+                ? Err(PErrno.ENODEV, uuidParam, $"no lvol store with uuid {uuid}")
+                : Err(PErrno.ENODEV, nameParam, $"no lvol store named {name}"));
     }
 
-    private static LvolBdev Lvol(LvolModule m, string name) => m.FindLvol(name) ?? throw Err(PErrno.ENODEV);
+    private static LvolBdev Lvol(LvolModule m, string name, string param) =>
+        m.FindLvol(name) ?? throw Err(PErrno.ENODEV, param, $"no lvol named {name}");
+
+    /// <summary>A new lvol or lvstore name checked before anything changes (SPDK: -EINVAL empty or too long).</summary>
+    private static void CheckName(string name, string what, string param, bool errnoReply)
+    {
+        try
+        {
+            LvolStore.ValidateName(name, what);
+        }
+        catch (BlobException e)
+        {
+            throw errnoReply ? Err(e.Errno, param, e.Message) : Failed(e.Errno, param, e.Message);
+        }
+    }
+
+    /// <summary>size or size_in_mib (exactly one) in bytes, with the parameter named when it is wrong.</summary>
+    private static (ulong Bytes, string Param) Size(ulong size, ulong sizeInMib)
+    {
+        if ((size == 0) == (sizeInMib == 0))
+        {
+            throw Failed(PErrno.EINVAL, size == 0 ? "size_in_mib" : "size", "give exactly one of size or size_in_mib");
+        }
+        if (size != 0)
+        {
+            return (size, "size");
+        }
+        if (sizeInMib > ulong.MaxValue / (1024 * 1024))
+        {
+            throw Failed(PErrno.EINVAL, "size_in_mib", $"{sizeInMib} MiB is too large");
+        }
+        return (sizeInMib * 1024 * 1024, "size_in_mib");
+    }
 
     private static int LvolClearMethod(string? s) => s?.ToLowerInvariant() switch
     {
@@ -98,10 +138,15 @@ public static class LvolRpc
         "none" => 1,
         "unmap" => 2,
         "write_zeroes" => 3,
-        _ => throw RpcException.Errno(PErrno.EINVAL, "Invalid clean_method option"),
+        _ => throw Err(PErrno.EINVAL, "clear_method", $"'{s}' is not none, unmap or write_zeroes"),
     };
 
-    private static async Task<JsonNode?> Run(Func<Task<JsonNode?>> f)
+    /// <summary>
+    /// Runs an operation; a <see cref="BlobException"/> becomes SPDK's -32602 reply naming the parameter:
+    /// <paramref name="newNameParam"/> for a name that exists, <paramref name="sizeParam"/> for no space,
+    /// <paramref name="target"/> (the lvol or lvstore operated on) otherwise.
+    /// </summary>
+    private static async Task<JsonNode?> Run(string target, Func<Task<JsonNode?>> f, string? newNameParam = null, string? sizeParam = null)
     {
         try
         {
@@ -109,9 +154,16 @@ public static class LvolRpc
         }
         catch (BlobException e)
         {
-            throw Failed(e);
+            throw Failed(e.Errno, ParamFor(e, target, newNameParam, sizeParam), e.Message);
         }
     }
+
+    private static string ParamFor(BlobException e, string target, string? newNameParam, string? sizeParam) => e.Param ?? e.Errno switch
+    {
+        BlobErrnoAlias.EEXIST when newNameParam != null => newNameParam,
+        BlobErrnoAlias.ENOSPC when sizeParam != null => sizeParam,
+        _ => target,
+    };
 
     public static void Register(RpcRegistry rpc, LvolModule m)
     {
@@ -121,35 +173,57 @@ public static class LvolRpc
             string clear = p.ClearMethod?.ToLowerInvariant() ?? "unmap";
             if (clear is not ("none" or "unmap" or "write_zeroes"))
             {
-                throw RpcException.Errno(PErrno.EINVAL, "Invalid clear_method parameter");
+                throw Err(PErrno.EINVAL, "clear_method", $"'{p.ClearMethod}' is not none, unmap or write_zeroes");
+            }
+            CheckName(p.LvsName, "lvol store", "lvs_name", errnoReply: true);
+            if (p.ClusterSz != 0 && (p.ClusterSz < BlobFormat.PageSize || p.ClusterSz % BlobFormat.PageSize != 0))
+            {
+                throw Err(PErrno.EINVAL, "cluster_sz", $"{p.ClusterSz} is not a multiple of {BlobFormat.PageSize}");
             }
             try
             {
-                var uuid = await m.CreateLvstoreAsync(p.BdevName, p.LvsName, p.ClusterSz, clear).ConfigureAwait(true);
+                var uuid = await m.CreateLvstoreAsync(p.BdevName, p.LvsName, p.ClusterSz, clear, p.NumMdPagesPerClusterRatio).ConfigureAwait(true);
                 return JsonValue.Create(uuid.ToString());
             }
-            catch (BlobException e) when (e.Errno is BlobErrnoAlias.EEXIST or BlobErrnoAlias.ENODEV or BlobErrnoAlias.EPERM or BlobErrnoAlias.EINVAL)
+            catch (BlobException e) when (e.Param != null)
             {
-                throw Err(e.Errno);
+                throw Failed(e.Errno, e.Param, e.Message);
+            }
+            catch (BlobException e) when (e.Errno is BlobErrnoAlias.EEXIST)
+            {
+                throw Err(e.Errno, "lvs_name", e.Message);
+            }
+            catch (BlobException e) when (e.Errno is BlobErrnoAlias.ENODEV or BlobErrnoAlias.EPERM or BlobErrnoAlias.EINVAL)
+            {
+                throw Err(e.Errno, "bdev_name", e.Message);
             }
             catch (BlobException e)
             {
-                throw Failed(e);
+                // The store does not fit the base (SPDK's async failure: -32602 with strerror).
+                throw Failed(e.Errno, e.Errno == BlobErrnoAlias.ENOMEM && p.NumMdPagesPerClusterRatio != 0 ? "num_md_pages_per_cluster_ratio" : "bdev_name", e.Message);
             }
         });
-        rpc.Register("bdev_lvol_delete_lvstore", r => Run(async () =>
+        rpc.Register("bdev_lvol_delete_lvstore", r =>
         {
             var p = BdevRpc.Decode<LvsSelectParams>(r);
-            await m.DeleteLvstoreAsync(Store(m, p.Uuid, p.LvsName)).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
-        rpc.Register("bdev_lvol_rename_lvstore", r => Run(async () =>
+            var e = Store(m, p.Uuid, p.LvsName);
+            return Run(p.Uuid != null ? "uuid" : "lvs_name", async () =>
+            {
+                await m.DeleteLvstoreAsync(e).ConfigureAwait(true);
+                return JsonValue.Create(true);
+            });
+        });
+        rpc.Register("bdev_lvol_rename_lvstore", r =>
         {
             var p = BdevRpc.Decode<RenameParams>(r);
-            var e = m.FindStore(null, p.OldName) ?? throw RpcException.Errno(PErrno.ENOENT, $"Lvol store {p.OldName} not found");
-            await m.RenameLvstoreAsync(e, p.NewName).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
+            var e = m.FindStore(null, p.OldName) ?? throw Err(PErrno.ENOENT, "old_name", $"no lvol store named {p.OldName}");
+            CheckName(p.NewName, "lvol store", "new_name", errnoReply: false);
+            return Run("old_name", async () =>
+            {
+                await m.RenameLvstoreAsync(e, p.NewName).ConfigureAwait(true);
+                return JsonValue.Create(true);
+            }, newNameParam: "new_name");
+        });
         rpc.Register("bdev_lvol_get_lvstores", r =>
         {
             var p = BdevRpc.Decode<LvsSelectParams>(r);
@@ -174,7 +248,7 @@ public static class LvolRpc
         rpc.Register("bdev_lvol_get_lvols", r =>
         {
             var p = BdevRpc.Decode<GetLvolsParams>(r);
-            var list = p.LvsUuid == null && p.LvsName == null ? m.Stores : [Store(m, p.LvsUuid, p.LvsName)];
+            var list = p.LvsUuid == null && p.LvsName == null ? m.Stores : [Store(m, p.LvsUuid, p.LvsName, "lvs_uuid", "lvs_name")];
             var arr = new JsonArray();
             foreach (var e in list)
             {
@@ -211,13 +285,10 @@ public static class LvolRpc
         rpc.Register("bdev_lvol_create", async r =>
         {
             var p = BdevRpc.Decode<CreateParams>(r);
-            if ((p.Size == 0) == (p.SizeInMib == 0))
-            {
-                throw RpcException.InvalidParams("One of size or size_in_mib must be specified (and not both)");
-            }
+            var (size, sizeParam) = Size(p.Size, p.SizeInMib);
             int clear = LvolClearMethod(p.ClearMethod);
             var e = Store(m, p.Uuid, p.LvsName);
-            ulong size = p.Size != 0 ? p.Size : checked(p.SizeInMib * 1024 * 1024);
+            CheckName(p.LvolName, "lvol", "lvol_name", errnoReply: true);
             try
             {
                 var b = await m.CreateLvolAsync(e, p.LvolName, size, p.ThinProvision, clear).ConfigureAwait(true);
@@ -225,65 +296,86 @@ public static class LvolRpc
             }
             catch (BlobException ex)
             {
-                throw Err(ex.Errno);
+                // SPDK answers a refused create with the errno itself.
+                throw Err(ex.Errno, ParamFor(ex, p.Uuid != null ? "uuid" : "lvs_name", "lvol_name", sizeParam), ex.Message);
             }
         });
-        rpc.Register("bdev_lvol_snapshot", r => Run(async () =>
+        rpc.Register("bdev_lvol_snapshot", r =>
         {
             var p = BdevRpc.Decode<SnapshotParams>(r);
-            var b = await m.SnapshotAsync(Lvol(m, p.LvolName), p.SnapshotName).ConfigureAwait(true);
-            return JsonValue.Create(b.Name);
-        }));
-        rpc.Register("bdev_lvol_clone", r => Run(async () =>
+            var origin = Lvol(m, p.LvolName, "lvol_name");
+            CheckName(p.SnapshotName, "snapshot", "snapshot_name", errnoReply: false);
+            return Run("lvol_name", async () =>
+            {
+                var b = await m.SnapshotAsync(origin, p.SnapshotName).ConfigureAwait(true);
+                return JsonValue.Create(b.Name);
+            }, newNameParam: "snapshot_name");
+        });
+        rpc.Register("bdev_lvol_clone", r =>
         {
             var p = BdevRpc.Decode<CloneParams>(r);
             if (p.CloneName == null)
             {
-                throw RpcException.InvalidParams(PErrno.Message(PErrno.EINVAL));
+                throw Failed(PErrno.EINVAL, "clone_name", "missing");
             }
-            var b = await m.CloneAsync(Lvol(m, p.SnapshotName), p.CloneName).ConfigureAwait(true);
-            return JsonValue.Create(b.Name);
-        }));
-        rpc.Register("bdev_lvol_rename", r => Run(async () =>
+            var snapshot = Lvol(m, p.SnapshotName, "snapshot_name");
+            CheckName(p.CloneName, "clone", "clone_name", errnoReply: false);
+            return Run("snapshot_name", async () =>
+            {
+                var b = await m.CloneAsync(snapshot, p.CloneName).ConfigureAwait(true);
+                return JsonValue.Create(b.Name);
+            }, newNameParam: "clone_name");
+        });
+        rpc.Register("bdev_lvol_rename", r =>
         {
             var p = BdevRpc.Decode<RenameParams>(r);
-            await m.RenameLvolAsync(Lvol(m, p.OldName), p.NewName).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
-        rpc.Register("bdev_lvol_resize", r => Run(async () =>
+            var b = Lvol(m, p.OldName, "old_name");
+            CheckName(p.NewName, "lvol", "new_name", errnoReply: false);
+            return Run("old_name", async () =>
+            {
+                await m.RenameLvolAsync(b, p.NewName).ConfigureAwait(true);
+                return JsonValue.Create(true);
+            }, newNameParam: "new_name");
+        });
+        rpc.Register("bdev_lvol_resize", r =>
         {
             var p = BdevRpc.Decode<ResizeParams>(r);
-            if ((p.Size == 0) == (p.SizeInMib == 0))
+            var (size, sizeParam) = Size(p.Size, p.SizeInMib);
+            var b = Lvol(m, p.Name, "name");
+            return Run("name", async () =>
             {
-                throw RpcException.InvalidParams("One of size or size_in_mib must be specified (and not both)");
-            }
-            var b = Lvol(m, p.Name);
-            await m.ResizeAsync(b, p.Size != 0 ? p.Size : checked(p.SizeInMib * 1024 * 1024)).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
-        rpc.Register("bdev_lvol_set_read_only", r => Run(async () =>
+                await m.ResizeAsync(b, size).ConfigureAwait(true);
+                return JsonValue.Create(true);
+            }, sizeParam: sizeParam);
+        });
+        rpc.Register("bdev_lvol_grow_lvstore", r =>
+        {
+            var p = BdevRpc.Decode<LvsSelectParams>(r);
+            var e = Store(m, p.Uuid, p.LvsName);
+            return Run(p.Uuid != null ? "uuid" : "lvs_name", async () =>
+            {
+                await e.Store.GrowAsync().ConfigureAwait(true);
+                return JsonValue.Create(true);
+            });
+        });
+        RegisterNamed(rpc, "bdev_lvol_set_read_only", (b) => m.SetReadOnlyAsync(b), m);
+        RegisterNamed(rpc, "bdev_lvol_delete", (b) => m.DeleteLvolAsync(b), m);
+        RegisterNamed(rpc, "bdev_lvol_inflate", (b) => m.InflateAsync(b), m);
+        RegisterNamed(rpc, "bdev_lvol_decouple_parent", (b) => m.DecoupleParentAsync(b), m);
+    }
+
+    /// <summary>An RPC whose only param is <c>name</c> (an lvol) and whose reply is true.</summary>
+    private static void RegisterNamed(RpcRegistry rpc, string method, Func<LvolBdev, Task> op, LvolModule m)
+    {
+        rpc.Register(method, r =>
         {
             var p = BdevRpc.Decode<NameParams>(r);
-            await m.SetReadOnlyAsync(Lvol(m, p.Name)).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
-        rpc.Register("bdev_lvol_delete", r => Run(async () =>
-        {
-            var p = BdevRpc.Decode<NameParams>(r);
-            await m.DeleteLvolAsync(Lvol(m, p.Name)).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
-        rpc.Register("bdev_lvol_inflate", r => Run(async () =>
-        {
-            var p = BdevRpc.Decode<NameParams>(r);
-            await m.InflateAsync(Lvol(m, p.Name)).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
-        rpc.Register("bdev_lvol_decouple_parent", r => Run(async () =>
-        {
-            var p = BdevRpc.Decode<NameParams>(r);
-            await m.DecoupleParentAsync(Lvol(m, p.Name)).ConfigureAwait(true);
-            return JsonValue.Create(true);
-        }));
+            var b = Lvol(m, p.Name, "name");
+            return Run("name", async () =>
+            {
+                await op(b).ConfigureAwait(true);
+                return JsonValue.Create(true);
+            });
+        });
     }
 }

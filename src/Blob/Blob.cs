@@ -57,6 +57,9 @@ public sealed class Blob
 
     internal void EndCopy() => _copyOperation = null;
 
+    /// <summary>An inflate or decouple_parent runs on the blob (SPDK's <c>locked_operation_in_progress</c>); md thread only.</summary>
+    internal volatile bool LockedOperation;
+
     /// <summary>The blob names a parent that is not in the store: it does not open (no I/O, not listed as an lvol).</summary>
     public bool ParentMissing { get; internal set; }
 

@@ -296,4 +296,7 @@ public sealed class BlobException : Exception
 
     /// <summary>Positive errno (EINVAL, ENOSPC, ...).</summary>
     public int Errno { get; }
+
+    /// <summary>The caller's option at fault when the failure is about one (e.g. "num_md_pages_per_cluster_ratio"), for its error reply.</summary>
+    public string? Param { get; init; }
 }

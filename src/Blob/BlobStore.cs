@@ -54,6 +54,11 @@ public sealed class BlobStore
     private BitSet _usedBlobIds;
     private BitSet _usedClusters;
     private bool _closed;
+    /// <summary>The cluster buffer of first-write allocations (used under <see cref="_md"/> only): one per store, not
+    /// one large-object allocation per first write.</summary>
+    private byte[]? _copyBuffer;
+    /// <summary>A cluster of zeroes (never written), for write zeroes over a clone's unallocated clusters.</summary>
+    private byte[]? _zeroCluster;
 
     private BlobStore(IBlobDevice dev, SuperBlock sb)
     {
@@ -72,7 +77,7 @@ public sealed class BlobStore
 
     public uint IoUnitSize => _sb.IoUnitSize;
 
-    public uint TotalClusters { get; }
+    public uint TotalClusters { get; private set; }
 
     /// <summary>Clusters taken by the super block, masks and md region.</summary>
     public uint MdClusters { get; }
@@ -175,7 +180,15 @@ public sealed class BlobStore
             dataStart = (dataStart + (ulong)dev.BlockSize - 1) / (ulong)dev.BlockSize * (ulong)dev.BlockSize;
             if (dataStart < size)
             {
-                await dev.WriteZeroesAsync(dataStart, size - dataStart).ConfigureAwait(false);
+                // SPDK's spdk_bs_init: unmap (the default) or write zeroes over the data region.
+                if (clearMethod == 3)
+                {
+                    await dev.WriteZeroesAsync(dataStart, size - dataStart).ConfigureAwait(false);
+                }
+                else
+                {
+                    await dev.UnmapAsync(dataStart, size - dataStart).ConfigureAwait(false);
+                }
             }
         }
         await bs.WriteSuperAsync().ConfigureAwait(false);
@@ -243,8 +256,9 @@ public sealed class BlobStore
         var report = new BlobStoreLoadReport { Recovered = sb.Clean != 1 };
         bs.LoadReport = report;
 
-        // Read the whole md region once.
-        var md = await bs.ReadPagesAsync(bs.MdPageOffset(0), (int)sb.MdLen).ConfigureAwait(false);
+        // Read the md region in pieces (a large store's region does not fit one array), keeping the pieces
+        // that hold anything: a never-written piece reads as zeroes, which no md page is.
+        var md = await MdRegion.ReadAsync(dev, bs.MdPageOffset(0), sb.MdLen).ConfigureAwait(false);
         var starts = new List<uint>();
         BitSet? diskPages = null, diskClusters = null, diskIds = null;
         if (!report.Recovered)
@@ -273,7 +287,11 @@ public sealed class BlobStore
         {
             for (uint p = 0; p < sb.MdLen; p++)
             {
-                var pg = md.AsSpan((int)p * BlobFormat.PageSize, BlobFormat.PageSize);
+                if (!md.Holds(p))
+                {
+                    continue;
+                }
+                var pg = md.Page(p);
                 if (MdCodec.CrcValid(pg) && MdCodec.PageSeq(pg) == 0 && MdCodec.PageId(pg) == BlobFormat.PageToBlobId(p))
                 {
                     starts.Add(p);
@@ -344,7 +362,7 @@ public sealed class BlobStore
         return loops;
     }
 
-    private int ParseBlob(byte[] md, uint first, out Blob? blob)
+    private int ParseBlob(MdRegion md, uint first, out Blob? blob)
     {
         blob = null;
         var b = new Blob(BlobFormat.PageToBlobId(first));
@@ -356,7 +374,7 @@ public sealed class BlobStore
             {
                 return -Errno.EINVAL;
             }
-            var pg = md.AsSpan((int)p * BlobFormat.PageSize, BlobFormat.PageSize);
+            var pg = md.Page(p);
             if (!MdCodec.CrcValid(pg) || MdCodec.PageId(pg) != b.Id || MdCodec.PageSeq(pg) != seq)
             {
                 return -Errno.EINVAL;
@@ -385,7 +403,7 @@ public sealed class BlobStore
             {
                 return -Errno.EINVAL;
             }
-            rc = MdCodec.ParseExtentPage(b, k, md.AsSpan((int)ep * BlobFormat.PageSize, BlobFormat.PageSize), TotalClusters);
+            rc = MdCodec.ParseExtentPage(b, k, md.Page(ep), TotalClusters);
             if (rc != 0)
             {
                 return rc;
@@ -857,9 +875,18 @@ public sealed class BlobStore
         {
             return;
         }
+        // SPDK's bs_batch_clear_dev: default and unmap unmap (zeroes written when the device has no unmap),
+        // write_zeroes writes zeroes.
         foreach (var c in clusters)
         {
-            await _dev.WriteZeroesAsync(ClusterOffset(c), _sb.ClusterSize).ConfigureAwait(false);
+            if (clearMethod == 3)
+            {
+                await _dev.WriteZeroesAsync(ClusterOffset(c), _sb.ClusterSize).ConfigureAwait(false);
+            }
+            else
+            {
+                await _dev.UnmapAsync(ClusterOffset(c), _sb.ClusterSize).ConfigureAwait(false);
+            }
         }
     }
 
@@ -886,6 +913,7 @@ public sealed class BlobStore
     public Task SetReadOnlyAsync(ulong id) => OnMdThread(async () =>
     {
         var b = Get(id);
+        ThrowIfLocked(id);
         b.DataRoFlags |= BlobFormat.DataRoReadOnly;
         await PersistAsync(b, []).ConfigureAwait(false);
     });
@@ -894,6 +922,7 @@ public sealed class BlobStore
     public Task ResizeAsync(ulong id, ulong clusters) => OnMdThread(async () =>
     {
         var b = Get(id);
+        ThrowIfLocked(id);
         if (b.IsReadOnly)
         {
             throw new BlobException(Errno.EPERM, "blob is read-only");
@@ -982,6 +1011,7 @@ public sealed class BlobStore
     public Task DeleteBlobAsync(ulong id) => OnMdThread(async () =>
     {
         var b = Get(id);
+        ThrowIfLocked(id);
         var clones = ClonesOf(id);
         if (clones.Count > 1)
         {
@@ -1062,6 +1092,7 @@ public sealed class BlobStore
     public Task<Blob> CreateSnapshotAsync(ulong id, IReadOnlyList<KeyValuePair<string, byte[]>> xattrs) => OnMdThread(async () =>
     {
         var o = GetOpenable(id);
+        ThrowIfLocked(id);
         if (o.IsReadOnly && o.ParentId == BlobFormat.InvalidBlobId && ClonesOf(id).Count > 0)
         {
             throw new BlobException(Errno.EINVAL, "cannot snapshot a snapshot");
@@ -1127,91 +1158,151 @@ public sealed class BlobStore
 
     /// <summary>Inflates a blob (SPDK's <c>spdk_bs_inflate_blob</c>): every cluster allocated, copied from the
     /// backing chain (zeroes where none); no parent, not thin.</summary>
-    public Task InflateAsync(ulong id) => OnMdThread(() => CopyUpLockedAsync(GetOpenable(id), decouple: false));
+    public Task InflateAsync(ulong id) => CopyUpAsync(id, decouple: false);
 
     /// <summary>Decouples a blob from its parent (SPDK's <c>spdk_bs_blob_decouple_parent</c>): the clusters the
     /// parent holds are copied in; the parent's parent becomes the blob's parent.</summary>
-    public Task DecoupleParentAsync(ulong id) => OnMdThread(() =>
-    {
-        var b = GetOpenable(id);
-        if (b.ParentId == BlobFormat.InvalidBlobId)
-        {
-            throw new BlobException(Errno.EINVAL, "blob has no parent");
-        }
-        return CopyUpLockedAsync(b, decouple: true);
-    });
+    public Task DecoupleParentAsync(ulong id) => CopyUpAsync(id, decouple: true);
 
-    private async Task CopyUpLockedAsync(Blob b, bool decouple)
+    /// <summary>
+    /// Inflate and decouple as SPDK runs them: each cluster to copy is "touched" through the first-write path
+    /// (allocated, filled from the backing chain and committed on its own, taking the metadata serializer for that
+    /// cluster only), so the blob's I/O and other metadata operations go on during the copy; only the final step
+    /// (the new parent and flags committed) quiesces the blob. While it runs the blob is locked against
+    /// operations that would change it or its backing chain under the copy (snapshot, resize, delete, read-only,
+    /// another inflate or decouple, deleting an ancestor): those fail with -EBUSY, as SPDK's
+    /// <c>locked_operation_in_progress</c> makes them.
+    /// </summary>
+    private async Task CopyUpAsync(ulong id, bool decouple)
     {
-        if (b.IsReadOnly)
-        {
-            throw new BlobException(Errno.EPERM, "blob is read-only");
-        }
-        var parent = b.ParentId != BlobFormat.InvalidBlobId ? Get(b.ParentId) : null;
+        Blob b = null!;
         var need = new List<int>();
-        for (int i = 0; i < b.Clusters.Length; i++)
+        await OnMdThread(() =>
         {
-            if (b.Clusters[i] == 0 && (!decouple || parent!.ClusterAt((ulong)i) != 0))
+            b = GetOpenable(id);
+            if (b.LockedOperation)
             {
-                need.Add(i);
+                throw new BlobException(Errno.EBUSY, "another inflate or decouple_parent runs on the blob");
             }
-        }
-        if ((uint)need.Count > FreeClusters)
-        {
-            throw new BlobException(Errno.ENOSPC, "not enough free clusters");
-        }
-        await QuiesceAsync(b).ConfigureAwait(false);
-        var claimed = new List<(int Index, uint Cluster)>();
-        var oldPages = (uint[])b.ExtentPages.Clone();
-        var oldFlags = b.InvalidFlags;
+            if (decouple && b.ParentId == BlobFormat.InvalidBlobId)
+            {
+                throw new BlobException(Errno.EINVAL, "blob has no parent");
+            }
+            if (b.IsReadOnly)
+            {
+                throw new BlobException(Errno.EPERM, "blob is read-only");
+            }
+            var parent = b.ParentId != BlobFormat.InvalidBlobId ? Get(b.ParentId) : null;
+            for (int i = 0; i < b.Clusters.Length; i++)
+            {
+                if (b.Clusters[i] == 0 && (!decouple || parent!.ClusterAt((ulong)i) != 0))
+                {
+                    need.Add(i);
+                }
+            }
+            if ((uint)need.Count > FreeClusters)
+            {
+                throw new BlobException(Errno.ENOSPC, "not enough free clusters");
+            }
+            b.LockedOperation = true;
+            b.StartCopy(decouple ? "decouple_parent" : "inflate", need.Count);
+            return Task.CompletedTask;
+        }).ConfigureAwait(false);
         try
         {
-            var buf = new byte[_sb.ClusterSize];
-            b.StartCopy(decouple ? "decouple_parent" : "inflate", need.Count);
             foreach (var i in need)
             {
-                uint c = ClaimCluster();
-                claimed.Add((i, c));
-                await ReadBackingAsync(b, (ulong)i * _sb.ClusterSize, buf).ConfigureAwait(false);
-                await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
+                // A zero-length write at the cluster (SPDK's "touch"): allocates and copies it unless a guest
+                // write got there first.
+                await EnterWriteAsync(b).ConfigureAwait(false);
+                try
+                {
+                    await AllocateAndWriteAsync(b, (ulong)i, 0, ReadOnlyMemory<byte>.Empty).ConfigureAwait(false);
+                }
+                finally
+                {
+                    Interlocked.Decrement(ref b.InFlightWrites);
+                }
                 b.CopiedCluster();
             }
-            foreach (var (i, c) in claimed)
+            await OnMdThread(async () =>
             {
-                b.Clusters[i] = c;
-            }
-            var newParent = decouple ? parent!.ParentId : BlobFormat.InvalidBlobId;
-            b.SetParent(newParent);
-            if (!decouple || (newParent == BlobFormat.InvalidBlobId && b.Clusters.All(x => x != 0)))
-            {
-                b.InvalidFlags &= ~BlobFormat.FlagThinProv;
-            }
-            await PersistAsync(b, null).ConfigureAwait(false);
-            b.EndCopy();
-        }
-        catch
-        {
-            b.EndCopy();
-            foreach (var (i, c) in claimed)
-            {
-                b.Clusters[i] = 0;
-                _usedClusters[c] = false;
-            }
-            b.ExtentPages = oldPages;
-            b.InvalidFlags = oldFlags;
-            if (parent != null)
-            {
-                b.SetParent(parent.Id);
-            }
-            throw;
+                if (!_blobs.TryGetValue(b.Id, out var live) || live != b)
+                {
+                    throw new BlobException(Errno.ENOENT, $"blob 0x{b.Id:x} was deleted");
+                }
+                await QuiesceAsync(b).ConfigureAwait(false);
+                var oldFlags = b.InvalidFlags;
+                var parent = b.ParentId != BlobFormat.InvalidBlobId ? Get(b.ParentId) : null;
+                try
+                {
+                    // The chain is locked: every cluster the copy needed is now the blob's own.
+                    for (int i = 0; i < b.Clusters.Length; i++)
+                    {
+                        if (b.Clusters[i] == 0 && (!decouple || parent!.ClusterAt((ulong)i) != 0))
+                        {
+                            throw new BlobException(Errno.EIO, $"cluster {i} of blob 0x{b.Id:x} was not copied");
+                        }
+                    }
+                    var newParent = decouple ? parent!.ParentId : BlobFormat.InvalidBlobId;
+                    b.SetParent(newParent);
+                    if (!decouple || (newParent == BlobFormat.InvalidBlobId && b.Clusters.All(x => x != 0)))
+                    {
+                        b.InvalidFlags &= ~BlobFormat.FlagThinProv;
+                    }
+                    await PersistAsync(b, null).ConfigureAwait(false);
+                }
+                catch
+                {
+                    b.InvalidFlags = oldFlags;
+                    if (parent != null)
+                    {
+                        b.SetParent(parent.Id);
+                    }
+                    throw;
+                }
+                finally
+                {
+                    Unquiesce(b);
+                }
+            }).ConfigureAwait(false);
         }
         finally
         {
-            Unquiesce(b);
+            b.EndCopy();
+            b.LockedOperation = false;
         }
     }
 
-    // ---------------------------------------------------------------- quiesce (per blob)
+    /// <summary>Whether an inflate or decouple_parent runs on <paramref name="id"/> or on a blob whose backing
+    /// chain holds it: deleting it, snapshotting it, resizing it or marking it read-only now fails with -EBUSY.</summary>
+    public bool IsLocked(ulong id)
+    {
+        foreach (var l in _blobs.Values)
+        {
+            if (!l.LockedOperation)
+            {
+                continue;
+            }
+            int depth = 0;
+            for (var x = l; x != null && depth <= _blobs.Count; x = x.Parent, depth++)
+            {
+                if (x.Id == id)
+                {
+                    return true;
+                }
+            }
+        }
+        return false;
+    }
+
+    private void ThrowIfLocked(ulong id)
+    {
+        if (IsLocked(id))
+        {
+            throw new BlobException(Errno.EBUSY, "an inflate or decouple_parent is in progress on the blob or a clone of it");
+        }
+    }
 
     private async Task QuiesceAsync(Blob b)
     {
@@ -1343,31 +1434,94 @@ public sealed class BlobStore
         }
     }
 
-    /// <summary>Writes zeroes (unallocated clusters of a blob without a parent stay unallocated).</summary>
-    public async ValueTask WriteZeroesAsync(ulong id, ulong offset, ulong length)
+    private void CheckRange(Blob b, ulong offset, ulong length)
     {
-        var b = GetOpenable(id);
-        var zero = new byte[(int)Math.Min(length, _sb.ClusterSize)];
-        ulong cs = _sb.ClusterSize;
-        while (length > 0)
+        if (offset % _sb.IoUnitSize != 0 || length % _sb.IoUnitSize != 0 || offset + length > b.NumClusters * _sb.ClusterSize || offset + length < offset)
         {
-            int n = (int)Math.Min(length, cs - offset % cs);
-            if (b.ClusterAt(offset / cs) != 0 || b.ParentId != BlobFormat.InvalidBlobId)
-            {
-                await WriteAsync(id, offset, zero.AsMemory(0, n)).ConfigureAwait(false);
-            }
-            else
-            {
-                CheckRange(b, offset, n);
-            }
-            offset += (ulong)n;
-            length -= (ulong)n;
+            throw new BlobException(Errno.EINVAL, $"I/O {offset}+{length} outside blob 0x{b.Id:x} or not in io units");
         }
     }
 
-    /// <summary>Unmap: reads as zeroes afterwards (the cluster stays allocated, as SPDK does without
-    /// cluster-level unmap of partially covered clusters).</summary>
-    public ValueTask UnmapAsync(ulong id, ulong offset, ulong length) => WriteZeroesAsync(id, offset, length);
+    /// <summary>Writes zeroes as SPDK's <c>spdk_blob_io_write_zeroes</c>: an allocated cluster's range is zeroed on
+    /// the device (its write zeroes); an unallocated cluster of a clone is allocated with zeroes (its parent's data
+    /// must no longer show); an unallocated cluster of a blob without a parent already reads zeroes and stays
+    /// unallocated.</summary>
+    public async ValueTask WriteZeroesAsync(ulong id, ulong offset, ulong length)
+    {
+        var b = GetOpenable(id);
+        CheckRange(b, offset, length);
+        if (b.IsReadOnly)
+        {
+            throw new BlobException(Errno.EPERM, "blob is read-only");
+        }
+        await EnterWriteAsync(b).ConfigureAwait(false);
+        try
+        {
+            ulong cs = _sb.ClusterSize;
+            byte[]? zero = null;
+            while (length > 0)
+            {
+                ulong ci = offset / cs;
+                int n = (int)Math.Min(length, cs - offset % cs);
+                uint c = b.ClusterAt(ci);
+                if (c != 0)
+                {
+                    await _dev.WriteZeroesAsync(ClusterOffset(c) + offset % cs, (ulong)n).ConfigureAwait(false);
+                }
+                else if (b.ParentId != BlobFormat.InvalidBlobId)
+                {
+                    zero ??= _zeroCluster ??= new byte[cs];
+                    await AllocateAndWriteAsync(b, ci, offset % cs, zero.AsMemory(0, n)).ConfigureAwait(false);
+                }
+                offset += (ulong)n;
+                length -= (ulong)n;
+            }
+        }
+        finally
+        {
+            Interlocked.Decrement(ref b.InFlightWrites);
+        }
+    }
+
+    /// <summary>Unmap as SPDK's <c>spdk_blob_io_unmap</c>: the device range of every allocated cluster in the range
+    /// is unmapped (a thick blob's clusters stay allocated; what they read afterwards is the device's unmap
+    /// result); unallocated clusters are left alone (a clone still reads its parent there). A device without
+    /// unmap gets zeroes written instead (<see cref="WriteZeroesAsync(ulong, ulong, ulong)"/>).</summary>
+    public async ValueTask UnmapAsync(ulong id, ulong offset, ulong length)
+    {
+        if (!_dev.SupportsUnmap)
+        {
+            await WriteZeroesAsync(id, offset, length).ConfigureAwait(false);
+            return;
+        }
+        var b = GetOpenable(id);
+        CheckRange(b, offset, length);
+        if (b.IsReadOnly)
+        {
+            throw new BlobException(Errno.EPERM, "blob is read-only");
+        }
+        await EnterWriteAsync(b).ConfigureAwait(false);
+        try
+        {
+            ulong cs = _sb.ClusterSize;
+            while (length > 0)
+            {
+                ulong ci = offset / cs;
+                ulong n = Math.Min(length, cs - offset % cs);
+                uint c = b.ClusterAt(ci);
+                if (c != 0)
+                {
+                    await _dev.UnmapAsync(ClusterOffset(c) + offset % cs, n).ConfigureAwait(false);
+                }
+                offset += n;
+                length -= n;
+            }
+        }
+        finally
+        {
+            Interlocked.Decrement(ref b.InFlightWrites);
+        }
+    }
 
     /// <summary>The slow path of a write (the caller counts it in <see cref="Blob.InFlightWrites"/>). The write
     /// leaves the in-flight count while it waits for the metadata serializer: its holder may be quiescing this
@@ -1398,14 +1552,18 @@ public sealed class BlobStore
             uint c = b.ClusterAt(ci);
             if (c != 0)
             {
-                await _dev.WriteAsync(ClusterOffset(c) + within, data).ConfigureAwait(false);
+                if (!data.IsEmpty)
+                {
+                    await _dev.WriteAsync(ClusterOffset(c) + within, data).ConfigureAwait(false);
+                }
                 return;
             }
             c = ClaimCluster();
             var oldPages = (uint[])b.ExtentPages.Clone();
             try
             {
-                var buf = new byte[_sb.ClusterSize];
+                // One cluster buffer for the store: allocations run one at a time under the serializer.
+                var buf = _copyBuffer ??= GC.AllocateUninitializedArray<byte>((int)_sb.ClusterSize);
                 bool full = within == 0 && (ulong)data.Length == _sb.ClusterSize;
                 if (!full)
                 {
@@ -1449,6 +1607,65 @@ public sealed class BlobStore
         }
         await PersistAsync(b, [k]).ConfigureAwait(false);
     }
+
+    /// <summary>
+    /// Grows the store to its device's current size (SPDK's <c>spdk_bs_grow_live</c>, used by
+    /// <c>bdev_lvol_grow_lvstore</c> after the base bdev grew): the super block takes the new size and the
+    /// used-cluster mask's new length, the new clusters become free. The mask must fit the room the store reserved
+    /// for it at init (as much as the md region would need); a device smaller than the store or a mask that does
+    /// not fit is -ENOSPC. Returns whether the store grew. The super block is the commit point; the masks are
+    /// written at unload (a crash in between recovers them from the metadata).
+    /// </summary>
+    public Task<bool> GrowLiveAsync() => OnMdThread(async () =>
+    {
+        var page = new byte[BlobFormat.PageSize];
+        await _dev.ReadAsync(0, page).ConfigureAwait(false);
+        int rc = SuperBlock.TryParse(page, out var onDisk);
+        if (rc != 0 || onDisk.ClusterSize != _sb.ClusterSize || onDisk.MdStart != _sb.MdStart)
+        {
+            throw new BlobException(rc != 0 ? -rc : Errno.EILSEQ, "the super block on the device is not this store's");
+        }
+        ulong devSize = _dev.BlockCount * (ulong)_dev.BlockSize;
+        if (devSize == _sb.Size)
+        {
+            return false;
+        }
+        ulong total = devSize / _sb.ClusterSize;
+        long maskLen = BlobFormat.MaskPages((long)total);
+        long room = (long)_sb.UsedBlobIdMaskStart - _sb.UsedClusterMaskStart;
+        if (devSize < _sb.Size || total < TotalClusters || total > int.MaxValue || maskLen > room)
+        {
+            throw new BlobException(Errno.ENOSPC, devSize < _sb.Size
+                ? $"the device ({devSize} bytes) is smaller than the store ({_sb.Size} bytes)"
+                : $"the used-cluster mask for {total} clusters does not fit the {room} page(s) reserved for it");
+        }
+        ulong oldSize = _sb.Size;
+        uint oldMaskLen = _sb.UsedClusterMaskLen;
+        _sb.Size = devSize;
+        _sb.UsedClusterMaskLen = (uint)maskLen;
+        _sb.Clean = 0;
+        try
+        {
+            await WriteSuperAsync().ConfigureAwait(false);
+        }
+        catch
+        {
+            _sb.Size = oldSize;
+            _sb.UsedClusterMaskLen = oldMaskLen;
+            throw;
+        }
+        var grown = new BitSet((int)total);
+        for (uint c = 0; c < TotalClusters; c++)
+        {
+            if (_usedClusters[c])
+            {
+                grown[c] = true;
+            }
+        }
+        _usedClusters = grown;
+        TotalClusters = (uint)total;
+        return true;
+    });
 
     /// <summary>Writes the blob's metadata as it is in memory (SPDK's <c>spdk_blob_sync_md</c>).</summary>
     public Task SyncMdAsync(ulong id) => OnMdThread(() => PersistAsync(Get(id), null));

@@ -19,6 +19,13 @@ public interface IBlobDevice
     /// <summary>Makes the range read as zeroes (unmap or write zeroes).</summary>
     ValueTask WriteZeroesAsync(ulong offset, ulong length);
 
+    /// <summary>Whether <see cref="UnmapAsync"/> passes an unmap (deallocate) to the device.</summary>
+    bool SupportsUnmap => false;
+
+    /// <summary>Deallocates the range (SPDK's <c>bs_dev-&gt;unmap</c>): its content is unspecified afterwards.
+    /// Without <see cref="SupportsUnmap"/>, zeroes are written.</summary>
+    ValueTask UnmapAsync(ulong offset, ulong length) => WriteZeroesAsync(offset, length);
+
     ValueTask FlushAsync();
 }
 
@@ -72,6 +79,23 @@ public sealed class MemoryBlobDevice : IBlobDevice
     public ValueTask WriteZeroesAsync(ulong offset, ulong length)
     {
         Range(offset, (long)length).Clear();
+        ZeroedBytes += (long)length;
+        return ValueTask.CompletedTask;
+    }
+
+    /// <summary>The model's unmap zeroes the range (as malloc's does) and counts the bytes.</summary>
+    public bool SupportsUnmap => true;
+
+    /// <summary>Bytes unmapped so far.</summary>
+    public long UnmappedBytes { get; private set; }
+
+    /// <summary>Bytes zeroed by write zeroes so far.</summary>
+    public long ZeroedBytes { get; private set; }
+
+    public ValueTask UnmapAsync(ulong offset, ulong length)
+    {
+        Range(offset, (long)length).Clear();
+        UnmappedBytes += (long)length;
         return ValueTask.CompletedTask;
     }
 

@@ -113,7 +113,8 @@ public sealed class LvolStore
     /// <summary>Creates an lvstore (SPDK's <c>spdk_lvs_init</c>): a blobstore of bstype LVOLSTORE with one md page per
     /// cluster and a super blob holding uuid and name. <paramref name="clearMethod"/>: "unmap" (default),
     /// "write_zeroes" or "none" for the data region.</summary>
-    public static async Task<LvolStore> CreateAsync(IBlobDevice dev, string name, uint clusterSize = DefaultClusterSize, string clearMethod = "unmap", Guid? uuid = null)
+    public static async Task<LvolStore> CreateAsync(IBlobDevice dev, string name, uint clusterSize = DefaultClusterSize, string clearMethod = "unmap", Guid? uuid = null,
+        uint mdPagesPerClusterRatio = 0)
     {
         ValidateName(name, "lvol store");
         int cm = clearMethod switch
@@ -123,7 +124,7 @@ public sealed class LvolStore
             "none" => 1,
             _ => throw new BlobException(Errno.EINVAL, $"clear_method '{clearMethod}' is not unmap, write_zeroes or none"),
         };
-        var bs = await BlobStore.InitAsync(dev, clusterSize, BsTypeName, 0, cm).ConfigureAwait(false);
+        var bs = await BlobStore.InitAsync(dev, clusterSize, BsTypeName, MdPagesFor(dev, clusterSize, mdPagesPerClusterRatio), cm).ConfigureAwait(false);
         var id = uuid ?? Guid.NewGuid();
         var super = await bs.CreateBlobAsync(new BlobCreateOptions
         {
@@ -131,6 +132,26 @@ public sealed class LvolStore
         }).ConfigureAwait(false);
         await bs.SetSuperBlobAsync(super.Id).ConfigureAwait(false);
         return new LvolStore(bs, name, id);
+    }
+
+    /// <summary>
+    /// The md region's length for <paramref name="ratio"/> md pages per 100 clusters, as SPDK's spdk_lvs_init computes
+    /// it: ratio * (blocks / blocks per cluster) / 100 (0 = the default ratio 100, one page per cluster). A ratio
+    /// so small the region would be empty is refused (SPDK's bs_opts_verify: -EINVAL).
+    /// </summary>
+    public static uint MdPagesFor(IBlobDevice dev, uint clusterSize, uint ratio)
+    {
+        if (ratio == 0 || clusterSize < dev.BlockSize)
+        {
+            return 0;
+        }
+        ulong totalClusters = dev.BlockCount / (clusterSize / (ulong)dev.BlockSize);
+        ulong pages = ratio * totalClusters / 100;
+        if (pages == 0)
+        {
+            throw new BlobException(Errno.EINVAL, $"{ratio} leaves no metadata page for {totalClusters} clusters") { Param = "num_md_pages_per_cluster_ratio" };
+        }
+        return pages > uint.MaxValue ? throw new BlobException(Errno.ENOMEM, $"{ratio} makes the metadata region too large") { Param = "num_md_pages_per_cluster_ratio" } : (uint)pages;
     }
 
     /// <summary>Loads an lvstore (SPDK's <c>spdk_lvs_load</c>, used by examine): the blobstore (recovered when dirty),
@@ -233,6 +254,9 @@ public sealed class LvolStore
     public Task ResizeLvolAsync(Lvol lvol, ulong sizeBytes) => BlobStore.ResizeAsync(lvol.Blob.Id, ClustersFor(sizeBytes));
 
     public Task SetReadOnlyAsync(Lvol lvol) => BlobStore.SetReadOnlyAsync(lvol.Blob.Id);
+
+    /// <summary>bdev_lvol_grow_lvstore: the store takes its base's current size (SPDK's <c>spdk_lvs_grow_live</c>).</summary>
+    public Task<bool> GrowAsync() => BlobStore.GrowLiveAsync();
 
     public Task InflateAsync(Lvol lvol) => BlobStore.InflateAsync(lvol.Blob.Id);
 

@@ -57,6 +57,20 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
 
     internal override void DisposeDriver() => Controller.Dispose();
 
+    internal override int SubmitAbort(ushort qid, ushort cid) => Controller.SubmitAbort(qid, cid, s_abortDone, Controller);
+
+    internal override void RequestReset() => Controller.RequestReset();
+
+    private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
+    {
+        // Runs where admin completions are reaped. A reset that fails the abort itself takes care of the command.
+        if (status != NvmeStatus.AbortedSqDeletion && (!status.IsSuccess || (dw0 & 1) != 0))
+        {
+            // Abort failed or the controller did not find the command: escalate to a controller reset.
+            ((NvmeController)arg!).RequestReset();
+        }
+    };
+
     /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
     public bool IsResetting => _resetting;
     public override bool IsRemoved => _removed;

@@ -61,6 +61,22 @@ public abstract class NvmeBdevControllerBase : IoDevice
 
     internal void MarkGone() => MarkUnregistered();
 
+    /// <summary>bdev_nvme_set_options' action_on_timeout when the controller was attached.</summary>
+    public NvmeTimeoutAction TimeoutAction { get; init; }
+
+    /// <summary>bdev_nvme_set_options' timeout_us when the controller was attached, in <see cref="Ticks"/> (0 = no I/O timeout).</summary>
+    public long IoTimeoutTicks { get; init; }
+
+    /// <summary>
+    /// Submits an Abort of command <paramref name="cid"/> on queue <paramref name="qid"/> (any reactor); when the
+    /// abort fails or the controller did not abort the command, the controller is reset (SPDK's nvme_abort_cpl).
+    /// Returns 0 or a negative errno when it could not be submitted.
+    /// </summary>
+    internal abstract int SubmitAbort(ushort qid, ushort cid);
+
+    /// <summary>A command timed out and the action asks for a reset (any reactor; the admin poller starts it).</summary>
+    internal abstract void RequestReset();
+
     private readonly List<TaskCompletionSource> _resetWaiters = new();
     private long _maxControlStepTicks;
     private int _pendingReconnects;
@@ -121,4 +137,17 @@ public abstract class NvmeBdevControllerBase : IoDevice
 internal interface INvmeChannel
 {
     void Submit(NvmeBdev bdev, BdevIo io);
+}
+
+/// <summary>What bdev_nvme does with a command that timed out (bdev_nvme_set_options' action_on_timeout).</summary>
+public enum NvmeTimeoutAction
+{
+    /// <summary>"none": log it and keep waiting.</summary>
+    None,
+
+    /// <summary>"reset": reset the controller (a fabrics controller disconnects and reconnects).</summary>
+    Reset,
+
+    /// <summary>"abort": send an Abort for the command; reset when the abort fails or finds nothing.</summary>
+    Abort,
 }

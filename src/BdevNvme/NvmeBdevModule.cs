@@ -98,9 +98,17 @@ public sealed class NvmeBdevModule : BdevModule
     {
         traddr = VfioPciDevice.NormalizeAddress(traddr);
         var reactor = Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
+        var o = Options;
+        var action = o.TimeoutActionValue;
+        var admin = o.AdminTimeout;
         return AttachCoreAsync(name, "PCIe:" + traddr, traddr, maxBdevs, async () =>
         {
-            var opts = new NvmeControllerOptions();
+            var opts = new NvmeControllerOptions { IoTimeout = TimeSpan.FromMicroseconds(o.TimeoutUs) };
+            if (admin is { } a)
+            {
+                opts.AdminTimeout = a;
+            }
+
             if (numIoQueues is { } q)
             {
                 opts.IoQueuesRequested = q;
@@ -108,7 +116,8 @@ public sealed class NvmeBdevModule : BdevModule
 
             // Bring-up blocks for a while (CAP.TO bounded): keep it off the reactor.
             var ctrl = await Task.Run(() => _attach(traddr, opts, _log)).ConfigureAwait(true);
-            return (new NvmeBdevController(name, traddr, ctrl, reactor, _log), ctrl.Namespaces);
+            var bc = new NvmeBdevController(name, traddr, ctrl, reactor, _log) { TimeoutAction = action, IoTimeoutTicks = (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) };
+            return (bc, ctrl.Namespaces);
         });
     }
 
@@ -123,9 +132,9 @@ public sealed class NvmeBdevModule : BdevModule
             IoQueuesRequested = numIoQueues ?? 1024,
             IoQueueEntries = o.IoQueueRequests > 0 ? o.IoQueueRequests + 1 : 128,
         };
-        if (o.TimeoutAdminUs > 0)
+        if (o.AdminTimeout is { } admin)
         {
-            opts.AdminTimeout = TimeSpan.FromMicroseconds(o.TimeoutAdminUs);
+            opts.AdminTimeout = admin;
         }
 
         if (connectTimeout is { } ct)
@@ -133,12 +142,13 @@ public sealed class NvmeBdevModule : BdevModule
             opts.ConnectTimeout = ct;
         }
 
-        long ioTimeout = o.TimeoutUs > 0 && o.ActionOnTimeout == "reset" ? (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) : 0;
+        var action = o.TimeoutActionValue;
+        long ioTimeout = (long)(o.TimeoutUs / 1e6 * Ticks.Frequency);
         string key = $"TCP:{trid.Address}:{trid.Port}:{trid.SubNqn}";
         return AttachCoreAsync(name, key, trid.ToString(), maxBdevs, async () =>
         {
             var ctrl = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
-            var bc = new NvmeTcpBdevController(name, ctrl, policy, opts.IoQueueEntries, ioTimeout, reactor, _log, OnGiveUp);
+            var bc = new NvmeTcpBdevController(name, ctrl, policy, opts.IoQueueEntries, reactor, _log, OnGiveUp) { TimeoutAction = action, IoTimeoutTicks = ioTimeout };
             return (bc, ctrl.Namespaces);
         });
     }

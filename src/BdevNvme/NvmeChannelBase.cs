@@ -261,6 +261,39 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
     }
 
     /// <summary>
+    /// A command outstanding longer than timeout_us (reported once per command): what action_on_timeout says, like
+    /// SPDK's timeout_cb: nothing but a warning, a controller reset, or an Abort of the command that escalates to a
+    /// reset when it cannot be sent, fails or finds nothing.
+    /// </summary>
+    protected void OnCommandTimeout(ushort qid, ushort cid)
+    {
+        switch (_ctrl.TimeoutAction)
+        {
+            case NvmeTimeoutAction.None:
+                Log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out (action_on_timeout none)", _ctrl.CtrlName, cid, qid);
+                return;
+            case NvmeTimeoutAction.Abort:
+            {
+                Log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out; aborting it", _ctrl.CtrlName, cid, qid);
+                int rc = _ctrl.SubmitAbort(qid, cid);
+                if (rc == 0)
+                {
+                    return;
+                }
+
+                Log.LogError("NVMe {Name}: unable to send the abort ({Rc}); resetting the controller", _ctrl.CtrlName, rc);
+                break;
+            }
+
+            default:
+                Log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out; resetting the controller", _ctrl.CtrlName, cid, qid);
+                break;
+        }
+
+        _ctrl.RequestReset();
+    }
+
+    /// <summary>
     /// The common start of a controller-driven reconnect on this reactor: false when there is nothing to reconnect;
     /// otherwise the controller counts this channel until <see cref="ReportReconnectDone"/>.
     /// </summary>

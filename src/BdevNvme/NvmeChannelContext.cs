@@ -67,7 +67,7 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
 
     protected override bool QueueConnected => _qp!.IsConnected;
 
-    private static readonly NvmeTimeoutCallback s_timeout = static (c, qp, cid) => ((NvmeChannelContext)c!).OnTimeout(cid);
+    private static readonly NvmeTimeoutCallback s_timeout = static (c, qp, cid) => ((NvmeChannelContext)c!).OnCommandTimeout(qp.Id, cid);
 
     protected override int SubmitCommand(Request req, BdevIo io, NvmeNamespace ns)
     {
@@ -200,27 +200,6 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
         }
 
         ReportReconnectDone();
-    }
-
-    private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
-    {
-        // Runs where admin completions are reaped. A reset that fails the abort itself takes care of the command.
-        if (status != NvmeStatus.AbortedSqDeletion && (!status.IsSuccess || (dw0 & 1) != 0))
-        {
-            // Abort failed or the controller did not find the command: escalate to a controller reset.
-            ((NvmeController)arg!).RequestReset();
-        }
-    };
-
-    private void OnTimeout(ushort cid)
-    {
-        ushort qid = _qp!.Id;
-        Log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out; aborting it", _ctrl.CtrlName, cid, qid);
-        var c = _ctrl.Controller;
-        if (c.SubmitAbort(qid, cid, s_abortDone, c) != 0)
-        {
-            c.RequestReset();
-        }
     }
 
     /// <summary>

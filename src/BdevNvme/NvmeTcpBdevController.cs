@@ -80,18 +80,18 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     private volatile int _state;
     private volatile bool _removed;
     private volatile bool _fastIoFailed;
+    private volatile bool _resetRequested;
     private long _lostAt;
     private long _nextAttempt;
     private bool _attemptRunning;
     private bool _channelLost;
 
-    internal NvmeTcpBdevController(string name, NvmeTcpController ctrl, NvmePathLossPolicy policy, int ioQueueEntries, long ioTimeoutTicks, Reactor adminReactor, ILogger log, Action<NvmeTcpBdevController>? onGiveUp)
+    internal NvmeTcpBdevController(string name, NvmeTcpController ctrl, NvmePathLossPolicy policy, int ioQueueEntries, Reactor adminReactor, ILogger log, Action<NvmeTcpBdevController>? onGiveUp)
         : base(name, adminReactor)
     {
         Controller = ctrl;
         Policy = policy;
         IoQueueEntries = ioQueueEntries;
-        IoTimeoutTicks = ioTimeoutTicks;
         _log = log;
         _onGiveUp = onGiveUp;
     }
@@ -99,7 +99,6 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     public NvmeTcpController Controller { get; }
     public NvmePathLossPolicy Policy { get; }
     internal int IoQueueEntries { get; }
-    internal long IoTimeoutTicks { get; }
 
     public override string TrType => "TCP";
     public override string TrAddr => Controller.TransportId.Address.ToString();
@@ -199,6 +198,26 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
 
     internal override void DisposeDriver() => Controller.Dispose();
 
+    internal override int SubmitAbort(ushort qid, ushort cid)
+    {
+        var cmd = new NvmeCommand { Opcode = NvmeAdminOpcode.Abort, Cdw10 = qid | ((uint)cid << 16) };
+        return Controller.SubmitAdmin(ref cmd, default, 0, false, s_abortDone, this);
+    }
+
+    /// <summary>Any thread: the admin poller disconnects and reconnects the controller (SPDK's reset of a fabrics controller).</summary>
+    internal override void RequestReset() => _resetRequested = true;
+
+    private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
+    {
+        // On the admin reactor. A lost connection fails the abort and the command alike: the reconnect retries it.
+        if (status != NvmeStatus.TransientTransportError && status != NvmeStatus.AbortedSqDeletion && (!status.IsSuccess || (dw0 & 1) != 0))
+        {
+            var c = (NvmeTcpBdevController)arg!;
+            c._log.LogWarning("NVMe/TCP {Name}: the abort failed or found nothing ({Status}, dw0 {Dw0}); resetting the controller", c.CtrlName, status, dw0);
+            c.RequestReset();
+        }
+    };
+
     /// <summary>On the admin reactor: a channel's connection failed.</summary>
     internal void ChannelLost() => _channelLost = true;
 
@@ -215,9 +234,9 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
             case StateEnabled:
             {
                 int n = Controller.ProcessAdminCompletions();
-                if (Controller.IsFailed || _channelLost)
+                if (Controller.IsFailed || _channelLost || _resetRequested)
                 {
-                    PathLost(Controller.IsFailed ? Controller.FailureReason : "an I/O connection failed");
+                    PathLost(Controller.IsFailed ? Controller.FailureReason : _channelLost ? "an I/O connection failed" : "a command timed out");
                     return 1;
                 }
 
@@ -300,6 +319,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         _nextAttempt = _lostAt;
         _attemptRunning = false;
         _channelLost = false;
+        _resetRequested = false;
         ForEachChannel(static ch => ((NvmeTcpChannelContext)ch.Context).Disconnect(), static () => { });
     }
 

@@ -184,17 +184,9 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
         return n;
     }
 
-    protected override void CheckTimeouts(long now)
-    {
-        long timeout = _ctrl.IoTimeoutTicks;
-        if (timeout > 0 && _qp!.CountTimedOut(now, timeout) > 0)
-        {
-            // A fabrics controller that does not answer: drop the connection (its commands are retried after the reconnect).
-            Log.LogWarning("NVMe/TCP {Name}: I/O on queue {Qid} timed out; reconnecting", _ctrl.CtrlName, _qp.Id);
-            _qp.Close(NvmeStatus.TransientTransportError);
-            ReportLoss();
-        }
-    }
+    private static readonly NvmeTcpTimeoutCallback s_timeout = static (c, qp, cid) => ((NvmeTcpChannelContext)c!).OnCommandTimeout(qp.Id, cid);
+
+    protected override void CheckTimeouts(long now) => _qp!.CheckTimeouts(now, _ctrl.IoTimeoutTicks, s_timeout, this);
 
     private void ReportLoss()
     {

@@ -170,7 +170,7 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
 
         // bdev_nvme_set_options: unimplemented fields named; refused once a controller exists.
         await Expect("""{"transport_tos":3}""", "transport_tos", method: "bdev_nvme_set_options");
-        await Expect("""{"action_on_timeout":"abort"}""", "action_on_timeout", method: "bdev_nvme_set_options");
+        await Expect("""{"action_on_timeout":"retry"}""", "action_on_timeout", method: "bdev_nvme_set_options");
         await Expect("""{"ctrlr_loss_timeout_sec":0,"reconnect_delay_sec":1}""", "reconnect_delay_sec", method: "bdev_nvme_set_options");
         Assert.True((await Call("bdev_nvme_set_options", """{"keep_alive_timeout_ms":5000,"ctrlr_loss_timeout_sec":-1,"reconnect_delay_sec":1}"""))!.GetValue<bool>());
         await Call("bdev_nvme_attach_controller", AttachJson());
@@ -287,5 +287,117 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
         Assert.Null(_bdevs.Find("disc0n1"));
         Assert.Empty((await Call("bdev_nvme_get_discovery_info", "{}"))!.AsArray());
         Assert.Equal(-19, (await CallError("bdev_nvme_stop_discovery", """{"name":"disc"}""")).Code);
+    }
+
+    /// <summary>Submits a read on the main reactor; the task gives its bdev status once it completes.</summary>
+    private async Task<Task<BdevIoStatus>> StartRead(BdevDesc desc, IoVec[] iov, ulong lba, ulong blocks)
+    {
+        var tcs = new TaskCompletionSource<BdevIoStatus>(TaskCreationOptions.RunContinuationsAsynchronously);
+        await _rt.Main.InvokeAsync(() =>
+        {
+            var ch = desc.GetIoChannel();
+            Assert.Equal(0, ch.Read(desc, iov, lba, blocks, (io, ok, _) =>
+            {
+                tcs.SetResult(io.Status);
+                BdevDesc.PutIoChannel(ch);
+            }, null));
+            return true;
+        });
+        return tcs.Task;
+    }
+
+    private Task<JsonNode?> SetTimeouts(string action) =>
+        Call("bdev_nvme_set_options", $$"""{"timeout_us":300000,"timeout_admin_us":5000000,"action_on_timeout":"{{action}}"}""");
+
+    private NvmeTcpBdevController Tcp0 => Assert.IsType<NvmeTcpBdevController>(_module.FindController("Tcp0"));
+
+    [Fact]
+    public async Task TimedOutReadIsAbortedOverTcpAndFailsAsAborted()
+    {
+        await SetTimeouts("abort");
+        await Call("bdev_nvme_attach_controller", AttachJson());
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.HoldReads = true;
+        var read = await StartRead(desc, iov, 0, 8);
+        Assert.Equal(BdevIoStatus.Aborted, await read.WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Equal(1, _target.AbortsReceived);
+        Assert.Equal(0, _target.HeldCount);
+        Assert.Equal(0, Tcp0.ReconnectCount); // the abort sufficed: no reconnect
+
+        _target.HoldReads = false;
+        _target.Disk.AsSpan(0, 4096).Fill(0x31);
+        Assert.Equal(BdevIoStatus.Success, await (await StartRead(desc, iov, 0, 8)).WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Equal(0x31, _buf.AsSpan(4095, 1)[0]);
+    }
+
+    [Fact]
+    public async Task TimeoutWhoseAbortFindsNothingReconnectsAndTheReadIsRetried()
+    {
+        // Linux nvmet answers every Abort with "not aborted" (DW0 bit 0): SPDK then resets the controller.
+        await SetTimeouts("abort");
+        await Call("bdev_nvme_attach_controller", AttachJson(""","ctrlr_loss_timeout_sec":30,"reconnect_delay_sec":1"""));
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.Disk.AsSpan(0, 4096).Fill(0x32);
+        _target.HoldReads = true;
+        _target.IgnoreAborts = true;
+        var read = await StartRead(desc, iov, 0, 8);
+        var sw = Stopwatch.StartNew();
+        while (Tcp0.ReconnectCount == 0 && sw.Elapsed < TimeSpan.FromSeconds(15))
+        {
+            await Task.Delay(10);
+        }
+
+        Assert.True(Tcp0.ReconnectCount >= 1, $"no reconnect after {sw.Elapsed}");
+        Assert.True(_target.AbortsReceived >= 1);
+        _target.HoldReads = false;
+        _target.ReleaseHeld(); // the retry may already be held on the new connection
+        Assert.Equal(BdevIoStatus.Success, await read.WaitAsync(TimeSpan.FromSeconds(15)));
+        Assert.Equal(0x32, _buf.AsSpan(4095, 1)[0]);
+    }
+
+    [Fact]
+    public async Task TimeoutActionResetReconnectsWithoutAbort()
+    {
+        await SetTimeouts("reset");
+        await Call("bdev_nvme_attach_controller", AttachJson(""","ctrlr_loss_timeout_sec":30,"reconnect_delay_sec":1"""));
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.Disk.AsSpan(0, 4096).Fill(0x33);
+        _target.HoldReads = true;
+        var read = await StartRead(desc, iov, 0, 8);
+        var sw = Stopwatch.StartNew();
+        while (Tcp0.ReconnectCount == 0 && sw.Elapsed < TimeSpan.FromSeconds(15))
+        {
+            await Task.Delay(10);
+        }
+
+        Assert.True(Tcp0.ReconnectCount >= 1, $"no reconnect after {sw.Elapsed}");
+        Assert.Equal(0, _target.AbortsReceived);
+        _target.HoldReads = false;
+        _target.ReleaseHeld();
+        Assert.Equal(BdevIoStatus.Success, await read.WaitAsync(TimeSpan.FromSeconds(15)));
+        Assert.Equal(0x33, _buf.AsSpan(4095, 1)[0]);
+    }
+
+    [Fact]
+    public async Task TimeoutActionNoneOnlyWaits()
+    {
+        await SetTimeouts("none");
+        await Call("bdev_nvme_attach_controller", AttachJson());
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.Disk.AsSpan(0, 4096).Fill(0x34);
+        _target.HoldReads = true;
+        var read = await StartRead(desc, iov, 0, 8);
+        await Task.Delay(2500); // two timeout checks at least
+        Assert.False(read.IsCompleted);
+        Assert.Equal(0, _target.AbortsReceived);
+        Assert.Equal(0, Tcp0.ReconnectCount);
+        _target.HoldReads = false;
+        Assert.Equal(1, _target.ReleaseHeld());
+        Assert.Equal(BdevIoStatus.Success, await read.WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Equal(0x34, _buf.AsSpan(4095, 1)[0]);
     }
 }

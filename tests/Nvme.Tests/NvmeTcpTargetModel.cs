@@ -55,6 +55,51 @@ public sealed class NvmeTcpTargetModel : IDisposable
     /// <summary>Split C2H data into PDUs of at most this many bytes.</summary>
     public int C2HChunk { get; set; } = 4096;
 
+    /// <summary>Reads are not answered but held (a target that stops answering) until aborted or <see cref="ReleaseHeld"/>.</summary>
+    public volatile bool HoldReads;
+
+    /// <summary>Abort commands find nothing to abort (DW0 bit 0 set), like Linux nvmet, which implements no aborts.</summary>
+    public volatile bool IgnoreAborts;
+
+    public int AbortsReceived;
+
+    private readonly List<(Socket Sock, ushort Qid, ushort Cid, bool Hd, bool Dd, long Offset, int Length)> _held = new();
+    private readonly Dictionary<Socket, ushort> _qids = new();
+
+    /// <summary>Reads held by <see cref="HoldReads"/>.</summary>
+    public int HeldCount
+    {
+        get
+        {
+            lock (_held)
+            {
+                return _held.Count;
+            }
+        }
+    }
+
+    /// <summary>Answers every held read (on connections still open); returns how many.</summary>
+    public int ReleaseHeld()
+    {
+        (Socket Sock, ushort Qid, ushort Cid, bool Hd, bool Dd, long Offset, int Length)[] held;
+        lock (_held)
+        {
+            held = _held.ToArray();
+            _held.Clear();
+        }
+
+        foreach (var h in held)
+        {
+            lock (h.Sock)
+            {
+                SendC2H(h.Sock, h.Cid, Disk.AsSpan((int)h.Offset, h.Length), h.Hd, h.Dd, false);
+                Respond(h.Sock, h.Cid, 0, 0, 0, h.Hd, new byte[256]);
+            }
+        }
+
+        return held.Length;
+    }
+
     public int R2TsSent;
     public int KeepAlives;
     public int Connects;
@@ -143,7 +188,10 @@ public sealed class NvmeTcpTargetModel : IDisposable
     {
         try
         {
-            s.Send(b);
+            lock (s)
+            {
+                s.Send(b);
+            }
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
@@ -215,7 +263,10 @@ public sealed class NvmeTcpTargetModel : IDisposable
             }
 
             var cmd = MemoryMarshal.Read<NvmeCommand>(hdr.AsSpan(8));
-            Handle(s, cmd, data, icd, hd, dd, tx);
+            lock (s)
+            {
+                Handle(s, cmd, data, icd, hd, dd, tx); // held reads are answered from other threads under the same lock
+            }
         }
     }
 
@@ -287,6 +338,11 @@ public sealed class NvmeTcpTargetModel : IDisposable
             {
                 case NvmeFabrics.FctypeConnect:
                     Interlocked.Increment(ref Connects);
+                    lock (_held)
+                    {
+                        _qids[s] = (ushort)(cmd.Cdw10 >> 16);
+                    }
+
                     Respond(s, cid, 0, 0, 1, hd, tx);
                     return;
                 case NvmeFabrics.FctypePropertyGet:
@@ -375,6 +431,38 @@ public sealed class NvmeTcpTargetModel : IDisposable
                 return;
             }
 
+            case NvmeAdminOpcode.Abort:
+            {
+                Interlocked.Increment(ref AbortsReceived);
+                ushort sqid = (ushort)cmd.Cdw10;
+                ushort acid = (ushort)(cmd.Cdw10 >> 16);
+                int i = -1;
+                (Socket Sock, ushort Qid, ushort Cid, bool Hd, bool Dd, long Offset, int Length) h = default;
+                lock (_held)
+                {
+                    if (!IgnoreAborts)
+                    {
+                        i = _held.FindIndex(x => x.Qid == sqid && x.Cid == acid);
+                        if (i >= 0)
+                        {
+                            h = _held[i];
+                            _held.RemoveAt(i);
+                        }
+                    }
+                }
+
+                if (i >= 0)
+                {
+                    lock (h.Sock!)
+                    {
+                        Respond(h.Sock, h.Cid, 0, NvmeSc.AbortRequested, 0, h.Hd, new byte[256]);
+                    }
+                }
+
+                Respond(s, cid, 0, 0, i >= 0 ? 0u : 1u, hd, tx);
+                return;
+            }
+
             case NvmeAdminOpcode.SetFeatures:
                 Respond(s, cid, 0, 0, 3 | (3u << 16), hd, tx);
                 return;
@@ -407,6 +495,16 @@ public sealed class NvmeTcpTargetModel : IDisposable
                     tx.AsSpan(0, 24).Clear();
                     NvmeTcpPdu.WriteCommon(tx, 0x0F, 0, 24, 0, 24);
                     Send(s, tx.AsSpan(0, 24));
+                    return;
+                }
+
+                if (HoldReads)
+                {
+                    lock (_held)
+                    {
+                        _held.Add((s, _qids.GetValueOrDefault(s), cid, hd, dd, off, len));
+                    }
+
                     return;
                 }
 

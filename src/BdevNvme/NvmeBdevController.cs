@@ -26,6 +26,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         _traddr = traddr;
         Controller = ctrl;
         _log = log;
+        ctrl.AsyncEvent = (_, dw0) => OnAsyncEvent(dw0);
     }
 
     private readonly string _traddr;
@@ -60,6 +61,19 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     internal override int SubmitAbort(ushort qid, ushort cid) => Controller.SubmitAbort(qid, cid, s_abortDone, Controller);
 
     internal override void RequestReset() => Controller.RequestReset();
+
+    internal override IReadOnlyList<NvmeNamespace> RescanNamespaces()
+    {
+        Span<byte> log = stackalloc byte[4096];
+        var st = Controller.GetLogPage(NvmeLogPage.ChangedNamespaceList, log);
+        if (!st.IsSuccess)
+        {
+            _log.LogWarning("NVMe {Name}: Get Log Page (changed namespaces) failed: {Status}", CtrlName, st);
+        }
+
+        Controller.ScanNamespaces();
+        return Controller.Namespaces;
+    }
 
     private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
     {

@@ -74,6 +74,32 @@ public abstract class NvmeBdevControllerBase : IoDevice
     /// </summary>
     internal abstract int SubmitAbort(ushort qid, ushort cid);
 
+    /// <summary>max_bdevs of the attach call: namespaces added later get no bdev beyond it.</summary>
+    internal int MaxBdevs { get; set; } = 128;
+
+    /// <summary>Set by the module: called (any thread) when the controller reports a namespace attribute change.</summary>
+    internal Action<NvmeBdevControllerBase>? NamespacesChanged { get; set; }
+
+    /// <summary>On the main reactor: a namespace refresh is running / another was asked for meanwhile.</summary>
+    internal bool RefreshRunning { get; set; }
+
+    internal bool RefreshAgain { get; set; }
+
+    /// <summary>The driver's asynchronous event callback: a namespace attribute notice starts a refresh (SPDK's aer_cb).</summary>
+    protected void OnAsyncEvent(uint dw0)
+    {
+        if (NvmeAsyncEvent.IsNamespaceAttributeChanged(dw0))
+        {
+            NamespacesChanged?.Invoke(this);
+        }
+    }
+
+    /// <summary>
+    /// Off the reactor (it waits for admin commands): reads the Changed Namespace List (which re-arms the notice) and
+    /// identifies the active namespaces again (SPDK's nvme_ctrlr_populate_namespaces input).
+    /// </summary>
+    internal abstract IReadOnlyList<NvmeNamespace> RescanNamespaces();
+
     /// <summary>A command timed out and the action asks for a reset (any reactor; the admin poller starts it).</summary>
     internal abstract void RequestReset();
 

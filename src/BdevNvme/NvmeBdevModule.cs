@@ -147,7 +147,12 @@ public sealed class NvmeBdevModule : BdevModule
         string key = $"TCP:{trid.Address}:{trid.Port}:{trid.SubNqn}";
         return AttachCoreAsync(name, key, trid.ToString(), maxBdevs, async () =>
         {
-            var ctrl = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
+            var ctrl = await Task.Run(() =>
+            {
+                var c = _attachTcp(trid, opts, _log);
+                c.EnableAsyncEvents(); // namespace attribute notices (posted by the admin poller)
+                return c;
+            }).ConfigureAwait(true);
             var bc = new NvmeTcpBdevController(name, ctrl, policy, opts.IoQueueEntries, reactor, _log, OnGiveUp) { TimeoutAction = action, IoTimeoutTicks = ioTimeout };
             return (bc, ctrl.Namespaces);
         });
@@ -343,6 +348,119 @@ public sealed class NvmeBdevModule : BdevModule
         return list;
     }
 
+    private void OnNamespacesChanged(NvmeBdevControllerBase c) => _reactors?.Main.Send(static s =>
+    {
+        var (m, bc) = ((NvmeBdevModule, NvmeBdevControllerBase))s!;
+        _ = m.RefreshNamespacesAsync(bc);
+    }, (this, c));
+
+    /// <summary>
+    /// On the main reactor, after a namespace attribute notice (SPDK's nvme_ctrlr_populate_namespaces): identifies
+    /// the namespaces again off the reactor, then unregisters the bdevs of namespaces that are gone (or changed block
+    /// size), resizes those whose size changed and registers a bdev for each new one (up to max_bdevs). Notices that
+    /// arrive while a refresh runs make it run once more.
+    /// </summary>
+    internal async Task RefreshNamespacesAsync(NvmeBdevControllerBase bc)
+    {
+        if (bc.RefreshRunning)
+        {
+            bc.RefreshAgain = true;
+            return;
+        }
+
+        bc.RefreshRunning = true;
+        try
+        {
+            do
+            {
+                bc.RefreshAgain = false;
+                IReadOnlyList<NvmeNamespace> found;
+                try
+                {
+                    found = await Task.Run(bc.RescanNamespaces).ConfigureAwait(true);
+                }
+                catch (Exception e) when (e is IOException or TimeoutException or InvalidOperationException or ObjectDisposedException or ArgumentException)
+                {
+                    _log.LogWarning("NVMe {Name}: namespace rescan failed: {Error}", bc.CtrlName, e.Message);
+                    return;
+                }
+
+                await ApplyNamespacesAsync(bc, found).ConfigureAwait(true);
+            }
+            while (bc.RefreshAgain);
+        }
+        finally
+        {
+            bc.RefreshRunning = false;
+        }
+    }
+
+    private async Task ApplyNamespacesAsync(NvmeBdevControllerBase bc, IReadOnlyList<NvmeNamespace> found)
+    {
+        var bdevs = Bdevs;
+        var byId = new Dictionary<uint, NvmeNamespace>();
+        foreach (var ns in found)
+        {
+            byId.TryAdd(ns.Id, ns);
+        }
+
+        foreach (var b in bc.Bdevs.ToArray())
+        {
+            if (FindController(bc.CtrlName) != bc)
+            {
+                return; // detached meanwhile: the detach unregisters the rest
+            }
+
+            if (!byId.TryGetValue(b.Namespace.Id, out var ns) || ns.BlockSize != b.BlockSize)
+            {
+                _log.LogInformation("NVMe {Name}: namespace {Nsid} removed: unregistering {Bdev}", bc.CtrlName, b.Namespace.Id, b.Name);
+                bc.Bdevs.Remove(b);
+                if (bdevs.Find(b.Name) == b)
+                {
+                    await bdevs.UnregisterAsync(b).ConfigureAwait(true);
+                }
+            }
+            else if (ns.BlockCount != b.BlockCount)
+            {
+                _log.LogInformation("NVMe {Name}: namespace {Nsid} resized: {Old} -> {New} blocks", bc.CtrlName, ns.Id, b.BlockCount, ns.BlockCount);
+                b.Resize(ns);
+            }
+        }
+
+        foreach (var ns in found)
+        {
+            if (FindController(bc.CtrlName) != bc)
+            {
+                return;
+            }
+
+            if (bc.Bdevs.Exists(b => b.Namespace.Id == ns.Id))
+            {
+                continue;
+            }
+
+            if (bc.Bdevs.Count >= bc.MaxBdevs)
+            {
+                _log.LogWarning("NVMe {Name}: namespace {Nsid} gets no bdev: max_bdevs ({Max}) reached", bc.CtrlName, ns.Id, bc.MaxBdevs);
+                continue;
+            }
+
+            var nb = new NvmeBdev(bc, ns);
+            try
+            {
+                bdevs.Register(nb);
+            }
+            catch (BdevExistsException e)
+            {
+                _log.LogWarning("NVMe {Name}: namespace {Nsid}: {Error}", bc.CtrlName, ns.Id, e.Message);
+                continue;
+            }
+
+            bc.Bdevs.Add(nb);
+            _log.LogInformation("NVMe {Name}: namespace {Nsid} added as {Bdev}", bc.CtrlName, ns.Id, nb.Name);
+        }
+    }
+
     private void OnGiveUp(NvmeTcpBdevController c)
     {
         // SPDK deletes a controller that stayed lost for ctrlr_loss_timeout_sec.
@@ -430,6 +548,8 @@ public sealed class NvmeBdevModule : BdevModule
             throw RpcException.Errno(e.Message.StartsWith("Maximum number", StringComparison.Ordinal) ? 22 : 17, e.Message);
         }
 
+        bc.MaxBdevs = maxBdevs;
+        bc.NamespacesChanged = OnNamespacesChanged;
         bc.StartAdminPoller();
         lock (_ctrls)
         {
@@ -460,7 +580,7 @@ public sealed class NvmeBdevModule : BdevModule
             _attached.Remove(bc);
         }
 
-        foreach (var b in bc.Bdevs)
+        foreach (var b in bc.Bdevs.ToArray()) // a namespace refresh may change the list meanwhile
         {
             if (bdevs.Find(b.Name) == b)
             {

@@ -94,6 +94,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         IoQueueEntries = ioQueueEntries;
         _log = log;
         _onGiveUp = onGiveUp;
+        ctrl.AsyncEvent = (_, dw0) => OnAsyncEvent(dw0);
     }
 
     public NvmeTcpController Controller { get; }
@@ -202,6 +203,12 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     {
         var cmd = new NvmeCommand { Opcode = NvmeAdminOpcode.Abort, Cdw10 = qid | ((uint)cid << 16) };
         return Controller.SubmitAdmin(ref cmd, default, 0, false, s_abortDone, this);
+    }
+
+    internal override IReadOnlyList<NvmeNamespace> RescanNamespaces()
+    {
+        Controller.ReadChangedNamespaces();
+        return Controller.ScanNamespaces();
     }
 
     /// <summary>Any thread: the admin poller disconnects and reconnects the controller (SPDK's reset of a fabrics controller).</summary>
@@ -346,6 +353,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         ReconnectCount++;
         _log.LogInformation("NVMe/TCP {Name}: reconnected (cntlid {Cntlid})", CtrlName, Controller.Cntlid);
         FinishReset(true, null);
+        NamespacesChanged?.Invoke(this); // namespaces may have changed while the path was down (no notice reaches us then)
     }
 
     private void GiveUp(string reason)

@@ -400,4 +400,52 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
         Assert.Equal(BdevIoStatus.Success, await read.WaitAsync(TimeSpan.FromSeconds(10)));
         Assert.Equal(0x34, _buf.AsSpan(4095, 1)[0]);
     }
+
+    private async Task WaitFor(Func<bool> cond, string what, int seconds = 10)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!cond())
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(seconds), $"timed out waiting for {what}");
+            await Task.Delay(10);
+        }
+    }
+
+    [Fact]
+    public async Task NamespaceAttributeNoticeAddsResizesAndRemovesBdevs()
+    {
+        await Call("bdev_nvme_attach_controller", AttachJson());
+        await WaitFor(() => _target.PendingAers == 4, "the AERs to be posted (AERL + 1)");
+        Assert.Null(_bdevs.Find("Tcp0n2"));
+
+        // A namespace appears: the notice makes the host read the changed list and register Tcp0n2.
+        _target.NamespaceCount = 2;
+        Assert.True(_target.RaiseNamespaceChanged());
+        await WaitFor(() => _bdevs.Find("Tcp0n2") is not null, "Tcp0n2");
+        Assert.True(_target.ChangedNsLogReads >= 1); // the log read re-arms the notice
+        Assert.Equal(["Tcp0n1", "Tcp0n2"], Tcp0.Bdevs.Select(b => b.Name).Order().ToArray());
+        await WaitFor(() => _target.PendingAers == 4, "the AER to be posted again");
+
+        // Namespace 1 grows: the bdev is resized and an open descriptor hears it.
+        var resized = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var desc = _bdevs.Open("Tcp0n1", write: false, (e, _, _) =>
+        {
+            if (e == BdevEventType.Resize)
+            {
+                resized.TrySetResult();
+            }
+        });
+        Interlocked.Exchange(ref _target.ReportedBlocks, 8192);
+        Assert.True(_target.RaiseNamespaceChanged());
+        await resized.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(8192UL, _bdevs.Find("Tcp0n1")!.BlockCount);
+        Assert.Equal(8192UL, ((NvmeBdev)_bdevs.Find("Tcp0n2")!).BlockCount);
+
+        // Namespace 2 goes away: its bdev is unregistered; I/O on namespace 1 still works.
+        _target.NamespaceCount = 1;
+        Assert.True(_target.RaiseNamespaceChanged());
+        await WaitFor(() => _bdevs.Find("Tcp0n2") is null, "Tcp0n2 to be unregistered");
+        Assert.Equal(["Tcp0n1"], Tcp0.Bdevs.Select(b => b.Name).ToArray());
+        Assert.Equal(BdevIoStatus.Success, await (await StartRead(desc, new[] { _buf.ToIoVec(0, 4096) }, 0, 8)).WaitAsync(TimeSpan.FromSeconds(10)));
+    }
 }

@@ -100,6 +100,51 @@ public sealed class NvmeTcpTargetModel : IDisposable
         return held.Length;
     }
 
+    /// <summary>Active namespaces are 1..NamespaceCount (all backed by <see cref="Disk"/>; I/O goes to namespace 1 only).</summary>
+    public volatile int NamespaceCount = 1;
+
+    /// <summary>The size Identify Namespace reports (blocks; null: the disk's).</summary>
+    public long ReportedBlocks = -1;
+
+    public int ChangedNsLogReads;
+
+    private readonly List<(Socket Sock, ushort Cid, bool Hd)> _aers = new();
+
+    /// <summary>Asynchronous Event Requests the host has outstanding.</summary>
+    public int PendingAers
+    {
+        get
+        {
+            lock (_aers)
+            {
+                return _aers.Count;
+            }
+        }
+    }
+
+    /// <summary>Completes one outstanding AER with a namespace attribute notice (log page 0x04); false when none is.</summary>
+    public bool RaiseNamespaceChanged()
+    {
+        (Socket Sock, ushort Cid, bool Hd) a;
+        lock (_aers)
+        {
+            if (_aers.Count == 0)
+            {
+                return false;
+            }
+
+            a = _aers[0];
+            _aers.RemoveAt(0);
+        }
+
+        lock (a.Sock)
+        {
+            Respond(a.Sock, a.Cid, 0, 0, 0x00040002, a.Hd, new byte[256]);
+        }
+
+        return true;
+    }
+
     public int R2TsSent;
     public int KeepAlives;
     public int Connects;
@@ -393,15 +438,23 @@ public sealed class NvmeTcpTargetModel : IDisposable
                         "NVMe/TCP target model"u8.CopyTo(id.AsSpan(24));
                         id[77] = 5; // MDTS 128 KiB
                         BinaryPrimitives.WriteUInt16LittleEndian(id.AsSpan(78), 1);
-                        BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan(516), 1); // NN
+                        BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan(516), 32); // NN
+                        id[259] = 3; // AERL: 4 AERs
                         BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan(1792), (InCapsule + 64) / 16);
                         System.Text.Encoding.ASCII.GetBytes(SubNqn).CopyTo(id.AsSpan(768));
                         break;
                     case 2:
-                        BinaryPrimitives.WriteUInt32LittleEndian(id, 1);
+                        for (int n = 1; n <= NamespaceCount; n++)
+                        {
+                            BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan((n - 1) * 4), (uint)n);
+                        }
+
                         break;
+                    case 0 when cmd.Nsid > NamespaceCount:
+                        break; // inactive: all zeroes
                     case 0:
-                        ulong blocks = (ulong)Disk.Length / BlockSize;
+                        long rb = Interlocked.Read(ref ReportedBlocks);
+                        ulong blocks = rb >= 0 ? (ulong)rb : (ulong)Disk.Length / BlockSize;
                         BinaryPrimitives.WriteUInt64LittleEndian(id, blocks);
                         BinaryPrimitives.WriteUInt64LittleEndian(id.AsSpan(8), blocks);
                         BinaryPrimitives.WriteUInt64LittleEndian(id.AsSpan(16), blocks);
@@ -466,6 +519,24 @@ public sealed class NvmeTcpTargetModel : IDisposable
             case NvmeAdminOpcode.SetFeatures:
                 Respond(s, cid, 0, 0, 3 | (3u << 16), hd, tx);
                 return;
+            case NvmeAdminOpcode.AsyncEventRequest:
+                lock (_aers)
+                {
+                    _aers.RemoveAll(a => !a.Sock.Connected);
+                    _aers.Add((s, cid, hd));
+                }
+
+                return; // completed by RaiseNamespaceChanged
+            case NvmeAdminOpcode.GetLogPage when (cmd.Cdw10 & 0xFF) == NvmeLogPage.ChangedNamespaceList:
+            {
+                Interlocked.Increment(ref ChangedNsLogReads);
+                var log = new byte[4096];
+                BinaryPrimitives.WriteUInt32LittleEndian(log, 0xFFFFFFFF); // more than we track: rescan all
+                SendC2H(s, cid, log.AsSpan(0, (int)Math.Min(dataLen, 4096u)), hd, dd, false);
+                Respond(s, cid, 0, 0, 0, hd, tx);
+                return;
+            }
+
             case NvmeAdminOpcode.KeepAlive when cmd.Nsid == 0:
                 Interlocked.Increment(ref KeepAlives);
                 Respond(s, cid, 0, 0, 0, hd, tx);

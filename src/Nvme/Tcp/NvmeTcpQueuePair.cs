@@ -954,7 +954,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         int n = 0;
         foreach (var t in _trackers)
         {
-            if (t.Active && !t.TimeoutReported && nowTicks - t.SubmitTicks > timeoutTicks)
+            if (t.Active && !t.TimeoutReported && !IsAsyncEventRequest(t) && nowTicks - t.SubmitTicks > timeoutTicks)
             {
                 t.TimeoutReported = true;
                 n++;
@@ -964,6 +964,9 @@ public sealed class NvmeTcpQueuePair : IDisposable
 
         return n;
     }
+
+    /// <summary>An Asynchronous Event Request stays outstanding until an event: it never times out.</summary>
+    private bool IsAsyncEventRequest(Tracker t) => Id == 0 && t.Opcode == NvmeAdminOpcode.AsyncEventRequest;
 
     /// <summary>How many outstanding commands are older than <paramref name="timeoutTicks"/> (0 = none).</summary>
     public int CountTimedOut(long nowTicks, long timeoutTicks)
@@ -976,7 +979,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         int n = 0;
         foreach (var t in _trackers)
         {
-            if (t.Active && nowTicks - t.SubmitTicks > timeoutTicks)
+            if (t.Active && !IsAsyncEventRequest(t) && nowTicks - t.SubmitTicks > timeoutTicks)
             {
                 n++;
             }

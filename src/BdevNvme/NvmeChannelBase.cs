@@ -85,6 +85,12 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
         _poller = Reactor.RegisterPoller(pollerName, static c => ((NvmeChannelBase<TRequest>)c!).Poll(), this);
     }
 
+    /// <summary>The channel's poller (after <see cref="Start"/>).</summary>
+    protected Poller ChannelPoller => _poller!;
+
+    /// <summary>I/O waits that a poll would start now (or fail now).</summary>
+    protected bool HasStartableIo => _waiting.Count > 0 && (MustFail || !HasQueuePair || QueueConnected);
+
     /// <summary>Gives a new request what the transport needs (made once).</summary>
     protected virtual void InitRequest(TRequest req)
     {

@@ -25,6 +25,7 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
     private readonly NvmeTcpQueuePair? _qp;
     private readonly IoVec[] _oneIov = new IoVec[1];
     private bool _reportedLoss;
+    private int _wakeFd = -1;
 
     internal sealed class Request : NvmeChannelRequest
     {
@@ -58,6 +59,39 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
         }
 
         Start(_qp is null ? 1 : _qp.Entries - 1, "bdev_nvme_poll:" + ctrl.CtrlName);
+        reactor.SetPollerInterrupt(ChannelPoller, -1, s_arm);
+    }
+
+    private static readonly PollerInterruptFn s_arm = static (c, arm) => arm && ((NvmeTcpChannelContext)c!).MustPoll();
+
+    /// <summary>
+    /// Interrupt and adaptive reactors: before sleeping, true when a poll has work now (connecting, I/O to start,
+    /// unsent or unprocessed bytes); otherwise the reactor sleeps on the socket (see <see cref="SyncWakeFd"/>).
+    /// </summary>
+    private bool MustPoll() => Connecting || HasStartableIo || (_qp is { } q && q.HasPendingWork);
+
+    /// <summary>
+    /// Makes the reactor sleep on the connected socket (or on nothing while there is none). Called after every poll
+    /// of the queue pair and before any close: an fd is never left registered once its socket is closed, so a
+    /// reused fd number is never confused with it.
+    /// </summary>
+    private void SyncWakeFd()
+    {
+        int fd = _qp?.SocketFd ?? -1;
+        if (fd != _wakeFd)
+        {
+            _wakeFd = fd;
+            Reactor.SetPollerInterrupt(ChannelPoller, fd, s_arm);
+        }
+    }
+
+    private void StopWaking()
+    {
+        if (_wakeFd >= 0)
+        {
+            _wakeFd = -1;
+            Reactor.SetPollerInterrupt(ChannelPoller, -1, s_arm);
+        }
     }
 
     public NvmeTcpQueuePair? QueuePair => _qp;
@@ -141,12 +175,20 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
 
     protected override int PollQueue()
     {
+        int n = PollQueueCore();
+        SyncWakeFd();
+        return n;
+    }
+
+    private int PollQueueCore()
+    {
         var qp = _qp!;
         int n = 0;
         if (!Connecting && !Failed && !_reportedLoss && _ctrl.IsPathUp && !qp.IsConnected && !qp.IsConnecting && !qp.IsFailed)
         {
             // Created while the controller was reconnecting, after the walk that reconnects channels took its
             // snapshot: nobody else will connect this queue pair, so do it once the path is back.
+            StopWaking();
             long t0 = Ticks.Now();
             qp.StartConnect(_ctrl.Controller.Cntlid, 0); // PollConnect reports a failure
             RecordStep(t0);
@@ -207,6 +249,7 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
 
         Connecting = false;
         _reportedLoss = true; // the controller knows
+        StopWaking();
         _qp?.Close(NvmeStatus.TransientTransportError);
     }
 
@@ -219,6 +262,7 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
         }
 
         _reportedLoss = false;
+        StopWaking();
         long t0 = Ticks.Now();
         _qp!.StartConnect(_ctrl.Controller.Cntlid, 0); // PollConnect reports a failure
         RecordStep(t0);
@@ -231,6 +275,7 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
     public void FailAll()
     {
         Failed = true;
+        StopWaking();
         _qp?.Close(NvmeStatus.InternalDeviceError);
         FailWaiting();
         ReportReconnectDone();
@@ -238,6 +283,7 @@ internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelCont
 
     public void Destroy()
     {
+        StopWaking();
         StopPolling();
         ReportReconnectDone();
         if (_qp is not null)

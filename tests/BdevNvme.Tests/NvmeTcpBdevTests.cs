@@ -448,4 +448,41 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
         Assert.Equal(["Tcp0n1"], Tcp0.Bdevs.Select(b => b.Name).ToArray());
         Assert.Equal(BdevIoStatus.Success, await (await StartRead(desc, new[] { _buf.ToIoVec(0, 4096) }, 0, 8)).WaitAsync(TimeSpan.FromSeconds(10)));
     }
+
+    [Fact]
+    public async Task AnInterruptModeReactorSleepsOnTheSocketInsteadOfTicking()
+    {
+        // I/O on a second reactor in interrupt mode with no timed pollers and a 10 s fallback tick: without the socket
+        // as its wake source each read would wait for the 1 s sleep cap, so 20 reads would take 20 s or more.
+        var online = CpuSet.Online().Cores;
+        await using var rt = new ReactorRuntime(CpuSet.Of(online.Take(2).ToArray()), new ReactorOptions { Mode = ReactorMode.Interrupt, PinThreads = false, FallbackPollMicroseconds = 10_000_000 });
+        rt.Start();
+        var bdevs = new BdevManager();
+        var module = new NvmeBdevModule();
+        var rpc = new RpcRegistry();
+        bdevs.AddModule(module);
+        module.Init(new BdevModuleContext(bdevs, rt, rpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+        await rt.Main.InvokeAsync(() => module.AttachTcpAsync("Irq0", _target.TransportId(), new NvmePathLossPolicy(0, 0, 0)));
+        try
+        {
+            _target.Disk.AsSpan(0, 4096).Fill(0x35);
+            using var desc = bdevs.Open("Irq0n1", write: false);
+            var r1 = rt.Reactors[1];
+            var iov = new[] { _buf.ToIoVec(0, 4096) };
+            Assert.True(await Io(desc, r1, (ch, cb) => ch.Read(desc, iov, 0, 8, cb, null), TimeSpan.FromSeconds(30))); // connects the queue pair
+            long sleeps = r1.SleepCount;
+            var sw = Stopwatch.StartNew();
+            for (int i = 0; i < 20; i++)
+            {
+                Assert.True(await Io(desc, r1, (ch, cb) => ch.Read(desc, iov, (ulong)i * 8, 8, cb, null), TimeSpan.FromSeconds(30)));
+            }
+
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(8), $"20 reads took {sw.Elapsed}");
+            Assert.True(r1.SleepCount > sleeps, "the reactor never slept");
+        }
+        finally
+        {
+            await rt.Main.InvokeAsync(() => module.DetachAsync("Irq0").ContinueWith(_ => true));
+        }
+    }
 }

@@ -162,6 +162,18 @@ public sealed class NvmeTcpQueuePair : IDisposable
     public uint MaxH2CData => _maxH2CData;
 
     public int Outstanding => _trackers.Length - _freeCount;
+
+    /// <summary>
+    /// The connected socket's file descriptor (-1 when not connected): a reactor may sleep on it (readable = a poll
+    /// has PDUs to process). The owner must stop watching it before it closes the connection (<see cref="Close"/>).
+    /// </summary>
+    public int SocketFd => _state == StateConnected && _sock is { } s ? (int)s.Handle : -1;
+
+    /// <summary>
+    /// A poll has work now, so the owner must not sleep: a connect in progress, PDUs waiting to be sent (the socket's
+    /// send buffer was full), or received bytes not processed yet.
+    /// </summary>
+    public bool HasPendingWork => IsConnecting || _sendCount > 0 || _ctlLen > _ctlSent || _stageEnd > _stageStart;
     public int FreeSlots => _freeCount;
 
     /// <summary>How long <see cref="StartConnect"/> + <see cref="PollConnect"/> may take (ticks).</summary>

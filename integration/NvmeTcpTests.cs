@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
+using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
 using VhostBackend.IntegrationTests.Infrastructure;
 using Xunit;
@@ -13,7 +14,8 @@ namespace VhostBackend.IntegrationTests;
 /// guest, reached through QEMU user-net hostfwd on 127.0.0.1. bdevperf runs on the host with a JSON config that
 /// attaches the remote namespace: verify with digests off, with header and data digests on, and a run during which
 /// the target drops the subsystem from its port (every connection closed) and adds it back: the initiator reconnects
-/// and the run finishes without errors or miscompares. One guest boot for everything.
+/// and the run finishes without errors or miscompares; then the daemon attaches it and follows a namespace added and
+/// removed over configfs (asynchronous event -> bdev Tcp0n2 registered, then unregistered). One guest boot for everything.
 /// </summary>
 public sealed class NvmeTcpTests(ITestOutputHelper output)
 {
@@ -132,5 +134,48 @@ public sealed class NvmeTcpTests(ITestOutputHelper output)
             .Select(m => m.Groups[1].Value).ToList();
         output.WriteLine($"nvmet controllers created: {string.Join(", ", nqns)}");
         Assert.True(nqns.Count >= 2 && nqns.Count(n => n == nqns[^1]) >= 2, "no second association after the target came back");
+
+        // 4. Namespace attribute notices (SPDK's aer_cb -> populate_namespaces): the daemon attaches the controller;
+        //    a namespace enabled on the target mid-run shows up as Tcp0n2 in bdev_get_bdevs, and goes away when it
+        //    is disabled and removed again.
+        var work = Directory.CreateTempSubdirectory("vb-nvmet-ns-").FullName;
+        await using var daemon = await VhostDaemon.StartAsync(work, output.WriteLine);
+        await daemon.CallAsync("bdev_nvme_attach_controller", new JsonObject
+        {
+            ["name"] = "Tcp0", ["trtype"] = "TCP", ["adrfam"] = "IPv4", ["traddr"] = "127.0.0.1",
+            ["trsvcid"] = port.ToString(System.Globalization.CultureInfo.InvariantCulture), ["subnqn"] = Nqn,
+        });
+        Assert.Equal(["Tcp0n1"], await BdevNames(daemon));
+        string ns2 = $"{Cfs}/subsystems/{Nqn}/namespaces/2";
+        r = await guest.ExecAsync(string.Join("; ",
+            "set -e", "dd if=/dev/zero of=/tmp/ns2.img bs=1M count=16 2>/dev/null", $"mkdir {ns2}",
+            $"echo /tmp/ns2.img > {ns2}/device_path", $"echo 1 > {ns2}/buffered_io", $"echo 1 > {ns2}/enable", "echo ns2-enabled"), t);
+        Assert.True(r.Succeeded && r.Output.Contains("ns2-enabled", StringComparison.Ordinal), r + "\n" + guest.ConsoleTail());
+        var names = await WaitForBdevs(daemon, n => n.Contains("Tcp0n2"));
+        Assert.Equal(["Tcp0n1", "Tcp0n2"], names);
+        var ns2Info = (JsonArray)(await daemon.CallAsync("bdev_get_bdevs", new JsonObject { ["name"] = "Tcp0n2" }))!;
+        Assert.Equal(16UL * 1024 * 1024, ns2Info[0]!["num_blocks"]!.GetValue<ulong>() * ns2Info[0]!["block_size"]!.GetValue<uint>());
+
+        r = await guest.ExecAsync($"set -e; echo 0 > {ns2}/enable; rmdir {ns2}; echo ns2-removed", t);
+        Assert.True(r.Succeeded && r.Output.Contains("ns2-removed", StringComparison.Ordinal), r + "\n" + guest.ConsoleTail());
+        Assert.Equal(["Tcp0n1"], await WaitForBdevs(daemon, n => !n.Contains("Tcp0n2")));
+        await daemon.CallAsync("bdev_nvme_detach_controller", new JsonObject { ["name"] = "Tcp0" });
+    }
+
+    private static async Task<string[]> BdevNames(VhostDaemon daemon) =>
+        ((JsonArray)(await daemon.CallAsync("bdev_get_bdevs", null))!).Select(b => b!["name"]!.GetValue<string>()).Order(StringComparer.Ordinal).ToArray();
+
+    private async Task<string[]> WaitForBdevs(VhostDaemon daemon, Func<string[], bool> done)
+    {
+        var sw = Stopwatch.StartNew();
+        string[] names;
+        while (!done(names = await BdevNames(daemon)))
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(60), $"bdevs after {sw.Elapsed}: {string.Join(", ", names)}");
+            await Task.Delay(200);
+        }
+
+        output.WriteLine($"bdevs after {sw.Elapsed.TotalSeconds:F1} s: {string.Join(", ", names)}");
+        return names;
     }
 }

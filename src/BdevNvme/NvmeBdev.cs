@@ -29,7 +29,15 @@ public sealed class NvmeBdev : Bdev.Bdev
     }
 
     public NvmeBdevControllerBase Ctrl { get; }
-    public NvmeNamespace Namespace { get; }
+    /// <summary>The namespace as last identified (replaced when it is resized; read by the channels per I/O).</summary>
+    public NvmeNamespace Namespace { get; private set; }
+
+    /// <summary>The namespace was identified again with another size: I/O checks the new one, open descriptors hear Resize.</summary>
+    internal void Resize(NvmeNamespace ns)
+    {
+        Namespace = ns;
+        SetBlockCount(ns.BlockCount);
+    }
 
     private static Guid MakeUuid(NvmeBdevControllerBase ctrl, NvmeNamespace ns)
     {

@@ -98,9 +98,17 @@ public sealed class NvmeBdevModule : BdevModule
     {
         traddr = VfioPciDevice.NormalizeAddress(traddr);
         var reactor = Reactor.Current ?? throw new InvalidOperationException("attach must run on a reactor");
+        var o = Options;
+        var action = o.TimeoutActionValue;
+        var admin = o.AdminTimeout;
         return AttachCoreAsync(name, "PCIe:" + traddr, traddr, maxBdevs, async () =>
         {
-            var opts = new NvmeControllerOptions();
+            var opts = new NvmeControllerOptions { IoTimeout = TimeSpan.FromMicroseconds(o.TimeoutUs) };
+            if (admin is { } a)
+            {
+                opts.AdminTimeout = a;
+            }
+
             if (numIoQueues is { } q)
             {
                 opts.IoQueuesRequested = q;
@@ -108,7 +116,8 @@ public sealed class NvmeBdevModule : BdevModule
 
             // Bring-up blocks for a while (CAP.TO bounded): keep it off the reactor.
             var ctrl = await Task.Run(() => _attach(traddr, opts, _log)).ConfigureAwait(true);
-            return (new NvmeBdevController(name, traddr, ctrl, reactor, _log), ctrl.Namespaces);
+            var bc = new NvmeBdevController(name, traddr, ctrl, reactor, _log) { TimeoutAction = action, IoTimeoutTicks = (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) };
+            return (bc, ctrl.Namespaces);
         });
     }
 
@@ -123,9 +132,9 @@ public sealed class NvmeBdevModule : BdevModule
             IoQueuesRequested = numIoQueues ?? 1024,
             IoQueueEntries = o.IoQueueRequests > 0 ? o.IoQueueRequests + 1 : 128,
         };
-        if (o.TimeoutAdminUs > 0)
+        if (o.AdminTimeout is { } admin)
         {
-            opts.AdminTimeout = TimeSpan.FromMicroseconds(o.TimeoutAdminUs);
+            opts.AdminTimeout = admin;
         }
 
         if (connectTimeout is { } ct)
@@ -133,12 +142,18 @@ public sealed class NvmeBdevModule : BdevModule
             opts.ConnectTimeout = ct;
         }
 
-        long ioTimeout = o.TimeoutUs > 0 && o.ActionOnTimeout == "reset" ? (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) : 0;
+        var action = o.TimeoutActionValue;
+        long ioTimeout = (long)(o.TimeoutUs / 1e6 * Ticks.Frequency);
         string key = $"TCP:{trid.Address}:{trid.Port}:{trid.SubNqn}";
         return AttachCoreAsync(name, key, trid.ToString(), maxBdevs, async () =>
         {
-            var ctrl = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
-            var bc = new NvmeTcpBdevController(name, ctrl, policy, opts.IoQueueEntries, ioTimeout, reactor, _log, OnGiveUp);
+            var ctrl = await Task.Run(() =>
+            {
+                var c = _attachTcp(trid, opts, _log);
+                c.EnableAsyncEvents(); // namespace attribute notices (posted by the admin poller)
+                return c;
+            }).ConfigureAwait(true);
+            var bc = new NvmeTcpBdevController(name, ctrl, policy, opts.IoQueueEntries, reactor, _log, OnGiveUp) { TimeoutAction = action, IoTimeoutTicks = ioTimeout };
             return (bc, ctrl.Namespaces);
         });
     }
@@ -333,6 +348,119 @@ public sealed class NvmeBdevModule : BdevModule
         return list;
     }
 
+    private void OnNamespacesChanged(NvmeBdevControllerBase c) => _reactors?.Main.Send(static s =>
+    {
+        var (m, bc) = ((NvmeBdevModule, NvmeBdevControllerBase))s!;
+        _ = m.RefreshNamespacesAsync(bc);
+    }, (this, c));
+
+    /// <summary>
+    /// On the main reactor, after a namespace attribute notice (SPDK's nvme_ctrlr_populate_namespaces): identifies
+    /// the namespaces again off the reactor, then unregisters the bdevs of namespaces that are gone (or changed block
+    /// size), resizes those whose size changed and registers a bdev for each new one (up to max_bdevs). Notices that
+    /// arrive while a refresh runs make it run once more.
+    /// </summary>
+    internal async Task RefreshNamespacesAsync(NvmeBdevControllerBase bc)
+    {
+        if (bc.RefreshRunning)
+        {
+            bc.RefreshAgain = true;
+            return;
+        }
+
+        bc.RefreshRunning = true;
+        try
+        {
+            do
+            {
+                bc.RefreshAgain = false;
+                IReadOnlyList<NvmeNamespace> found;
+                try
+                {
+                    found = await Task.Run(bc.RescanNamespaces).ConfigureAwait(true);
+                }
+                catch (Exception e) when (e is IOException or TimeoutException or InvalidOperationException or ObjectDisposedException or ArgumentException)
+                {
+                    _log.LogWarning("NVMe {Name}: namespace rescan failed: {Error}", bc.CtrlName, e.Message);
+                    return;
+                }
+
+                await ApplyNamespacesAsync(bc, found).ConfigureAwait(true);
+            }
+            while (bc.RefreshAgain);
+        }
+        finally
+        {
+            bc.RefreshRunning = false;
+        }
+    }
+
+    private async Task ApplyNamespacesAsync(NvmeBdevControllerBase bc, IReadOnlyList<NvmeNamespace> found)
+    {
+        var bdevs = Bdevs;
+        var byId = new Dictionary<uint, NvmeNamespace>();
+        foreach (var ns in found)
+        {
+            byId.TryAdd(ns.Id, ns);
+        }
+
+        foreach (var b in bc.Bdevs.ToArray())
+        {
+            if (FindController(bc.CtrlName) != bc)
+            {
+                return; // detached meanwhile: the detach unregisters the rest
+            }
+
+            if (!byId.TryGetValue(b.Namespace.Id, out var ns) || ns.BlockSize != b.BlockSize)
+            {
+                _log.LogInformation("NVMe {Name}: namespace {Nsid} removed: unregistering {Bdev}", bc.CtrlName, b.Namespace.Id, b.Name);
+                bc.Bdevs.Remove(b);
+                if (bdevs.Find(b.Name) == b)
+                {
+                    await bdevs.UnregisterAsync(b).ConfigureAwait(true);
+                }
+            }
+            else if (ns.BlockCount != b.BlockCount)
+            {
+                _log.LogInformation("NVMe {Name}: namespace {Nsid} resized: {Old} -> {New} blocks", bc.CtrlName, ns.Id, b.BlockCount, ns.BlockCount);
+                b.Resize(ns);
+            }
+        }
+
+        foreach (var ns in found)
+        {
+            if (FindController(bc.CtrlName) != bc)
+            {
+                return;
+            }
+
+            if (bc.Bdevs.Exists(b => b.Namespace.Id == ns.Id))
+            {
+                continue;
+            }
+
+            if (bc.Bdevs.Count >= bc.MaxBdevs)
+            {
+                _log.LogWarning("NVMe {Name}: namespace {Nsid} gets no bdev: max_bdevs ({Max}) reached", bc.CtrlName, ns.Id, bc.MaxBdevs);
+                continue;
+            }
+
+            var nb = new NvmeBdev(bc, ns);
+            try
+            {
+                bdevs.Register(nb);
+            }
+            catch (BdevExistsException e)
+            {
+                _log.LogWarning("NVMe {Name}: namespace {Nsid}: {Error}", bc.CtrlName, ns.Id, e.Message);
+                continue;
+            }
+
+            bc.Bdevs.Add(nb);
+            _log.LogInformation("NVMe {Name}: namespace {Nsid} added as {Bdev}", bc.CtrlName, ns.Id, nb.Name);
+        }
+    }
+
     private void OnGiveUp(NvmeTcpBdevController c)
     {
         // SPDK deletes a controller that stayed lost for ctrlr_loss_timeout_sec.
@@ -420,6 +548,8 @@ public sealed class NvmeBdevModule : BdevModule
             throw RpcException.Errno(e.Message.StartsWith("Maximum number", StringComparison.Ordinal) ? 22 : 17, e.Message);
         }
 
+        bc.MaxBdevs = maxBdevs;
+        bc.NamespacesChanged = OnNamespacesChanged;
         bc.StartAdminPoller();
         lock (_ctrls)
         {
@@ -450,7 +580,7 @@ public sealed class NvmeBdevModule : BdevModule
             _attached.Remove(bc);
         }
 
-        foreach (var b in bc.Bdevs)
+        foreach (var b in bc.Bdevs.ToArray()) // a namespace refresh may change the list meanwhile
         {
             if (bdevs.Find(b.Name) == b)
             {

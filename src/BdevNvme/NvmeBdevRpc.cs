@@ -191,8 +191,8 @@ public sealed class AttachControllerParams : IRpcParams
 /// <summary>
 /// Module-wide options (bdev_nvme_set_options, SPDK v24.01 names and defaults). Implemented: the path-loss
 /// defaults (ctrlr_loss_timeout_sec, reconnect_delay_sec, fast_io_fail_timeout_sec), keep_alive_timeout_ms,
-/// timeout_us with action_on_timeout none or reset, timeout_admin_us, io_queue_requests (these apply to TCP
-/// controllers). Every other field must keep its default: another value is an error naming it.
+/// timeout_us and timeout_admin_us with action_on_timeout none, reset or abort (both transports),
+/// io_queue_requests (TCP controllers). Every other field must keep its default: another value is an error naming it.
 /// </summary>
 public sealed class NvmeBdevOptions : IRpcParams
 {
@@ -224,6 +224,20 @@ public sealed class NvmeBdevOptions : IRpcParams
     public bool AllowAccelSequence { get; set; }
     public uint RdmaMaxCqSize { get; set; }
 
+    /// <summary>action_on_timeout as an enum (after <see cref="Validate"/>).</summary>
+    [JsonIgnore] public NvmeTimeoutAction TimeoutActionValue => ActionOnTimeout switch
+    {
+        "reset" => NvmeTimeoutAction.Reset,
+        "abort" => NvmeTimeoutAction.Abort,
+        _ => NvmeTimeoutAction.None,
+    };
+
+    /// <summary>
+    /// The admin command timeout SPDK registers: timeout_admin_us, or timeout_us when that is 0, only when timeout_us
+    /// is set; null otherwise (the driver's own bound, 10 s, keeps the control path from hanging).
+    /// </summary>
+    [JsonIgnore] public TimeSpan? AdminTimeout => TimeoutUs == 0 ? null : TimeSpan.FromMicroseconds(TimeoutAdminUs != 0 ? TimeoutAdminUs : TimeoutUs);
+
     [JsonIgnore] public NvmePathLossPolicy Policy => new(CtrlrLossTimeoutSec, ReconnectDelaySec, FastIoFailTimeoutSec);
 
     [JsonIgnore] public bool IsDefault => ToJson().ToJsonString() == new NvmeBdevOptions().ToJson().ToJsonString();
@@ -231,8 +245,7 @@ public sealed class NvmeBdevOptions : IRpcParams
     public void Validate()
     {
         string? unsupported =
-            !(ActionOnTimeout is "none" or "reset") ? $"action_on_timeout {ActionOnTimeout}" + (ActionOnTimeout == "abort" ? "" : " (none, reset or abort)")
-            : RetryCount is not null && RetryCount != 4 ? "retry_count"
+            RetryCount is not null && RetryCount != 4 ? "retry_count"
             : ArbitrationBurst != 0 ? "arbitration_burst"
             : LowPriorityWeight != 0 ? "low_priority_weight"
             : MediumPriorityWeight != 0 ? "medium_priority_weight"
@@ -255,6 +268,11 @@ public sealed class NvmeBdevOptions : IRpcParams
         if (unsupported is not null)
         {
             throw RpcException.Errno(22, $"{unsupported} is not supported by this bdev_nvme");
+        }
+
+        if (ActionOnTimeout is not ("none" or "reset" or "abort"))
+        {
+            throw RpcException.Errno(22, $"Invalid parameter value: action_on_timeout {ActionOnTimeout} (none, reset or abort)");
         }
 
         if (IoQueueRequests is < 0 or > 65535)

@@ -75,34 +75,31 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     private const int StateFailed = 3;
 
     private readonly ILogger _log;
-    private readonly List<TaskCompletionSource> _resetWaiters = new();
     private readonly Action<NvmeTcpBdevController>? _onGiveUp;
     private Poller? _adminPoller;
     private volatile int _state;
     private volatile bool _removed;
     private volatile bool _fastIoFailed;
+    private volatile bool _resetRequested;
     private long _lostAt;
     private long _nextAttempt;
     private bool _attemptRunning;
     private bool _channelLost;
-    private int _pendingReconnects;
-    private long _maxControlStepTicks;
 
-    internal NvmeTcpBdevController(string name, NvmeTcpController ctrl, NvmePathLossPolicy policy, int ioQueueEntries, long ioTimeoutTicks, Reactor adminReactor, ILogger log, Action<NvmeTcpBdevController>? onGiveUp)
+    internal NvmeTcpBdevController(string name, NvmeTcpController ctrl, NvmePathLossPolicy policy, int ioQueueEntries, Reactor adminReactor, ILogger log, Action<NvmeTcpBdevController>? onGiveUp)
         : base(name, adminReactor)
     {
         Controller = ctrl;
         Policy = policy;
         IoQueueEntries = ioQueueEntries;
-        IoTimeoutTicks = ioTimeoutTicks;
         _log = log;
         _onGiveUp = onGiveUp;
+        ctrl.AsyncEvent = (_, dw0) => OnAsyncEvent(dw0);
     }
 
     public NvmeTcpController Controller { get; }
     public NvmePathLossPolicy Policy { get; }
     internal int IoQueueEntries { get; }
-    internal long IoTimeoutTicks { get; }
 
     public override string TrType => "TCP";
     public override string TrAddr => Controller.TransportId.Address.ToString();
@@ -118,18 +115,6 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     public bool FastIoFailed => _fastIoFailed;
 
     public int ReconnectCount { get; private set; }
-
-    internal void RecordControlStep(long ticks)
-    {
-        long cur;
-        while (ticks > (cur = Volatile.Read(ref _maxControlStepTicks)))
-        {
-            if (Interlocked.CompareExchange(ref _maxControlStepTicks, ticks, cur) == cur)
-            {
-                return;
-            }
-        }
-    }
 
     public override JsonObject TridJson()
     {
@@ -191,7 +176,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
             ["reset_count"] = ReconnectCount,
             ["hdgst"] = Controller.HeaderDigest,
             ["ddgst"] = Controller.DataDigest,
-            ["max_control_step_us"] = Math.Round(Ticks.ToMicroseconds(Volatile.Read(ref _maxControlStepTicks)), 1),
+            ["max_control_step_us"] = Math.Round(MaxControlStepMicroseconds, 1),
         };
     }
 
@@ -214,10 +199,34 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
 
     internal override void DisposeDriver() => Controller.Dispose();
 
+    internal override int SubmitAbort(ushort qid, ushort cid)
+    {
+        var cmd = new NvmeCommand { Opcode = NvmeAdminOpcode.Abort, Cdw10 = qid | ((uint)cid << 16) };
+        return Controller.SubmitAdmin(ref cmd, default, 0, false, s_abortDone, this);
+    }
+
+    internal override IReadOnlyList<NvmeNamespace> RescanNamespaces()
+    {
+        Controller.ReadChangedNamespaces();
+        return Controller.ScanNamespaces();
+    }
+
+    /// <summary>Any thread: the admin poller disconnects and reconnects the controller (SPDK's reset of a fabrics controller).</summary>
+    internal override void RequestReset() => _resetRequested = true;
+
+    private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
+    {
+        // On the admin reactor. A lost connection fails the abort and the command alike: the reconnect retries it.
+        if (status != NvmeStatus.TransientTransportError && status != NvmeStatus.AbortedSqDeletion && (!status.IsSuccess || (dw0 & 1) != 0))
+        {
+            var c = (NvmeTcpBdevController)arg!;
+            c._log.LogWarning("NVMe/TCP {Name}: the abort failed or found nothing ({Status}, dw0 {Dw0}); resetting the controller", c.CtrlName, status, dw0);
+            c.RequestReset();
+        }
+    };
+
     /// <summary>On the admin reactor: a channel's connection failed.</summary>
     internal void ChannelLost() => _channelLost = true;
-
-    internal void AddPendingReconnect() => Interlocked.Increment(ref _pendingReconnects);
 
     private int PollAdmin()
     {
@@ -232,9 +241,9 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
             case StateEnabled:
             {
                 int n = Controller.ProcessAdminCompletions();
-                if (Controller.IsFailed || _channelLost)
+                if (Controller.IsFailed || _channelLost || _resetRequested)
                 {
-                    PathLost(Controller.IsFailed ? Controller.FailureReason : "an I/O connection failed");
+                    PathLost(Controller.IsFailed ? Controller.FailureReason : _channelLost ? "an I/O connection failed" : "a command timed out");
                     return 1;
                 }
 
@@ -293,7 +302,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
             // The admin queue is back (a new association): reconnect every channel's queue pair.
             _state = StateChannels;
             _channelLost = false;
-            _pendingReconnects = 1;
+            BeginReconnectWalk();
             ForEachChannel(static ch => ((NvmeTcpChannelContext)ch.Context).StartReconnect(), ReconnectDone);
             return 1;
         }
@@ -317,13 +326,14 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         _nextAttempt = _lostAt;
         _attemptRunning = false;
         _channelLost = false;
+        _resetRequested = false;
         ForEachChannel(static ch => ((NvmeTcpChannelContext)ch.Context).Disconnect(), static () => { });
     }
 
     /// <summary>On the admin reactor: a channel finished reconnecting (or the walk over the channels ended).</summary>
-    internal void ReconnectDone()
+    internal override void ReconnectDone()
     {
-        if (Interlocked.Decrement(ref _pendingReconnects) != 0 || _state != StateChannels)
+        if (!EndOneReconnect() || _state != StateChannels)
         {
             return;
         }
@@ -343,6 +353,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         ReconnectCount++;
         _log.LogInformation("NVMe/TCP {Name}: reconnected (cntlid {Cntlid})", CtrlName, Controller.Cntlid);
         FinishReset(true, null);
+        NamespacesChanged?.Invoke(this); // namespaces may have changed while the path was down (no notice reaches us then)
     }
 
     private void GiveUp(string reason)
@@ -371,7 +382,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
                 return;
             }
 
-            self._resetWaiters.Add(t);
+            self.AddResetWaiter(t);
             if (self._state is StateEnabled or StateFailed)
             {
                 self._fastIoFailed = false;
@@ -381,22 +392,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         return tcs.Task;
     }
 
-    private void FinishReset(bool ok, string? error)
-    {
-        var waiters = _resetWaiters.ToArray();
-        _resetWaiters.Clear();
-        foreach (var w in waiters)
-        {
-            if (ok)
-            {
-                w.TrySetResult();
-            }
-            else
-            {
-                w.TrySetException(new IOException("controller reset failed: " + error));
-            }
-        }
-    }
+    private void FinishReset(bool ok, string? error) => CompleteResetWaiters(ok, error);
 
     protected override object CreateChannelContext(Reactor reactor) => new NvmeTcpChannelContext(this, reactor, _log);
 

@@ -93,6 +93,19 @@ public static class NvmeLogPage
     public const byte Error = 0x01;
     public const byte SmartHealth = 0x02;
     public const byte FirmwareSlot = 0x03;
+
+    /// <summary>Changed Namespace List: reading it re-arms the namespace attribute notice.</summary>
+    public const byte ChangedNamespaceList = 0x04;
+}
+
+/// <summary>Asynchronous event completion DW0 (NVMe base spec, Asynchronous Event Request).</summary>
+public static class NvmeAsyncEvent
+{
+    /// <summary>AEC (Set Features 0x0B) bit enabling namespace attribute notices.</summary>
+    public const uint NamespaceAttributeNotices = 1u << 8;
+
+    /// <summary>A Notice (type 2) of information 0: a namespace was added, removed or changed (Changed Namespace List).</summary>
+    public static bool IsNamespaceAttributeChanged(uint dw0) => (dw0 & 7) == 2 && ((dw0 >> 8) & 0xFF) == 0;
 }
 
 /// <summary>ONCS bits of Identify Controller (optional NVM commands).</summary>

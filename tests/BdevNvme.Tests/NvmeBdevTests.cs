@@ -25,8 +25,6 @@ public sealed class NvmeBdevTests : IAsyncLifetime
     private readonly RpcRegistry _rpc = new();
     private NvmeBdevModule _module = null!;
 
-    private TimeSpan IoTimeout { get; set; } = TimeSpan.FromSeconds(30);
-
     private byte CapTimeoutUnits { get; set; } = 2;
 
     public Task InitializeAsync()
@@ -42,7 +40,6 @@ public sealed class NvmeBdevTests : IAsyncLifetime
                 _models.Add(model);
             }
 
-            opts.IoTimeout = IoTimeout;
             return NvmeController.Attach(addr, model, _space, opts, log);
         });
         _bdevs.AddModule(_module);
@@ -410,10 +407,73 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         Assert.Equal(0u, model.Read32(NvmeReg.Cc) & 1); // disabled on detach
     }
 
+    /// <summary>bdev_nvme_set_options: timeout_us 50 ms (checked once a second), admin commands 5 s, the action.</summary>
+    private Task<JsonNode?> SetTimeouts(string action) =>
+        Call("bdev_nvme_set_options", $$"""{"timeout_us":50000,"timeout_admin_us":5000000,"action_on_timeout":"{{action}}"}""");
+
+    [Fact]
+    public async Task TimedOutIoWithActionNoneKeepsWaiting()
+    {
+        await SetTimeouts("none");
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: false);
+        nint buf = Alloc(512);
+        try
+        {
+            model.HoldIo = true;
+            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
+            await Task.Delay(2500); // two timeout checks at least
+            Assert.False(pending.IsCompleted);
+            Assert.Equal(1, model.HeldCount);
+            Assert.DoesNotContain(NvmeAdminOpcode.Abort, model.AdminOpcodes);
+            Assert.Equal(0, _module.Find("Nvme0")!.Controller.ResetCount);
+            model.HoldIo = false;
+            Assert.Equal(1, model.ReleaseHeld());
+            Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task TimedOutIoWithActionResetResetsWithoutAbortAndIsRetried()
+    {
+        await SetTimeouts("reset");
+        await Attach();
+        var model = _models[0];
+        using var desc = _bdevs.Open("Nvme0n1", write: true);
+        nint buf = Alloc(512);
+        try
+        {
+            Fill(buf, 512, _ => 0x5A);
+            model.HoldIo = true;
+            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(buf, 512) }, 9, 1, cb, null));
+            var ctrl = _module.Find("Nvme0")!.Controller;
+            var sw = Stopwatch.StartNew();
+            while (ctrl.ResetCount == 0 && sw.Elapsed < TimeSpan.FromSeconds(10))
+            {
+                await Task.Delay(5);
+            }
+
+            Assert.True(ctrl.ResetCount >= 1, $"no reset after {sw.Elapsed}");
+            Assert.DoesNotContain(NvmeAdminOpcode.Abort, model.AdminOpcodes);
+            model.HoldIo = false; // a retry held again times out again: the next reset's retry writes
+            Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.All(DiskBytes(model, 9 * 512, 512), b => Assert.Equal(0x5A, b));
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
     [Fact]
     public async Task TimedOutIoIsAbortedAndFailsAsAborted()
     {
-        IoTimeout = TimeSpan.FromMilliseconds(50);
+        await SetTimeouts("abort");
         await Attach();
         var model = _models[0];
         using var desc = _bdevs.Open("Nvme0n1", write: false);
@@ -438,7 +498,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
     [Fact]
     public async Task TimeoutWhoseAbortFailsEscalatesToResetAndTheIoIsRetried()
     {
-        IoTimeout = TimeSpan.FromMilliseconds(50);
+        await SetTimeouts("abort");
         await Attach();
         var model = _models[0];
         using var desc = _bdevs.Open("Nvme0n1", write: true);

@@ -170,7 +170,7 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
 
         // bdev_nvme_set_options: unimplemented fields named; refused once a controller exists.
         await Expect("""{"transport_tos":3}""", "transport_tos", method: "bdev_nvme_set_options");
-        await Expect("""{"action_on_timeout":"abort"}""", "action_on_timeout", method: "bdev_nvme_set_options");
+        await Expect("""{"action_on_timeout":"retry"}""", "action_on_timeout", method: "bdev_nvme_set_options");
         await Expect("""{"ctrlr_loss_timeout_sec":0,"reconnect_delay_sec":1}""", "reconnect_delay_sec", method: "bdev_nvme_set_options");
         Assert.True((await Call("bdev_nvme_set_options", """{"keep_alive_timeout_ms":5000,"ctrlr_loss_timeout_sec":-1,"reconnect_delay_sec":1}"""))!.GetValue<bool>());
         await Call("bdev_nvme_attach_controller", AttachJson());
@@ -287,5 +287,178 @@ public sealed class NvmeTcpBdevTests : IAsyncLifetime
         Assert.Null(_bdevs.Find("disc0n1"));
         Assert.Empty((await Call("bdev_nvme_get_discovery_info", "{}"))!.AsArray());
         Assert.Equal(-19, (await CallError("bdev_nvme_stop_discovery", """{"name":"disc"}""")).Code);
+    }
+
+    /// <summary>Submits a read on the main reactor; the task gives its bdev status once it completes.</summary>
+    private async Task<Task<BdevIoStatus>> StartRead(BdevDesc desc, IoVec[] iov, ulong lba, ulong blocks)
+    {
+        var tcs = new TaskCompletionSource<BdevIoStatus>(TaskCreationOptions.RunContinuationsAsynchronously);
+        await _rt.Main.InvokeAsync(() =>
+        {
+            var ch = desc.GetIoChannel();
+            Assert.Equal(0, ch.Read(desc, iov, lba, blocks, (io, ok, _) =>
+            {
+                tcs.SetResult(io.Status);
+                BdevDesc.PutIoChannel(ch);
+            }, null));
+            return true;
+        });
+        return tcs.Task;
+    }
+
+    private Task<JsonNode?> SetTimeouts(string action) =>
+        Call("bdev_nvme_set_options", $$"""{"timeout_us":300000,"timeout_admin_us":5000000,"action_on_timeout":"{{action}}"}""");
+
+    private NvmeTcpBdevController Tcp0 => Assert.IsType<NvmeTcpBdevController>(_module.FindController("Tcp0"));
+
+    [Fact]
+    public async Task TimedOutReadIsAbortedOverTcpAndFailsAsAborted()
+    {
+        await SetTimeouts("abort");
+        await Call("bdev_nvme_attach_controller", AttachJson());
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.HoldReads = true;
+        var read = await StartRead(desc, iov, 0, 8);
+        Assert.Equal(BdevIoStatus.Aborted, await read.WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Equal(1, _target.AbortsReceived);
+        Assert.Equal(0, _target.HeldCount);
+        Assert.Equal(0, Tcp0.ReconnectCount); // the abort sufficed: no reconnect
+
+        _target.HoldReads = false;
+        _target.Disk.AsSpan(0, 4096).Fill(0x31);
+        Assert.Equal(BdevIoStatus.Success, await (await StartRead(desc, iov, 0, 8)).WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Equal(0x31, _buf.AsSpan(4095, 1)[0]);
+    }
+
+    [Fact]
+    public Task TimeoutWhoseAbortFindsNothingReconnectsAndTheReadIsRetried() =>
+        TimeoutReconnectsAndTheReadIsRetried("abort", ignoreAborts: true); // Linux nvmet answers every Abort "not aborted"
+
+    [Fact]
+    public Task TimeoutActionResetReconnectsWithoutAbort() => TimeoutReconnectsAndTheReadIsRetried("reset", ignoreAborts: false);
+
+    /// <summary>A held read times out; the action ends in a reconnect (SPDK's reset of a fabrics controller) and the read is sent again.</summary>
+    private async Task TimeoutReconnectsAndTheReadIsRetried(string action, bool ignoreAborts)
+    {
+        await SetTimeouts(action);
+        await Call("bdev_nvme_attach_controller", AttachJson(""","ctrlr_loss_timeout_sec":30,"reconnect_delay_sec":1"""));
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.Disk.AsSpan(0, 4096).Fill(0x32);
+        _target.HoldReads = true;
+        _target.IgnoreAborts = ignoreAborts;
+        var read = await StartRead(desc, iov, 0, 8);
+        await WaitFor(() => Tcp0.ReconnectCount >= 1, "a reconnect", 15);
+        Assert.Equal(action == "abort", _target.AbortsReceived >= 1);
+        _target.HoldReads = false;
+        _target.ReleaseHeld(); // the retry may already be held on the new connection
+        Assert.Equal(BdevIoStatus.Success, await read.WaitAsync(TimeSpan.FromSeconds(15)));
+        Assert.Equal(0x32, _buf.AsSpan(4095, 1)[0]);
+    }
+
+    [Fact]
+    public async Task TimeoutActionNoneOnlyWaits()
+    {
+        await SetTimeouts("none");
+        await Call("bdev_nvme_attach_controller", AttachJson());
+        using var desc = _bdevs.Open("Tcp0n1", write: false);
+        var iov = new[] { _buf.ToIoVec(0, 4096) };
+        _target.Disk.AsSpan(0, 4096).Fill(0x34);
+        _target.HoldReads = true;
+        var read = await StartRead(desc, iov, 0, 8);
+        await Task.Delay(2500); // two timeout checks at least
+        Assert.False(read.IsCompleted);
+        Assert.Equal(0, _target.AbortsReceived);
+        Assert.Equal(0, Tcp0.ReconnectCount);
+        _target.HoldReads = false;
+        Assert.Equal(1, _target.ReleaseHeld());
+        Assert.Equal(BdevIoStatus.Success, await read.WaitAsync(TimeSpan.FromSeconds(10)));
+        Assert.Equal(0x34, _buf.AsSpan(4095, 1)[0]);
+    }
+
+    private async Task WaitFor(Func<bool> cond, string what, int seconds = 10)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!cond())
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(seconds), $"timed out waiting for {what}");
+            await Task.Delay(10);
+        }
+    }
+
+    [Fact]
+    public async Task NamespaceAttributeNoticeAddsResizesAndRemovesBdevs()
+    {
+        await Call("bdev_nvme_attach_controller", AttachJson());
+        await WaitFor(() => _target.PendingAers == 4, "the AERs to be posted (AERL + 1)");
+        Assert.Null(_bdevs.Find("Tcp0n2"));
+
+        // A namespace appears: the notice makes the host read the changed list and register Tcp0n2.
+        _target.NamespaceCount = 2;
+        Assert.True(_target.RaiseNamespaceChanged());
+        await WaitFor(() => _bdevs.Find("Tcp0n2") is not null, "Tcp0n2");
+        Assert.True(_target.ChangedNsLogReads >= 1); // the log read re-arms the notice
+        Assert.Equal(["Tcp0n1", "Tcp0n2"], Tcp0.Bdevs.Select(b => b.Name).Order().ToArray());
+        await WaitFor(() => _target.PendingAers == 4, "the AER to be posted again");
+
+        // Namespace 1 grows: the bdev is resized and an open descriptor hears it.
+        var resized = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        using var desc = _bdevs.Open("Tcp0n1", write: false, (e, _, _) =>
+        {
+            if (e == BdevEventType.Resize)
+            {
+                resized.TrySetResult();
+            }
+        });
+        Interlocked.Exchange(ref _target.ReportedBlocks, 8192);
+        Assert.True(_target.RaiseNamespaceChanged());
+        await resized.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(8192UL, _bdevs.Find("Tcp0n1")!.BlockCount);
+        Assert.Equal(8192UL, ((NvmeBdev)_bdevs.Find("Tcp0n2")!).BlockCount);
+
+        // Namespace 2 goes away: its bdev is unregistered; I/O on namespace 1 still works.
+        _target.NamespaceCount = 1;
+        Assert.True(_target.RaiseNamespaceChanged());
+        await WaitFor(() => _bdevs.Find("Tcp0n2") is null, "Tcp0n2 to be unregistered");
+        Assert.Equal(["Tcp0n1"], Tcp0.Bdevs.Select(b => b.Name).ToArray());
+        Assert.Equal(BdevIoStatus.Success, await (await StartRead(desc, new[] { _buf.ToIoVec(0, 4096) }, 0, 8)).WaitAsync(TimeSpan.FromSeconds(10)));
+    }
+
+    [Fact]
+    public async Task AnInterruptModeReactorSleepsOnTheSocketInsteadOfTicking()
+    {
+        // I/O on a second reactor in interrupt mode with no timed pollers and a 10 s fallback tick: without the socket
+        // as its wake source each read would wait for the 1 s sleep cap, so 20 reads would take 20 s or more.
+        var online = CpuSet.Online().Cores;
+        await using var rt = new ReactorRuntime(CpuSet.Of(online.Take(2).ToArray()), new ReactorOptions { Mode = ReactorMode.Interrupt, PinThreads = false, FallbackPollMicroseconds = 10_000_000 });
+        rt.Start();
+        var bdevs = new BdevManager();
+        var module = new NvmeBdevModule();
+        var rpc = new RpcRegistry();
+        bdevs.AddModule(module);
+        module.Init(new BdevModuleContext(bdevs, rt, rpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+        await rt.Main.InvokeAsync(() => module.AttachTcpAsync("Irq0", _target.TransportId(), new NvmePathLossPolicy(0, 0, 0)));
+        try
+        {
+            _target.Disk.AsSpan(0, 4096).Fill(0x35);
+            using var desc = bdevs.Open("Irq0n1", write: false);
+            var r1 = rt.Reactors[1];
+            var iov = new[] { _buf.ToIoVec(0, 4096) };
+            Assert.True(await Io(desc, r1, (ch, cb) => ch.Read(desc, iov, 0, 8, cb, null), TimeSpan.FromSeconds(30))); // connects the queue pair
+            long sleeps = r1.SleepCount;
+            var sw = Stopwatch.StartNew();
+            for (int i = 0; i < 20; i++)
+            {
+                Assert.True(await Io(desc, r1, (ch, cb) => ch.Read(desc, iov, (ulong)i * 8, 8, cb, null), TimeSpan.FromSeconds(30)));
+            }
+
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(8), $"20 reads took {sw.Elapsed}");
+            Assert.True(r1.SleepCount > sleeps, "the reactor never slept");
+        }
+        finally
+        {
+            await rt.Main.InvokeAsync(() => module.DetachAsync("Irq0").ContinueWith(_ => true));
+        }
     }
 }

@@ -55,6 +55,96 @@ public sealed class NvmeTcpTargetModel : IDisposable
     /// <summary>Split C2H data into PDUs of at most this many bytes.</summary>
     public int C2HChunk { get; set; } = 4096;
 
+    /// <summary>Reads are not answered but held (a target that stops answering) until aborted or <see cref="ReleaseHeld"/>.</summary>
+    public volatile bool HoldReads;
+
+    /// <summary>Abort commands find nothing to abort (DW0 bit 0 set), like Linux nvmet, which implements no aborts.</summary>
+    public volatile bool IgnoreAborts;
+
+    public int AbortsReceived;
+
+    private readonly List<(Socket Sock, ushort Qid, ushort Cid, bool Hd, bool Dd, long Offset, int Length)> _held = new();
+    private readonly Dictionary<Socket, ushort> _qids = new();
+
+    /// <summary>Reads held by <see cref="HoldReads"/>.</summary>
+    public int HeldCount
+    {
+        get
+        {
+            lock (_held)
+            {
+                return _held.Count;
+            }
+        }
+    }
+
+    /// <summary>Answers every held read (on connections still open); returns how many.</summary>
+    public int ReleaseHeld()
+    {
+        (Socket Sock, ushort Qid, ushort Cid, bool Hd, bool Dd, long Offset, int Length)[] held;
+        lock (_held)
+        {
+            held = _held.ToArray();
+            _held.Clear();
+        }
+
+        foreach (var h in held)
+        {
+            lock (h.Sock)
+            {
+                SendC2H(h.Sock, h.Cid, Disk.AsSpan((int)h.Offset, h.Length), h.Hd, h.Dd, false);
+                Respond(h.Sock, h.Cid, 0, 0, 0, h.Hd, new byte[256]);
+            }
+        }
+
+        return held.Length;
+    }
+
+    /// <summary>Active namespaces are 1..NamespaceCount (all backed by <see cref="Disk"/>; I/O goes to namespace 1 only).</summary>
+    public volatile int NamespaceCount = 1;
+
+    /// <summary>The size Identify Namespace reports (blocks; null: the disk's).</summary>
+    public long ReportedBlocks = -1;
+
+    public int ChangedNsLogReads;
+
+    private readonly List<(Socket Sock, ushort Cid, bool Hd)> _aers = new();
+
+    /// <summary>Asynchronous Event Requests the host has outstanding.</summary>
+    public int PendingAers
+    {
+        get
+        {
+            lock (_aers)
+            {
+                return _aers.Count;
+            }
+        }
+    }
+
+    /// <summary>Completes one outstanding AER with a namespace attribute notice (log page 0x04); false when none is.</summary>
+    public bool RaiseNamespaceChanged()
+    {
+        (Socket Sock, ushort Cid, bool Hd) a;
+        lock (_aers)
+        {
+            if (_aers.Count == 0)
+            {
+                return false;
+            }
+
+            a = _aers[0];
+            _aers.RemoveAt(0);
+        }
+
+        lock (a.Sock)
+        {
+            Respond(a.Sock, a.Cid, 0, 0, 0x00040002, a.Hd, new byte[256]);
+        }
+
+        return true;
+    }
+
     public int R2TsSent;
     public int KeepAlives;
     public int Connects;
@@ -143,7 +233,10 @@ public sealed class NvmeTcpTargetModel : IDisposable
     {
         try
         {
-            s.Send(b);
+            lock (s)
+            {
+                s.Send(b);
+            }
         }
         catch (Exception e) when (e is SocketException or ObjectDisposedException)
         {
@@ -215,7 +308,10 @@ public sealed class NvmeTcpTargetModel : IDisposable
             }
 
             var cmd = MemoryMarshal.Read<NvmeCommand>(hdr.AsSpan(8));
-            Handle(s, cmd, data, icd, hd, dd, tx);
+            lock (s)
+            {
+                Handle(s, cmd, data, icd, hd, dd, tx); // held reads are answered from other threads under the same lock
+            }
         }
     }
 
@@ -287,6 +383,11 @@ public sealed class NvmeTcpTargetModel : IDisposable
             {
                 case NvmeFabrics.FctypeConnect:
                     Interlocked.Increment(ref Connects);
+                    lock (_held)
+                    {
+                        _qids[s] = (ushort)(cmd.Cdw10 >> 16);
+                    }
+
                     Respond(s, cid, 0, 0, 1, hd, tx);
                     return;
                 case NvmeFabrics.FctypePropertyGet:
@@ -337,15 +438,23 @@ public sealed class NvmeTcpTargetModel : IDisposable
                         "NVMe/TCP target model"u8.CopyTo(id.AsSpan(24));
                         id[77] = 5; // MDTS 128 KiB
                         BinaryPrimitives.WriteUInt16LittleEndian(id.AsSpan(78), 1);
-                        BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan(516), 1); // NN
+                        BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan(516), 32); // NN
+                        id[259] = 3; // AERL: 4 AERs
                         BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan(1792), (InCapsule + 64) / 16);
                         System.Text.Encoding.ASCII.GetBytes(SubNqn).CopyTo(id.AsSpan(768));
                         break;
                     case 2:
-                        BinaryPrimitives.WriteUInt32LittleEndian(id, 1);
+                        for (int n = 1; n <= NamespaceCount; n++)
+                        {
+                            BinaryPrimitives.WriteUInt32LittleEndian(id.AsSpan((n - 1) * 4), (uint)n);
+                        }
+
                         break;
+                    case 0 when cmd.Nsid > NamespaceCount:
+                        break; // inactive: all zeroes
                     case 0:
-                        ulong blocks = (ulong)Disk.Length / BlockSize;
+                        long rb = Interlocked.Read(ref ReportedBlocks);
+                        ulong blocks = rb >= 0 ? (ulong)rb : (ulong)Disk.Length / BlockSize;
                         BinaryPrimitives.WriteUInt64LittleEndian(id, blocks);
                         BinaryPrimitives.WriteUInt64LittleEndian(id.AsSpan(8), blocks);
                         BinaryPrimitives.WriteUInt64LittleEndian(id.AsSpan(16), blocks);
@@ -375,9 +484,59 @@ public sealed class NvmeTcpTargetModel : IDisposable
                 return;
             }
 
+            case NvmeAdminOpcode.Abort:
+            {
+                Interlocked.Increment(ref AbortsReceived);
+                ushort sqid = (ushort)cmd.Cdw10;
+                ushort acid = (ushort)(cmd.Cdw10 >> 16);
+                int i = -1;
+                (Socket Sock, ushort Qid, ushort Cid, bool Hd, bool Dd, long Offset, int Length) h = default;
+                lock (_held)
+                {
+                    if (!IgnoreAborts)
+                    {
+                        i = _held.FindIndex(x => x.Qid == sqid && x.Cid == acid);
+                        if (i >= 0)
+                        {
+                            h = _held[i];
+                            _held.RemoveAt(i);
+                        }
+                    }
+                }
+
+                if (i >= 0)
+                {
+                    lock (h.Sock!)
+                    {
+                        Respond(h.Sock, h.Cid, 0, NvmeSc.AbortRequested, 0, h.Hd, new byte[256]);
+                    }
+                }
+
+                Respond(s, cid, 0, 0, i >= 0 ? 0u : 1u, hd, tx);
+                return;
+            }
+
             case NvmeAdminOpcode.SetFeatures:
                 Respond(s, cid, 0, 0, 3 | (3u << 16), hd, tx);
                 return;
+            case NvmeAdminOpcode.AsyncEventRequest:
+                lock (_aers)
+                {
+                    _aers.RemoveAll(a => !a.Sock.Connected);
+                    _aers.Add((s, cid, hd));
+                }
+
+                return; // completed by RaiseNamespaceChanged
+            case NvmeAdminOpcode.GetLogPage when (cmd.Cdw10 & 0xFF) == NvmeLogPage.ChangedNamespaceList:
+            {
+                Interlocked.Increment(ref ChangedNsLogReads);
+                var log = new byte[4096];
+                BinaryPrimitives.WriteUInt32LittleEndian(log, 0xFFFFFFFF); // more than we track: rescan all
+                SendC2H(s, cid, log.AsSpan(0, (int)Math.Min(dataLen, 4096u)), hd, dd, false);
+                Respond(s, cid, 0, 0, 0, hd, tx);
+                return;
+            }
+
             case NvmeAdminOpcode.KeepAlive when cmd.Nsid == 0:
                 Interlocked.Increment(ref KeepAlives);
                 Respond(s, cid, 0, 0, 0, hd, tx);
@@ -407,6 +566,16 @@ public sealed class NvmeTcpTargetModel : IDisposable
                     tx.AsSpan(0, 24).Clear();
                     NvmeTcpPdu.WriteCommon(tx, 0x0F, 0, 24, 0, 24);
                     Send(s, tx.AsSpan(0, 24));
+                    return;
+                }
+
+                if (HoldReads)
+                {
+                    lock (_held)
+                    {
+                        _held.Add((s, _qids.GetValueOrDefault(s), cid, hd, dd, off, len));
+                    }
+
                     return;
                 }
 

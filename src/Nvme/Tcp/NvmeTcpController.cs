@@ -49,6 +49,9 @@ public sealed class NvmeTcpController : IDisposable
     private long _reconnectDeadline;
     private volatile bool _failed;
     private bool _disposed;
+    private int _aersWanted;
+    private int _aersOutstanding;
+    private bool _aecPending;
 
     private NvmeTcpController(NvmeTcpTransportId trid, NvmeTcpControllerOptions opts, ILogger log)
     {
@@ -145,9 +148,20 @@ public sealed class NvmeTcpController : IDisposable
             MaxIoQueuePairs = _qids.Length - 1;
         }
 
+        ScanNamespaces(buf);
+    }
+
+    /// <summary>
+    /// Identifies the active namespaces again (control threads only; SPDK's nvme_ctrlr_identify_active_ns): after a
+    /// namespace attribute notice. Replaces <see cref="Namespaces"/> and returns it.
+    /// </summary>
+    public IReadOnlyList<NvmeNamespace> ScanNamespaces() => ScanNamespaces(new PinnedArray<byte>(4096));
+
+    private IReadOnlyList<NvmeNamespace> ScanNamespaces(PinnedArray<byte> buf)
+    {
         var ids = new List<uint>();
         buf.Span.Clear();
-        st = ExecuteAdmin(MakeIdentify(2, 0), buf, 4096);
+        var st = ExecuteAdmin(MakeIdentify(2, 0), buf, 4096);
         if (st.IsSuccess)
         {
             for (int i = 0; i < 1024; i++)
@@ -196,6 +210,111 @@ public sealed class NvmeTcpController : IDisposable
         }
 
         Namespaces = list;
+        return list;
+    }
+
+    /// <summary>
+    /// Called (on the thread that reaps admin completions, under the admin lock: post work elsewhere, never wait)
+    /// with DW0 of each asynchronous event.
+    /// </summary>
+    public Action<NvmeTcpController, uint>? AsyncEvent { get; set; }
+
+    /// <summary>
+    /// Turns on namespace attribute notices (Set Features AEC) and keeps up to <paramref name="requests"/> (capped by
+    /// AERL + 1) Asynchronous Event Requests outstanding; the admin poll posts them, and again after each reconnect.
+    /// </summary>
+    public void EnableAsyncEvents(int requests = 4)
+    {
+        lock (_adminLock)
+        {
+            _aersWanted = Math.Max(0, Math.Min(requests, Data.AsyncEventLimit + 1));
+            _aecPending = _aersWanted > 0;
+        }
+    }
+
+    /// <summary>Asynchronous Event Requests outstanding now.</summary>
+    public int AsyncEventRequestsOutstanding => Volatile.Read(ref _aersOutstanding);
+
+    /// <summary>
+    /// Reads the Changed Namespace List log page (control threads only): the namespace ids that changed since it was
+    /// last read (one id 0xFFFFFFFF: more than 1024). Reading it re-arms the namespace attribute notice.
+    /// </summary>
+    public IReadOnlyList<uint> ReadChangedNamespaces()
+    {
+        var buf = new PinnedArray<byte>(4096);
+        var cmd = MakeGetLogPage(NvmeLogPage.ChangedNamespaceList, 4096);
+        cmd.Nsid = 0xFFFFFFFF;
+        var st = ExecuteAdmin(cmd, buf, 4096);
+        if (!st.IsSuccess)
+        {
+            throw new IOException($"{Name}: Get Log Page (changed namespaces) failed: {st}");
+        }
+
+        var ids = new List<uint>();
+        for (int i = 0; i < 1024; i++)
+        {
+            uint id = BinaryPrimitives.ReadUInt32LittleEndian(buf.Span[(i * 4)..]);
+            if (id == 0)
+            {
+                break;
+            }
+
+            ids.Add(id);
+        }
+
+        return ids;
+    }
+
+    private static readonly NvmeCompletionCallback s_aerDone = static (arg, status, dw0) =>
+    {
+        var c = (NvmeTcpController)arg!;
+        c._aersOutstanding--;
+        if (status.IsSuccess)
+        {
+            c._log.LogInformation("NVMe/TCP {Name}: asynchronous event 0x{Dw0:x8}", c.Name, dw0);
+            c.AsyncEvent?.Invoke(c, dw0);
+        }
+        else if (status.Sct == NvmeSct.CommandSpecific && status.Sc == 0x05)
+        {
+            c._aersWanted = c._aersOutstanding; // AER limit exceeded: keep what is posted
+        }
+
+        // Re-posted by the admin poll (a lost connection's AERs are posted again after the reconnect).
+    };
+
+    private static readonly NvmeCompletionCallback s_aecDone = static (arg, status, dw0) =>
+    {
+        var c = (NvmeTcpController)arg!;
+        if (!status.IsSuccess && status != NvmeStatus.TransientTransportError)
+        {
+            c._log.LogWarning("NVMe/TCP {Name}: Set Features (asynchronous event configuration) failed: {Status}", c.Name, status);
+        }
+    };
+
+    /// <summary>Under the admin lock, connected: turns notices on and tops up the AERs.</summary>
+    private void PostAsyncEventRequests()
+    {
+        if (_aecPending)
+        {
+            var aec = new NvmeCommand { Opcode = NvmeAdminOpcode.SetFeatures, Cdw10 = NvmeFeature.AsyncEventConfiguration, Cdw11 = NvmeAsyncEvent.NamespaceAttributeNotices };
+            if (_admin.Submit(ref aec, default, 0, false, s_aecDone, this) != 0)
+            {
+                return;
+            }
+
+            _aecPending = false;
+        }
+
+        while (_aersOutstanding < _aersWanted)
+        {
+            var cmd = new NvmeCommand { Opcode = NvmeAdminOpcode.AsyncEventRequest };
+            if (_admin.Submit(ref cmd, default, 0, false, s_aerDone, this) != 0)
+            {
+                return;
+            }
+
+            _aersOutstanding++;
+        }
     }
 
     /// <summary>
@@ -349,6 +468,11 @@ public sealed class NvmeTcpController : IDisposable
                 {
                     _keepAliveOutstanding = true;
                 }
+            }
+
+            if (_admin.IsConnected && _aersWanted > 0)
+            {
+                PostAsyncEventRequests();
             }
 
             if (_admin.CountTimedOut(now, (long)(_opts.AdminTimeout.TotalSeconds * Ticks.Frequency)) > 0)
@@ -506,6 +630,7 @@ public sealed class NvmeTcpController : IDisposable
                             FailureReason = null;
                             ReconnectCount++;
                             _nextKeepAlive = 0;
+                            _aecPending = _aersWanted > 0; // a new association: notices are off again
                             return 1;
                         }
                     }

@@ -6,6 +6,9 @@ using VhostBackend.Platform;
 
 namespace VhostBackend.Nvme.Tcp;
 
+/// <summary>Called once for each command of an NVMe/TCP queue pair that has been outstanding longer than the timeout.</summary>
+public delegate void NvmeTcpTimeoutCallback(object? context, NvmeTcpQueuePair qpair, ushort cid);
+
 /// <summary>
 /// One NVMe/TCP queue pair: a non-blocking TCP connection to the controller, the initialization (ICReq/ICResp) and
 /// fabrics Connect, and the command state of up to <see cref="Entries"/> - 1 outstanding commands. Owned by one
@@ -90,6 +93,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         public NvmeCompletionCallback? Callback;
         public object? Arg;
         public long SubmitTicks;
+        public bool TimeoutReported;
         public byte Opcode;
         public readonly IoVec[] Iovs = new IoVec[MaxIovs];
         public int IovCount;
@@ -158,6 +162,18 @@ public sealed class NvmeTcpQueuePair : IDisposable
     public uint MaxH2CData => _maxH2CData;
 
     public int Outstanding => _trackers.Length - _freeCount;
+
+    /// <summary>
+    /// The connected socket's file descriptor (-1 when not connected): a reactor may sleep on it (readable = a poll
+    /// has PDUs to process). The owner must stop watching it before it closes the connection (<see cref="Close"/>).
+    /// </summary>
+    public int SocketFd => _state == StateConnected && _sock is { } s ? (int)s.Handle : -1;
+
+    /// <summary>
+    /// A poll has work now, so the owner must not sleep: a connect in progress, PDUs waiting to be sent (the socket's
+    /// send buffer was full), or received bytes not processed yet.
+    /// </summary>
+    public bool HasPendingWork => IsConnecting || _sendCount > 0 || _ctlLen > _ctlSent || _stageEnd > _stageStart;
     public int FreeSlots => _freeCount;
 
     /// <summary>How long <see cref="StartConnect"/> + <see cref="PollConnect"/> may take (ticks).</summary>
@@ -392,6 +408,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         t.Callback = cb;
         t.Arg = arg;
         t.SubmitTicks = Ticks.Now();
+        t.TimeoutReported = false;
         t.Opcode = cmd.Opcode;
         data.CopyTo(t.Iovs);
         t.IovCount = data.Length;
@@ -935,9 +952,35 @@ public sealed class NvmeTcpQueuePair : IDisposable
     }
 
     /// <summary>
-    /// Calls <paramref name="onTimeout"/> (once per command) when the oldest outstanding command is older than
-    /// <paramref name="timeoutTicks"/>; returns how many are. The owner decides (abort, or reset the connection).
+    /// Calls <paramref name="cb"/> once for each command outstanding longer than <paramref name="timeoutTicks"/>
+    /// (0 = none) that it was not called for yet; returns how many it called it for. The owner decides what to do
+    /// (SPDK's action_on_timeout: nothing, Abort the command, or reset the controller).
     /// </summary>
+    public int CheckTimeouts(long nowTicks, long timeoutTicks, NvmeTcpTimeoutCallback cb, object? context)
+    {
+        if (timeoutTicks <= 0 || _freeCount == _trackers.Length)
+        {
+            return 0;
+        }
+
+        int n = 0;
+        foreach (var t in _trackers)
+        {
+            if (t.Active && !t.TimeoutReported && !IsAsyncEventRequest(t) && nowTicks - t.SubmitTicks > timeoutTicks)
+            {
+                t.TimeoutReported = true;
+                n++;
+                cb(context, this, t.Cid);
+            }
+        }
+
+        return n;
+    }
+
+    /// <summary>An Asynchronous Event Request stays outstanding until an event: it never times out.</summary>
+    private bool IsAsyncEventRequest(Tracker t) => Id == 0 && t.Opcode == NvmeAdminOpcode.AsyncEventRequest;
+
+    /// <summary>How many outstanding commands are older than <paramref name="timeoutTicks"/> (0 = none).</summary>
     public int CountTimedOut(long nowTicks, long timeoutTicks)
     {
         if (timeoutTicks <= 0)
@@ -948,7 +991,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         int n = 0;
         foreach (var t in _trackers)
         {
-            if (t.Active && nowTicks - t.SubmitTicks > timeoutTicks)
+            if (t.Active && !IsAsyncEventRequest(t) && nowTicks - t.SubmitTicks > timeoutTicks)
             {
                 n++;
             }

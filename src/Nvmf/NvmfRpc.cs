@@ -417,7 +417,7 @@ public static class NvmfRpc
         {
             result.Add(new JsonObject
             {
-                ["cntlid"] = c.Cntlid,
+                ["cntlid"] = (int)c.Cntlid,
                 ["hostnqn"] = c.HostNqn,
                 ["hostid"] = c.HostId.ToString(),
                 ["num_io_qpairs"] = c.IoQueueCount,
@@ -452,8 +452,8 @@ public static class NvmfRpc
                     {
                         list.Add(new JsonObject
                         {
-                            ["cntlid"] = ctrl.Cntlid,
-                            ["qid"] = c.Qid,
+                            ["cntlid"] = (int)ctrl.Cntlid,
+                            ["qid"] = (int)c.Qid,
                             ["state"] = "active",
                             ["thread"] = g.Name,
                             ["hostnqn"] = ctrl.HostNqn,

@@ -175,8 +175,8 @@ public sealed class NvmfSubsystem
                 j["max_namespaces"] = MaxNamespaces;
             }
 
-            j["min_cntlid"] = MinCntlid;
-            j["max_cntlid"] = MaxCntlid;
+            j["min_cntlid"] = (int)MinCntlid;
+            j["max_cntlid"] = (int)MaxCntlid;
             var nss = new JsonArray();
             foreach (var ns in NamespaceSnapshot)
             {

@@ -913,8 +913,8 @@ public sealed class NvmfTarget : IAsyncDisposable
                     ["allow_any_host"] = s.AllowAnyHost,
                     ["serial_number"] = s.SerialNumber,
                     ["model_number"] = s.ModelNumber,
-                    ["min_cntlid"] = s.MinCntlid,
-                    ["max_cntlid"] = s.MaxCntlid,
+                    ["min_cntlid"] = (int)s.MinCntlid,
+                    ["max_cntlid"] = (int)s.MaxCntlid,
                     ["ana_reporting"] = false,
                 };
                 if (s.MaxNamespaces != 0)

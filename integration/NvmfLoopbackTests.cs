@@ -64,11 +64,13 @@ public sealed class NvmfLoopbackTests(ITestOutputHelper output)
         await daemon.CallAsync("nvmf_create_subsystem", new JsonObject { ["nqn"] = Nqn, ["allow_any_host"] = true, ["serial_number"] = "SPDK00000000000001" });
         Assert.Equal(1, (await daemon.CallAsync("nvmf_subsystem_add_ns", new JsonObject { ["nqn"] = Nqn, ["namespace"] = new JsonObject { ["bdev_name"] = "Malloc0" } }))!.GetValue<int>());
         Assert.Equal(2, (await daemon.CallAsync("nvmf_subsystem_add_ns", new JsonObject { ["nqn"] = Nqn, ["namespace"] = new JsonObject { ["bdev_name"] = "Malloc1" } }))!.GetValue<int>());
-        await daemon.CallAsync("nvmf_subsystem_add_listener", new JsonObject
-        {
-            ["nqn"] = Nqn,
-            ["listen_address"] = new JsonObject { ["trtype"] = "TCP", ["adrfam"] = "IPv4", ["traddr"] = "127.0.0.1", ["trsvcid"] = port.ToString(System.Globalization.CultureInfo.InvariantCulture) },
-        });
+        // The listener through vhostctl (its nested listen_address params), as an operator would.
+        var cli = await Tools.RunAsync(Path.Combine(GuestImage.RepoRoot, "vhostctl"),
+            ["--server", daemon.RpcSocket, "nvmf_subsystem_add_listener", Nqn, "-t", "TCP", "-f", "IPv4", "-a", "127.0.0.1", "-s", port.ToString(System.Globalization.CultureInfo.InvariantCulture)],
+            TimeSpan.FromMinutes(5), GuestImage.RepoRoot);
+        Assert.True(cli.ExitCode == 0, cli.Output);
+        var subs = (await daemon.CallAsync("nvmf_get_subsystems", new JsonObject { ["nqn"] = Nqn }))!.AsArray();
+        Assert.Equal(port.ToString(System.Globalization.CultureInfo.InvariantCulture), subs[0]!["listen_addresses"]![0]!["trsvcid"]!.GetValue<string>());
 
         var plain = await BdevPerf(WriteConfig(dir, "nvmf-plain.json", port, digests: false), "4096", 5);
         Assert.True(plain.ExitCode == 0, plain.Output);
@@ -89,7 +91,8 @@ public sealed class NvmfLoopbackTests(ITestOutputHelper output)
         Assert.True(groups.Sum(g => g!["completed_nvme_io"]!.GetValue<long>()) > 1000, stats.ToJsonString());
 
         // The config replays.
-        var cfg = (await daemon.CallAsync("save_config", null))!.ToJsonString();
+        var cfg = (await daemon.CallAsync("framework_get_config", new JsonObject { ["name"] = "nvmf" }))!.ToJsonString();
+        Assert.Contains("nvmf_create_transport", cfg, StringComparison.Ordinal);
         Assert.Contains("nvmf_subsystem_add_listener", cfg, StringComparison.Ordinal);
         Assert.Contains("nvmf_subsystem_add_ns", cfg, StringComparison.Ordinal);
     }

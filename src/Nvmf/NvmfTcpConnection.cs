@@ -188,15 +188,25 @@ public sealed class NvmfTcpConnection
 
     private int MaxCapsuleData => Controller is null || Qid == 0 ? Math.Max((int)_opts.InCapsuleDataSize, NvmfTransportOptions.AdminInCapsuleDataSize) : (int)_opts.InCapsuleDataSize;
 
+    /// <summary>PDUs handled per poll at most: one busy connection cannot starve the others of its poll group.</summary>
+    private const int MaxPdusPerPoll = 64;
+
     private void Receive()
     {
         _rxWork = false;
+        int pdus = 0;
         while (!_closing)
         {
             switch (_rxState)
             {
                 case RxCommonHeader:
                 {
+                    if (_rxHave == 0 && ++pdus > MaxPdusPerPoll)
+                    {
+                        _rxWork = true;
+                        return;
+                    }
+
                     int n = Read(_rxHdr.AsSpan(_rxHave, NvmeTcpPdu.CommonHeaderSize - _rxHave));
                     if (n <= 0)
                     {
@@ -463,6 +473,12 @@ public sealed class NvmfTcpConnection
         if (req is null || !req.Active || !req.AwaitingH2C || req.Cmd.Cid != cccid)
         {
             Fatal($"H2CData for command {cccid} (ttag {ttag}), which awaits no data", NvmeTcpFes.InvalidHeaderField, 8);
+            return;
+        }
+
+        if (req.Queued)
+        {
+            Fatal($"H2CData for command {cccid} before its R2T was sent", NvmeTcpFes.PduSequenceError, 0);
             return;
         }
 

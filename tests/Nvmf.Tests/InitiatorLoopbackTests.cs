@@ -119,4 +119,40 @@ public sealed class InitiatorLoopbackTests : IAsyncLifetime
         Assert.Equal(1, stats["poll_groups"]!.AsArray().Sum(g => g!["current_io_qpairs"]!.GetValue<int>()));
         c.ReleaseQueuePair(q);
     }
+
+    [Fact]
+    public async Task SteadyStateIoAllocatesNothingOnTheTargetReactors()
+    {
+        // No keep-alive: nothing polls the admin queue here, and the target would (rightly) drop the controller after KATO.
+        using var c = NvmeTcpController.Attach(Trid(digests: true), new NvmeTcpControllerOptions { IoQueuesRequested = 1, KeepAliveTimeoutMs = 0 });
+        var qp = ConnectIo(c);
+        var ns = c.Namespaces[0];
+        using var buf = new AlignedBuffer(1 << 18);
+        new Random(9).NextBytes(buf.AsSpan(0, 1 << 17));
+
+        void Round(int n)
+        {
+            for (int i = 0; i < n; i++)
+            {
+                // 4 KiB in capsule, 64 KiB through R2T, both read back.
+                ulong lba = (ulong)(i % 64) * 128;
+                uint blocks = (i & 1) == 0 ? 8u : 128u;
+                var w = buf.ToIoVec(0, blocks * 512);
+                Assert.True(Run(qp, cb => qp.SubmitIo(NvmeIoOpcode.Write, ns, lba, blocks, new ReadOnlySpan<IoVec>(ref w), 0, cb, null)).IsSuccess);
+                var r = buf.ToIoVec(1 << 17, blocks * 512);
+                Assert.True(Run(qp, cb => qp.SubmitIo(NvmeIoOpcode.Read, ns, lba, blocks, new ReadOnlySpan<IoVec>(ref r), 0, cb, null)).IsSuccess);
+            }
+        }
+
+        Round(300); // request buffers grow to their sizes, channels are taken
+        await Task.Delay(200);
+        long before = _t.Reactors.Reactors.Sum(r => r.AllocatedBytes);
+        const int Ios = 3000;
+        Round(Ios / 2);
+        await Task.Delay(200); // the reactors publish their counters every 1024 iterations
+        long after = _t.Reactors.Reactors.Sum(r => r.AllocatedBytes);
+        double perIo = (after - before) / (double)Ios;
+        Assert.True(perIo < 8, $"{perIo:F1} bytes allocated per I/O on the target's reactors");
+        c.ReleaseQueuePair(qp);
+    }
 }

@@ -147,6 +147,15 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
     public string CtrlName { get; }
 
+    /// <summary>The region holding rings, slots and bounce buffers: its length (a multiple of 2 MiB).</summary>
+    public ulong MemoryBytes => _map.Length;
+
+    /// <summary>Our address of that region (2 MiB-aligned; the user address the back end is told).</summary>
+    public nint MemoryAddress => _map.Pointer;
+
+    /// <summary>Whether that region lives in huge pages (hugetlbfs memfd) rather than an ordinary memfd.</summary>
+    public bool HugePages { get; private init; }
+
     /// <summary>Guest-physical address the back end sees <see cref="Shared"/> at (second memory region).</summary>
     public const ulong SharedGpa = 1UL << 40;
 
@@ -260,8 +269,10 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             ulong bounceArea = (ulong)vqSize * MaxIoBytes;
             ulong perQueue = layout.Total + slotArea + bounceArea;
             ulong total = perQueue * (ulong)vqCount;
-            memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total, @sealed: true); // the back end can trust its size
-            map = MappedRegion.Map(memFd, total);
+            // Sealed (the back end can trust its size), 2 MiB-aligned in size and address, huge pages when there
+            // are enough free ones: the layout QEMU and DPDK give their regions, which SPDK's vhost target expects.
+            map = MappedRegion.CreateShared("virtio-user-" + name, total, out memFd, out bool hugePages);
+            total = map.Length;
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
             var memory = new DriverMemory(map.Pointer, total);
             for (int q = 0; q < vqCount; q++)
@@ -314,9 +325,9 @@ public sealed class VirtioUserController : IoDevice, IDisposable
                 }
             }
 
-            log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}",
-                name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize);
-            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared);
+            log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}, shared memory 0x{Mem:x} bytes at 0x{Addr:x} ({Backing})",
+                name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize, total, (ulong)map.Pointer, hugePages ? "huge pages" : "memfd");
+            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared) { HugePages = hugePages };
         }
         catch
         {

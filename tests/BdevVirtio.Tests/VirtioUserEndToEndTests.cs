@@ -195,6 +195,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
             Assert.True(bdev.SupportsIoType(BdevIoType.Flush) && bdev.SupportsIoType(BdevIoType.Unmap) && bdev.SupportsIoType(BdevIoType.WriteZeroes));
             Assert.Equal(2, bdev.Ctrl.VqCount);
             Assert.True(bdev.Ctrl.Has(Virtio.VirtioFeatures.RingIndirectDesc));
+            AssertQemuLikeLayout(bdev.Ctrl);
 
             // save_config emits the attach call with SPDK's params.
             var call = bdev.ConfigCall();
@@ -342,7 +343,9 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
         await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
         vhost.CreateBlkController("vhost.zc", "Malloc0", null, false);
-        using var arena = SharedMemoryArena.Create("virtio-test", 8 << 20);
+        using var arena = SharedMemoryArena.Create("virtio-test", (8 << 20) + 4096);
+        Assert.Equal(10UL << 20, arena.Size); // rounded up to 2 MiB, mapped 2 MiB-aligned (SPDK's vhost target's unit)
+        Assert.Equal(0L, arena.Base % (2 << 20));
         var module = StartModule(bdevs, () => arena);
         await _runtime.Main.InvokeAsync(() => module.AttachAsync("Zc", Path.Combine(_dir, "vhost.zc"), vqCount: 1, vqSize: 32));
         var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("Zc"));
@@ -521,6 +524,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
             await _runtime.Main.InvokeAsync(() => module.AttachAsync("VirtioBlkQ", sock, vqCount: 2, vqSize: 128));
             var bdev = Assert.IsType<VirtioBlkBdev>(bdevs.Find("VirtioBlkQ"));
             Assert.Equal(Blocks * BlockSize, bdev.BlockCount * bdev.BlockSize);
+            AssertQemuLikeLayout(bdev.Ctrl);
             using var desc = bdevs.Open("VirtioBlkQ", true);
             var release = await HoldChannels(desc);
             await WriteReadVerify(desc, perReactor: 24, seed: 2);
@@ -578,6 +582,42 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
 
             _out.WriteLine("qsd stderr: " + await p.StandardError.ReadToEndAsync());
         }
+    }
+
+    /// <summary>
+    /// The shared region is laid out as QEMU and DPDK lay theirs out (what SPDK's vhost target registers on 2 MiB
+    /// boundaries): size and address multiples of 2 MiB, huge pages when the system has enough free ones.
+    /// </summary>
+    private void AssertQemuLikeLayout(VirtioUserController ctrl)
+    {
+        const ulong TwoMiB = 2UL << 20;
+        _out.WriteLine($"shared region 0x{ctrl.MemoryBytes:x} bytes at 0x{ctrl.MemoryAddress:x}, huge pages: {ctrl.HugePages}");
+        Assert.Equal(0UL, ctrl.MemoryBytes % TwoMiB);
+        Assert.Equal(0L, ctrl.MemoryAddress % (long)TwoMiB);
+        if (FreeHugePageBytes() < ctrl.MemoryBytes)
+        {
+            Assert.False(ctrl.HugePages);
+        }
+    }
+
+    /// <summary>HugePages_Free x Hugepagesize from /proc/meminfo (0 when the system has none).</summary>
+    internal static ulong FreeHugePageBytes()
+    {
+        ulong free = 0, size = 0;
+        foreach (var line in File.ReadLines("/proc/meminfo"))
+        {
+            var f = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+            if (f.Length >= 2 && f[0] == "HugePages_Free:")
+            {
+                free = ulong.Parse(f[1], System.Globalization.CultureInfo.InvariantCulture);
+            }
+            else if (f.Length >= 2 && f[0] == "Hugepagesize:")
+            {
+                size = ulong.Parse(f[1], System.Globalization.CultureInfo.InvariantCulture) * 1024;
+            }
+        }
+
+        return free * size;
     }
 
     /// <summary>Runs an async control-plane operation on the main reactor and waits for it to finish.</summary>

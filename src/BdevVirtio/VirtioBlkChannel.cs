@@ -27,7 +27,7 @@ internal sealed class VirtioBlkChannel
     private readonly VirtioUserController _ctrl;
     private readonly Reactor _reactor;
     private readonly VirtioUserQueue? _queue;
-    private readonly SplitVirtqueueDriver? _driver;
+    private readonly VirtqueueDriver? _driver;
     private readonly BdevIo?[] _ios;
     private readonly bool[] _bounced;
     private readonly int[] _free;

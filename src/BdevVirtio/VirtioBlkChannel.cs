@@ -232,7 +232,13 @@ internal sealed class VirtioBlkChannel
         int head;
         if (_indirect)
         {
-            for (int i = 0; i < n; i++)
+            for (int i = 0; i < n && drv.IsPacked; i++)
+            {
+                // Packed rings take packed indirect entries (id, then flags; no NEXT: the table is sequential).
+                q.Memory.WritePackedDesc(metaGpa + VirtioUserQueue.TableOffset + (ulong)(16 * i), bufs[i].Addr, bufs[i].Length, bufs[i].Flags);
+            }
+
+            for (int i = 0; i < n && !drv.IsPacked; i++)
             {
                 q.Memory.WriteDesc(metaGpa + VirtioUserQueue.TableOffset + (ulong)(16 * i), bufs[i].Addr, bufs[i].Length, (ushort)(bufs[i].Flags | (i < n - 1 ? VirtqDesc.FlagNext : 0)), (ushort)(i + 1));
             }

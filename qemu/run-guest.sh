@@ -16,6 +16,9 @@
 #   --scsi SOCK[,queues=N][,reconnect=S]
 #                        vhost-user-scsi-pci on daemon socket SOCK (repeatable)
 #   --mem SIZE           guest RAM, shared memfd as vhost-user needs (default 1G)
+#   --maxmem SIZE,slots=N
+#                        room for memory hotplug (-m SIZE,slots=N,maxmem=...): pc-dimm
+#                        devices added over QMP (device_add) land above the boot RAM
 #   --smp N              vCPUs (default 2)
 #   --machine TYPE       QEMU machine (default q35; q35 is needed for intel-iommu)
 #   --agent SOCKPATH     command-agent virtio-serial port as a unix socket that
@@ -46,6 +49,7 @@ die() { echo "run-guest: $*" >&2; exit 2; }
 BLKS=()
 SCSIS=()
 MEM=1G
+MAXMEM=""
 SMP=2
 MACHINE=q35
 AGENT=""
@@ -68,6 +72,7 @@ while [[ $# -gt 0 ]]; do
         --blk) need_arg "$@"; BLKS+=("$2"); shift 2 ;;
         --scsi) need_arg "$@"; SCSIS+=("$2"); shift 2 ;;
         --mem) need_arg "$@"; MEM="$2"; shift 2 ;;
+        --maxmem) need_arg "$@"; MAXMEM="$2"; shift 2 ;;
         --smp) need_arg "$@"; SMP="$2"; shift 2 ;;
         --machine) need_arg "$@"; MACHINE="$2"; shift 2 ;;
         --agent) need_arg "$@"; AGENT="$2"; shift 2 ;;
@@ -129,11 +134,17 @@ if [[ ${#APPEND[@]} -gt 0 ]]; then
     CMDLINE+=" ${APPEND[*]}"
 fi
 
+MEMOPT="$MEM"
+if [[ -n "$MAXMEM" ]]; then
+    [[ "$MAXMEM" =~ ^[0-9]+[KMGT]?,slots=[0-9]+$ ]] || die "--maxmem wants SIZE,slots=N (got '$MAXMEM')"
+    MEMOPT="$MEM,slots=${MAXMEM#*,slots=},maxmem=${MAXMEM%%,*}"
+fi
+
 cmd=(
     "$QEMU"
     -nodefaults -no-user-config -display none -no-reboot
     -machine "$MACHINE" -accel tcg -cpu max
-    -smp "$SMP" -m "$MEM"
+    -smp "$SMP" -m "$MEMOPT"
     -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
     -numa node,memdev=mem
     -kernel "$KERNEL" -initrd "$INITRD"

@@ -23,6 +23,12 @@ public sealed class QemuGuestOptions
     /// <summary>Guest RAM in QEMU syntax (default <c>1G</c>); backed by a shared memfd, as vhost-user needs.</summary>
     public string Memory { get; init; } = "1G";
 
+    /// <summary>
+    /// Room for memory hotplug, <c>SIZE,slots=N</c> (e.g. <c>1G,slots=2</c>: QEMU's <c>-m RAM,slots=N,maxmem=SIZE</c>);
+    /// null (default) for none. pc-dimm devices added over QMP then land above the boot RAM.
+    /// </summary>
+    public string? MaxMemory { get; init; }
+
     /// <summary>Number of vCPUs (default 2).</summary>
     public int Cpus { get; init; } = 2;
 
@@ -303,6 +309,12 @@ public sealed class QemuGuest : IAsyncDisposable
         args.Add(guest.QmpSocketPath);
         args.Add("--mem");
         args.Add(options.Memory);
+        if (options.MaxMemory is { } maxMem)
+        {
+            args.Add("--maxmem");
+            args.Add(maxMem);
+        }
+
         args.Add("--smp");
         args.Add(options.Cpus.ToString(CultureInfo.InvariantCulture));
         args.Add("--machine");

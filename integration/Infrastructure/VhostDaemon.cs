@@ -22,6 +22,9 @@ public sealed class VhostDaemon : IAsyncDisposable
     /// <summary>The daemon's JSON-RPC socket.</summary>
     public string RpcSocket => _rpcSocket;
 
+    /// <summary>The daemon's process id (e.g. for its CPU time in /proc/PID/stat).</summary>
+    public int ProcessId => _process.Id;
+
     /// <summary>Starts ./vhostd on two cores with its sockets in <paramref name="dir"/>, plus <paramref name="extraArgs"/>.</summary>
     public static async Task<VhostDaemon> StartAsync(string dir, Action<string> log, params string[] extraArgs)
     {

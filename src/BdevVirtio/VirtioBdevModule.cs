@@ -60,7 +60,8 @@ public sealed class VirtioBdevModule : BdevModule
     }
 
     /// <summary>Connects to the vhost-user-blk socket and registers the bdev (named <paramref name="name"/>). Returns the bdev names.</summary>
-    public async Task<IReadOnlyList<string>> AttachAsync(string name, string socketPath, int vqCount = DefaultVqCount, int vqSize = DefaultVqSize)
+    /// <param name="packedRing">VIRTIO_F_RING_PACKED: null when the back end offers it, true required, false split rings (ours; SPDK has no such parameter).</param>
+    public async Task<IReadOnlyList<string>> AttachAsync(string name, string socketPath, int vqCount = DefaultVqCount, int vqSize = DefaultVqSize, bool? packedRing = null)
     {
         lock (_ctrls)
         {
@@ -76,7 +77,7 @@ public sealed class VirtioBdevModule : BdevModule
         try
         {
             var shared = _sharedMemory?.Invoke();
-            ctrl = await Task.Run(() => VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared)).ConfigureAwait(true);
+            ctrl = await Task.Run(() => VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared, packedRing)).ConfigureAwait(true);
         }
         catch (Exception e) when (e is IOException or ArgumentException or UnauthorizedAccessException)
         {
@@ -194,6 +195,7 @@ public sealed class VirtioBdevModule : BdevModule
                 ["vq_count"] = c.VqCount,
                 ["vq_size"] = c.VqSize,
                 ["features"] = $"0x{c.Features:x}",
+                ["packed_ring"] = c.PackedRing,
                 ["capacity_sectors"] = c.Config.Capacity,
             });
         }

@@ -14,6 +14,9 @@ public sealed class VirtioAttachParams : IRpcParams
     public int? VqCount { get; set; }
     public int? VqSize { get; set; }
 
+    /// <summary>Ours (SPDK's virtio-user drives split rings only): absent = packed when offered, true = required, false = split.</summary>
+    public bool? PackedRing { get; set; }
+
     public void Validate()
     {
         if (string.IsNullOrWhiteSpace(Name) || Name.Length > 128 || Name.Any(c => char.IsWhiteSpace(c) || c == '/'))
@@ -68,7 +71,7 @@ internal static class VirtioBdevRpc
             var p = r.Bind<VirtioAttachParams>();
             int count = p.VqCount is null or 0 ? VirtioBdevModule.DefaultVqCount : p.VqCount.Value;
             int size = p.VqSize is null or 0 ? VirtioBdevModule.DefaultVqSize : p.VqSize.Value;
-            var names = await module.AttachAsync(p.Name, p.Traddr, count, size).ConfigureAwait(true);
+            var names = await module.AttachAsync(p.Name, p.Traddr, count, size, p.PackedRing).ConfigureAwait(true);
             var arr = new JsonArray();
             foreach (var n in names)
             {

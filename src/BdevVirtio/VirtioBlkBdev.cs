@@ -66,17 +66,28 @@ public sealed class VirtioBlkBdev : Bdev.Bdev
             ["vq_count"] = Ctrl.VqCount,
             ["vq_size"] = Ctrl.VqSize,
             ["features"] = $"0x{Ctrl.Features:x}",
+            ["packed_ring"] = Ctrl.PackedRing,
             ["protocol_features"] = $"0x{Ctrl.ProtocolFeatures:x}",
         },
     };
 
-    public override JsonObject ConfigCall() => Subsystem.Call("bdev_virtio_attach_controller", new JsonObject
+    /// <summary>SPDK's attach call; packed_ring (ours) only when the attach forced split or packed rings.</summary>
+    public override JsonObject ConfigCall()
     {
-        ["name"] = Ctrl.CtrlName,
-        ["trtype"] = "user",
-        ["traddr"] = Ctrl.SocketPath,
-        ["dev_type"] = "blk",
-        ["vq_count"] = Ctrl.VqCount,
-        ["vq_size"] = Ctrl.VqSize,
-    });
+        var p = new JsonObject
+        {
+            ["name"] = Ctrl.CtrlName,
+            ["trtype"] = "user",
+            ["traddr"] = Ctrl.SocketPath,
+            ["dev_type"] = "blk",
+            ["vq_count"] = Ctrl.VqCount,
+            ["vq_size"] = Ctrl.VqSize,
+        };
+        if (Ctrl.PackedRingOption is { } packed)
+        {
+            p["packed_ring"] = packed;
+        }
+
+        return Subsystem.Call("bdev_virtio_attach_controller", p);
+    }
 }

@@ -27,7 +27,7 @@ internal sealed class VirtioBlkChannel
     private readonly VirtioUserController _ctrl;
     private readonly Reactor _reactor;
     private readonly VirtioUserQueue? _queue;
-    private readonly SplitVirtqueueDriver? _driver;
+    private readonly VirtqueueDriver? _driver;
     private readonly BdevIo?[] _ios;
     private readonly bool[] _bounced;
     private readonly int[] _free;
@@ -232,7 +232,13 @@ internal sealed class VirtioBlkChannel
         int head;
         if (_indirect)
         {
-            for (int i = 0; i < n; i++)
+            for (int i = 0; i < n && drv.IsPacked; i++)
+            {
+                // Packed rings take packed indirect entries (id, then flags; no NEXT: the table is sequential).
+                q.Memory.WritePackedDesc(metaGpa + VirtioUserQueue.TableOffset + (ulong)(16 * i), bufs[i].Addr, bufs[i].Length, bufs[i].Flags);
+            }
+
+            for (int i = 0; i < n && !drv.IsPacked; i++)
             {
                 q.Memory.WriteDesc(metaGpa + VirtioUserQueue.TableOffset + (ulong)(16 * i), bufs[i].Addr, bufs[i].Length, (ushort)(bufs[i].Flags | (i < n - 1 ? VirtqDesc.FlagNext : 0)), (ushort)(i + 1));
             }

@@ -48,7 +48,21 @@ internal sealed class VirtioUserQueue : IDisposable
         return (0, availLine, avail, usedLine, used, total);
     }
 
-    public VirtioUserQueue(int index, SplitVirtqueueDriver driver, DriverMemory memory, ulong slotsGpa, ulong bounceGpa, int slotCount, int bounceBytes,
+    /// <summary>
+    /// Packed ring layout: the descriptor ring at 0, the driver event suppression area (we write it) on the next
+    /// cache line, the device's (the back end writes it) on the line after, so neither side's stores share a line
+    /// with the other's. Desc/HotHeader/Avail/HotStatus/Used as in <see cref="RingLayout"/>: Avail is the driver
+    /// area, Used the device area; the hot lines are the slots' own (no index line to share).
+    /// </summary>
+    public static (ulong Desc, ulong HotHeader, ulong Avail, ulong HotStatus, ulong Used, ulong Total) PackedRingLayout(uint size)
+    {
+        ulong driverArea = PackedVirtqueueDriver.RingBytes(size);
+        ulong deviceArea = driverArea + 64;
+        ulong total = (deviceArea + 64 + 4095) & ~4095UL;
+        return (0, ulong.MaxValue, driverArea, ulong.MaxValue, deviceArea, total);
+    }
+
+    public VirtioUserQueue(int index, VirtqueueDriver driver, DriverMemory memory, ulong slotsGpa, ulong bounceGpa, int slotCount, int bounceBytes,
         ulong hotHeaderGpa, ulong hotStatusGpa)
     {
         _hotHeaderGpa = hotHeaderGpa;
@@ -66,7 +80,7 @@ internal sealed class VirtioUserQueue : IDisposable
     private readonly ulong _hotStatusGpa;
 
     public int Index { get; }
-    public SplitVirtqueueDriver Driver { get; }
+    public VirtqueueDriver Driver { get; }
 
     /// <summary>The shared memory (GPA = offset in it) holding this queue's ring, slots and bounce buffers.</summary>
     public DriverMemory Memory { get; }
@@ -147,6 +161,15 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
     public string CtrlName { get; }
 
+    /// <summary>The region holding rings, slots and bounce buffers: its length (a multiple of 2 MiB).</summary>
+    public ulong MemoryBytes => _map.Length;
+
+    /// <summary>Our address of that region (2 MiB-aligned; the user address the back end is told).</summary>
+    public nint MemoryAddress => _map.Pointer;
+
+    /// <summary>Whether that region lives in huge pages (hugetlbfs memfd) rather than an ordinary memfd.</summary>
+    public bool HugePages { get; private init; }
+
     /// <summary>Guest-physical address the back end sees <see cref="Shared"/> at (second memory region).</summary>
     public const ulong SharedGpa = 1UL << 40;
 
@@ -164,6 +187,12 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     public ulong ProtocolFeatures => _fe.ProtocolFeatures;
 
     public bool Has(int bit) => (Features & (1UL << bit)) != 0;
+
+    /// <summary>The rings are packed (VIRTIO_F_RING_PACKED negotiated).</summary>
+    public bool PackedRing => Has(VirtioFeatures.RingPacked);
+
+    /// <summary>What the attach asked for: null = packed when offered, true = packed required, false = split.</summary>
+    public bool? PackedRingOption { get; private init; }
 
     internal ILogger Logger => _log;
 
@@ -185,7 +214,11 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     /// config, memory table, then each ring (num, base, addr, kick, call) and SET_VRING_ENABLE. Blocking; throws
     /// <see cref="IOException"/> (connection, protocol or refusal) or <see cref="ArgumentException"/> (bad request).
     /// </summary>
-    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log, SharedMemoryArena? shared = null)
+    /// <param name="packedRing">
+    /// VIRTIO_F_RING_PACKED: null negotiates it when the back end offers it, true requires it (an
+    /// <see cref="IOException"/> when not offered), false keeps split rings.
+    /// </param>
+    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log, SharedMemoryArena? shared = null, bool? packedRing = null)
     {
         if (vqCount < 1 || vqCount > 256)
         {
@@ -232,6 +265,17 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
             var config = MemoryMarshal.Read<VirtioBlkConfig>(cfgBytes);
             ulong features = offered & WantedFeatures;
+            bool packed = (offered & VirtioFeatures.Bit(VirtioFeatures.RingPacked)) != 0 && packedRing != false;
+            if (packedRing == true && !packed)
+            {
+                throw new IOException($"back end at {path} does not offer VIRTIO_F_RING_PACKED (features 0x{offered:x}); packed_ring was required");
+            }
+
+            if (packed)
+            {
+                features |= VirtioFeatures.Bit(VirtioFeatures.RingPacked);
+            }
+
             if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) != 0 && config.NumQueues > 0)
             {
                 maxQueues = Math.Min(maxQueues, config.NumQueues);
@@ -255,24 +299,30 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             fe.SetU64(VhostUserRequest.SetFeatures, features);
 
             // The shared region: per queue, its ring, then its slots' metadata, then its bounce buffers.
-            var layout = VirtioUserQueue.RingLayout((uint)vqSize);
+            var layout = packed ? VirtioUserQueue.PackedRingLayout((uint)vqSize) : VirtioUserQueue.RingLayout((uint)vqSize);
             ulong slotArea = ((ulong)vqSize * VirtioUserQueue.SlotBytes + 4095) & ~4095UL;
             ulong bounceArea = (ulong)vqSize * MaxIoBytes;
             ulong perQueue = layout.Total + slotArea + bounceArea;
             ulong total = perQueue * (ulong)vqCount;
-            memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total, @sealed: true); // the back end can trust its size
-            map = MappedRegion.Map(memFd, total);
+            // Sealed (the back end can trust its size), 2 MiB-aligned in size and address, huge pages when there
+            // are enough free ones: the layout QEMU and DPDK give their regions, which SPDK's vhost target expects.
+            map = MappedRegion.CreateShared("virtio-user-" + name, total, out memFd, out bool hugePages);
+            total = map.Length;
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
             var memory = new DriverMemory(map.Pointer, total);
             for (int q = 0; q < vqCount; q++)
             {
                 ulong off = perQueue * (ulong)q;
-                var drv = new SplitVirtqueueDriver(memory.Address(off + layout.Desc, SplitVirtqueue.DescTableBytes((uint)vqSize)),
-                    memory.Address(off + layout.Avail, SplitVirtqueue.AvailRingBytes((uint)vqSize)),
-                    memory.Address(off + layout.Used, SplitVirtqueue.UsedRingBytes((uint)vqSize)), (ushort)vqSize, eventIdx);
+                VirtqueueDriver drv = packed
+                    ? new PackedVirtqueueDriver(memory.Address(off + layout.Desc, PackedVirtqueueDriver.RingBytes((uint)vqSize)),
+                        memory.Address(off + layout.Avail, 4), memory.Address(off + layout.Used, 4), (ushort)vqSize, eventIdx)
+                    : new SplitVirtqueueDriver(memory.Address(off + layout.Desc, SplitVirtqueue.DescTableBytes((uint)vqSize)),
+                        memory.Address(off + layout.Avail, SplitVirtqueue.AvailRingBytes((uint)vqSize)),
+                        memory.Address(off + layout.Used, SplitVirtqueue.UsedRingBytes((uint)vqSize)), (ushort)vqSize, eventIdx);
                 drv.DisableInterrupts();
-                queues.Add(new VirtioUserQueue(q, drv, memory, off + layout.Total, off + layout.Total + slotArea, vqSize, MaxIoBytes,
-                    off + layout.HotHeader, off + layout.HotStatus));
+                ulong slots = off + layout.Total;
+                queues.Add(new VirtioUserQueue(q, drv, memory, slots, slots + slotArea, vqSize, MaxIoBytes,
+                    packed ? slots + VirtioUserQueue.HeaderOffset : off + layout.HotHeader, packed ? slots + VirtioUserQueue.StatusOffset : off + layout.HotStatus));
             }
 
             // GPA = offset in the memfd; user address = our mapping (ring addresses are given in it).
@@ -294,7 +344,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
                 uint i = (uint)q.Index;
                 ulong ringUva = (ulong)map.Pointer + (perQueue * i);
                 fe.SetStruct(VhostUserRequest.SetVringNum, new VhostUserVringState { Index = i, Num = (uint)vqSize });
-                fe.SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = i, Num = 0 });
+                fe.SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = i, Num = q.Driver.InitialVringBase });
                 fe.SetStruct(VhostUserRequest.SetVringAddr, new VhostUserVringAddr
                 {
                     Index = i,
@@ -314,9 +364,9 @@ public sealed class VirtioUserController : IoDevice, IDisposable
                 }
             }
 
-            log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}",
-                name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize);
-            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared);
+            log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}, shared memory 0x{Mem:x} bytes at 0x{Addr:x} ({Backing})",
+                name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize, total, (ulong)map.Pointer, hugePages ? "huge pages" : "memfd");
+            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared) { HugePages = hugePages, PackedRingOption = packedRing };
         }
         catch
         {

@@ -16,26 +16,26 @@ public sealed class SharedMemoryArena : IDisposable
 
     private SharedMemoryArena(string name, ulong size)
     {
-        Fd = MappedRegion.CreateMemFd(name, (long)size, @sealed: true); // back ends can trust its size
-        try
-        {
-            _map = MappedRegion.Map(Fd, size);
-        }
-        catch
-        {
-            VhostBackend.Platform.Fd.Close(Fd);
-            throw;
-        }
-
-        Size = size;
+        // Sealed (back ends can trust its size), 2 MiB-aligned in size and address, huge pages when enough are free
+        // (see MappedRegion.CreateShared: SPDK's vhost target wants that layout).
+        _map = MappedRegion.CreateShared(name, size, out int fd, out bool hugePages);
+        Fd = fd;
+        HugePages = hugePages;
+        Size = _map.Length;
     }
 
-    /// <summary>Creates an arena of <paramref name="size"/> bytes (virtual; memory is committed as it is touched).</summary>
+    /// <summary>
+    /// Creates an arena of at least <paramref name="size"/> bytes (rounded up to 2 MiB; virtual with an ordinary
+    /// memfd, memory being committed as it is touched; reserved whole when huge pages back it).
+    /// </summary>
     public static SharedMemoryArena Create(string name, ulong size)
     {
         ArgumentOutOfRangeException.ThrowIfZero(size);
-        return new SharedMemoryArena(name, (size + 4095) & ~4095UL);
+        return new SharedMemoryArena(name, size);
     }
+
+    /// <summary>Whether the arena lives in huge pages (reserved whole at creation) rather than a sparse memfd.</summary>
+    public bool HugePages { get; }
 
     /// <summary>The memfd backing the arena (offset 0 = <see cref="Base"/>).</summary>
     public int Fd { get; }

@@ -28,6 +28,12 @@ public static unsafe partial class SocketNative
     public const int MAP_SHARED = 1;
     public const uint MFD_CLOEXEC = 1;
     public const uint MFD_ALLOW_SEALING = 2;
+    public const uint MFD_HUGETLB = 4;
+    public const int MAP_PRIVATE = 2;
+    public const int MAP_FIXED = 0x10;
+    public const int MAP_ANONYMOUS = 0x20;
+    public const int MAP_NORESERVE = 0x4000;
+    public const int PROT_NONE = 0;
     public const int F_ADD_SEALS = 1033;
     public const int F_GET_SEALS = 1034;
 
@@ -664,6 +670,125 @@ public sealed unsafe class MappedRegion : IDisposable
         }
 
         return new MappedRegion((nint)p, length);
+    }
+
+    /// <summary>2 MiB: the size and address alignment of <see cref="CreateShared"/> regions (an x86-64 huge page).</summary>
+    public const ulong HugePageBytes = 2UL << 20;
+
+    /// <summary>
+    /// Memory to share with a vhost-user back end laid out as QEMU and DPDK lay theirs out: <paramref name="size"/>
+    /// rounded up to 2 MiB, mapped at a 2 MiB-aligned address, and backed by huge pages (a sealed MFD_HUGETLB memfd)
+    /// when the system has enough free ones, otherwise by a sealed ordinary memfd. SPDK's vhost target registers
+    /// every region for address translation on 2 MiB boundaries (spdk_mem_register) and DPDK maps a region's fd
+    /// in units of its block size, so a region that is not 2 MiB-aligned in size and address is refused or slow
+    /// there. Returns the mapping; <paramref name="fd"/> (the caller owns it) and <paramref name="hugePages"/> say
+    /// what backs it. Throws <see cref="IOException"/> when neither kind can be created.
+    /// </summary>
+    public static MappedRegion CreateShared(string name, ulong size, out int fd, out bool hugePages)
+    {
+        if (size == 0 || size > (ulong)nint.MaxValue - HugePageBytes)
+        {
+            throw new IOException($"bad shared memory size {size}");
+        }
+
+        ulong rounded = (size + HugePageBytes - 1) & ~(HugePageBytes - 1);
+        int hfd = TryCreateMemFd(name, (long)rounded, SocketNative.MFD_HUGETLB, out _);
+        if (hfd >= 0)
+        {
+            // A hugetlbfs mapping reserves its pages at mmap: ENOMEM here means too few free huge pages.
+            var huge = TryMapAligned(hfd, rounded, HugePageBytes, out _);
+            if (huge is not null)
+            {
+                fd = hfd;
+                hugePages = true;
+                return huge;
+            }
+
+            SocketNative.close(hfd);
+        }
+
+        int mfd = TryCreateMemFd(name, (long)rounded, 0, out int err);
+        if (mfd < 0)
+        {
+            throw new IOException($"memfd of {rounded} bytes for {name}: {Native.StrError(err)}");
+        }
+
+        var map = TryMapAligned(mfd, rounded, HugePageBytes, out err);
+        if (map is null)
+        {
+            SocketNative.close(mfd);
+            throw new IOException($"mmap of {rounded} bytes for {name}: {Native.StrError(err)}");
+        }
+
+        fd = mfd;
+        hugePages = false;
+        return map;
+    }
+
+    /// <summary>
+    /// Maps <paramref name="length"/> bytes of <paramref name="fd"/> at an address aligned to
+    /// <paramref name="alignment"/> (a power of two): reserves length + alignment of address space, maps the file
+    /// over its aligned part, and returns the slack. Null (and the errno) on failure.
+    /// </summary>
+    private static MappedRegion? TryMapAligned(int fd, ulong length, ulong alignment, out int errno)
+    {
+        nuint reserve = (nuint)(length + alignment);
+        void* r = SocketNative.mmap(null, reserve, SocketNative.PROT_NONE, SocketNative.MAP_PRIVATE | SocketNative.MAP_ANONYMOUS | SocketNative.MAP_NORESERVE, -1, 0);
+        if (r == (void*)-1)
+        {
+            errno = Native.Errno;
+            return null;
+        }
+
+        nuint start = (nuint)r;
+        nuint aligned = (start + (nuint)alignment - 1) & ~((nuint)alignment - 1);
+        void* p = SocketNative.mmap((void*)aligned, (nuint)length, SocketNative.PROT_READ | SocketNative.PROT_WRITE, SocketNative.MAP_SHARED | SocketNative.MAP_FIXED, fd, 0);
+        if (p == (void*)-1)
+        {
+            errno = Native.Errno;
+            SocketNative.munmap(r, reserve);
+            return null;
+        }
+
+        // SAFETY: the head and tail slack are parts of our own reservation that the file mapping did not replace.
+        if (aligned > start)
+        {
+            SocketNative.munmap(r, aligned - start);
+        }
+
+        nuint end = aligned + (nuint)length;
+        if (start + reserve > end)
+        {
+            SocketNative.munmap((void*)end, start + reserve - end);
+        }
+
+        errno = 0;
+        return new MappedRegion((nint)p, length);
+    }
+
+    private static int TryCreateMemFd(string name, long size, uint flags, out int errno)
+    {
+        var bytes = Encoding.UTF8.GetBytes(name + "\0");
+        fixed (byte* p = bytes)
+        {
+            int fd = SocketNative.memfd_create(p, SocketNative.MFD_CLOEXEC | SocketNative.MFD_ALLOW_SEALING | flags);
+            if (fd < 0)
+            {
+                errno = Native.Errno;
+                return -1;
+            }
+
+            if (SocketNative.ftruncate(fd, size) != 0
+                || SocketNative.fcntl(fd, SocketNative.F_ADD_SEALS, Fd.SealShrink | Fd.SealGrow | Fd.SealSeal) != 0)
+            {
+                errno = Native.Errno;
+                SocketNative.close(fd);
+                return -1;
+            }
+
+            errno = 0;
+            return fd;
+        }
     }
 
     /// <summary>

@@ -108,7 +108,33 @@ public abstract class VhostController : IVhostUserDevice
     {
         lock (_queues)
         {
-            _queues.Remove(queue);
+            if (_queues.Remove(queue))
+            {
+                _retiredInterrupts += queue.Interrupts;
+            }
+        }
+    }
+
+    private long _retiredInterrupts;
+
+    /// <summary>
+    /// Call eventfd writes (interrupts to front ends) by every queue of every session since the controller was
+    /// created: stopped queues' counts plus the running ones' (ours; for measuring interrupt coalescing).
+    /// </summary>
+    public long Interrupts
+    {
+        get
+        {
+            lock (_queues)
+            {
+                long n = _retiredInterrupts;
+                foreach (var q in _queues)
+                {
+                    n += q.Interrupts;
+                }
+
+                return n;
+            }
         }
     }
 
@@ -357,6 +383,7 @@ public abstract class VhostController : IVhostUserDevice
             ["cpumask"] = CpuMask.ToMaskString(),
             ["delay_base_us"] = DelayBaseUs,
             ["iops_threshold"] = IopsThreshold,
+            ["interrupts"] = Interrupts,
             ["socket"] = SocketPath,
             ["client"] = ClientMode,
             ["sessions"] = sessions,

@@ -52,6 +52,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     private long _irqDelayTicks;
     private uint _usedReqCount;
     private uint _reqCount;
+    private long _interrupts;
 
     protected VhostQueue(VhostController controller, VhostUserSession session, int index, DeviceVirtqueue vq, EventFd? call, EventFd? kick, Reactor reactor, string kind)
     {
@@ -160,12 +161,19 @@ public abstract class VhostQueue : IVhostQueueRunner
             PublishUsed();
             Vq.NeedsNotify();
             call.Signal();
+            Volatile.Write(ref _interrupts, _interrupts + 1);
         }
         else if (_signalPending)
         {
             Flush(force: true);
         }
     });
+
+    /// <summary>
+    /// Call eventfd writes (interrupts sent to the front end) since the queue started. Written only by the queue's
+    /// reactor; any thread may read it (a torn read is impossible for an aligned long on 64-bit).
+    /// </summary>
+    public long Interrupts => Volatile.Read(ref _interrupts);
 
     internal Task SetCoalescingAsync(uint delayBaseUs, uint iopsThreshold) => Reactor.InvokeAsync(() => ApplyCoalescing(delayBaseUs, iopsThreshold));
 
@@ -330,6 +338,7 @@ public abstract class VhostQueue : IVhostQueueRunner
             if (Vq.NeedsNotify())
             {
                 call.Signal();
+                Volatile.Write(ref _interrupts, _interrupts + 1);
             }
 
             return;
@@ -359,6 +368,7 @@ public abstract class VhostQueue : IVhostQueueRunner
         if (Vq.NeedsNotify())
         {
             call.Signal();
+            Volatile.Write(ref _interrupts, _interrupts + 1);
             _reqCount += _usedReqCount;
             _usedReqCount = 0;
             _nextEventTime = now + _irqDelayTicks;

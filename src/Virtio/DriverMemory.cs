@@ -65,6 +65,22 @@ public sealed unsafe class DriverMemory
     }
 
     /// <summary>
+    /// Writes a packed-ring indirect table entry at <paramref name="offset"/> (struct pvirtq_desc: the id is unused
+    /// and the entries are sequential, so no NEXT flag; virtio 1.2, 2.8.19), skipping an unchanged entry.
+    /// </summary>
+    public void WritePackedDesc(ulong offset, ulong addr, uint len, ushort flags)
+    {
+        ref var d = ref Ref<VirtqPackedDesc>(offset);
+        if (d.Addr != addr || d.Len != len || d.Flags != flags || d.Id != 0)
+        {
+            d.Addr = addr;
+            d.Len = len;
+            d.Id = 0;
+            d.Flags = flags;
+        }
+    }
+
+    /// <summary>
     /// Copies <paramref name="length"/> bytes from a host buffer into [offset, offset + length). The host buffer
     /// is the caller's (a bdev I/O's iovec, which the bdev layer validated against the I/O length).
     /// </summary>

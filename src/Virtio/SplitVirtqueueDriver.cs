@@ -42,7 +42,7 @@ public enum UsedResult
 /// The device is not trusted: a used index too far ahead or a head that is not in flight is reported as
 /// <see cref="UsedResult.Broken"/> rather than corrupting the free list.
 /// </summary>
-public sealed unsafe class SplitVirtqueueDriver
+public sealed unsafe class SplitVirtqueueDriver : VirtqueueDriver
 {
     private const ushort NoHead = 0xFFFF;
     private readonly VirtqDesc* _desc;
@@ -86,14 +86,20 @@ public sealed unsafe class SplitVirtqueueDriver
         Reset();
     }
 
-    public ushort Size { get; }
-    public bool EventIdx { get; }
+    public override ushort Size { get; }
+    public override bool EventIdx { get; }
+    public override bool IsPacked => false;
+    public override uint InitialVringBase => 0;
 
     /// <summary>Free descriptors.</summary>
-    public int FreeCount { get; private set; }
+    public override int FreeCount => _freeCount;
+
+    private int _freeCount;
 
     /// <summary>Chains handed to the device and not yet returned.</summary>
-    public int InFlight { get; private set; }
+    public override int InFlight => _inFlight;
+
+    private int _inFlight;
 
     /// <summary>Next avail index to write (shadow of avail.idx).</summary>
     public ushort AvailIdx => _availIdx;
@@ -127,8 +133,8 @@ public sealed unsafe class SplitVirtqueueDriver
         }
 
         _freeHead = 0;
-        FreeCount = Size;
-        InFlight = 0;
+        _freeCount = Size;
+        _inFlight = 0;
         _availIdx = 0;
         _publishedIdx = 0;
         _lastKickIdx = 0;
@@ -139,7 +145,7 @@ public sealed unsafe class SplitVirtqueueDriver
     /// Tells the device we poll the used ring and want no interrupts: VRING_AVAIL_F_NO_INTERRUPT, and with
     /// EVENT_IDX a used_event the device only crosses once every 65536 completions.
     /// </summary>
-    public void DisableInterrupts()
+    public override void DisableInterrupts()
     {
         Volatile.Write(ref _ring.AvailFlags, SplitVirtqueue.AvailFlagNoInterrupt);
         if (EventIdx)
@@ -153,7 +159,7 @@ public sealed unsafe class SplitVirtqueueDriver
     /// cleared and, with EVENT_IDX, used_event at the next index. Returns true when used entries arrived meanwhile:
     /// reap them instead of sleeping.
     /// </summary>
-    public bool EnableInterrupts()
+    public override bool EnableInterrupts()
     {
         if (EventIdx)
         {
@@ -173,7 +179,7 @@ public sealed unsafe class SplitVirtqueueDriver
     /// descriptors and puts its head in the avail ring, unpublished until <see cref="Publish"/>. Returns the head,
     /// or -1 when there are not enough free descriptors (nothing changed).
     /// </summary>
-    public int TryAdd(ReadOnlySpan<DriverBuffer> buffers, int token)
+    public override int TryAdd(ReadOnlySpan<DriverBuffer> buffers, int token)
     {
         if (buffers.Length == 0 || buffers.Length > FreeCount)
         {
@@ -199,7 +205,7 @@ public sealed unsafe class SplitVirtqueueDriver
             }
         }
 
-        FreeCount -= buffers.Length;
+        _freeCount -= buffers.Length;
         _chainLength[head] = (ushort)buffers.Length;
         _token[head] = token;
         // Compare before writing, as for descriptors: a reused head leaves the avail entry's line shared with the
@@ -211,7 +217,7 @@ public sealed unsafe class SplitVirtqueueDriver
         }
 
         _availIdx++;
-        InFlight++;
+        _inFlight++;
         return head;
     }
 
@@ -232,7 +238,7 @@ public sealed unsafe class SplitVirtqueueDriver
     }
 
     /// <summary>Makes every chain added so far visible to the device (release store of avail.idx).</summary>
-    public void Publish()
+    public override void Publish()
     {
         if (_publishedIdx != _availIdx)
         {
@@ -245,7 +251,7 @@ public sealed unsafe class SplitVirtqueueDriver
     /// Whether the device wants a kick for the heads published since the last call (EVENT_IDX: avail_event
     /// crossed; otherwise VRING_USED_F_NO_NOTIFY clear). Call after <see cref="Publish"/>.
     /// </summary>
-    public bool NeedsKick()
+    public override bool NeedsKick()
     {
         ushort newIdx = _publishedIdx;
         ushort old = _lastKickIdx;
@@ -267,10 +273,10 @@ public sealed unsafe class SplitVirtqueueDriver
     }
 
     /// <summary>Whether the device has returned chains we have not reaped (acquire read of used.idx).</summary>
-    public bool HasUsed => Volatile.Read(ref _ring.UsedIdx) != LastUsedIdx;
+    public override bool HasUsed => Volatile.Read(ref _ring.UsedIdx) != LastUsedIdx;
 
     /// <summary>Reaps the next used chain: returns its token and the length the device wrote, and frees its descriptors.</summary>
-    public UsedResult TryPopUsed(out int token, out uint length)
+    public override UsedResult TryPopUsed(out int token, out uint length)
     {
         token = -1;
         length = 0;
@@ -316,7 +322,7 @@ public sealed unsafe class SplitVirtqueueDriver
 
         _next[idx] = _freeHead;
         _freeHead = head;
-        FreeCount += n;
-        InFlight--;
+        _freeCount += n;
+        _inFlight--;
     }
 }

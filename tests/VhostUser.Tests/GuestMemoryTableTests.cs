@@ -34,6 +34,42 @@ public class GuestMemoryTableTests
         }
     }
 
+    /// <summary>
+    /// A front end's region from <see cref="MappedRegion.CreateShared"/> (virtio-user): 2 MiB-rounded, 2 MiB-aligned,
+    /// sealed, and accepted by the back end's table with its whole size (fstat agrees), its bytes shared.
+    /// </summary>
+    [Fact]
+    public void SharedFrontEndRegionIsTwoMiBAlignedSealedAndMapsOnTheBackEnd()
+    {
+        const ulong TwoMiB = 2UL << 20;
+        using var front = MappedRegion.CreateShared("vu-shared-test", (3 * TwoMiB) + 4096, out int fd, out bool huge);
+        try
+        {
+            Assert.Equal(4 * TwoMiB, front.Length);
+            Assert.Equal(0L, front.Pointer % (long)TwoMiB);
+            int seals = Fd.GetSeals(fd);
+            Assert.True(seals >= 0 && (seals & Fd.SealShrink) != 0 && (seals & Fd.SealGrow) != 0, $"seals 0x{seals:x}, huge pages {huge}");
+
+            var r = new VhostUserMemoryRegion { GuestPhysAddr = 0, MemorySize = front.Length, UserspaceAddr = (ulong)front.Pointer };
+            Assert.Equal(MemoryRegionError.None, GuestMemoryTable.TryMap(r, fd, [], out var m));
+            using (m.Map)
+            {
+                var table = new Virtio.GuestMemory([m.Region]);
+                Assert.True(table.TryTranslateGpa(front.Length - 8, 8, out _));
+                Assert.False(table.TryTranslateGpa(front.Length - 4, 8, out _));
+                System.Runtime.InteropServices.Marshal.WriteInt64(front.Pointer + (nint)TwoMiB + 16, 0x1122334455667788);
+                Assert.Equal(0x1122334455667788, System.Runtime.InteropServices.Marshal.ReadInt64(m.Map.Pointer + (nint)TwoMiB + 16));
+            }
+
+            // One byte more than the rounded size is past the end of the file.
+            Assert.Equal(MemoryRegionError.PastEndOfFile, GuestMemoryTable.TryMap(r with { MemorySize = front.Length + 4096 }, fd, [], out _));
+        }
+        finally
+        {
+            Fd.Close(fd);
+        }
+    }
+
     [Fact]
     public void SetMemTableMapsAllOrNothingAndViewsArePublished()
     {

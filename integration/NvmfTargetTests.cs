@@ -179,7 +179,9 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             var qpairs = (JsonArray)(await target.CallAsync("nvmf_subsystem_get_qpairs", new JsonObject { ["nqn"] = Nqn }))!;
             output.WriteLine("qpairs: " + qpairs.ToJsonString());
             Assert.True(qpairs.Count >= 2, "expected an admin and at least one I/O qpair: " + qpairs.ToJsonString());
-            Assert.DoesNotContain("digest", await Run(guest, "dmesg | grep -i nvme | tail -30"), StringComparison.OrdinalIgnoreCase);
+            string kmsg = await Run(guest, "dmesg | grep -i nvme | tail -30");
+            output.WriteLine(kmsg);
+            Assert.DoesNotContain("digest", kmsg, StringComparison.OrdinalIgnoreCase);
             output.WriteLine($"digests verified after {total.Elapsed.TotalSeconds:F0} s");
 
             // 5. Namespace hot-add while connected: the AEN makes the kernel rescan and nsid 2 appears.
@@ -220,6 +222,7 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             output.WriteLine($"reconnect after restart verified after {total.Elapsed.TotalSeconds:F0} s");
 
             await RunHost(guest, $"nvme disconnect -n {Nqn}");
+            output.WriteLine("--- guest kernel log ---\n" + await Run(guest, "dmesg | grep -i -E 'nvme|tcp' | tail -60"));
         }
         finally
         {
@@ -303,7 +306,7 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
         var sw = Stopwatch.StartNew();
         var fio = await guest.ExecHostAsync(
             $"fio --name={name} --filename={device} --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 " +
-            "--size=8M --numjobs=2 --offset_increment=16M --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting",
+            "--size=2M --numjobs=2 --offset_increment=16M --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting",
             TimeSpan.FromSeconds(300));
         output.WriteLine($"fio {name} on {device}: rc {fio.ExitCode} in {sw.Elapsed.TotalSeconds:F1} s");
         Assert.True(fio.ExitCode == 0, fio + "\n" + guest.ConsoleTail());

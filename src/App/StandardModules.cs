@@ -10,6 +10,7 @@ using VhostBackend.BdevPassthru;
 using VhostBackend.BdevRaid;
 using VhostBackend.BdevSplit;
 using VhostBackend.BdevVirtio;
+using VhostBackend.Nvmf;
 using VhostBackend.Rpc;
 using VhostBackend.Vhost;
 using VhostBackend.Vhost.Rpc;
@@ -40,6 +41,11 @@ public static class StandardModules
         // After every module whose bdevs can hold an lvstore (examine order), before vhost (stops after it: lvstores
         // are unloaded cleanly once no controller uses their lvols).
         app.AddBdevModule(new LvolModule());
+
+        // The NVMe-oF/TCP target (SPDK's nvmf_tgt): exports bdevs; stops after vhost and before the bdev modules.
+        var nvmf = new NvmfTarget(app.Reactors, app.Bdevs, app.LoggerFactory);
+        NvmfRpc.Register(app.Rpc, nvmf, app.Subsystems);
+        app.OnStop(async () => await nvmf.DisposeAsync().ConfigureAwait(false));
 
         var vhost = new VhostManager(app.Reactors, app.Bdevs, app.Options.SocketDir, app.LoggerFactory) { SocketOwnership = app.Options.SocketOwnership };
         VhostRpc.Register(app.Rpc, vhost, app.Subsystems);

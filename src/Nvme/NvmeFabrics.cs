@@ -71,4 +71,35 @@ public static class NvmeFabrics
 
     /// <summary>The fctype of a fabrics command (its byte 4), or -1 for other commands.</summary>
     public static int FctypeOf(in NvmeCommand cmd) => cmd.Opcode == Opcode ? (int)(cmd.Nsid & 0xFF) : -1;
+
+    /// <summary>Connect CATTR bit 2: the host disabled SQ flow control (a controller may then use the C2HData SUCCESS flag).</summary>
+    public const byte ConnectCattrDisableSqFlow = 0x04;
+
+    /// <summary>SGL descriptor type (bits 7:4 of SGL1 byte 15) of a data block; subtype (3:0) 1 = offset (in-capsule), 0xA = transport.</summary>
+    public const byte SglTypeDataBlock = 0x0;
+    public const byte SglTypeTransportDataBlock = 0x5;
+
+    /// <summary>SGL1 of a command: address (or in-capsule offset), length, type byte (type in bits 7:4, subtype in 3:0).</summary>
+    public static (ulong Address, uint Length, byte TypeByte) Sgl(in NvmeCommand cmd) =>
+        (cmd.Prp1, (uint)cmd.Prp2, (byte)(cmd.Prp2 >> 56));
+
+    /// <summary>Reads Connect data (a target's view): host identifier, controller id, subsystem and host NQN (NUL-terminated, at most 256 bytes each).</summary>
+    public static (Guid HostId, ushort Cntlid, string SubNqn, string HostNqn) ReadConnectData(ReadOnlySpan<byte> data)
+    {
+        if (data.Length < ConnectDataSize)
+        {
+            throw new ArgumentException("connect data is 1024 bytes");
+        }
+
+        var hostId = new Guid(data[..16], bigEndian: true);
+        ushort cntlid = BinaryPrimitives.ReadUInt16LittleEndian(data[16..]);
+        return (hostId, cntlid, NulTerminated(data.Slice(256, 256)), NulTerminated(data.Slice(512, 256)));
+    }
+
+    /// <summary>The UTF-8 text before the first NUL (the whole span when there is none: then longer than an NQN may be).</summary>
+    public static string NulTerminated(ReadOnlySpan<byte> b)
+    {
+        int n = b.IndexOf((byte)0);
+        return Encoding.UTF8.GetString(n >= 0 ? b[..n] : b);
+    }
 }

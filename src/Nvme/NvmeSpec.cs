@@ -86,6 +86,8 @@ public static class NvmeFeature
     public const byte NumberOfQueues = 0x07;
     public const byte AsyncEventConfiguration = 0x0B;
     public const byte KeepAliveTimer = 0x0F;
+    public const byte InterruptCoalescing = 0x08;
+    public const byte WriteAtomicity = 0x0A;
 }
 
 public static class NvmeLogPage
@@ -93,6 +95,10 @@ public static class NvmeLogPage
     public const byte Error = 0x01;
     public const byte SmartHealth = 0x02;
     public const byte FirmwareSlot = 0x03;
+    public const byte ChangedNamespaceList = 0x04;
+
+    /// <summary>Discovery log page (NVMe-oF).</summary>
+    public const byte Discovery = 0x70;
 }
 
 /// <summary>ONCS bits of Identify Controller (optional NVM commands).</summary>
@@ -218,6 +224,20 @@ public static class NvmeSc
     public const int AbortRequested = 0x07;
     public const int AbortedSqDeletion = 0x08;
     public const int InvalidNamespace = 0x0B;
+    public const int CommandSequenceError = 0x0C;
+    public const int InvalidSglSegmentDescriptor = 0x0D;
+    public const int DataSglLengthInvalid = 0x0F;
+    public const int SglDescriptorTypeInvalid = 0x11;
+    public const int SglOffsetInvalid = 0x16;
+    public const int NamespaceNotReady = 0x82; // generic
+    public const int AbortLimitExceeded = 0x03; // command specific
+    public const int AsyncEventRequestLimitExceeded = 0x05; // command specific
+    public const int InvalidLogPage = 0x09; // command specific
+    public const int FeatureNotChangeable = 0x0E; // command specific
+    public const int ConnectIncompatibleFormat = 0x80; // command specific (fabrics)
+    public const int ConnectControllerBusy = 0x81; // command specific (fabrics)
+    public const int ConnectInvalidParameters = 0x82; // command specific (fabrics)
+    public const int ConnectInvalidHost = 0x84; // command specific (fabrics)
     public const int TransientTransportError = 0x22;
     public const int LbaOutOfRange = 0x80;
     public const int InvalidQueueId = 0x01; // command specific

@@ -110,6 +110,15 @@ public static class NvmeTcpPdu
     public static NvmeTcpFes TermFes(ReadOnlySpan<byte> pdu) => (NvmeTcpFes)BinaryPrimitives.ReadUInt16LittleEndian(pdu[8..]);
     public static uint TermFei(ReadOnlySpan<byte> pdu) => BinaryPrimitives.ReadUInt32LittleEndian(pdu[10..]);
 
+    /// <summary>The 64-byte command of a CapsuleCmd (a target's view).</summary>
+    public static NvmeCommand CapsuleCommand(ReadOnlySpan<byte> pdu) => MemoryMarshal.Read<NvmeCommand>(pdu[CommonHeaderSize..]);
+
+    /// <summary>The 16-byte completion of a CapsuleResp.</summary>
+    public static NvmeCompletion CapsuleCompletion(ReadOnlySpan<byte> pdu) => MemoryMarshal.Read<NvmeCompletion>(pdu[CommonHeaderSize..]);
+
+    /// <summary>ICReq MAXR2T (0's based: outstanding R2Ts per command the host accepts, minus one).</summary>
+    public static uint IcMaxR2T(ReadOnlySpan<byte> pdu) => IcMax(pdu);
+
     /// <summary>The data offset for a PDU whose header ends at <paramref name="headerBytes"/>, aligned to (pda+1)*4.</summary>
     public static int AlignedDataOffset(int headerBytes, int pda)
     {

@@ -164,6 +164,22 @@ public static partial class Program
         WithArgs(root, "bdev_nvme_get_discovery_info", "list discovery services", []);
         WithArgs(root, "bdev_nvme_set_options", "NVMe module options (before any controller is attached)", [("-t|timeout_us", "I/O timeout (us; TCP: reconnect on timeout with -p reset)", "ulong?"), ("-p|action_on_timeout", "none or reset", "string?"), ("--timeout-admin-us|timeout_admin_us", "admin command timeout (us)", "ulong?"), ("-k|keep_alive_timeout_ms", "keep-alive timeout (ms)", "uint?"), ("--io-queue-requests|io_queue_requests", "requests per I/O queue", "uint?"), ("-l|ctrlr_loss_timeout_sec", "default ctrlr_loss_timeout_sec", "int?"), ("-o|reconnect_delay_sec", "default reconnect_delay_sec", "uint?"), ("-u|fast_io_fail_timeout_sec", "default fast_io_fail_timeout_sec", "uint?")]);
         WithArgs(root, "bdev_nvme_get_controllers", "list NVMe controllers", [("-n|name", "controller name", "string?")]);
+        // NVMe-oF target (rpc.py's flags and positionals; docs/NVMF.md).
+        WithArgs(root, "nvmf_create_transport", "create the NVMe-oF transport (TCP)", [("-t|trtype", "transport type: TCP", "string"), ("-q|max_queue_depth", "max outstanding I/O per queue", "uint?"), ("-m|max_io_qpairs_per_ctrlr", "max I/O qpairs per controller", "uint?"), ("-c|in_capsule_data_size", "in-capsule data size (bytes)", "uint?"), ("-i|max_io_size", "max I/O size (bytes)", "uint?"), ("-u|io_unit_size", "I/O unit size (bytes)", "uint?"), ("-a|max_aq_depth", "max admin queue depth", "uint?"), ("-n|num_shared_buffers", "shared buffers (accepted, sizes nothing here)", "uint?"), ("-b|buf_cache_size", "buffer cache size (accepted, sizes nothing here)", "uint?"), ("-o|c2h_success", "disable the C2H success optimization", "noflag"), ("-y|sock_priority", "socket priority (0-16)", "uint?"), ("-x|abort_timeout_sec", "abort timeout (s)", "uint?"), ("-e|control_msg_num", "control messages per poll group", "uint?"), ("--acceptor-poll-rate|acceptor_poll_rate", "acceptor poll period (us)", "uint?")]);
+        WithArgs(root, "nvmf_get_transports", "list NVMe-oF transports", [("--trtype|trtype", "transport type", "string?")], Columns(null, "trtype", "max_queue_depth", "max_io_qpairs_per_ctrlr", "in_capsule_data_size", "max_io_size", "c2h_success"));
+        WithArgs(root, "nvmf_create_subsystem", "create an NVM subsystem", [("nqn", "subsystem NQN", "string"), ("-s|serial_number", "serial number", "string?"), ("-d|model_number", "model number", "string?"), ("-a|allow_any_host", "allow any host", "flag"), ("-m|max_namespaces", "max namespaces", "uint?"), ("-i|min_cntlid", "min controller id", "uint?"), ("-I|max_cntlid", "max controller id", "uint?")]);
+        WithArgs(root, "nvmf_delete_subsystem", "delete an NVM subsystem", [("nqn", "subsystem NQN", "string")]);
+        WithArgs(root, "nvmf_get_subsystems", "list subsystems", [("nqn", "subsystem NQN", "string?")], Columns(null, "nqn", "subtype", "allow_any_host", "serial_number", "model_number"));
+        WithArgs(root, "nvmf_subsystem_add_listener", "listen for a subsystem", [("nqn", "subsystem NQN", "string"), ("-t|listen_address.trtype", "transport type: TCP", "string"), ("-a|listen_address.traddr", "IP address", "string"), ("-f|listen_address.adrfam", "IPv4 or IPv6", "string?"), ("-s|listen_address.trsvcid", "port", "string?")]);
+        WithArgs(root, "nvmf_subsystem_remove_listener", "stop listening for a subsystem", [("nqn", "subsystem NQN", "string"), ("-t|listen_address.trtype", "transport type: TCP", "string"), ("-a|listen_address.traddr", "IP address", "string"), ("-f|listen_address.adrfam", "IPv4 or IPv6", "string?"), ("-s|listen_address.trsvcid", "port", "string?")]);
+        WithArgs(root, "nvmf_subsystem_add_ns", "add a namespace (a bdev)", [("nqn", "subsystem NQN", "string"), ("namespace.bdev_name", "bdev name", "string"), ("-n|namespace.nsid", "namespace id", "uint?"), ("-g|namespace.nguid", "NGUID (hex)", "string?"), ("-e|namespace.eui64", "EUI-64 (hex)", "string?"), ("-u|namespace.uuid", "UUID", "string?")]);
+        WithArgs(root, "nvmf_subsystem_remove_ns", "remove a namespace", [("nqn", "subsystem NQN", "string"), ("nsid", "namespace id", "uint")]);
+        WithArgs(root, "nvmf_subsystem_add_host", "allow a host", [("nqn", "subsystem NQN", "string"), ("host", "host NQN", "string")]);
+        WithArgs(root, "nvmf_subsystem_remove_host", "disallow a host (its controllers are disconnected)", [("nqn", "subsystem NQN", "string"), ("host", "host NQN", "string")]);
+        AllowAnyHost(root);
+        WithArgs(root, "nvmf_get_stats", "NVMe-oF poll group statistics", []);
+        WithArgs(root, "nvmf_subsystem_get_controllers", "controllers of a subsystem", [("nqn", "subsystem NQN", "string")], Columns(null, "cntlid", "hostnqn", "hostid", "num_io_qpairs"));
+        WithArgs(root, "nvmf_subsystem_get_qpairs", "queue pairs of a subsystem", [("nqn", "subsystem NQN", "string")], Columns(null, "cntlid", "qid", "state", "thread"));
         AddLibvirtXml(root);
 
         var delay = new Option<double>("--delay", "-d") { Description = "seconds between refreshes (0.1 to 3600)", DefaultValueFactory = _ => 1.0 };
@@ -210,18 +226,20 @@ public static partial class Program
         var getters = new List<Func<ParseResult, (string Key, JsonNode? Value)>>();
         foreach (var (spec, help, type) in specs)
         {
-            bool optional = type.EndsWith('?') || type == "flag";
+            bool optional = type.EndsWith('?') || type is "flag" or "noflag";
             string baseType = type.TrimEnd('?');
             string key = spec.Contains('|') ? spec.Split('|')[1] : spec;
             if (spec.StartsWith('-'))
             {
                 string alias = spec.Split('|')[0];
                 string[] names = alias.StartsWith("--", StringComparison.Ordinal) ? [alias] : ["--" + key, alias];
-                if (baseType == "flag")
+                if (baseType is "flag" or "noflag")
                 {
+                    // flag: sends true when given; noflag: sends false when given (rpc.py's store_false, e.g. --c2h-success).
                     var o = new Option<bool>(names[0], names.Skip(1).ToArray()) { Description = help };
                     cmd.Options.Add(o);
-                    getters.Add(r => (key, r.GetValue(o) ? JsonValue.Create(true) : null));
+                    bool sent = baseType == "flag";
+                    getters.Add(r => (key, r.GetValue(o) ? JsonValue.Create(sent) : null));
                 }
                 else
                 {
@@ -248,7 +266,15 @@ public static partial class Program
                     var (k, v) = g(r);
                     if (v is not null)
                     {
-                        (p ??= new JsonObject())[k] = v;
+                        // "outer.inner" keys build nested objects (nvmf's listen_address and namespace).
+                        var target = p ??= new JsonObject();
+                        var parts = k.Split('.');
+                        for (int i = 0; i < parts.Length - 1; i++)
+                        {
+                            target = (JsonObject)(target[parts[i]] ??= new JsonObject());
+                        }
+
+                        target[parts[^1]] = v;
                     }
                 }
             }
@@ -259,6 +285,29 @@ public static partial class Program
             }
 
             return Run(r, name, p, table);
+        });
+        root.Subcommands.Add(cmd);
+    }
+
+    /// <summary>rpc.py's nvmf_subsystem_allow_any_host NQN (-e|--enable | -d|--disable).</summary>
+    private static void AllowAnyHost(RootCommand root)
+    {
+        var cmd = new Command("nvmf_subsystem_allow_any_host", "allow any host to connect (-e) or only the host list (-d)");
+        var nqn = new Argument<string>("nqn") { Description = "subsystem NQN" };
+        var enable = new Option<bool>("--enable", "-e") { Description = "allow any host" };
+        var disable = new Option<bool>("--disable", "-d") { Description = "only listed hosts" };
+        cmd.Arguments.Add(nqn);
+        cmd.Options.Add(enable);
+        cmd.Options.Add(disable);
+        cmd.SetAction(r =>
+        {
+            if (r.GetValue(enable) == r.GetValue(disable))
+            {
+                Console.Error.WriteLine("vhostctl nvmf_subsystem_allow_any_host: give exactly one of --enable and --disable");
+                return 1;
+            }
+
+            return Run(r, "nvmf_subsystem_allow_any_host", new JsonObject { ["nqn"] = r.GetValue(nqn), ["allow_any_host"] = r.GetValue(enable) });
         });
         root.Subcommands.Add(cmd);
     }

@@ -122,7 +122,7 @@ public sealed class NvmfTarget : IAsyncDisposable
         {
             _acceptor = _reactors.Main.RegisterPoller("nvmf_tcp_accept", static c => ((NvmfTarget)c!).Accept(), this, options.AcceptorPollRate);
         }).ConfigureAwait(true);
-        _log.LogInformation("nvmf: TCP transport created (max_queue_depth {Depth}, in_capsule_data_size {Icd}, max_io_size {Mio})", options.MaxQueueDepth, options.InCapsuleDataSize, options.MaxIoSize);
+        _log.LogInformation("TCP transport created (max_queue_depth {Depth}, in_capsule_data_size {Icd}, max_io_size {Mio})", options.MaxQueueDepth, options.InCapsuleDataSize, options.MaxIoSize);
     }
 
     private int Accept()
@@ -172,7 +172,7 @@ public sealed class NvmfTarget : IAsyncDisposable
                 }
                 catch (SocketException e)
                 {
-                    _log.LogWarning("nvmf: accepted connection dropped: {Error}", e.SocketErrorCode);
+                    _log.LogWarning("accepted connection dropped: {Error}", e.SocketErrorCode);
                     c.Dispose();
                 }
             }
@@ -357,7 +357,7 @@ public sealed class NvmfTarget : IAsyncDisposable
 
             ls = new ListenSocket { Address = address, Socket = s };
             _listenSockets.Add(ls);
-            _log.LogInformation("nvmf: TCP target listening on {Addr} port {Port}", address.TrAddr, address.TrSvcId);
+            _log.LogInformation("TCP target listening on {Addr} port {Port}", address.TrAddr, address.TrSvcId);
         }
 
         ls.Users++;
@@ -470,7 +470,7 @@ public sealed class NvmfTarget : IAsyncDisposable
             sub.Publish(next);
         }
 
-        _log.LogInformation("nvmf: subsystem {Nqn}: namespace {Nsid} = bdev {Bdev}", sub.Nqn, nsid, bdevName);
+        _log.LogInformation("subsystem {Nqn}: namespace {Nsid} = bdev {Bdev}", sub.Nqn, nsid, bdevName);
         NotifyNamespaceChanged(sub, nsid);
         return nsid;
     }
@@ -483,7 +483,7 @@ public sealed class NvmfTarget : IAsyncDisposable
             return;
         }
 
-        _log.LogWarning("nvmf: bdev {Bdev} removed: namespace {Nsid} of {Nqn} goes", bdev.Name, nsid, sub.Nqn);
+        _log.LogWarning("bdev {Bdev} removed: namespace {Nsid} of {Nqn} goes", bdev.Name, nsid, sub.Nqn);
         try
         {
             await RemoveNamespaceAsync(sub, nsid, notify: true).ConfigureAwait(true);
@@ -752,7 +752,7 @@ public sealed class NvmfTarget : IAsyncDisposable
 
             conn.Attach(ctrl, 0, entries, (cattr & NvmeFabrics.ConnectCattrDisableSqFlow) != 0);
             Interlocked.Increment(ref conn.Group!.AdminQpairs);
-            _log.LogInformation("nvmf: host {Host} connected to {Nqn} (controller {Cntlid}) from {Peer}", hostNqn, subNqn, ctrl.Cntlid, conn.PeerAddress);
+            _log.LogInformation("host {Host} connected to {Nqn} (controller {Cntlid}) from {Peer}", hostNqn, subNqn, ctrl.Cntlid, conn.PeerAddress);
             req.Dw0 = ctrl.Cntlid;
             conn.Complete(req, 0);
             return;
@@ -823,7 +823,7 @@ public sealed class NvmfTarget : IAsyncDisposable
             long suppressed = Interlocked.Exchange(ref _suppressedLogs, 0);
             if (suppressed > 0)
             {
-                _log.LogWarning("nvmf: {Count} more host errors not logged", suppressed);
+                _log.LogWarning("{Count} more host errors not logged", suppressed);
             }
         }
 
@@ -833,11 +833,11 @@ public sealed class NvmfTarget : IAsyncDisposable
             return;
         }
 
-        _log.LogWarning("nvmf: host {Peer} (qid {Qid}): {Reason}", conn.PeerAddress, conn.Qid, reason);
+        _log.LogWarning("host {Peer} (qid {Qid}): {Reason}", conn.PeerAddress, conn.Qid, reason);
     }
 
     internal void LogKeepAliveTimeout(NvmfController c) =>
-        _log.LogWarning("nvmf: controller {Cntlid} of {Nqn} (host {Host}): keep alive timeout ({Kato} ms), destroying it", c.Cntlid, c.Subsystem.Nqn, c.HostNqn, c.KatoMs);
+        _log.LogWarning("controller {Cntlid} of {Nqn} (host {Host}): keep alive timeout ({Kato} ms), destroying it", c.Cntlid, c.Subsystem.Nqn, c.HostNqn, c.KatoMs);
 
     // ---------------------------------------------------------------- stats, config
 

@@ -245,62 +245,6 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
         output.WriteLine($"total {total.Elapsed.TotalSeconds:F0} s");
     }
 
-    /// <summary>
-    /// Our initiator against our target on loopback, no guest: bdevperf verify on a subsystem with two namespaces, one
-    /// job per namespace on each of two cores (one controller, an I/O qpair per core), digests off and then on; the
-    /// target lists the admin and both I/O qpairs while it runs. (Not bdevperf -C on one namespace: its jobs would
-    /// write the same blocks, our bdevperf does not split the range between them.)
-    /// </summary>
-    [Fact]
-    public async Task Bdevperf_verifies_our_target_over_loopback_with_two_qpairs_and_digests()
-    {
-        var work = Directory.CreateTempSubdirectory("vb-nvmf-bp-").FullName;
-        int port = FreePort();
-        await using var target = await VhostDaemon.StartAsync(work, l => output.WriteLine("[target] " + l));
-        await target.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "Malloc0", ["num_blocks"] = 16384, ["block_size"] = 4096 });
-        await target.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "Malloc1", ["num_blocks"] = 16384, ["block_size"] = 512 });
-        await target.CallAsync("nvmf_create_transport", new JsonObject { ["trtype"] = "TCP" });
-        await target.CallAsync("nvmf_create_subsystem", new JsonObject { ["nqn"] = Nqn, ["allow_any_host"] = true });
-        await target.CallAsync("nvmf_subsystem_add_ns", new JsonObject { ["nqn"] = Nqn, ["namespace"] = new JsonObject { ["bdev_name"] = "Malloc0" } });
-        await target.CallAsync("nvmf_subsystem_add_ns", new JsonObject { ["nqn"] = Nqn, ["namespace"] = new JsonObject { ["bdev_name"] = "Malloc1" } });
-        await target.CallAsync("nvmf_subsystem_add_listener", new JsonObject { ["nqn"] = Nqn, ["listen_address"] = Listener(port) });
-
-        foreach (var (name, extra) in new[] { ("plain", ""), ("digests", """, "hdgst": true, "ddgst": true""") })
-        {
-            string cfg = Path.Combine(work, $"bdevperf-{name}.json");
-            File.WriteAllText(cfg, $$$"""
-                {"subsystems": [{"subsystem": "bdev", "config": [
-                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Tgt0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{{port}}}", "subnqn": "{{{Nqn}}}"{{{extra}}}}}
-                ]}]}
-                """);
-            var run = Tools.RunAsync(Path.Combine(GuestImage.RepoRoot, "bdevperf"), ["--json", cfg, "-q", "32", "-o", "4096", "-w", "verify", "-t", "8", "-m", "0x3"], TimeSpan.FromMinutes(5), GuestImage.RepoRoot);
-
-            // While it runs: one admin and two I/O qpairs of one controller.
-            int most = 0;
-            string last = string.Empty;
-            var sw = Stopwatch.StartNew();
-            while (!run.IsCompleted && sw.Elapsed < TimeSpan.FromSeconds(120))
-            {
-                var q = (JsonArray)(await target.CallAsync("nvmf_subsystem_get_qpairs", new JsonObject { ["nqn"] = Nqn }))!;
-                if (q.Count > most)
-                {
-                    most = q.Count;
-                    last = q.ToJsonString();
-                }
-
-                await Task.Delay(250);
-            }
-
-            var r = await run;
-            output.WriteLine($"--- bdevperf {name} (exit {r.ExitCode}) ---\n{r.Output}\nqpairs: {last}");
-            Assert.True(r.ExitCode == 0, r.Output);
-            Assert.Contains("Tgt0n1 @ 0", r.Output, StringComparison.Ordinal);
-            Assert.Contains("Tgt0n2 @ 1", r.Output, StringComparison.Ordinal);
-            Assert.Contains("0 errors, 0 miscompares", r.Output, StringComparison.Ordinal);
-            Assert.True(most >= 3, $"expected an admin and two I/O qpairs while bdevperf ran on two cores, saw at most {most}: {last}");
-        }
-    }
-
     private async Task Fio(QemuGuest guest, string device, string name)
     {
         var sw = Stopwatch.StartNew();

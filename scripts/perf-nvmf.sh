@@ -113,8 +113,13 @@ start_target() { # start_target NAME -> daemon_pid, rpc_sock, port; returns 2 wh
         spdk-*)
             ours=0
             [ -x "$spdk_tgt" ] || return 2
-            # SPDK needs hugepages; the anchor scripts set them up (see ../shared/anchors/anchor-common.sh).
-            LD_LIBRARY_PATH="$spdk_dir/build/lib:${LD_LIBRARY_PATH:-}" taskset -c 0 "$spdk_tgt" -m 0x1 -r "$rpc_sock" \
+            # SPDK needs 2 MB hugepages mounted on /dev/hugepages (as the anchor scripts in ../shared/anchors set up);
+            # -u: no PCI probing (DPDK would otherwise try to take this VM's virtio NIC).
+            if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 512 ]; then
+                echo 1024 > /proc/sys/vm/nr_hugepages || true
+            fi
+            grep -qs '^[^ ]* /dev/hugepages hugetlbfs ' /proc/mounts || { mkdir -p /dev/hugepages; mount -t hugetlbfs -o pagesize=2M nodev /dev/hugepages; }
+            LD_LIBRARY_PATH="$spdk_dir/build/lib:${LD_LIBRARY_PATH:-}" taskset -c 0 "$spdk_tgt" -m 0x1 -u -r "$rpc_sock" \
                 --disable-cpumask-locks -s 1024 > "$work/$name.log" 2>&1 &
             daemon_pid=$!
             ;;

@@ -182,3 +182,125 @@ rpc = {
 }
 for name, data in rpc.items():
     write("rpc-bind", name, b"\x40" + data)
+
+# ---- nvmf-tcp ----------------------------------------------------------------------------------------------
+# NVMe/TCP host streams (NVMe/TCP transport spec 1.0, NVMe-oF 1.1 Connect): the order the Linux host sends at
+# connect (ICReq, Connect, Property Get/Set, Identify), digests on, in-capsule writes, a write through R2T/H2CData,
+# discovery, Connect to an unknown NQN, commands before Connect, bad lengths.
+
+FUZZ_NQN = b"nqn.2016-06.io.spdk:fuzz1"
+DISC_NQN = b"nqn.2014-08.org.nvmexpress.discovery"
+HOST_NQN = b"nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001"
+
+
+def crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def icreq(hdgst=False, ddgst=False, maxr2t=0):
+    body = struct.pack("<HBBI", 0, 0, (1 if hdgst else 0) | (2 if ddgst else 0), maxr2t)
+    return struct.pack("<BBBBI", 0x00, 0, 128, 0, 128) + body + bytes(128 - 8 - len(body))
+
+
+def sgl_icd(length):   # data block, offset subtype: in-capsule data
+    return struct.pack("<QI3xB", 0, length, 0x01)
+
+
+def sgl_tdb(length):   # transport data block: data moved with C2HData / R2T+H2CData
+    return struct.pack("<QI3xB", 0, length, 0x5A)
+
+
+def sqe(opc, cid, nsid=0, sgl=None, cdw10_15=b"", fuse_psdt=0x40, fctype=None):
+    s = bytearray(64)
+    s[0] = opc
+    s[1] = fuse_psdt
+    struct.pack_into("<H", s, 2, cid)
+    if fctype is not None:
+        s[4] = fctype
+    else:
+        struct.pack_into("<I", s, 4, nsid)
+    s[24:40] = sgl if sgl is not None else sgl_icd(0)
+    s[40:40 + len(cdw10_15)] = cdw10_15
+    return bytes(s)
+
+
+def capsule(cmd, data=b"", hdgst=False, ddgst=False):
+    hlen = 72
+    pdo = hlen + (4 if hdgst else 0) if data else 0
+    plen = hlen + (4 if hdgst else 0) + len(data) + (4 if ddgst and data else 0)
+    hdr = struct.pack("<BBBBI", 0x04, (1 if hdgst else 0) | (2 if ddgst and data else 0), hlen, pdo, plen) + cmd
+    out = hdr + (struct.pack("<I", crc32c(hdr)) if hdgst else b"")
+    if data:
+        out += data + (struct.pack("<I", crc32c(data)) if ddgst else b"")
+    return out
+
+
+def h2c_data(cccid, ttag, offset, data, last=True):
+    hlen = 24
+    hdr = struct.pack("<BBBBIHHII", 0x06, 0x04 if last else 0, hlen, hlen, hlen + len(data), cccid, ttag, offset, len(data)) + bytes(4)
+    return hdr + data
+
+
+def connect(cid, qid, sqsize, nqn=FUZZ_NQN, host=HOST_NQN, cntlid=0xFFFF, kato=0, hdgst=False, ddgst=False):
+    cdw = struct.pack("<HHHBxI", 0, qid, sqsize, 0, kato)
+    data = bytearray(1024)
+    data[0:16] = bytes(range(16))
+    struct.pack_into("<H", data, 16, cntlid)
+    data[256:256 + len(nqn)] = nqn
+    data[512:512 + len(host)] = host
+    return capsule(sqe(0x7F, cid, sgl=sgl_icd(1024), cdw10_15=cdw, fctype=0x01), bytes(data), hdgst, ddgst)
+
+
+def prop_get(cid, offset, size8=False):
+    return capsule(sqe(0x7F, cid, fctype=0x04, cdw10_15=struct.pack("<B3xI", 1 if size8 else 0, offset)))
+
+
+def prop_set(cid, offset, value):
+    return capsule(sqe(0x7F, cid, fctype=0x00, cdw10_15=struct.pack("<B3xIQ", 0, offset, value)))
+
+
+def identify(cid, cns, nsid=0):
+    return capsule(sqe(0x06, cid, nsid=nsid, sgl=sgl_tdb(4096), cdw10_15=struct.pack("<I", cns)))
+
+
+def get_log(cid, lid, numd):
+    return capsule(sqe(0x02, cid, sgl=sgl_tdb(numd * 4), cdw10_15=struct.pack("<I", lid | ((numd - 1) << 16))))
+
+
+def rw(opc, cid, slba, nlb, data=b"", icd=True, hdgst=False, ddgst=False):
+    sgl = sgl_icd(len(data)) if icd and data else sgl_tdb(nlb * 512)
+    cmd = sqe(opc, cid, nsid=1, sgl=sgl, cdw10_15=struct.pack("<QH", slba, nlb - 1))
+    return capsule(cmd, data if icd else b"", hdgst, ddgst)
+
+
+admin_start = (icreq() + connect(1, 0, 31, kato=15000) + prop_get(2, 0x0, True) + prop_set(3, 0x14, 0x460001)
+               + prop_get(4, 0x1C) + identify(5, 1))
+# byte 0 = 0: the whole stream of one connection.
+write("nvmf-tcp", "icreq-only", b"\x00" + icreq())
+write("nvmf-tcp", "admin-connect-identify", b"\x00" + admin_start + identify(6, 2) + identify(7, 0, nsid=1) + identify(8, 3, nsid=1)
+      + get_log(9, 0x02, 128) + get_log(10, 0x04, 1024)
+      + capsule(sqe(0x09, 11, cdw10_15=struct.pack("<II", 0x07, 0x00030003)))
+      + capsule(sqe(0x0C, 12)) + capsule(sqe(0x18, 13)))
+write("nvmf-tcp", "digests", b"\x00" + icreq(True, True) + connect(1, 0, 31, hdgst=True, ddgst=True)
+      + capsule(sqe(0x7F, 2, fctype=0x00, cdw10_15=struct.pack("<B3xIQ", 0, 0x14, 0x460001)), hdgst=True)
+      + capsule(sqe(0x06, 3, sgl=sgl_tdb(4096), cdw10_15=struct.pack("<I", 1)), hdgst=True))
+write("nvmf-tcp", "discovery", b"\x00" + icreq() + connect(1, 0, 31, nqn=DISC_NQN) + prop_get(2, 0x0, True)
+      + prop_set(3, 0x14, 0x460001) + identify(4, 1) + get_log(5, 0x70, 256))
+write("nvmf-tcp", "unknown-nqn", b"\x00" + icreq() + connect(1, 0, 31, nqn=b"nqn.2016-06.io.spdk:nope"))
+write("nvmf-tcp", "before-connect", b"\x00" + icreq() + identify(1, 1) + rw(0x02, 2, 0, 1, icd=False))
+write("nvmf-tcp", "io-queue-bad-cntlid", b"\x00" + icreq() + connect(1, 1, 127, cntlid=7))
+write("nvmf-tcp", "bad-lengths", b"\x00" + icreq() + struct.pack("<BBBBI", 0x04, 0, 72, 200, 50) + bytes(64)
+      + struct.pack("<BBBBI", 0x04, 0, 8, 0, 0xFFFFFFF0))
+# byte 0 = 1: what follows an I/O queue Connect the harness made (cid 1 used by it).
+write("nvmf-tcp", "io-rw-icd", b"\x01" + rw(0x01, 2, 8, 1, bytes(range(256)) * 2) + rw(0x02, 3, 8, 1, icd=False)
+      + capsule(sqe(0x00, 4, nsid=1)) + capsule(sqe(0x08, 5, nsid=1, sgl=sgl_tdb(0), cdw10_15=struct.pack("<QH", 0, 7)))
+      + capsule(sqe(0x09, 6, nsid=1, sgl=sgl_icd(16), cdw10_15=struct.pack("<II", 0, 4)), struct.pack("<IIQ", 0, 8, 0))
+      + rw(0x05, 7, 8, 1, bytes(range(256)) * 2))
+write("nvmf-tcp", "io-write-r2t", b"\x01" + rw(0x01, 2, 16, 16, icd=False)
+      + h2c_data(2, 0, 0, bytes(4096), last=False) + h2c_data(2, 0, 4096, bytes(4096)))
+write("nvmf-tcp", "io-read-big", b"\x01" + rw(0x02, 2, 0, 256, icd=False) + rw(0x02, 3, 2040, 16, icd=False))

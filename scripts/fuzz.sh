@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzes the protocol parsers with AFL++ through SharpFuzz (docs/RELIABILITY.md, "Fuzzing"):
 #   scripts/fuzz.sh [-t SECONDS_PER_TARGET] [-o OUTPUT_DIR] [TARGET...]
-# Targets: vhost-msg desc-chain scsi-cdb rpc-bind (default: all, 45 s each: the CI run; a long run is -t 3600).
+# Targets: vhost-msg desc-chain scsi-cdb rpc-bind nvmf-tcp (default: all, 45 s each: the CI run; a long run is -t 3600).
 # Builds fuzz/Fuzz, instruments the fuzzed project assemblies (a copy of the build output, never the build
 # itself), runs afl-fuzz per target from fuzz/corpus/<target>, and prints per target the execs, execs/s, corpus
 # size (queue entries), crashes and hangs. Crashing and hanging inputs are copied to OUTPUT_DIR/<target>/
@@ -12,7 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 seconds=45
 outdir="$root/.build/fuzz/findings"
-all=(vhost-msg desc-chain scsi-cdb rpc-bind)
+all=(vhost-msg desc-chain scsi-cdb rpc-bind nvmf-tcp)
 targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,7 +46,7 @@ mkdir -p "$work/findings"
 cp -r .build/bin/VhostBackend.Fuzz/Release/net10.0 "$work/bin"
 # Only the code under test is instrumented: not System.*, not SharpFuzz, not the reactor and platform plumbing
 # (thread timing there would make coverage unstable).
-for asm in VhostUser Virtio Scsi Rpc Bdev BdevMalloc Vhost; do
+for asm in VhostUser Virtio Scsi Rpc Bdev BdevMalloc Vhost Nvme Nvmf; do
     if ! dotnet tool run sharpfuzz "$work/bin/VhostBackend.$asm.dll" >"$work/sharpfuzz-$asm.log" 2>&1; then
         echo "fuzz: sharpfuzz could not instrument VhostBackend.$asm.dll:" >&2
         cat "$work/sharpfuzz-$asm.log" >&2

@@ -4,7 +4,7 @@
 #   "N passed, N failed, N skipped"
 # Options: --unit (unit tests only), --filter EXPR (dotnet test filter for all suites; no fuzz run then),
 # --no-fuzz (skip the fuzz suite). The fuzz suite (scripts/fuzz.sh, FUZZ_SECONDS per target, default 45: about
-# 3.5 minutes in all) counts as one test: passed when afl-fuzz ran every target and found no crash or hang.
+# 4.5 minutes in all) counts as one test: passed when afl-fuzz ran every target and found no crash or hang.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

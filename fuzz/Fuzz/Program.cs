@@ -20,6 +20,7 @@ internal static class Program
         ["desc-chain"] = () => new DescChainTarget(),
         ["scsi-cdb"] = () => new ScsiCdbTarget(),
         ["rpc-bind"] = () => new RpcBindTarget(),
+        ["nvmf-tcp"] = () => new NvmfTcpTarget(),
     };
 
     public static int Main(string[] args)

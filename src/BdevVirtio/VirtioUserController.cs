@@ -261,7 +261,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             ulong perQueue = layout.Total + slotArea + bounceArea;
             ulong total = perQueue * (ulong)vqCount;
             memFd = MappedRegion.CreateMemFd("virtio-user-" + name, (long)total, @sealed: true); // the back end can trust its size
-            map = MappedRegion.Map(memFd, total);
+            map = MappedRegion.Map(memFd, total, DmaMemoryRegistry.Process); // its bounce buffers may be device DMA targets
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
             var memory = new DriverMemory(map.Pointer, total);
             for (int q = 0; q < vqCount; q++)

@@ -150,10 +150,10 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
     private static readonly object s_sharedLock = new();
     private readonly object _lock = new();
     private int _fd;
-    private bool _iommuSet;
+    private volatile bool _iommuSet;
     private int _groups;
-    private readonly List<Action> _onIommuSet = new();
-    private (ulong Start, ulong End)[] _ranges = { (0, (1UL << 48) - 1) };
+    private readonly List<Action<bool>> _onIommuSet = new();
+    private volatile (ulong Start, ulong End)[] _ranges = { (0, (1UL << 48) - 1) };
 
     public VfioContainer()
     {
@@ -207,16 +207,8 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
     /// <summary>The IOMMU type in use (1 or 3), 0 before the first group joined.</summary>
     public int IommuType { get; private set; }
 
-    public IReadOnlyList<(ulong Start, ulong End)> IovaRanges
-    {
-        get
-        {
-            lock (_lock)
-            {
-                return _ranges;
-            }
-        }
-    }
+    /// <summary>The valid IOVA ranges (no lock: DMA spaces read it under their own lock, which the container's callbacks take inside its lock).</summary>
+    public IReadOnlyList<(ulong Start, ulong End)> IovaRanges => _ranges;
 
     /// <summary>Adds a group (its fd) to this container and sets the IOMMU type on the first one.</summary>
     internal void AttachGroup(int groupFd)
@@ -246,7 +238,7 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
                 // A container whose last group left lost its mappings: let the DMA spaces map their memory again.
                 foreach (var a in _onIommuSet)
                 {
-                    a();
+                    a(true);
                 }
 
                 return;
@@ -264,24 +256,23 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
             if (_groups > 0 && --_groups == 0)
             {
                 _iommuSet = false;
+                foreach (var a in _onIommuSet)
+                {
+                    a(false); // the IOMMU context (and every mapping) is gone
+                }
             }
         }
     }
 
     /// <summary>Whether DMA mappings can be made now (the IOMMU type is set).</summary>
-    public bool IsReady
-    {
-        get
-        {
-            lock (_lock)
-            {
-                return _iommuSet;
-            }
-        }
-    }
+    public bool IsReady => _iommuSet;
 
-    /// <summary>Registers a callback run (under the container lock) each time the IOMMU is (re)initialised.</summary>
-    public void OnIommuReady(Action replay)
+    /// <summary>
+    /// Registers a callback run (under the container lock) each time the IOMMU is (re)initialised (true: map
+    /// everything) or torn down with its last group (false: every mapping is gone). Lock order: container, then the
+    /// callback's own lock; the callee must not take the container's lock.
+    /// </summary>
+    public void OnIommuReady(Action<bool> replay)
     {
         lock (_lock)
         {

@@ -19,7 +19,7 @@ public sealed class SharedMemoryArena : IDisposable
         Fd = MappedRegion.CreateMemFd(name, (long)size, @sealed: true); // back ends can trust its size
         try
         {
-            _map = MappedRegion.Map(Fd, size);
+            _map = MappedRegion.Map(Fd, size, DmaMemoryRegistry.Process); // device DMA may target its buffers (pinned once a driver maps it)
         }
         catch
         {

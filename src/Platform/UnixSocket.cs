@@ -639,6 +639,7 @@ public sealed unsafe class UnixSocketListener : IDisposable
 public sealed unsafe class MappedRegion : IDisposable
 {
     private nint _ptr;
+    private DmaMemoryRegistry? _dma;
 
     private MappedRegion(nint ptr, ulong length)
     {
@@ -649,8 +650,18 @@ public sealed unsafe class MappedRegion : IDisposable
     public nint Pointer => _ptr;
     public ulong Length { get; }
 
+    /// <summary>Whether the mapping is registered for DMA (<see cref="Map(int, ulong, DmaMemoryRegistry?)"/>).</summary>
+    public bool DmaRegistered => _dma is not null;
+
     /// <summary>Maps <paramref name="length"/> bytes of <paramref name="fd"/> from offset 0, read-write and shared. Throws IOException.</summary>
-    public static MappedRegion Map(int fd, ulong length)
+    public static MappedRegion Map(int fd, ulong length) => Map(fd, length, null);
+
+    /// <summary>
+    /// As <see cref="Map(int, ulong)"/>, and registers the whole mapping (rounded up to pages) with
+    /// <paramref name="dma"/> so devices may target it; <see cref="Dispose"/> unregisters it before unmapping
+    /// (owners dispose only once no I/O uses the memory, so no device touches it after the unmap).
+    /// </summary>
+    public static MappedRegion Map(int fd, ulong length, DmaMemoryRegistry? dma)
     {
         if (length == 0 || length > (ulong)nint.MaxValue)
         {
@@ -663,7 +674,13 @@ public sealed unsafe class MappedRegion : IDisposable
             throw new IOException($"mmap of {length} bytes failed: {Native.StrError(Native.Errno)}");
         }
 
-        return new MappedRegion((nint)p, length);
+        var m = new MappedRegion((nint)p, length);
+        if (dma is not null && dma.Register((nint)p, DmaMemoryRegistry.PageAlign(length)) == 0)
+        {
+            m._dma = dma;
+        }
+
+        return m;
     }
 
     /// <summary>
@@ -705,6 +722,8 @@ public sealed unsafe class MappedRegion : IDisposable
         nint p = Interlocked.Exchange(ref _ptr, 0);
         if (p != 0)
         {
+            // Withdrawn from the devices (IOMMU unmapped) before the pages go.
+            Interlocked.Exchange(ref _dma, null)?.Unregister(p, DmaMemoryRegistry.PageAlign(Length));
             SocketNative.munmap((void*)p, (nuint)Length);
         }
     }

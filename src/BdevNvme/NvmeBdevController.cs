@@ -14,13 +14,10 @@ namespace VhostBackend.BdevNvme;
 public sealed class NvmeBdevController : NvmeBdevControllerBase
 {
     private readonly ILogger _log;
-    private readonly List<TaskCompletionSource> _resetWaiters = new();
     private Poller? _adminPoller;
     private Poller? _resetPoller;
     private volatile bool _resetting;
     private long _resetStartTicks;
-    private int _pendingReconnects;
-    private long _maxControlStepTicks;
     private long _lastResetTicks;
 
     internal NvmeBdevController(string name, string traddr, NvmeController ctrl, Reactor adminReactor, ILogger log)
@@ -65,27 +62,8 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     public override bool IsRemoved => _removed;
     private bool _removed;
 
-    /// <summary>
-    /// The longest single step of the control path on a reactor (one reset poll, one channel's reconnect start or
-    /// connect poll), in microseconds, since the last reset started: how long the control path held a reactor at once.
-    /// </summary>
-    public double MaxControlStepMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _maxControlStepTicks));
-
     /// <summary>Duration of the last completed reset (start to every channel reconnected), microseconds.</summary>
     public double LastResetMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _lastResetTicks));
-
-    /// <summary>Records one control-path step's duration (any reactor; control path only, never per I/O).</summary>
-    internal void RecordControlStep(long ticks)
-    {
-        long cur;
-        while (ticks > (cur = Volatile.Read(ref _maxControlStepTicks)))
-        {
-            if (Interlocked.CompareExchange(ref _maxControlStepTicks, ticks, cur) == cur)
-            {
-                return;
-            }
-        }
-    }
 
     /// <summary>Starts the admin poller (every 10 ms) on the calling reactor.</summary>
     internal override void StartAdminPoller()
@@ -149,7 +127,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         AdminReactor.Send(static s =>
         {
             var (self, t) = ((NvmeBdevController, TaskCompletionSource))s!;
-            self._resetWaiters.Add(t);
+            self.AddResetWaiter(t);
             if (!self._resetting)
             {
                 self.StartReset();
@@ -162,7 +140,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     {
         _resetting = true;
         _resetStartTicks = Ticks.Now();
-        Volatile.Write(ref _maxControlStepTicks, 0);
+        ClearMaxControlStep();
         bool started = Controller.StartReset();
         RecordControlStep(Ticks.Now() - _resetStartTicks);
         if (!started)
@@ -194,17 +172,15 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         }
 
         // One count for the walk itself, one per channel that starts reconnecting (each reports back here).
-        _pendingReconnects = 1;
+        BeginReconnectWalk();
         ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).StartReconnect(), ReconnectDone);
         return 1;
     }
 
-    internal void AddPendingReconnect() => Interlocked.Increment(ref _pendingReconnects);
-
     /// <summary>On the admin reactor: a channel finished reconnecting (or the walk over channels ended).</summary>
-    internal void ReconnectDone()
+    internal override void ReconnectDone()
     {
-        if (Interlocked.Decrement(ref _pendingReconnects) == 0 && _resetting)
+        if (EndOneReconnect() && _resetting)
         {
             FinishReset(true);
         }
@@ -215,19 +191,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         _resetting = false;
         Volatile.Write(ref _lastResetTicks, Ticks.Now() - _resetStartTicks);
         _log.LogInformation("NVMe controller {Name}: reset {Result} in {Us} us", CtrlName, ok ? "done" : "failed", Ticks.ToMicroseconds(Ticks.Now() - _resetStartTicks));
-        var waiters = _resetWaiters.ToArray();
-        _resetWaiters.Clear();
-        foreach (var w in waiters)
-        {
-            if (ok)
-            {
-                w.TrySetResult();
-            }
-            else
-            {
-                w.TrySetException(new IOException("controller reset failed: " + Controller.ResetError));
-            }
-        }
+        CompleteResetWaiters(ok, Controller.ResetError);
     }
 
     protected override object CreateChannelContext(Reactor reactor) => new NvmeChannelContext(this, reactor, _log);

@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Nvme;
+using VhostBackend.Platform;
 using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevNvme;
@@ -59,6 +60,61 @@ public abstract class NvmeBdevControllerBase : IoDevice
     internal abstract void DisposeDriver();
 
     internal void MarkGone() => MarkUnregistered();
+
+    private readonly List<TaskCompletionSource> _resetWaiters = new();
+    private long _maxControlStepTicks;
+    private int _pendingReconnects;
+
+    /// <summary>The longest single control-path step on a reactor (reset poll, reconnect start, connect poll) since it was last cleared, microseconds.</summary>
+    public double MaxControlStepMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _maxControlStepTicks));
+
+    /// <summary>Records one control-path step's duration (any reactor; control path only, never per I/O).</summary>
+    internal void RecordControlStep(long ticks)
+    {
+        long cur;
+        while (ticks > (cur = Volatile.Read(ref _maxControlStepTicks)))
+        {
+            if (Interlocked.CompareExchange(ref _maxControlStepTicks, ticks, cur) == cur)
+            {
+                return;
+            }
+        }
+    }
+
+    protected void ClearMaxControlStep() => Volatile.Write(ref _maxControlStepTicks, 0);
+
+    /// <summary>A channel started reconnecting (any reactor): the controller waits for its <see cref="ReconnectDone"/>.</summary>
+    internal void AddPendingReconnect() => Interlocked.Increment(ref _pendingReconnects);
+
+    /// <summary>Starts counting reconnecting channels: one count for the walk over them, one per channel that starts.</summary>
+    protected void BeginReconnectWalk() => Volatile.Write(ref _pendingReconnects, 1);
+
+    /// <summary>Takes one count back; true when it was the last (every channel reconnected and the walk ended).</summary>
+    protected bool EndOneReconnect() => Interlocked.Decrement(ref _pendingReconnects) == 0;
+
+    /// <summary>On the admin reactor: a channel finished reconnecting (or the walk over the channels ended).</summary>
+    internal abstract void ReconnectDone();
+
+    /// <summary>On the admin reactor: a reset caller waits for the reset under way.</summary>
+    protected void AddResetWaiter(TaskCompletionSource waiter) => _resetWaiters.Add(waiter);
+
+    /// <summary>On the admin reactor: completes every reset caller (faulted with <paramref name="error"/> when it failed).</summary>
+    protected void CompleteResetWaiters(bool ok, string? error)
+    {
+        var waiters = _resetWaiters.ToArray();
+        _resetWaiters.Clear();
+        foreach (var w in waiters)
+        {
+            if (ok)
+            {
+                w.TrySetResult();
+            }
+            else
+            {
+                w.TrySetException(new IOException("controller reset failed: " + error));
+            }
+        }
+    }
 }
 
 /// <summary>A reactor's channel to a controller (the module's I/O channel context).</summary>

@@ -15,43 +15,30 @@ namespace VhostBackend.BdevNvme;
 /// Buffers go to the device as they are (zero copy) when they are registered DMA memory and meet the PRP rules
 /// (<see cref="Prp.IsCompatible"/>); otherwise the data is bounced through this channel's DMA buffers.
 /// I/O that cannot start now (no free command slot, no bounce buffer, queue pair connecting or reconnecting after
-/// a reset) waits in a FIFO and is started by the poller. I/O aborted by a controller reset is retried (up to 3
-/// times). Nothing here waits for the controller: the queue pair is created (and re-created after a reset) by
+/// a reset) waits in the FIFO of <see cref="NvmeChannelBase{TRequest}"/> and is started by the poller. I/O aborted
+/// by a controller reset is retried (up to 3 times). Nothing here waits for the controller: the queue pair is created (and re-created after a reset) by
 /// polling its connect state machine from this channel's poller, and deleted asynchronously on destroy.
 /// </para>
 /// </summary>
-internal sealed class NvmeChannelContext : INvmeChannel
+internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Request>
 {
     private const int MaxRetries = 3;
     private readonly NvmeBdevController _ctrl;
-    private readonly Reactor _reactor;
-    private readonly ILogger _log;
     private readonly NvmeQueuePair? _qp;
     private readonly DmaBufferPool _bounce;
-    private readonly Request[] _free;
-    private int _freeCount;
-    private readonly Queue<BdevIo> _waiting = new(1024);
-    private readonly Poller _poller;
-    private long _nextTimeoutCheck;
-    private bool _failed;
-    private bool _connecting;
-    private bool _reportReconnect;
 
-    private sealed class Request
+    internal sealed class Request : NvmeChannelRequest
     {
-        public NvmeChannelContext Ctx = null!;
-        public BdevIo? Io;
         public nint Bounce;
     }
 
     public NvmeChannelContext(NvmeBdevController ctrl, Reactor reactor, ILogger log)
+        : base(ctrl, reactor, log)
     {
         _ctrl = ctrl;
-        _reactor = reactor;
-        _log = log;
         if (ctrl.IsRemoved)
         {
-            _failed = true; // the device is gone: a channel that fails its I/O
+            Failed = true; // the device is gone: a channel that fails its I/O
         }
         else
         {
@@ -60,85 +47,31 @@ internal sealed class NvmeChannelContext : INvmeChannel
                 // Allocated here, created on the controller by the poller (PollConnect): I/O waits until then.
                 _qp = ctrl.Controller.CreateIoQueuePair();
                 _qp.StartConnect();
-                _connecting = true;
+                Connecting = true;
             }
             catch (Exception e) when (e is IOException or InvalidOperationException or ObjectDisposedException or OutOfMemoryException)
             {
                 // No queue pair (controller failed, out of queues): a channel that fails its I/O.
                 log.LogError("NVMe {Name}: no I/O queue pair for {Reactor}: {Error}", ctrl.CtrlName, reactor, e.Message);
-                _failed = true;
+                Failed = true;
             }
         }
 
-        int slots = _qp is null ? 1 : _qp.Entries - 1;
-        _free = new Request[slots];
-        for (int i = 0; i < slots; i++)
-        {
-            _free[i] = new Request { Ctx = this };
-        }
-
-        _freeCount = slots;
         _bounce = new DmaBufferPool(ctrl.Controller.Dma, 32, (int)NvmeBdev.MaxIoBytes, "vb-nvme-bounce");
-        _poller = reactor.RegisterPoller("bdev_nvme_poll:" + ctrl.CtrlName, static c => ((NvmeChannelContext)c!).Poll(), this);
+        Start(_qp is null ? 1 : _qp.Entries - 1, "bdev_nvme_poll:" + ctrl.CtrlName);
     }
 
     public NvmeQueuePair? QueuePair => _qp;
 
-    public void Submit(NvmeBdev bdev, BdevIo io)
-    {
-        if (_failed)
-        {
-            io.Complete(BdevIoStatus.Failed);
-            return;
-        }
+    protected override bool HasQueuePair => _qp is not null;
 
-        if (io.Type == BdevIoType.Reset)
-        {
-            _ctrl.ResetAsync().ContinueWith(
-                static (t, s) =>
-                {
-                    var (ctx, bio) = ((NvmeChannelContext, BdevIo))s!;
-                    bool ok = t.IsCompletedSuccessfully;
-                    ctx._reactor.Send(static x =>
-                    {
-                        var (b, success) = ((BdevIo, bool))x!;
-                        b.Complete(success);
-                    }, (bio, ok));
-                },
-                (this, io),
-                CancellationToken.None,
-                TaskContinuationOptions.ExecuteSynchronously,
-                TaskScheduler.Default);
-            return;
-        }
-
-        if (_waiting.Count > 0 || !TrySubmit(io))
-        {
-            _waiting.Enqueue(io); // FIFO: nothing overtakes I/O already waiting
-        }
-    }
-
-    private static readonly NvmeCompletionCallback s_done = static (arg, status, dw0) =>
-    {
-        var req = (Request)arg!;
-        req.Ctx.OnComplete(req, status);
-    };
+    protected override bool QueueConnected => _qp!.IsConnected;
 
     private static readonly NvmeTimeoutCallback s_timeout = static (c, qp, cid) => ((NvmeChannelContext)c!).OnTimeout(cid);
 
-    /// <summary>Starts the I/O or returns false when it must wait (no slot, no bounce buffer, not connected).</summary>
-    private bool TrySubmit(BdevIo io)
+    protected override int SubmitCommand(Request req, BdevIo io, NvmeNamespace ns)
     {
         var qp = _qp!;
-        if (!qp.IsConnected || _freeCount == 0)
-        {
-            return false;
-        }
-
-        var bdev = (NvmeBdev)io.Bdev;
-        var ns = bdev.Namespace;
-        var req = _free[--_freeCount];
-        req.Io = io;
         req.Bounce = 0;
         int rc;
         switch (io.Type)
@@ -167,8 +100,7 @@ internal sealed class NvmeChannelContext : INvmeChannel
 
                     if (!_bounce.TryGet(out nint va, out _))
                     {
-                        Release(req);
-                        return false;
+                        return -Errno.ENOMEM; // wait for a bounce buffer
                     }
 
                     if (io.Type != BdevIoType.Read)
@@ -198,136 +130,76 @@ internal sealed class NvmeChannelContext : INvmeChannel
                 break;
         }
 
-        if (rc == 0)
-        {
-            return true;
-        }
-
-        Release(req);
-        if (rc is -12 or -6)
-        {
-            return false; // no slot / reconnecting: wait
-        }
-
-        io.NvmeStatus = NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidField).SctSc;
-        io.Complete(BdevIoStatus.Failed);
-        return true;
+        return rc;
     }
 
-    private void Release(Request req)
+    protected override void ReleaseResources(Request req)
     {
         if (req.Bounce != 0)
         {
             _bounce.Return(req.Bounce);
             req.Bounce = 0;
         }
-
-        req.Io = null;
-        _free[_freeCount++] = req;
     }
 
-    private void OnComplete(Request req, NvmeStatus status)
+    protected override bool ShouldRetry(BdevIo io, NvmeStatus status)
     {
-        var io = req.Io!;
-        if (status == NvmeStatus.AbortedSqDeletion && !_failed && io.ModuleTag < MaxRetries)
+        if (status == NvmeStatus.AbortedSqDeletion && !Failed && io.ModuleTag < MaxRetries)
         {
             // Aborted by a reset or queue deletion: retry once the queue pair is back.
             io.ModuleTag++;
-            Release(req);
-            _waiting.Enqueue(io);
-            return;
+            return true;
         }
 
-        if (req.Bounce != 0 && status.IsSuccess && io.Type == BdevIoType.Read)
-        {
-            _bounce.CopyOut(req.Bounce, MemoryMarshal.Cast<IoVec, NvmeIoVec>(io.Iovs));
-        }
-
-        Release(req);
-        io.NvmeStatus = status.SctSc;
-        io.Complete(status.IsSuccess ? BdevIoStatus.Success
-            : status.IsCompareFailure ? BdevIoStatus.Miscompare
-            : status == NvmeStatus.AbortRequested ? BdevIoStatus.Aborted
-            : BdevIoStatus.Failed);
+        return false;
     }
 
-    private int Poll()
+    protected override void Completing(Request req, NvmeStatus status)
     {
-        if (_qp is null)
+        if (req.Bounce != 0 && status.IsSuccess && req.Io!.Type == BdevIoType.Read)
         {
-            if (_waiting.Count > 0)
-            {
-                FailWaiting();
-            }
-
-            return 0;
+            _bounce.CopyOut(req.Bounce, MemoryMarshal.Cast<IoVec, NvmeIoVec>(req.Io.Iovs));
         }
+    }
 
-        if (_connecting)
+    protected override int PollQueue()
+    {
+        if (Connecting)
         {
             long t0 = Ticks.Now();
-            int rc = _qp.PollConnect();
-            _ctrl.RecordControlStep(Ticks.Now() - t0);
+            int rc = _qp!.PollConnect();
+            RecordStep(t0);
             if (rc == 0)
             {
-                return 0;
+                return -1;
             }
 
             ConnectFinished(rc);
         }
 
-        int n = _qp.ProcessCompletions();
-        while (_waiting.Count > 0 && _qp.IsConnected && !_failed)
-        {
-            if (!TrySubmit(_waiting.Peek()))
-            {
-                break;
-            }
-
-            _waiting.Dequeue();
-            n++;
-        }
-
-        if (_failed && _waiting.Count > 0)
-        {
-            FailWaiting();
-        }
-
-        if (_qp.IsConnected)
-        {
-            long now = _reactor.Now;
-            if (now >= _nextTimeoutCheck)
-            {
-                _nextTimeoutCheck = now + Ticks.Frequency;
-                _qp.CheckTimeouts(now, s_timeout, this);
-            }
-        }
-
-        return n;
+        return _qp!.ProcessCompletions();
     }
+
+    protected override void CheckTimeouts(long now) => _qp!.CheckTimeouts(now, s_timeout, this);
 
     private void ConnectFinished(int rc)
     {
-        _connecting = false;
+        Connecting = false;
         if (rc < 0)
         {
-            if (_ctrl.IsResetting && !_reportReconnect)
+            if (_ctrl.IsResetting && !ReconnectReportPending)
             {
                 // Failed because a reset started (it aborts admin commands): the reset reconnects this channel.
-                _log.LogInformation("NVMe {Name}: queue pair {Qid} connect interrupted by a reset ({Rc})", _ctrl.CtrlName, _qp!.Id, rc);
+                Log.LogInformation("NVMe {Name}: queue pair {Qid} connect interrupted by a reset ({Rc})", _ctrl.CtrlName, _qp!.Id, rc);
             }
             else
             {
-                _log.LogError("NVMe {Name}: queue pair {Qid} could not be created ({Rc}); failing its I/O", _ctrl.CtrlName, _qp!.Id, rc);
+                Log.LogError("NVMe {Name}: queue pair {Qid} could not be created ({Rc}); failing its I/O", _ctrl.CtrlName, _qp!.Id, rc);
                 FailAll();
             }
         }
 
-        if (_reportReconnect)
-        {
-            _reportReconnect = false;
-            _ctrl.AdminReactor.Send(static c => ((NvmeBdevController)c!).ReconnectDone(), _ctrl);
-        }
+        ReportReconnectDone();
     }
 
     private static readonly NvmeCompletionCallback s_abortDone = static (arg, status, dw0) =>
@@ -343,7 +215,7 @@ internal sealed class NvmeChannelContext : INvmeChannel
     private void OnTimeout(ushort cid)
     {
         ushort qid = _qp!.Id;
-        _log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out; aborting it", _ctrl.CtrlName, cid, qid);
+        Log.LogWarning("NVMe {Name}: command {Cid} on queue {Qid} timed out; aborting it", _ctrl.CtrlName, cid, qid);
         var c = _ctrl.Controller;
         if (c.SubmitAbort(qid, cid, s_abortDone, c) != 0)
         {
@@ -357,18 +229,14 @@ internal sealed class NvmeChannelContext : INvmeChannel
     /// </summary>
     public void StartReconnect()
     {
-        if (_qp is null || _ctrl.IsRemoved)
+        if (!BeginReconnect())
         {
             return;
         }
 
-        _failed = false; // failed by an earlier reset that did not succeed: this one did
-        _ctrl.AddPendingReconnect();
-        _reportReconnect = true;
-        _connecting = true;
         long t0 = Ticks.Now();
-        int rc = _qp.StartConnect(); // fails what was outstanding (retried once connected)
-        _ctrl.RecordControlStep(Ticks.Now() - t0);
+        int rc = _qp!.StartConnect(); // fails what was outstanding (retried once connected)
+        RecordStep(t0);
         if (rc != 0)
         {
             ConnectFinished(-22);
@@ -378,30 +246,21 @@ internal sealed class NvmeChannelContext : INvmeChannel
     /// <summary>The device is gone or its reset failed: fail everything now and later.</summary>
     public void FailAll()
     {
-        _failed = true;
+        Failed = true;
         _qp?.FailOutstanding(NvmeStatus.InternalDeviceError);
         FailWaiting();
-        if (_connecting)
+        if (Connecting)
         {
             ConnectFinished(-6);
-        }
-    }
-
-    private void FailWaiting()
-    {
-        while (_waiting.TryDequeue(out var io))
-        {
-            io.Complete(BdevIoStatus.Failed);
         }
     }
 
     /// <summary>On this reactor: the poller stops, the queue pair is deleted on the controller in the background and the bounce buffers freed after it (the device may write them until then).</summary>
     public void Destroy()
     {
-        _reactor.UnregisterPoller(_poller);
-        _failed = true;
+        StopPolling();
         FailWaiting();
-        if (_reportReconnect)
+        if (ReconnectReportPending)
         {
             ConnectFinished(-6);
         }

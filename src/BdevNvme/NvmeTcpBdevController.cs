@@ -75,7 +75,6 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     private const int StateFailed = 3;
 
     private readonly ILogger _log;
-    private readonly List<TaskCompletionSource> _resetWaiters = new();
     private readonly Action<NvmeTcpBdevController>? _onGiveUp;
     private Poller? _adminPoller;
     private volatile int _state;
@@ -85,8 +84,6 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     private long _nextAttempt;
     private bool _attemptRunning;
     private bool _channelLost;
-    private int _pendingReconnects;
-    private long _maxControlStepTicks;
 
     internal NvmeTcpBdevController(string name, NvmeTcpController ctrl, NvmePathLossPolicy policy, int ioQueueEntries, long ioTimeoutTicks, Reactor adminReactor, ILogger log, Action<NvmeTcpBdevController>? onGiveUp)
         : base(name, adminReactor)
@@ -118,18 +115,6 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     public bool FastIoFailed => _fastIoFailed;
 
     public int ReconnectCount { get; private set; }
-
-    internal void RecordControlStep(long ticks)
-    {
-        long cur;
-        while (ticks > (cur = Volatile.Read(ref _maxControlStepTicks)))
-        {
-            if (Interlocked.CompareExchange(ref _maxControlStepTicks, ticks, cur) == cur)
-            {
-                return;
-            }
-        }
-    }
 
     public override JsonObject TridJson()
     {
@@ -191,7 +176,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
             ["reset_count"] = ReconnectCount,
             ["hdgst"] = Controller.HeaderDigest,
             ["ddgst"] = Controller.DataDigest,
-            ["max_control_step_us"] = Math.Round(Ticks.ToMicroseconds(Volatile.Read(ref _maxControlStepTicks)), 1),
+            ["max_control_step_us"] = Math.Round(MaxControlStepMicroseconds, 1),
         };
     }
 
@@ -216,8 +201,6 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
 
     /// <summary>On the admin reactor: a channel's connection failed.</summary>
     internal void ChannelLost() => _channelLost = true;
-
-    internal void AddPendingReconnect() => Interlocked.Increment(ref _pendingReconnects);
 
     private int PollAdmin()
     {
@@ -293,7 +276,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
             // The admin queue is back (a new association): reconnect every channel's queue pair.
             _state = StateChannels;
             _channelLost = false;
-            _pendingReconnects = 1;
+            BeginReconnectWalk();
             ForEachChannel(static ch => ((NvmeTcpChannelContext)ch.Context).StartReconnect(), ReconnectDone);
             return 1;
         }
@@ -321,9 +304,9 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
     }
 
     /// <summary>On the admin reactor: a channel finished reconnecting (or the walk over the channels ended).</summary>
-    internal void ReconnectDone()
+    internal override void ReconnectDone()
     {
-        if (Interlocked.Decrement(ref _pendingReconnects) != 0 || _state != StateChannels)
+        if (!EndOneReconnect() || _state != StateChannels)
         {
             return;
         }
@@ -371,7 +354,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
                 return;
             }
 
-            self._resetWaiters.Add(t);
+            self.AddResetWaiter(t);
             if (self._state is StateEnabled or StateFailed)
             {
                 self._fastIoFailed = false;
@@ -381,22 +364,7 @@ public sealed class NvmeTcpBdevController : NvmeBdevControllerBase
         return tcs.Task;
     }
 
-    private void FinishReset(bool ok, string? error)
-    {
-        var waiters = _resetWaiters.ToArray();
-        _resetWaiters.Clear();
-        foreach (var w in waiters)
-        {
-            if (ok)
-            {
-                w.TrySetResult();
-            }
-            else
-            {
-                w.TrySetException(new IOException("controller reset failed: " + error));
-            }
-        }
-    }
+    private void FinishReset(bool ok, string? error) => CompleteResetWaiters(ok, error);
 
     protected override object CreateChannelContext(Reactor reactor) => new NvmeTcpChannelContext(this, reactor, _log);
 

@@ -13,43 +13,31 @@ namespace VhostBackend.BdevNvme;
 /// channel's poller; request objects made up front, nothing allocated or locked per I/O. Data goes between the
 /// socket and the bdev buffers directly (no bounce: TCP needs no DMA memory).
 /// <para>
-/// I/O that cannot start (no free slot, queue pair connecting or the path down) waits in a FIFO. I/O that the
+/// I/O that cannot start (no free slot, queue pair connecting or the path down) waits in the FIFO of
+/// <see cref="NvmeChannelBase{TRequest}"/>. I/O that the
 /// connection loss failed ("transient transport error") goes back to that FIFO and is sent again after the
 /// reconnect, unless the controller's fast_io_fail_timeout_sec has passed or it was given up: then it fails.
 /// </para>
 /// </summary>
-internal sealed class NvmeTcpChannelContext : INvmeChannel
+internal sealed class NvmeTcpChannelContext : NvmeChannelBase<NvmeTcpChannelContext.Request>
 {
     private readonly NvmeTcpBdevController _ctrl;
-    private readonly Reactor _reactor;
-    private readonly ILogger _log;
     private readonly NvmeTcpQueuePair? _qp;
-    private readonly Request[] _free;
-    private int _freeCount;
-    private readonly Queue<BdevIo> _waiting = new(1024);
-    private readonly Poller _poller;
     private readonly IoVec[] _oneIov = new IoVec[1];
-    private bool _connecting;
-    private bool _reportReconnect;
     private bool _reportedLoss;
-    private bool _failed;
-    private long _nextTimeoutCheck;
 
-    private sealed class Request
+    internal sealed class Request : NvmeChannelRequest
     {
-        public NvmeTcpChannelContext Ctx = null!;
-        public BdevIo? Io;
         public PinnedArray<byte> Dsm = null!;
     }
 
     public NvmeTcpChannelContext(NvmeTcpBdevController ctrl, Reactor reactor, ILogger log)
+        : base(ctrl, reactor, log)
     {
         _ctrl = ctrl;
-        _reactor = reactor;
-        _log = log;
         if (ctrl.IsRemoved)
         {
-            _failed = true;
+            Failed = true;
         }
         else
         {
@@ -59,82 +47,32 @@ internal sealed class NvmeTcpChannelContext : INvmeChannel
                 if (ctrl.IsPathUp)
                 {
                     _qp.StartConnect(ctrl.Controller.Cntlid, 0);
-                    _connecting = true;
+                    Connecting = true;
                 }
             }
             catch (InvalidOperationException e)
             {
                 log.LogError("NVMe/TCP {Name}: no I/O queue pair for {Reactor}: {Error}", ctrl.CtrlName, reactor, e.Message);
-                _failed = true;
+                Failed = true;
             }
         }
 
-        int slots = _qp is null ? 1 : _qp.Entries - 1;
-        _free = new Request[slots];
-        for (int i = 0; i < slots; i++)
-        {
-            _free[i] = new Request { Ctx = this, Dsm = new PinnedArray<byte>(16) };
-        }
-
-        _freeCount = slots;
-        _poller = reactor.RegisterPoller("bdev_nvme_poll:" + ctrl.CtrlName, static c => ((NvmeTcpChannelContext)c!).Poll(), this);
+        Start(_qp is null ? 1 : _qp.Entries - 1, "bdev_nvme_poll:" + ctrl.CtrlName);
     }
 
     public NvmeTcpQueuePair? QueuePair => _qp;
 
-    private bool MustFail => _failed || _ctrl.IsRemoved || _ctrl.FastIoFailed;
+    protected override bool MustFail => Failed || _ctrl.IsRemoved || _ctrl.FastIoFailed;
 
-    public void Submit(NvmeBdev bdev, BdevIo io)
-    {
-        if (MustFail)
-        {
-            io.Complete(BdevIoStatus.Failed);
-            return;
-        }
+    protected override bool HasQueuePair => _qp is not null;
 
-        if (io.Type == BdevIoType.Reset)
-        {
-            _ctrl.ResetAsync().ContinueWith(
-                static (t, s) =>
-                {
-                    var (ctx, bio) = ((NvmeTcpChannelContext, BdevIo))s!;
-                    bool ok = t.IsCompletedSuccessfully;
-                    ctx._reactor.Send(static x =>
-                    {
-                        var (b, success) = ((BdevIo, bool))x!;
-                        b.Complete(success);
-                    }, (bio, ok));
-                },
-                (this, io),
-                CancellationToken.None,
-                TaskContinuationOptions.ExecuteSynchronously,
-                TaskScheduler.Default);
-            return;
-        }
+    protected override bool QueueConnected => _qp!.IsConnected;
 
-        if (_waiting.Count > 0 || !TrySubmit(io))
-        {
-            _waiting.Enqueue(io);
-        }
-    }
+    protected override void InitRequest(Request req) => req.Dsm = new PinnedArray<byte>(16);
 
-    private static readonly NvmeCompletionCallback s_done = static (arg, status, dw0) =>
-    {
-        var req = (Request)arg!;
-        req.Ctx.OnComplete(req, status);
-    };
-
-    private bool TrySubmit(BdevIo io)
+    protected override int SubmitCommand(Request req, BdevIo io, NvmeNamespace ns)
     {
         var qp = _qp!;
-        if (!qp.IsConnected || _freeCount == 0)
-        {
-            return false;
-        }
-
-        var ns = ((NvmeBdev)io.Bdev).Namespace;
-        var req = _free[--_freeCount];
-        req.Io = io;
         int rc;
         switch (io.Type)
         {
@@ -195,135 +133,67 @@ internal sealed class NvmeTcpChannelContext : INvmeChannel
                 break;
         }
 
-        if (rc == 0)
-        {
-            return true;
-        }
-
-        Release(req);
-        if (rc is -Errno.ENOMEM or -Errno.ENXIO)
-        {
-            return false;
-        }
-
-        io.NvmeStatus = NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidField).SctSc;
-        io.Complete(BdevIoStatus.Failed);
-        return true;
+        return rc;
     }
 
-    private void Release(Request req)
+    // The connection went away under it: send it again after the reconnect.
+    protected override bool ShouldRetry(BdevIo io, NvmeStatus status) => status == NvmeStatus.TransientTransportError && !MustFail;
+
+    protected override int PollQueue()
     {
-        req.Io = null;
-        _free[_freeCount++] = req;
-    }
-
-    private void OnComplete(Request req, NvmeStatus status)
-    {
-        var io = req.Io!;
-        Release(req);
-        if (status == NvmeStatus.TransientTransportError && !MustFail)
-        {
-            // The connection went away under it: send it again after the reconnect.
-            _waiting.Enqueue(io);
-            return;
-        }
-
-        io.NvmeStatus = status.SctSc;
-        io.Complete(status.IsSuccess ? BdevIoStatus.Success
-            : status.IsCompareFailure ? BdevIoStatus.Miscompare
-            : status == NvmeStatus.AbortRequested ? BdevIoStatus.Aborted
-            : BdevIoStatus.Failed);
-    }
-
-    private int Poll()
-    {
-        if (_qp is null)
-        {
-            if (_waiting.Count > 0)
-            {
-                FailWaiting();
-            }
-
-            return 0;
-        }
-
+        var qp = _qp!;
         int n = 0;
-        if (!_connecting && !_failed && !_reportedLoss && _ctrl.IsPathUp && !_qp.IsConnected && !_qp.IsConnecting && !_qp.IsFailed)
+        if (!Connecting && !Failed && !_reportedLoss && _ctrl.IsPathUp && !qp.IsConnected && !qp.IsConnecting && !qp.IsFailed)
         {
             // Created while the controller was reconnecting, after the walk that reconnects channels took its
             // snapshot: nobody else will connect this queue pair, so do it once the path is back.
             long t0 = Ticks.Now();
-            _qp.StartConnect(_ctrl.Controller.Cntlid, 0); // PollConnect reports a failure
-            _ctrl.RecordControlStep(Ticks.Now() - t0);
-            _connecting = true;
+            qp.StartConnect(_ctrl.Controller.Cntlid, 0); // PollConnect reports a failure
+            RecordStep(t0);
+            Connecting = true;
         }
 
-        if (_connecting)
+        if (Connecting)
         {
             long t0 = Ticks.Now();
-            int rc = _qp.PollConnect();
-            _ctrl.RecordControlStep(Ticks.Now() - t0);
+            int rc = qp.PollConnect();
+            RecordStep(t0);
             if (rc == 0)
             {
-                return 0;
+                return -1;
             }
 
-            _connecting = false;
+            Connecting = false;
             if (rc < 0)
             {
-                _log.LogWarning("NVMe/TCP {Name}: I/O queue {Qid} connect failed: {Error}", _ctrl.CtrlName, _qp.Id, _qp.LastError);
+                Log.LogWarning("NVMe/TCP {Name}: I/O queue {Qid} connect failed: {Error}", _ctrl.CtrlName, qp.Id, qp.LastError);
                 ReportLoss();
             }
 
-            if (_reportReconnect)
-            {
-                _reportReconnect = false;
-                _ctrl.AdminReactor.Send(static c => ((NvmeTcpBdevController)c!).ReconnectDone(), _ctrl);
-            }
+            ReportReconnectDone();
         }
         else
         {
-            n = _qp.Poll();
-            if (_qp.IsFailed)
+            n = qp.Poll();
+            if (qp.IsFailed)
             {
                 ReportLoss();
-            }
-        }
-
-        while (_waiting.Count > 0 && _qp.IsConnected && !MustFail)
-        {
-            if (!TrySubmit(_waiting.Peek()))
-            {
-                break;
-            }
-
-            _waiting.Dequeue();
-            n++;
-        }
-
-        if (MustFail && _waiting.Count > 0)
-        {
-            FailWaiting();
-        }
-
-        long timeout = _ctrl.IoTimeoutTicks;
-        if (timeout > 0 && _qp.IsConnected)
-        {
-            long now = _reactor.Now;
-            if (now >= _nextTimeoutCheck)
-            {
-                _nextTimeoutCheck = now + Ticks.Frequency;
-                if (_qp.CountTimedOut(now, timeout) > 0)
-                {
-                    // A fabrics controller that does not answer: drop the connection (its commands are retried after the reconnect).
-                    _log.LogWarning("NVMe/TCP {Name}: I/O on queue {Qid} timed out; reconnecting", _ctrl.CtrlName, _qp.Id);
-                    _qp.Close(NvmeStatus.TransientTransportError);
-                    ReportLoss();
-                }
             }
         }
 
         return n;
+    }
+
+    protected override void CheckTimeouts(long now)
+    {
+        long timeout = _ctrl.IoTimeoutTicks;
+        if (timeout > 0 && _qp!.CountTimedOut(now, timeout) > 0)
+        {
+            // A fabrics controller that does not answer: drop the connection (its commands are retried after the reconnect).
+            Log.LogWarning("NVMe/TCP {Name}: I/O on queue {Qid} timed out; reconnecting", _ctrl.CtrlName, _qp.Id);
+            _qp.Close(NvmeStatus.TransientTransportError);
+            ReportLoss();
+        }
     }
 
     private void ReportLoss()
@@ -338,13 +208,12 @@ internal sealed class NvmeTcpChannelContext : INvmeChannel
     /// <summary>On this reactor: the path is down; close the connection (outstanding I/O waits for the reconnect).</summary>
     public void Disconnect()
     {
-        if (_connecting && _reportReconnect)
+        if (Connecting)
         {
-            _reportReconnect = false;
-            _ctrl.AdminReactor.Send(static c => ((NvmeTcpBdevController)c!).ReconnectDone(), _ctrl);
+            ReportReconnectDone();
         }
 
-        _connecting = false;
+        Connecting = false;
         _reportedLoss = true; // the controller knows
         _qp?.Close(NvmeStatus.TransientTransportError);
     }
@@ -352,23 +221,15 @@ internal sealed class NvmeTcpChannelContext : INvmeChannel
     /// <summary>On this reactor: the controller is back; connect this queue pair again and report when done.</summary>
     public void StartReconnect()
     {
-        if (_qp is null || _ctrl.IsRemoved)
+        if (!BeginReconnect())
         {
             return;
         }
 
-        _failed = false;
-        _ctrl.AddPendingReconnect();
-        _reportReconnect = true;
         _reportedLoss = false;
-        _connecting = true;
         long t0 = Ticks.Now();
-        if (_qp.StartConnect(_ctrl.Controller.Cntlid, 0) != 0)
-        {
-            // PollConnect reports the failure.
-        }
-
-        _ctrl.RecordControlStep(Ticks.Now() - t0);
+        _qp!.StartConnect(_ctrl.Controller.Cntlid, 0); // PollConnect reports a failure
+        RecordStep(t0);
     }
 
     /// <summary>fast_io_fail_timeout_sec passed: fail what waits (new I/O fails at submit until the path is back).</summary>
@@ -377,34 +238,16 @@ internal sealed class NvmeTcpChannelContext : INvmeChannel
     /// <summary>The controller was given up: fail everything now and later.</summary>
     public void FailAll()
     {
-        _failed = true;
+        Failed = true;
         _qp?.Close(NvmeStatus.InternalDeviceError);
         FailWaiting();
-        if (_reportReconnect)
-        {
-            _reportReconnect = false;
-            _ctrl.AdminReactor.Send(static c => ((NvmeTcpBdevController)c!).ReconnectDone(), _ctrl);
-        }
-    }
-
-    private void FailWaiting()
-    {
-        while (_waiting.TryDequeue(out var io))
-        {
-            io.Complete(BdevIoStatus.Failed);
-        }
+        ReportReconnectDone();
     }
 
     public void Destroy()
     {
-        _reactor.UnregisterPoller(_poller);
-        _failed = true;
-        if (_reportReconnect)
-        {
-            _reportReconnect = false;
-            _ctrl.AdminReactor.Send(static c => ((NvmeTcpBdevController)c!).ReconnectDone(), _ctrl);
-        }
-
+        StopPolling();
+        ReportReconnectDone();
         if (_qp is not null)
         {
             _qp.Close(NvmeStatus.AbortedSqDeletion);

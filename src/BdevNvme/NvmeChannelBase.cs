@@ -1,0 +1,314 @@
+using Microsoft.Extensions.Logging;
+using VhostBackend.Bdev;
+using VhostBackend.Nvme;
+using VhostBackend.Platform;
+using VhostBackend.Reactors;
+
+namespace VhostBackend.BdevNvme;
+
+/// <summary>
+/// One outstanding command of a channel: the bdev I/O it carries. A transport adds what its commands need
+/// (a bounce buffer, a DSM range); every request is made when the channel is, never per I/O.
+/// </summary>
+internal class NvmeChannelRequest
+{
+    public INvmeRequestOwner Owner = null!;
+    public BdevIo? Io;
+}
+
+/// <summary>What a request's completion calls back into (its channel).</summary>
+internal interface INvmeRequestOwner
+{
+    void OnComplete(NvmeChannelRequest req, NvmeStatus status);
+}
+
+/// <summary>
+/// What a reactor's channel to a controller does whatever the transport (SPDK's nvme_qpair handling in bdev_nvme):
+/// the pool of request objects (one per queue slot), the FIFO of I/O that cannot start yet (no free slot, queue pair
+/// connecting or reconnecting, path down), submitting from it in order, retrying I/O the transport says to retry,
+/// mapping NVMe status to bdev status, the once-a-second timeout check, and reporting a finished reconnect to the
+/// controller. The transport (<see cref="NvmeChannelContext"/> for PCIe, <see cref="NvmeTcpChannelContext"/> for
+/// TCP) builds and submits the commands and drives its queue pair's connection. Everything here runs on the
+/// channel's reactor; nothing is allocated or locked per I/O.
+/// </summary>
+internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOwner
+    where TRequest : NvmeChannelRequest, new()
+{
+    private readonly NvmeBdevControllerBase _ctrl;
+    private readonly Queue<BdevIo> _waiting = new(1024);
+    private TRequest[] _free = [];
+    private int _freeCount;
+    private Poller? _poller;
+    private long _nextTimeoutCheck;
+    private bool _reportReconnect;
+
+    protected NvmeChannelBase(NvmeBdevControllerBase ctrl, Reactor reactor, ILogger log)
+    {
+        _ctrl = ctrl;
+        Reactor = reactor;
+        Log = log;
+    }
+
+    protected Reactor Reactor { get; }
+    protected ILogger Log { get; }
+
+    /// <summary>The channel fails its I/O (no queue pair, device gone, reset failed, destroyed).</summary>
+    protected bool Failed { get; set; }
+
+    /// <summary>The queue pair's connect state machine is being polled.</summary>
+    protected bool Connecting { get; set; }
+
+    /// <summary>A controller-driven reconnect is running on this channel: the controller hears when it ends.</summary>
+    protected bool ReconnectReportPending => _reportReconnect;
+
+    /// <summary>True when I/O must fail instead of waiting (the transport may add reasons).</summary>
+    protected virtual bool MustFail => Failed;
+
+    /// <summary>The channel has a queue pair at all.</summary>
+    protected abstract bool HasQueuePair { get; }
+
+    /// <summary>The queue pair takes commands now.</summary>
+    protected abstract bool QueueConnected { get; }
+
+    /// <summary>Makes the request pool (one per queue slot) and starts the poller: the end of a transport's constructor.</summary>
+    protected void Start(int slots, string pollerName)
+    {
+        _free = new TRequest[slots];
+        for (int i = 0; i < slots; i++)
+        {
+            var r = new TRequest { Owner = this };
+            InitRequest(r);
+            _free[i] = r;
+        }
+
+        _freeCount = slots;
+        _poller = Reactor.RegisterPoller(pollerName, static c => ((NvmeChannelBase<TRequest>)c!).Poll(), this);
+    }
+
+    /// <summary>Gives a new request what the transport needs (made once).</summary>
+    protected virtual void InitRequest(TRequest req)
+    {
+    }
+
+    public void Submit(NvmeBdev bdev, BdevIo io)
+    {
+        if (MustFail)
+        {
+            io.Complete(BdevIoStatus.Failed);
+            return;
+        }
+
+        if (io.Type == BdevIoType.Reset)
+        {
+            _ctrl.ResetAsync().ContinueWith(
+                static (t, s) =>
+                {
+                    var (ctx, bio) = ((NvmeChannelBase<TRequest>, BdevIo))s!;
+                    bool ok = t.IsCompletedSuccessfully;
+                    ctx.Reactor.Send(static x =>
+                    {
+                        var (b, success) = ((BdevIo, bool))x!;
+                        b.Complete(success);
+                    }, (bio, ok));
+                },
+                (this, io),
+                CancellationToken.None,
+                TaskContinuationOptions.ExecuteSynchronously,
+                TaskScheduler.Default);
+            return;
+        }
+
+        if (_waiting.Count > 0 || !TrySubmit(io))
+        {
+            _waiting.Enqueue(io); // FIFO: nothing overtakes I/O already waiting
+        }
+    }
+
+    /// <summary>The completion callback every command of every channel is submitted with (its argument is the request).</summary>
+    protected static readonly NvmeCompletionCallback s_done = static (arg, status, dw0) =>
+    {
+        var req = (NvmeChannelRequest)arg!;
+        req.Owner.OnComplete(req, status);
+    };
+
+    /// <summary>Starts the I/O or returns false when it must wait (no slot, no buffer, not connected).</summary>
+    private bool TrySubmit(BdevIo io)
+    {
+        if (!QueueConnected || _freeCount == 0)
+        {
+            return false;
+        }
+
+        var req = _free[--_freeCount];
+        req.Io = io;
+        int rc = SubmitCommand(req, io, ((NvmeBdev)io.Bdev).Namespace);
+        if (rc == 0)
+        {
+            return true;
+        }
+
+        Release(req);
+        if (rc is -Errno.ENOMEM or -Errno.ENXIO)
+        {
+            return false; // no slot / buffer, or reconnecting: wait
+        }
+
+        io.NvmeStatus = NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidField).SctSc;
+        io.Complete(BdevIoStatus.Failed);
+        return true;
+    }
+
+    /// <summary>
+    /// Builds and submits the command for <paramref name="io"/> with <see cref="s_done"/> and <paramref name="req"/>:
+    /// 0 when submitted, -ENOMEM or -ENXIO when it must wait, another negative errno when it is invalid.
+    /// </summary>
+    protected abstract int SubmitCommand(TRequest req, BdevIo io, NvmeNamespace ns);
+
+    /// <summary>Gives back what the transport took for the request (a bounce buffer); the request is free after.</summary>
+    protected virtual void ReleaseResources(TRequest req)
+    {
+    }
+
+    private void Release(TRequest req)
+    {
+        ReleaseResources(req);
+        req.Io = null;
+        _free[_freeCount++] = req;
+    }
+
+    /// <summary>True when the I/O that completed with <paramref name="status"/> should be sent again (it waits in the FIFO).</summary>
+    protected abstract bool ShouldRetry(BdevIo io, NvmeStatus status);
+
+    /// <summary>Before the request is released on a final completion (copy a bounce buffer out).</summary>
+    protected virtual void Completing(TRequest req, NvmeStatus status)
+    {
+    }
+
+    void INvmeRequestOwner.OnComplete(NvmeChannelRequest r, NvmeStatus status)
+    {
+        var req = (TRequest)r;
+        var io = req.Io!;
+        if (ShouldRetry(io, status))
+        {
+            Release(req);
+            _waiting.Enqueue(io);
+            return;
+        }
+
+        Completing(req, status);
+        Release(req);
+        io.NvmeStatus = status.SctSc;
+        io.Complete(status.IsSuccess ? BdevIoStatus.Success
+            : status.IsCompareFailure ? BdevIoStatus.Miscompare
+            : status == NvmeStatus.AbortRequested ? BdevIoStatus.Aborted
+            : BdevIoStatus.Failed);
+    }
+
+    /// <summary>
+    /// Drives the queue pair (connect state machine, completions): the completions reaped, or -1 while it is still
+    /// connecting (nothing else is done in this poll then).
+    /// </summary>
+    protected abstract int PollQueue();
+
+    /// <summary>Once a second while connected: looks for commands that took too long.</summary>
+    protected abstract void CheckTimeouts(long now);
+
+    private int Poll()
+    {
+        if (!HasQueuePair)
+        {
+            if (_waiting.Count > 0)
+            {
+                FailWaiting();
+            }
+
+            return 0;
+        }
+
+        int n = PollQueue();
+        if (n < 0)
+        {
+            return 0;
+        }
+
+        while (_waiting.Count > 0 && QueueConnected && !MustFail)
+        {
+            if (!TrySubmit(_waiting.Peek()))
+            {
+                break;
+            }
+
+            _waiting.Dequeue();
+            n++;
+        }
+
+        if (MustFail && _waiting.Count > 0)
+        {
+            FailWaiting();
+        }
+
+        if (QueueConnected)
+        {
+            long now = Reactor.Now;
+            if (now >= _nextTimeoutCheck)
+            {
+                _nextTimeoutCheck = now + Ticks.Frequency;
+                CheckTimeouts(now);
+            }
+        }
+
+        return n;
+    }
+
+    /// <summary>
+    /// The common start of a controller-driven reconnect on this reactor: false when there is nothing to reconnect;
+    /// otherwise the controller counts this channel until <see cref="ReportReconnectDone"/>.
+    /// </summary>
+    protected bool BeginReconnect()
+    {
+        if (!HasQueuePair || _ctrl.IsRemoved)
+        {
+            return false;
+        }
+
+        Failed = false; // failed by an earlier attempt that did not succeed: this one may
+        _ctrl.AddPendingReconnect();
+        _reportReconnect = true;
+        Connecting = true;
+        return true;
+    }
+
+    /// <summary>Tells the controller this channel's reconnect ended (once; nothing when none was running).</summary>
+    protected void ReportReconnectDone()
+    {
+        if (_reportReconnect)
+        {
+            _reportReconnect = false;
+            _ctrl.AdminReactor.Send(static c => ((NvmeBdevControllerBase)c!).ReconnectDone(), _ctrl);
+        }
+    }
+
+    /// <summary>Fails every I/O waiting to start.</summary>
+    protected void FailWaiting()
+    {
+        while (_waiting.TryDequeue(out var io))
+        {
+            io.Complete(BdevIoStatus.Failed);
+        }
+    }
+
+    /// <summary>On this reactor: the poller stops and the channel fails what waits (the transport then frees its queue pair).</summary>
+    protected void StopPolling()
+    {
+        if (_poller is not null)
+        {
+            Reactor.UnregisterPoller(_poller);
+            _poller = null;
+        }
+
+        Failed = true;
+    }
+
+    /// <summary>Records how long a control-path step that started at <paramref name="t0"/> held the reactor.</summary>
+    protected void RecordStep(long t0) => _ctrl.RecordControlStep(Ticks.Now() - t0);
+}

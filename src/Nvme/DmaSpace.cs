@@ -50,12 +50,12 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         _log = logger ?? NullLogger.Instance;
         if (mapper is VfioContainer c)
         {
+            // Subscribe first, then read: a group joining in between maps through the callback either way.
+            c.OnIommuReady(OnIommuChanged);
             lock (_lock)
             {
-                _mapped = c.IsReady;
+                _mapped |= c.IsReady;
             }
-
-            c.OnIommuReady(OnIommuChanged);
         }
         else
         {
@@ -70,7 +70,7 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         {
             if (s_vfio is null)
             {
-                s_vfio = new DmaSpace(VfioContainer.Shared, logger);
+                s_vfio = new DmaSpace(VfioContainer.Shared, logger) { MapRegistrationsInBackground = true };
                 s_vfio.SubscribeTo(DmaMemoryRegistry.Process);
             }
 
@@ -90,7 +90,34 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
     /// <summary>Registry ranges this space could not map (their I/O is bounced).</summary>
     public long ExternalFailures => Interlocked.Read(ref _externalFailed);
 
+    private readonly object _backgroundLock = new();
+    private Task _backgroundTail = Task.CompletedTask;
+
+    /// <summary>
+    /// Registry ranges are mapped on a background thread, in order (the registering thread does not wait: pinning a
+    /// front end's whole memory can take seconds, and under TCG with an emulated IOMMU more than a minute, longer than a
+    /// vhost-user front end waits for its SET_MEM_TABLE reply). Until mapped, I/O to the range is bounced. An
+    /// unregistration waits for the queued maps first, so a range is never mapped after its owner withdrew it.
+    /// <see cref="ForVfio"/> turns it on; off, registrations map synchronously (unit tests).
+    /// </summary>
+    public bool MapRegistrationsInBackground { get; set; }
+
     int IDmaMemoryListener.OnRegister(nint va, ulong length)
+    {
+        if (!MapRegistrationsInBackground)
+        {
+            return MapExternal(va, length);
+        }
+
+        lock (_backgroundLock)
+        {
+            _backgroundTail = _backgroundTail.ContinueWith(_ => MapExternal(va, length), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        }
+
+        return 0;
+    }
+
+    private int MapExternal(nint va, ulong length)
     {
         int rc = RegisterDmaMemory(va, (nuint)length);
         if (rc != 0)
@@ -106,7 +133,17 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         return rc;
     }
 
-    void IDmaMemoryListener.OnUnregister(nint va, ulong length) => UnregisterDmaMemory(va);
+    void IDmaMemoryListener.OnUnregister(nint va, ulong length)
+    {
+        Task pending;
+        lock (_backgroundLock)
+        {
+            pending = _backgroundTail;
+        }
+
+        pending.Wait(); // a queued map of this range finishes first (then it is unmapped right away)
+        UnregisterDmaMemory(va);
+    }
 
     /// <summary>The shared VFIO DMA space if it exists (vhost registers guest memory only when some device uses VFIO).</summary>
     public static DmaSpace? VfioIfCreated

@@ -27,9 +27,30 @@ public sealed class DmaRegistryTests
         /// <summary>Runs inside each Unmap (before the mapping goes): lets a test look at the process at that moment.</summary>
         public Action<ulong, nint, ulong>? OnUnmap { get; set; }
 
-        public int Mappings => _maps.Count;
+        public int Mappings
+        {
+            get
+            {
+                lock (_maps)
+                {
+                    return _maps.Count;
+                }
+            }
+        }
+
+        /// <summary>How long each Map takes (pinning a large range).</summary>
+        public int MapDelayMs { get; set; }
 
         public int Map(nint va, ulong iova, ulong length)
+        {
+            Thread.Sleep(MapDelayMs);
+            lock (_maps)
+            {
+                return MapLocked(va, iova, length);
+            }
+        }
+
+        private int MapLocked(nint va, ulong iova, ulong length)
         {
             foreach (var m in _maps)
             {
@@ -46,6 +67,14 @@ public sealed class DmaRegistryTests
 
         public int Unmap(ulong iova, ulong length)
         {
+            lock (_maps)
+            {
+                return UnmapLocked(iova, length);
+            }
+        }
+
+        private int UnmapLocked(ulong iova, ulong length)
+        {
             int i = _maps.FindIndex(m => m.Iova == iova && m.Len == length);
             if (i < 0)
             {
@@ -61,11 +90,14 @@ public sealed class DmaRegistryTests
         /// <summary>The process address a device access to [iova, iova+len) lands on, or 0 (an IOMMU fault).</summary>
         public nint DeviceAccess(ulong iova, ulong len)
         {
-            foreach (var m in _maps)
+            lock (_maps)
             {
-                if (iova >= m.Iova && iova - m.Iova < m.Len && len <= m.Len - (iova - m.Iova))
+                foreach (var m in _maps)
                 {
-                    return m.Va + (nint)(iova - m.Iova);
+                    if (iova >= m.Iova && iova - m.Iova < m.Len && len <= m.Len - (iova - m.Iova))
+                    {
+                        return m.Va + (nint)(iova - m.Iova);
+                    }
                 }
             }
 
@@ -248,6 +280,36 @@ public sealed class DmaRegistryTests
         }
 
         Assert.Equal(1, iommu.Mappings);
+    }
+
+    [Fact]
+    public async Task BackgroundMappingDoesNotHoldTheOwnerAndAWithdrawalWaitsForIt()
+    {
+        var registry = new DmaMemoryRegistry();
+        var iommu = new ModelIommu { MapDelayMs = 300 }; // a slow pin (a large front end memory under TCG)
+        var space = new DmaSpace(iommu) { MapRegistrationsInBackground = true };
+        using var sub = space.SubscribeTo(registry);
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var map = MapMemfd(4 * 4096, registry);
+        Assert.True(sw.ElapsedMilliseconds < 250, $"registration waited {sw.ElapsedMilliseconds} ms for the IOMMU");
+        Assert.False(space.TryTranslate(map.Pointer, 4096, out _)); // not yet mapped: its I/O is bounced
+        for (int i = 0; i < 100 && !space.TryTranslate(map.Pointer, 4096, out _); i++)
+        {
+            await Task.Delay(20);
+        }
+
+        Assert.True(space.TryTranslate(map.Pointer, 4096, out _), "never mapped");
+        map.Dispose();
+        Assert.Equal(0, iommu.Mappings);
+
+        // Withdrawn while its map is still queued: the withdrawal waits for it and unmaps it, nothing stays mapped.
+        var quick = MapMemfd(4096, registry);
+        nint va = quick.Pointer;
+        quick.Dispose();
+        Assert.Equal(0, iommu.Mappings);
+        Assert.False(space.TryTranslate(va, 1, out _));
+        Assert.Equal(2, iommu.MapCalls);
+        Assert.Equal(2, iommu.UnmapCalls);
     }
 
     [Fact]

@@ -151,14 +151,8 @@ public class RobustnessTests
     [Fact]
     public async Task ABdevReadPastItsParentsEndReadsZeroesNotTheGrandparent()
     {
-        var path = Path.Combine(Path.GetTempPath(), $"lvoltest-{Guid.NewGuid():N}.img");
-        FileBdev.CreateSparseIfMissing(path, 32 * MiB);
-        try
+        await OnFileLvstore(async kit =>
         {
-            await using var kit = new LvolKit();
-            kit.Bdevs.Register(FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
-            await kit.Call("bdev_wait_for_examine");
-            await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "aio0", lvs_name = "lvs", cluster_sz = MiB });
             var v = (await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "v", size_in_mib = 2, thin_provision = true }))!.GetValue<string>();
             Assert.True(await kit.Write("lvs/v", 0, GoldenImages.Pattern("P", 0, 2 * MiB)));
             // v -> s2 (1 cluster) -> s1 (2 clusters, P): v's second cluster is past s2's end.
@@ -169,24 +163,14 @@ public class RobustnessTests
             var got = await kit.Read(v, MiB, 4096);
             Assert.True(got.AsSpan().IndexOfAnyExcept((byte)0) < 0, "the second cluster reads zeroes");
             Assert.Equal(GoldenImages.Pattern("P", 0, 4096), await kit.Read(v, 0, 4096));
-        }
-        finally
-        {
-            File.Delete(path);
-        }
+        });
     }
 
     [Fact]
     public async Task DeletingAnLvolOrLvstoreWhoseBdevStaysOpenIsBusyAndFreesNothing()
     {
-        var path = Path.Combine(Path.GetTempPath(), $"lvoltest-{Guid.NewGuid():N}.img");
-        FileBdev.CreateSparseIfMissing(path, 32 * MiB);
-        try
+        await OnFileLvstore(async kit =>
         {
-            await using var kit = new LvolKit();
-            kit.Bdevs.Register(FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
-            await kit.Call("bdev_wait_for_examine");
-            await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "aio0", lvs_name = "lvs", cluster_sz = MiB });
             await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "v", size_in_mib = 2 });
             var lvs = kit.Lvol.Stores.Single().Store;
             uint free = lvs.BlobStore.FreeClusters;
@@ -202,11 +186,7 @@ public class RobustnessTests
             Assert.Contains("busy", busy.Message, StringComparison.OrdinalIgnoreCase);
             Assert.Single(kit.Lvol.Stores);
             Assert.Equal(free, lvs.BlobStore.FreeClusters);
-        }
-        finally
-        {
-            File.Delete(path);
-        }
+        });
     }
 
     [Fact]
@@ -236,5 +216,24 @@ public class RobustnessTests
         var got = new byte[4096];
         await bs.ReadAsync(v.Blob.Id, 0, got);
         Assert.Equal(GoldenImages.Pattern("R", 0, 4096), got);
+    }
+
+    /// <summary>Runs <paramref name="test"/> on an LvolKit with lvstore "lvs" (1 MiB clusters) on a 32 MiB sparse file bdev "aio0".</summary>
+    private static async Task OnFileLvstore(Func<LvolKit, Task> test)
+    {
+        var path = Path.Combine(Path.GetTempPath(), $"lvoltest-{Guid.NewGuid():N}.img");
+        FileBdev.CreateSparseIfMissing(path, 32 * MiB);
+        try
+        {
+            await using var kit = new LvolKit();
+            kit.Bdevs.Register(FileBdev.Open("aio0", path, 512, false, null, "bdev_aio_create"));
+            await kit.Call("bdev_wait_for_examine");
+            await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "aio0", lvs_name = "lvs", cluster_sz = MiB });
+            await test(kit);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
     }
 }

@@ -21,30 +21,32 @@ internal static class RpcResetCheck
         using var rpc = await RpcClient.ConnectAsync(socket, TimeSpan.FromSeconds(120));
         pass("rpc-connect", socket);
 
-        // Wait for the bdev to exist and I/O to flow (bdevperf starts its jobs after the config is applied).
+        // Wait for the bdev to exist and the front end's I/O to flow: the count must grow across consecutive samples
+        // (a bare "ops > 0" is satisfied by the daemon's own examine read before the front end has even connected).
         ulong ops0 = 0;
+        ulong last = 0;
+        int growing = 0;
         var wait = Stopwatch.StartNew();
-        while (wait.Elapsed < TimeSpan.FromSeconds(120))
+        while (wait.Elapsed < TimeSpan.FromSeconds(120) && growing < 3)
         {
             try
             {
-                ops0 = await OpsAsync(rpc, bdev);
-                if (ops0 > 0)
-                {
-                    break;
-                }
+                ulong now = await OpsAsync(rpc, bdev);
+                growing = now > last && last > 0 ? growing + 1 : 0;
+                last = now;
+                ops0 = now;
             }
             catch (InvalidOperationException)
             {
                 // not there yet
             }
 
-            await Task.Delay(200);
+            await Task.Delay(250);
         }
 
-        if (ops0 == 0)
+        if (growing < 3)
         {
-            fail("rpc-io-running", $"no I/O on {bdev} within 120 s");
+            fail("rpc-io-running", $"no steady I/O on {bdev} within 120 s (ops {ops0})");
             return;
         }
 

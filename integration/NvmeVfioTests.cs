@@ -29,6 +29,7 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         ExtraKernelArgs = ["intel_iommu=on"],
         ExtraQemuArgs = ["-cpu", "max,-smap", "-device", "intel-iommu,intremap=on,caching-mode=on", .. nvmeArgs],
         HostRootCache = "loose",
+        Memory = "2G", // vhostd pins (VFIO MAP_DMA) a vhost front end's whole memory (bdevperf's virtio-user arena: 512 MiB)
         BootTimeout = TimeSpan.FromSeconds(120),
         Log = log,
     };

@@ -92,6 +92,12 @@ public abstract class Bdev
     /// <summary>Module-specific part of bdev_get_bdevs.</summary>
     public virtual JsonObject? DriverSpecific() => null;
 
+    /// <summary>
+    /// The module's own I/O statistics, reported as <c>driver_specific</c> in bdev_get_iostat (SPDK's
+    /// <c>dump_device_stat_json</c>); null when it has none. Called off the I/O path (an RPC).
+    /// </summary>
+    public virtual JsonObject? DeviceStats() => null;
+
     /// <summary>The RPC call (<c>{"method","params"}</c>) that recreates this bdev, for save_config; null if not saved.</summary>
     public virtual JsonObject? ConfigCall() => null;
 

@@ -29,6 +29,7 @@ public sealed class NvmeBdev : Bdev.Bdev
     }
 
     public NvmeBdevControllerBase Ctrl { get; }
+
     /// <summary>The namespace as last identified (replaced when it is resized; read by the channels per I/O).</summary>
     public NvmeNamespace Namespace { get; private set; }
 
@@ -38,6 +39,28 @@ public sealed class NvmeBdev : Bdev.Bdev
         Namespace = ns;
         SetBlockCount(ns.BlockCount);
     }
+
+    private long _bouncedIos;
+    private long _bouncedBytes;
+
+    /// <summary>Reads, writes and compares copied through a DMA bounce buffer (buffers the device cannot address or PRPs cannot describe).</summary>
+    public long BouncedIos => Interlocked.Read(ref _bouncedIos);
+
+    /// <summary>Bytes of those bounced I/Os.</summary>
+    public long BouncedBytes => Interlocked.Read(ref _bouncedBytes);
+
+    /// <summary>On a channel's reactor, when an I/O is bounced (not the zero-copy path: an atomic add only there).</summary>
+    internal void CountBounce(ulong bytes)
+    {
+        Interlocked.Increment(ref _bouncedIos);
+        Interlocked.Add(ref _bouncedBytes, (long)bytes);
+    }
+
+    /// <summary>bdev_get_iostat's driver_specific: how much I/O was bounced instead of going to the device zero-copy.</summary>
+    public override JsonObject? DeviceStats() => new()
+    {
+        ["nvme_bounce"] = new JsonObject { ["bounced_ios"] = BouncedIos, ["bounced_bytes"] = BouncedBytes },
+    };
 
     private static Guid MakeUuid(NvmeBdevControllerBase ctrl, NvmeNamespace ns)
     {

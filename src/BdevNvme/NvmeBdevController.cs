@@ -15,6 +15,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
 {
     private readonly ILogger _log;
     private Poller? _adminPoller;
+    private Poller? _adminIrqPoller;
     private Poller? _resetPoller;
     private volatile bool _resetting;
     private long _resetStartTicks;
@@ -93,10 +94,31 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     /// <summary>Duration of the last completed reset (start to every channel reconnected), microseconds.</summary>
     public double LastResetMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _lastResetTicks));
 
-    /// <summary>Starts the admin poller (every 10 ms) on the calling reactor.</summary>
+    /// <summary>
+    /// Starts the admin poller (every 10 ms) on the calling reactor and, when the controller has interrupts, the admin
+    /// queue's vector as a wake source: a poller that reaps admin completions (AERs) as soon as one is posted (a
+    /// phase-bit peek per iteration) and lets the reactor sleep until vector 0 fires.
+    /// </summary>
     internal override void StartAdminPoller()
     {
         _adminPoller = AdminReactor.RegisterPoller("nvme_ctrlr_admin:" + CtrlName, static ctx => ((NvmeBdevController)ctx!).PollAdmin(), this, 10_000);
+        if (Controller.InterruptFd(0) is { } fd)
+        {
+            _adminIrqPoller = AdminReactor.RegisterPoller("nvme_ctrlr_admin_irq:" + CtrlName,
+                static ctx => ((NvmeBdevController)ctx!).Controller.AdminCompletionPending ? ((NvmeBdevController)ctx!).Controller.ProcessAdminCompletions() : 0, this);
+            AdminReactor.SetPollerInterrupt(_adminIrqPoller, fd.Fd, static (ctx, arm) =>
+            {
+                var c = ((NvmeBdevController)ctx!).Controller;
+                if (!arm)
+                {
+                    return false;
+                }
+
+                c.InterruptFd(0)?.Drain();
+                c.UnmaskInterrupt();
+                return c.AdminCompletionPending;
+            });
+        }
     }
 
     internal override void StopAdminPoller()
@@ -113,6 +135,12 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         {
             AdminReactor.UnregisterPoller(_adminPoller);
             _adminPoller = null;
+        }
+
+        if (_adminIrqPoller is not null)
+        {
+            AdminReactor.UnregisterPoller(_adminIrqPoller);
+            _adminIrqPoller = null;
         }
     }
 

@@ -91,6 +91,16 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
     /// <summary>I/O waits that a poll would start now (or fail now).</summary>
     protected bool HasStartableIo => _waiting.Count > 0 && (MustFail || !HasQueuePair || QueueConnected);
 
+    /// <summary>
+    /// Makes <paramref name="fd"/> (the queue pair's interrupt eventfd) the poller's wake source: in interrupt and
+    /// adaptive mode the reactor sleeps until it fires; <see cref="ArmWake"/> runs before each sleep.
+    /// </summary>
+    protected void SetWakeSource(int fd) =>
+        Reactor.SetPollerInterrupt(_poller!, fd, static (c, arm) => arm && ((NvmeChannelBase<TRequest>)c!).ArmWake());
+
+    /// <summary>Before the reactor sleeps: re-enable the interrupt and say whether work is already there (then it does not sleep).</summary>
+    protected virtual bool ArmWake() => false;
+
     /// <summary>Gives a new request what the transport needs (made once).</summary>
     protected virtual void InitRequest(TRequest req)
     {

@@ -59,7 +59,14 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
 
         _bounce = new DmaBufferPool(ctrl.Controller.Dma, 32, (int)NvmeBdev.MaxIoBytes, "vb-nvme-bounce");
         Start(_qp is null ? 1 : _qp.Entries - 1, "bdev_nvme_poll:" + ctrl.CtrlName);
+        if (_qp?.InterruptFd is { } irq)
+        {
+            SetWakeSource(irq.Fd); // the queue's MSI-X vector (or INTx): the reactor may sleep until a completion
+        }
     }
+
+    /// <summary>Connecting: keep polling (the connect steps complete on the admin queue); else arm the queue's interrupt.</summary>
+    protected override bool ArmWake() => Connecting || (_qp is not null && _qp.ArmInterrupt());
 
     public NvmeQueuePair? QueuePair => _qp;
 
@@ -109,6 +116,7 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
                     }
 
                     req.Bounce = va;
+                    ((NvmeBdev)io.Bdev).CountBounce(len);
                     var one = new NvmeIoVec(va, (nuint)len);
                     rc = qp.SubmitIo(opcode, ns, io.OffsetBlocks, (uint)io.NumBlocks, new ReadOnlySpan<NvmeIoVec>(ref one), 0, s_done, req);
                 }

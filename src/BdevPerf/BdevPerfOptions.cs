@@ -31,6 +31,8 @@ public sealed class BdevPerfCommandLine
           -T, --target BDEV      test only this bdev (repeatable); default: all bdevs of the config
           -C                     every core runs a job on every bdev (default: bdevs spread over cores)
           -W, --warmup SECONDS   warm-up before measuring (default 0)
+          --buf-offset N         start each I/O buffer N bytes (0-4095) into a page (default 0: page aligned);
+                                 exercises drivers with misaligned buffers (ours, not SPDK's)
           -r, --rpc-socket PATH  also serve JSON-RPC (bdev_get_iostat etc.) while running
           -L, --log-level LEVEL  error, warning, info, debug
           --reactor-mode MODE    poll (default), interrupt or adaptive: how idle reactors wait (interrupt:
@@ -108,6 +110,9 @@ public sealed class BdevPerfCommandLine
                 case "-W":
                 case "--warmup":
                     o.Perf.WarmupSeconds = ParseDouble(a, Value(), 0, 3600);
+                    break;
+                case "--buf-offset":
+                    o.Perf.BufferOffset = ParseInt(a, Value(), 0, 4095);
                     break;
                 case "-r":
                 case "--rpc-socket":

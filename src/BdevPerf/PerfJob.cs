@@ -28,6 +28,9 @@ public sealed class PerfOptions
     public double Seconds { get; set; } = 5;
     public int ReadPercent { get; set; } = 50;
     public double WarmupSeconds { get; set; }
+
+    /// <summary>Bytes each buffer starts into its page (0: page aligned): misaligned-buffer runs.</summary>
+    public int BufferOffset { get; set; }
 }
 
 /// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>
@@ -37,10 +40,13 @@ internal sealed class PerfTask
     private readonly AlignedBuffer? _heapBuffer;
     private readonly AlignedBuffer? _heapReadBuffer;
 
-    public PerfTask(PerfJob job, int size, SharedMemoryArena? shared)
+    private readonly int _offset;
+
+    public PerfTask(PerfJob job, int size, SharedMemoryArena? shared, int offset = 0)
     {
         Job = job;
         _shared = shared;
+        _offset = offset;
         Iov = [Alloc(size, out _heapBuffer)];
         ReadIov = [Alloc(size, out _heapReadBuffer)];
         Iov[0].AsSpan().Clear();
@@ -66,19 +72,20 @@ internal sealed class PerfTask
     private IoVec Alloc(int size, out AlignedBuffer? heap)
     {
         heap = null;
+        int slack = _offset == 0 ? 0 : 4096;
         if (_shared is not null)
         {
             try
             {
-                return new IoVec(_shared.Allocate((ulong)size), (nuint)size);
+                return new IoVec(_shared.Allocate((ulong)(size + slack)) + _offset, (nuint)size);
             }
             catch (OutOfMemoryException)
             {
             }
         }
 
-        heap = new AlignedBuffer((nuint)size, 4096, zero: false);
-        return heap.ToIoVec();
+        heap = new AlignedBuffer((nuint)(size + slack), 4096, zero: false);
+        return heap.ToIoVec((nuint)_offset, (nuint)size);
     }
 
     private void FreeOne(IoVec iov, AlignedBuffer? heap)
@@ -89,7 +96,7 @@ internal sealed class PerfTask
         }
         else
         {
-            _shared!.Free(iov.Base);
+            _shared!.Free(iov.Base - _offset);
         }
     }
 
@@ -142,7 +149,7 @@ public sealed class PerfJob
         }
 
         _rng = (ulong)(0x9E3779B97F4A7C15 ^ (ulong)bdev.Name.GetHashCode() ^ (ulong)reactor.Core);
-        _tasks = Enumerable.Range(0, options.QueueDepth).Select(_ => new PerfTask(this, options.IoSize, sharedMemory)).ToArray();
+        _tasks = Enumerable.Range(0, options.QueueDepth).Select(_ => new PerfTask(this, options.IoSize, sharedMemory, options.BufferOffset)).ToArray();
     }
 
     public BdevDesc Desc { get; }

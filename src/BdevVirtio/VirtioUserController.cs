@@ -306,7 +306,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             ulong total = perQueue * (ulong)vqCount;
             // Sealed (the back end can trust its size), 2 MiB-aligned in size and address, huge pages when there
             // are enough free ones: the layout QEMU and DPDK give their regions, which SPDK's vhost target expects.
-            map = MappedRegion.CreateShared("virtio-user-" + name, total, out memFd, out bool hugePages);
+            map = MappedRegion.CreateShared("virtio-user-" + name, total, out memFd, out bool hugePages, DmaMemoryRegistry.Process); // its bounce buffers may be device DMA targets
             total = map.Length;
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
             var memory = new DriverMemory(map.Pointer, total);

@@ -10,15 +10,24 @@ namespace VhostBackend.Nvme;
 /// pages when none are reserved) and memory someone else owns, registered with <see cref="RegisterDmaMemory"/>
 /// (e.g. vhost guest memory, so guest buffers go to the device without a copy).
 /// <para>
-/// IOVA policy: IOVA = virtual address when the IOMMU accepts that address (VFIO reports the valid IOVA ranges);
-/// otherwise an IOVA is allocated from a valid range. Either way <see cref="TryTranslate"/> is the one lookup.
+/// IOVA policy: IOVA = virtual address when the IOMMU accepts that address (VFIO reports the valid IOVA ranges) and
+/// no allocated IOVA is in the way; otherwise an IOVA is allocated first-fit (2 MiB aligned, above 4 GiB when the
+/// range allows) from a valid range, so IOVA space freed by an unregistered region is reused. A guest IOMMU of 39
+/// address bits (QEMU's intel-iommu default) cannot take 47-bit user addresses, so there allocation is the rule.
+/// Either way <see cref="TryTranslate"/> is the one lookup.
+/// </para>
+/// <para>
+/// Memory owned by other layers comes through the process's <see cref="DmaMemoryRegistry"/>: <see cref="ForVfio"/>
+/// subscribes the shared space, so every range registered there (vhost guest memory, virtio-user shared memory) is
+/// mapped once into the shared VFIO container, which every controller of the process uses: one mapping serves all
+/// devices, and it stays until its owner unregisters it (the registry counts the owners' references).
 /// </para>
 /// <para>
 /// Threading: registration takes a lock and publishes a new immutable region table; lookups read the current
 /// table without a lock (hot path: a binary search, no allocation).
 /// </para>
 /// </summary>
-public sealed unsafe class DmaSpace
+public sealed unsafe class DmaSpace : IDmaMemoryListener
 {
     public const ulong HugePageSize = 2 * 1024 * 1024;
     public const ulong SmallPageSize = 4096;
@@ -30,8 +39,10 @@ public sealed unsafe class DmaSpace
     private readonly IDmaMapper _mapper;
     private readonly ILogger _log;
     private Region[] _regions = Array.Empty<Region>();
-    private ulong _nextIova;
     private bool _warnedNoHugePages;
+    private bool _mapped;
+    private long _externalRegistered;
+    private long _externalFailed;
 
     public DmaSpace(IDmaMapper mapper, ILogger? logger = null)
     {
@@ -39,17 +50,99 @@ public sealed unsafe class DmaSpace
         _log = logger ?? NullLogger.Instance;
         if (mapper is VfioContainer c)
         {
-            c.OnIommuReady(Replay);
+            // Subscribe first, then read: a group joining in between maps through the callback either way.
+            c.OnIommuReady(OnIommuChanged);
+            lock (_lock)
+            {
+                _mapped |= c.IsReady;
+            }
+        }
+        else
+        {
+            _mapped = true;
         }
     }
 
-    /// <summary>The DMA space of the shared VFIO container (created on first use).</summary>
+    /// <summary>The DMA space of the shared VFIO container (created on first use), subscribed to the process's <see cref="DmaMemoryRegistry"/>.</summary>
     public static DmaSpace ForVfio(ILogger? logger = null)
     {
         lock (s_vfioLock)
         {
-            return s_vfio ??= new DmaSpace(VfioContainer.Shared, logger);
+            if (s_vfio is null)
+            {
+                s_vfio = new DmaSpace(VfioContainer.Shared, logger) { MapRegistrationsInBackground = true };
+                s_vfio.SubscribeTo(DmaMemoryRegistry.Process);
+            }
+
+            return s_vfio;
         }
+    }
+
+    /// <summary>
+    /// Maps every range of <paramref name="registry"/>, now and as it is registered, and unmaps each as it is
+    /// unregistered. Dispose the result to stop (everything it mapped is unmapped).
+    /// </summary>
+    public IDisposable SubscribeTo(DmaMemoryRegistry registry) => registry.Subscribe(this);
+
+    /// <summary>Ranges registered through a <see cref="DmaMemoryRegistry"/> and mapped (the count since creation).</summary>
+    public long ExternalRegistrations => Interlocked.Read(ref _externalRegistered);
+
+    /// <summary>Registry ranges this space could not map (their I/O is bounced).</summary>
+    public long ExternalFailures => Interlocked.Read(ref _externalFailed);
+
+    private readonly object _backgroundLock = new();
+    private Task _backgroundTail = Task.CompletedTask;
+
+    /// <summary>
+    /// Registry ranges are mapped on a background thread, in order (the registering thread does not wait: pinning a
+    /// front end's whole memory can take seconds, and under TCG with an emulated IOMMU more than a minute, longer than a
+    /// vhost-user front end waits for its SET_MEM_TABLE reply). Until mapped, I/O to the range is bounced. An
+    /// unregistration waits for the queued maps first, so a range is never mapped after its owner withdrew it.
+    /// <see cref="ForVfio"/> turns it on; off, registrations map synchronously (unit tests).
+    /// </summary>
+    public bool MapRegistrationsInBackground { get; set; }
+
+    int IDmaMemoryListener.OnRegister(nint va, ulong length)
+    {
+        if (!MapRegistrationsInBackground)
+        {
+            return MapExternal(va, length);
+        }
+
+        lock (_backgroundLock)
+        {
+            _backgroundTail = _backgroundTail.ContinueWith(_ => MapExternal(va, length), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+        }
+
+        return 0;
+    }
+
+    private int MapExternal(nint va, ulong length)
+    {
+        int rc = RegisterDmaMemory(va, (nuint)length);
+        if (rc != 0)
+        {
+            Interlocked.Increment(ref _externalFailed);
+            _log.LogWarning("DMA registration of 0x{Va:x}+{Len} failed ({Err}): I/O to that memory is bounced", (ulong)va, length, rc);
+        }
+        else
+        {
+            Interlocked.Increment(ref _externalRegistered);
+        }
+
+        return rc;
+    }
+
+    void IDmaMemoryListener.OnUnregister(nint va, ulong length)
+    {
+        Task pending;
+        lock (_backgroundLock)
+        {
+            pending = _backgroundTail;
+        }
+
+        pending.Wait(); // a queued map of this range finishes first (then it is unmapped right away)
+        UnregisterDmaMemory(va);
     }
 
     /// <summary>The shared VFIO DMA space if it exists (vhost registers guest memory only when some device uses VFIO).</summary>
@@ -145,19 +238,36 @@ public sealed unsafe class DmaSpace
     /// </summary>
     public int RegisterDmaMemory(nint ptr, nuint length) => Register((ulong)ptr, (ulong)length, owned: false);
 
-    /// <summary>Removes a range registered with <see cref="RegisterDmaMemory"/> (by its start). Returns 0 or -ENOENT.</summary>
+    /// <summary>
+    /// Removes a range registered with <see cref="RegisterDmaMemory"/> (by its start): it is unmapped from the IOMMU
+    /// (and no longer translated) before this returns. Returns 0 or -ENOENT.
+    /// </summary>
     public int UnregisterDmaMemory(nint ptr)
     {
         lock (_lock)
         {
-            int i = Array.FindIndex(_regions, r => r.Va == (ulong)ptr);
+            int i = -1;
+            for (int k = 0; k < _regions.Length; k++)
+            {
+                if (_regions[k].Va == (ulong)ptr)
+                {
+                    i = k;
+                    break;
+                }
+            }
+
             if (i < 0)
             {
                 return -Platform.Errno.ENOENT;
             }
 
             var r = _regions[i];
-            if (IsMapperReady())
+
+            // Lookups stop first (a submit racing with this sees the region gone and bounces), then the IOMMU unmaps.
+            var list = new List<Region>(_regions);
+            list.RemoveAt(i);
+            Volatile.Write(ref _regions, list.ToArray());
+            if (_mapped)
             {
                 int rc = _mapper.Unmap(r.Iova, r.Length);
                 if (rc != 0)
@@ -166,14 +276,9 @@ public sealed unsafe class DmaSpace
                 }
             }
 
-            var list = new List<Region>(_regions);
-            list.RemoveAt(i);
-            Volatile.Write(ref _regions, list.ToArray());
             return 0;
         }
     }
-
-    private bool IsMapperReady() => _mapper is not VfioContainer c || c.IsReady;
 
     private int Register(ulong va, ulong length, bool owned)
     {
@@ -198,7 +303,7 @@ public sealed unsafe class DmaSpace
                 return -Platform.Errno.ENOSPC;
             }
 
-            if (IsMapperReady())
+            if (_mapped)
             {
                 int rc = _mapper.Map((nint)va, iova, length);
                 if (rc != 0)
@@ -214,43 +319,87 @@ public sealed unsafe class DmaSpace
         }
     }
 
-    private ulong ChooseIova(ulong va, ulong length)
+    /// <summary>
+    /// The IOVA for [va, va+length): va itself when a valid range holds it and no region uses that IOVA space;
+    /// else the first 2 MiB-aligned gap of a valid range (above 4 GiB when the range reaches past 8 GiB) that no
+    /// region uses. ulong.MaxValue when nothing fits. Under the lock.
+    /// </summary>
+    private ulong ChooseIova(ulong va, ulong length, List<Region>? used = null)
     {
+        var regions = used ?? new List<Region>(_regions);
         var ranges = _mapper.IovaRanges;
         foreach (var (start, end) in ranges)
         {
-            if (va >= start && va + length - 1 <= end)
+            if (va >= start && va + length - 1 <= end && IovaFree(regions, va, length))
             {
                 return va; // IOVA = VA
             }
         }
 
-        // The IOMMU cannot address this virtual address (e.g. a 39-bit guest IOMMU and 47-bit user addresses):
-        // hand out IOVAs from the valid ranges instead, 2 MiB aligned, above 4 GiB when possible.
+        regions.Sort((x, y) => x.Iova.CompareTo(y.Iova));
         foreach (var (start, end) in ranges)
         {
-            ulong cursor = Math.Max(_nextIova, Math.Max(start, end > (8UL << 30) ? 4UL << 30 : start));
-            cursor = (cursor + HugePageSize - 1) & ~(HugePageSize - 1);
-            if (cursor >= start && cursor + length - 1 <= end && cursor + length > cursor)
+            ulong cursor = end > (8UL << 30) ? Math.Max(start, 4UL << 30) : start;
+            while (true)
             {
-                _nextIova = cursor + length;
-                return cursor;
+                cursor = (cursor + HugePageSize - 1) & ~(HugePageSize - 1);
+                if (cursor < start || cursor + length < cursor || cursor + length - 1 > end)
+                {
+                    break;
+                }
+
+                ulong blockEnd = 0;
+                foreach (var r in regions)
+                {
+                    if (r.Iova < cursor + length && cursor < r.Iova + r.Length)
+                    {
+                        blockEnd = Math.Max(blockEnd, r.Iova + r.Length);
+                    }
+                }
+
+                if (blockEnd == 0)
+                {
+                    return cursor;
+                }
+
+                cursor = blockEnd;
             }
         }
 
         return ulong.MaxValue;
     }
 
-    /// <summary>Maps every region again after the IOMMU context was (re)created (VFIO container re-initialised).</summary>
-    private void Replay()
+    private static bool IovaFree(List<Region> regions, ulong iova, ulong length)
+    {
+        foreach (var r in regions)
+        {
+            if (r.Iova < iova + length && iova < r.Iova + r.Length)
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
+
+    /// <summary>
+    /// The container's IOMMU context was (re)created (ready: map every region again, choosing IOVAs afresh) or
+    /// dropped with its last group (every mapping is gone: map nothing until it is back). Runs under the container's lock.
+    /// </summary>
+    private void OnIommuChanged(bool ready)
     {
         lock (_lock)
         {
-            _nextIova = 0;
+            _mapped = ready;
+            if (!ready)
+            {
+                return;
+            }
+
             var list = new List<Region>(_regions.Length);
             foreach (var r in _regions)
             {
-                ulong iova = ChooseIova(r.Va, r.Length);
+                ulong iova = ChooseIova(r.Va, r.Length, new List<Region>(list));
                 int rc = iova == ulong.MaxValue ? -Platform.Errno.ENOSPC : _mapper.Map((nint)r.Va, iova, r.Length);
                 if (rc != 0)
                 {
@@ -261,6 +410,7 @@ public sealed unsafe class DmaSpace
                 list.Add(new Region(r.Va, r.Length, iova, r.Owned));
             }
 
+            list.Sort((x, y) => x.Va.CompareTo(y.Va));
             Volatile.Write(ref _regions, list.ToArray());
         }
     }

@@ -181,6 +181,61 @@ public sealed unsafe class NvmeController : IDisposable
     /// <summary>Bound of a queue pair connect that cannot get an admin slot (each admin command has its own timeout).</summary>
     internal long ConnectTimeoutTicks => 3 * AdminTimeoutTicks;
 
+    /// <summary>How completions signal (MSI-X vectors, INTx, or none: polled only).</summary>
+    public DeviceInterruptMode InterruptMode { get; private set; }
+
+    /// <summary>Interrupt vectors in use (MSI-X: vector 0 is the admin queue's, I/O queues share 1..n-1; INTx: 1).</summary>
+    public int InterruptVectors => _irqFds.Count;
+
+    private IReadOnlyList<EventFd> _irqFds = [];
+    private Action? _unmask;
+
+    /// <summary>
+    /// Turns on interrupts: one MSI-X vector for the admin queue (AER) and one per I/O queue pair when the device
+    /// has enough (else I/O queues share them round robin), or the INTx line for all. Each vector signals an eventfd
+    /// (VFIO_DEVICE_SET_IRQS) that a sleeping reactor watches. Without either the queues are polled only.
+    /// </summary>
+    private void SetUpInterrupts(VfioPciDevice dev)
+    {
+        try
+        {
+            var mode = dev.EnableInterrupts(1 + Math.Min(MaxIoQueuePairs, 256));
+            UseInterrupts(mode, dev.InterruptFds, mode == DeviceInterruptMode.Intx ? dev.UnmaskIntx : null);
+        }
+        catch (IOException e)
+        {
+            _log.LogWarning("NVMe {Name}: no interrupts ({Error}); queues are polled only", Name, e.Message);
+        }
+    }
+
+    /// <summary>
+    /// Sets the interrupt eventfds (the VFIO device's, or a model's): queue pairs created afterwards enable interrupts
+    /// on their completion queue. <paramref name="unmask"/>: INTx's unmask, called before a reactor sleeps.
+    /// </summary>
+    public void UseInterrupts(DeviceInterruptMode mode, IReadOnlyList<EventFd> fds, Action? unmask = null)
+    {
+        InterruptMode = fds.Count == 0 ? DeviceInterruptMode.None : mode;
+        _irqFds = InterruptMode == DeviceInterruptMode.None ? [] : fds;
+        _unmask = unmask;
+        _log.LogInformation("NVMe {Name}: interrupts {Mode}, {Vectors} vector(s)", Name, InterruptMode, _irqFds.Count);
+    }
+
+    /// <summary>The vector of a queue id (-1: no interrupts): admin 0; I/O queues 1..n-1 round robin (all 0 with one vector).</summary>
+    public int VectorFor(ushort qid)
+    {
+        int n = _irqFds.Count;
+        return n == 0 ? -1 : qid == 0 || n == 1 ? 0 : 1 + ((qid - 1) % (n - 1));
+    }
+
+    /// <summary>The eventfd a vector signals (null without interrupts).</summary>
+    public EventFd? InterruptFd(int vector) => vector >= 0 && vector < _irqFds.Count ? _irqFds[vector] : null;
+
+    /// <summary>INTx: unmask the line after reaping (VFIO masked it when it fired). No-op for MSI-X.</summary>
+    public void UnmaskInterrupt() => _unmask?.Invoke();
+
+    /// <summary>Whether the admin completion queue holds an unreaped entry (a phase-bit peek: no lock, any thread).</summary>
+    public bool AdminCompletionPending => _admin is not null && _admin.HasCompletion;
+
     /// <summary>Raised (on the thread that processes admin completions) for each Asynchronous Event: the completion's DW0.</summary>
     public Action<NvmeController, uint>? AsyncEvent { get; set; }
 
@@ -194,6 +249,7 @@ public sealed unsafe class NvmeController : IDisposable
             var regs = new MmioRegisters(dev.Bar0, dev.Bar0Size);
             var ctrl = new NvmeController(dev.Address, regs, dma, opts, log, dev);
             ctrl.Initialize();
+            ctrl.SetUpInterrupts(dev);
             return ctrl;
         }
         catch
@@ -764,6 +820,7 @@ public sealed unsafe class NvmeController : IDisposable
             var qp = new NvmeQueuePair(this, qid, n, PageSize, Cap.DoorbellStride)
             {
                 TimeoutTicks = (long)(_opts.IoTimeout.TotalSeconds * Ticks.Frequency),
+                InterruptVector = VectorFor(qid),
             };
             lock (_ioQpairs)
             {

@@ -129,6 +129,39 @@ public sealed unsafe class NvmeQueuePair : IDisposable
     /// <summary>Command timeout in <see cref="VhostBackend.Platform.Ticks"/> ticks (0 = none), checked by <see cref="CheckTimeouts"/>.</summary>
     public long TimeoutTicks { get; set; }
 
+    /// <summary>The interrupt vector of the completion queue (-1: interrupts off, polled only). Set before connecting.</summary>
+    public int InterruptVector { get; init; } = -1;
+
+    /// <summary>The eventfd this queue's completions signal (null: polled only): a reactor's wake source.</summary>
+    public EventFd? InterruptFd => _ctrl.InterruptFd(InterruptVector);
+
+    /// <summary>Whether the next completion queue entry is posted (phase-bit peek; owner thread; no side effect).</summary>
+    public bool HasCompletion
+    {
+        get
+        {
+            if (_state >= StateDestroyed)
+            {
+                return false;
+            }
+
+            // SAFETY: _cqHead < Entries, inside the CQ ring allocated with the queue pair.
+            return (Volatile.Read(ref (_cq + _cqHead)->StatusPhase) & 1) == _phase;
+        }
+    }
+
+    /// <summary>
+    /// Before the owner sleeps: consumes the interrupt eventfd's count, re-enables INTx, and returns whether a
+    /// completion is already posted (then the owner must not sleep). A completion posted after the peek raises
+    /// the interrupt, which wakes the owner.
+    /// </summary>
+    public bool ArmInterrupt()
+    {
+        InterruptFd?.Drain();
+        _ctrl.UnmaskInterrupt();
+        return HasCompletion;
+    }
+
     /// <summary>Completions whose command id matched no outstanding command (a misbehaving device); ignored.</summary>
     public long SpuriousCompletions { get; private set; }
 
@@ -642,7 +675,9 @@ public sealed unsafe class NvmeQueuePair : IDisposable
             case StepDeleteCq:
                 return NvmeController.MakeCommand(NvmeAdminOpcode.DeleteIoCq, 0, Id);
             case StepCreateCq:
-                cmd = NvmeController.MakeCommand(NvmeAdminOpcode.CreateIoCq, 0, size | Id, 1 /* PC, interrupts off */);
+                // PC; IEN with the vector in bits 31:16 when the controller has interrupts, else polled only.
+                cmd = NvmeController.MakeCommand(NvmeAdminOpcode.CreateIoCq, 0, size | Id,
+                    InterruptVector >= 0 ? 1u | 2u | ((uint)InterruptVector << 16) : 1u);
                 cmd.Prp1 = CqIova;
                 return cmd;
             default:

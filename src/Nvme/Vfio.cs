@@ -24,6 +24,8 @@ public static class VfioIoctl
     public static readonly ulong GroupGetDeviceFd = Io(VfioType, VfioBase + 6);
     public static readonly ulong DeviceGetInfo = Io(VfioType, VfioBase + 7);
     public static readonly ulong DeviceGetRegionInfo = Io(VfioType, VfioBase + 8);
+    public static readonly ulong DeviceGetIrqInfo = Io(VfioType, VfioBase + 9);
+    public static readonly ulong DeviceSetIrqs = Io(VfioType, VfioBase + 10);
     public static readonly ulong DeviceReset = Io(VfioType, VfioBase + 11);
     public static readonly ulong IommuGetInfo = Io(VfioType, VfioBase + 12);
     public static readonly ulong IommuMapDma = Io(VfioType, VfioBase + 13);
@@ -41,6 +43,13 @@ public static class VfioIoctl
     public const uint DmaMapFlagRead = 1;
     public const uint DmaMapFlagWrite = 2;
     public const int PciBar0RegionIndex = 0;
+    public const uint PciIntxIrqIndex = 0;
+    public const uint PciMsixIrqIndex = 2;
+    public const uint IrqInfoEventfd = 1;
+    public const uint IrqSetDataNone = 1 << 0;
+    public const uint IrqSetDataEventfd = 1 << 2;
+    public const uint IrqSetActionUnmask = 1 << 4;
+    public const uint IrqSetActionTrigger = 1 << 5;
     public const int PciConfigRegionIndex = 7;
 }
 
@@ -61,6 +70,35 @@ public struct VfioDeviceInfo
     public uint NumRegions;
     public uint NumIrqs;
     public uint CapOffset;
+}
+
+/// <summary>struct vfio_irq_info (16 bytes).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioIrqInfo
+{
+    public uint Argsz;
+    public uint Flags;
+    public uint Index;
+    public uint Count;
+}
+
+/// <summary>struct vfio_irq_set without its flexible data[] (20 bytes; the eventfds follow as s32s).</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct VfioIrqSet
+{
+    public uint Argsz;
+    public uint Flags;
+    public uint Index;
+    public uint Start;
+    public uint Count;
+}
+
+/// <summary>How a device's completions reach us: not at all (polled only), MSI-X vectors, or the legacy INTx line.</summary>
+public enum DeviceInterruptMode
+{
+    None = 0,
+    Msix = 1,
+    Intx = 2,
 }
 
 /// <summary>struct vfio_region_info (32 bytes).</summary>
@@ -150,10 +188,10 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
     private static readonly object s_sharedLock = new();
     private readonly object _lock = new();
     private int _fd;
-    private bool _iommuSet;
+    private volatile bool _iommuSet;
     private int _groups;
-    private readonly List<Action> _onIommuSet = new();
-    private (ulong Start, ulong End)[] _ranges = { (0, (1UL << 48) - 1) };
+    private readonly List<Action<bool>> _onIommuSet = new();
+    private volatile (ulong Start, ulong End)[] _ranges = { (0, (1UL << 48) - 1) };
 
     public VfioContainer()
     {
@@ -207,16 +245,8 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
     /// <summary>The IOMMU type in use (1 or 3), 0 before the first group joined.</summary>
     public int IommuType { get; private set; }
 
-    public IReadOnlyList<(ulong Start, ulong End)> IovaRanges
-    {
-        get
-        {
-            lock (_lock)
-            {
-                return _ranges;
-            }
-        }
-    }
+    /// <summary>The valid IOVA ranges (no lock: DMA spaces read it under their own lock, which the container's callbacks take inside its lock).</summary>
+    public IReadOnlyList<(ulong Start, ulong End)> IovaRanges => _ranges;
 
     /// <summary>Adds a group (its fd) to this container and sets the IOMMU type on the first one.</summary>
     internal void AttachGroup(int groupFd)
@@ -246,7 +276,7 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
                 // A container whose last group left lost its mappings: let the DMA spaces map their memory again.
                 foreach (var a in _onIommuSet)
                 {
-                    a();
+                    a(true);
                 }
 
                 return;
@@ -264,24 +294,23 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
             if (_groups > 0 && --_groups == 0)
             {
                 _iommuSet = false;
+                foreach (var a in _onIommuSet)
+                {
+                    a(false); // the IOMMU context (and every mapping) is gone
+                }
             }
         }
     }
 
     /// <summary>Whether DMA mappings can be made now (the IOMMU type is set).</summary>
-    public bool IsReady
-    {
-        get
-        {
-            lock (_lock)
-            {
-                return _iommuSet;
-            }
-        }
-    }
+    public bool IsReady => _iommuSet;
 
-    /// <summary>Registers a callback run (under the container lock) each time the IOMMU is (re)initialised.</summary>
-    public void OnIommuReady(Action replay)
+    /// <summary>
+    /// Registers a callback run (under the container lock) each time the IOMMU is (re)initialised (true: map
+    /// everything) or torn down with its last group (false: every mapping is gone). Lock order: container, then the
+    /// callback's own lock; the callee must not take the container's lock.
+    /// </summary>
+    public void OnIommuReady(Action<bool> replay)
     {
         lock (_lock)
         {
@@ -389,6 +418,7 @@ public sealed unsafe class VfioPciDevice : IDisposable
     private nint _bar0;
     private nuint _bar0Size;
     private bool _attached;
+    private Platform.EventFd[] _irqFds = [];
 
     private VfioPciDevice(string address, VfioContainer container)
     {
@@ -592,11 +622,147 @@ public sealed unsafe class VfioPciDevice : IDisposable
     /// <summary>Vendor and device ID from config space.</summary>
     public (ushort Vendor, ushort Device) Ids => (ReadConfig16(0), ReadConfig16(2));
 
+    /// <summary>How interrupts are delivered (after <see cref="EnableInterrupts"/>).</summary>
+    public DeviceInterruptMode InterruptMode { get; private set; }
+
+    /// <summary>The eventfd of each enabled vector (MSI-X: one per vector; INTx: one). Owned by this device.</summary>
+    public IReadOnlyList<Platform.EventFd> InterruptFds => _irqFds;
+
+    /// <summary>Vectors (MSI-X) or lines (INTx: 1) the device offers for <paramref name="index"/>; 0 when none or on error.</summary>
+    public uint IrqCount(uint index)
+    {
+        VfioIrqInfo info = default;
+        info.Argsz = (uint)sizeof(VfioIrqInfo);
+        info.Index = index;
+        if (NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceGetIrqInfo, &info) != 0 || (info.Flags & VfioIoctl.IrqInfoEventfd) == 0)
+        {
+            return 0;
+        }
+
+        return info.Count;
+    }
+
+    /// <summary>
+    /// VFIO_DEVICE_SET_IRQS: each of up to <paramref name="wanted"/> MSI-X vectors signals its own eventfd; a device
+    /// without MSI-X gets its INTx line on one eventfd instead (VFIO masks the line when it fires: <see cref="UnmaskIntx"/>
+    /// after the completions were reaped). Returns the mode (None when neither could be set up: the caller polls).
+    /// </summary>
+    public DeviceInterruptMode EnableInterrupts(int wanted)
+    {
+        DisableInterrupts();
+        uint msix = IrqCount(VfioIoctl.PciMsixIrqIndex);
+        if (msix > 0 && wanted > 0)
+        {
+            int n = (int)Math.Min(msix, (uint)Math.Min(wanted, 2048));
+            if (SetEventFds(VfioIoctl.PciMsixIrqIndex, n))
+            {
+                InterruptMode = DeviceInterruptMode.Msix;
+                return InterruptMode;
+            }
+        }
+
+        if (IrqCount(VfioIoctl.PciIntxIrqIndex) > 0 && SetEventFds(VfioIoctl.PciIntxIrqIndex, 1))
+        {
+            // INTx was disabled in the command register at open (we polled): let the line through now.
+            ushort cmd = ReadConfig16(0x04);
+            WriteConfig16(0x04, (ushort)(cmd & ~0x0400));
+            InterruptMode = DeviceInterruptMode.Intx;
+            return InterruptMode;
+        }
+
+        return DeviceInterruptMode.None;
+    }
+
+    private bool SetEventFds(uint index, int count)
+    {
+        var fds = new Platform.EventFd[count];
+        for (int i = 0; i < count; i++)
+        {
+            fds[i] = new Platform.EventFd();
+        }
+
+        int size = sizeof(VfioIrqSet) + (4 * count);
+        byte* buf = stackalloc byte[size];
+        var set = (VfioIrqSet*)buf;
+        set->Argsz = (uint)size;
+        set->Flags = VfioIoctl.IrqSetDataEventfd | VfioIoctl.IrqSetActionTrigger;
+        set->Index = index;
+        set->Start = 0;
+        set->Count = (uint)count;
+        int* data = (int*)(buf + sizeof(VfioIrqSet));
+        for (int i = 0; i < count; i++)
+        {
+            data[i] = fds[i].Fd;
+        }
+
+        if (NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceSetIrqs, buf) != 0)
+        {
+            foreach (var f in fds)
+            {
+                f.Dispose();
+            }
+
+            return false;
+        }
+
+        _irqFds = fds;
+        _irqIndex = index;
+        return true;
+    }
+
+    private uint _irqIndex;
+
+    /// <summary>INTx: unmask the line VFIO masked when it fired (after reaping, before sleeping). No-op otherwise.</summary>
+    public void UnmaskIntx()
+    {
+        if (InterruptMode != DeviceInterruptMode.Intx)
+        {
+            return;
+        }
+
+        VfioIrqSet set = default;
+        set.Argsz = (uint)sizeof(VfioIrqSet);
+        set.Flags = VfioIoctl.IrqSetDataNone | VfioIoctl.IrqSetActionUnmask;
+        set.Index = VfioIoctl.PciIntxIrqIndex;
+        set.Start = 0;
+        set.Count = 1;
+        NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceSetIrqs, &set);
+    }
+
+    /// <summary>Turns interrupts off (count 0 with DATA_NONE) and closes their eventfds.</summary>
+    public void DisableInterrupts()
+    {
+        if (_irqFds.Length == 0)
+        {
+            return;
+        }
+
+        if (_deviceFd >= 0)
+        {
+            VfioIrqSet set = default;
+            set.Argsz = (uint)sizeof(VfioIrqSet);
+            set.Flags = VfioIoctl.IrqSetDataNone | VfioIoctl.IrqSetActionTrigger;
+            set.Index = _irqIndex;
+            set.Start = 0;
+            set.Count = 0;
+            NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceSetIrqs, &set);
+        }
+
+        foreach (var f in _irqFds)
+        {
+            f.Dispose();
+        }
+
+        _irqFds = [];
+        InterruptMode = DeviceInterruptMode.None;
+    }
+
     /// <summary>Function-level reset through VFIO (when the device supports one). Returns 0 or -errno.</summary>
     public int Reset() => NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceReset, 0) == 0 ? 0 : -NvmeNative.Errno;
 
     public void Dispose()
     {
+        DisableInterrupts();
         if (_bar0 != 0)
         {
             NvmeNative.munmap(_bar0, _bar0Size);

@@ -18,7 +18,7 @@ public sealed class SharedMemoryArena : IDisposable
     {
         // Sealed (back ends can trust its size), 2 MiB-aligned in size and address, huge pages when enough are free
         // (see MappedRegion.CreateShared: SPDK's vhost target wants that layout).
-        _map = MappedRegion.CreateShared(name, size, out int fd, out bool hugePages);
+        _map = MappedRegion.CreateShared(name, size, out int fd, out bool hugePages, DmaMemoryRegistry.Process); // device DMA may target its buffers
         Fd = fd;
         HugePages = hugePages;
         Size = _map.Length;

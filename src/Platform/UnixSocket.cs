@@ -645,6 +645,7 @@ public sealed unsafe class UnixSocketListener : IDisposable
 public sealed unsafe class MappedRegion : IDisposable
 {
     private nint _ptr;
+    private DmaMemoryRegistry? _dma;
 
     private MappedRegion(nint ptr, ulong length)
     {
@@ -655,8 +656,18 @@ public sealed unsafe class MappedRegion : IDisposable
     public nint Pointer => _ptr;
     public ulong Length { get; }
 
+    /// <summary>Whether the mapping is registered for DMA (<see cref="Map(int, ulong, DmaMemoryRegistry?)"/>).</summary>
+    public bool DmaRegistered => _dma is not null;
+
     /// <summary>Maps <paramref name="length"/> bytes of <paramref name="fd"/> from offset 0, read-write and shared. Throws IOException.</summary>
-    public static MappedRegion Map(int fd, ulong length)
+    public static MappedRegion Map(int fd, ulong length) => Map(fd, length, null);
+
+    /// <summary>
+    /// As <see cref="Map(int, ulong)"/>, and registers the whole mapping (rounded up to pages) with
+    /// <paramref name="dma"/> so devices may target it; <see cref="Dispose"/> unregisters it before unmapping
+    /// (owners dispose only once no I/O uses the memory, so no device touches it after the unmap).
+    /// </summary>
+    public static MappedRegion Map(int fd, ulong length, DmaMemoryRegistry? dma)
     {
         if (length == 0 || length > (ulong)nint.MaxValue)
         {
@@ -669,7 +680,23 @@ public sealed unsafe class MappedRegion : IDisposable
             throw new IOException($"mmap of {length} bytes failed: {Native.StrError(Native.Errno)}");
         }
 
-        return new MappedRegion((nint)p, length);
+        var m = new MappedRegion((nint)p, length);
+        if (dma is not null && dma.Register((nint)p, DmaMemoryRegistry.PageAlign(length)) == 0)
+        {
+            m._dma = dma;
+        }
+
+        return m;
+    }
+
+    private MappedRegion RegisterDma(DmaMemoryRegistry? dma)
+    {
+        if (dma is not null && dma.Register(_ptr, DmaMemoryRegistry.PageAlign(Length)) == 0)
+        {
+            _dma = dma;
+        }
+
+        return this;
     }
 
     /// <summary>2 MiB: the size and address alignment of <see cref="CreateShared"/> regions (an x86-64 huge page).</summary>
@@ -682,9 +709,10 @@ public sealed unsafe class MappedRegion : IDisposable
     /// every region for address translation on 2 MiB boundaries (spdk_mem_register) and DPDK maps a region's fd
     /// in units of its block size, so a region that is not 2 MiB-aligned in size and address is refused or slow
     /// there. Returns the mapping; <paramref name="fd"/> (the caller owns it) and <paramref name="hugePages"/> say
-    /// what backs it. Throws <see cref="IOException"/> when neither kind can be created.
+    /// what backs it; with <paramref name="dma"/> the mapping is registered there as <see cref="Map(int, ulong,
+    /// DmaMemoryRegistry?)"/> does. Throws <see cref="IOException"/> when neither kind can be created.
     /// </summary>
-    public static MappedRegion CreateShared(string name, ulong size, out int fd, out bool hugePages)
+    public static MappedRegion CreateShared(string name, ulong size, out int fd, out bool hugePages, DmaMemoryRegistry? dma = null)
     {
         if (size == 0 || size > (ulong)nint.MaxValue - HugePageBytes)
         {
@@ -701,7 +729,7 @@ public sealed unsafe class MappedRegion : IDisposable
             {
                 fd = hfd;
                 hugePages = true;
-                return huge;
+                return huge.RegisterDma(dma);
             }
 
             SocketNative.close(hfd);
@@ -722,7 +750,7 @@ public sealed unsafe class MappedRegion : IDisposable
 
         fd = mfd;
         hugePages = false;
-        return map;
+        return map.RegisterDma(dma);
     }
 
     /// <summary>
@@ -830,6 +858,8 @@ public sealed unsafe class MappedRegion : IDisposable
         nint p = Interlocked.Exchange(ref _ptr, 0);
         if (p != 0)
         {
+            // Withdrawn from the devices (IOMMU unmapped) before the pages go.
+            Interlocked.Exchange(ref _dma, null)?.Unregister(p, DmaMemoryRegistry.PageAlign(Length));
             SocketNative.munmap((void*)p, (nuint)Length);
         }
     }

@@ -125,6 +125,7 @@ public static class FrameworkRpc
                 o["allocated_bytes"] = reactor.AllocatedBytes;
                 o["gen2_collections"] = reactor.Gen2Collections;
                 o["mode"] = reactor.Mode.ToString().ToLowerInvariant();
+                o["sleep_count"] = reactor.SleepCount; // ours: times the reactor slept in epoll (interrupt/adaptive)
                 AddMaxIteration(o, reactor);
                 reactors.Add(o);
             }

@@ -88,7 +88,7 @@ public sealed class GuestMemoryTable : IDisposable
         MappedRegion map;
         try
         {
-            map = MappedRegion.Map(fd, r.MemorySize + r.MmapOffset);
+            map = MappedRegion.Map(fd, r.MemorySize + r.MmapOffset, DmaMemoryRegistry.Process); // registered for device DMA until released (after the queues drained)
         }
         catch (IOException)
         {

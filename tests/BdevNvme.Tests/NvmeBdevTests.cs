@@ -27,6 +27,11 @@ public sealed class NvmeBdevTests : IAsyncLifetime
 
     private byte CapTimeoutUnits { get; set; } = 2;
 
+    /// <summary>Controllers attached from now on get the model's MSI-X (3 vectors, eventfds) and use them.</summary>
+    private bool WithInterrupts { get; set; }
+
+    private readonly List<EventFd> _irqFds = new();
+
     public Task InitializeAsync()
     {
         var online = CpuSet.Online().Cores;
@@ -40,7 +45,20 @@ public sealed class NvmeBdevTests : IAsyncLifetime
                 _models.Add(model);
             }
 
-            return NvmeController.Attach(addr, model, _space, opts, log);
+            var ctrl = NvmeController.Attach(addr, model, _space, opts, log);
+            if (WithInterrupts)
+            {
+                var fds = new[] { new EventFd(), new EventFd(), new EventFd() };
+                lock (_irqFds)
+                {
+                    _irqFds.AddRange(fds);
+                }
+
+                model.InterruptFds = fds;
+                ctrl.UseInterrupts(DeviceInterruptMode.Msix, fds);
+            }
+
+            return ctrl;
         });
         _bdevs.AddModule(_module);
         _module.Init(new BdevModuleContext(_bdevs, _rt, _rpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
@@ -55,6 +73,10 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         }
 
         await _rt.DisposeAsync();
+        foreach (var f in _irqFds)
+        {
+            f.Dispose();
+        }
     }
 
     private async Task<JsonNode?> Call(string method, string json)
@@ -246,6 +268,107 @@ public sealed class NvmeBdevTests : IAsyncLifetime
         finally
         {
             Free(heap);
+        }
+    }
+
+    [Fact]
+    public async Task RegisteredGuestMemoryGoesZeroCopyAndBouncesAreCountedInIostat()
+    {
+        // The vhost side registers its guest memory mappings with a registry the driver's DMA space subscribes to.
+        var registry = new DmaMemoryRegistry();
+        using var sub = _space.SubscribeTo(registry);
+        await Attach();
+        var model = _models[0];
+        var bdev = (NvmeBdev)_bdevs.Find("Nvme0n1")!;
+        using var desc = _bdevs.Open("Nvme0n1", write: true);
+        int fd = MappedRegion.CreateMemFd("guest-ram-model", 1 << 20);
+        var guest = MappedRegion.Map(fd, 1 << 20, registry);
+        Fd.Close(fd);
+        try
+        {
+            // Page-aligned and multi-page buffers in guest memory: PRPs straight into it, nothing bounced.
+            nint g = guest.Pointer;
+            Fill(g, 1 << 20, i => (byte)(i * 13));
+            int listsBefore = model.PrpListsSeen;
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(g + 8192, 65536) }, 0, 128, cb, null)));
+            Assert.Equal(listsBefore + 1, model.PrpListsSeen);
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(g, 4096), new IoVec(g + 65536, 8192) }, 128, 24, cb, null)));
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(g + 512, 512) }, 0, 1, cb, null))); // a sector inside a page: PRP1 with an offset
+            Assert.Equal(0L, bdev.BouncedIos);
+            Assert.Equal(Read(g, 8192, 65536), DiskBytes(model, 0, 65536));
+
+            // A sector-aligned but not dword-describable split across pages (PRPs need page-aligned inner boundaries): bounced and counted.
+            Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(g + 512, 512), new IoVec(g + 16384 + 512, 512) }, 200, 2, cb, null)));
+            Assert.Equal(1L, bdev.BouncedIos);
+            Assert.Equal(1024L, bdev.BouncedBytes);
+            Assert.Equal(Read(g, 16384 + 512, 512), DiskBytes(model, (200 * 512) + 512, 512));
+
+            // Withdrawn (the guest's memory table changed): the same buffer is no longer a DMA target, it is bounced.
+            guest.Dispose();
+            var other = Alloc(8192);
+            try
+            {
+                Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(other, 8192) }, 300, 16, cb, null)));
+                Assert.Equal(2L, bdev.BouncedIos);
+            }
+            finally
+            {
+                Free(other);
+            }
+
+            var subsystems = new SubsystemRegistry();
+            var rpc = new RpcRegistry();
+            BdevRpc.Register(rpc, subsystems, _bdevs);
+            Assert.True(rpc.TryGet("bdev_get_iostat", out var handler, out _));
+            using var doc = JsonDocument.Parse("""{"name": "Nvme0n1"}""");
+            var stat = (await _rt.Main.InvokeAsync(() => handler(new RpcRequest("bdev_get_iostat", doc.RootElement.Clone()))))!["bdevs"]![0]!;
+            Assert.Equal(2L, (long)stat["driver_specific"]!["nvme_bounce"]!["bounced_ios"]!);
+            Assert.Equal(1024L + 8192, (long)stat["driver_specific"]!["nvme_bounce"]!["bounced_bytes"]!);
+            Assert.Equal(0, model.DmaFaults);
+        }
+        finally
+        {
+            guest.Dispose();
+        }
+    }
+
+    [Fact]
+    public async Task InInterruptModeTheChannelSleepsOnItsQueuesVectorAndStillCompletesIo()
+    {
+        WithInterrupts = true;
+        await Attach();
+        using var desc = _bdevs.Open("Nvme0n1", write: true);
+        var r = _rt.Reactors[^1];
+        var ch = await r.InvokeAsync(() => desc.GetIoChannel()); // held: the NVMe channel (and its queue pair) lives on
+        nint buf = Alloc(8192);
+        try
+        {
+            Assert.True(await Io(desc, r, (c, cb) => c.Write(desc, new[] { new IoVec(buf, 4096) }, 0, 8, cb, null)));
+            var ctrl = (NvmeBdevController)_module.Controllers.Single();
+            Assert.Equal(DeviceInterruptMode.Msix, ctrl.Controller.InterruptMode);
+            Assert.Contains(ctrl.Controller.IoQueuePairs, q => q.InterruptFd is not null);
+
+            long sleeps0 = r.SleepCount;
+            r.SetMode(ReactorMode.Interrupt);
+            await Task.Delay(600);
+            long sleeps = r.SleepCount - sleeps0;
+
+            // Asleep while idle: without a wake source the channel's poller would force a wake every 1 ms (~600 here);
+            // with its interrupt eventfd only messages and the reactor's timed pollers (none here: ≤ 1 s) wake it.
+            Assert.True(sleeps > 0 && r.IsInInterrupt, $"the reactor is not asleep ({sleeps} sleeps)");
+            Assert.True(sleeps < 300, $"the reactor woke {sleeps} times in 600 ms: the NVMe poller has no wake source");
+            for (int i = 0; i < 20; i++)
+            {
+                Assert.True(await Io(desc, r, (c, cb) => c.Read(desc, new[] { new IoVec(buf, 4096) }, (ulong)(i * 8), 8, cb, null)));
+            }
+
+            Assert.True(r.SleepCount > sleeps0 + sleeps, "no sleep between I/Os");
+        }
+        finally
+        {
+            r.SetMode(ReactorMode.Poll);
+            await r.InvokeAsync(() => BdevDesc.PutIoChannel(ch));
+            Free(buf);
         }
     }
 

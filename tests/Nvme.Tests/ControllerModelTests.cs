@@ -114,6 +114,61 @@ public unsafe class ControllerModelTests : IDisposable
     }
 
     [Fact]
+    public void InterruptsSignalEachQueuesVectorAndArmingReportsPostedCompletions()
+    {
+        // The model's MSI-X: 3 vectors (admin + 2), as VFIO delivers them (eventfd writes).
+        var fds = new[] { new EventFd(), new EventFd(), new EventFd() };
+        try
+        {
+            _model.InterruptFds = fds;
+            _ctrl.UseInterrupts(DeviceInterruptMode.Msix, fds);
+            Assert.Equal(0, _ctrl.VectorFor(0));
+            var ns = _ctrl.Namespaces[0];
+            var qp1 = _ctrl.AllocIoQueuePair();
+            var qp2 = _ctrl.AllocIoQueuePair();
+            var qp3 = _ctrl.AllocIoQueuePair();
+            Assert.Equal(1, _model.CqVector(qp1.Id)); // IEN with its own vector
+            Assert.Equal(2, _model.CqVector(qp2.Id));
+            Assert.Equal(1, _model.CqVector(qp3.Id)); // more queues than vectors: shared round robin
+            Assert.True(fds[0].DrainCount() > 0, "admin completions (queue creation) did not raise vector 0");
+            Assert.Same(fds[1], qp1.InterruptFd);
+            Assert.False(qp1.ArmInterrupt()); // idle: may sleep
+            Assert.Equal(0UL, fds[1].DrainCount());
+
+            nint va = Buffer(out var iov, 4096);
+            var d = new Done();
+            Assert.Equal(0, qp1.Read(ns, 0, 8, iov, s_done, d));
+            Assert.True(fds[1].DrainCount() > 0, "the completion raised no interrupt on the queue's vector");
+            Assert.Equal(0UL, fds[2].DrainCount());
+            Assert.True(qp1.HasCompletion);
+            Assert.True(qp1.ArmInterrupt()); // posted before the owner would sleep: it must not
+            Assert.Equal(0, d.Count); // a peek reaps nothing
+            Assert.Equal(1, qp1.ProcessCompletions());
+            Assert.Equal(1, d.Count);
+            Assert.False(qp1.ArmInterrupt());
+            Assert.False(_ctrl.AdminCompletionPending);
+        }
+        finally
+        {
+            _model.InterruptFds = [];
+            foreach (var f in fds)
+            {
+                f.Dispose();
+            }
+        }
+    }
+
+    [Fact]
+    public void WithoutInterruptsCompletionQueuesArePolledOnly()
+    {
+        var qp = _ctrl.AllocIoQueuePair();
+        Assert.Equal(-1, qp.InterruptVector);
+        Assert.Equal(-1, _model.CqVector(qp.Id));
+        Assert.Null(qp.InterruptFd);
+        Assert.Equal(DeviceInterruptMode.None, _ctrl.InterruptMode);
+    }
+
+    [Fact]
     public void LargeScatterGatherUsesAPrpList()
     {
         var ns = _ctrl.Namespaces[0];

@@ -43,6 +43,12 @@ public class LayoutTests
         Assert.Equal(16, (int)Marshal.OffsetOf<VfioDmaMap>(nameof(VfioDmaMap.Iova)));
         Assert.Equal(24, (int)Marshal.OffsetOf<VfioDmaMap>(nameof(VfioDmaMap.Size)));
         Assert.Equal(24, sizeof(VfioDmaUnmap));
+        Assert.Equal(16, sizeof(VfioIrqInfo));
+        Assert.Equal(12, (int)Marshal.OffsetOf<VfioIrqInfo>(nameof(VfioIrqInfo.Count)));
+        Assert.Equal(20, sizeof(VfioIrqSet)); // the eventfds (s32) follow at offset 20, as data[] in linux/vfio.h
+        Assert.Equal(16, (int)Marshal.OffsetOf<VfioIrqSet>(nameof(VfioIrqSet.Count)));
+        Assert.Equal(0x3B6DUL, VfioIoctl.DeviceGetIrqInfo);
+        Assert.Equal(0x3B6EUL, VfioIoctl.DeviceSetIrqs);
     }
 
     [Fact]

@@ -39,10 +39,20 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     {
         public ulong Iova;
         public int Size;
+        public int Vector = -1;
         public int Head;
         public int Tail;
         public int Phase = 1;
     }
+
+    /// <summary>The model's MSI-X vectors: an eventfd per vector, signalled when a completion is posted to a CQ with IEN (the admin CQ: vector 0).</summary>
+    public IReadOnlyList<VhostBackend.Platform.EventFd> InterruptFds { get; set; } = [];
+
+    /// <summary>Interrupts raised.</summary>
+    public int Interrupts { get; private set; }
+
+    /// <summary>The vector each I/O completion queue was created with (-1: IEN off).</summary>
+    public int CqVector(int qid) => _cqs.TryGetValue(qid, out var cq) ? cq.Vector : -2;
 
     public NvmeControllerModel(DmaSpace space, ulong blocks = 2048, uint blockSize = 512, int mqes = 1023, int dstrd = 0, string serial = "MODEL123")
     {
@@ -347,6 +357,13 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
 
         // The phase word last, like a device: the host polls it.
         Volatile.Write(ref e->StatusPhase, (ushort)((status.Field << 1) | cq.Phase));
+        int vector = sq.Cqid == 0 ? 0 : cq.Vector;
+        if (vector >= 0 && vector < InterruptFds.Count)
+        {
+            InterruptFds[vector].Signal(); // the MSI-X message, as VFIO delivers it: an eventfd write
+            Interrupts++;
+        }
+
         cq.Tail++;
         if (cq.Tail == cq.Size)
         {
@@ -462,7 +479,7 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                     return NvmeStatus.Make(NvmeSct.CommandSpecific, NvmeSc.InvalidQueueSize, dnr: true);
                 }
 
-                _cqs[qid] = new Cq { Iova = cmd.Prp1, Size = size };
+                _cqs[qid] = new Cq { Iova = cmd.Prp1, Size = size, Vector = (cmd.Cdw11 & 2) != 0 ? (int)(cmd.Cdw11 >> 16) : -1 };
                 return NvmeStatus.Success;
             }
 

@@ -187,7 +187,7 @@ public static class BdevRpc
         foreach (var b in list)
         {
             var s = b.GetStats();
-            arr.Add(new JsonObject
+            var stat = new JsonObject
             {
                 ["name"] = b.Name,
                 ["bytes_read"] = s.BytesRead,
@@ -213,7 +213,13 @@ public static class BdevRpc
                 ["io_error"] = new JsonObject { ["total"] = s.NumErrors },
                 ["num_write_zeroes_ops"] = s.NumWriteZeroesOps,
                 ["num_flush_ops"] = s.NumFlushOps,
-            });
+            };
+            if (b.DeviceStats() is { } ds)
+            {
+                stat["driver_specific"] = ds; // SPDK's dump_device_stat_json (e.g. nvme's bounce counters)
+            }
+
+            arr.Add(stat);
         }
 
         return new JsonObject

@@ -104,14 +104,67 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
     private readonly object _backgroundLock = new();
     private Task _backgroundTail = Task.CompletedTask;
 
+    // Background mode, under _lock: registry ranges whose map is queued or running (not yet published), and IOVA ranges
+    // the worker is mapping or unmapping outside the lock (no other range may take them meanwhile).
+    private readonly Dictionary<nint, PendingMap> _pendingMaps = new();
+    private readonly List<Region> _busyIovas = new();
+    private long _iommuGeneration;
+
+    private sealed class PendingMap(nint va, ulong length)
+    {
+        public nint Va { get; } = va;
+
+        public ulong Length { get; } = length;
+
+        /// <summary>The owner withdrew the range before its map was published (under the space's lock).</summary>
+        public bool Withdrawn { get; set; }
+    }
+
     /// <summary>
-    /// Registry ranges are mapped on a background thread, in order (the registering thread does not wait: pinning a
-    /// front end's whole memory can take seconds, and under TCG with an emulated IOMMU more than a minute, longer than a
-    /// vhost-user front end waits for its SET_MEM_TABLE reply). Until mapped, I/O to the range is bounced. An
-    /// unregistration waits for the queued maps first, so a range is never mapped after its owner withdrew it.
-    /// <see cref="ForVfio"/> turns it on; off, registrations map synchronously (unit tests).
+    /// Registry ranges are mapped and unmapped on a background worker, in order, and the registry's callbacks never wait
+    /// for the IOMMU: pinning a front end's whole memory can take seconds (under TCG with an emulated IOMMU more than a
+    /// minute, longer than a vhost-user front end waits for its SET_MEM_TABLE reply), and a withdrawal must not hold a
+    /// front end's reply (SET_MEM_TABLE, REM_MEM_REG) behind an earlier range's pinning either. Until a range's map is
+    /// published, I/O to it is bounced. A withdrawal stops translation before it returns (a queued map is dropped, a map
+    /// still running is not published, a published range leaves the lookup table), so no I/O is given an IOVA in it after
+    /// its owner withdrew it; the IOMMU unmap follows on the worker (its IOVA stays reserved until then; the pages stay
+    /// pinned by VFIO until then, so no device access can reach memory that was given back).
+    /// <see cref="ForVfio"/> turns it on; off, registrations map and unmap synchronously (unit tests).
     /// </summary>
     public bool MapRegistrationsInBackground { get; set; }
+
+    /// <summary>Registry ranges whose background map is queued or running (not yet translatable).</summary>
+    public int PendingExternalMaps
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _pendingMaps.Count;
+            }
+        }
+    }
+
+    /// <summary>IOVA ranges the background worker is still mapping or unmapping.</summary>
+    public int BusyIovaRanges
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _busyIovas.Count;
+            }
+        }
+    }
+
+    /// <summary>Waits until every queued background map and unmap ran (tests, shutdown).</summary>
+    public Task DrainBackgroundAsync()
+    {
+        lock (_backgroundLock)
+        {
+            return _backgroundTail;
+        }
+    }
 
     int IDmaMemoryListener.OnRegister(nint va, ulong length)
     {
@@ -120,17 +173,223 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
             return MapExternal(va, length);
         }
 
-        lock (_backgroundLock)
+        var pending = new PendingMap(va, length);
+        lock (_lock)
         {
-            _backgroundTail = _backgroundTail.ContinueWith(_ => MapExternal(va, length), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+            _pendingMaps[va] = pending;
         }
 
+        Enqueue(() => MapInBackground(pending));
         return 0;
+    }
+
+    void IDmaMemoryListener.OnUnregister(nint va, ulong length)
+    {
+        if (!MapRegistrationsInBackground)
+        {
+            UnregisterDmaMemory(va);
+            return;
+        }
+
+        Region removed = default;
+        long generation = 0;
+        bool unmap = false;
+        lock (_lock)
+        {
+            if (_pendingMaps.Remove(va, out var pending))
+            {
+                pending.Withdrawn = true; // queued: never mapped; running: not published, unmapped by the worker
+            }
+
+            for (int i = 0; i < _regions.Length; i++)
+            {
+                if (_regions[i].Va == (ulong)va && !_regions[i].Owned)
+                {
+                    removed = _regions[i];
+                    var list = new List<Region>(_regions);
+                    list.RemoveAt(i);
+                    Volatile.Write(ref _regions, list.ToArray()); // lookups stop here: a racing submit bounces
+                    if (_mapped)
+                    {
+                        unmap = true;
+                        generation = _iommuGeneration;
+                        _busyIovas.Add(removed);
+                    }
+
+                    break;
+                }
+            }
+        }
+
+        if (unmap)
+        {
+            Enqueue(() => UnmapInBackground(removed, generation));
+        }
+    }
+
+    private void Enqueue(Action work)
+    {
+        lock (_backgroundLock)
+        {
+            _backgroundTail = _backgroundTail.ContinueWith(
+                _ =>
+                {
+                    try
+                    {
+                        work();
+                    }
+                    catch (Exception e)
+                    {
+                        _log.LogError(e, "DMA background mapping failed");
+                    }
+                },
+                CancellationToken.None,
+                TaskContinuationOptions.None,
+                TaskScheduler.Default);
+        }
+    }
+
+    private void MapInBackground(PendingMap p)
+    {
+        ulong va = (ulong)p.Va, length = p.Length;
+        ulong iova;
+        long generation;
+        bool mapped;
+        int rc = 0;
+        lock (_lock)
+        {
+            if (p.Withdrawn)
+            {
+                return; // withdrawn while queued: never mapped
+            }
+
+            foreach (var r in _regions)
+            {
+                if (va < r.End && r.Va < va + length)
+                {
+                    rc = -Platform.Errno.EEXIST;
+                }
+            }
+
+            iova = rc == 0 ? ChooseIova(va, length, WithBusyIovas()) : ulong.MaxValue;
+            if (rc == 0 && iova == ulong.MaxValue)
+            {
+                rc = -Platform.Errno.ENOSPC;
+            }
+
+            generation = _iommuGeneration;
+            mapped = _mapped;
+            if (rc == 0)
+            {
+                _busyIovas.Add(new Region(va, length, iova, owned: false));
+            }
+            else
+            {
+                _pendingMaps.Remove(p.Va);
+            }
+        }
+
+        bool reserved = rc == 0;
+        if (rc == 0 && mapped)
+        {
+            rc = _mapper.Map(p.Va, iova, length); // pinning: outside the lock, nobody waits for it
+        }
+
+        bool undo = false, published = false;
+        lock (_lock)
+        {
+            if (reserved)
+            {
+                RemoveBusy(iova);
+            }
+
+            if (_pendingMaps.TryGetValue(p.Va, out var cur) && cur == p)
+            {
+                _pendingMaps.Remove(p.Va);
+            }
+
+            if (rc == 0 && (p.Withdrawn || generation != _iommuGeneration))
+            {
+                // Withdrawn while it was mapping (never published), or the IOMMU context changed under it: undo the map.
+                undo = mapped && generation == _iommuGeneration;
+                if (undo)
+                {
+                    _busyIovas.Add(new Region(va, length, iova, owned: false));
+                }
+            }
+            else if (rc == 0)
+            {
+                var list = new List<Region>(_regions) { new Region(va, length, iova, owned: false) };
+                list.Sort((x, y) => x.Va.CompareTo(y.Va));
+                Volatile.Write(ref _regions, list.ToArray());
+                published = true;
+            }
+        }
+
+        if (undo)
+        {
+            _mapper.Unmap(iova, length);
+            lock (_lock)
+            {
+                RemoveBusy(iova);
+            }
+        }
+
+        if (!p.Withdrawn)
+        {
+            CountExternal(p.Va, length, published ? 0 : rc != 0 ? rc : -Platform.Errno.EAGAIN);
+        }
+    }
+
+    private void UnmapInBackground(Region r, long generation)
+    {
+        bool sameContext;
+        lock (_lock)
+        {
+            sameContext = generation == _iommuGeneration; // otherwise the context that held the mapping is gone
+        }
+
+        if (sameContext)
+        {
+            int rc = _mapper.Unmap(r.Iova, r.Length);
+            if (rc != 0)
+            {
+                _log.LogWarning("DMA unmap of 0x{Va:x}+{Len} failed: {Err}", r.Va, r.Length, rc);
+            }
+        }
+
+        lock (_lock)
+        {
+            RemoveBusy(r.Iova);
+        }
+    }
+
+    /// <summary>Under the lock: the published regions and the IOVA ranges the worker holds (a list ChooseIova may sort).</summary>
+    private List<Region> WithBusyIovas()
+    {
+        var used = new List<Region>(_regions);
+        used.AddRange(_busyIovas);
+        return used;
+    }
+
+    private void RemoveBusy(ulong iova)
+    {
+        int i = _busyIovas.FindIndex(b => b.Iova == iova);
+        if (i >= 0)
+        {
+            _busyIovas.RemoveAt(i);
+        }
     }
 
     private int MapExternal(nint va, ulong length)
     {
         int rc = RegisterDmaMemory(va, (nuint)length);
+        CountExternal(va, length, rc);
+        return rc;
+    }
+
+    private void CountExternal(nint va, ulong length, int rc)
+    {
         if (rc != 0)
         {
             Interlocked.Increment(ref _externalFailed);
@@ -140,20 +399,6 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         {
             Interlocked.Increment(ref _externalRegistered);
         }
-
-        return rc;
-    }
-
-    void IDmaMemoryListener.OnUnregister(nint va, ulong length)
-    {
-        Task pending;
-        lock (_backgroundLock)
-        {
-            pending = _backgroundTail;
-        }
-
-        pending.Wait(); // a queued map of this range finishes first (then it is unmapped right away)
-        UnregisterDmaMemory(va);
     }
 
     /// <summary>The shared VFIO DMA space if it exists (vhost registers guest memory only when some device uses VFIO).</summary>
@@ -308,7 +553,7 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
                 }
             }
 
-            ulong iova = ChooseIova(va, length);
+            ulong iova = ChooseIova(va, length, WithBusyIovas());
             if (iova == ulong.MaxValue)
             {
                 return -Platform.Errno.ENOSPC;
@@ -402,6 +647,7 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         lock (_lock)
         {
             _mapped = ready;
+            _iommuGeneration++;
             if (!ready)
             {
                 return;
@@ -410,7 +656,9 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
             var list = new List<Region>(_regions.Length);
             foreach (var r in _regions)
             {
-                ulong iova = ChooseIova(r.Va, r.Length, new List<Region>(list));
+                var used = new List<Region>(list);
+                used.AddRange(_busyIovas);
+                ulong iova = ChooseIova(r.Va, r.Length, used);
                 int rc = iova == ulong.MaxValue ? -Platform.Errno.ENOSPC : _mapper.Map((nint)r.Va, iova, r.Length);
                 if (rc != 0)
                 {

@@ -283,33 +283,58 @@ public sealed class DmaRegistryTests
     }
 
     [Fact]
-    public async Task BackgroundMappingDoesNotHoldTheOwnerAndAWithdrawalWaitsForIt()
+    public async Task BackgroundMappingHoldsNeitherTheOwnersRegistrationNorItsWithdrawal()
     {
         var registry = new DmaMemoryRegistry();
-        var iommu = new ModelIommu { MapDelayMs = 300 }; // a slow pin (a large front end memory under TCG)
+        var iommu = new ModelIommu { MapDelayMs = 400 }; // a slow pin (a large front end memory under TCG)
         var space = new DmaSpace(iommu) { MapRegistrationsInBackground = true };
         using var sub = space.SubscribeTo(registry);
+
+        // Registered: the owner (a SET_MEM_TABLE being answered) does not wait for the IOMMU; I/O bounces until mapped.
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var map = MapMemfd(4 * 4096, registry);
-        Assert.True(sw.ElapsedMilliseconds < 250, $"registration waited {sw.ElapsedMilliseconds} ms for the IOMMU");
-        Assert.False(space.TryTranslate(map.Pointer, 4096, out _)); // not yet mapped: its I/O is bounced
-        for (int i = 0; i < 100 && !space.TryTranslate(map.Pointer, 4096, out _); i++)
-        {
-            await Task.Delay(20);
-        }
+        Assert.True(sw.ElapsedMilliseconds < 300, $"registration waited {sw.ElapsedMilliseconds} ms for the IOMMU");
+        Assert.False(space.TryTranslate(map.Pointer, 4096, out _));
+        Assert.Equal(1, space.PendingExternalMaps);
+        await space.DrainBackgroundAsync().WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.True(space.TryTranslate(map.Pointer, 4096, out ulong iova), "never mapped");
+        Assert.Equal(map.Pointer, iommu.DeviceAccess(iova, 4096));
 
-        Assert.True(space.TryTranslate(map.Pointer, 4096, out _), "never mapped");
+        // Withdrawn once published: translation stops before Dispose returns, the IOMMU unmap follows on the worker.
+        nint va = map.Pointer;
         map.Dispose();
-        Assert.Equal(0, iommu.Mappings);
-
-        // Withdrawn while its map is still queued: the withdrawal waits for it and unmaps it, nothing stays mapped.
-        var quick = MapMemfd(4096, registry);
-        nint va = quick.Pointer;
-        quick.Dispose();
-        Assert.Equal(0, iommu.Mappings);
         Assert.False(space.TryTranslate(va, 1, out _));
-        Assert.Equal(2, iommu.MapCalls);
+        await space.DrainBackgroundAsync().WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(0, iommu.Mappings);
+        Assert.Equal(0, space.BusyIovaRanges);
+
+        // Withdrawn while its map is running (the pin takes 400 ms): the withdrawal does not wait for it (a second
+        // SET_MEM_TABLE is answered at once), the range is never published, and the worker undoes the map.
+        var slow = MapMemfd(4 * 4096, registry);
+        nint slowVa = slow.Pointer;
+        await Task.Delay(100); // the worker is inside Map now
+        sw.Restart();
+        slow.Dispose();
+        Assert.True(sw.ElapsedMilliseconds < 200, $"withdrawal waited {sw.ElapsedMilliseconds} ms for a running map");
+        Assert.False(space.TryTranslate(slowVa, 1, out _));
+
+        // Withdrawn while its map is still queued (behind another): never mapped at all.
+        using var next = MapMemfd(4 * 4096, registry);
+        var queued = MapMemfd(4096, registry);
+        nint queuedVa = queued.Pointer;
+        queued.Dispose();
+        Assert.False(space.TryTranslate(queuedVa, 1, out _));
+        await space.DrainBackgroundAsync().WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.True(space.TryTranslate(next.Pointer, 4 * 4096, out ulong nextIova));
+        Assert.Equal(1, iommu.Mappings); // only 'next': neither withdrawn range stayed mapped or was published
+        Assert.Equal(next.Pointer, iommu.DeviceAccess(nextIova, 4 * 4096));
+        Assert.Equal(1, space.RegionCount);
+        Assert.Equal(3, iommu.MapCalls); // map, slow, next: the queued one never reached the IOMMU
         Assert.Equal(2, iommu.UnmapCalls);
+        Assert.Equal(0, space.PendingExternalMaps);
+        Assert.Equal(0, space.BusyIovaRanges);
+        Assert.Equal(2, space.ExternalRegistrations); // map and next (withdrawn ones are not counted either way)
+        Assert.Equal(0, space.ExternalFailures);
     }
 
     [Fact]

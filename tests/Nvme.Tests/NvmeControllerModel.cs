@@ -107,6 +107,15 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     public int EnableTransitions { get; private set; }
     public uint LastCcOnEnable { get; private set; }
     public List<byte> AdminOpcodes { get; } = new();
+
+    /// <summary>A copy of <see cref="AdminOpcodes"/> taken under its lock (the model appends from the reactor that rings the doorbell).</summary>
+    public byte[] AdminOpcodesSnapshot()
+    {
+        lock (AdminOpcodes)
+        {
+            return AdminOpcodes.ToArray();
+        }
+    }
     public int IoQueuesLive => _sqs.Count(kv => kv.Key != 0);
 
     public Span<byte> Disk => _disk;
@@ -302,7 +311,11 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             uint dw0 = 0;
             if (qid == 0)
             {
-                AdminOpcodes.Add(cmd.Opcode);
+                lock (AdminOpcodes)
+                {
+                    AdminOpcodes.Add(cmd.Opcode);
+                }
+
                 if (cmd.Opcode == NvmeAdminOpcode.AsyncEventRequest)
                 {
                     _pendingAers.Add((qid, cmd.Cid));

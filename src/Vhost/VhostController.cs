@@ -92,25 +92,16 @@ public abstract class VhostController : IVhostUserDevice
     }
 
     /// <summary>Starts <paramref name="queue"/> on its reactor and tracks it (coalescing changes, hot remove).</summary>
-    /// <remarks>
-    /// The task completes on the reactor itself (the queue is tracked there right after it started): the vhost-user
-    /// thread waiting for it to answer SET_VRING_ENABLE (or SET_VRING_KICK, SET_MEM_TABLE) needs no thread-pool thread,
-    /// so a starved pool never delays a front end's reply (an async continuation here did; a test saw no reply to
-    /// SET_VRING_ENABLE within 5 s under load).
-    /// </remarks>
-    protected Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue, VhostUserReadyQueue ready)
+    protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue, VhostUserReadyQueue ready)
     {
         queue.AttachInflight(ready.Inflight, ready.Resubmit);
-        return queue.Reactor.InvokeAsync<IVhostQueueRunner>(() =>
+        await queue.Reactor.InvokeAsync(queue.StartOnReactor).ConfigureAwait(false);
+        lock (_queues)
         {
-            queue.StartOnReactor();
-            lock (_queues)
-            {
-                _queues.Add(queue);
-            }
+            _queues.Add(queue);
+        }
 
-            return queue;
-        });
+        return queue;
     }
 
     internal void UntrackQueue(VhostQueue queue)

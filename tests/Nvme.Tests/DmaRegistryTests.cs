@@ -333,7 +333,9 @@ public sealed class DmaRegistryTests
         Assert.Equal(2, iommu.UnmapCalls);
         Assert.Equal(0, space.PendingExternalMaps);
         Assert.Equal(0, space.BusyIovaRanges);
-        Assert.Equal(2, space.ExternalRegistrations); // map and next (withdrawn ones are not counted either way)
+        // map and next; 'slow' counts too when a loaded host ran its 400 ms pin to the end before the withdrawal (then it
+        // was withdrawn as a published range: the same unmap, asserted above).
+        Assert.InRange(space.ExternalRegistrations, 2, 3);
         Assert.Equal(0, space.ExternalFailures);
     }
 

@@ -96,7 +96,19 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     public int FlushCount { get; private set; }
     public int EnableTransitions { get; private set; }
     public uint LastCcOnEnable { get; private set; }
-    public List<byte> AdminOpcodes { get; } = new();
+    private readonly List<byte> _adminOpcodes = new();
+
+    /// <summary>A snapshot of the admin opcodes executed so far (the model's thread appends while tests read).</summary>
+    public IReadOnlyList<byte> AdminOpcodes
+    {
+        get
+        {
+            lock (_adminOpcodes)
+            {
+                return _adminOpcodes.ToArray();
+            }
+        }
+    }
     public int IoQueuesLive => _sqs.Count(kv => kv.Key != 0);
 
     public Span<byte> Disk => _disk;
@@ -292,7 +304,11 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             uint dw0 = 0;
             if (qid == 0)
             {
-                AdminOpcodes.Add(cmd.Opcode);
+                lock (_adminOpcodes)
+                {
+                    _adminOpcodes.Add(cmd.Opcode);
+                }
+
                 if (cmd.Opcode == NvmeAdminOpcode.AsyncEventRequest)
                 {
                     _pendingAers.Add((qid, cmd.Cid));

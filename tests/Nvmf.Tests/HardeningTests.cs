@@ -152,7 +152,7 @@ public sealed class HardeningTests
 
         // Four 128 KiB buffers fill the budget: the fifth and sixth writes wait (no R2T) while the host sends nothing.
         var r2ts = new List<ModelPdu>();
-        while (io.TryReadPdu(1000) is { } p)
+        while (io.TryReadPdu(2000) is { } p)
         {
             r2ts.Add(p);
         }
@@ -232,8 +232,8 @@ public sealed class HardeningTests
     {
         await using var t = new NvmfTestTarget();
         await t.SetupAsync();
-        t.Target.IcReqTimeout = TimeSpan.FromMilliseconds(300);
-        t.Target.ConnectTimeout = TimeSpan.FromMilliseconds(1500);
+        t.Target.IcReqTimeout = TimeSpan.FromMilliseconds(500);
+        t.Target.ConnectTimeout = TimeSpan.FromMilliseconds(2000);
         var sw = Stopwatch.StartNew();
         using var silent = new NvmfHostModel(t.Port);
         using var icOnly = t.Host();
@@ -242,7 +242,7 @@ public sealed class HardeningTests
 
         Assert.True(silent.ClosedByTarget(5000));
         Assert.True(icOnly.ClosedByTarget(5000));
-        Assert.True(sw.ElapsedMilliseconds >= 1000, $"ICReq-only connection closed after {sw.ElapsedMilliseconds} ms");
+        Assert.True(sw.ElapsedMilliseconds >= 1500, $"ICReq-only connection closed after {sw.ElapsedMilliseconds} ms");
         Assert.Equal(0, ok.Execute(NvmeFabrics.PropertyGet(NvmeReg.Cap, eightBytes: true)).Status);
     }
 

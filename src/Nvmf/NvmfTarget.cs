@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -53,7 +54,27 @@ public sealed class NvmfTarget : IAsyncDisposable
         public required NvmfListenAddress Address;
         public required Socket Socket;
         public int Users;
+
+        /// <summary>Open connections accepted on this socket (decremented by each connection when it closes).</summary>
+        public readonly StrongBox<int> Connections = new(0);
     }
+
+    /// <summary>Connections per listening socket at most; more are accepted and closed at once (a connect flood).</summary>
+    public int MaxConnectionsPerListener { get; set; } = 1024;
+
+    /// <summary>A connection that sent no ICReq this long after it was accepted is closed.</summary>
+    public TimeSpan IcReqTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>A connection that did not Connect (admin or I/O queue) this long after it was accepted is closed.</summary>
+    public TimeSpan ConnectTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How long namespace removal waits for connections to give back their channels before it answers.</summary>
+    public TimeSpan NamespaceReleaseTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    private long _refusedConnections;
+
+    /// <summary>Connections closed at accept because their listener had <see cref="MaxConnectionsPerListener"/> already.</summary>
+    public long RefusedConnections => Interlocked.Read(ref _refusedConnections);
 
     public NvmfTarget(ReactorRuntime reactors, BdevManager bdevs, ILoggerFactory? loggerFactory = null)
     {
@@ -110,9 +131,14 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         TransportOptions = options;
         var groups = new NvmfPollGroup[_reactors.Reactors.Count];
+
+        // Data buffer memory: SPDK's shared pool (num_shared_buffers x io_unit_size) split over the poll groups, and at
+        // least four max_io_size transfers per group so that any single command fits.
+        long pool = (long)options.NumSharedBuffers * options.IoUnitSize / groups.Length;
+        long bufferLimit = Math.Max(pool, 4L * options.MaxIoSize);
         for (int i = 0; i < groups.Length; i++)
         {
-            var g = new NvmfPollGroup(_reactors.Reactors[i], i);
+            var g = new NvmfPollGroup(_reactors.Reactors[i], i) { BufferLimit = bufferLimit };
             groups[i] = g;
             await g.Reactor.InvokeAsync(g.Start).ConfigureAwait(true);
         }
@@ -152,6 +178,14 @@ public sealed class NvmfTarget : IAsyncDisposable
                 }
 
                 n++;
+                if (Volatile.Read(ref l.Connections.Value) >= MaxConnectionsPerListener)
+                {
+                    Interlocked.Increment(ref _refusedConnections);
+                    LogBadPeer(SafeRemote(c), 0, $"connection refused: {l.Address.TrAddr}:{l.Address.TrSvcId} has {MaxConnectionsPerListener} connections already");
+                    c.Dispose();
+                    continue;
+                }
+
                 try
                 {
                     c.Blocking = false;
@@ -161,7 +195,8 @@ public sealed class NvmfTarget : IAsyncDisposable
                         c.SetRawSocketOption(1, 12, BitConverter.GetBytes((int)TransportOptions.SockPriority)); // SOL_SOCKET, SO_PRIORITY
                     }
 
-                    var conn = new NvmfTcpConnection(this, c, l.Address);
+                    var conn = new NvmfTcpConnection(this, c, l.Address) { ListenerConnections = l.Connections };
+                    Interlocked.Increment(ref l.Connections.Value);
                     var g = _groups[_nextGroup++ % _groups.Length];
                     conn.Group = g;
                     g.Reactor.Send(static a =>
@@ -179,6 +214,18 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
 
         return n;
+    }
+
+    private static EndPoint? SafeRemote(Socket s)
+    {
+        try
+        {
+            return s.RemoteEndPoint;
+        }
+        catch (SocketException)
+        {
+            return null;
+        }
     }
 
     // ---------------------------------------------------------------- subsystems
@@ -488,8 +535,14 @@ public sealed class NvmfTarget : IAsyncDisposable
         {
             await RemoveNamespaceAsync(sub, nsid, notify: true).ConfigureAwait(true);
         }
-        catch (NvmfException)
+        catch (NvmfException e) when (e.Errno == Errno.ENOENT)
         {
+            // Removed meanwhile (RPC, subsystem deletion): nothing left to do.
+        }
+        catch (Exception e)
+        {
+            // Nobody awaits this task: everything is logged here.
+            _log.LogError(e, "hot remove of bdev {Bdev} (namespace {Nsid} of {Nqn}) failed", bdev.Name, nsid, sub.Nqn);
         }
     }
 
@@ -526,13 +579,44 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         if (Volatile.Read(ref ns.PendingReleases) > 0)
         {
-            await ns.Released.Task.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(true);
+            try
+            {
+                await ns.Released.Task.WaitAsync(NamespaceReleaseTimeout).ConfigureAwait(true);
+            }
+            catch (TimeoutException)
+            {
+                // I/O is stuck in the bdev (or parked waiting for it): the namespace is gone for hosts already; the
+                // descriptor is closed when the last channel is given back, never while one is still in use.
+                _log.LogWarning("namespace {Nsid} of {Nqn}: I/O still in flight after {Timeout} s; bdev {Bdev} is closed when it completes",
+                    nsid, sub.Nqn, NamespaceReleaseTimeout.TotalSeconds, ns.Bdev.Name);
+                _ = DisposeWhenReleasedAsync(ns);
+                if (notify)
+                {
+                    NotifyNamespaceChanged(sub, nsid);
+                }
+
+                return;
+            }
         }
 
         ns.Desc.Dispose();
         if (notify)
         {
             NotifyNamespaceChanged(sub, nsid);
+        }
+    }
+
+    private async Task DisposeWhenReleasedAsync(NvmfNamespace ns)
+    {
+        try
+        {
+            await ns.Released!.Task.ConfigureAwait(false);
+            await _reactors.Main.InvokeAsync(ns.Desc.Dispose).ConfigureAwait(false);
+            _log.LogInformation("namespace {Nsid}: bdev {Bdev} closed (its in-flight I/O completed)", ns.Nsid, ns.Bdev.Name);
+        }
+        catch (Exception e)
+        {
+            _log.LogError(e, "closing bdev {Bdev} of removed namespace {Nsid} failed", ns.Bdev.Name, ns.Nsid);
         }
     }
 
@@ -813,7 +897,10 @@ public sealed class NvmfTarget : IAsyncDisposable
     internal void CountProtocolError() => Interlocked.Increment(ref _protocolErrors);
 
     /// <summary>A rate-limited warning about a misbehaving host (at most 20 lines a second; the rest are counted).</summary>
-    internal void LogBadHost(NvmfTcpConnection conn, string reason)
+    internal void LogBadHost(NvmfTcpConnection conn, string reason) => LogBadPeer(conn.PeerAddress, conn.Qid, reason);
+
+    /// <summary>As <see cref="LogBadHost"/>, for a peer without a connection object (refused at accept).</summary>
+    internal void LogBadPeer(EndPoint? peer, ushort qid, string reason)
     {
         long now = Ticks.Now();
         long start = Volatile.Read(ref _logWindowStart);
@@ -833,7 +920,7 @@ public sealed class NvmfTarget : IAsyncDisposable
             return;
         }
 
-        _log.LogWarning("host {Peer} (qid {Qid}): {Reason}", conn.PeerAddress, conn.Qid, reason);
+        _log.LogWarning("host {Peer} (qid {Qid}): {Reason}", peer, qid, reason);
     }
 
     internal void LogKeepAliveTimeout(NvmfController c) =>

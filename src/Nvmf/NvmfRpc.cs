@@ -50,6 +50,14 @@ public static class NvmfRpc
     private static T Bind<T>(RpcRequest r)
         where T : class, new() => r.Bind<T>(RpcErrorCodes.InvalidParams, InvalidParameters);
 
+    /// <summary>
+    /// SPDK's spdk_json_decode_object_relaxed (unknown names ignored), which v24.01 uses for exactly
+    /// nvmf_create_transport, nvmf_subsystem_add_listener and nvmf_subsystem_add_host (transports read their own
+    /// params from them); nested objects such as listen_address stay strict, as SPDK's sub-decoders are.
+    /// </summary>
+    private static T BindRelaxed<T>(RpcRequest r)
+        where T : class, new() => r.Bind<T>(RpcErrorCodes.InvalidParams, InvalidParameters, allowUnknownNames: true);
+
     private static void CheckTarget(string? tgtName)
     {
         if (tgtName is not null)
@@ -63,7 +71,8 @@ public static class NvmfRpc
         var s = target.Find(nqn);
         if (s is null || (s.IsDiscovery && !allowDiscovery))
         {
-            throw new RpcException(RpcErrorCodes.InvalidParams, $"Unable to find subsystem with NQN {nqn}");
+            // SPDK answers "Invalid parameters" (and logs the NQN): we keep its message first and add why.
+            throw new RpcException(RpcErrorCodes.InvalidParams, $"{InvalidParameters}: nqn: Unable to find subsystem with NQN {nqn}");
         }
 
         return s;
@@ -82,7 +91,7 @@ public static class NvmfRpc
             }
         }
 
-        var p = Bind<CreateTransportParams>(r);
+        var p = BindRelaxed<CreateTransportParams>(r);
         CheckTarget(p.TgtName);
         if (!string.Equals(p.Trtype, NvmfTransportOptions.TrType, StringComparison.OrdinalIgnoreCase))
         {
@@ -245,7 +254,7 @@ public static class NvmfRpc
 
     private static JsonNode? Listener(NvmfTarget target, RpcRequest r, bool add)
     {
-        var p = Bind<ListenerParams>(r);
+        var p = add ? BindRelaxed<ListenerParams>(r) : Bind<ListenerParams>(r);
         CheckTarget(p.TgtName);
         if (p.SecureChannel == true)
         {
@@ -326,7 +335,8 @@ public static class NvmfRpc
                 throw new RpcException(RpcErrorCodes.InvalidParams, $"{InvalidParameters}: namespace.uuid: not a UUID");
             }
 
-            uuid = g;
+            // As SPDK: an all-zero uuid is "not given" (the bdev's uuid is used).
+            uuid = g == Guid.Empty ? null : g;
         }
 
         var sub = Subsystem(target, p.Nqn);
@@ -359,7 +369,7 @@ public static class NvmfRpc
 
     private static JsonNode? Host(NvmfTarget target, RpcRequest r, bool add)
     {
-        var p = Bind<HostParams>(r);
+        var p = add ? BindRelaxed<HostParams>(r) : Bind<HostParams>(r);
         CheckTarget(p.TgtName);
         if (p.Psk is not null)
         {
@@ -538,6 +548,7 @@ public static class NvmfRpc
         public ulong? MaxWriteZeroesSizeKib { get; set; }
     }
 
+    [JsonUnmappedMemberHandling(JsonUnmappedMemberHandling.Disallow)]
     public sealed class ListenAddressParams
     {
         public string? Transport { get; set; }

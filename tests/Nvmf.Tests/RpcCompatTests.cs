@@ -1,0 +1,165 @@
+using System.Text.Json.Nodes;
+using VhostBackend.Rpc;
+using Xunit;
+
+namespace VhostBackend.Nvmf.Tests;
+
+/// <summary>
+/// SPDK v24.01 nvmf RPC compatibility (review findings 15-17, lib/nvmf/nvmf_rpc.c and nvmf.c): idempotent add_listener,
+/// max_namespaces / nguid / eui64 / uuid in nvmf_get_subsystems and save_config, relaxed decoding exactly where SPDK
+/// decodes relaxed, max_queue_depth as a uint16 and SPDK's "Invalid parameters" for an unknown subsystem.
+/// </summary>
+public sealed class RpcCompatTests : IAsyncLifetime
+{
+    private const string Nqn = NvmfTestTarget.Nqn;
+    private readonly NvmfTestTarget _t = new();
+
+    public Task InitializeAsync() => _t.SetupAsync();
+
+    public async Task DisposeAsync() => await _t.DisposeAsync();
+
+    private string ListenerJson(string extra = "", string addressExtra = "") =>
+        $$$"""{"nqn":"{{{Nqn}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{_t.Port}}}"{{{addressExtra}}}}{{{extra}}}}""";
+
+    [Fact]
+    public async Task AddingAnExistingListenerSucceedsAndChangesNothing()
+    {
+        var gen0 = await _t.Call("nvmf_get_subsystems", $$"""{"nqn":"{{Nqn}}"}""");
+        Assert.True((await _t.Call("nvmf_subsystem_add_listener", ListenerJson()))!.GetValue<bool>());
+        Assert.True((await _t.Call("nvmf_subsystem_add_listener", ListenerJson()))!.GetValue<bool>());
+        var s = (await _t.Call("nvmf_get_subsystems", $$"""{"nqn":"{{Nqn}}"}"""))![0]!;
+        Assert.Single(s["listen_addresses"]!.AsArray());
+        Assert.Equal(gen0!.ToJsonString(), new JsonArray(s.DeepClone()).ToJsonString());
+        Assert.Single(_t.Target.ListenAddresses);
+
+        // One remove takes it away (the socket is not counted twice).
+        Assert.True((await _t.Call("nvmf_subsystem_remove_listener", ListenerJson()))!.GetValue<bool>());
+        Assert.Empty(_t.Target.ListenAddresses);
+    }
+
+    [Fact]
+    public async Task MaxNamespacesAndNamespaceIdsAreReportedAsSpdk()
+    {
+        await _t.AddMalloc("Malloc1");
+        await _t.AddMalloc("Malloc2");
+        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn}}}","namespace":{"bdev_name":"Malloc1","nsid":2,"eui64":"0123456789ABCDEF","uuid":"6a1e2a3b-1111-2222-3333-444455556666"}}""");
+        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn}}}","namespace":{"bdev_name":"Malloc2","nsid":3,"uuid":"00000000-0000-0000-0000-000000000000"}}""");
+
+        var s = (await _t.Call("nvmf_get_subsystems", $$"""{"nqn":"{{Nqn}}"}"""))![0]!;
+        Assert.Equal(32u, s["max_namespaces"]!.GetValue<uint>()); // created without: SPDK's default, reported
+        var nss = s["namespaces"]!.AsArray();
+        Assert.Equal(3, nss.Count);
+        var ns1 = nss[0]!.AsObject();
+        Assert.NotNull(ns1["nguid"]);
+        Assert.NotNull(ns1["uuid"]);
+        Assert.False(ns1.ContainsKey("eui64")); // zero: not written
+        var ns2 = nss[1]!.AsObject();
+        Assert.Equal("0123456789ABCDEF", ns2["eui64"]!.GetValue<string>());
+        Assert.Equal("6a1e2a3b-1111-2222-3333-444455556666", ns2["uuid"]!.GetValue<string>());
+        Assert.Equal(new[] { "nsid", "bdev_name", "name", "nguid", "eui64", "uuid" }, ns2.Select(kv => kv.Key).ToArray());
+        var ns3 = nss[2]!.AsObject();
+        Assert.Equal(_t.Bdevs.Find("Malloc2")!.Uuid.ToString(), ns3["uuid"]!.GetValue<string>()); // a zero uuid: the bdev's, as SPDK
+
+        // save_config: max_namespaces 32, eui64 kept; a replay into a fresh target writes the same config.
+        var calls = _t.Target.WriteConfig();
+        var create = calls.First(c => c!["method"]!.GetValue<string>() == "nvmf_create_subsystem")!;
+        Assert.Equal(32u, create["params"]!["max_namespaces"]!.GetValue<uint>());
+        var addNs = calls.Where(c => c!["method"]!.GetValue<string>() == "nvmf_subsystem_add_ns").Select(c => c!["params"]!["namespace"]!.AsObject()).ToArray();
+        Assert.Equal("0123456789ABCDEF", addNs[1]["eui64"]!.GetValue<string>());
+        Assert.False(addNs[0].ContainsKey("eui64"));
+
+        await _t.Call("nvmf_subsystem_remove_listener", ListenerJson());
+        await using var other = new NvmfTestTarget();
+        foreach (var b in new[] { "Malloc0", "Malloc1", "Malloc2" })
+        {
+            await other.AddMalloc(b);
+        }
+
+        foreach (var c in calls)
+        {
+            await other.Call(c!["method"]!.GetValue<string>(), c["params"]!.ToJsonString());
+        }
+
+        Assert.Equal(calls.ToJsonString(), other.Target.WriteConfig().ToJsonString());
+
+        // An all-zero NGUID given explicitly is not written either.
+        await _t.AddMalloc("Malloc3");
+        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn}}}","namespace":{"bdev_name":"Malloc3","nsid":4,"nguid":"00000000000000000000000000000000"}}""");
+        var ns4 = (await _t.Call("nvmf_get_subsystems", $$"""{"nqn":"{{Nqn}}"}"""))![0]!["namespaces"]!.AsArray()[3]!.AsObject();
+        Assert.Equal(new[] { "nsid", "bdev_name", "name", "uuid" }, ns4.Select(kv => kv.Key).ToArray());
+    }
+
+    [Fact]
+    public async Task UnknownKeysAreIgnoredExactlyWhereSpdkDecodesRelaxed()
+    {
+        // Relaxed in v24.01: nvmf_create_transport, nvmf_subsystem_add_listener, nvmf_subsystem_add_host.
+        await using (var fresh = new NvmfTestTarget())
+        {
+            Assert.True((await fresh.Call("nvmf_create_transport", """{"trtype":"TCP","some_future_option":7}"""))!.GetValue<bool>());
+        }
+
+        Assert.True((await _t.Call("nvmf_subsystem_add_listener", ListenerJson(extra: ",\"sock_impl\":\"posix\"")))!.GetValue<bool>());
+        Assert.True((await _t.Call("nvmf_subsystem_add_host", $$"""{"nqn":"{{Nqn}}","host":"nqn.2014-08.org.example:h1","future":true}"""))!.GetValue<bool>());
+
+        // Strict everywhere else, including listen_address inside a relaxed add_listener.
+        async Task Refused(string method, string json)
+        {
+            var e = await _t.CallError(method, json);
+            Assert.Equal(RpcErrorCodes.InvalidParams, e.Code);
+            Assert.StartsWith("Invalid parameters", e.Message, StringComparison.Ordinal);
+        }
+
+        await Refused("nvmf_subsystem_add_listener", ListenerJson(addressExtra: ",\"bogus\":1"));
+        await Refused("nvmf_subsystem_remove_listener", ListenerJson(extra: ",\"bogus\":1"));
+        await Refused("nvmf_subsystem_remove_host", $$"""{"nqn":"{{Nqn}}","host":"nqn.2014-08.org.example:h1","bogus":1}""");
+        await Refused("nvmf_create_subsystem", """{"nqn":"nqn.2016-06.io.spdk:cnode9","bogus":1}""");
+        await Refused("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn}}}","namespace":{"bdev_name":"Malloc0","bogus":1}}""");
+        await Refused("nvmf_subsystem_allow_any_host", $$"""{"nqn":"{{Nqn}}","allow_any_host":true,"bogus":1}""");
+        await Refused("nvmf_delete_subsystem", $$"""{"nqn":"{{Nqn}}","bogus":1}""");
+
+        // The explicit refusals by name stay, relaxed or not.
+        var rdma = await _t.CallError("nvmf_create_transport", """{"trtype":"TCP","num_cqe":64}""");
+        Assert.Contains("num_cqe", rdma.Message, StringComparison.Ordinal);
+        var psk = await _t.CallError("nvmf_subsystem_add_host", $$"""{"nqn":"{{Nqn}}","host":"nqn.2014-08.org.example:h2","psk":"/tmp/k"}""");
+        Assert.Contains("psk", psk.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task MaxQueueDepthIsAUint16()
+    {
+        await using var fresh = new NvmfTestTarget();
+        var e = await fresh.CallError("nvmf_create_transport", """{"trtype":"TCP","max_queue_depth":65536}""");
+        Assert.Equal(RpcErrorCodes.InvalidParams, e.Code);
+        Assert.Contains("max_queue_depth", e.Message, StringComparison.Ordinal);
+        Assert.True((await fresh.Call("nvmf_create_transport", """{"trtype":"TCP","max_queue_depth":65535}"""))!.GetValue<bool>());
+    }
+
+    [Fact]
+    public async Task AnUnknownSubsystemIsInvalidParametersEverywhere()
+    {
+        const string none = "nqn.2016-06.io.spdk:none";
+        var calls = new (string Method, string Json)[]
+        {
+            ("nvmf_delete_subsystem", $$"""{"nqn":"{{none}}"}"""),
+            ("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{none}}}","listen_address":{"trtype":"TCP","traddr":"127.0.0.1","trsvcid":"4420"}}"""),
+            ("nvmf_subsystem_remove_listener", $$$"""{"nqn":"{{{none}}}","listen_address":{"trtype":"TCP","traddr":"127.0.0.1","trsvcid":"4420"}}"""),
+            ("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{none}}}","namespace":{"bdev_name":"Malloc0"}}"""),
+            ("nvmf_subsystem_remove_ns", $$"""{"nqn":"{{none}}","nsid":1}"""),
+            ("nvmf_subsystem_add_host", $$"""{"nqn":"{{none}}","host":"nqn.x"}"""),
+            ("nvmf_subsystem_remove_host", $$"""{"nqn":"{{none}}","host":"nqn.x"}"""),
+            ("nvmf_subsystem_allow_any_host", $$"""{"nqn":"{{none}}","allow_any_host":true}"""),
+            ("nvmf_subsystem_get_controllers", $$"""{"nqn":"{{none}}"}"""),
+            ("nvmf_subsystem_get_qpairs", $$"""{"nqn":"{{none}}"}"""),
+        };
+        foreach (var (method, json) in calls)
+        {
+            var e = await _t.CallError(method, json);
+            Assert.Equal(RpcErrorCodes.InvalidParams, e.Code);
+            Assert.StartsWith("Invalid parameters", e.Message, StringComparison.Ordinal);
+            Assert.Contains(none, e.Message, StringComparison.Ordinal);
+        }
+
+        // nvmf_get_subsystems with an unknown nqn stays -ENODEV, as SPDK.
+        Assert.Equal(-19, (await _t.CallError("nvmf_get_subsystems", $$"""{"nqn":"{{none}}"}""")).Code);
+    }
+}

@@ -41,6 +41,7 @@ public static class NvmfRpc
         registry.Register("nvmf_get_stats", r => GetStatsAsync(target, r));
         registry.Register("nvmf_subsystem_get_controllers", r => GetControllers(target, r));
         registry.Register("nvmf_subsystem_get_qpairs", r => GetQpairsAsync(target, r));
+        registry.Register("nvmf_subsystem_get_listeners", r => GetListeners(target, r));
         subsystems?.Add(new Subsystem("nvmf", target.WriteConfig, "bdev"));
     }
 
@@ -84,7 +85,9 @@ public static class NvmfRpc
         {
             foreach (var prop in obj.EnumerateObject())
             {
-                if (Array.IndexOf(s_otherTransportOptions, prop.Name) >= 0)
+                // SPDK's rpc.py always sends the other transports' flags (no_srq, no_wr_batching, disable_*: false),
+                // and SPDK's TCP transport ignores them: only a value that asks for something is refused.
+                if (Array.IndexOf(s_otherTransportOptions, prop.Name) >= 0 && prop.Value.ValueKind is not (JsonValueKind.False or JsonValueKind.Null))
                 {
                     throw new RpcException(RpcErrorCodes.InvalidParams, $"{InvalidParameters}: {prop.Name}: not supported by the TCP transport");
                 }
@@ -432,6 +435,21 @@ public static class NvmfRpc
                 ["hostid"] = c.HostId.ToString(),
                 ["num_io_qpairs"] = c.IoQueueCount,
             });
+        }
+
+        return result;
+    }
+
+    /// <summary>nvmf_subsystem_get_listeners: [{address {trtype, adrfam, traddr, trsvcid}}] (no ana_states: no ANA).</summary>
+    private static JsonNode? GetListeners(NvmfTarget target, RpcRequest r)
+    {
+        var p = Bind<NqnParams>(r);
+        CheckTarget(p.TgtName);
+        var sub = Subsystem(target, p.Nqn, allowDiscovery: true);
+        var result = new JsonArray();
+        foreach (var l in target.ListenersOf(sub))
+        {
+            result.Add(new JsonObject { ["address"] = l.ToJson() });
         }
 
         return result;

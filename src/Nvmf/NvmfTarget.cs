@@ -1054,6 +1054,15 @@ public sealed class NvmfTarget : IAsyncDisposable
         return calls;
     }
 
+    /// <summary>The listen addresses of a subsystem (nvmf_subsystem_get_listeners).</summary>
+    public NvmfListenAddress[] ListenersOf(NvmfSubsystem sub)
+    {
+        lock (Lock)
+        {
+            return sub.Listeners.ToArray();
+        }
+    }
+
     /// <summary>All controllers of a subsystem (nvmf_subsystem_get_controllers).</summary>
     public NvmfController[] ControllersOf(NvmfSubsystem sub)
     {

@@ -125,6 +125,40 @@ public sealed class RpcCompatTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task RpcPyCreateTransportRequestIsAccepted()
+    {
+        // Exactly what SPDK v24.01's scripts/rpc.py sends for `nvmf_create_transport -t TCP -q 128 -o` (it always adds
+        // the RDMA/VFIOUSER flags as false): refusing them by name made rpc.py unusable.
+        await using (var fresh = new NvmfTestTarget())
+        {
+            Assert.True((await fresh.Call("nvmf_create_transport", """{"trtype":"TCP","max_queue_depth":128,"zcopy":false,"no_srq":false,"c2h_success":false,"dif_insert_or_strip":false,"no_wr_batching":false,"disable_mappable_bar0":false,"disable_adaptive_irq":false,"disable_shadow_doorbells":false}"""))!.GetValue<bool>());
+            var tr = Assert.Single((JsonArray)(await fresh.Call("nvmf_get_transports", "{}"))!)!;
+            Assert.False(tr["c2h_success"]!.GetValue<bool>());
+        }
+
+        // Asking for one of them is still refused by name.
+        await using var other = new NvmfTestTarget();
+        var e = await other.CallError("nvmf_create_transport", """{"trtype":"TCP","no_srq":true}""");
+        Assert.Equal(RpcErrorCodes.InvalidParams, e.Code);
+        Assert.Contains("no_srq", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task GetListenersAsSpdk()
+    {
+        var l = Assert.Single((JsonArray)(await _t.Call("nvmf_subsystem_get_listeners", $$"""{"nqn":"{{Nqn}}"}"""))!)!.AsObject();
+        Assert.Equal(new[] { "address" }, l.Select(kv => kv.Key).ToArray());
+        var a = l["address"]!;
+        Assert.Equal("TCP", a["trtype"]!.GetValue<string>());
+        Assert.Equal("IPv4", a["adrfam"]!.GetValue<string>());
+        Assert.Equal("127.0.0.1", a["traddr"]!.GetValue<string>());
+        Assert.Equal(_t.Port.ToString(System.Globalization.CultureInfo.InvariantCulture), a["trsvcid"]!.GetValue<string>());
+        Assert.Empty((JsonArray)(await _t.Call("nvmf_subsystem_get_listeners", """{"nqn":"nqn.2014-08.org.nvmexpress.discovery"}"""))!);
+        var e = await _t.CallError("nvmf_subsystem_get_listeners", """{"nqn":"nqn.2016-06.io.spdk:none"}""");
+        Assert.Equal(RpcErrorCodes.InvalidParams, e.Code);
+    }
+
+    [Fact]
     public async Task MaxQueueDepthIsAUint16()
     {
         await using var fresh = new NvmfTestTarget();
@@ -150,6 +184,7 @@ public sealed class RpcCompatTests : IAsyncLifetime
             ("nvmf_subsystem_allow_any_host", $$"""{"nqn":"{{none}}","allow_any_host":true}"""),
             ("nvmf_subsystem_get_controllers", $$"""{"nqn":"{{none}}"}"""),
             ("nvmf_subsystem_get_qpairs", $$"""{"nqn":"{{none}}"}"""),
+            ("nvmf_subsystem_get_listeners", $$"""{"nqn":"{{none}}"}"""),
         };
         foreach (var (method, json) in calls)
         {

@@ -134,6 +134,17 @@ public sealed class RpcCompatTests : IAsyncLifetime
             Assert.True((await fresh.Call("nvmf_create_transport", """{"trtype":"TCP","max_queue_depth":128,"zcopy":false,"no_srq":false,"c2h_success":false,"dif_insert_or_strip":false,"no_wr_batching":false,"disable_mappable_bar0":false,"disable_adaptive_irq":false,"disable_shadow_doorbells":false}"""))!.GetValue<bool>());
             var tr = Assert.Single((JsonArray)(await fresh.Call("nvmf_get_transports", "{}"))!)!;
             Assert.False(tr["c2h_success"]!.GetValue<bool>());
+
+            // rpc.py's other requests as it writes them (lower-case trtype/adrfam, secure_channel false, max_namespaces).
+            int port = NvmfTestTarget.FreePort();
+            await fresh.AddMalloc("Malloc0");
+            Assert.True((await fresh.Call("nvmf_create_subsystem", $$"""{"nqn":"{{Nqn}}","serial_number":"SPDK00000000000001","model_number":"SPDK bdev Controller","allow_any_host":true,"max_namespaces":16,"min_cntlid":1,"max_cntlid":100}"""))!.GetValue<bool>());
+            Assert.Equal(1u, (await fresh.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn}}}","namespace":{"bdev_name":"Malloc0","nsid":1,"nguid":"0123456789ABCDEF0123456789ABCDEF","eui64":"0011223344556677","uuid":"11111111-2222-3333-4444-555555555555"}}"""))!.GetValue<uint>());
+            string listener = $$$"""{"nqn":"{{{Nqn}}}","secure_channel":false,"listen_address":{"trtype":"tcp","traddr":"127.0.0.1","trsvcid":"{{{port}}}","adrfam":"ipv4"}}""";
+            Assert.True((await fresh.Call("nvmf_subsystem_add_listener", listener))!.GetValue<bool>());
+            Assert.True((await fresh.Call("nvmf_subsystem_add_listener", listener))!.GetValue<bool>());
+            string removal = $$$"""{"nqn":"{{{Nqn}}}","listen_address":{"trtype":"tcp","traddr":"127.0.0.1","trsvcid":"{{{port}}}","adrfam":"ipv4"}}""";
+            Assert.True((await fresh.Call("nvmf_subsystem_remove_listener", removal))!.GetValue<bool>());
         }
 
         // Asking for one of them is still refused by name.

@@ -58,9 +58,9 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
         foreach (var (label, packed) in new[] { ("split", "false"), ("packed", "true") })
         {
             string cfg = Path.Combine(dir, $"virtio-{label}.json");
-            File.WriteAllText(cfg, $$"""
+            File.WriteAllText(cfg, $$$"""
                 {"subsystems": [{"subsystem": "bdev", "config": [
-                  {"method": "bdev_virtio_attach_controller", "params": {"name": "VirtioBlk0", "trtype": "user", "traddr": "{{sock}}", "dev_type": "blk", "vq_count": 1, "vq_size": 128, "packed_ring": {{packed}}}},
+                  {"method": "bdev_virtio_attach_controller", "params": {"name": "VirtioBlk0", "trtype": "user", "traddr": "{{{sock}}}", "dev_type": "blk", "vq_count": 1, "vq_size": 128, "packed_ring": {{{packed}}}}},
                   {"method": "bdev_wait_for_examine"}
                 ]}]}
                 """);
@@ -91,9 +91,9 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
         foreach (var (label, digests) in new[] { ("plain", "false"), ("digests", "true") })
         {
             string cfg = Path.Combine(dir, $"nvme-{label}.json");
-            File.WriteAllText(cfg, $$"""
+            File.WriteAllText(cfg, $$$"""
                 {"subsystems": [{"subsystem": "bdev", "config": [
-                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{port}}", "subnqn": "{{nqn}}", "hdgst": {{digests}}, "ddgst": {{digests}}}}
+                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{{port}}}", "subnqn": "{{{nqn}}}", "hdgst": {{{digests}}}, "ddgst": {{{digests}}}}}
                 ]}]}
                 """);
             foreach (var size in new[] { "4096", "131072" })
@@ -138,9 +138,9 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
         foreach (var (label, digests) in new[] { ("plain", "false"), ("digests", "true") })
         {
             string cfg = Path.Combine(dir, $"spdk-nvme-{label}.json");
-            File.WriteAllText(cfg, $$"""
+            File.WriteAllText(cfg, $$$"""
                 {"subsystems": [{"subsystem": "bdev", "config": [
-                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{port}}", "subnqn": "{{nqn}}", "hdgst": {{digests}}, "ddgst": {{digests}}}}
+                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{{port}}}", "subnqn": "{{{nqn}}}", "hdgst": {{{digests}}}, "ddgst": {{{digests}}}}}
                 ]}]}
                 """);
             foreach (var size in new[] { "4096", "131072" })

@@ -181,6 +181,7 @@ public static partial class Program
         WithArgs(root, "nvmf_get_stats", "NVMe-oF poll group statistics", []);
         WithArgs(root, "nvmf_subsystem_get_controllers", "controllers of a subsystem", [("nqn", "subsystem NQN", "string")], Columns(null, "cntlid", "hostnqn", "hostid", "num_io_qpairs"));
         WithArgs(root, "nvmf_subsystem_get_qpairs", "queue pairs of a subsystem", [("nqn", "subsystem NQN", "string")], Columns(null, "cntlid", "qid", "state", "thread"));
+        WithArgs(root, "nvmf_subsystem_get_listeners", "listeners of a subsystem", [("nqn", "subsystem NQN", "string")]);
         AddLibvirtXml(root);
 
         var delay = new Option<double>("--delay", "-d") { Description = "seconds between refreshes (0.1 to 3600)", DefaultValueFactory = _ => 1.0 };

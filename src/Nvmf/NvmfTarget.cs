@@ -266,7 +266,9 @@ public sealed class NvmfTarget : IAsyncDisposable
                 throw new NvmfException(Errno.EEXIST, "nqn", $"Unable to create subsystem {nqn}");
             }
 
-            var sub = new NvmfSubsystem(this, nqn, discovery: false, serial, model, maxNamespaces, minCntlid, maxCntlid) { AllowAnyHost = allowAnyHost };
+            // As SPDK (subsystem.c): 0 means the default of 32 namespaces, and 32 is what is reported and saved.
+            uint slots = maxNamespaces == 0 ? NvmfSubsystem.DefaultMaxNamespaces : maxNamespaces;
+            var sub = new NvmfSubsystem(this, nqn, discovery: false, serial, model, slots, minCntlid, maxCntlid) { AllowAnyHost = allowAnyHost };
             _subsystems.Add(sub);
             return sub;
         }
@@ -288,9 +290,18 @@ public sealed class NvmfTarget : IAsyncDisposable
         DestroyControllers(sub, _ => true);
         foreach (var ns in sub.NamespaceSnapshot)
         {
-            if (ns is not null)
+            if (ns is null)
+            {
+                continue;
+            }
+
+            try
             {
                 await RemoveNamespaceAsync(sub, ns.Nsid, notify: false).ConfigureAwait(true);
+            }
+            catch (NvmfException e) when (e.Errno == Errno.ENOENT)
+            {
+                // Removed meanwhile (remove_ns, bdev hot-remove): that namespace is done.
             }
         }
 
@@ -334,6 +345,7 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         lock (Lock)
         {
+            ThrowIfDeleted(sub);
             if (!sub.Hosts.Contains(host, StringComparer.Ordinal))
             {
                 sub.Hosts.Add(host);
@@ -341,6 +353,15 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
 
         DiscoveryChanged();
+    }
+
+    /// <summary>A subsystem being deleted takes no more hosts, listeners or namespaces (under <see cref="Lock"/>).</summary>
+    private static void ThrowIfDeleted(NvmfSubsystem sub)
+    {
+        if (sub.Deleted)
+        {
+            throw new NvmfException(Errno.ENODEV, "nqn", $"subsystem {sub.Nqn} is being deleted");
+        }
     }
 
     public void RemoveHost(NvmfSubsystem sub, string host)
@@ -380,9 +401,11 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         lock (Lock)
         {
+            ThrowIfDeleted(sub);
             if (sub.Listeners.Contains(address))
             {
-                throw new NvmfException(Errno.EEXIST, "listen_address", "Listener already exists");
+                // As SPDK (nvmf_rpc_listen_paused): an existing listener is skipped and the call succeeds.
+                return;
             }
         }
 
@@ -411,6 +434,10 @@ public sealed class NvmfTarget : IAsyncDisposable
         lock (Lock)
         {
             sub.Listeners.Add(address);
+            if (!_portIds.ContainsKey(address))
+            {
+                _portIds.Add(address, (ushort)Math.Min(_portIds.Count, 0xFFFE));
+            }
         }
 
         DiscoveryChanged();
@@ -459,6 +486,11 @@ public sealed class NvmfTarget : IAsyncDisposable
     /// <summary>Adds a namespace backed by <paramref name="bdevName"/> (opened for write); returns its nsid. Hosts connected get an AEN.</summary>
     public uint AddNamespace(NvmfSubsystem sub, string bdevName, uint nsid, Guid? uuid, byte[]? nguid, ulong eui64)
     {
+        lock (Lock)
+        {
+            ThrowIfDeleted(sub);
+        }
+
         var nss = sub.NamespaceSnapshot;
         if (nsid == 0)
         {
@@ -507,14 +539,33 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
 
         var b = desc.Bdev;
+        if (b.BlockSize < 512 || (b.BlockSize & (b.BlockSize - 1)) != 0)
+        {
+            // Identify reports LBADS = log2(block size) and no metadata: as SPDK refuses bdevs with separate metadata,
+            // a block size that is not a power of two (interleaved metadata) cannot be described, so it is refused.
+            desc.Dispose();
+            throw new NvmfException(Errno.EINVAL, "bdev_name", $"bdev {bdevName}: block size {b.BlockSize} is not a power of two >= 512 (metadata is not supported)");
+        }
+
         var id = uuid ?? b.Uuid;
         var g = nguid ?? id.ToByteArray(bigEndian: true);
         var ns = new NvmfNamespace(nsid, desc, id, g, eui64);
+        bool deleted;
         lock (Lock)
         {
-            var next = (NvmfNamespace?[])sub.NamespaceSnapshot.Clone();
-            next[nsid - 1] = ns;
-            sub.Publish(next);
+            deleted = sub.Deleted;
+            if (!deleted)
+            {
+                var next = (NvmfNamespace?[])sub.NamespaceSnapshot.Clone();
+                next[nsid - 1] = ns;
+                sub.Publish(next);
+            }
+        }
+
+        if (deleted)
+        {
+            desc.Dispose();
+            throw new NvmfException(Errno.ENODEV, "nqn", $"subsystem {sub.Nqn} is being deleted");
         }
 
         _log.LogInformation("subsystem {Nqn}: namespace {Nsid} = bdev {Bdev}", sub.Nqn, nsid, bdevName);
@@ -653,10 +704,16 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// PORTID of each listen address in the discovery log: given when the address is first listened on and kept for the
+    /// target's lifetime, so one port has one id in every entry, for every host and across generations. Under Lock.
+    /// </summary>
+    private readonly Dictionary<NvmfListenAddress, ushort> _portIds = new();
+
     /// <summary>The discovery log page for <paramref name="hostNqn"/>: every listener of every subsystem it may connect to.</summary>
     internal byte[] DiscoveryLog(string hostNqn)
     {
-        var entries = new List<(NvmfListenAddress Addr, string Nqn, byte SubType)>();
+        var entries = new List<(NvmfListenAddress Addr, string Nqn, byte SubType, ushort PortId)>();
         lock (Lock)
         {
             foreach (var s in _subsystems)
@@ -665,7 +722,7 @@ public sealed class NvmfTarget : IAsyncDisposable
                 {
                     foreach (var l in s.Listeners)
                     {
-                        entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeCurrentDiscovery));
+                        entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeCurrentDiscovery, _portIds.GetValueOrDefault(l)));
                     }
 
                     continue;
@@ -678,7 +735,7 @@ public sealed class NvmfTarget : IAsyncDisposable
 
                 foreach (var l in s.Listeners)
                 {
-                    entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeNvme));
+                    entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeNvme, _portIds.GetValueOrDefault(l)));
                 }
             }
         }
@@ -688,10 +745,10 @@ public sealed class NvmfTarget : IAsyncDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(page.AsSpan(8), (ulong)entries.Count);
         for (int i = 0; i < entries.Count; i++)
         {
-            var (addr, nqn, subtype) = entries[i];
+            var (addr, nqn, subtype, portId) = entries[i];
             var e = page.AsSpan(1024 * (i + 1), 1024);
             new NvmeDiscoveryEntry(NvmeDiscoveryEntry.TrTypeTcp, addr.Family == AddressFamily.InterNetworkV6 ? NvmeDiscoveryEntry.AdrFamIpv6 : NvmeDiscoveryEntry.AdrFamIpv4,
-                subtype, (ushort)i, 0xFFFF, addr.TrSvcId, nqn, addr.TrAddr).Write(e);
+                subtype, portId, 0xFFFF, addr.TrSvcId, nqn, addr.TrAddr).Write(e);
             e[3] = 0x02 | 0x04; // TREQ: secure channel not required, SQ flow control disable supported
             BinaryPrimitives.WriteUInt16LittleEndian(e[8..], (ushort)(TransportOptions?.MaxAqDepth ?? 128)); // ASQSZ
         }
@@ -732,6 +789,36 @@ public sealed class NvmfTarget : IAsyncDisposable
                 conn.Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidOpcode, dnr: true).Field);
                 return;
         }
+    }
+
+    /// <summary>Tests only: runs in Connect between the first checks and the lock that adds the controller (a race window).</summary>
+    internal Action<NvmfSubsystem>? BeforeControllerAdded;
+
+    /// <summary>Connect's subsystem, listener and host checks, under <see cref="Lock"/>; completes the request when refused.</summary>
+    private bool ConnectRefusedLocked(NvmfTcpConnection conn, NvmfRequest req, NvmfSubsystem sub, string hostNqn)
+    {
+        if (sub.Deleted)
+        {
+            LogBadHost(conn, $"Connect to {sub.Nqn}, which is being deleted");
+            InvalidParam(req, true, 256);
+            return true;
+        }
+
+        if (!sub.IsDiscovery && !sub.Listeners.Contains(conn.Listener))
+        {
+            LogBadHost(conn, $"Connect to {sub.Nqn}, which no longer listens on {conn.Listener.TrAddr}:{conn.Listener.TrSvcId}");
+            InvalidParam(req, true, 256);
+            return true;
+        }
+
+        if (!sub.HostAllowed(hostNqn))
+        {
+            LogBadHost(conn, $"host {hostNqn} may no longer connect to {sub.Nqn}");
+            conn.Complete(req, ConnectStatus(NvmeSc.ConnectInvalidHost));
+            return true;
+        }
+
+        return false;
     }
 
     private void Connect(NvmfTcpConnection conn, NvmfRequest req)
@@ -820,9 +907,17 @@ public sealed class NvmfTarget : IAsyncDisposable
                 return;
             }
 
+            BeforeControllerAdded?.Invoke(sub);
             NvmfController ctrl;
             lock (Lock)
             {
+                // Re-checked in the lock that adds the controller: a delete, listener or host removal that ran since
+                // the checks above has already taken its snapshot of the controllers and would miss this one.
+                if (ConnectRefusedLocked(conn, req, sub, hostNqn))
+                {
+                    return;
+                }
+
                 ushort id = sub.AllocateCntlid();
                 if (id == 0)
                 {
@@ -877,6 +972,11 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         lock (Lock)
         {
+            if (ConnectRefusedLocked(conn, req, sub, hostNqn))
+            {
+                return;
+            }
+
             if (qid > c.NumIoQueues || qid >= c.IoQueues.Length || c.IoQueues[qid] is not null || c.Destroyed)
             {
                 InvalidParam(req, false, 42);
@@ -1000,14 +1100,11 @@ public sealed class NvmfTarget : IAsyncDisposable
                     ["allow_any_host"] = s.AllowAnyHost,
                     ["serial_number"] = s.SerialNumber,
                     ["model_number"] = s.ModelNumber,
+                    ["max_namespaces"] = s.MaxNamespaces,
                     ["min_cntlid"] = (int)s.MinCntlid,
                     ["max_cntlid"] = (int)s.MaxCntlid,
                     ["ana_reporting"] = false,
                 };
-                if (s.MaxNamespaces != 0)
-                {
-                    p["max_namespaces"] = s.MaxNamespaces;
-                }
 
                 calls.Add(Rpc.Subsystem.Call("nvmf_create_subsystem", p));
                 foreach (var h in hosts)
@@ -1036,18 +1133,21 @@ public sealed class NvmfTarget : IAsyncDisposable
                 calls.Add(Rpc.Subsystem.Call("nvmf_subsystem_add_ns", new JsonObject
                 {
                     ["nqn"] = s.Nqn,
-                    ["namespace"] = new JsonObject
-                    {
-                        ["nsid"] = ns.Nsid,
-                        ["bdev_name"] = ns.Bdev.Name,
-                        ["nguid"] = Convert.ToHexString(ns.Nguid),
-                        ["uuid"] = ns.Uuid.ToString(),
-                    },
+                    ["namespace"] = ns.ToJson(includeName: false),
                 }));
             }
         }
 
         return calls;
+    }
+
+    /// <summary>The listen addresses of a subsystem (nvmf_subsystem_get_listeners).</summary>
+    public NvmfListenAddress[] ListenersOf(NvmfSubsystem sub)
+    {
+        lock (Lock)
+        {
+            return sub.Listeners.ToArray();
+        }
     }
 
     /// <summary>All controllers of a subsystem (nvmf_subsystem_get_controllers).</summary>

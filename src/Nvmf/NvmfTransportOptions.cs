@@ -39,9 +39,9 @@ public sealed class NvmfTransportOptions
     /// <summary>Checks the values; returns the parameter at fault and why, or null.</summary>
     public (string Param, string Reason)? Validate()
     {
-        if (MaxQueueDepth < 2 || MaxQueueDepth > 65536)
+        if (MaxQueueDepth < 2 || MaxQueueDepth > 65535)
         {
-            return ("max_queue_depth", "must be 2..65536");
+            return ("max_queue_depth", "must be 2..65535 (SPDK: a uint16)");
         }
 
         if (MaxAqDepth < 2 || MaxAqDepth > 4096)

@@ -751,7 +751,7 @@ public sealed record NvmeDiscoveryEntry(byte TrType, byte AdrFam, byte SubType, 
     private static string Text(ReadOnlySpan<byte> b)
     {
         int end = b.IndexOf((byte)0);
-        var s = System.Text.Encoding.ASCII.GetString(end >= 0 ? b[..end] : b).Trim();
+        var s = System.Text.Encoding.UTF8.GetString(end >= 0 ? b[..end] : b).Trim();
         return s.Any(char.IsControl) ? "" : s;
     }
 
@@ -764,8 +764,9 @@ public sealed record NvmeDiscoveryEntry(byte TrType, byte AdrFam, byte SubType, 
         e[2] = SubType;
         BinaryPrimitives.WriteUInt16LittleEndian(e[4..], PortId);
         BinaryPrimitives.WriteUInt16LittleEndian(e[6..], Cntlid);
-        System.Text.Encoding.ASCII.GetBytes(TrSvcId, e.Slice(32, 32));
-        System.Text.Encoding.ASCII.GetBytes(SubNqn, e.Slice(256, 256));
-        System.Text.Encoding.ASCII.GetBytes(TrAddr, e.Slice(512, 256));
+        // UTF-8, like the NQNs in Connect data and Identify (an NQN is UTF-8, at most 223 bytes; SPDK copies its bytes).
+        System.Text.Encoding.UTF8.GetBytes(TrSvcId, e.Slice(32, 32));
+        System.Text.Encoding.UTF8.GetBytes(SubNqn, e.Slice(256, 256));
+        System.Text.Encoding.UTF8.GetBytes(TrAddr, e.Slice(512, 256));
     }
 }

@@ -196,27 +196,44 @@ public sealed class LvolBdev : Bdev.Bdev
     }
 
     /// <summary>Completes <paramref name="io"/> on its reactor when <paramref name="work"/> ends (a read's data
-    /// copied into its iovecs there); a pooled <paramref name="data"/> buffer is returned then.</summary>
+    /// copied into its iovecs there); a pooled <paramref name="data"/> buffer is returned then. Work that ends on
+    /// the I/O's own reactor (a first write on the main reactor runs there from start to end, see
+    /// <see cref="BdevBlobDevice"/>) completes it right away, without a message.</summary>
     private static void Finish(BdevIo io, Task work, byte[]? data, bool read = false)
     {
+        if (work.IsCompleted && io.Channel.Reactor.IsCurrent)
+        {
+            FinishOnReactor(io, data, read, work.IsCompletedSuccessfully);
+            return;
+        }
         work.ContinueWith(static (t, s) =>
         {
             var (io, data, read) = ((BdevIo, byte[]?, bool))s!;
             bool ok = t.IsCompletedSuccessfully;
+            if (io.Channel.Reactor.IsCurrent)
+            {
+                FinishOnReactor(io, data, read, ok);
+                return;
+            }
             io.Channel.Reactor.Send(static st =>
             {
                 var (io, data, read, ok) = ((BdevIo, byte[]?, bool, bool))st!;
-                if (ok && read && data != null)
-                {
-                    IoVecs.CopyFrom(data.AsSpan(0, checked((int)io.Length)), io.Iovs);
-                }
-                if (data != null)
-                {
-                    ArrayPool<byte>.Shared.Return(data);
-                }
-                io.Complete(ok);
+                FinishOnReactor(io, data, read, ok);
             }, (io, data, read, ok));
         }, (io, data, read), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    private static void FinishOnReactor(BdevIo io, byte[]? data, bool read, bool ok)
+    {
+        if (ok && read && data != null)
+        {
+            IoVecs.CopyFrom(data.AsSpan(0, checked((int)io.Length)), io.Iovs);
+        }
+        if (data != null)
+        {
+            ArrayPool<byte>.Shared.Return(data);
+        }
+        io.Complete(ok);
     }
 
     public override JsonObject DriverSpecific() => new()

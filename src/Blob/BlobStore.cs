@@ -1562,15 +1562,36 @@ public sealed class BlobStore
             var oldPages = (uint[])b.ExtentPages.Clone();
             try
             {
-                // One cluster buffer for the store: allocations run one at a time under the serializer.
-                var buf = _copyBuffer ??= GC.AllocateUninitializedArray<byte>((int)_sb.ClusterSize);
                 bool full = within == 0 && (ulong)data.Length == _sb.ClusterSize;
-                if (!full)
+                if (full)
                 {
-                    await ReadBackingAsync(b, ci * _sb.ClusterSize, buf).ConfigureAwait(false);
+                    await _dev.WriteAsync(ClusterOffset(c), data).ConfigureAwait(false);
                 }
-                data.Span.CopyTo(buf.AsSpan((int)within));
-                await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
+                else if (_dev.SupportsWriteZeroes && BackingReadsZeroes(b, ci))
+                {
+                    // Nothing under the cluster (no parent, or no blob up the chain has it): SPDK copies nothing
+                    // then (bs_allocate_and_copy_cluster with is_zeroes) and leaves the rest of the cluster as the
+                    // device holds it; we zero it with the device's write zeroes (a command, no data moved), so a
+                    // reused cluster never shows an old lvol's data, and write only the caller's bytes.
+                    ulong at = ClusterOffset(c), tail = within + (ulong)data.Length;
+                    if (within > 0)
+                    {
+                        await _dev.WriteZeroesAsync(at, within).ConfigureAwait(false);
+                    }
+                    await _dev.WriteAsync(at + within, data).ConfigureAwait(false);
+                    if (tail < _sb.ClusterSize)
+                    {
+                        await _dev.WriteZeroesAsync(at + tail, _sb.ClusterSize - tail).ConfigureAwait(false);
+                    }
+                }
+                else
+                {
+                    // One cluster buffer for the store: allocations run one at a time under the serializer.
+                    var buf = _copyBuffer ??= GC.AllocateUninitializedArray<byte>((int)_sb.ClusterSize);
+                    await ReadBackingAsync(b, ci * _sb.ClusterSize, buf).ConfigureAwait(false);
+                    data.Span.CopyTo(buf.AsSpan((int)within));
+                    await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
+                }
                 // The md names the cluster before I/O does: a fast-path write on another channel must not land
                 // in (and be acknowledged from) a cluster a failed commit then frees. Until it is published,
                 // such writes take the slow path and wait here.
@@ -1593,6 +1614,20 @@ public sealed class BlobStore
         {
             _md.Release();
         }
+    }
+
+    /// <summary>Whether blob cluster <paramref name="ci"/>'s backing reads zeroes: no blob up the parent chain
+    /// has the cluster allocated (SPDK's back_bs_dev is_zeroes).</summary>
+    private static bool BackingReadsZeroes(Blob b, ulong ci)
+    {
+        for (var p = b.Parent; p != null && ci < p.NumClusters; p = p.Parent)
+        {
+            if (p.ClusterAt(ci) != 0)
+            {
+                return false;
+            }
+        }
+        return true;
     }
 
     /// <summary>After one cluster allocation: an existing extent page is rewritten in place (that write is the

@@ -47,6 +47,18 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
         return r;
     }
 
+    /// <summary>A bdev JSON config attaching controller Nvme0 over TCP to 127.0.0.1:<paramref name="port"/> (SPDK's and our bdevperf read the same file).</summary>
+    private static string NvmeTcpConfig(string dir, string name, int port, string nqn, string digests)
+    {
+        string cfg = Path.Combine(dir, name);
+        File.WriteAllText(cfg, $$$"""
+            {"subsystems": [{"subsystem": "bdev", "config": [
+              {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{{port}}}", "subnqn": "{{{nqn}}}", "hdgst": {{{digests}}}, "ddgst": {{{digests}}}}}
+            ]}]}
+            """);
+        return cfg;
+    }
+
     [SpdkPeerFact]
     public async Task Our_virtio_user_front_end_verifies_against_spdk_vhost_blk_with_split_and_packed_rings()
     {
@@ -90,12 +102,7 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
         await spdk.RpcAsync("nvmf_subsystem_add_listener", nqn, "-t", "tcp", "-a", "127.0.0.1", "-s", port.ToString(CultureInfo.InvariantCulture));
         foreach (var (label, digests) in new[] { ("plain", "false"), ("digests", "true") })
         {
-            string cfg = Path.Combine(dir, $"nvme-{label}.json");
-            File.WriteAllText(cfg, $$$"""
-                {"subsystems": [{"subsystem": "bdev", "config": [
-                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{{port}}}", "subnqn": "{{{nqn}}}", "hdgst": {{{digests}}}, "ddgst": {{{digests}}}}}
-                ]}]}
-                """);
+            string cfg = NvmeTcpConfig(dir, "nvme-" + label + ".json", port, nqn, digests);
             foreach (var size in new[] { "4096", "131072" })
             {
                 var r = await OurBdevPerf(cfg, size, 4);
@@ -137,12 +144,7 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
 
         foreach (var (label, digests) in new[] { ("plain", "false"), ("digests", "true") })
         {
-            string cfg = Path.Combine(dir, $"spdk-nvme-{label}.json");
-            File.WriteAllText(cfg, $$$"""
-                {"subsystems": [{"subsystem": "bdev", "config": [
-                  {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": "{{{port}}}", "subnqn": "{{{nqn}}}", "hdgst": {{{digests}}}, "ddgst": {{{digests}}}}}
-                ]}]}
-                """);
+            string cfg = NvmeTcpConfig(dir, "spdk-nvme-" + label + ".json", port, nqn, digests);
             foreach (var size in new[] { "4096", "131072" })
             {
                 var r = await SpdkApp.RunBdevPerfAsync(dir, cfg, size, output.WriteLine);

@@ -12,7 +12,7 @@ namespace VhostBackend.IntegrationTests;
 /// <summary>
 /// Interoperability with SPDK v24.01 itself as the peer (the anchor build of ../shared/anchors: its vhost target,
 /// nvmf_tgt, bdevperf and scripts/rpc.py), on the host, no guest:
-/// our virtio-user front end (split and packed rings) against SPDK's vhost-user-blk target; our NVMe/TCP initiator
+/// our virtio-user front end (split rings) against SPDK's vhost-user-blk target; our NVMe/TCP initiator
 /// against SPDK's NVMe-oF/TCP target; SPDK's initiator (its bdevperf) against our target, configured with SPDK's own
 /// unmodified rpc.py. Each runs bdevperf -w verify and requires 0 errors.
 /// Skipped (never passed) when no SPDK build is found: set SPDK_DIR to the SPDK tree (default /tmp/anchor-spdk/spdk).
@@ -60,14 +60,16 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
     }
 
     [SpdkPeerFact]
-    public async Task Our_virtio_user_front_end_verifies_against_spdk_vhost_blk_with_split_and_packed_rings()
+    public async Task Our_virtio_user_front_end_verifies_against_spdk_vhost_blk_with_split_rings()
     {
         string dir = WorkDir("vhost");
         await using var spdk = await SpdkApp.StartAsync("build/bin/vhost", dir, output.WriteLine, "-S", dir);
         await spdk.RpcAsync("bdev_malloc_create", "-b", "Malloc0", "64", "4096");
         await spdk.RpcAsync("vhost_create_blk_controller", "vhost.0", "Malloc0", "--cpumask", "0x1");
         string sock = Path.Combine(dir, "vhost.0");
-        foreach (var (label, packed) in new[] { ("split", "false"), ("packed", "true") })
+        // Split rings only: SPDK v24.01's vhost-blk target here does not offer VIRTIO_F_RING_PACKED (features 0x15c007646),
+        // and enabling it through rpc.py was not found to work (untested further).
+        foreach (var (label, packed) in new[] { ("split", "false") })
         {
             string cfg = Path.Combine(dir, $"virtio-{label}.json");
             File.WriteAllText(cfg, $$$"""
@@ -145,7 +147,7 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
         foreach (var (label, digests) in new[] { ("plain", "false"), ("digests", "true") })
         {
             string cfg = NvmeTcpConfig(dir, "spdk-nvme-" + label + ".json", port, nqn, digests);
-            foreach (var size in new[] { "4096", "131072" })
+            foreach (var size in new[] { "4096", "65536" }) // SPDK bdevperf refuses verify above 64 KiB
             {
                 var r = await SpdkApp.RunBdevPerfAsync(dir, cfg, size, output.WriteLine);
                 Assert.True(r.ExitCode == 0, $"SPDK bdevperf {label} {size}: {r.Output}");

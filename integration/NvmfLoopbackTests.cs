@@ -86,7 +86,9 @@ public sealed class NvmfLoopbackTests(ITestOutputHelper output)
         var stats = (await daemon.CallAsync("nvmf_get_stats", null))!;
         var groups = stats["poll_groups"]!.AsArray();
         Assert.Equal(2, groups.Count);
-        Assert.Equal(4, groups.Sum(g => g!["io_qpairs"]!.GetValue<long>()));
+        // At least the two jobs' queue pairs per run (io_qpairs counts every I/O queue pair a group ever took: a
+        // channel bdevperf's examine opened and dropped before the job's own adds one, depending on timing; seen: 5).
+        Assert.InRange(groups.Sum(g => g!["io_qpairs"]!.GetValue<long>()), 4, 8);
         Assert.All(groups, g => Assert.True(g!["io_qpairs"]!.GetValue<long>() >= 1, g.ToJsonString()));
         Assert.True(groups.Sum(g => g!["completed_nvme_io"]!.GetValue<long>()) > 1000, stats.ToJsonString());
 

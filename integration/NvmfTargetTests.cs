@@ -20,7 +20,8 @@ namespace VhostBackend.IntegrationTests;
 /// subsystems; connect, fio verify, disconnect; connect with header and data digests, fio verify; a namespace
 /// hot-added while connected appears in the guest (AEN + changed namespace list); a subsystem that does not allow
 /// any host refuses an unknown host NQN and accepts the listed one; the target daemon is SIGKILLed and restarted
-/// from its <c>--persist-config</c> file, the kernel reconnects (reconnect-delay 1 s) and fio verify passes again.</item>
+/// from its <c>--persist-config</c> file, the kernel reconnects (reconnect-delay 1 s) and fio verify passes again, while
+/// fio verify loops on the guest's vhost disk (our initiator) across the outage with no error.</item>
 /// </list>
 /// </summary>
 public sealed class NvmfTargetTests(ITestOutputHelper output)
@@ -79,6 +80,12 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             f.SetLength(64 << 20);
         }
 
+        string stackBacking = Path.Combine(work, "stack.img");
+        using (var f = File.Create(stackBacking))
+        {
+            f.SetLength(32 << 20);
+        }
+
         string persist = Path.Combine(tgtDir, "running.json");
         var tgtLog = new ConcurrentQueue<string>();
         void TLog(string line)
@@ -97,7 +104,8 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             await target.CallAsync("bdev_uring_create", new JsonObject { ["filename"] = backing, ["name"] = "File0", ["block_size"] = 512 });
             await target.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "Malloc1", ["num_blocks"] = 16384, ["block_size"] = 512 });
             await target.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "Malloc2", ["num_blocks"] = 16384, ["block_size"] = 512 });
-            await target.CallAsync("bdev_malloc_create", new JsonObject { ["name"] = "Malloc3", ["num_blocks"] = 65536, ["block_size"] = 512 });
+            // The full-stack namespace is a file, so its data survives the target's crash in step 7.
+            await target.CallAsync("bdev_uring_create", new JsonObject { ["filename"] = stackBacking, ["name"] = "Stack0", ["block_size"] = 512 });
             await target.CallAsync("nvmf_create_transport", new JsonObject { ["trtype"] = "TCP" });
 
             await target.CallAsync("nvmf_create_subsystem", new JsonObject { ["nqn"] = Nqn, ["allow_any_host"] = true, ["serial_number"] = "VBNVMF0001", ["model_number"] = "VhostBackend test" });
@@ -110,7 +118,7 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             await target.CallAsync("nvmf_subsystem_add_listener", new JsonObject { ["nqn"] = HostOnlyNqn, ["listen_address"] = Listener(port) });
 
             await target.CallAsync("nvmf_create_subsystem", new JsonObject { ["nqn"] = StackNqn, ["allow_any_host"] = true, ["serial_number"] = "VBNVMF0003" });
-            await target.CallAsync("nvmf_subsystem_add_ns", new JsonObject { ["nqn"] = StackNqn, ["namespace"] = new JsonObject { ["bdev_name"] = "Malloc3" } });
+            await target.CallAsync("nvmf_subsystem_add_ns", new JsonObject { ["nqn"] = StackNqn, ["namespace"] = new JsonObject { ["bdev_name"] = "Stack0" } });
             await target.CallAsync("nvmf_subsystem_add_listener", new JsonObject { ["nqn"] = StackNqn, ["listen_address"] = Listener(port) });
 
             var subs = (JsonArray)(await target.CallAsync("nvmf_get_subsystems", null))!;
@@ -118,7 +126,12 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             Assert.Contains(subs, s => (string?)s!["nqn"] == Nqn);
 
             // --- the initiator daemon: bdev_nvme over TCP to StackNqn, exported to the guest as vhost-user-blk ---
-            initiator = await VhostDaemon.StartAsync(iniDir, l => output.WriteLine("[initiator] " + l));
+            var iniLog = new ConcurrentQueue<string>();
+            initiator = await VhostDaemon.StartAsync(iniDir, l =>
+            {
+                iniLog.Enqueue(l);
+                output.WriteLine("[initiator] " + l);
+            });
             var names = (JsonArray)(await initiator.CallAsync("bdev_nvme_attach_controller", new JsonObject
             {
                 ["name"] = "Remote0",
@@ -147,7 +160,7 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             await Run(guest, "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && (modprobe nvme_tcp 2>/dev/null; true) && [ -c /dev/nvme-fabrics ] && echo net-ready");
             output.WriteLine($"guest up after {total.Elapsed.TotalSeconds:F0} s");
 
-            // 1. Full stack: vhost-blk -> bdev_nvme (TCP, our initiator) -> our target -> malloc.
+            // 1. Full stack: vhost-blk -> bdev_nvme (TCP, our initiator) -> our target -> a file (io_uring).
             Assert.Equal("65536", (await Run(guest, "cat /sys/block/vda/size")).Trim());
             await Fio(guest, "/dev/vda", "stack");
             output.WriteLine($"full stack verified after {total.Elapsed.TotalSeconds:F0} s");
@@ -203,9 +216,19 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             await RunHost(guest, $"nvme disconnect -n {HostOnlyNqn}");
             output.WriteLine($"hot-add and host list checked after {total.Elapsed.TotalSeconds:F0} s");
 
-            // 7. The target daemon crashes and comes back from its persisted config: the kernel reconnects.
+            // 7. The target daemon crashes and comes back from its persisted config: the kernel reconnects, and the
+            //    guest's vhost disk (our initiator, ctrlr_loss_timeout_sec 60, reconnect_delay_sec 1, no
+            //    fast_io_fail_timeout_sec) sees no error: fio verify loops on /dev/vda across the outage.
             string c = (await Run(guest, GuestFns + $"ctrl {Nqn}")).Trim();
             Assert.Equal("live", (await Run(guest, $"cat /sys/class/nvme/{c}/state")).Trim());
+            // The loop runs in the background in the guest (the agent runs one command at a time): its output and
+            // exit code go to the guest's /tmp/outage.out.
+            string loop = "end=$(( $(date +%s) + 40 )); n=0; while [ $(date +%s) -lt $end ]; do "
+                + "fio --name=outage --filename=/dev/vda --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --size=2M "
+                + "--numjobs=2 --offset_increment=8M --verify=crc32c --verify_fatal=1 --do_verify=1 --group_reporting "
+                + "|| { echo \"fio failed in loop $n\"; exit 1; }; n=$((n+1)); done; echo \"fio loops: $n\"";
+            await Run(guest, $"rm -f /tmp/outage.out; (chroot /host /bin/sh -c {Tools.ShellQuote(loop)} > /tmp/outage.out 2>&1; echo \"outage-rc $?\" >> /tmp/outage.out) < /dev/null > /dev/null 2>&1 & echo started");
+            await Task.Delay(TimeSpan.FromSeconds(8)); // fio is writing (its start-up through the 9p chroot takes seconds)
             await target.KillAsync();
             await target.DisposeAsync();
             target = null;
@@ -214,6 +237,11 @@ public sealed class NvmfTargetTests(ITestOutputHelper output)
             output.WriteLine("controller state after the kill: " + lost.Output.Trim());
             Assert.NotEqual("live", lost.Output.Trim());
             target = await VhostDaemon.StartAsync(tgtDir, TLog, "--persist-config", persist);
+            var outage = await guest.ExecAsync("i=0; while [ $i -lt 1800 ] && ! grep -q outage-rc /tmp/outage.out; do sleep 0.1; i=$((i+1)); done; tail -c 3000 /tmp/outage.out", TimeSpan.FromMinutes(5));
+            output.WriteLine("fio loop on the vhost disk across the target's crash: " + outage.Output);
+            Assert.True(outage.Output.Contains("outage-rc 0", StringComparison.Ordinal) && outage.Output.Contains("fio loops:", StringComparison.Ordinal),
+                "the guest's vhost disk saw an error across a short target outage: " + outage.Output + "\n" + guest.ConsoleTail());
+            Assert.Contains(iniLog, l => l.Contains("Remote0", StringComparison.Ordinal) && (l.Contains("lost", StringComparison.OrdinalIgnoreCase) || l.Contains("reconnect", StringComparison.OrdinalIgnoreCase)));
             var back = await guest.ExecAsync($"i=0; while [ $i -lt 600 ] && [ \"$(cat /sys/class/nvme/{c}/state)\" != live ]; do sleep 0.1; i=$((i+1)); done; cat /sys/class/nvme/{c}/state", Cmd);
             Assert.True(back.Output.Trim() == "live", $"controller {c} did not come back live within 60 s: {back.Output}\n" + (await guest.ExecAsync("dmesg | tail -30", Cmd)).Output);
             dev = (await Run(guest, GuestFns + $"waitns {Nqn} 1 30")).Trim();

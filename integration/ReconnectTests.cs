@@ -12,8 +12,11 @@ namespace VhostBackend.IntegrationTests;
 /// restarted vhostd finds its configuration in the --persist-config file, QEMU reconnects and hands back the
 /// in-flight buffer (INFLIGHT_SHMFD), the requests the dead daemon had taken are resubmitted, and fio's verify
 /// finishes with no error. Bdev QoS keeps requests queued inside the daemon, so the kill always catches some in
-/// flight (the test checks the restarted daemon resubmitted them). QEMU 7.2 cannot reconnect vhost-user-scsi
-/// (added in QEMU 8.2), so SCSI resubmission is tested with the front-end model (tests/Vhost.Tests).
+/// flight (the test checks the restarted daemon resubmitted them). The same boot has a second disk with a packed
+/// ring (QEMU <c>packed=on</c>, the packed in-flight layout): QEMU cannot restore a packed ring's indices after the
+/// crash, so the restarted daemon takes the ring position from the in-flight region and resubmits from the
+/// descriptor copies it keeps; fio verify runs on both disks across the same kill. QEMU 7.2 cannot reconnect
+/// vhost-user-scsi (added in QEMU 8.2), so SCSI resubmission is tested with the front-end model (tests/Vhost.Tests).
 /// </summary>
 public sealed class ReconnectTests(ITestOutputHelper output)
 {
@@ -27,8 +30,10 @@ public sealed class ReconnectTests(ITestOutputHelper output)
 
         var work = Directory.CreateTempSubdirectory("vb-reconnect-").FullName;
         string backing = Path.Combine(work, "disk.img");
-        using (var f = File.Create(backing))
+        string packedBacking = Path.Combine(work, "packed.img");
+        foreach (var file in new[] { backing, packedBacking })
         {
+            using var f = File.Create(file);
             f.SetLength(64 << 20);
         }
 
@@ -46,7 +51,10 @@ public sealed class ReconnectTests(ITestOutputHelper output)
             await daemon.CallAsync("bdev_uring_create", new JsonObject { ["filename"] = backing, ["name"] = "File0", ["block_size"] = 4096 });
             await daemon.CallAsync("bdev_set_qos_limit", new JsonObject { ["name"] = "File0", ["rw_ios_per_sec"] = 500 });
             await daemon.CallAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb.0", ["dev_name"] = "File0" });
-            await WaitForFile(persist, "vb.0");
+            await daemon.CallAsync("bdev_uring_create", new JsonObject { ["filename"] = packedBacking, ["name"] = "File1", ["block_size"] = 4096 });
+            await daemon.CallAsync("bdev_set_qos_limit", new JsonObject { ["name"] = "File1", ["rw_ios_per_sec"] = 500 });
+            await daemon.CallAsync("vhost_create_blk_controller", new JsonObject { ["ctrlr"] = "vb.1", ["dev_name"] = "File1", ["packed_ring"] = true });
+            await WaitForFile(persist, "vb.1");
 
             await using var guest = await QemuGuest.StartAsync(new QemuGuestOptions
             {
@@ -54,6 +62,11 @@ public sealed class ReconnectTests(ITestOutputHelper output)
                 Memory = "512M",
                 Cpus = 2,
                 BlkDevices = [new VhostUserDevice(Path.Combine(work, "vb.0"), 2, ReconnectSeconds: 1)],
+                ExtraQemuArgs =
+                [
+                    "-chardev", $"socket,id=pk,path={Path.Combine(work, "vb.1")},reconnect=1",
+                    "-device", "vhost-user-blk-pci,chardev=pk,num-queues=2,packed=on",
+                ],
                 Log = output.WriteLine,
                 BootTimeout = TimeSpan.FromSeconds(120),
             });
@@ -61,9 +74,16 @@ public sealed class ReconnectTests(ITestOutputHelper output)
             // 12 MiB of 4 KiB writes at 500 IOPS: ~6 s of writing, then the verify pass. The limit sits well below what a
             // TCG guest under CI load submits, so the QoS queue always holds requests when the daemon is killed (at
             // 2000 IOPS a slow guest sometimes had nothing in flight and nothing was resubmitted).
-            await Run(guest, "rm -f /tmp/fio.rc; (chroot /host /bin/sh -c 'fio --name=crash --filename=/dev/vda --ioengine=libaio --direct=1 " +
-                "--rw=randwrite --bs=4k --iodepth=32 --size=12M --verify=crc32c --verify_fatal=1 --do_verify=1' >/tmp/fio.log 2>&1; echo $? >/tmp/fio.rc) >/dev/null 2>&1 & echo started");
-            await WaitForIo(daemon, guest);
+            // vdb is the packed disk: the guest negotiated the packed layout (feature bit 34).
+            Assert.Equal("1", (await Run(guest, "cut -c35 /sys/block/vdb/device/features")).Trim());
+            foreach (var (disk, tag) in new[] { ("vda", "fio"), ("vdb", "fio2") })
+            {
+                await Run(guest, $"rm -f /tmp/{tag}.rc; (chroot /host /bin/sh -c 'fio --name=crash --filename=/dev/{disk} --ioengine=libaio --direct=1 " +
+                    $"--rw=randwrite --bs=4k --iodepth=32 --size=12M --verify=crc32c --verify_fatal=1 --do_verify=1' >/tmp/{tag}.log 2>&1; echo $? >/tmp/{tag}.rc) >/dev/null 2>&1 & echo started");
+            }
+
+            await WaitForIo(daemon, guest, "File0");
+            await WaitForIo(daemon, guest, "File1");
 
             await daemon.KillAsync();
             output.WriteLine("vhostd killed under I/O");
@@ -73,28 +93,37 @@ public sealed class ReconnectTests(ITestOutputHelper output)
             daemon = await VhostDaemon.StartAsync(work, Log, "--persist-config", persist);
 
             var sw = Stopwatch.StartNew();
-            while (true)
+            foreach (var (disk, tag) in new[] { ("vda", "fio"), ("vdb", "fio2") })
             {
-                var rc = await guest.ExecAsync("cat /tmp/fio.rc 2>/dev/null", Cmd);
-                if (rc.ExitCode == 0 && rc.Output.Trim().Length > 0)
+                while (true)
                 {
-                    string fioLog = (await guest.ExecAsync("tail -40 /tmp/fio.log; dmesg | tail -20", Cmd)).Output;
-                    output.WriteLine(fioLog);
-                    Assert.True(rc.Output.Trim() == "0", $"fio exited {rc.Output.Trim()} after the restart:\n{fioLog}");
-                    break;
-                }
+                    var rc = await guest.ExecAsync($"cat /tmp/{tag}.rc 2>/dev/null", Cmd);
+                    if (rc.ExitCode == 0 && rc.Output.Trim().Length > 0)
+                    {
+                        string fioLog = (await guest.ExecAsync($"tail -40 /tmp/{tag}.log; dmesg | tail -20", Cmd)).Output;
+                        output.WriteLine(fioLog);
+                        Assert.True(rc.Output.Trim() == "0", $"fio on {disk} exited {rc.Output.Trim()} after the restart:\n{fioLog}");
+                        break;
+                    }
 
-                Assert.True(sw.Elapsed < TimeSpan.FromSeconds(300), "fio did not finish after the daemon restarted:\n" +
-                    (await guest.ExecAsync("tail -20 /tmp/fio.log; dmesg | tail -20", Cmd)).Output);
-                await Task.Delay(1000);
+                    Assert.True(sw.Elapsed < TimeSpan.FromSeconds(300), $"fio on {disk} did not finish after the daemon restarted:\n" +
+                        (await guest.ExecAsync($"tail -20 /tmp/{tag}.log; dmesg | tail -20", Cmd)).Output);
+                    await Task.Delay(1000);
+                }
             }
 
-            Assert.Contains(log, l => l.Contains("resubmitting", StringComparison.Ordinal));
+            Assert.Contains(log, l => l.Contains("vb.0", StringComparison.Ordinal) && l.Contains("resubmitting", StringComparison.Ordinal));
+            Assert.Contains(log, l => l.Contains("vb.1", StringComparison.Ordinal) && l.Contains("resubmitting", StringComparison.Ordinal) && l.Contains("packed", StringComparison.Ordinal));
+            Assert.DoesNotContain(log, l => l.Contains("in-flight region refused", StringComparison.Ordinal));
             var ctrls = (JsonArray)(await daemon.CallAsync("vhost_get_controllers", null))!;
             Assert.Single((JsonArray)ctrls.Single(c => (string?)c!["ctrlr"] == "vb.0")!["sessions"]!);
+            Assert.Single((JsonArray)ctrls.Single(c => (string?)c!["ctrlr"] == "vb.1")!["sessions"]!);
 
-            // The reconnected disk keeps working.
-            await Run(guest, "head -c 65536 /dev/urandom > /tmp/p && dd if=/tmp/p of=/dev/vda bs=64k seek=7 oflag=direct 2>&1 && dd if=/dev/vda of=/tmp/q bs=64k skip=7 count=1 iflag=direct 2>&1 && cmp /tmp/p /tmp/q");
+            // The reconnected disks keep working.
+            foreach (string disk in new[] { "vda", "vdb" })
+            {
+                await Run(guest, $"head -c 65536 /dev/urandom > /tmp/p && dd if=/tmp/p of=/dev/{disk} bs=64k seek=7 oflag=direct 2>&1 && dd if=/dev/{disk} of=/tmp/q bs=64k skip=7 count=1 iflag=direct 2>&1 && cmp /tmp/p /tmp/q");
+            }
         }
         finally
         {
@@ -102,25 +131,25 @@ public sealed class ReconnectTests(ITestOutputHelper output)
         }
     }
 
-    private static async Task WaitForIo(VhostDaemon daemon, QemuGuest guest)
+    private static async Task WaitForIo(VhostDaemon daemon, QemuGuest guest, string bdev)
     {
-        long last = await Ops(daemon);
+        long last = await Ops(daemon, bdev);
         int growing = 0;
         var sw = Stopwatch.StartNew();
         while (growing < 3 && sw.Elapsed < TimeSpan.FromSeconds(90))
         {
             await Task.Delay(300);
-            long now = await Ops(daemon);
+            long now = await Ops(daemon, bdev);
             growing = now > last ? growing + 1 : 0;
             last = now;
         }
 
-        Assert.True(growing >= 3, "fio never started: " + (await guest.ExecAsync("cat /tmp/fio.log", Cmd)).Output);
+        Assert.True(growing >= 3, $"fio never started on {bdev}: " + (await guest.ExecAsync("cat /tmp/fio.log /tmp/fio2.log", Cmd)).Output);
     }
 
-    private static async Task<long> Ops(VhostDaemon daemon)
+    private static async Task<long> Ops(VhostDaemon daemon, string bdev)
     {
-        var st = await daemon.CallAsync("bdev_get_iostat", new JsonObject { ["name"] = "File0" });
+        var st = await daemon.CallAsync("bdev_get_iostat", new JsonObject { ["name"] = bdev });
         var b = ((JsonArray)st!["bdevs"]!)[0]!;
         return (long)b["num_write_ops"]!;
     }

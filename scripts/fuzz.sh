@@ -61,10 +61,21 @@ printf '%-11s %10s %8s %7s %8s %6s %s\n' target execs execs/s corpus crashes han
 for t in "${targets[@]}"; do
     echo "== fuzz: $t (${seconds}s)"
     out="$work/findings/$t"
-    timeout -k 10 $((seconds + 120)) afl-fuzz -i "fuzz/corpus/$t" -o "$out" -t 5000 -m none -V "$seconds" \
-        -- dotnet "$work/bin/VhostBackend.Fuzz.dll" "$t" >"$work/afl-$t.log" 2>&1
-    rc=$?
     stats="$out/default/fuzzer_stats"
+    # afl-fuzz's start-up (fork server, dry run of the corpus) can abort on a loaded machine without running a single
+    # input (CI once saw "No instrumentation detected" for a target that runs fine otherwise): one retry of a run that
+    # produced no stats at all. A run that did start reports its findings as it is; nothing found is never retried.
+    for attempt in 1 2; do
+        timeout -k 10 $((seconds + 120)) afl-fuzz -i "fuzz/corpus/$t" -o "$out" -t 5000 -m none -V "$seconds" \
+            -- dotnet "$work/bin/VhostBackend.Fuzz.dll" "$t" >"$work/afl-$t.log" 2>&1
+        rc=$?
+        [ -f "$stats" ] && break
+        if [ $attempt = 1 ]; then
+            echo "fuzz: afl-fuzz did not start $t (exit $rc); retrying once:" >&2
+            grep -a -E "PROGRAM ABORT|Location" "$work/afl-$t.log" >&2 || tail -5 "$work/afl-$t.log" >&2
+            rm -rf "$out"
+        fi
+    done
     if [ ! -f "$stats" ]; then
         echo "fuzz: afl-fuzz did not run $t (exit $rc):" >&2
         tail -30 "$work/afl-$t.log" >&2

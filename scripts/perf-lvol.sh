@@ -2,6 +2,8 @@
 # Cost of logical volumes, measured with ./bdevperf straight on the bdev layer (no vhost), all on a null base
 # (2^27 blocks of 512 B = 64 GiB, so thin lvols never run out of first writes during a run):
 #   null        the null bdev itself                                   (the base)
+#   passthru    a passthru vbdev on the null bdev: the cost of any one vbdev hop (a second bdev-layer submit and
+#               completion), the floor for a thick lvol's overhead
 #   thick       a thick lvol (1 GiB) on the null bdev
 #   thin        a thin lvol of 64 MiB: the 1 s warm-up's writes allocate its 64 clusters, then the fast path
 #   clone       a clone of a snapshot of a thick lvol: every read goes through to the snapshot's clusters
@@ -12,22 +14,27 @@
 # 2-vCPU machine swings. Prints every run, then per configuration and workload the median IOPS, CPU us per I/O,
 # bytes allocated per I/O and the median of the per-round ratios to the null base (thin-first: to thick-seq).
 #
-# Usage: scripts/perf-lvol.sh [-t SECONDS] [-r ROUNDS] [-q QD] [-c "null thick ..."] [-o OUTDIR]
+# -i runs the reactor in interrupt mode (it sleeps when idle): on a machine with more runnable threads than cores a
+# polling reactor is descheduled for whole time slices, which is what a first write's cost then measures.
+#
+# Usage: scripts/perf-lvol.sh [-t SECONDS] [-r ROUNDS] [-q QD] [-c "null thick ..."] [-o OUTDIR] [-i]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 secs=3
 rounds=3
 qd=128
-configs="null thick thin clone thick-seq thin-first"
+configs="null passthru thick thin clone thick-seq thin-first"
 out=""
-while getopts "t:r:q:c:o:h" opt; do
+mode=poll
+while getopts "t:r:q:c:o:ih" opt; do
     case "$opt" in
         t) secs="$OPTARG" ;;
         r) rounds="$OPTARG" ;;
         q) qd="$OPTARG" ;;
         c) configs="$OPTARG" ;;
         o) out="$OPTARG" ;;
-        *) sed -n '2,17p' "$0"; exit 0 ;;
+        i) mode=interrupt ;;
+        *) sed -n '2,22p' "$0"; exit 0 ;;
     esac
 done
 
@@ -45,6 +52,7 @@ lvol() { echo "{\"method\":\"bdev_lvol_create\",\"params\":{\"lvs_name\":\"lvs\"
 config() { # config NAME -> "TARGET|CALLS"
     case "$1" in
         null) echo "N0|$null" ;;
+        passthru) echo "P0|$null,{\"method\":\"bdev_passthru_create\",\"params\":{\"base_bdev_name\":\"N0\",\"name\":\"P0\"}}" ;;
         thick|thick-seq) echo "lvs/t|$null,$lvs,$(lvol t 1024 false)" ;;
         thin) echo "lvs/v|$null,$lvs,$(lvol v 64 true)" ;;
         clone) echo "lvs/c|$null,$lvs,$(lvol t 1024 false),{\"method\":\"bdev_lvol_snapshot\",\"params\":{\"lvol_name\":\"lvs/t\",\"snapshot_name\":\"s\"}},{\"method\":\"bdev_lvol_clone\",\"params\":{\"snapshot_name\":\"lvs/s\",\"clone_name\":\"c\"}}" ;;
@@ -65,7 +73,7 @@ for round in $(seq 1 "$rounds"); do
         esac
         for run in $runs; do
             IFS=: read -r w o q warm <<< "$run"
-            res="$("$root/bdevperf" -c "$work/$c.json" -T "$target" -q "$q" -o "$o" -w "$w" -t "$secs" -W "$warm" -m 0x1 --output json)"
+            res="$("$root/bdevperf" -c "$work/$c.json" -T "$target" -q "$q" -o "$o" -w "$w" -t "$secs" -W "$warm" -m 0x1 --reactor-mode "$mode" --output json)"
             python3 - "$round" "$c" "$w" "$res" >> "$results" <<'EOF'
 import json, sys
 r = json.loads(sys.argv[4])["total"]

@@ -26,7 +26,7 @@ namespace VhostBackend.Fuzz;
 /// 20 ms, and resets its connections. Findings: an exception the target logged at error level (it catches
 /// everything to stay alive, see <see cref="FindingLogger"/>), an exception out of a reactor (the process dies),
 /// and a target that no longer serves a new host afterwards (a fresh connection's ICReq must get an ICResp within
-/// 5 s).
+/// 5 s). The transport's data buffer budget is the smallest, so requests that wait for buffer memory are exercised too.
 /// </summary>
 internal sealed class NvmfTcpTarget : IFuzzTarget
 {
@@ -48,7 +48,9 @@ internal sealed class NvmfTcpTarget : IFuzzTarget
         var bdevs = new BdevManager();
         bdevs.Register(new MallocBdev("Malloc0", 2048, 512));
         _target = new NvmfTarget(_runtime, bdevs, new FindingLoggerFactory(_log));
-        _target.CreateTransportAsync(new NvmfTransportOptions()).GetAwaiter().GetResult();
+        // The smallest data buffer budget (4 x max_io_size on the one poll group): streams of large writes and reads
+        // reach the path where requests wait for buffer memory.
+        _target.CreateTransportAsync(new NvmfTransportOptions { NumSharedBuffers = 1 }).GetAwaiter().GetResult();
         int port = FreePort();
         _runtime.Main.InvokeAsync(() =>
         {

@@ -34,7 +34,7 @@ public sealed class BdevBlobDevice : IBlobDevice
 
     private sealed class Op
     {
-        public readonly TaskCompletionSource<bool> Tcs = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public TaskCompletionSource<bool> Tcs = null!;
         public IoVec[] Iov = [];
         public BdevIoType Type;
         public ulong Lba;
@@ -49,21 +49,27 @@ public sealed class BdevBlobDevice : IBlobDevice
         }
     }
 
+    /// <summary>
+    /// Submits <paramref name="op"/> on the main reactor and waits for it. Called on the main reactor (the
+    /// blobstore's work started there: an lvol's first write to a cluster, examine, the module's own calls) the
+    /// I/O is submitted right here and the caller continues inline in the completion, on the reactor, as SPDK's
+    /// blobstore runs on its md thread: a first-write allocation then takes no thread hop at all. From any other
+    /// thread (an RPC) it is posted to the reactor and the caller continues on the thread pool.
+    /// </summary>
     private async Task Run(Op op)
     {
-        while (true)
+        bool onMain = _main.IsCurrent;
+        op.Tcs = new TaskCompletionSource<bool>(onMain ? TaskCreationOptions.None : TaskCreationOptions.RunContinuationsAsynchronously);
+        var rc = onMain ? Submit(op) : await _main.InvokeAsync(() => Submit(op)).ConfigureAwait(false);
+        while (rc == -Platform.Errno.ENOMEM)
         {
-            var rc = await _main.InvokeAsync(() => Submit(op)).ConfigureAwait(false);
-            if (rc == -Platform.Errno.ENOMEM)
-            {
-                await Task.Delay(1).ConfigureAwait(false);
-                continue;
-            }
-            if (rc != 0)
-            {
-                throw new IOException($"{op.Type} on {_desc.Bdev.Name} refused: {Platform.Errno.Message(rc)}");
-            }
-            break;
+            await Task.Delay(1).ConfigureAwait(false);
+            op.Tcs = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            rc = await _main.InvokeAsync(() => Submit(op)).ConfigureAwait(false);
+        }
+        if (rc != 0)
+        {
+            throw new IOException($"{op.Type} on {_desc.Bdev.Name} refused: {Platform.Errno.Message(rc)}");
         }
         if (!await op.Tcs.Task.ConfigureAwait(false))
         {
@@ -167,6 +173,9 @@ public sealed class BdevBlobDevice : IBlobDevice
             done += (ulong)n;
         }
     }
+
+    /// <summary>The base bdev takes write zeroes as a command.</summary>
+    public bool SupportsWriteZeroes => _desc.Bdev.SupportsIoType(BdevIoType.WriteZeroes);
 
     /// <summary>The base bdev takes unmap (SPDK's bs_dev passes blob unmaps to it).</summary>
     public bool SupportsUnmap => _desc.Bdev.SupportsIoType(BdevIoType.Unmap);

@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Numerics;
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.Blob;
@@ -13,8 +14,8 @@ namespace VhostBackend.BdevLvol;
 /// <c>lvs_name/lvol_name</c>. The bdev layer splits I/O at cluster boundaries (<see cref="Bdev.Bdev.OptimalIoBoundaryBlocks"/>),
 /// so each read or write touches one cluster.
 /// <para>Fast path (no allocation, no lock): a read goes to the first blob up the backing chain that has the
-/// cluster (zeroes when none does); a write to an allocated cluster goes straight to the base, counted in the
-/// blob's in-flight writes so a snapshot can quiesce them. Slow path (first write to a cluster, a write while the
+/// cluster (zeroes when none does); a write to an allocated cluster goes straight to the base, counted in its
+/// reactor's <see cref="LvsChannel"/> (no atomic operation) so a snapshot can quiesce them. Slow path (first write to a cluster, a write while the
 /// blob is quiesced, unmap and write zeroes over several clusters or an unallocated one): the data is copied out and the blobstore allocates on its metadata
 /// serializer; the completion is posted back to the submitting reactor.</para>
 /// </summary>
@@ -25,12 +26,15 @@ public sealed class LvolBdev : Bdev.Bdev
     private static readonly BdevIoCompletion s_writeDone = static (_, ok, arg) =>
     {
         var io = (BdevIo)arg!;
-        ((Blob.Blob)io.ModuleContext!).ExitFastWrite();
+        ((LvsChannel)io.ModuleContext!).InFlight[io.ModuleTag]--;
         io.Complete(ok);
     };
 
     private readonly LvsEntry _lvs;
     private readonly ulong _blocksPerCluster;
+    /// <summary>log2 of <see cref="_blocksPerCluster"/> when it is a power of two (always with SPDK's cluster
+    /// sizes), so the I/O path splits an offset with a shift and a mask instead of two divisions; -1 otherwise.</summary>
+    private readonly int _clusterShift;
 
     public LvolBdev(LvsEntry lvs, Lvol lvol)
         : base(lvol.Uuid.ToString(), "Logical Volume", lvs.Desc.Bdev.BlockSize, lvol.SizeBytes / lvs.Desc.Bdev.BlockSize, lvol.Uuid)
@@ -38,6 +42,7 @@ public sealed class LvolBdev : Bdev.Bdev
         _lvs = lvs;
         Lvol = lvol;
         _blocksPerCluster = lvs.Store.ClusterSize / lvs.Desc.Bdev.BlockSize;
+        _clusterShift = ulong.IsPow2(_blocksPerCluster) ? BitOperations.Log2(_blocksPerCluster) : -1;
         OptimalIoBoundaryBlocks = (uint)_blocksPerCluster;
         RequiredAlignment = lvs.Desc.Bdev.RequiredAlignment;
         Aliases.Add(lvol.Alias);
@@ -70,8 +75,17 @@ public sealed class LvolBdev : Bdev.Bdev
     {
         var ch = (LvsChannel)moduleChannel.Context;
         var blob = Lvol.Blob;
-        ulong ci = io.OffsetBlocks / _blocksPerCluster;
-        ulong within = io.OffsetBlocks % _blocksPerCluster;
+        ulong ci, within;
+        if (_clusterShift >= 0)
+        {
+            ci = io.OffsetBlocks >> _clusterShift;
+            within = io.OffsetBlocks & (_blocksPerCluster - 1);
+        }
+        else
+        {
+            ci = io.OffsetBlocks / _blocksPerCluster;
+            within = io.OffsetBlocks % _blocksPerCluster;
+        }
         bool oneCluster = within + io.NumBlocks <= _blocksPerCluster;
         switch (io.Type)
         {
@@ -108,23 +122,20 @@ public sealed class LvolBdev : Bdev.Bdev
                     io.Complete(BdevIoStatus.Failed);
                     return;
                 }
-                if (oneCluster && blob.ClusterAt(ci) != 0 && blob.TryEnterFastWrite())
+                if (oneCluster && !blob.IsFrozen)
                 {
                     uint c = blob.ClusterAt(ci);
-                    if (c == 0)
+                    if (c != 0)
                     {
-                        blob.ExitFastWrite();
-                        SlowWrite(io);
+                        int g = ch.EnterFastWrite(io);
+                        int rc = ch.Base.Write(_lvs.Desc, io.Iovs, c * _blocksPerCluster + within, io.NumBlocks, s_writeDone, io);
+                        if (rc != 0)
+                        {
+                            ch.InFlight[g]--;
+                            io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
+                        }
                         return;
                     }
-                    io.ModuleContext = blob;
-                    int rc = ch.Base.Write(_lvs.Desc, io.Iovs, c * _blocksPerCluster + within, io.NumBlocks, s_writeDone, io);
-                    if (rc != 0)
-                    {
-                        blob.ExitFastWrite();
-                        io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
-                    }
-                    return;
                 }
                 SlowWrite(io);
                 return;
@@ -147,24 +158,19 @@ public sealed class LvolBdev : Bdev.Bdev
                         io.Complete(BdevIoStatus.Success);
                         return;
                     }
-                    if (c0 != 0 && blob.TryEnterFastWrite())
+                    if (c0 != 0 && !blob.IsFrozen)
                     {
-                        uint c = blob.ClusterAt(ci);
-                        if (c != 0)
+                        int g = ch.EnterFastWrite(io);
+                        ulong at = c0 * _blocksPerCluster + within;
+                        int rc = unmap
+                            ? ch.Base.Unmap(_lvs.Desc, at, io.NumBlocks, s_writeDone, io)
+                            : ch.Base.WriteZeroes(_lvs.Desc, at, io.NumBlocks, s_writeDone, io);
+                        if (rc != 0)
                         {
-                            io.ModuleContext = blob;
-                            ulong at = c * _blocksPerCluster + within;
-                            int rc = unmap
-                                ? ch.Base.Unmap(_lvs.Desc, at, io.NumBlocks, s_writeDone, io)
-                                : ch.Base.WriteZeroes(_lvs.Desc, at, io.NumBlocks, s_writeDone, io);
-                            if (rc != 0)
-                            {
-                                blob.ExitFastWrite();
-                                io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
-                            }
-                            return;
+                            ch.InFlight[g]--;
+                            io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
                         }
-                        blob.ExitFastWrite();
+                        return;
                     }
                 }
                 ulong offset = io.OffsetBlocks * BlockSize, length = io.NumBlocks * BlockSize;
@@ -196,27 +202,44 @@ public sealed class LvolBdev : Bdev.Bdev
     }
 
     /// <summary>Completes <paramref name="io"/> on its reactor when <paramref name="work"/> ends (a read's data
-    /// copied into its iovecs there); a pooled <paramref name="data"/> buffer is returned then.</summary>
+    /// copied into its iovecs there); a pooled <paramref name="data"/> buffer is returned then. Work that ends on
+    /// the I/O's own reactor (a first write on the main reactor runs there from start to end, see
+    /// <see cref="BdevBlobDevice"/>) completes it right away, without a message.</summary>
     private static void Finish(BdevIo io, Task work, byte[]? data, bool read = false)
     {
+        if (work.IsCompleted && io.Channel.Reactor.IsCurrent)
+        {
+            FinishOnReactor(io, data, read, work.IsCompletedSuccessfully);
+            return;
+        }
         work.ContinueWith(static (t, s) =>
         {
             var (io, data, read) = ((BdevIo, byte[]?, bool))s!;
             bool ok = t.IsCompletedSuccessfully;
+            if (io.Channel.Reactor.IsCurrent)
+            {
+                FinishOnReactor(io, data, read, ok);
+                return;
+            }
             io.Channel.Reactor.Send(static st =>
             {
                 var (io, data, read, ok) = ((BdevIo, byte[]?, bool, bool))st!;
-                if (ok && read && data != null)
-                {
-                    IoVecs.CopyFrom(data.AsSpan(0, checked((int)io.Length)), io.Iovs);
-                }
-                if (data != null)
-                {
-                    ArrayPool<byte>.Shared.Return(data);
-                }
-                io.Complete(ok);
+                FinishOnReactor(io, data, read, ok);
             }, (io, data, read, ok));
         }, (io, data, read), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+    }
+
+    private static void FinishOnReactor(BdevIo io, byte[]? data, bool read, bool ok)
+    {
+        if (ok && read && data != null)
+        {
+            IoVecs.CopyFrom(data.AsSpan(0, checked((int)io.Length)), io.Iovs);
+        }
+        if (data != null)
+        {
+            ArrayPool<byte>.Shared.Return(data);
+        }
+        io.Complete(ok);
     }
 
     public override JsonObject DriverSpecific() => new()
@@ -234,18 +257,76 @@ public sealed class LvolBdev : Bdev.Bdev
     };
 }
 
-/// <summary>A reactor's channel for the lvols of one lvstore: that reactor's channel of the base.</summary>
+/// <summary>
+/// A reactor's channel for the lvols of one lvstore: that reactor's channel of the base, and the fast-path writes
+/// in flight on this reactor counted in two generations. The counts are touched only on this reactor (no atomic
+/// operation per I/O); <see cref="LvsIoDevice.DrainAsync"/> flips the generation on every reactor and waits for the
+/// old one to empty, which is how a quiesce (snapshot, inflate's commit) waits for the writes admitted before it.
+/// </summary>
 public sealed class LvsChannel(BdevChannel baseChannel)
 {
     public BdevChannel Base { get; } = baseChannel;
+
+    internal readonly int[] InFlight = new int[2];
+    internal int Generation;
+
+    /// <summary>Counts <paramref name="io"/> as a fast-path write of the current generation (returned; also kept
+    /// in the I/O for its completion).</summary>
+    internal int EnterFastWrite(BdevIo io)
+    {
+        int g = Generation;
+        InFlight[g]++;
+        io.ModuleContext = this;
+        io.ModuleTag = g;
+        return g;
+    }
 }
 
 /// <summary>The I/O device of one lvstore's base: its per-reactor context is the base channel.</summary>
 public sealed class LvsIoDevice(BdevDesc desc) : IoDevice("lvs:" + desc.Bdev.Name)
 {
+    private readonly SemaphoreSlim _drain = new(1, 1);
+
     protected override object CreateChannelContext(Reactor reactor) => new LvsChannel(desc.GetIoChannel());
 
     protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel(((LvsChannel)context).Base);
+
+    /// <summary>
+    /// Waits for every fast-path write admitted before the call (SPDK freezes a blob's I/O with a message to
+    /// each channel the same way). The caller has set the blob's <see cref="Blob.Blob.IsFrozen"/> first: a write
+    /// admitted on a reactor after that reactor flipped its generation saw the flag (the message ordered it) and
+    /// took the slow path. Channels made after the channel list was read see the flag as well. Drains run one at
+    /// a time (a second flip must not reuse a generation still draining).
+    /// </summary>
+    public async Task DrainAsync()
+    {
+        await _drain.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            var old = new List<(LvsChannel Channel, int Generation)>();
+            await ForEachChannelAsync(c =>
+            {
+                var ch = (LvsChannel)c.Context;
+                int g = ch.Generation;
+                ch.Generation = g ^ 1;
+                lock (old)
+                {
+                    old.Add((ch, g));
+                }
+            }).ConfigureAwait(false);
+            foreach (var (ch, g) in old)
+            {
+                while (Volatile.Read(ref ch.InFlight[g]) != 0)
+                {
+                    await Task.Delay(1).ConfigureAwait(false);
+                }
+            }
+        }
+        finally
+        {
+            _drain.Release();
+        }
+    }
 }
 
 /// <summary>A loaded lvstore: the store, its claimed base, the blobstore device and the registered lvol bdevs.</summary>
@@ -254,8 +335,14 @@ public sealed class LvsEntry(LvolStore store, BdevDesc desc, BdevBlobDevice devi
     public LvolStore Store { get; } = store;
     public BdevDesc Desc { get; } = desc;
     public BdevBlobDevice Device { get; } = device;
-    public LvsIoDevice IoDevice { get; } = new(desc);
+    public LvsIoDevice IoDevice { get; } = Init(store, new LvsIoDevice(desc));
     public Dictionary<Lvol, LvolBdev> Bdevs { get; } = [];
+
+    private static LvsIoDevice Init(LvolStore store, LvsIoDevice dev)
+    {
+        store.BlobStore.DrainFastWrites = dev.DrainAsync;
+        return dev;
+    }
 
     /// <summary>Set once the base's removal began the store's hot removal (main reactor only).</summary>
     internal bool HotRemoved { get; set; }

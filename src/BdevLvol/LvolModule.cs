@@ -376,6 +376,93 @@ public sealed class LvolModule : BdevModule
         b.Resized();
     }
 
+    private readonly Dictionary<uint, ShallowCopyStatus> _shallowCopies = [];
+    private uint _shallowCopyCount;
+
+    /// <summary>
+    /// bdev_lvol_start_shallow_copy (SPDK v24.05's vbdev_lvol_shallow_copy): claims <paramref name="dstBdevName"/>
+    /// (-ENODEV when it does not exist, -EPERM when claimed or open for writing elsewhere), then copies the lvol's
+    /// own allocated clusters to it in the background and returns the operation's status at once. Like SPDK, what
+    /// the blobstore refuses (a writable lvol, a destination too small) shows up as the operation's error, not as
+    /// the start's. The destination is released when the copy ends.
+    /// </summary>
+    public ShallowCopyStatus StartShallowCopy(LvolBdev src, string dstBdevName)
+    {
+        var entry = StoreOf(src);
+        var bdev = _bdevs.Find(dstBdevName) ?? throw new BlobException(BlobErrno.ENODEV, $"bdev {dstBdevName} not found");
+        BdevDesc desc;
+        try
+        {
+            desc = _bdevs.Open(dstBdevName, write: false);
+        }
+        catch (BdevNotFoundException e)
+        {
+            throw new BlobException(BlobErrno.ENODEV, e.Message);
+        }
+        if (_bdevs.Claim(bdev, this, desc) != 0)
+        {
+            desc.Dispose();
+            throw new BlobException(BlobErrno.EPERM, $"bdev {dstBdevName} is claimed or open for writing");
+        }
+        var dev = new BdevBlobDevice(desc, _main);
+        ShallowCopyStatus status;
+        lock (_shallowCopies)
+        {
+            status = new ShallowCopyStatus(++_shallowCopyCount, src.Lvol.AllocatedClusters);
+            _shallowCopies[status.OperationId] = status;
+        }
+        status.Task = CopyAsync();
+        return status;
+
+        async Task CopyAsync()
+        {
+            int rc = 0;
+            try
+            {
+                await entry.Store.BlobStore.ShallowCopyAsync(src.Lvol.Blob.Id, dev, n => status.CopiedClusters = n).ConfigureAwait(true);
+            }
+            catch (Exception e)
+            {
+                rc = e is BlobException be ? -be.Errno : -BlobErrno.EIO;
+                _logger.LogError("lvol: shallow copy of {Lvol} to {Bdev} failed: {Error}", src.Lvol.Alias, dstBdevName, e.Message);
+            }
+            finally
+            {
+                try
+                {
+                    _bdevs.ReleaseClaim(bdev, this);
+                    await CloseAsync(dev, desc).ConfigureAwait(true);
+                }
+                finally
+                {
+                    // Reported once the destination is released: "complete" or "error" means it is free again.
+                    status.Result = rc;
+                    status.Done = true;
+                }
+            }
+        }
+    }
+
+    /// <summary>A shallow copy's status by id (null when unknown); one that ended is forgotten once reported,
+    /// as SPDK's bdev_lvol_check_shallow_copy does.</summary>
+    public ShallowCopyStatus? CheckShallowCopy(uint operationId, out bool ended)
+    {
+        lock (_shallowCopies)
+        {
+            ended = false;
+            if (!_shallowCopies.TryGetValue(operationId, out var s))
+            {
+                return null;
+            }
+            ended = s.Done;
+            if (ended)
+            {
+                _shallowCopies.Remove(operationId);
+            }
+            return s;
+        }
+    }
+
     public Task SetReadOnlyAsync(LvolBdev b) => StoreOf(b).Store.SetReadOnlyAsync(b.Lvol);
 
     public Task InflateAsync(LvolBdev b) => StoreOf(b).Store.InflateAsync(b.Lvol);
@@ -431,4 +518,40 @@ public sealed class LvolModule : BdevModule
             }
         }
     }
+}
+
+/// <summary>One shallow copy (SPDK's <c>rpc_shallow_copy_status</c>): its id, clusters copied of the total (the
+/// lvol's allocated clusters when it started) and its result (0 running or done, else -errno).</summary>
+public sealed class ShallowCopyStatus(uint operationId, long totalClusters)
+{
+    private long _copied;
+    private volatile int _result;
+    private volatile bool _done;
+
+    public uint OperationId { get; } = operationId;
+
+    public long TotalClusters { get; } = totalClusters;
+
+    public long CopiedClusters
+    {
+        get => Interlocked.Read(ref _copied);
+        internal set => Interlocked.Exchange(ref _copied, value);
+    }
+
+    /// <summary>0 while running or after success, the negative errno of a failure.</summary>
+    public int Result
+    {
+        get => _result;
+        internal set => _result = value;
+    }
+
+    /// <summary>The copy ended (the destination is released).</summary>
+    public bool Done
+    {
+        get => _done;
+        internal set => _done = value;
+    }
+
+    /// <summary>The copy; ends when <see cref="Done"/> is set (never faults).</summary>
+    public Task Task { get; internal set; } = Task.CompletedTask;
 }

@@ -165,8 +165,14 @@ public sealed class NvmeBdevModule : BdevModule
         public required NvmePathLossPolicy Policy;
         public NvmeTcpController? Controller;
         public Poller? Poller;
-        public readonly List<string> Attached = new();
+        public readonly List<string> Attached = new();          // controller names, attach order (under _ctrls)
+        public readonly Dictionary<string, string> ByEntry = new(StringComparer.Ordinal); // entry key -> controller name
+        public int NextIndex;
         public ulong Generation;
+        public bool RefreshRunning;
+        public bool RefreshAgain;
+        public bool Stopped;
+        public int LogChanges;
     }
 
     private readonly Dictionary<string, DiscoveryService?> _discovery = new(StringComparer.Ordinal); // null: starting
@@ -175,7 +181,8 @@ public sealed class NvmeBdevModule : BdevModule
     /// bdev_nvme_start_discovery: connects to the discovery controller at <paramref name="trid"/>, reads its log page and
     /// attaches every NVM subsystem it lists over TCP as controller <c>&lt;name&gt;&lt;n&gt;</c> (SPDK's naming). Entries
     /// that fail to attach are logged and skipped. The discovery controller stays connected (keep-alive) until
-    /// <see cref="StopDiscoveryAsync"/>; its asynchronous events are not followed (the log is read once).
+    /// <see cref="StopDiscoveryAsync"/>, with Discovery Log Page Change notices enabled: on each notice the log is read
+    /// again, new entries are attached and controllers whose entry is gone are detached (SPDK's discovery_aer_cb).
     /// </summary>
     /// With <paramref name="attachTimeout"/> (attach_timeout_ms) a discovery controller that cannot be reached or read
     /// is retried until it passes, then the call fails with ETIMEDOUT (SPDK's behaviour); without it one attempt is made.
@@ -235,13 +242,41 @@ public sealed class NvmeBdevModule : BdevModule
             }
         }
 
-        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), svc.Controller, 10_000);
+        // Discovery Log Page Change notices: the AER completes on the poller's reactor under the admin lock; the
+        // refresh runs on the main reactor (reading the log again re-arms the notice).
+        var dctrl = svc.Controller;
+        dctrl.AsyncEvent = (ctrl, dw0) =>
+        {
+            if (NvmeAsyncEvent.IsDiscoveryLogChanged(dw0))
+            {
+                _reactors?.Main.Send(static st =>
+                {
+                    var (m, d) = ((NvmeBdevModule, DiscoveryService))st!;
+                    _ = m.RefreshDiscoveryAsync(d);
+                }, (this, svc));
+            }
+        };
+        dctrl.EnableAsyncEvents(1, NvmeAsyncEvent.DiscoveryLogChangeNotices);
+
+        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), dctrl, 10_000);
         lock (_ctrls)
         {
             _discovery[name] = svc;
         }
 
-        int index = 0;
+        await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+    }
+
+    /// <summary>The key of a discovery log entry: the same subsystem at the same address is the same controller.</summary>
+    private static string EntryKey(NvmeDiscoveryEntry e) => $"{e.SubNqn}\n{e.TrAddr}\n{e.TrSvcId}";
+
+    /// <summary>
+    /// On the main reactor: attaches the NVM subsystem entries of <paramref name="entries"/> not attached yet and detaches
+    /// the controllers this service attached whose entry is no longer listed.
+    /// </summary>
+    private async Task ApplyDiscoveryLogAsync(DiscoveryService svc, IReadOnlyList<NvmeDiscoveryEntry> entries)
+    {
+        var listed = new HashSet<string>(StringComparer.Ordinal);
         foreach (var e in entries)
         {
             if (e.SubType != NvmeDiscoveryEntry.SubTypeNvme)
@@ -253,24 +288,114 @@ public sealed class NvmeBdevModule : BdevModule
                 || !int.TryParse(e.TrSvcId, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int port) || port is < 1 or > 65535
                 || !NvmeFabrics.IsValidNqn(e.SubNqn))
             {
-                _log.LogWarning("discovery {Name}: skipping entry trtype {TrType} traddr '{Addr}' trsvcid '{Svc}' subnqn '{Nqn}'", name, e.TrType, e.TrAddr, e.TrSvcId, e.SubNqn);
+                _log.LogWarning("discovery {Name}: skipping entry trtype {TrType} traddr '{Addr}' trsvcid '{Svc}' subnqn '{Nqn}'", svc.Name, e.TrType, e.TrAddr, e.TrSvcId, e.SubNqn);
                 continue;
             }
 
-            string ctrlName = name + index.ToString(System.Globalization.CultureInfo.InvariantCulture);
-            index++;
+            string key = EntryKey(e);
+            listed.Add(key);
+            lock (_ctrls)
+            {
+                if (svc.Stopped || svc.ByEntry.ContainsKey(key))
+                {
+                    continue;
+                }
+            }
+
+            string ctrlName = svc.Name + svc.NextIndex.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            svc.NextIndex++;
             try
             {
-                await AttachTcpAsync(ctrlName, trid with { Address = addr, Port = port, SubNqn = e.SubNqn }, policy).ConfigureAwait(true);
+                await AttachTcpAsync(ctrlName, svc.Trid with { Address = addr, Port = port, SubNqn = e.SubNqn }, svc.Policy).ConfigureAwait(true);
+                bool stopped;
                 lock (_ctrls)
                 {
-                    svc.Attached.Add(ctrlName);
+                    stopped = svc.Stopped;
+                    if (!stopped)
+                    {
+                        svc.Attached.Add(ctrlName);
+                        svc.ByEntry[key] = ctrlName;
+                    }
+                }
+
+                if (stopped)
+                {
+                    await DetachAsync(ctrlName).ConfigureAwait(true); // the service stopped while this attach ran
                 }
             }
             catch (RpcException ex)
             {
-                _log.LogWarning("discovery {Name}: could not attach {Nqn} at {Addr}:{Port}: {Error}", name, e.SubNqn, addr, port, ex.Message);
+                _log.LogWarning("discovery {Name}: could not attach {Nqn} at {Addr}:{Port}: {Error}", svc.Name, e.SubNqn, addr, port, ex.Message);
             }
+        }
+
+        List<KeyValuePair<string, string>> gone;
+        lock (_ctrls)
+        {
+            gone = svc.Stopped ? [] : svc.ByEntry.Where(kv => !listed.Contains(kv.Key)).ToList();
+            foreach (var kv in gone)
+            {
+                svc.ByEntry.Remove(kv.Key);
+                svc.Attached.Remove(kv.Value);
+            }
+        }
+
+        foreach (var kv in gone)
+        {
+            _log.LogInformation("discovery {Name}: {Ctrl} is no longer in the discovery log; detaching it", svc.Name, kv.Value);
+            if (FindController(kv.Value) is not null)
+            {
+                try
+                {
+                    await DetachAsync(kv.Value).ConfigureAwait(true);
+                }
+                catch (RpcException ex)
+                {
+                    _log.LogWarning("discovery {Name}: detaching {Ctrl} failed: {Error}", svc.Name, kv.Value, ex.Message);
+                }
+            }
+        }
+    }
+
+    /// <summary>On the main reactor, after a Discovery Log Page Change notice: reads the log again and applies it; notices during a refresh make it run once more.</summary>
+    private async Task RefreshDiscoveryAsync(DiscoveryService svc)
+    {
+        if (svc.RefreshRunning)
+        {
+            svc.RefreshAgain = true;
+            return;
+        }
+
+        svc.RefreshRunning = true;
+        try
+        {
+            do
+            {
+                svc.RefreshAgain = false;
+                if (svc.Stopped || svc.Controller is not { } dc)
+                {
+                    return;
+                }
+
+                svc.LogChanges++;
+                IReadOnlyList<NvmeDiscoveryEntry> entries;
+                try
+                {
+                    entries = await Task.Run(() => dc.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
+                }
+                catch (Exception e) when (e is IOException or TimeoutException or InvalidOperationException or ObjectDisposedException)
+                {
+                    _log.LogWarning("discovery {Name}: reading the discovery log after a change notice failed: {Error}", svc.Name, e.Message);
+                    return;
+                }
+
+                await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+            }
+            while (svc.RefreshAgain);
+        }
+        finally
+        {
+            svc.RefreshRunning = false;
         }
     }
 
@@ -278,6 +403,7 @@ public sealed class NvmeBdevModule : BdevModule
     public async Task StopDiscoveryAsync(string name)
     {
         DiscoveryService? svc;
+        List<string> attached;
         lock (_ctrls)
         {
             svc = _discovery.GetValueOrDefault(name);
@@ -287,9 +413,11 @@ public sealed class NvmeBdevModule : BdevModule
             }
 
             _discovery.Remove(name);
+            svc.Stopped = true;
+            attached = svc.Attached.ToList();
         }
 
-        foreach (var c in svc.Attached)
+        foreach (var c in attached)
         {
             if (FindController(c) is not null)
             {
@@ -340,7 +468,8 @@ public sealed class NvmeBdevModule : BdevModule
                         ["subnqn"] = NvmeFabrics.DiscoveryNqn,
                     },
                     ["referrals"] = new JsonArray(),
-                    ["attached"] = new JsonArray(d.Attached.Select(a => (JsonNode?)a).ToArray()), // extension field
+                    ["attached"] = new JsonArray(d.Attached.Select(a => (JsonNode?)a).ToArray()), // extension fields
+                    ["log_change_notices"] = d.LogChanges,
                 });
             }
         }

@@ -1274,6 +1274,77 @@ public sealed class BlobStore
         }
     }
 
+    /// <summary>
+    /// Shallow copy (SPDK's <c>spdk_bs_blob_shallow_copy</c>, v24.05): the blob's own allocated clusters (not its
+    /// parents') are copied to <paramref name="dst"/> at the same byte offsets; the rest of the destination is left
+    /// alone. The blob must be read-only (-EPERM), the destination at least the blob's size and its block size a
+    /// divisor of the store's (-EINVAL); another locked operation on the blob is -EBUSY. The blob is locked while
+    /// the copy runs (delete, resize, snapshot fail with -EBUSY; being read-only its clusters cannot change), so
+    /// the data is copied outside the metadata serializer: guest reads and other metadata operations go on.
+    /// <paramref name="copied"/> is told the clusters copied so far after each one; progress also shows in
+    /// <see cref="Blob.CopyProgress"/> as "shallow_copy". Returns the number of clusters copied.
+    /// </summary>
+    public async Task<long> ShallowCopyAsync(ulong id, IBlobDevice dst, Action<long>? copied = null)
+    {
+        ArgumentNullException.ThrowIfNull(dst);
+        Blob b = null!;
+        var own = new List<(ulong Index, uint Cluster)>();
+        await OnMdThread(() =>
+        {
+            b = GetOpenable(id);
+            if (!b.IsReadOnly)
+            {
+                throw new BlobException(Errno.EPERM, $"blob 0x{id:x} must be read-only for a shallow copy");
+            }
+            ulong size = b.NumClusters * _sb.ClusterSize;
+            if (dst.BlockSize <= 0 || size > dst.BlockCount * (ulong)dst.BlockSize)
+            {
+                throw new BlobException(Errno.EINVAL, $"the destination ({dst.BlockCount} blocks of {dst.BlockSize} bytes) is smaller than the blob ({size} bytes)");
+            }
+            if (_dev.BlockSize % dst.BlockSize != 0)
+            {
+                throw new BlobException(Errno.EINVAL, $"the destination's block size {dst.BlockSize} does not divide the store's {_dev.BlockSize}");
+            }
+            if (b.LockedOperation)
+            {
+                throw new BlobException(Errno.EBUSY, "another operation runs on the blob");
+            }
+            for (int i = 0; i < b.Clusters.Length; i++)
+            {
+                if (b.Clusters[i] != 0)
+                {
+                    own.Add(((ulong)i, b.Clusters[i]));
+                }
+            }
+            b.LockedOperation = true;
+            b.StartCopy("shallow_copy", own.Count);
+            return Task.CompletedTask;
+        }).ConfigureAwait(false);
+        long n = 0;
+        try
+        {
+            var buf = own.Count > 0 ? GC.AllocateUninitializedArray<byte>((int)_sb.ClusterSize) : [];
+            foreach (var (index, cluster) in own)
+            {
+                if (_closed)
+                {
+                    throw new BlobException(Errno.ENODEV, "blobstore is unloaded");
+                }
+                await _dev.ReadAsync(ClusterOffset(cluster), buf).ConfigureAwait(false);
+                await dst.WriteAsync(index * _sb.ClusterSize, buf).ConfigureAwait(false);
+                n++;
+                b.CopiedCluster();
+                copied?.Invoke(n);
+            }
+        }
+        finally
+        {
+            b.EndCopy();
+            b.LockedOperation = false;
+        }
+        return n;
+    }
+
     /// <summary>Whether an inflate or decouple_parent runs on <paramref name="id"/> or on a blob whose backing
     /// chain holds it: deleting it, snapshotting it, resizing it or marking it read-only now fails with -EBUSY.</summary>
     public bool IsLocked(ulong id)
@@ -1304,6 +1375,11 @@ public sealed class BlobStore
         }
     }
 
+    /// <summary>Waits for every write the I/O layer admitted on its own fast path (not through this store's
+    /// write methods) before the call: set by the lvol bdev module, whose fast-path writes are counted per
+    /// reactor. A quiesce calls it after marking the blob frozen.</summary>
+    public Func<Task>? DrainFastWrites { get; set; }
+
     private async Task QuiesceAsync(Blob b)
     {
         var tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -1312,6 +1388,10 @@ public sealed class BlobStore
         while (Volatile.Read(ref b.InFlightWrites) != 0)
         {
             await Task.Delay(1).ConfigureAwait(false);
+        }
+        if (DrainFastWrites is { } drain)
+        {
+            await drain().ConfigureAwait(false);
         }
     }
 
@@ -1533,7 +1613,10 @@ public sealed class BlobStore
         Interlocked.Decrement(ref b.InFlightWrites);
         try
         {
-            await _md.WaitAsync().ConfigureAwait(false);
+            // Captures the caller's context: a first write on a reactor that waited behind another allocation
+            // resumes on that reactor (one message), not on the thread pool, so its device I/O is submitted
+            // inline there (see BdevBlobDevice) instead of hopping between threads.
+            await _md.WaitAsync().ConfigureAwait(true);
         }
         finally
         {
@@ -1562,15 +1645,36 @@ public sealed class BlobStore
             var oldPages = (uint[])b.ExtentPages.Clone();
             try
             {
-                // One cluster buffer for the store: allocations run one at a time under the serializer.
-                var buf = _copyBuffer ??= GC.AllocateUninitializedArray<byte>((int)_sb.ClusterSize);
                 bool full = within == 0 && (ulong)data.Length == _sb.ClusterSize;
-                if (!full)
+                if (full)
                 {
-                    await ReadBackingAsync(b, ci * _sb.ClusterSize, buf).ConfigureAwait(false);
+                    await _dev.WriteAsync(ClusterOffset(c), data).ConfigureAwait(false);
                 }
-                data.Span.CopyTo(buf.AsSpan((int)within));
-                await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
+                else if (_dev.SupportsWriteZeroes && BackingReadsZeroes(b, ci))
+                {
+                    // Nothing under the cluster (no parent, or no blob up the chain has it): SPDK copies nothing
+                    // then (bs_allocate_and_copy_cluster with is_zeroes) and leaves the rest of the cluster as the
+                    // device holds it; we zero it with the device's write zeroes (a command, no data moved), so a
+                    // reused cluster never shows an old lvol's data, and write only the caller's bytes.
+                    ulong at = ClusterOffset(c), tail = within + (ulong)data.Length;
+                    if (within > 0)
+                    {
+                        await _dev.WriteZeroesAsync(at, within).ConfigureAwait(false);
+                    }
+                    await _dev.WriteAsync(at + within, data).ConfigureAwait(false);
+                    if (tail < _sb.ClusterSize)
+                    {
+                        await _dev.WriteZeroesAsync(at + tail, _sb.ClusterSize - tail).ConfigureAwait(false);
+                    }
+                }
+                else
+                {
+                    // One cluster buffer for the store: allocations run one at a time under the serializer.
+                    var buf = _copyBuffer ??= GC.AllocateUninitializedArray<byte>((int)_sb.ClusterSize);
+                    await ReadBackingAsync(b, ci * _sb.ClusterSize, buf).ConfigureAwait(false);
+                    data.Span.CopyTo(buf.AsSpan((int)within));
+                    await _dev.WriteAsync(ClusterOffset(c), buf).ConfigureAwait(false);
+                }
                 // The md names the cluster before I/O does: a fast-path write on another channel must not land
                 // in (and be acknowledged from) a cluster a failed commit then frees. Until it is published,
                 // such writes take the slow path and wait here.
@@ -1593,6 +1697,20 @@ public sealed class BlobStore
         {
             _md.Release();
         }
+    }
+
+    /// <summary>Whether blob cluster <paramref name="ci"/>'s backing reads zeroes: no blob up the parent chain
+    /// has the cluster allocated (SPDK's back_bs_dev is_zeroes).</summary>
+    private static bool BackingReadsZeroes(Blob b, ulong ci)
+    {
+        for (var p = b.Parent; p != null && ci < p.NumClusters; p = p.Parent)
+        {
+            if (p.ClusterAt(ci) != 0)
+            {
+                return false;
+            }
+        }
+        return true;
     }
 
     /// <summary>After one cluster allocation: an existing extent page is rewritten in place (that write is the

@@ -19,6 +19,11 @@ public interface IBlobDevice
     /// <summary>Makes the range read as zeroes (unmap or write zeroes).</summary>
     ValueTask WriteZeroesAsync(ulong offset, ulong length);
 
+    /// <summary>Whether <see cref="WriteZeroesAsync"/> is a device command (no data buffer goes to the device):
+    /// a first write to a cluster with nothing under it then zeroes the rest of the cluster that way instead of
+    /// writing a cluster of zeroes.</summary>
+    bool SupportsWriteZeroes => false;
+
     /// <summary>Whether <see cref="UnmapAsync"/> passes an unmap (deallocate) to the device.</summary>
     bool SupportsUnmap => false;
 
@@ -82,6 +87,9 @@ public sealed class MemoryBlobDevice : IBlobDevice
         ZeroedBytes += (long)length;
         return ValueTask.CompletedTask;
     }
+
+    /// <summary>The model's write zeroes clears the range without a buffer (as malloc's does).</summary>
+    public bool SupportsWriteZeroes => true;
 
     /// <summary>The model's unmap zeroes the range (as malloc's does) and counts the bytes.</summary>
     public bool SupportsUnmap => true;

@@ -150,6 +150,8 @@ public static partial class Program
         WithArgs(root, "bdev_lvol_delete", "delete an lvol", [("name", "lvol bdev name or alias", "string")]);
         WithArgs(root, "bdev_lvol_inflate", "allocate every cluster of a clone and drop its parent", [("name", "lvol bdev name or alias", "string")]);
         WithArgs(root, "bdev_lvol_decouple_parent", "copy the parent's clusters into a clone and skip that parent", [("name", "lvol bdev name or alias", "string")]);
+        WithArgs(root, "bdev_lvol_start_shallow_copy", "copy a read-only lvol's own clusters to a bdev: SRC_LVOL_NAME DST_BDEV_NAME", [("src_lvol_name", "lvol bdev name or alias", "string"), ("dst_bdev_name", "destination bdev name", "string")]);
+        WithArgs(root, "bdev_lvol_check_shallow_copy", "status of a shallow copy: OPERATION_ID", [("operation_id", "id from bdev_lvol_start_shallow_copy", "uint")]);
         WithArgs(root, "bdev_lvol_get_lvols", "list lvols", [("-u|lvs_uuid", "lvstore UUID", "string?"), ("-l|lvs_name", "lvstore name", "string?")], Columns(null, "alias", "uuid", "is_thin_provisioned", "is_snapshot", "is_clone"));
         WithArgs(root, "bdev_raid_create", "create a raid bdev", [("-n|name", "raid bdev name", "string"), ("-z|strip_size_kb", "strip size (KiB)", "uint?"), ("-r|raid_level", "raid0, raid1 or concat", "string"), ("-b|base_bdevs", "base bdev names, whitespace separated", "list"), ("--uuid|uuid", "UUID", "string?"), ("--superblock|superblock", "on-disk superblock (not supported yet)", "flag")]);
         WithArgs(root, "bdev_raid_delete", "delete a raid bdev", [("name", "raid bdev name", "string")]);
@@ -181,6 +183,7 @@ public static partial class Program
         WithArgs(root, "nvmf_get_stats", "NVMe-oF poll group statistics", []);
         WithArgs(root, "nvmf_subsystem_get_controllers", "controllers of a subsystem", [("nqn", "subsystem NQN", "string")], Columns(null, "cntlid", "hostnqn", "hostid", "num_io_qpairs"));
         WithArgs(root, "nvmf_subsystem_get_qpairs", "queue pairs of a subsystem", [("nqn", "subsystem NQN", "string")], Columns(null, "cntlid", "qid", "state", "thread"));
+        WithArgs(root, "nvmf_subsystem_get_listeners", "listeners of a subsystem", [("nqn", "subsystem NQN", "string")]);
         AddLibvirtXml(root);
 
         var delay = new Option<double>("--delay", "-d") { Description = "seconds between refreshes (0.1 to 3600)", DefaultValueFactory = _ => 1.0 };

@@ -111,6 +111,12 @@ public static class NvmeAsyncEvent
 
     /// <summary>A Notice (type 2) of information 0: a namespace was added, removed or changed (Changed Namespace List).</summary>
     public static bool IsNamespaceAttributeChanged(uint dw0) => (dw0 & 7) == 2 && ((dw0 >> 8) & 0xFF) == 0;
+
+    /// <summary>AEC bit (discovery controllers) enabling Discovery Log Page Change notices (NVMe-oF 1.1, 5.3.x).</summary>
+    public const uint DiscoveryLogChangeNotices = 1u << 31;
+
+    /// <summary>A Notice (type 2) of information F0h: the discovery log page changed (re-read log 70h).</summary>
+    public static bool IsDiscoveryLogChanged(uint dw0) => (dw0 & 7) == 2 && ((dw0 >> 8) & 0xFF) == 0xF0;
 }
 
 /// <summary>ONCS bits of Identify Controller (optional NVM commands).</summary>

@@ -21,6 +21,9 @@ public sealed class NvmfController
     /// <summary>Keep Alive Support granularity reported in Identify (KAS, units of 100 ms).</summary>
     public const ushort KasUnits = 1;
 
+    /// <summary>Set Features status (command specific) when SV asks to save: nothing is saveable here (as SPDK).</summary>
+    private const int FeatureIdNotSaveable = 0x0D;
+
     private readonly NvmfRequest?[] _aers = new NvmfRequest?[AerLimit];
     private int _aerCount;
     private bool _nsChangePending;
@@ -38,7 +41,7 @@ public sealed class NvmfController
         Cntlid = cntlid;
         HostNqn = hostNqn;
         HostId = hostId;
-        KatoMs = katoMs;
+        KatoMs = RoundKato(katoMs);
         AdminConnection = admin;
         var o = subsystem.Target.TransportOptions!;
         IoQueues = new NvmfTcpConnection?[o.MaxQpairsPerCtrlr];
@@ -82,6 +85,13 @@ public sealed class NvmfController
     }
 
     // ---------------------------------------------------------------- keep alive, teardown
+
+    /// <summary>A KATO (ms) rounded up to the KAS granularity, as SPDK does for Connect and Set Features; 0 stays 0.</summary>
+    internal static uint RoundKato(uint ms)
+    {
+        const uint unit = KasUnits * 100u;
+        return ms == 0 ? 0 : (uint)Math.Min(((ulong)ms + unit - 1) / unit * unit, uint.MaxValue / unit * unit);
+    }
 
     internal void PollAdmin(NvmfTcpConnection conn)
     {
@@ -144,12 +154,18 @@ public sealed class NvmfController
         AdminConnection.CloseAsync("controller destroyed");
     }
 
+    /// <summary>
+    /// Controller reset / shutdown: the I/O queues are closed on their reactors, and their slots are freed now (under the
+    /// lock, as <see cref="Destroy"/> does) so that a host that re-enables at once can connect the same QIDs again;
+    /// <see cref="ConnectionClosed"/> later clears only a slot that still points to the closing connection.
+    /// </summary>
     private void CloseIoQueues(string reason)
     {
         NvmfTcpConnection?[] queues;
         lock (Subsystem.Target.Lock)
         {
             queues = (NvmfTcpConnection?[])IoQueues.Clone();
+            Array.Clear(IoQueues);
         }
 
         foreach (var q in queues)
@@ -350,12 +366,21 @@ public sealed class NvmfController
                 }
 
                 var d = req.Output();
-                d[0] = 2; // NGUID
-                d[1] = 16;
-                ns.Nguid.CopyTo(d[4..]);
-                d[20] = 3; // UUID
-                d[21] = 16;
-                ns.Uuid.TryWriteBytes(d[24..40], bigEndian: true, out _);
+                int at = 0;
+                if (ns.Nguid.AsSpan().ContainsAnyExcept((byte)0))
+                {
+                    d[0] = 2; // NGUID (only a non-zero one is an identifier)
+                    d[1] = 16;
+                    ns.Nguid.CopyTo(d[4..]);
+                    at = 20;
+                }
+
+                if (ns.Uuid != Guid.Empty)
+                {
+                    d[at] = 3; // UUID
+                    d[at + 1] = 16;
+                    ns.Uuid.TryWriteBytes(d[(at + 4)..(at + 20)], bigEndian: true, out _);
+                }
                 break;
             }
 
@@ -384,6 +409,7 @@ public sealed class NvmfController
         Ascii(d.Slice(24, 40), disc ? "" : Subsystem.ModelNumber);
         Ascii(d.Slice(64, 8), "24.01");
         d[72] = 6; // RAB
+        d[76] = (byte)(disc ? 0 : 0x03); // CMIC: multiple ports, multiple controllers (as SPDK; Linux needs it for a 2nd path)
         int mdts = 0;
         while ((4096u << (mdts + 1)) <= o.MaxIoSize)
         {
@@ -406,7 +432,7 @@ public sealed class NvmfController
         BinaryPrimitives.WriteUInt16LittleEndian(d[514..], (ushort)Math.Min(o.MaxQueueDepth, 65535u)); // MAXCMD
         BinaryPrimitives.WriteUInt32LittleEndian(d[516..], disc ? 0 : Subsystem.MaxNsid); // NN
         BinaryPrimitives.WriteUInt16LittleEndian(d[520..], disc ? (ushort)0 : (ushort)(NvmeOncs.Compare | NvmeOncs.DatasetManagement | NvmeOncs.WriteZeroes));
-        d[525] = (byte)(disc ? 0 : 1 | (3 << 1)); // VWC present; flush with broadcast NSID supported
+        d[525] = (byte)(disc ? 0 : 1 | (2 << 1)); // VWC present; flush with the broadcast NSID not supported (as SPDK)
         BinaryPrimitives.WriteUInt32LittleEndian(d[536..], 1u | (1u << 20) | (1u << 21)); // SGLS: SGLs, offsets, transport data blocks
         Encoding.UTF8.GetBytes(Subsystem.Nqn, d.Slice(768, 256));
         if (!disc)
@@ -429,6 +455,7 @@ public sealed class NvmfController
         d[24] = (byte)(b.SupportsIoType(BdevIoType.Unmap) ? 1 : 0); // NSFEAT: thin provisioning
         d[25] = 0; // NLBAF: one format
         d[26] = 0; // FLBAS
+        d[30] = 1; // NMIC: may be attached to several controllers (as SPDK)
         d[33] = (byte)(b.SupportsIoType(BdevIoType.WriteZeroes) ? 0x08 : 0); // DLFEAT: write zeroes deallocates
         ns.Nguid.CopyTo(d[104..120]);
         BinaryPrimitives.WriteUInt64BigEndian(d[120..], ns.Eui64);
@@ -505,6 +532,14 @@ public sealed class NvmfController
                 return;
         }
 
+        if (offset > (ulong)page.Length)
+        {
+            // An offset past the end of the page (NVMe 1.4 5.14.1): Invalid Field.
+            req.SetStatus(NvmeSct.Generic, NvmeSc.InvalidField, dnr: true);
+            Complete(req);
+            return;
+        }
+
         var d = req.Output();
         req.C2HLength = (uint)len;
         if (offset < (ulong)page.Length)
@@ -566,6 +601,14 @@ public sealed class NvmfController
     {
         byte fid = (byte)(req.Cmd.Cdw10 & 0xFF);
         uint v = req.Cmd.Cdw11;
+        if ((req.Cmd.Cdw10 & (1u << 31)) != 0)
+        {
+            // SV: no feature is saveable (ONCS does not advertise Save/Select), as SPDK.
+            req.SetStatus(NvmeSct.CommandSpecific, FeatureIdNotSaveable, dnr: true);
+            Complete(req);
+            return;
+        }
+
         switch (fid)
         {
             case NvmeFeature.Arbitration:
@@ -620,7 +663,7 @@ public sealed class NvmfController
                 DeliverEvents();
                 break;
             case NvmeFeature.KeepAliveTimer:
-                KatoMs = v == 0 ? 0 : Math.Max(v, KasUnits * 100u);
+                KatoMs = RoundKato(v);
                 _lastKeepAlive = req.Conn.Reactor?.Now ?? Ticks.Now();
                 break;
             default:

@@ -1,10 +1,14 @@
+using Microsoft.Extensions.Logging;
 using VhostBackend.Reactors;
 
 namespace VhostBackend.Nvmf;
 
 /// <summary>
 /// A reactor's poll group (SPDK's spdk_nvmf_poll_group): the connections handed to this reactor, polled by one poller
-/// every iteration. Connections are added and removed on the reactor only.
+/// every iteration. Connections are added and removed on the reactor only. The group also bounds the data buffer memory
+/// of its connections (SPDK bounds it with its shared buffer pool): requests that would grow past
+/// <see cref="BufferLimit"/> wait, in order, until idle buffers are given back. A connection that throws while polled is
+/// closed alone; the reactor and the other connections keep running.
 /// </summary>
 internal sealed class NvmfPollGroup
 {
@@ -22,6 +26,18 @@ internal sealed class NvmfPollGroup
     public long AdminQpairs;
     public long IoQpairs;
     public long CompletedIo;
+
+    /// <summary>Bytes of request data buffers held by this group's connections, and the most they may hold.</summary>
+    public long BufferBytes;
+    public long BufferLimit = long.MaxValue;
+
+    /// <summary>Times a request had to wait for buffer memory (nvmf_get_stats: pending_buffer_waits).</summary>
+    public long BufferWaits;
+    private NvmfRequest? _waitHead;
+    private NvmfRequest? _waitTail;
+    private long _lastFaultLog;
+
+    internal bool HasBufferWaiters => _waitHead is not null;
 
     public IReadOnlyList<NvmfTcpConnection> Connections => _conns;
 
@@ -67,15 +83,98 @@ internal sealed class NvmfPollGroup
         _conns = next;
     }
 
+    /// <summary>Queues a request until buffer memory is free (on the reactor).</summary>
+    internal void WaitForBuffer(NvmfRequest req)
+    {
+        BufferWaits++;
+        req.NextWaiter = null;
+        if (_waitTail is null)
+        {
+            _waitHead = req;
+        }
+        else
+        {
+            _waitTail.NextWaiter = req;
+        }
+
+        _waitTail = req;
+    }
+
+    /// <summary>Disposes idle buffers (of free requests) of this group's connections until <paramref name="need"/> more bytes fit.</summary>
+    internal void Reclaim(long need)
+    {
+        foreach (var c in _conns)
+        {
+            if (BufferBytes + need <= BufferLimit)
+            {
+                return;
+            }
+
+            c.ReleaseIdleBuffers();
+        }
+    }
+
+    private void ResumeWaiters()
+    {
+        while (_waitHead is { } req)
+        {
+            if (req.BufferWait != 0 && req.Active && !req.Conn.IsClosed && !req.Conn.ResumeBufferWait(req))
+            {
+                return; // still no room: it stays first in line
+            }
+
+            _waitHead = req.NextWaiter;
+            req.NextWaiter = null;
+            if (_waitHead is null)
+            {
+                _waitTail = null;
+            }
+        }
+    }
+
     private int Poll()
     {
+        if (_waitHead is not null)
+        {
+            ResumeWaiters();
+        }
+
         int work = 0;
         var conns = _conns;
         for (int i = 0; i < conns.Length; i++)
         {
-            work += conns[i].Poll();
+            try
+            {
+                work += conns[i].Poll();
+            }
+            catch (Exception e)
+            {
+                Fault(conns[i], e);
+                work++;
+            }
         }
 
         return work;
+    }
+
+    /// <summary>A connection threw while polled: it is closed; the group, the reactor and the other connections go on.</summary>
+    private void Fault(NvmfTcpConnection conn, Exception e)
+    {
+        long now = Platform.Ticks.Now();
+        if (now - _lastFaultLog > Platform.Ticks.Frequency)
+        {
+            _lastFaultLog = now;
+            conn.Target.Logger.LogError(e, "nvmf: connection {Conn} failed; closing it", conn);
+        }
+
+        try
+        {
+            conn.Close($"internal error: {e.GetType().Name}: {e.Message}", log: false);
+        }
+        catch (Exception e2)
+        {
+            conn.Target.Logger.LogError(e2, "nvmf: closing connection {Conn} failed", conn);
+            Remove(conn);
+        }
     }
 }

@@ -75,35 +75,65 @@ internal sealed class NvmfRequest
     public bool TxSuccessFlag;
     public bool Queued;
 
-    /// <summary>Makes the buffer at least <paramref name="bytes"/> long (allocates only when it grows).</summary>
-    public void EnsureBuffer(uint bytes)
-    {
-        if (Buffer is not null && Buffer.Size >= bytes)
-        {
-            return;
-        }
+    /// <summary>Waiting for data buffer memory (the poll group's budget was used up): the next waiter and where to resume.</summary>
+    public NvmfRequest? NextWaiter;
+    public int BufferWait;
+    public uint WaitBytes;
+    public bool WaitKeep;
 
+    /// <summary>Bytes of the buffer (0: none).</summary>
+    public nuint BufferSize => Buffer?.Size ?? 0;
+
+    /// <summary>The buffer size that holds <paramref name="bytes"/> (a power of two, at least 4 KiB).</summary>
+    public static nuint SizeFor(uint bytes)
+    {
         nuint size = 4096;
         while (size < bytes)
         {
             size <<= 1;
         }
 
+        return size;
+    }
+
+    /// <summary>Replaces the buffer with one of <paramref name="size"/> bytes, copying the old contents when <paramref name="keep"/>.</summary>
+    public void Grow(nuint size, bool keep)
+    {
+        var next = new AlignedBuffer(size, 4096, zero: false);
+        if (keep && Buffer is not null)
+        {
+            Buffer.AsSpan(0, (int)Buffer.Size).CopyTo(next.AsSpan(0, (int)Buffer.Size));
+        }
+
         Buffer?.Dispose();
-        Buffer = new AlignedBuffer(size, 4096, zero: false);
+        Buffer = next;
     }
 
     public Span<byte> Span(uint offset, uint length) => Buffer!.AsSpan(offset, (int)length);
 
     public IoVec IoVec(uint offset, uint length) => Buffer!.ToIoVec(offset, length);
 
-    /// <summary>The output buffer of an admin command, cleared: <see cref="DataLength"/> bytes (what the host reads).</summary>
+    /// <summary>
+    /// The output buffer of an admin command, cleared, sized by the answer rather than by the host's SGL: Identify
+    /// 4 KiB, Get Log Page the bytes NUMD asks for (at most the SGL length), anything else the SGL length.
+    /// </summary>
     public Span<byte> Output()
     {
-        EnsureBuffer(Math.Max(DataLength, 4096));
-        var s = Span(0, DataLength);
+        uint n = DataLength;
+        if (Cmd.Opcode == NvmeAdminOpcode.Identify)
+        {
+            n = Math.Min(n, 4096u);
+        }
+        else if (Cmd.Opcode == NvmeAdminOpcode.GetLogPage)
+        {
+            ulong numd = ((Cmd.Cdw10 >> 16) | ((ulong)(Cmd.Cdw11 & 0xFFFF) << 16)) + 1;
+            n = (uint)Math.Min(numd * 4, n);
+        }
+
+        Conn.ForceBuffer(this, n);
+        var s = Span(0, n);
         s.Clear();
-        C2HLength = DataLength;
+        C2HLength = n;
         return s;
     }
 

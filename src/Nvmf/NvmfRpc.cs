@@ -41,6 +41,7 @@ public static class NvmfRpc
         registry.Register("nvmf_get_stats", r => GetStatsAsync(target, r));
         registry.Register("nvmf_subsystem_get_controllers", r => GetControllers(target, r));
         registry.Register("nvmf_subsystem_get_qpairs", r => GetQpairsAsync(target, r));
+        registry.Register("nvmf_subsystem_get_listeners", r => GetListeners(target, r));
         subsystems?.Add(new Subsystem("nvmf", target.WriteConfig, "bdev"));
     }
 
@@ -49,6 +50,14 @@ public static class NvmfRpc
 
     private static T Bind<T>(RpcRequest r)
         where T : class, new() => r.Bind<T>(RpcErrorCodes.InvalidParams, InvalidParameters);
+
+    /// <summary>
+    /// SPDK's spdk_json_decode_object_relaxed (unknown names ignored), which v24.01 uses for exactly
+    /// nvmf_create_transport, nvmf_subsystem_add_listener and nvmf_subsystem_add_host (transports read their own
+    /// params from them); nested objects such as listen_address stay strict, as SPDK's sub-decoders are.
+    /// </summary>
+    private static T BindRelaxed<T>(RpcRequest r)
+        where T : class, new() => r.Bind<T>(RpcErrorCodes.InvalidParams, InvalidParameters, allowUnknownNames: true);
 
     private static void CheckTarget(string? tgtName)
     {
@@ -63,7 +72,8 @@ public static class NvmfRpc
         var s = target.Find(nqn);
         if (s is null || (s.IsDiscovery && !allowDiscovery))
         {
-            throw new RpcException(RpcErrorCodes.InvalidParams, $"Unable to find subsystem with NQN {nqn}");
+            // SPDK answers "Invalid parameters" (and logs the NQN): we keep its message first and add why.
+            throw new RpcException(RpcErrorCodes.InvalidParams, $"{InvalidParameters}: nqn: Unable to find subsystem with NQN {nqn}");
         }
 
         return s;
@@ -75,14 +85,16 @@ public static class NvmfRpc
         {
             foreach (var prop in obj.EnumerateObject())
             {
-                if (Array.IndexOf(s_otherTransportOptions, prop.Name) >= 0)
+                // SPDK's rpc.py always sends the other transports' flags (no_srq, no_wr_batching, disable_*: false),
+                // and SPDK's TCP transport ignores them: only a value that asks for something is refused.
+                if (Array.IndexOf(s_otherTransportOptions, prop.Name) >= 0 && prop.Value.ValueKind is not (JsonValueKind.False or JsonValueKind.Null))
                 {
                     throw new RpcException(RpcErrorCodes.InvalidParams, $"{InvalidParameters}: {prop.Name}: not supported by the TCP transport");
                 }
             }
         }
 
-        var p = Bind<CreateTransportParams>(r);
+        var p = BindRelaxed<CreateTransportParams>(r);
         CheckTarget(p.TgtName);
         if (!string.Equals(p.Trtype, NvmfTransportOptions.TrType, StringComparison.OrdinalIgnoreCase))
         {
@@ -245,7 +257,7 @@ public static class NvmfRpc
 
     private static JsonNode? Listener(NvmfTarget target, RpcRequest r, bool add)
     {
-        var p = Bind<ListenerParams>(r);
+        var p = add ? BindRelaxed<ListenerParams>(r) : Bind<ListenerParams>(r);
         CheckTarget(p.TgtName);
         if (p.SecureChannel == true)
         {
@@ -326,7 +338,8 @@ public static class NvmfRpc
                 throw new RpcException(RpcErrorCodes.InvalidParams, $"{InvalidParameters}: namespace.uuid: not a UUID");
             }
 
-            uuid = g;
+            // As SPDK: an all-zero uuid is "not given" (the bdev's uuid is used).
+            uuid = g == Guid.Empty ? null : g;
         }
 
         var sub = Subsystem(target, p.Nqn);
@@ -359,7 +372,7 @@ public static class NvmfRpc
 
     private static JsonNode? Host(NvmfTarget target, RpcRequest r, bool add)
     {
-        var p = Bind<HostParams>(r);
+        var p = add ? BindRelaxed<HostParams>(r) : Bind<HostParams>(r);
         CheckTarget(p.TgtName);
         if (p.Psk is not null)
         {
@@ -422,6 +435,21 @@ public static class NvmfRpc
                 ["hostid"] = c.HostId.ToString(),
                 ["num_io_qpairs"] = c.IoQueueCount,
             });
+        }
+
+        return result;
+    }
+
+    /// <summary>nvmf_subsystem_get_listeners: [{address {trtype, adrfam, traddr, trsvcid}}] (no ana_states: no ANA).</summary>
+    private static JsonNode? GetListeners(NvmfTarget target, RpcRequest r)
+    {
+        var p = Bind<NqnParams>(r);
+        CheckTarget(p.TgtName);
+        var sub = Subsystem(target, p.Nqn, allowDiscovery: true);
+        var result = new JsonArray();
+        foreach (var l in target.ListenersOf(sub))
+        {
+            result.Add(new JsonObject { ["address"] = l.ToJson() });
         }
 
         return result;
@@ -538,6 +566,7 @@ public static class NvmfRpc
         public ulong? MaxWriteZeroesSizeKib { get; set; }
     }
 
+    [JsonUnmappedMemberHandling(JsonUnmappedMemberHandling.Disallow)]
     public sealed class ListenAddressParams
     {
         public string? Transport { get; set; }

@@ -55,6 +55,36 @@ public sealed class NvmfNamespace
     internal int PendingReleases;
     internal TaskCompletionSource? Released;
 
+    /// <summary>
+    /// The namespace as SPDK writes it (nvmf_get_subsystems with <paramref name="includeName"/>, save_config without):
+    /// nguid, eui64 and uuid only when non-zero.
+    /// </summary>
+    internal JsonObject ToJson(bool includeName)
+    {
+        var o = new JsonObject { ["nsid"] = Nsid, ["bdev_name"] = Bdev.Name };
+        if (includeName)
+        {
+            o["name"] = Bdev.Name;
+        }
+
+        if (Nguid.AsSpan().ContainsAnyExcept((byte)0))
+        {
+            o["nguid"] = Convert.ToHexString(Nguid);
+        }
+
+        if (Eui64 != 0)
+        {
+            o["eui64"] = Eui64.ToString("X16", System.Globalization.CultureInfo.InvariantCulture);
+        }
+
+        if (Uuid != Guid.Empty)
+        {
+            o["uuid"] = Uuid.ToString();
+        }
+
+        return o;
+    }
+
     internal void ChannelReleased()
     {
         if (Interlocked.Decrement(ref PendingReleases) == 0)
@@ -84,6 +114,11 @@ public sealed class NvmfSubsystem
         MinCntlid = minCntlid;
         MaxCntlid = maxCntlid;
         _namespaces = new NvmfNamespace?[maxNamespaces == 0 ? DefaultMaxNamespaces : maxNamespaces];
+        if (!discovery && maxNamespaces == 0)
+        {
+            MaxNamespaces = DefaultMaxNamespaces;
+        }
+
         _nextCntlid = minCntlid;
     }
 
@@ -93,7 +128,7 @@ public sealed class NvmfSubsystem
     public string SerialNumber { get; }
     public string ModelNumber { get; }
 
-    /// <summary>0: SPDK's "unlimited" (we keep 32 slots, growing by RPC not supported: add_ns beyond fails).</summary>
+    /// <summary>Namespace slots (nsid 1..MaxNamespaces); a create with 0 gets SPDK's default, 32, and reports 32.</summary>
     public uint MaxNamespaces { get; }
     public ushort MinCntlid { get; }
     public ushort MaxCntlid { get; }
@@ -170,10 +205,7 @@ public sealed class NvmfSubsystem
         {
             j["serial_number"] = SerialNumber;
             j["model_number"] = ModelNumber;
-            if (MaxNamespaces != 0)
-            {
-                j["max_namespaces"] = MaxNamespaces;
-            }
+            j["max_namespaces"] = MaxNamespaces;
 
             j["min_cntlid"] = (int)MinCntlid;
             j["max_cntlid"] = (int)MaxCntlid;
@@ -185,14 +217,7 @@ public sealed class NvmfSubsystem
                     continue;
                 }
 
-                nss.Add(new JsonObject
-                {
-                    ["nsid"] = ns.Nsid,
-                    ["bdev_name"] = ns.Bdev.Name,
-                    ["name"] = ns.Bdev.Name,
-                    ["nguid"] = Convert.ToHexString(ns.Nguid),
-                    ["uuid"] = ns.Uuid.ToString(),
-                });
+                nss.Add(ns.ToJson(includeName: true));
             }
 
             j["namespaces"] = nss;

@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -53,7 +54,27 @@ public sealed class NvmfTarget : IAsyncDisposable
         public required NvmfListenAddress Address;
         public required Socket Socket;
         public int Users;
+
+        /// <summary>Open connections accepted on this socket (decremented by each connection when it closes).</summary>
+        public readonly StrongBox<int> Connections = new(0);
     }
+
+    /// <summary>Connections per listening socket at most; more are accepted and closed at once (a connect flood).</summary>
+    public int MaxConnectionsPerListener { get; set; } = 1024;
+
+    /// <summary>A connection that sent no ICReq this long after it was accepted is closed.</summary>
+    public TimeSpan IcReqTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
+    /// <summary>A connection that did not Connect (admin or I/O queue) this long after it was accepted is closed.</summary>
+    public TimeSpan ConnectTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>How long namespace removal waits for connections to give back their channels before it answers.</summary>
+    public TimeSpan NamespaceReleaseTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    private long _refusedConnections;
+
+    /// <summary>Connections closed at accept because their listener had <see cref="MaxConnectionsPerListener"/> already.</summary>
+    public long RefusedConnections => Interlocked.Read(ref _refusedConnections);
 
     public NvmfTarget(ReactorRuntime reactors, BdevManager bdevs, ILoggerFactory? loggerFactory = null)
     {
@@ -110,9 +131,14 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         TransportOptions = options;
         var groups = new NvmfPollGroup[_reactors.Reactors.Count];
+
+        // Data buffer memory: SPDK's shared pool (num_shared_buffers x io_unit_size) split over the poll groups, and at
+        // least four max_io_size transfers per group so that any single command fits.
+        long pool = (long)options.NumSharedBuffers * options.IoUnitSize / groups.Length;
+        long bufferLimit = Math.Max(pool, 4L * options.MaxIoSize);
         for (int i = 0; i < groups.Length; i++)
         {
-            var g = new NvmfPollGroup(_reactors.Reactors[i], i);
+            var g = new NvmfPollGroup(_reactors.Reactors[i], i) { BufferLimit = bufferLimit };
             groups[i] = g;
             await g.Reactor.InvokeAsync(g.Start).ConfigureAwait(true);
         }
@@ -152,6 +178,14 @@ public sealed class NvmfTarget : IAsyncDisposable
                 }
 
                 n++;
+                if (Volatile.Read(ref l.Connections.Value) >= MaxConnectionsPerListener)
+                {
+                    Interlocked.Increment(ref _refusedConnections);
+                    LogBadPeer(SafeRemote(c), 0, $"connection refused: {l.Address.TrAddr}:{l.Address.TrSvcId} has {MaxConnectionsPerListener} connections already");
+                    c.Dispose();
+                    continue;
+                }
+
                 try
                 {
                     c.Blocking = false;
@@ -161,7 +195,8 @@ public sealed class NvmfTarget : IAsyncDisposable
                         c.SetRawSocketOption(1, 12, BitConverter.GetBytes((int)TransportOptions.SockPriority)); // SOL_SOCKET, SO_PRIORITY
                     }
 
-                    var conn = new NvmfTcpConnection(this, c, l.Address);
+                    var conn = new NvmfTcpConnection(this, c, l.Address) { ListenerConnections = l.Connections };
+                    Interlocked.Increment(ref l.Connections.Value);
                     var g = _groups[_nextGroup++ % _groups.Length];
                     conn.Group = g;
                     g.Reactor.Send(static a =>
@@ -179,6 +214,18 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
 
         return n;
+    }
+
+    private static EndPoint? SafeRemote(Socket s)
+    {
+        try
+        {
+            return s.RemoteEndPoint;
+        }
+        catch (SocketException)
+        {
+            return null;
+        }
     }
 
     // ---------------------------------------------------------------- subsystems
@@ -219,7 +266,9 @@ public sealed class NvmfTarget : IAsyncDisposable
                 throw new NvmfException(Errno.EEXIST, "nqn", $"Unable to create subsystem {nqn}");
             }
 
-            var sub = new NvmfSubsystem(this, nqn, discovery: false, serial, model, maxNamespaces, minCntlid, maxCntlid) { AllowAnyHost = allowAnyHost };
+            // As SPDK (subsystem.c): 0 means the default of 32 namespaces, and 32 is what is reported and saved.
+            uint slots = maxNamespaces == 0 ? NvmfSubsystem.DefaultMaxNamespaces : maxNamespaces;
+            var sub = new NvmfSubsystem(this, nqn, discovery: false, serial, model, slots, minCntlid, maxCntlid) { AllowAnyHost = allowAnyHost };
             _subsystems.Add(sub);
             return sub;
         }
@@ -241,9 +290,18 @@ public sealed class NvmfTarget : IAsyncDisposable
         DestroyControllers(sub, _ => true);
         foreach (var ns in sub.NamespaceSnapshot)
         {
-            if (ns is not null)
+            if (ns is null)
+            {
+                continue;
+            }
+
+            try
             {
                 await RemoveNamespaceAsync(sub, ns.Nsid, notify: false).ConfigureAwait(true);
+            }
+            catch (NvmfException e) when (e.Errno == Errno.ENOENT)
+            {
+                // Removed meanwhile (remove_ns, bdev hot-remove): that namespace is done.
             }
         }
 
@@ -287,6 +345,7 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         lock (Lock)
         {
+            ThrowIfDeleted(sub);
             if (!sub.Hosts.Contains(host, StringComparer.Ordinal))
             {
                 sub.Hosts.Add(host);
@@ -294,6 +353,15 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
 
         DiscoveryChanged();
+    }
+
+    /// <summary>A subsystem being deleted takes no more hosts, listeners or namespaces (under <see cref="Lock"/>).</summary>
+    private static void ThrowIfDeleted(NvmfSubsystem sub)
+    {
+        if (sub.Deleted)
+        {
+            throw new NvmfException(Errno.ENODEV, "nqn", $"subsystem {sub.Nqn} is being deleted");
+        }
     }
 
     public void RemoveHost(NvmfSubsystem sub, string host)
@@ -333,9 +401,11 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         lock (Lock)
         {
+            ThrowIfDeleted(sub);
             if (sub.Listeners.Contains(address))
             {
-                throw new NvmfException(Errno.EEXIST, "listen_address", "Listener already exists");
+                // As SPDK (nvmf_rpc_listen_paused): an existing listener is skipped and the call succeeds.
+                return;
             }
         }
 
@@ -364,6 +434,10 @@ public sealed class NvmfTarget : IAsyncDisposable
         lock (Lock)
         {
             sub.Listeners.Add(address);
+            if (!_portIds.ContainsKey(address))
+            {
+                _portIds.Add(address, (ushort)Math.Min(_portIds.Count, 0xFFFE));
+            }
         }
 
         DiscoveryChanged();
@@ -412,6 +486,11 @@ public sealed class NvmfTarget : IAsyncDisposable
     /// <summary>Adds a namespace backed by <paramref name="bdevName"/> (opened for write); returns its nsid. Hosts connected get an AEN.</summary>
     public uint AddNamespace(NvmfSubsystem sub, string bdevName, uint nsid, Guid? uuid, byte[]? nguid, ulong eui64)
     {
+        lock (Lock)
+        {
+            ThrowIfDeleted(sub);
+        }
+
         var nss = sub.NamespaceSnapshot;
         if (nsid == 0)
         {
@@ -460,14 +539,33 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
 
         var b = desc.Bdev;
+        if (b.BlockSize < 512 || (b.BlockSize & (b.BlockSize - 1)) != 0)
+        {
+            // Identify reports LBADS = log2(block size) and no metadata: as SPDK refuses bdevs with separate metadata,
+            // a block size that is not a power of two (interleaved metadata) cannot be described, so it is refused.
+            desc.Dispose();
+            throw new NvmfException(Errno.EINVAL, "bdev_name", $"bdev {bdevName}: block size {b.BlockSize} is not a power of two >= 512 (metadata is not supported)");
+        }
+
         var id = uuid ?? b.Uuid;
         var g = nguid ?? id.ToByteArray(bigEndian: true);
         var ns = new NvmfNamespace(nsid, desc, id, g, eui64);
+        bool deleted;
         lock (Lock)
         {
-            var next = (NvmfNamespace?[])sub.NamespaceSnapshot.Clone();
-            next[nsid - 1] = ns;
-            sub.Publish(next);
+            deleted = sub.Deleted;
+            if (!deleted)
+            {
+                var next = (NvmfNamespace?[])sub.NamespaceSnapshot.Clone();
+                next[nsid - 1] = ns;
+                sub.Publish(next);
+            }
+        }
+
+        if (deleted)
+        {
+            desc.Dispose();
+            throw new NvmfException(Errno.ENODEV, "nqn", $"subsystem {sub.Nqn} is being deleted");
         }
 
         _log.LogInformation("subsystem {Nqn}: namespace {Nsid} = bdev {Bdev}", sub.Nqn, nsid, bdevName);
@@ -488,8 +586,14 @@ public sealed class NvmfTarget : IAsyncDisposable
         {
             await RemoveNamespaceAsync(sub, nsid, notify: true).ConfigureAwait(true);
         }
-        catch (NvmfException)
+        catch (NvmfException e) when (e.Errno == Errno.ENOENT)
         {
+            // Removed meanwhile (RPC, subsystem deletion): nothing left to do.
+        }
+        catch (Exception e)
+        {
+            // Nobody awaits this task: everything is logged here.
+            _log.LogError(e, "hot remove of bdev {Bdev} (namespace {Nsid} of {Nqn}) failed", bdev.Name, nsid, sub.Nqn);
         }
     }
 
@@ -526,13 +630,44 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         if (Volatile.Read(ref ns.PendingReleases) > 0)
         {
-            await ns.Released.Task.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(true);
+            try
+            {
+                await ns.Released.Task.WaitAsync(NamespaceReleaseTimeout).ConfigureAwait(true);
+            }
+            catch (TimeoutException)
+            {
+                // I/O is stuck in the bdev (or parked waiting for it): the namespace is gone for hosts already; the
+                // descriptor is closed when the last channel is given back, never while one is still in use.
+                _log.LogWarning("namespace {Nsid} of {Nqn}: I/O still in flight after {Timeout} s; bdev {Bdev} is closed when it completes",
+                    nsid, sub.Nqn, NamespaceReleaseTimeout.TotalSeconds, ns.Bdev.Name);
+                _ = DisposeWhenReleasedAsync(ns);
+                if (notify)
+                {
+                    NotifyNamespaceChanged(sub, nsid);
+                }
+
+                return;
+            }
         }
 
         ns.Desc.Dispose();
         if (notify)
         {
             NotifyNamespaceChanged(sub, nsid);
+        }
+    }
+
+    private async Task DisposeWhenReleasedAsync(NvmfNamespace ns)
+    {
+        try
+        {
+            await ns.Released!.Task.ConfigureAwait(false);
+            await _reactors.Main.InvokeAsync(ns.Desc.Dispose).ConfigureAwait(false);
+            _log.LogInformation("namespace {Nsid}: bdev {Bdev} closed (its in-flight I/O completed)", ns.Nsid, ns.Bdev.Name);
+        }
+        catch (Exception e)
+        {
+            _log.LogError(e, "closing bdev {Bdev} of removed namespace {Nsid} failed", ns.Bdev.Name, ns.Nsid);
         }
     }
 
@@ -569,10 +704,16 @@ public sealed class NvmfTarget : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// PORTID of each listen address in the discovery log: given when the address is first listened on and kept for the
+    /// target's lifetime, so one port has one id in every entry, for every host and across generations. Under Lock.
+    /// </summary>
+    private readonly Dictionary<NvmfListenAddress, ushort> _portIds = new();
+
     /// <summary>The discovery log page for <paramref name="hostNqn"/>: every listener of every subsystem it may connect to.</summary>
     internal byte[] DiscoveryLog(string hostNqn)
     {
-        var entries = new List<(NvmfListenAddress Addr, string Nqn, byte SubType)>();
+        var entries = new List<(NvmfListenAddress Addr, string Nqn, byte SubType, ushort PortId)>();
         lock (Lock)
         {
             foreach (var s in _subsystems)
@@ -581,7 +722,7 @@ public sealed class NvmfTarget : IAsyncDisposable
                 {
                     foreach (var l in s.Listeners)
                     {
-                        entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeCurrentDiscovery));
+                        entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeCurrentDiscovery, _portIds.GetValueOrDefault(l)));
                     }
 
                     continue;
@@ -594,7 +735,7 @@ public sealed class NvmfTarget : IAsyncDisposable
 
                 foreach (var l in s.Listeners)
                 {
-                    entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeNvme));
+                    entries.Add((l, s.Nqn, NvmeDiscoveryEntry.SubTypeNvme, _portIds.GetValueOrDefault(l)));
                 }
             }
         }
@@ -604,10 +745,10 @@ public sealed class NvmfTarget : IAsyncDisposable
         BinaryPrimitives.WriteUInt64LittleEndian(page.AsSpan(8), (ulong)entries.Count);
         for (int i = 0; i < entries.Count; i++)
         {
-            var (addr, nqn, subtype) = entries[i];
+            var (addr, nqn, subtype, portId) = entries[i];
             var e = page.AsSpan(1024 * (i + 1), 1024);
             new NvmeDiscoveryEntry(NvmeDiscoveryEntry.TrTypeTcp, addr.Family == AddressFamily.InterNetworkV6 ? NvmeDiscoveryEntry.AdrFamIpv6 : NvmeDiscoveryEntry.AdrFamIpv4,
-                subtype, (ushort)i, 0xFFFF, addr.TrSvcId, nqn, addr.TrAddr).Write(e);
+                subtype, portId, 0xFFFF, addr.TrSvcId, nqn, addr.TrAddr).Write(e);
             e[3] = 0x02 | 0x04; // TREQ: secure channel not required, SQ flow control disable supported
             BinaryPrimitives.WriteUInt16LittleEndian(e[8..], (ushort)(TransportOptions?.MaxAqDepth ?? 128)); // ASQSZ
         }
@@ -648,6 +789,36 @@ public sealed class NvmfTarget : IAsyncDisposable
                 conn.Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidOpcode, dnr: true).Field);
                 return;
         }
+    }
+
+    /// <summary>Tests only: runs in Connect between the first checks and the lock that adds the controller (a race window).</summary>
+    internal Action<NvmfSubsystem>? BeforeControllerAdded;
+
+    /// <summary>Connect's subsystem, listener and host checks, under <see cref="Lock"/>; completes the request when refused.</summary>
+    private bool ConnectRefusedLocked(NvmfTcpConnection conn, NvmfRequest req, NvmfSubsystem sub, string hostNqn)
+    {
+        if (sub.Deleted)
+        {
+            LogBadHost(conn, $"Connect to {sub.Nqn}, which is being deleted");
+            InvalidParam(req, true, 256);
+            return true;
+        }
+
+        if (!sub.IsDiscovery && !sub.Listeners.Contains(conn.Listener))
+        {
+            LogBadHost(conn, $"Connect to {sub.Nqn}, which no longer listens on {conn.Listener.TrAddr}:{conn.Listener.TrSvcId}");
+            InvalidParam(req, true, 256);
+            return true;
+        }
+
+        if (!sub.HostAllowed(hostNqn))
+        {
+            LogBadHost(conn, $"host {hostNqn} may no longer connect to {sub.Nqn}");
+            conn.Complete(req, ConnectStatus(NvmeSc.ConnectInvalidHost));
+            return true;
+        }
+
+        return false;
     }
 
     private void Connect(NvmfTcpConnection conn, NvmfRequest req)
@@ -736,9 +907,17 @@ public sealed class NvmfTarget : IAsyncDisposable
                 return;
             }
 
+            BeforeControllerAdded?.Invoke(sub);
             NvmfController ctrl;
             lock (Lock)
             {
+                // Re-checked in the lock that adds the controller: a delete, listener or host removal that ran since
+                // the checks above has already taken its snapshot of the controllers and would miss this one.
+                if (ConnectRefusedLocked(conn, req, sub, hostNqn))
+                {
+                    return;
+                }
+
                 ushort id = sub.AllocateCntlid();
                 if (id == 0)
                 {
@@ -793,6 +972,11 @@ public sealed class NvmfTarget : IAsyncDisposable
 
         lock (Lock)
         {
+            if (ConnectRefusedLocked(conn, req, sub, hostNqn))
+            {
+                return;
+            }
+
             if (qid > c.NumIoQueues || qid >= c.IoQueues.Length || c.IoQueues[qid] is not null || c.Destroyed)
             {
                 InvalidParam(req, false, 42);
@@ -813,7 +997,10 @@ public sealed class NvmfTarget : IAsyncDisposable
     internal void CountProtocolError() => Interlocked.Increment(ref _protocolErrors);
 
     /// <summary>A rate-limited warning about a misbehaving host (at most 20 lines a second; the rest are counted).</summary>
-    internal void LogBadHost(NvmfTcpConnection conn, string reason)
+    internal void LogBadHost(NvmfTcpConnection conn, string reason) => LogBadPeer(conn.PeerAddress, conn.Qid, reason);
+
+    /// <summary>As <see cref="LogBadHost"/>, for a peer without a connection object (refused at accept).</summary>
+    internal void LogBadPeer(EndPoint? peer, ushort qid, string reason)
     {
         long now = Ticks.Now();
         long start = Volatile.Read(ref _logWindowStart);
@@ -833,7 +1020,7 @@ public sealed class NvmfTarget : IAsyncDisposable
             return;
         }
 
-        _log.LogWarning("host {Peer} (qid {Qid}): {Reason}", conn.PeerAddress, conn.Qid, reason);
+        _log.LogWarning("host {Peer} (qid {Qid}): {Reason}", peer, qid, reason);
     }
 
     internal void LogKeepAliveTimeout(NvmfController c) =>
@@ -913,14 +1100,11 @@ public sealed class NvmfTarget : IAsyncDisposable
                     ["allow_any_host"] = s.AllowAnyHost,
                     ["serial_number"] = s.SerialNumber,
                     ["model_number"] = s.ModelNumber,
+                    ["max_namespaces"] = s.MaxNamespaces,
                     ["min_cntlid"] = (int)s.MinCntlid,
                     ["max_cntlid"] = (int)s.MaxCntlid,
                     ["ana_reporting"] = false,
                 };
-                if (s.MaxNamespaces != 0)
-                {
-                    p["max_namespaces"] = s.MaxNamespaces;
-                }
 
                 calls.Add(Rpc.Subsystem.Call("nvmf_create_subsystem", p));
                 foreach (var h in hosts)
@@ -949,18 +1133,21 @@ public sealed class NvmfTarget : IAsyncDisposable
                 calls.Add(Rpc.Subsystem.Call("nvmf_subsystem_add_ns", new JsonObject
                 {
                     ["nqn"] = s.Nqn,
-                    ["namespace"] = new JsonObject
-                    {
-                        ["nsid"] = ns.Nsid,
-                        ["bdev_name"] = ns.Bdev.Name,
-                        ["nguid"] = Convert.ToHexString(ns.Nguid),
-                        ["uuid"] = ns.Uuid.ToString(),
-                    },
+                    ["namespace"] = ns.ToJson(includeName: false),
                 }));
             }
         }
 
         return calls;
+    }
+
+    /// <summary>The listen addresses of a subsystem (nvmf_subsystem_get_listeners).</summary>
+    public NvmfListenAddress[] ListenersOf(NvmfSubsystem sub)
+    {
+        lock (Lock)
+        {
+            return sub.Listeners.ToArray();
+        }
     }
 
     /// <summary>All controllers of a subsystem (nvmf_subsystem_get_controllers).</summary>

@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.Net;
 using System.Net.Sockets;
+using System.Runtime.CompilerServices;
 using VhostBackend.Bdev;
 using VhostBackend.Nvme;
 using VhostBackend.Nvme.Tcp;
@@ -15,6 +16,11 @@ namespace VhostBackend.Nvmf;
 /// request per queue entry, and the send queue (ICResp, R2T, C2HData, CapsuleResp, C2HTermReq). Everything the host sends
 /// is validated before use; a protocol violation sends a C2HTermReq and closes this connection only. Nothing is allocated
 /// per command once each request's buffer has grown to the largest transfer it carried.
+/// Before Connect a connection costs little: no requests until ICReq, then <see cref="PreConnectDepth"/> of them and no
+/// data buffer or R2T for anything but a Connect; the queue is sized at Connect (SQSIZE + 1). A connection without ICReq
+/// within <see cref="NvmfTarget.IcReqTimeout"/> or without Connect within <see cref="NvmfTarget.ConnectTimeout"/> is
+/// closed. Data buffers are grown within the poll group's budget (<see cref="NvmfPollGroup.BufferLimit"/>); a request
+/// that does not fit waits for memory instead.
 /// </summary>
 public sealed class NvmfTcpConnection
 {
@@ -27,13 +33,19 @@ public sealed class NvmfTcpConnection
 
     private const uint MaxC2HChunk = 131072;
 
+    /// <summary>Queue entries before Connect (the Connect itself and one more).</summary>
+    public const int PreConnectDepth = 2;
+
+    private const int WaitR2T = 1;
+    private const int WaitIo = 2;
+
     private readonly NvmfTarget _target;
     private readonly NvmfTransportOptions _opts;
     private Socket? _sock;
-    private readonly NvmfRequest[] _requests;
-    private readonly ushort[] _free;
+    private NvmfRequest[] _requests = Array.Empty<NvmfRequest>();
+    private ushort[] _free = Array.Empty<ushort>();
     private int _freeCount;
-    private readonly NvmfRequest[] _sendQueue;
+    private NvmfRequest[] _sendQueue = Array.Empty<NvmfRequest>();
     private int _sendHead;
     private int _sendCount;
 
@@ -46,6 +58,7 @@ public sealed class NvmfTcpConnection
     private int _stageEnd;
     private readonly byte[] _rxHdr = new byte[NvmeTcpPdu.MaxHeaderBytes + NvmeTcpPdu.TermReqMaxErrorData];
     private int _rxHave;
+    private int _rxHeaderLength;
     private int _rxState;
     private NvmeTcpPduInfo _rxInfo;
     private NvmfRequest? _rxReq;
@@ -79,19 +92,60 @@ public sealed class NvmfTcpConnection
         Listener = listener;
         PeerAddress = sock.RemoteEndPoint as IPEndPoint;
         LocalAddress = sock.LocalEndPoint as IPEndPoint;
-        int depth = (int)Math.Max(_opts.MaxQueueDepth, _opts.MaxAqDepth);
-        _requests = new NvmfRequest[depth];
-        _free = new ushort[depth];
-        for (int i = 0; i < depth; i++)
+        _acceptedAt = Ticks.Now();
+        _icReqDeadline = Ticks.FromMicroseconds((long)target.IcReqTimeout.TotalMicroseconds);
+        _connectDeadline = Ticks.FromMicroseconds((long)target.ConnectTimeout.TotalMicroseconds);
+    }
+
+    private readonly long _acceptedAt;
+    private readonly long _icReqDeadline;
+    private readonly long _connectDeadline;
+
+    internal NvmfTarget Target => _target;
+
+    /// <summary>The listener's count of open connections (decremented once, when this one closes).</summary>
+    internal StrongBox<int>? ListenerConnections { get; set; }
+
+    /// <summary>TEST HOOK: called at the start of every Poll when set (fault injection by the unit tests).</summary>
+    internal Action<NvmfTcpConnection>? TestPollHook { get; set; }
+
+    /// <summary>Makes room for <paramref name="depth"/> requests (ICReq: the pre-Connect few; Connect: SQSIZE + 1).</summary>
+    private void GrowRequests(int depth)
+    {
+        int old = _requests.Length;
+        if (depth <= old)
         {
-            _requests[i] = new NvmfRequest(this, (ushort)i);
-            _free[i] = (ushort)(depth - 1 - i);
+            return;
         }
 
-        _freeCount = depth;
-        _sendQueue = new NvmfRequest[depth + 1];
-        QueueDepth = depth;
+        var reqs = new NvmfRequest[depth];
+        Array.Copy(_requests, reqs, old);
+        for (int i = old; i < depth; i++)
+        {
+            reqs[i] = new NvmfRequest(this, (ushort)i);
+        }
+
+        var free = new ushort[depth];
+        Array.Copy(_free, free, _freeCount);
+        for (int i = depth - 1; i >= old; i--)
+        {
+            free[_freeCount++] = (ushort)i; // the lowest index is taken first
+        }
+
+        var sq = new NvmfRequest[depth + 1];
+        for (int i = 0; i < _sendCount; i++)
+        {
+            sq[i] = _sendQueue[(_sendHead + i) % _sendQueue.Length];
+        }
+
+        _sendHead = 0;
+        _requests = reqs;
+        _free = free;
+        _sendQueue = sq;
     }
+
+    /// <summary>Requests allocated for this queue (tests: lazy allocation).</summary>
+    internal int AllocatedRequests => _requests.Length;
 
     public NvmfListenAddress Listener { get; }
     public IPEndPoint? PeerAddress { get; }
@@ -122,6 +176,12 @@ public sealed class NvmfTcpConnection
             return 0;
         }
 
+        TestPollHook?.Invoke(this);
+        if (Controller is null && PreConnectTimedOut())
+        {
+            return 1;
+        }
+
         int before = _sendCount;
         Flush();
         if (!_closing)
@@ -139,6 +199,24 @@ public sealed class NvmfTcpConnection
     }
 
     private bool _rxWork;
+
+    private bool PreConnectTimedOut()
+    {
+        long age = Ticks.Now() - _acceptedAt;
+        if (!_initialized && age > _icReqDeadline)
+        {
+            Close($"no ICReq within {_target.IcReqTimeout.TotalSeconds:0.#} s", log: true);
+            return true;
+        }
+
+        if (age > _connectDeadline)
+        {
+            Close($"no Connect within {_target.ConnectTimeout.TotalSeconds:0.#} s", log: true);
+            return true;
+        }
+
+        return false;
+    }
 
     // ---------------------------------------------------------------- receive
 
@@ -253,6 +331,7 @@ public sealed class NvmfTcpConnection
                         return;
                     }
 
+                    _rxHeaderLength = want;
                     _rxHave = 0;
                     _rxState = RxCommonHeader;
                     OnHeader();
@@ -389,6 +468,8 @@ public sealed class NvmfTcpConnection
         _ddgst = (dg & 2) != 0;
         _hpda = hpda;
         _initialized = true;
+        GrowRequests(PreConnectDepth);
+        QueueDepth = PreConnectDepth;
 
         // CPDA 0: our PDUs' data starts right after the header; MAXH2CDATA: max_io_size, as SPDK.
         _ctlLen = NvmeTcpPdu.WriteIcResp(_ctlTx, 0, _hdgst, _ddgst, _opts.MaxIoSize);
@@ -434,9 +515,12 @@ public sealed class NvmfTcpConnection
         req.Ns = null;
         req.TxKind = NvmfRequest.TxNone;
         _sqHead = (ushort)(_sqHead + 1 >= QueueDepth ? 0 : _sqHead + 1);
+        req.BufferWait = 0;
         if (_rxInfo.DataLength > 0)
         {
-            req.EnsureBuffer((uint)_rxInfo.DataLength);
+            // In-capsule data is already on its way: its buffer is taken even past the budget (at most the queue's
+            // in-capsule limit per request; idle buffers are given back first).
+            ForceBuffer(req, (uint)_rxInfo.DataLength);
             BeginData(req, 0);
             return;
         }
@@ -559,6 +643,14 @@ public sealed class NvmfTcpConnection
 
         ref var cmd = ref req.Cmd;
         int fctype = NvmeFabrics.FctypeOf(in cmd);
+        if (Controller is null && fctype != NvmeFabrics.FctypeConnect)
+        {
+            // Nothing but a Connect gets a buffer or an R2T on a queue that is not connected.
+            _target.LogBadHost(this, fctype >= 0 ? $"fabrics command 0x{fctype:x2} before Connect" : $"command 0x{cmd.Opcode:x2} before Connect");
+            Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.CommandSequenceError, dnr: true).Field);
+            return;
+        }
+
         int xfer = fctype >= 0 ? (fctype & 3) : (cmd.Opcode & 3); // 1: host to controller, 2: controller to host
         if (xfer == 3)
         {
@@ -586,6 +678,13 @@ public sealed class NvmfTcpConnection
             return;
         }
 
+        if (fctype == NvmeFabrics.FctypeConnect && length != NvmeFabrics.ConnectDataSize)
+        {
+            _target.LogBadHost(this, $"Connect with {length} bytes of data (must be {NvmeFabrics.ConnectDataSize})");
+            Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.DataSglLengthInvalid, dnr: true).Field);
+            return;
+        }
+
         req.HostToController = xfer == 1;
         if (type == NvmeFabrics.SglInCapsule)
         {
@@ -595,16 +694,22 @@ public sealed class NvmfTcpConnection
                 return;
             }
 
-            if (addr != 0)
+            // SGLS bit 20: the data may start at an offset into the capsule's data.
+            if (addr > req.InCapsuleLength)
             {
                 Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.SglOffsetInvalid, dnr: true).Field);
                 return;
             }
 
-            if (length > req.InCapsuleLength)
+            if (length > req.InCapsuleLength - addr)
             {
                 Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.DataSglLengthInvalid, dnr: true).Field);
                 return;
+            }
+
+            if (addr != 0)
+            {
+                req.Span((uint)addr, length).CopyTo(req.Span(0, length)); // overlapping: a memmove
             }
 
             req.DataLength = length;
@@ -632,10 +737,133 @@ public sealed class NvmfTcpConnection
             return;
         }
 
-        req.EnsureBuffer(length);
         req.Received = 0;
         req.R2TEnd = 0;
+        if (!TryBuffer(req, length, keep: false))
+        {
+            Park(req, WaitR2T, length, keep: false);
+            return;
+        }
+
         SendR2T(req);
+    }
+
+    // ---------------------------------------------------------------- data buffer budget
+
+    /// <summary>
+    /// Grows the buffer of <paramref name="req"/> to <paramref name="bytes"/> within the poll group's budget (idle
+    /// buffers of the group are given back first); false when it does not fit (the caller parks the request).
+    /// </summary>
+    private bool TryBuffer(NvmfRequest req, uint bytes, bool keep, bool resuming = false)
+    {
+        nuint have = req.BufferSize;
+        if (have >= bytes)
+        {
+            return true;
+        }
+
+        nuint size = NvmfRequest.SizeFor(bytes);
+        long need = (long)(size - have);
+        var g = Group!;
+        if (g.BufferBytes + need > g.BufferLimit)
+        {
+            if (!resuming && g.HasBufferWaiters)
+            {
+                return false; // others wait already: first come, first served
+            }
+
+            g.Reclaim(need);
+            if (g.BufferBytes + need > g.BufferLimit)
+            {
+                return false;
+            }
+        }
+
+        req.Grow(size, keep);
+        g.BufferBytes += need;
+        return true;
+    }
+
+    /// <summary>A buffer that cannot wait (in-capsule data arriving, an admin answer): taken even past the budget.</summary>
+    internal void ForceBuffer(NvmfRequest req, uint bytes)
+    {
+        nuint have = req.BufferSize;
+        if (have >= bytes)
+        {
+            return;
+        }
+
+        nuint size = NvmfRequest.SizeFor(bytes);
+        long need = (long)(size - have);
+        var g = Group!;
+        if (g.BufferBytes + need > g.BufferLimit)
+        {
+            g.Reclaim(need);
+        }
+
+        req.Grow(size, keep: false);
+        g.BufferBytes += need;
+    }
+
+    private void Park(NvmfRequest req, int kind, uint bytes, bool keep)
+    {
+        req.BufferWait = kind;
+        req.WaitBytes = bytes;
+        req.WaitKeep = keep;
+        Group!.WaitForBuffer(req);
+    }
+
+    /// <summary>The poll group retries a parked request: false when its buffer still does not fit.</summary>
+    internal bool ResumeBufferWait(NvmfRequest req)
+    {
+        if (!TryBuffer(req, req.WaitBytes, req.WaitKeep, resuming: true))
+        {
+            return false;
+        }
+
+        int kind = req.BufferWait;
+        req.BufferWait = 0;
+        if (kind == WaitR2T)
+        {
+            SendR2T(req);
+        }
+        else if (Controller is { } ctrl)
+        {
+            ExecuteIo(ctrl, req);
+        }
+        else
+        {
+            Complete(req, NvmeStatus.Make(NvmeSct.Generic, NvmeSc.CommandSequenceError, dnr: true).Field);
+        }
+
+        return true;
+    }
+
+    private void DropBuffer(NvmfRequest req)
+    {
+        if (req.Buffer is { } b)
+        {
+            Group!.BufferBytes -= (long)b.Size;
+            b.Dispose();
+            req.Buffer = null;
+        }
+    }
+
+    /// <summary>Gives back the buffers of free requests (the poll group needs memory).</summary>
+    internal void ReleaseIdleBuffers()
+    {
+        if (_finished)
+        {
+            return;
+        }
+
+        foreach (var r in _requests)
+        {
+            if (!r.Active && r.Buffer is not null)
+            {
+                DropBuffer(r);
+            }
+        }
     }
 
     private void SendR2T(NvmfRequest req)
@@ -687,7 +915,8 @@ public sealed class NvmfTcpConnection
     {
         Controller = ctrl;
         Qid = qid;
-        QueueDepth = Math.Min(entries, _requests.Length);
+        GrowRequests(entries);
+        QueueDepth = entries;
         SqFlowDisabled = sqFlowDisabled;
     }
 
@@ -745,13 +974,25 @@ public sealed class NvmfTcpConnection
                 req.Blocks = nlb;
                 if (cmd.Opcode == NvmeIoOpcode.Read)
                 {
-                    req.EnsureBuffer((uint)bytes);
+                    if (!TryBuffer(req, (uint)bytes, keep: false))
+                    {
+                        Park(req, WaitIo, (uint)bytes, keep: false);
+                        return;
+                    }
+
                     req.C2HLength = (uint)bytes;
                 }
                 else if (cmd.Opcode == NvmeIoOpcode.Compare && !bdev.SupportsIoType(BdevIoType.Compare))
                 {
-                    req.EnsureBuffer((uint)bytes * 2); // host data, then what the bdev holds
-                    req.Step = 1; // emulated: read, then compare
+                    // Emulated: read into the second half, then compare. The host's data in the first half is kept
+                    // when the buffer grows; once grown, the buffer is reused (no allocation per compare).
+                    if (!TryBuffer(req, (uint)bytes * 2, keep: true))
+                    {
+                        Park(req, WaitIo, (uint)bytes * 2, keep: true);
+                        return;
+                    }
+
+                    req.Step = 1;
                 }
                 else
                 {
@@ -781,6 +1022,16 @@ public sealed class NvmfTcpConnection
                 req.Lba = slba;
                 req.Blocks = nlb;
                 req.Step = bdev.SupportsIoType(BdevIoType.WriteZeroes) ? 0 : 1;
+                if (req.Step == 1)
+                {
+                    uint chunkBytes = (uint)(Math.Min(nlb, Math.Max(1, _opts.MaxIoSize / bdev.BlockSize)) * bdev.BlockSize);
+                    if (!TryBuffer(req, chunkBytes, keep: false))
+                    {
+                        Park(req, WaitIo, chunkBytes, keep: false);
+                        return;
+                    }
+                }
+
                 break;
             case NvmeIoOpcode.DatasetManagement:
             {
@@ -947,8 +1198,7 @@ public sealed class NvmfTcpConnection
                 {
                     // Emulated: zeroed chunks of at most max_io_size, one after the other.
                     uint bs = ns.Bdev.BlockSize;
-                    ulong chunk = Math.Min(req.Blocks, Math.Max(1, _opts.MaxIoSize / bs));
-                    req.EnsureBuffer((uint)(chunk * bs));
+                    ulong chunk = Math.Min(req.Blocks, Math.Max(1, _opts.MaxIoSize / bs)); // the buffer was sized in ExecuteIo
                     req.Span(0, (uint)(chunk * bs)).Clear();
                     var v = req.IoVec(0, (uint)(chunk * bs));
                     req.Steps = (int)chunk;
@@ -1207,6 +1457,12 @@ public sealed class NvmfTcpConnection
         req.Active = false;
         req.Queued = false;
         req.TxKind = NvmfRequest.TxNone;
+        req.BufferWait = 0;
+        if (req.Buffer is not null && Group is { HasBufferWaiters: true })
+        {
+            DropBuffer(req); // others wait for memory: do not keep this one idle
+        }
+
         _free[_freeCount++] = req.Index;
     }
 
@@ -1240,9 +1496,14 @@ public sealed class NvmfTcpConnection
         CloseReason = reason;
         _target.CountProtocolError();
         var s = _sock;
-        if (s is not null)
+
+        // The C2HTermReq goes out only between PDUs: in the middle of one, its bytes would be read as that PDU's.
+        bool atBoundary = _ctlSent >= _ctlLen && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
+        if (s is not null && atBoundary)
         {
-            int hdr = Math.Clamp(Math.Max(_rxHave, NvmeTcpPdu.CommonHeaderSize), NvmeTcpPdu.CommonHeaderSize, NvmeTcpPdu.TermReqMaxErrorData);
+            // The error data is the offending PDU header (as much of it as was read, at most 128 bytes).
+            int have = _rxHave > 0 ? _rxHave : _rxHeaderLength;
+            int hdr = Math.Clamp(have, NvmeTcpPdu.CommonHeaderSize, NvmeTcpPdu.TermReqMaxErrorData);
             int n = NvmeTcpPdu.WriteTermReq(_ctlTx, fromHost: false, fes, fei, _rxHdr.AsSpan(0, hdr));
             s.Send(_ctlTx.AsSpan(0, n), SocketFlags.None, out _); // best effort
         }
@@ -1265,6 +1526,11 @@ public sealed class NvmfTcpConnection
 
         CloseReason ??= reason;
         _closing = true;
+        if (ListenerConnections is { } count)
+        {
+            Interlocked.Decrement(ref count.Value);
+        }
+
         _rxState = RxClosed;
         var s = _sock;
         _sock = null;
@@ -1308,8 +1574,7 @@ public sealed class NvmfTcpConnection
 
         foreach (var r in _requests)
         {
-            r.Buffer?.Dispose();
-            r.Buffer = null;
+            DropBuffer(r);
         }
 
         Group?.Remove(this);

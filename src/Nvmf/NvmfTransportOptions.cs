@@ -3,10 +3,10 @@ using System.Text.Json.Nodes;
 namespace VhostBackend.Nvmf;
 
 /// <summary>
-/// Options of the TCP transport, with SPDK v24.01's names and defaults (lib/nvmf/tcp.c, transport.c). Sizing options
-/// SPDK uses for its shared buffer pool (<c>num_shared_buffers</c>, <c>buf_cache_size</c>, <c>io_unit_size</c>,
-/// <c>control_msg_num</c>) are accepted and reported: our buffers are per request (grown once, kept), so they size
-/// nothing here. Options with a behaviour we do not implement (<c>dif_insert_or_strip</c>, <c>zcopy</c>) are refused
+/// Options of the TCP transport, with SPDK v24.01's names and defaults (lib/nvmf/tcp.c, transport.c). SPDK sizes its
+/// shared buffer pool with <c>num_shared_buffers</c> x <c>io_unit_size</c>; here that product, split over the poll
+/// groups (at least 4 x <c>max_io_size</c> each), is the budget of the per-request data buffers (grown once, kept; see
+/// <see cref="NvmfPollGroup"/>). <c>buf_cache_size</c> and <c>control_msg_num</c> are accepted and reported. Options with a behaviour we do not implement (<c>dif_insert_or_strip</c>, <c>zcopy</c>) are refused
 /// when set to true.
 /// </summary>
 public sealed class NvmfTransportOptions
@@ -39,9 +39,9 @@ public sealed class NvmfTransportOptions
     /// <summary>Checks the values; returns the parameter at fault and why, or null.</summary>
     public (string Param, string Reason)? Validate()
     {
-        if (MaxQueueDepth < 2 || MaxQueueDepth > 65536)
+        if (MaxQueueDepth < 2 || MaxQueueDepth > 65535)
         {
-            return ("max_queue_depth", "must be 2..65536");
+            return ("max_queue_depth", "must be 2..65535 (SPDK: a uint16)");
         }
 
         if (MaxAqDepth < 2 || MaxAqDepth > 4096)

@@ -92,16 +92,25 @@ public abstract class VhostController : IVhostUserDevice
     }
 
     /// <summary>Starts <paramref name="queue"/> on its reactor and tracks it (coalescing changes, hot remove).</summary>
-    protected async Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue, VhostUserReadyQueue ready)
+    /// <remarks>
+    /// The task completes on the reactor itself (the queue is tracked there right after it started), so the
+    /// vhost-user thread blocked on it to answer SET_VRING_ENABLE (or SET_VRING_KICK, SET_MEM_TABLE) needs no
+    /// thread-pool thread: with an async continuation here a starved pool delayed that reply past a front end's
+    /// timeout (Vhost.Tests InflightTests saw "no reply to SetVringEnable" within 5 s, twice in CI).
+    /// </remarks>
+    protected Task<IVhostQueueRunner> StartQueueAsync(VhostQueue queue, VhostUserReadyQueue ready)
     {
         queue.AttachInflight(ready.Inflight, ready.Resubmit);
-        await queue.Reactor.InvokeAsync(queue.StartOnReactor).ConfigureAwait(false);
-        lock (_queues)
+        return queue.Reactor.InvokeAsync<IVhostQueueRunner>(() =>
         {
-            _queues.Add(queue);
-        }
+            queue.StartOnReactor();
+            lock (_queues)
+            {
+                _queues.Add(queue);
+            }
 
-        return queue;
+            return queue;
+        });
     }
 
     internal void UntrackQueue(VhostQueue queue)

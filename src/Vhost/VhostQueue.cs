@@ -40,7 +40,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     private readonly string _logName;
 
     // In-flight tracking (INFLIGHT_SHMFD): the queue's region, and heads a previous back end left in flight.
-    private InflightQueue? _inflight;
+    private InflightTracker? _inflight;
     private ushort[] _resubmit = [];
     private int _resubmitNext;
 
@@ -105,7 +105,7 @@ public abstract class VhostQueue : IVhostQueueRunner
     protected virtual int PollDevice() => 0;
 
     /// <summary>Before start: the in-flight region to keep up to date, and the heads to resubmit first.</summary>
-    internal void AttachInflight(InflightQueue? inflight, ushort[]? resubmit)
+    internal void AttachInflight(InflightTracker? inflight, ushort[]? resubmit)
     {
         _inflight = inflight;
         _resubmit = resubmit ?? [];
@@ -295,8 +295,12 @@ public abstract class VhostQueue : IVhostQueueRunner
     protected void Complete(ushort head, uint usedLength, bool wasInFlight)
     {
         // Published in Flush, once per poll (or at once when forced): one used.idx store per batch.
-        Vq.AddUsed(head, usedLength);
+        // In-flight buffer: the packed layout records the used position before the used descriptor is written
+        // and commits after (each packed used descriptor is published by its own store); split links the head
+        // into the batch cleared after used.idx is published.
         _inflight?.AddUsed(head);
+        Vq.AddUsed(head, usedLength);
+        _inflight?.UsedWritten(head);
         _usedReqCount++;
         _signalPending = true;
         _completedSincePoll++;

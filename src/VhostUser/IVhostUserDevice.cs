@@ -11,7 +11,7 @@ namespace VhostBackend.VhostUser;
 /// <paramref name="Resubmit"/>: heads a previous back end took and never completed, oldest first, to process before
 /// anything new from the avail ring (the ring's base already counts them).
 /// </summary>
-public readonly record struct VhostUserReadyQueue(int Index, DeviceVirtqueue Queue, EventFd? Call, EventFd? Kick, InflightQueue? Inflight = null, ushort[]? Resubmit = null);
+public readonly record struct VhostUserReadyQueue(int Index, DeviceVirtqueue Queue, EventFd? Call, EventFd? Kick, InflightTracker? Inflight = null, ushort[]? Resubmit = null);
 
 /// <summary>
 /// The device behind a vhost-user session (virtio-blk, virtio-scsi): what it offers and how its queues run. The

@@ -4,8 +4,9 @@ using VhostBackend.Virtio;
 namespace VhostBackend.VhostUser;
 
 /// <summary>
-/// A session's in-flight tracking buffer (GET/SET_INFLIGHT_FD): one <see cref="InflightQueue"/> region per queue,
-/// laid end to end in a memfd the front end keeps across our restarts. Created by us on GET_INFLIGHT_FD (sealed
+/// A session's in-flight tracking buffer (GET/SET_INFLIGHT_FD): one region per queue, laid end to end in a memfd
+/// (<see cref="InflightQueue"/>'s split layout, or <see cref="InflightPackedQueue"/>'s packed one when the session
+/// negotiated VIRTIO_F_RING_PACKED: the stride is the layout's region size, as DPDK lays them out) the front end keeps across our restarts. Created by us on GET_INFLIGHT_FD (sealed
 /// against shrinking, zeroed), or mapped from the fd a front end hands back with SET_INFLIGHT_FD after checking
 /// that the file really holds the size it declares. Unmapped on dispose, only after every queue using it stopped.
 /// </summary>
@@ -27,10 +28,13 @@ public sealed class InflightBuffer : IDisposable
     public ushort QueueSize { get; }
     public ulong Size { get; }
 
-    /// <summary>Creates a fresh, zeroed buffer for GET_INFLIGHT_FD; <paramref name="fd"/> is ours to send and then close.</summary>
-    public static InflightBuffer Create(ushort numQueues, ushort queueSize, out int fd)
+    /// <summary>
+    /// Creates a fresh, zeroed buffer for GET_INFLIGHT_FD sized for the ring layout (QEMU sends SET_FEATURES before
+    /// it, so the layout is known); <paramref name="fd"/> is ours to send and then close.
+    /// </summary>
+    public static InflightBuffer Create(ushort numQueues, ushort queueSize, bool packed, out int fd)
     {
-        ulong size = numQueues * InflightQueue.RegionBytes(queueSize);
+        ulong size = numQueues * (packed ? InflightPackedQueue.RegionBytes(queueSize) : InflightQueue.RegionBytes(queueSize));
         fd = MappedRegion.CreateMemFd("vhost-inflight", (long)size, @sealed: true);
         try
         {
@@ -87,6 +91,20 @@ public sealed class InflightBuffer : IDisposable
         }
 
         return new InflightQueue(_map.Pointer + (nint)_offset + (nint)((ulong)index * InflightQueue.RegionBytes(QueueSize)), QueueSize);
+    }
+
+    /// <summary>
+    /// The packed-layout region of queue <paramref name="index"/> if the buffer covers it at this ring size (a buffer
+    /// sized for split rings is too small: null, no tracking), else null.
+    /// </summary>
+    public InflightPackedQueue? ForPackedQueue(int index, uint size)
+    {
+        if (index < 0 || index >= NumQueues || size != QueueSize || NumQueues * InflightPackedQueue.RegionBytes(QueueSize) > Size)
+        {
+            return null;
+        }
+
+        return new InflightPackedQueue(_map.Pointer + (nint)_offset + (nint)((ulong)index * InflightPackedQueue.RegionBytes(QueueSize)), QueueSize);
     }
 
     public void Dispose() => _map.Dispose();

@@ -644,12 +644,12 @@ public sealed class VhostUserSession
         {
             try
             {
-                var buffer = InflightBuffer.Create(m.NumQueues, m.QueueSize, out fd);
+                var buffer = InflightBuffer.Create(m.NumQueues, m.QueueSize, Packed, out fd);
                 StopAllQueues();
                 _inflight?.Dispose();
                 _inflight = buffer;
                 reply.MmapSize = buffer.Size;
-                _log.LogInformation("vhost session {Name}: in-flight buffer of {Size} bytes for {Queues} queues of {QueueSize}", Name, buffer.Size, m.NumQueues, m.QueueSize);
+                _log.LogInformation("vhost session {Name}: in-flight buffer of {Size} bytes for {Queues} {Layout} queues of {QueueSize}", Name, buffer.Size, m.NumQueues, Packed ? "packed" : "split", m.QueueSize);
             }
             catch (IOException e)
             {
@@ -753,9 +753,11 @@ public sealed class VhostUserSession
     }
 
     /// <summary>
-    /// A packed ring (VIRTIO_F_RING_PACKED): avail = the driver event suppression area, used = the device's. In-flight
-    /// tracking is QEMU's split format only: with a packed ring the buffer a front end gave is left untouched (no
-    /// request is recovered after a back-end crash), which is said once per session.
+    /// A packed ring (VIRTIO_F_RING_PACKED): avail = the driver event suppression area, used = the device's. With an
+    /// in-flight buffer (QEMU's packed layout) the region is validated and repaired first; a region left by a previous
+    /// back end decides the ring position (QEMU cannot restore a packed ring's indices after a back-end crash and
+    /// sends a stale base) and its in-flight buffers are resubmitted first, walked from the copies the region keeps.
+    /// A region that fails validation is refused: the queue does not start.
     /// </summary>
     private bool TryStartPacked(VringState v, in VhostUserVringAddr a, bool eventIdx)
     {
@@ -765,16 +767,47 @@ public sealed class VhostUserSession
             return Refuse("packed queue not started", v.Index, error);
         }
 
-        if (_inflight is not null && !_packedInflightWarned)
+        var inflight = _inflight?.ForPackedQueue(v.Index, v.Num);
+        if (_inflight is not null && inflight is null && !_packedInflightWarned)
         {
             _packedInflightWarned = true;
-            _log.LogWarning("vhost session {Name}: in-flight tracking is not supported with packed rings; requests in flight at a back-end crash are not recovered", Name);
+            _log.LogWarning("vhost session {Name}: the in-flight buffer ({Size} bytes, {Queues} queues of {QueueSize}) does not cover packed queue {Index} of size {Num}; requests in flight at a back-end crash are not recovered",
+                Name, _inflight.Size, _inflight.NumQueues, _inflight.QueueSize, v.Index, v.Num);
         }
 
-        return StartRunner(v, vq, null, null, eventIdx);
+        ushort[]? resubmit = null;
+        if (inflight is not null)
+        {
+            if (!inflight.TryRecover(vq, out var recovery, out error))
+            {
+                return Refuse("packed queue not started: in-flight region refused", v.Index, error);
+            }
+
+            if (!recovery.Fresh && recovery.VringBase != vq.VringBase)
+            {
+                var rebased = PackedVirtqueue.Create(_memory.Memory, v.Num, a.DescUserAddr, a.AvailUserAddr, a.UsedUserAddr, eventIdx, recovery.VringBase, out error);
+                if (rebased is null)
+                {
+                    return Refuse("packed queue not started", v.Index, error);
+                }
+
+                _log.LogWarning("vhost session {Name}: queue {Index}: ring position from the in-flight region: base 0x{Base:x} -> 0x{NewBase:x}", Name, v.Index, v.Base, recovery.VringBase);
+                vq = rebased;
+            }
+
+            inflight.Attach(vq, recovery);
+            resubmit = recovery.Resubmit;
+            if (resubmit.Length > 0)
+            {
+                _log.LogWarning("vhost session {Name}: queue {Index}: resubmitting {Count} requests left in flight (packed, used 0x{Used:x})",
+                    Name, v.Index, resubmit.Length, vq.LastUsedIdx);
+            }
+        }
+
+        return StartRunner(v, vq, inflight, resubmit, eventIdx);
     }
 
-    private bool StartRunner(VringState v, DeviceVirtqueue vq, InflightQueue? inflight, ushort[]? resubmit, bool eventIdx)
+    private bool StartRunner(VringState v, DeviceVirtqueue vq, InflightTracker? inflight, ushort[]? resubmit, bool eventIdx)
     {
         // Live migration: with VHOST_F_LOG_ALL every device write into guest memory is logged; used ring writes
         // too when the ring's VHOST_VRING_F_LOG is set, at its log_guest_addr.

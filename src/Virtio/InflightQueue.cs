@@ -23,7 +23,7 @@ namespace VhostBackend.Virtio;
 /// </para>
 /// Owned by the queue's reactor while the queue runs.
 /// </summary>
-public sealed unsafe class InflightQueue
+public sealed unsafe class InflightQueue : InflightTracker
 {
     /// <summary>Region header bytes before the descriptor states.</summary>
     public const int HeaderBytes = 16;
@@ -117,7 +117,7 @@ public sealed unsafe class InflightQueue
     }
 
     /// <summary>A head was taken from the avail ring.</summary>
-    public void Begin(ushort head)
+    public override void Begin(ushort head)
     {
         if (head < _size)
         {
@@ -127,8 +127,8 @@ public sealed unsafe class InflightQueue
         }
     }
 
-    /// <summary>A head's used element was written (before used.idx is published).</summary>
-    public void AddUsed(ushort head)
+    /// <summary>A head's used element is written (before used.idx is published).</summary>
+    public override void AddUsed(ushort head)
     {
         if (head < _size)
         {
@@ -138,10 +138,10 @@ public sealed unsafe class InflightQueue
     }
 
     /// <summary>used.idx now is <paramref name="usedIdx"/> (published): the batch is no longer in flight.</summary>
-    public void CommitUsed(ushort usedIdx) => ClearBatch(usedIdx);
+    public override void CommitUsed(ushort usedIdx) => ClearBatch(usedIdx);
 
     /// <summary>Whether <paramref name="head"/> is marked in flight (tests).</summary>
-    public bool IsInflight(ushort head) => head < _size && _desc[head].Inflight != 0;
+    public override bool IsInflight(ushort head) => head < _size && _desc[head].Inflight != 0;
 
     private void ClearBatch(ushort usedIdx)
     {

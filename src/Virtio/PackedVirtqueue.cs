@@ -32,6 +32,10 @@ public sealed unsafe class PackedVirtqueue : DeviceVirtqueue
     private readonly ushort[] _idStart;
     private readonly ushort[] _idCount;
 
+    // Chains recovered from the in-flight buffer (a previous back end took them; their ring slots may be reused
+    // since): walked from these copies instead of the ring. Allocated only when something was restored.
+    private VirtqPackedDesc[]?[]? _restored;
+
     private ulong _ringGpa;
     private ulong _deviceEventGpa;
     private ushort _lastAvail;
@@ -189,6 +193,10 @@ public sealed unsafe class PackedVirtqueue : DeviceVirtqueue
 
         _idStart[id] = start;
         _idCount[id] = (ushort)count;
+        if (_restored is not null)
+        {
+            _restored[id] = null;
+        }
         uint next = start + count;
         if (next >= _size)
         {
@@ -216,11 +224,12 @@ public sealed unsafe class PackedVirtqueue : DeviceVirtqueue
 
         uint pos = _idStart[head];
         uint n = _idCount[head];
+        var restored = _restored?[head];
         int count = 0;
         for (uint i = 0; i < n; i++)
         {
             // Copy once: the driver may change the descriptor under us.
-            VirtqPackedDesc d = Unsafe.ReadUnaligned<VirtqPackedDesc>(_ring + pos);
+            VirtqPackedDesc d = restored is not null ? restored[i] : Unsafe.ReadUnaligned<VirtqPackedDesc>(_ring + pos);
             info.Descriptors++;
             if ((d.Flags & VirtqPackedDesc.FlagIndirect) != 0)
             {
@@ -251,6 +260,51 @@ public sealed unsafe class PackedVirtqueue : DeviceVirtqueue
         }
 
         return ChainError.None;
+    }
+
+    /// <summary>Ring slots the chain popped (or restored) under <paramref name="id"/> took; 0 for an id out of range.</summary>
+    public int ChainLength(ushort id) => id < _size ? _idCount[id] : 0;
+
+    /// <summary>
+    /// A copy of descriptor <paramref name="index"/> (0 = the first) of the chain popped under <paramref name="id"/>,
+    /// read from its ring slot (for the in-flight buffer, right after the pop); default when out of range.
+    /// </summary>
+    public VirtqPackedDesc ReadChainDesc(ushort id, int index)
+    {
+        if (id >= _size || (uint)index >= _idCount[id])
+        {
+            return default;
+        }
+
+        uint pos = _idStart[id] + (uint)index;
+        if (pos >= _size)
+        {
+            pos -= _size;
+        }
+
+        return Unsafe.ReadUnaligned<VirtqPackedDesc>(_ring + pos);
+    }
+
+    /// <summary>The flags of ring slot <paramref name="slot"/> (acquire; in-flight recovery checks whether a used descriptor was written there).</summary>
+    public ushort RingFlags(ushort slot) => Volatile.Read(ref _ring[slot % _size].Flags);
+
+    /// <summary>
+    /// Before the queue starts: buffer <paramref name="id"/> is in flight with <paramref name="chain"/> (copies a
+    /// previous back end kept in the in-flight buffer, in ring order). It is walked from the copy, its used
+    /// descriptor skips <c>chain.Length</c> slots, and a later pop of the same id replaces it.
+    /// </summary>
+    public void Restore(ushort id, VirtqPackedDesc[] chain)
+    {
+        ArgumentNullException.ThrowIfNull(chain);
+        if (id >= _size || chain.Length == 0 || chain.Length > _size)
+        {
+            throw new ArgumentException($"bad restored chain: id {id}, {chain.Length} descriptors");
+        }
+
+        _restored ??= new VirtqPackedDesc[]?[_size];
+        _restored[id] = chain;
+        _idStart[id] = 0;
+        _idCount[id] = (ushort)chain.Length;
     }
 
     private ChainError WalkIndirect(in VirtqPackedDesc d, Span<DescSegment> segments, ref ChainInfo info)

@@ -549,7 +549,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
             await Task.Delay(2500); // two timeout checks at least
             Assert.False(pending.IsCompleted);
             Assert.Equal(1, model.HeldCount);
-            Assert.DoesNotContain(NvmeAdminOpcode.Abort, model.AdminOpcodesSnapshot());
+            Assert.DoesNotContain(NvmeAdminOpcode.Abort, model.AdminOpcodes);
             Assert.Equal(0, _module.Find("Nvme0")!.Controller.ResetCount);
             model.HoldIo = false;
             Assert.Equal(1, model.ReleaseHeld());
@@ -582,7 +582,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
             }
 
             Assert.True(ctrl.ResetCount >= 1, $"no reset after {sw.Elapsed}");
-            Assert.DoesNotContain(NvmeAdminOpcode.Abort, model.AdminOpcodesSnapshot());
+            Assert.DoesNotContain(NvmeAdminOpcode.Abort, model.AdminOpcodes);
             model.HoldIo = false; // a retry held again times out again: the next reset's retry writes
             Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
             Assert.All(DiskBytes(model, 9 * 512, 512), b => Assert.Equal(0x5A, b));
@@ -608,7 +608,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
             bool ok = await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
             Assert.False(ok);
             Assert.Equal(0, model.HeldCount); // the abort completed it
-            Assert.Contains(NvmeAdminOpcode.Abort, model.AdminOpcodesSnapshot());
+            Assert.Contains(NvmeAdminOpcode.Abort, model.AdminOpcodes);
             Assert.Equal(0, _module.Find("Nvme0")!.Controller.ResetCount);
             Assert.True(t.Elapsed < TimeSpan.FromSeconds(5), $"took {t.Elapsed}");
         }
@@ -641,7 +641,7 @@ public sealed class NvmeBdevTests : IAsyncLifetime
 
             // Timeout (checked once a second) -> abort finds nothing -> controller reset -> the write is retried.
             Assert.True(ctrl.ResetCount >= 1, $"no reset after {sw.Elapsed}");
-            Assert.Contains(NvmeAdminOpcode.Abort, model.AdminOpcodesSnapshot());
+            Assert.Contains(NvmeAdminOpcode.Abort, model.AdminOpcodes);
             model.IgnoreAborts = false;
             model.HoldIo = false;
             model.ReleaseHeld(); // a retry may already be held again

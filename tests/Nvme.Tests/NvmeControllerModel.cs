@@ -106,14 +106,17 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
     public int FlushCount { get; private set; }
     public int EnableTransitions { get; private set; }
     public uint LastCcOnEnable { get; private set; }
-    public List<byte> AdminOpcodes { get; } = new();
+    private readonly List<byte> _adminOpcodes = new();
 
-    /// <summary>A copy of <see cref="AdminOpcodes"/> taken under its lock (the model appends from the reactor that rings the doorbell).</summary>
-    public byte[] AdminOpcodesSnapshot()
+    /// <summary>A snapshot of the admin opcodes executed so far (the model's thread appends while tests read).</summary>
+    public IReadOnlyList<byte> AdminOpcodes
     {
-        lock (AdminOpcodes)
+        get
         {
-            return AdminOpcodes.ToArray();
+            lock (_adminOpcodes)
+            {
+                return _adminOpcodes.ToArray();
+            }
         }
     }
     public int IoQueuesLive => _sqs.Count(kv => kv.Key != 0);
@@ -311,9 +314,9 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             uint dw0 = 0;
             if (qid == 0)
             {
-                lock (AdminOpcodes)
+                lock (_adminOpcodes)
                 {
-                    AdminOpcodes.Add(cmd.Opcode);
+                    _adminOpcodes.Add(cmd.Opcode);
                 }
 
                 if (cmd.Opcode == NvmeAdminOpcode.AsyncEventRequest)

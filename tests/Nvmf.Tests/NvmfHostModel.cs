@@ -31,6 +31,19 @@ public sealed class NvmfHostModel : IDisposable
         _s.Connect(new IPEndPoint(IPAddress.Loopback, port));
     }
 
+    public IPEndPoint LocalEndPoint => (IPEndPoint)_s.LocalEndPoint!;
+
+    /// <summary>The next PDU, or null when none starts within <paramref name="ms"/>.</summary>
+    public ModelPdu? TryReadPdu(int ms)
+    {
+        if (!_s.Poll(ms * 1000, SelectMode.SelectRead))
+        {
+            return null;
+        }
+
+        return ReadPdu();
+    }
+
     public bool Hdgst { get; private set; }
     public bool Ddgst { get; private set; }
     public uint MaxH2CData { get; private set; }

@@ -102,6 +102,21 @@ public sealed class ExternalClientTests
         await Ok("bdev_lvol_rename", "lvs0/v1", "v2");
         await Ok("bdev_lvol_resize", "lvs0/v2", "6");
         await Ok("bdev_lvol_set_read_only", "lvs0/v2");
+        await Ok("bdev_malloc_create", "-b", "LD0", "8", "512");
+        string started = await Ok("bdev_lvol_start_shallow_copy", "lvs0/v2", "LD0");
+        string opId = System.Text.RegularExpressions.Regex.Match(started, "operation_id\\D+(\\d+)").Groups[1].Value;
+        Assert.False(string.IsNullOrEmpty(opId), started);
+        string copyState = "";
+        for (int i = 0; i < 300; i++)
+        {
+            copyState = await Ok("bdev_lvol_check_shallow_copy", opId);
+            if (!copyState.Contains("in progress", StringComparison.Ordinal))
+            {
+                break;
+            }
+            await Task.Delay(100);
+        }
+        Assert.Contains("complete", copyState, StringComparison.Ordinal);
         await Ok("bdev_lvol_inflate", "lvs0/c0");
         await Ok("bdev_lvol_decouple_parent", "lvs0/v0");
         await Ok("bdev_lvol_delete", "lvs0/c0");

@@ -73,6 +73,7 @@ public sealed class CoalescingTests
         var lastProgress = Stopwatch.StartNew();
         var sinceSignal = Stopwatch.StartNew();
         double maxGap = 0;
+        long sinceSignalCompleted = 0, maxWithoutSignal = 0;
         while ((sw.Elapsed < TimeSpan.FromSeconds(1.5) || completed < 5000) && sw.Elapsed < TimeSpan.FromSeconds(20))
         {
             ushort used = m.UsedIdx;
@@ -91,6 +92,7 @@ public sealed class CoalescingTests
                 Assert.Equal(VirtioBlkRequestType.StatusOk, StatusOf(m, status[s]));
                 seen++;
                 completed++;
+                sinceSignalCompleted++;
                 Post(m, s, posted++, hdr, data, status);
             }
 
@@ -101,12 +103,21 @@ public sealed class CoalescingTests
                 signals += got;
                 maxGap = Math.Max(maxGap, sinceSignal.Elapsed.TotalMilliseconds);
                 sinceSignal.Restart();
+                sinceSignalCompleted = 0;
             }
+
+            maxWithoutSignal = Math.Max(maxWithoutSignal, sinceSignalCompleted);
         }
 
         // Coalescing delays interrupts; it must not starve the guest of them (the delay is recomputed from each
-        // 10 ms interval's rate and the gate reopens at every check).
-        Assert.True(maxGap < 500, $"{maxGap:F0} ms without an interrupt under load (coalescing {coalesce})");
+        // 10 ms interval's rate and the gate reopens at every check, so a signal follows within about 10 ms of
+        // reactor time). Measured in completions the driver saw without any interrupt, not in wall time: on a loaded
+        // 2-core machine this test's own thread is descheduled for hundreds of ms (seen: 697 ms with coalescing off),
+        // while the back end cannot complete more than the 2 posted requests in that time. The bug this guards
+        // against (a delay growing with every completion since the last signal) held interrupts for seconds of
+        // continuous completions.
+        Assert.True(maxWithoutSignal < Math.Max(200, completed / 10),
+            $"{maxWithoutSignal} of {completed} completions seen without an interrupt (longest wall gap {maxGap:F0} ms; coalescing {coalesce})");
 
         // Load stops: everything posted completes.
         var tail = Stopwatch.StartNew();

@@ -143,7 +143,12 @@ internal sealed class FrontEndModel : IDisposable
     }
 
     /// <summary>Sends SET_MEM_TABLE describing the model's two regions (same memfd, offsets 0 and RegionSize).</summary>
-    public ulong SetMemTable(DriverRingModel m)
+    public ulong SetMemTable(DriverRingModel m) => SetMemTable(m.MemFd);
+
+    /// <summary>SET_MEM_TABLE for the packed driver model (the same two-region layout as <see cref="DriverRingModel"/>).</summary>
+    public ulong SetMemTable(PackedDriverModel m) => SetMemTable(m.MemFd);
+
+    private ulong SetMemTable(int memFd)
     {
         var payload = new byte[8 + (2 * 32)];
         MemoryMarshal.Write(payload, new VhostUserMemoryHeader { NRegions = 2 });
@@ -159,7 +164,7 @@ internal sealed class FrontEndModel : IDisposable
             MemoryMarshal.Write(payload.AsSpan(8 + (32 * i)), in r);
         }
 
-        Send(VhostUserRequest.SetMemTable, payload, [m.MemFd, m.MemFd], needReply: true);
+        Send(VhostUserRequest.SetMemTable, payload, [memFd, memFd], needReply: true);
         return ReadU64Reply(VhostUserRequest.SetMemTable);
     }
 
@@ -174,6 +179,24 @@ internal sealed class FrontEndModel : IDisposable
             DescUserAddr = m.ToUva(m.DescGpa),
             AvailUserAddr = m.ToUva(m.AvailGpa),
             UsedUserAddr = m.ToUva(m.UsedGpa),
+        });
+        rc |= call is null ? SetU64(VhostUserRequest.SetVringCall, index | VhostUserConstants.VringNoFdMask) : SetU64(VhostUserRequest.SetVringCall, index, [call.Fd]);
+        rc |= kick is null ? SetU64(VhostUserRequest.SetVringKick, index | VhostUserConstants.VringNoFdMask) : SetU64(VhostUserRequest.SetVringKick, index, [kick.Fd]);
+        rc |= SetStruct(VhostUserRequest.SetVringEnable, new VhostUserVringState { Index = index, Num = 1 });
+        return rc;
+    }
+
+    /// <summary>Configures queue <paramref name="index"/> on the packed model's ring (desc = the ring, avail/used = the driver/device event areas).</summary>
+    public ulong SetupPackedQueue(PackedDriverModel m, uint index, EventFd? kick, EventFd? call, uint vringBase = PackedVirtqueue.InitialBase)
+    {
+        ulong rc = SetStruct(VhostUserRequest.SetVringNum, new VhostUserVringState { Index = index, Num = m.Size });
+        rc |= SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = index, Num = vringBase });
+        rc |= SetStruct(VhostUserRequest.SetVringAddr, new VhostUserVringAddr
+        {
+            Index = index,
+            DescUserAddr = m.ToUva(m.RingGpa),
+            AvailUserAddr = m.ToUva(m.DriverEventGpa),
+            UsedUserAddr = m.ToUva(m.DeviceEventGpa),
         });
         rc |= call is null ? SetU64(VhostUserRequest.SetVringCall, index | VhostUserConstants.VringNoFdMask) : SetU64(VhostUserRequest.SetVringCall, index, [call.Fd]);
         rc |= kick is null ? SetU64(VhostUserRequest.SetVringKick, index | VhostUserConstants.VringNoFdMask) : SetU64(VhostUserRequest.SetVringKick, index, [kick.Fd]);

@@ -43,6 +43,9 @@ internal sealed unsafe class PackedDriverModel : IDisposable
 
     public ushort Size { get; }
     public bool EventIdx { get; }
+
+    /// <summary>The guest memory's memfd (for a vhost-user front end model's SET_MEM_TABLE).</summary>
+    public int MemFd => _fd;
     public GuestMemory Memory { get; }
     public ulong RingGpa { get; }
     public ulong DriverEventGpa { get; }

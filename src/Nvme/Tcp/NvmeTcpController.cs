@@ -51,6 +51,7 @@ public sealed class NvmeTcpController : IDisposable
     private bool _disposed;
     private int _aersWanted;
     private int _aersOutstanding;
+    private uint _aecValue = NvmeAsyncEvent.NamespaceAttributeNotices;
     private bool _aecPending;
 
     private NvmeTcpController(NvmeTcpTransportId trid, NvmeTcpControllerOptions opts, ILogger log)
@@ -220,14 +221,17 @@ public sealed class NvmeTcpController : IDisposable
     public Action<NvmeTcpController, uint>? AsyncEvent { get; set; }
 
     /// <summary>
-    /// Turns on namespace attribute notices (Set Features AEC) and keeps up to <paramref name="requests"/> (capped by
-    /// AERL + 1) Asynchronous Event Requests outstanding; the admin poll posts them, and again after each reconnect.
+    /// Turns on the notices in <paramref name="notices"/> (Set Features AEC: namespace attribute notices by default,
+    /// <see cref="NvmeAsyncEvent.DiscoveryLogChangeNotices"/> on a discovery controller) and keeps up to
+    /// <paramref name="requests"/> (capped by AERL + 1) Asynchronous Event Requests outstanding; the admin poll posts
+    /// them, and again after each reconnect.
     /// </summary>
-    public void EnableAsyncEvents(int requests = 4)
+    public void EnableAsyncEvents(int requests = 4, uint notices = NvmeAsyncEvent.NamespaceAttributeNotices)
     {
         lock (_adminLock)
         {
             _aersWanted = Math.Max(0, Math.Min(requests, Data.AsyncEventLimit + 1));
+            _aecValue = notices;
             _aecPending = _aersWanted > 0;
         }
     }
@@ -296,7 +300,7 @@ public sealed class NvmeTcpController : IDisposable
     {
         if (_aecPending)
         {
-            var aec = new NvmeCommand { Opcode = NvmeAdminOpcode.SetFeatures, Cdw10 = NvmeFeature.AsyncEventConfiguration, Cdw11 = NvmeAsyncEvent.NamespaceAttributeNotices };
+            var aec = new NvmeCommand { Opcode = NvmeAdminOpcode.SetFeatures, Cdw10 = NvmeFeature.AsyncEventConfiguration, Cdw11 = _aecValue };
             if (_admin.Submit(ref aec, default, 0, false, s_aecDone, this) != 0)
             {
                 return;
@@ -747,7 +751,7 @@ public sealed record NvmeDiscoveryEntry(byte TrType, byte AdrFam, byte SubType, 
     private static string Text(ReadOnlySpan<byte> b)
     {
         int end = b.IndexOf((byte)0);
-        var s = System.Text.Encoding.ASCII.GetString(end >= 0 ? b[..end] : b).Trim();
+        var s = System.Text.Encoding.UTF8.GetString(end >= 0 ? b[..end] : b).Trim();
         return s.Any(char.IsControl) ? "" : s;
     }
 
@@ -760,8 +764,9 @@ public sealed record NvmeDiscoveryEntry(byte TrType, byte AdrFam, byte SubType, 
         e[2] = SubType;
         BinaryPrimitives.WriteUInt16LittleEndian(e[4..], PortId);
         BinaryPrimitives.WriteUInt16LittleEndian(e[6..], Cntlid);
-        System.Text.Encoding.ASCII.GetBytes(TrSvcId, e.Slice(32, 32));
-        System.Text.Encoding.ASCII.GetBytes(SubNqn, e.Slice(256, 256));
-        System.Text.Encoding.ASCII.GetBytes(TrAddr, e.Slice(512, 256));
+        // UTF-8, like the NQNs in Connect data and Identify (an NQN is UTF-8, at most 223 bytes; SPDK copies its bytes).
+        System.Text.Encoding.UTF8.GetBytes(TrSvcId, e.Slice(32, 32));
+        System.Text.Encoding.UTF8.GetBytes(SubNqn, e.Slice(256, 256));
+        System.Text.Encoding.UTF8.GetBytes(TrAddr, e.Slice(512, 256));
     }
 }

@@ -147,9 +147,12 @@ public sealed class FileBdevTests : IDisposable
         long bytes = await kit.Main.InvokeAsync(async () =>
         {
             await loop.Run(5_000);
-            return await loop.Run(50_000);
+            long first = await loop.Run(50_000);
+            // A one-off allocation on the reactor thread inside the window (CI once saw 8008 bytes over 50k I/Os,
+            // 0.16 B/IO) does not repeat; an allocation per I/O shows in every window.
+            return first < 500 ? first : Math.Min(first, await loop.Run(50_000));
         });
-        Assert.True(bytes < 500, $"{bytes} bytes allocated over 50k file I/Os");
+        Assert.True(bytes < 500, $"{bytes} bytes allocated over 50k file I/Os (the smaller of two windows)");
     }
 
     private sealed class Loop

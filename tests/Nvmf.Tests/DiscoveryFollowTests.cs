@@ -1,0 +1,112 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Microsoft.Extensions.Logging.Abstractions;
+using VhostBackend.Bdev;
+using VhostBackend.BdevNvme;
+using VhostBackend.Rpc;
+using Xunit;
+
+namespace VhostBackend.Nvmf.Tests;
+
+/// <summary>
+/// The bdev_nvme module's discovery service (our initiator) against our target (a real peer, in process): it follows
+/// Discovery Log Page Change notices, attaching subsystems that appear and detaching those that go away.
+/// </summary>
+public sealed class DiscoveryFollowTests : IAsyncLifetime
+{
+    private readonly NvmfTestTarget _t = new();
+    private readonly BdevManager _hostBdevs = new();
+    private readonly RpcRegistry _hostRpc = new();
+    private readonly NvmeBdevModule _module = new();
+
+    public async Task InitializeAsync()
+    {
+        await _t.SetupAsync();
+        _hostBdevs.AddModule(_module);
+        _module.Init(new BdevModuleContext(_hostBdevs, _t.Reactors, _hostRpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _t.Reactors.Main.InvokeAsync(async () =>
+        {
+            foreach (var c in _module.Controllers.ToList())
+            {
+                try
+                {
+                    await _module.DetachAsync(c.CtrlName);
+                }
+                catch (RpcException)
+                {
+                }
+            }
+
+            return true;
+        });
+        await _t.DisposeAsync();
+    }
+
+    private async Task<JsonNode?> Host(string method, string json)
+    {
+        Assert.True(_hostRpc.TryGet(method, out var handler, out _));
+        using var doc = JsonDocument.Parse(json);
+        var req = new RpcRequest(method, doc.RootElement.Clone());
+        return await _t.Reactors.Main.InvokeAsync(() => handler(req));
+    }
+
+    private async Task<string[]> Attached()
+    {
+        var info = (await Host("bdev_nvme_get_discovery_info", "{}"))!.AsArray();
+        return info.Count == 0 ? [] : info[0]!["attached"]!.AsArray().Select(a => a!.GetValue<string>()).ToArray();
+    }
+
+    private async Task<string[]> WaitAttached(Func<string[], bool> done)
+    {
+        var sw = Stopwatch.StartNew();
+        string[] a;
+        while (!done(a = await Attached()))
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), $"attached after {sw.Elapsed}: [{string.Join(", ", a)}]");
+            await Task.Delay(50);
+        }
+
+        return a;
+    }
+
+    [Fact]
+    public async Task DiscoveryAttachesNewSubsystemsAndDetachesRemovedOnesOnLogChangeNotices()
+    {
+        Assert.True((await Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}","wait_for_attach":true}"""))!.GetValue<bool>());
+        Assert.Equal(["nvme0"], await Attached());
+        Assert.NotNull(_hostBdevs.Find("nvme0n1"));
+
+        // A second subsystem appears on the target: its discovery controller sends a notice, the host attaches it.
+        await _t.AddMalloc("Malloc1");
+        const string nqn2 = "nqn.2016-06.io.spdk:cnode2";
+        await _t.Call("nvmf_create_subsystem", $$"""{"nqn":"{{nqn2}}","allow_any_host":true}""");
+        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{nqn2}}}","namespace":{"bdev_name":"Malloc1"}}""");
+        await _t.Call("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{nqn2}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{_t.Port}}}"}}""");
+        Assert.Equal(["nvme0", "nvme1"], await WaitAttached(a => a.Length == 2));
+        var ctrl = _module.FindController("nvme1");
+        Assert.NotNull(ctrl);
+        Assert.Contains(nqn2, ctrl!.TridKey, StringComparison.Ordinal);
+        Assert.NotNull(_hostBdevs.Find("nvme1n1"));
+
+        // The first subsystem goes away: the host detaches its controller and its bdev.
+        await _t.Call("nvmf_delete_subsystem", $$"""{"nqn":"{{NvmfTestTarget.Nqn}}"}""");
+        Assert.Equal(["nvme1"], await WaitAttached(a => a.Length == 1));
+        Assert.Null(_module.FindController("nvme0"));
+        Assert.Null(_hostBdevs.Find("nvme0n1"));
+        var info = (await Host("bdev_nvme_get_discovery_info", "{}"))!.AsArray();
+        Assert.True(info[0]!["log_change_notices"]!.GetValue<int>() >= 2);
+
+        // save_config still writes the discovery service only; stop detaches what it attached.
+        var config = new JsonArray();
+        _module.WriteConfig(config);
+        Assert.Equal("bdev_nvme_start_discovery", Assert.Single(config)!["method"]!.GetValue<string>());
+        Assert.True((await Host("bdev_nvme_stop_discovery", """{"name":"nvme"}"""))!.GetValue<bool>());
+        Assert.Null(_module.FindController("nvme1"));
+        Assert.Null(_hostBdevs.Find("nvme1n1"));
+    }
+}

@@ -183,9 +183,35 @@ public sealed class Reactor
     }
 
     /// <summary>Runs an async control-plane function on this reactor; its continuations stay on the reactor.</summary>
+    /// <remarks>
+    /// The returned task is completed by the reactor itself when <paramref name="fn"/>'s task finishes (no
+    /// <c>Unwrap</c>, whose hook-up of the inner task is a thread-pool work item): a thread blocked on it (the
+    /// vhost-user thread answering GET_VRING_BASE or cleaning up a disconnected session, both behind
+    /// <c>VhostQueue.StopAsync</c>) needs no thread-pool thread, as with the queue start (df765c8).
+    /// </remarks>
     public Task<T> InvokeAsync<T>(Func<Task<T>> fn)
     {
-        return InvokeCore(fn).Unwrap();
+        var tcs = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
+        Send(static s =>
+        {
+            var (f, t) = ((Func<Task<T>>, TaskCompletionSource<T>))s!;
+            Task<T> inner;
+            try
+            {
+                inner = f();
+            }
+            catch (Exception e)
+            {
+                t.SetException(e);
+                return;
+            }
+
+            // Runs inline where the inner task completes: on this reactor (the async function's continuations are
+            // posted to its synchronization context), or right here when it already finished.
+            _ = inner.ContinueWith(static (i, st) => ((TaskCompletionSource<T>)st!).TrySetFromTask(i), t,
+                CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
+        }, (fn, tcs));
+        return tcs.Task;
     }
 
     public Task InvokeAsync(Action fn) => InvokeCore(() =>

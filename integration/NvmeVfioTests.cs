@@ -15,6 +15,9 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
     private const string Addr512 = "0000:00:04.0";
     private const string Addr4k = "0000:00:05.0";
 
+    /// <summary>vhostctl against the vhost step's vhostd (raw JSON), run from the repository root in the guest.</summary>
+    private const string Vctl = "./vhostctl -s /tmp/vd.sock --json";
+
     /// <summary>
     /// QEMU arguments for a q35 guest with an emulated IOMMU and NVMe controllers (the IOMMU must come before the
     /// devices it translates). <c>-cpu max,-smap</c> (overriding the harness's <c>-cpu max</c>): QEMU 7.2's TCG
@@ -70,7 +73,7 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
 
         // bdevperf and vhostd run from the read-only host root in the guest: build them here first (a tool that does
         // not build fails the test), write their configs where the guest can see them (the host's /tmp is not shared).
-        foreach (string tool in new[] { "bdevperf", "vhostd" })
+        foreach (string tool in new[] { "bdevperf", "vhostd", "vhostctl" })
         {
             var help = await Tools.RunAsync(Path.Combine(GuestImage.RepoRoot, tool), ["--help"], TimeSpan.FromMinutes(5), GuestImage.RepoRoot);
             Assert.True(help.Output.Contains("--json", StringComparison.Ordinal) || help.Output.Contains("--cpumask", StringComparison.Ordinal), $"./{tool} does not build or run: {help.Output}");
@@ -172,8 +175,15 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
                 + "for i in $(seq 1 600); do [ -S /tmp/vs/vhost.nvme ] && break; sleep 0.2; done; "
                 + $"(./bdevperf --json {frontEndConfig} -q 16 -o 4096 -w verify -t 60 -m 0x2 > /tmp/bp.log 2>&1; echo \"bdevperf exit $?\" >> /tmp/bp.log) & bp=$!; "
                 + $"dotnet {dll} --rpc-reset-check /tmp/vd.sock --ctrl Nvme0 --bdev-name Nvme0n1 --rounds 4 --window-ms 3000; echo \"tool exit $?\"; "
-                + "wait $bp; kill -TERM $(pgrep -f [V]hostBackend.Daemon.dll) 2>/dev/null; wait; cat /tmp/bp.log /tmp/vd.log",
-                TimeSpan.FromMinutes(6));
+                + "wait $bp; "
+                // Reported, not asserted (issue 14's numbers): the bounce counters after the verify run, the reactor's
+                // sleep count across 5 idle seconds, and a QD1 run through vhost (its new arena is bounced until mapped).
+                + $"echo '--- iostat after verify'; {Vctl} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}'; "
+                + $"echo '--- reactors (idle start)'; {Vctl} framework_get_reactors; sleep 5; echo '--- reactors (after 5 s idle)'; {Vctl} framework_get_reactors; "
+                + $"./bdevperf --json {frontEndConfig} -q 1 -o 4096 -w randread -t 10 -m 0x2 > /tmp/bp1.log 2>&1; echo \"bdevperf qd1 exit $?\" >> /tmp/bp1.log; "
+                + $"echo '--- iostat after QD1'; {Vctl} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}'; echo '--- reactors after QD1'; {Vctl} framework_get_reactors; "
+                + "kill -TERM $(pgrep -f [V]hostBackend.Daemon.dll) 2>/dev/null; wait; echo '--- verify run'; cat /tmp/bp.log; echo '--- QD1 run'; cat /tmp/bp1.log; cat /tmp/vd.log",
+                TimeSpan.FromMinutes(10));
             output.WriteLine($"--- resets under vhost-user-blk verify I/O ({sw.Elapsed.TotalSeconds:F1} s) ---\n{run.Output}");
             Assert.True(run.Succeeded, run.ToString() + "\n" + guest.ConsoleTail());
             Assert.Contains("PASS rpc-reset-under-io", run.Output, StringComparison.Ordinal);

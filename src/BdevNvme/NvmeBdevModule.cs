@@ -42,6 +42,9 @@ public sealed class NvmeBdevModule : BdevModule
     /// </summary>
     public static NvmeBdevModule WithAttach(Func<string, NvmeControllerOptions, ILogger, NvmeController> attach) => new() { _attach = attach };
 
+    /// <summary>The module with another way to attach an NVMe/TCP controller (tests wrap <see cref="NvmeTcpController.Attach"/>).</summary>
+    public static NvmeBdevModule WithAttachTcp(Func<NvmeTcpTransportId, NvmeTcpControllerOptions, ILogger, NvmeTcpController> attach) => new() { _attachTcp = attach };
+
     /// <summary>Module-wide options (bdev_nvme_set_options).</summary>
     public NvmeBdevOptions Options { get; } = new();
 
@@ -242,6 +245,11 @@ public sealed class NvmeBdevModule : BdevModule
             }
         }
 
+        // The first apply counts as a running refresh: a notice during it makes a refresh run after it. Run beside
+        // it, a refresh attaching an entry new in the log was undone by this apply, which works from the older log
+        // (the new controller looked "gone" from it and was detached).
+        svc.RefreshRunning = true;
+
         // Discovery Log Page Change notices: the AER completes on the poller's reactor under the admin lock; the
         // refresh runs on the main reactor (reading the log again re-arms the notice).
         var dctrl = svc.Controller;
@@ -264,7 +272,19 @@ public sealed class NvmeBdevModule : BdevModule
             _discovery[name] = svc;
         }
 
-        await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        try
+        {
+            await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        }
+        finally
+        {
+            svc.RefreshRunning = false;
+        }
+
+        if (svc.RefreshAgain)
+        {
+            _ = RefreshDiscoveryAsync(svc);
+        }
     }
 
     /// <summary>The key of a discovery log entry: the same subsystem at the same address is the same controller.</summary>

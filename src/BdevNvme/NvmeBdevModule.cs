@@ -176,6 +176,12 @@ public sealed class NvmeBdevModule : BdevModule
         public bool RefreshAgain;
         public bool Stopped;
         public int LogChanges;
+
+        // The discovery controller's connection was lost: reconnect attempts (on the poller's reactor).
+        public required NvmeBdevModule Module;
+        public bool Reconnecting;
+        public bool AttemptRunning;
+        public long NextAttempt;
     }
 
     private readonly Dictionary<string, DiscoveryService?> _discovery = new(StringComparer.Ordinal); // null: starting
@@ -208,7 +214,7 @@ public sealed class NvmeBdevModule : BdevModule
             _discovery[name] = null;
         }
 
-        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy };
+        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy, Module = this };
         IReadOnlyList<NvmeDiscoveryEntry> entries;
         long deadline = attachTimeout is { } at ? Environment.TickCount64 + (long)at.TotalMilliseconds : 0;
         while (true)
@@ -266,7 +272,7 @@ public sealed class NvmeBdevModule : BdevModule
         };
         dctrl.EnableAsyncEvents(1, NvmeAsyncEvent.DiscoveryLogChangeNotices);
 
-        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), dctrl, 10_000);
+        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((DiscoveryService)c!).Module.PollDiscovery((DiscoveryService)c!), svc, 10_000);
         lock (_ctrls)
         {
             _discovery[name] = svc;
@@ -285,6 +291,65 @@ public sealed class NvmeBdevModule : BdevModule
         {
             _ = RefreshDiscoveryAsync(svc);
         }
+    }
+
+    /// <summary>
+    /// The discovery controller's poller: admin completions (keep-alive, the change notice). A lost connection (the
+    /// target restarted or closed it) is reconnected, one attempt a second until it is back, as SPDK's
+    /// discovery_poller does; then the log is read again, since no notice could reach us meanwhile.
+    /// </summary>
+    private int PollDiscovery(DiscoveryService svc)
+    {
+        var dc = svc.Controller;
+        if (dc is null || svc.Stopped)
+        {
+            return 0;
+        }
+
+        if (!svc.Reconnecting)
+        {
+            if (!dc.IsFailed)
+            {
+                return dc.ProcessAdminCompletions();
+            }
+
+            _log.LogWarning("discovery {Name}: the discovery controller was lost ({Reason}); reconnecting", svc.Name, dc.FailureReason ?? "connection closed");
+            svc.Reconnecting = true;
+            svc.NextAttempt = 0;
+        }
+
+        if (!svc.AttemptRunning)
+        {
+            if (Ticks.Now() < svc.NextAttempt)
+            {
+                return 0;
+            }
+
+            dc.StartReconnect();
+            svc.AttemptRunning = true;
+        }
+
+        int rc = dc.PollReconnect();
+        if (rc == 0)
+        {
+            return 0;
+        }
+
+        svc.AttemptRunning = false;
+        if (rc < 0)
+        {
+            svc.NextAttempt = Ticks.Now() + Ticks.Frequency;
+            return 1;
+        }
+
+        svc.Reconnecting = false;
+        _log.LogInformation("discovery {Name}: the discovery controller is back (cntlid {Cntlid}); reading the log again", svc.Name, dc.Cntlid);
+        _reactors?.Main.Send(static st =>
+        {
+            var (m, d) = ((NvmeBdevModule, DiscoveryService))st!;
+            _ = m.RefreshDiscoveryAsync(d);
+        }, (this, svc));
+        return 1;
     }
 
     /// <summary>The key of a discovery log entry: the same subsystem at the same address is the same controller.</summary>

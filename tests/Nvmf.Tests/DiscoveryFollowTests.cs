@@ -224,3 +224,85 @@ public sealed class DiscoveryStartRaceTests : IAsyncLifetime
         Assert.NotNull(_module.Controllers.FirstOrDefault(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)));
     }
 }
+
+/// <summary>
+/// The discovery controller's connection is lost (the target closed it): the discovery service reconnects, as SPDK's
+/// discovery_poller does, and keeps following the log.
+/// </summary>
+public sealed class DiscoveryReconnectTests : IAsyncLifetime
+{
+    private const string Nqn2 = "nqn.2016-06.io.spdk:cnode2";
+    private readonly NvmfTestTarget _t = new();
+    private readonly BdevManager _hostBdevs = new();
+    private readonly RpcRegistry _hostRpc = new();
+    private readonly NvmeBdevModule _module = new();
+
+    public async Task InitializeAsync()
+    {
+        await _t.SetupAsync();
+        _hostBdevs.AddModule(_module);
+        _module.Init(new BdevModuleContext(_hostBdevs, _t.Reactors, _hostRpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+    }
+
+    public async Task DisposeAsync()
+    {
+        await _t.Reactors.Main.InvokeAsync(async () =>
+        {
+            foreach (var c in _module.Controllers.ToList())
+            {
+                try
+                {
+                    await _module.DetachAsync(c.CtrlName);
+                }
+                catch (RpcException)
+                {
+                }
+            }
+
+            return true;
+        });
+        await _t.DisposeAsync();
+    }
+
+    private async Task<JsonNode?> Host(string method, string json)
+    {
+        Assert.True(_hostRpc.TryGet(method, out var handler, out _));
+        using var doc = JsonDocument.Parse(json);
+        var req = new RpcRequest(method, doc.RootElement.Clone());
+        return await _t.Reactors.Main.InvokeAsync(() => handler(req));
+    }
+
+    private NvmfController[] DiscoveryControllers() =>
+        _t.Target.Subsystems.Where(s => s.IsDiscovery).SelectMany(_t.Target.ControllersOf).ToArray();
+
+    [Fact]
+    public async Task TheDiscoveryControllerIsReconnectedAndFollowedAfterItsConnectionIsLost()
+    {
+        Assert.True((await Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}","wait_for_attach":true}"""))!.GetValue<bool>());
+        Assert.NotNull(_module.FindController("nvme0"));
+        var first = Assert.Single(DiscoveryControllers());
+
+        // The target drops the discovery connection (as a target restart would).
+        first.AdminConnection.CloseAsync("test: connection dropped");
+        var sw = Stopwatch.StartNew();
+        while (!DiscoveryControllers().Any(c => c != first && c.PendingAsyncEventRequests > 0))
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10), "the discovery controller was not reconnected (with an AER posted)");
+            await Task.Delay(50);
+        }
+
+        // A subsystem added afterwards is attached: the log is followed again.
+        await _t.AddMalloc("Malloc1");
+        await _t.Call("nvmf_create_subsystem", $$"""{"nqn":"{{Nqn2}}","allow_any_host":true}""");
+        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn2}}}","namespace":{"bdev_name":"Malloc1"}}""");
+        await _t.Call("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{Nqn2}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{_t.Port}}}"}}""");
+        sw.Restart();
+        while (!_module.Controllers.Any(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)))
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10), "the new subsystem was not attached");
+            await Task.Delay(50);
+        }
+
+        Assert.NotNull(_module.FindController("nvme0"));
+    }
+}

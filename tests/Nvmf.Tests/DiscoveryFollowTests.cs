@@ -214,7 +214,7 @@ public sealed class DiscoveryStartRaceTests : IAsyncLifetime
         string[] a;
         while ((a = await Attached()).Length != 2)
         {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10), $"attached: [{string.Join(", ", a)}]");
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), $"attached: [{string.Join(", ", a)}]");
             await Task.Delay(50);
         }
 
@@ -287,7 +287,7 @@ public sealed class DiscoveryReconnectTests : IAsyncLifetime
         var sw = Stopwatch.StartNew();
         while (!DiscoveryControllers().Any(c => c != first && c.PendingAsyncEventRequests > 0))
         {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10), "the discovery controller was not reconnected (with an AER posted)");
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "the discovery controller was not reconnected (with an AER posted)");
             await Task.Delay(50);
         }
 
@@ -299,7 +299,7 @@ public sealed class DiscoveryReconnectTests : IAsyncLifetime
         sw.Restart();
         while (!_module.Controllers.Any(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)))
         {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(10), "the new subsystem was not attached");
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "the new subsystem was not attached");
             await Task.Delay(50);
         }
 

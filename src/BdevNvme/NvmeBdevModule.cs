@@ -42,6 +42,9 @@ public sealed class NvmeBdevModule : BdevModule
     /// </summary>
     public static NvmeBdevModule WithAttach(Func<string, NvmeControllerOptions, ILogger, NvmeController> attach) => new() { _attach = attach };
 
+    /// <summary>The module with another way to attach an NVMe/TCP controller (tests wrap <see cref="NvmeTcpController.Attach"/>).</summary>
+    public static NvmeBdevModule WithAttachTcp(Func<NvmeTcpTransportId, NvmeTcpControllerOptions, ILogger, NvmeTcpController> attach) => new() { _attachTcp = attach };
+
     /// <summary>Module-wide options (bdev_nvme_set_options).</summary>
     public NvmeBdevOptions Options { get; } = new();
 
@@ -173,6 +176,12 @@ public sealed class NvmeBdevModule : BdevModule
         public bool RefreshAgain;
         public bool Stopped;
         public int LogChanges;
+
+        // The discovery controller's connection was lost: reconnect attempts (on the poller's reactor).
+        public required NvmeBdevModule Module;
+        public bool Reconnecting;
+        public bool AttemptRunning;
+        public long NextAttempt;
     }
 
     private readonly Dictionary<string, DiscoveryService?> _discovery = new(StringComparer.Ordinal); // null: starting
@@ -205,7 +214,7 @@ public sealed class NvmeBdevModule : BdevModule
             _discovery[name] = null;
         }
 
-        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy };
+        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy, Module = this };
         IReadOnlyList<NvmeDiscoveryEntry> entries;
         long deadline = attachTimeout is { } at ? Environment.TickCount64 + (long)at.TotalMilliseconds : 0;
         while (true)
@@ -242,6 +251,11 @@ public sealed class NvmeBdevModule : BdevModule
             }
         }
 
+        // The first apply counts as a running refresh: a notice during it makes a refresh run after it. Run beside
+        // it, a refresh attaching an entry new in the log was undone by this apply, which works from the older log
+        // (the new controller looked "gone" from it and was detached).
+        svc.RefreshRunning = true;
+
         // Discovery Log Page Change notices: the AER completes on the poller's reactor under the admin lock; the
         // refresh runs on the main reactor (reading the log again re-arms the notice).
         var dctrl = svc.Controller;
@@ -258,13 +272,84 @@ public sealed class NvmeBdevModule : BdevModule
         };
         dctrl.EnableAsyncEvents(1, NvmeAsyncEvent.DiscoveryLogChangeNotices);
 
-        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), dctrl, 10_000);
+        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((DiscoveryService)c!).Module.PollDiscovery((DiscoveryService)c!), svc, 10_000);
         lock (_ctrls)
         {
             _discovery[name] = svc;
         }
 
-        await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        try
+        {
+            await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        }
+        finally
+        {
+            svc.RefreshRunning = false;
+        }
+
+        if (svc.RefreshAgain)
+        {
+            _ = RefreshDiscoveryAsync(svc);
+        }
+    }
+
+    /// <summary>
+    /// The discovery controller's poller: admin completions (keep-alive, the change notice). A lost connection (the
+    /// target restarted or closed it) is reconnected, one attempt a second until it is back, as SPDK's
+    /// discovery_poller does; then the log is read again, since no notice could reach us meanwhile.
+    /// </summary>
+    private int PollDiscovery(DiscoveryService svc)
+    {
+        var dc = svc.Controller;
+        if (dc is null || svc.Stopped)
+        {
+            return 0;
+        }
+
+        if (!svc.Reconnecting)
+        {
+            if (!dc.IsFailed)
+            {
+                return dc.ProcessAdminCompletions();
+            }
+
+            _log.LogWarning("discovery {Name}: the discovery controller was lost ({Reason}); reconnecting", svc.Name, dc.FailureReason ?? "connection closed");
+            svc.Reconnecting = true;
+            svc.NextAttempt = 0;
+        }
+
+        if (!svc.AttemptRunning)
+        {
+            if (Ticks.Now() < svc.NextAttempt)
+            {
+                return 0;
+            }
+
+            dc.StartReconnect();
+            svc.AttemptRunning = true;
+        }
+
+        int rc = dc.PollReconnect();
+        if (rc == 0)
+        {
+            return 0;
+        }
+
+        svc.AttemptRunning = false;
+        if (rc < 0)
+        {
+            svc.NextAttempt = Ticks.Now() + Ticks.Frequency;
+            return 1;
+        }
+
+        svc.Reconnecting = false;
+        _log.LogInformation("discovery {Name}: the discovery controller is back (cntlid {Cntlid}); reading the log again", svc.Name, dc.Cntlid);
+        _reactors?.Main.Send(static st =>
+        {
+            var (m, d) = ((NvmeBdevModule, DiscoveryService))st!;
+            _ = m.RefreshDiscoveryAsync(d);
+        }, (this, svc));
+        return 1;
     }
 
     /// <summary>The key of a discovery log entry: the same subsystem at the same address is the same controller.</summary>

@@ -26,6 +26,9 @@ public sealed class NvmfController
 
     private readonly NvmfRequest?[] _aers = new NvmfRequest?[AerLimit];
     private int _aerCount;
+
+    /// <summary>Asynchronous Event Requests the host has outstanding (tests; read from another thread: a snapshot).</summary>
+    internal int PendingAsyncEventRequests => Volatile.Read(ref _aerCount);
     private bool _nsChangePending;
     private bool _nsChangeMasked;
     private bool _discoveryChangePending;

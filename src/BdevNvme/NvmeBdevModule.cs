@@ -176,6 +176,7 @@ public sealed class NvmeBdevModule : BdevModule
         public bool RefreshAgain;
         public bool Stopped;
         public int LogChanges;
+        public bool WaitForAttach;
 
         // The discovery controller's connection was lost: reconnect attempts (on the poller's reactor).
         public required NvmeBdevModule Module;
@@ -195,7 +196,10 @@ public sealed class NvmeBdevModule : BdevModule
     /// </summary>
     /// With <paramref name="attachTimeout"/> (attach_timeout_ms) a discovery controller that cannot be reached or read
     /// is retried until it passes, then the call fails with ETIMEDOUT (SPDK's behaviour); without it one attempt is made.
-    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy, TimeSpan? attachTimeout = null)
+    /// With <paramref name="waitForAttach"/> false the call completes once the discovery controller is connected and its
+    /// log read (a failure there is still the call's error); the subsystems it lists are attached after it returns
+    /// (SPDK returns even earlier, before connecting; we keep the connection error for the caller).
+    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy, TimeSpan? attachTimeout = null, bool waitForAttach = true)
     {
         var reactor = Reactor.Current ?? throw new InvalidOperationException("discovery must run on a reactor");
         trid = trid with { SubNqn = NvmeFabrics.DiscoveryNqn };
@@ -214,7 +218,7 @@ public sealed class NvmeBdevModule : BdevModule
             _discovery[name] = null;
         }
 
-        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy, Module = this };
+        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy, Module = this, WaitForAttach = waitForAttach };
         IReadOnlyList<NvmeDiscoveryEntry> entries;
         long deadline = attachTimeout is { } at ? Environment.TickCount64 + (long)at.TotalMilliseconds : 0;
         while (true)
@@ -278,9 +282,23 @@ public sealed class NvmeBdevModule : BdevModule
             _discovery[name] = svc;
         }
 
+        var first = FirstApplyAsync(svc, entries);
+        if (waitForAttach)
+        {
+            await first.ConfigureAwait(true);
+        }
+    }
+
+    private async Task FirstApplyAsync(DiscoveryService svc, IReadOnlyList<NvmeDiscoveryEntry> entries)
+    {
         try
         {
             await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        }
+        catch (Exception e) when (!svc.WaitForAttach)
+        {
+            // Nobody waits for this pass: an unexpected failure is logged (each entry's attach failure already is).
+            _log.LogError(e, "discovery {Name}: attaching the subsystems of the first log failed", svc.Name);
         }
         finally
         {
@@ -903,7 +921,7 @@ public sealed class NvmeBdevModule : BdevModule
                 ["traddr"] = d.Trid.Address.ToString(),
                 ["trsvcid"] = d.Trid.Port.ToString(System.Globalization.CultureInfo.InvariantCulture),
                 ["hostnqn"] = d.Trid.EffectiveHostNqn,
-                ["wait_for_attach"] = true,
+                ["wait_for_attach"] = d.WaitForAttach,
                 ["ctrlr_loss_timeout_sec"] = d.Policy.CtrlrLossTimeoutSec,
                 ["reconnect_delay_sec"] = d.Policy.ReconnectDelaySec,
                 ["fast_io_fail_timeout_sec"] = d.Policy.FastIoFailTimeoutSec,

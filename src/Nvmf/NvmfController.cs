@@ -473,14 +473,15 @@ public sealed class NvmfController
         bool rae = (cmd.Cdw10 & (1u << 15)) != 0;
         ulong numd = ((cmd.Cdw10 >> 16) | ((ulong)(cmd.Cdw11 & 0xFFFF) << 16)) + 1;
         ulong offset = cmd.Cdw12 | ((ulong)cmd.Cdw13 << 32);
-        if ((offset & 3) != 0 || req.HostToController || req.DataLength == 0)
+        // NUMD asking for more than the command's buffer holds is Invalid Field, as SPDK answers (not clamped).
+        if ((offset & 3) != 0 || req.HostToController || req.DataLength == 0 || numd * 4 > req.DataLength)
         {
             req.SetStatus(NvmeSct.Generic, NvmeSc.InvalidField, dnr: true);
             Complete(req);
             return;
         }
 
-        ulong len = Math.Min(numd * 4, req.DataLength);
+        ulong len = numd * 4;
         byte[]? page;
         bool disc = Subsystem.IsDiscovery;
         switch (lid)

@@ -109,6 +109,29 @@ public sealed class DiscoveryFollowTests : IAsyncLifetime
         Assert.Null(_module.FindController("nvme1"));
         Assert.Null(_hostBdevs.Find("nvme1n1"));
     }
+
+    [Fact]
+    public async Task WithoutWaitForAttachTheCallReturnsAndTheSubsystemsAreAttachedAfterIt()
+    {
+        // SPDK's default (wait_for_attach absent): the call does not wait for the attaches; they still happen, and
+        // save_config writes the flag as it was given.
+        Assert.True((await Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}"}"""))!.GetValue<bool>());
+        Assert.Equal(["nvme0"], await WaitAttached(a => a.Length == 1));
+        var sw = Stopwatch.StartNew();
+        while (_hostBdevs.Find("nvme0n1") is null)
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "nvme0n1 never appeared");
+            await Task.Delay(50);
+        }
+
+        var config = new JsonArray();
+        _module.WriteConfig(config);
+        Assert.False(Assert.Single(config)!["params"]!["wait_for_attach"]!.GetValue<bool>());
+
+        // An unreachable discovery controller is still the call's error (not a silent background failure).
+        var err = await Assert.ThrowsAsync<RpcException>(() => Host("bdev_nvme_start_discovery", """{"name":"d2","trtype":"TCP","traddr":"127.0.0.1","trsvcid":"1"}"""));
+        Assert.Equal(-19, err.Code);
+    }
 }
 
 /// <summary>

@@ -227,7 +227,19 @@ public sealed class NvmeBdevModule : BdevModule
             {
                 var opts = new NvmeTcpControllerOptions { KeepAliveTimeoutMs = Options.KeepAliveTimeoutMs };
                 svc.Controller = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
-                entries = await Task.Run(() => svc.Controller.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
+                entries = await Task.Run(() =>
+                {
+                    // Notices on before the first read: a target (SPDK's) drops a Discovery Log Page Change while the
+                    // AEC bit is off, so a change between this read and the poller's Set Features would be missed.
+                    var dc = svc.Controller;
+                    var aec = new NvmeCommand { Opcode = NvmeAdminOpcode.SetFeatures, Cdw10 = NvmeFeature.AsyncEventConfiguration, Cdw11 = NvmeAsyncEvent.DiscoveryLogChangeNotices };
+                    if (dc.ExecuteAdmin(aec, null, 0) is { IsSuccess: false } st)
+                    {
+                        _log.LogWarning("discovery {Name}: Set Features (asynchronous event configuration) failed: {Status}", name, st);
+                    }
+
+                    return dc.GetDiscoveryLog(out svc.Generation);
+                }).ConfigureAwait(true);
                 break;
             }
             catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or InvalidOperationException)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Cost of logical volumes, measured with ./bdevperf straight on the bdev layer (no vhost), on a null base (2^27 blocks
-# of 512 B = 64 GiB, so thin lvols never run out of first writes during a run) and/or a malloc base (576 MiB of RAM,
-# 512 B blocks: a 4 KiB memcpy per I/O, the realistic cheap base; its thick lvol is 512 MiB):
+# of 512 B = 64 GiB, so thin lvols never run out of first writes during a run) and/or a malloc base (RAM, 512 B
+# blocks: a 4 KiB memcpy per I/O, the realistic cheap base; 64 MiB, and 72 MiB under the lvols, whose thick lvol is
+# then 64 MiB like the thin one, so every configuration's random I/O covers the same 64 MiB of memory):
 #   base        the base bdev itself (null or malloc; "null" is accepted as the old name of this configuration)
 #   passthru    a passthru vbdev on the base: the cost of any one vbdev hop
-#   thick       a thick lvol (1 GiB on null, 512 MiB on malloc) on the base
+#   thick       a thick lvol (1 GiB on null, 64 MiB on malloc) on the base
 #   thin        a thin lvol of 64 MiB: the 1 s warm-up's writes allocate its 64 clusters, then the fast path
 #   clone       a clone of a snapshot of a thick lvol: every read goes through to the snapshot's clusters
 #   thin-first  a fresh 32 GiB thin lvol written sequentially in 1 MiB (= cluster) I/Os: every I/O allocates one
@@ -72,10 +73,14 @@ lvs='{"method":"bdev_lvol_create_lvstore","params":{"bdev_name":"N0","lvs_name":
 lvol() { echo "{\"method\":\"bdev_lvol_create\",\"params\":{\"lvs_name\":\"lvs\",\"lvol_name\":\"$1\",\"size_in_mib\":$2,\"thin_provision\":$3}}"; }
 
 config() { # config BASE NAME -> "TARGET|CALLS"
-    local base thick=1024
+    local base blocks thick=1024
     case "$1" in
         null) base='{"method":"bdev_null_create","params":{"name":"N0","num_blocks":134217728,"block_size":512}}' ;;
-        malloc) base='{"method":"bdev_malloc_create","params":{"name":"N0","num_blocks":1179648,"block_size":512}}'; thick=512 ;;
+        # malloc: every configuration touches 64 MiB at random (the base and passthru a 64 MiB disk, the lvols 64 MiB
+        # of a 72 MiB disk that also holds the lvstore's metadata), so cache and TLB misses are alike in all of them.
+        malloc) thick=64
+            if [ "$2" = base ] || [ "$2" = passthru ]; then blocks=131072; else blocks=147456; fi
+            base="{\"method\":\"bdev_malloc_create\",\"params\":{\"name\":\"N0\",\"num_blocks\":$blocks,\"block_size\":512}}" ;;
         *) echo "perf-lvol: unknown base $1" >&2; exit 1 ;;
     esac
     case "$2" in

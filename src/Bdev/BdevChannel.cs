@@ -385,7 +385,7 @@ public sealed class BdevChannel
 
                 ulong boundary = Bdev.OptimalIoBoundaryBlocks;
                 return (maxBlocks > 0 && io.NumBlocks > maxBlocks)
-                    || (boundary > 0 && (io.OffsetBlocks % boundary) + io.NumBlocks > boundary);
+                    || (boundary > 0 && WithinBoundary(io.OffsetBlocks, boundary) + io.NumBlocks > boundary);
             case BdevIoType.Unmap:
                 maxBlocks = Bdev.MaxUnmapBlocks;
                 return maxBlocks > 0 && io.NumBlocks > maxBlocks;
@@ -396,6 +396,11 @@ public sealed class BdevChannel
                 return false;
         }
     }
+
+    // offset % boundary without a 64-bit division on every I/O when the boundary is a power of two (an lvol's cluster,
+    // a raid strip: always, with SPDK's sizes).
+    private static ulong WithinBoundary(ulong offset, ulong boundary) =>
+        (boundary & (boundary - 1)) == 0 ? offset & (boundary - 1) : offset % boundary;
 
     private ulong ChildBlocks(BdevIo parent)
     {
@@ -409,7 +414,7 @@ public sealed class BdevChannel
         ulong boundary = Bdev.OptimalIoBoundaryBlocks;
         if (boundary > 0 && parent.Type is BdevIoType.Read or BdevIoType.Write or BdevIoType.Compare)
         {
-            blocks = Math.Min(blocks, boundary - (parent.SplitNextOffset % boundary));
+            blocks = Math.Min(blocks, boundary - WithinBoundary(parent.SplitNextOffset, boundary));
         }
 
         return blocks;

@@ -60,16 +60,17 @@ public sealed class SpdkPeerTests(ITestOutputHelper output)
     }
 
     [SpdkPeerFact]
-    public async Task Our_virtio_user_front_end_verifies_against_spdk_vhost_blk_with_split_rings()
+    public async Task Our_virtio_user_front_end_verifies_against_spdk_vhost_blk_with_split_and_packed_rings()
     {
         string dir = WorkDir("vhost");
         await using var spdk = await SpdkApp.StartAsync("build/bin/vhost", dir, output.WriteLine, "-S", dir);
         await spdk.RpcAsync("bdev_malloc_create", "-b", "Malloc0", "64", "4096");
+        await spdk.RpcAsync("bdev_malloc_create", "-b", "Malloc1", "64", "4096");
         await spdk.RpcAsync("vhost_create_blk_controller", "vhost.0", "Malloc0", "--cpumask", "0x1");
-        string sock = Path.Combine(dir, "vhost.0");
-        // Split rings only: SPDK v24.01's vhost-blk target here does not offer VIRTIO_F_RING_PACKED (features 0x15c007646),
-        // and enabling it through rpc.py was not found to work (untested further).
-        foreach (var (label, packed) in new[] { ("split", "false") })
+        // SPDK's vhost-blk offers VIRTIO_F_RING_PACKED only on a controller created with -p/--packed_ring; packed_ring true
+        // makes our attach fail unless the ring really is packed.
+        await spdk.RpcAsync("vhost_create_blk_controller", "vhost.1", "Malloc1", "--cpumask", "0x1", "-p");
+        foreach (var (label, packed, sock) in new[] { ("split", "false", Path.Combine(dir, "vhost.0")), ("packed", "true", Path.Combine(dir, "vhost.1")) })
         {
             string cfg = Path.Combine(dir, $"virtio-{label}.json");
             File.WriteAllText(cfg, $$$"""

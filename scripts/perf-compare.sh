@@ -6,10 +6,13 @@
 #   ours-passthru ./vhostd (poll mode) exporting a passthru bdev on a null bdev (the cost of one vbdev hop)
 #   qsd           qemu-storage-daemon, null-co (read-zeroes=off), main loop
 #   qsd-iothread  qemu-storage-daemon, null-co (read-zeroes=off), export in an iothread
+#   spdk-null     SPDK v24.01's vhost target (poll mode, one reactor) exporting a null bdev, when a built one is found
+#                 ($SPDK_VHOST, else $SPDK_DIR/build/bin/vhost, SPDK_DIR defaulting to the anchor build /tmp/anchor-spdk/spdk)
+#   ours-null-packed, spdk-null-packed   the same on a controller created with packed rings, attached with packed_ring
 # Every back end is pinned to core 0, bdevperf to core 1 (-m 0x2). Workloads: 4 KiB randread QD128,
 # randwrite QD128, randread QD1. Rounds are interleaved (A,B,C,D, A,B,C,D, ...) because IOPS on this
 # 2-vCPU machine swing with vCPU placement; the summary shows best and median per back end and workload,
-# and ratios to qemu-storage-daemon (main loop). Also: back-end CPU time over each bdevperf run (from
+# and ratios to qemu-storage-daemon (main loop; to spdk-null when qsd is not run). Also: back-end CPU time over each bdevperf run (from
 # /proc/PID/stat), bytes allocated per I/O in our daemon and gen-2 GCs (framework_get_reactors), and the
 # daemon's bdev_get_iostat op count against what bdevperf counted.
 #
@@ -31,10 +34,16 @@ while getopts "t:W:r:b:o:w:h" opt; do
         b) backends="$OPTARG" ;;
         w) workloads="$OPTARG" ;;
         o) out="$OPTARG" ;;
-        *) sed -n '2,17p' "$0"; exit 0 ;;
+        *) sed -n '2,20p' "$0"; exit 0 ;;
     esac
 done
 
+spdk_dir="${SPDK_DIR:-/tmp/anchor-spdk/spdk}"
+spdk_vhost="${SPDK_VHOST:-$spdk_dir/build/bin/vhost}"
+if [[ "$backends" == *spdk* ]] && [ ! -x "$spdk_vhost" ]; then
+    echo "perf-compare: no SPDK vhost at $spdk_vhost (set SPDK_VHOST or SPDK_DIR, or build ../shared/anchors)" >&2
+    exit 1
+fi
 qsd_bin="$(command -v qemu-storage-daemon || true)"
 if [ -z "$qsd_bin" ] && [[ "$backends" == *qsd* ]]; then
     echo "perf-compare: qemu-storage-daemon not found (apt-get install qemu-system-common)" >&2
@@ -79,9 +88,10 @@ start_backend() { # start_backend NAME -> sets daemon_pid, sock, rpc_sock, bdev
     bdev=""
     rm -f "$sock"
     case "$name" in
-        ours-null|ours-malloc|ours-passthru)
-            local create
-            if [ "$name" = ours-null ]; then
+        ours-null|ours-null-packed|ours-malloc|ours-passthru)
+            local create packed=false
+            [ "$name" = ours-null-packed ] && packed=true
+            if [ "$name" = ours-null ] || [ "$name" = ours-null-packed ]; then
                 bdev=Null0
                 create='{"method":"bdev_null_create","params":{"name":"Null0","num_blocks":2097152,"block_size":512}}'
             elif [ "$name" = ours-passthru ]; then
@@ -95,7 +105,7 @@ start_backend() { # start_backend NAME -> sets daemon_pid, sock, rpc_sock, bdev
             cat > "$work/$name.json" <<EOF
 {"subsystems":[
  {"subsystem":"bdev","config":[$create]},
- {"subsystem":"vhost_blk","config":[{"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.0","dev_name":"$bdev","cpumask":"0x1"}}]}
+ {"subsystem":"vhost_blk","config":[{"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.0","dev_name":"$bdev","cpumask":"0x1","packed_ring":$packed}}]}
 ]}
 EOF
             rpc_sock="$work/$name.rpc"
@@ -118,15 +128,34 @@ EOF
             daemon_pid=$!
             wait_socket "$sock"
             ;;
+        spdk-null|spdk-null-packed)
+            # SPDK needs 2 MB hugepages on /dev/hugepages; -u: no PCI probing (DPDK would take this VM's virtio NIC).
+            if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages || true; fi
+            grep -qs '^[^ ]* /dev/hugepages hugetlbfs ' /proc/mounts || { mkdir -p /dev/hugepages; mount -t hugetlbfs -o pagesize=2M nodev /dev/hugepages; }
+            local srpc="$work/$name.spdk.rpc" p=()
+            [ "$name" = spdk-null-packed ] && p=(-p)
+            mkdir -p "$work/sockets-$name"
+            rm -f "$srpc"
+            LD_LIBRARY_PATH="$spdk_dir/build/lib:${LD_LIBRARY_PATH:-}" taskset -c 0 "$spdk_vhost" -m 0x1 -u -s 1024 \
+                -S "$work/sockets-$name" -r "$srpc" --disable-cpumask-locks > "$work/$name.log" 2>&1 &
+            daemon_pid=$!
+            wait_socket "$srpc"
+            for _ in $(seq 1 100); do python3 "$spdk_dir/scripts/rpc.py" -s "$srpc" spdk_get_version >/dev/null 2>&1 && break; sleep 0.1; done
+            python3 "$spdk_dir/scripts/rpc.py" -s "$srpc" bdev_null_create Null0 1024 512 >/dev/null
+            python3 "$spdk_dir/scripts/rpc.py" -s "$srpc" vhost_create_blk_controller vhost.0 Null0 --cpumask 0x1 "${p[@]}"
+            sock="$work/sockets-$name/vhost.0"
+            wait_socket "$sock"
+            ;;
         *) echo "perf-compare: unknown back end $name" >&2; exit 1 ;;
     esac
 }
 
 run_one() { # run_one BACKEND ROUND WORKLOAD QD
     local be="$1" round="$2" wl="$3" qd="$4"
-    local cfg="$work/bdevperf-$be.json"
+    local cfg="$work/bdevperf-$be.json" ring=false
+    [[ "$be" == *-packed ]] && ring=true
     cat > "$cfg" <<EOF
-{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"VirtioBlk0","trtype":"user","traddr":"$sock","dev_type":"blk","vq_count":1,"vq_size":$vq_size}}]}]}
+{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_virtio_attach_controller","params":{"name":"VirtioBlk0","trtype":"user","traddr":"$sock","dev_type":"blk","vq_count":1,"vq_size":$vq_size,"packed_ring":$ring}}]}]}
 EOF
     local before_r="{}" after_r="{}" before_s="{}" after_s="{}"
     if [ -n "$rpc_sock" ]; then
@@ -225,7 +254,7 @@ EOF
     tail -n 1 "$results" | python3 -c '
 import json, sys
 r = json.loads(sys.stdin.read())
-print("  %-13s round %d %-15s %11.0f IOPS  mean %8.2f us  p99 %8.2f us  back-end CPU %.2f/%.2f s" % (r["backend"], r["round"], r["workload"], r["iops"], r["mean_us"], r["p99_us"], r["daemon_cpu_s"], r["wall_s"]))'
+print("  %-16s round %d %-15s %11.0f IOPS  mean %8.2f us  p99 %8.2f us  back-end CPU %.2f/%.2f s" % (r["backend"], r["round"], r["workload"], r["iops"], r["mean_us"], r["p99_us"], r["daemon_cpu_s"], r["wall_s"]))'
 }
 
 echo "perf-compare: ${rounds} round(s) of [$backends] x [$workloads], ${secs} s + ${warm} s warm-up each; results in $results"
@@ -243,9 +272,11 @@ python3 - "$results" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 keys = sorted({(r["workload"], r["backend"]) for r in rows}, key=lambda k: (k[0], k[1]))
-ref = "qsd"
+names = {r["backend"] for r in rows}
+ref = "qsd" if "qsd" in names else ("spdk-null" if "spdk-null" in names else sorted(names)[0])
 print()
-print(f"{'workload':<15} {'backend':<13} {'best IOPS':>11} {'median IOPS':>12} {'x qsd(best)':>11} {'x qsd(med)':>10} {'mean us (med)':>13} {'x qsd':>6} {'p99 us (med)':>12} {'CPU s/run':>9} {'B/IO daemon':>11} {'steady ops':>10} {'steady B/IO':>11} {'net B/IO':>8} {'gen2':>4} {'daemon ops/bdevperf ios':>23}")
+print(f"ratios (x ref) are to {ref}")
+print(f"{'workload':<15} {'backend':<16} {'best IOPS':>11} {'median IOPS':>12} {'x ref(best)':>11} {'x ref(med)':>10} {'mean us (med)':>13} {'x ref':>6} {'p99 us (med)':>12} {'CPU s/run':>9} {'B/IO daemon':>11} {'steady ops':>10} {'steady B/IO':>11} {'net B/IO':>8} {'gen2':>4} {'daemon ops/bdevperf ios':>23}")
 summary = {}
 for wl, be in keys:
     rs = [r for r in rows if r["workload"] == wl and r["backend"] == be]
@@ -272,7 +303,7 @@ for wl, be in keys:
         nbpio = f"{sum(x['alloc'] - x['rpc_alloc'] for x in st) / sops:.4f}" if st else "-"
     else:
         bpio = gen2 = cons = sops_s = sbpio = nbpio = "-"
-    print(f"{wl:<15} {be:<13} {best:>11,.0f} {med:>12,.0f} {xb:>11} {xm:>10} {mean:>13.2f} {xl:>6} {p99:>12.2f} {cpu:>9.2f} {bpio:>11} {sops_s:>10} {sbpio:>11} {nbpio:>8} {gen2:>4} {cons:>23}")
+    print(f"{wl:<15} {be:<16} {best:>11,.0f} {med:>12,.0f} {xb:>11} {xm:>10} {mean:>13.2f} {xl:>6} {p99:>12.2f} {cpu:>9.2f} {bpio:>11} {sops_s:>10} {sbpio:>11} {nbpio:>8} {gen2:>4} {cons:>23}")
 print()
 print("B/IO daemon: bytes allocated in the whole daemon (GC.GetTotalAllocatedBytes) over each bdevperf run, including")
 print("attach/detach and warm-up, divided by the measured I/Os. steady ops / steady B/IO: the daemon's ops and bytes allocated")

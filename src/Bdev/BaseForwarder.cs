@@ -19,13 +19,19 @@ public class BaseForwarder
     };
 
     private readonly BdevDesc _base;
+    private readonly bool _inPlace;
     private readonly BdevIoWaitEntry _wait;
     private BdevIo? _waitHead;
     private BdevIo? _waitTail;
 
-    public BaseForwarder(BdevDesc baseDesc)
+    /// <param name="baseDesc">The vbdev's descriptor of its base.</param>
+    /// <param name="forwardInPlace">Hand each I/O to the base as the same object when the base allows it
+    /// (<see cref="BdevChannel.TryForward"/>): for a vbdev that needs no hook at the base's completion
+    /// (<see cref="OnBaseDone"/> is then not called: the base's status goes straight to the vbdev's caller).</param>
+    public BaseForwarder(BdevDesc baseDesc, bool forwardInPlace = false)
     {
         _base = baseDesc;
+        _inPlace = forwardInPlace;
         Base = baseDesc.GetIoChannel();
         _wait = new BdevIoWaitEntry(static s => ((BaseForwarder)s!).Resume(), this);
     }
@@ -68,6 +74,11 @@ public class BaseForwarder
 
     private void Submit(BdevIo io)
     {
+        if (_inPlace && Base.TryForward(_base, io, io.OffsetBlocks))
+        {
+            return;
+        }
+
         io.ModuleContext = this;
         var ch = Base;
         int rc = io.Type switch

@@ -89,6 +89,15 @@ public abstract class Bdev
     /// </summary>
     protected internal abstract void Submit(IoChannel moduleChannel, BdevIo io);
 
+    /// <summary>
+    /// True when <see cref="Submit"/> may be handed another bdev's I/O (<see cref="BdevChannel.TryForward"/>: a vbdev
+    /// forwarding its caller's <see cref="BdevIo"/> in place instead of submitting a second one). A module that says so
+    /// reads only the I/O's type, offset, block count and <see cref="BdevIo.Iovs"/>, its own geometry (never
+    /// <see cref="BdevIo.Bdev"/> or <see cref="BdevIo.Channel"/>), may use <see cref="BdevIo.ModuleContext"/> and
+    /// <see cref="BdevIo.ModuleTag"/>, and ends with <see cref="BdevIo.Complete(BdevIoStatus)"/>. False by default.
+    /// </summary>
+    public virtual bool AcceptsForwardedIo => false;
+
     /// <summary>Module-specific part of bdev_get_bdevs.</summary>
     public virtual JsonObject? DriverSpecific() => null;
 

@@ -100,6 +100,90 @@ public sealed class BdevChannel
     public int Reset(BdevDesc desc, BdevIoCompletion cb, object? arg) =>
         SubmitNoData(BdevIoType.Reset, desc, 0, 0, cb, arg);
 
+    /// <summary>
+    /// Forwarded submit: hands <paramref name="io"/>, an I/O of another bdev whose module is running it on this
+    /// reactor (a vbdev: lvol, passthru), to this channel's bdev as the same object, at <paramref name="offsetBlocks"/>
+    /// of this bdev, instead of a second <see cref="BdevIo"/> with its own submit, checks, callback and completion.
+    /// The base module's completion goes straight to <paramref name="io"/>'s own channel (deferred there when it
+    /// comes inside the submit, as any completion); on the way, before anything else (NoMemory retry, split
+    /// accounting, the caller's callback), <paramref name="io"/> gets back its offset and the forwarding module's
+    /// <see cref="BdevIo.ModuleContext"/> and <see cref="BdevIo.ModuleTag"/> (saved here while the base module uses
+    /// them), the I/O is counted in this channel's statistics, and <paramref name="done"/> runs (e.g. a write count a
+    /// quiesce waits on). The status is the base module's (NoMemory included: the caller's channel then retries
+    /// through the forwarding module). Returns false, touching nothing, when the forward cannot be made: the base's
+    /// module did not opt in (<see cref="Bdev.AcceptsForwardedIo"/>), QoS is set on the base, the block sizes
+    /// differ, the descriptor is closed, read-only for a write or not of this bdev, the type is not supported, the
+    /// range is out of bounds, the base would split it or need a bounce buffer, or <paramref name="io"/> is already
+    /// forwarded; the caller then submits a regular I/O. Allocates nothing.
+    /// </summary>
+    public bool TryForward(BdevDesc desc, BdevIo io, ulong offsetBlocks, Action<BdevIo>? done = null)
+    {
+        Debug.Assert(Reactor.IsCurrent, "bdev I/O forwarded off its channel's reactor");
+        var bdev = Bdev;
+        if (!bdev.AcceptsForwardedIo || bdev.Qos is not null || io.ForwardChannel is not null || io.Channel == this
+            || bdev.BlockSize != io.Bdev.BlockSize || Check(io.Type, desc, offsetBlocks, io.NumBlocks) != 0)
+        {
+            return false;
+        }
+
+        ulong saved = io.OffsetBlocks;
+        io.OffsetBlocks = offsetBlocks;
+        if (NeedsSplit(io, out _) || (bdev.RequiredAlignment > 1 && Misaligned(io.Iovs, bdev.RequiredAlignment)))
+        {
+            io.OffsetBlocks = saved;
+            return false;
+        }
+
+        io.ForwardChannel = this;
+        io.ForwardSavedOffset = saved;
+        io.ForwardSavedContext = io.ModuleContext;
+        io.ForwardSavedTag = io.ModuleTag;
+        io.ForwardDone = done;
+        io.ModuleContext = null;
+        io.ModuleTag = 0;
+        Outstanding++;
+        bdev.Submit(_moduleChannel, io);
+        return true;
+    }
+
+    /// <summary>A forwarded I/O (<see cref="TryForward"/>) came back from this channel's module: count it here and
+    /// give it back to its own bdev's module.</summary>
+    internal void EndForward(BdevIo io)
+    {
+        Outstanding--;
+        if (io.Status == BdevIoStatus.Success)
+        {
+            Account(io, Reactor.Now - io.SubmitTicks);
+        }
+        else if (io.Status != BdevIoStatus.NoMemory)
+        {
+            Stats.NumErrors++;
+        }
+
+        io.ForwardChannel = null;
+        io.OffsetBlocks = io.ForwardSavedOffset;
+        io.ModuleContext = io.ForwardSavedContext;
+        io.ModuleTag = io.ForwardSavedTag;
+        io.ForwardSavedContext = null;
+        var done = io.ForwardDone;
+        io.ForwardDone = null;
+        done?.Invoke(io);
+    }
+
+    private static bool Misaligned(ReadOnlySpan<IoVec> iovs, nuint align)
+    {
+        nuint mask = align - 1;
+        for (int i = 0; i < iovs.Length; i++)
+        {
+            if (((nuint)iovs[i].Base & mask) != 0 || (iovs[i].Length & mask) != 0)
+            {
+                return true;
+            }
+        }
+
+        return false;
+    }
+
     /// <summary>Parks <paramref name="entry"/> until an I/O object is free. Returns false if it is already queued.</summary>
     public bool QueueIoWait(BdevIoWaitEntry entry)
     {
@@ -301,7 +385,7 @@ public sealed class BdevChannel
 
                 ulong boundary = Bdev.OptimalIoBoundaryBlocks;
                 return (maxBlocks > 0 && io.NumBlocks > maxBlocks)
-                    || (boundary > 0 && (io.OffsetBlocks % boundary) + io.NumBlocks > boundary);
+                    || (boundary > 0 && WithinBoundary(io.OffsetBlocks, boundary) + io.NumBlocks > boundary);
             case BdevIoType.Unmap:
                 maxBlocks = Bdev.MaxUnmapBlocks;
                 return maxBlocks > 0 && io.NumBlocks > maxBlocks;
@@ -312,6 +396,11 @@ public sealed class BdevChannel
                 return false;
         }
     }
+
+    // offset % boundary without a 64-bit division on every I/O when the boundary is a power of two (an lvol's cluster,
+    // a raid strip: always, with SPDK's sizes).
+    private static ulong WithinBoundary(ulong offset, ulong boundary) =>
+        (boundary & (boundary - 1)) == 0 ? offset & (boundary - 1) : offset % boundary;
 
     private ulong ChildBlocks(BdevIo parent)
     {
@@ -325,7 +414,7 @@ public sealed class BdevChannel
         ulong boundary = Bdev.OptimalIoBoundaryBlocks;
         if (boundary > 0 && parent.Type is BdevIoType.Read or BdevIoType.Write or BdevIoType.Compare)
         {
-            blocks = Math.Min(blocks, boundary - (parent.SplitNextOffset % boundary));
+            blocks = Math.Min(blocks, boundary - WithinBoundary(parent.SplitNextOffset, boundary));
         }
 
         return blocks;
@@ -490,6 +579,11 @@ public sealed class BdevChannel
 
     private void Finish(BdevIo io)
     {
+        if (io.ForwardChannel is { } forwardedTo)
+        {
+            forwardedTo.EndForward(io);
+        }
+
         if (io.BounceBuffer is not null)
         {
             FinishBounce(io);

@@ -55,6 +55,14 @@ public sealed class BdevIo
     internal int SplitOutstanding;
     internal bool SplitFailed;
 
+    // Forwarded in place to a base bdev's module (BdevChannel.TryForward): the base channel, the caller's offset and
+    // module state saved while the base module runs, and the forwarding module's completion hook.
+    internal BdevChannel? ForwardChannel;
+    internal ulong ForwardSavedOffset;
+    internal object? ForwardSavedContext;
+    internal long ForwardSavedTag;
+    internal Action<BdevIo>? ForwardDone;
+
     // Bounce buffer in use, if any.
     internal AlignedBuffer? BounceBuffer;
     internal nuint BounceLength;
@@ -130,6 +138,9 @@ public sealed class BdevIo
         Callback = null;
         CallbackArg = null;
         Parent = null;
+        ForwardChannel = null;
+        ForwardSavedContext = null;
+        ForwardDone = null;
         SplitOutstanding = 0;
         SplitFailed = false;
         Status = BdevIoStatus.Pending;

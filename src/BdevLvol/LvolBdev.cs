@@ -30,6 +30,9 @@ public sealed class LvolBdev : Bdev.Bdev
         io.Complete(ok);
     };
 
+    // A fast-path write forwarded in place (BdevChannel.TryForward) is uncounted when the base gives it back.
+    private static readonly Action<BdevIo> s_forwardedWriteDone = static io => ((LvsChannel)io.ModuleContext!).InFlight[io.ModuleTag]--;
+
     private readonly LvsEntry _lvs;
     private readonly ulong _blocksPerCluster;
     /// <summary>log2 of <see cref="_blocksPerCluster"/> when it is a power of two (always with SPDK's cluster
@@ -102,7 +105,12 @@ public sealed class LvolBdev : Bdev.Bdev
                     uint c = b.ClusterAt(ci);
                     if (c != 0)
                     {
-                        int rc = ch.Base.Read(_lvs.Desc, io.Iovs, c * _blocksPerCluster + within, io.NumBlocks, s_readDone, io);
+                        ulong at = c * _blocksPerCluster + within;
+                        if (ch.Base.TryForward(_lvs.Desc, io, at))
+                        {
+                            return;
+                        }
+                        int rc = ch.Base.Read(_lvs.Desc, io.Iovs, at, io.NumBlocks, s_readDone, io);
                         if (rc != 0)
                         {
                             io.Complete(rc == -Errno.ENOMEM ? BdevIoStatus.NoMemory : BdevIoStatus.Failed);
@@ -128,7 +136,12 @@ public sealed class LvolBdev : Bdev.Bdev
                     if (c != 0)
                     {
                         int g = ch.EnterFastWrite(io);
-                        int rc = ch.Base.Write(_lvs.Desc, io.Iovs, c * _blocksPerCluster + within, io.NumBlocks, s_writeDone, io);
+                        ulong at = c * _blocksPerCluster + within;
+                        if (ch.Base.TryForward(_lvs.Desc, io, at, s_forwardedWriteDone))
+                        {
+                            return;
+                        }
+                        int rc = ch.Base.Write(_lvs.Desc, io.Iovs, at, io.NumBlocks, s_writeDone, io);
                         if (rc != 0)
                         {
                             ch.InFlight[g]--;
@@ -162,6 +175,10 @@ public sealed class LvolBdev : Bdev.Bdev
                     {
                         int g = ch.EnterFastWrite(io);
                         ulong at = c0 * _blocksPerCluster + within;
+                        if (ch.Base.TryForward(_lvs.Desc, io, at, s_forwardedWriteDone))
+                        {
+                            return;
+                        }
                         int rc = unmap
                             ? ch.Base.Unmap(_lvs.Desc, at, io.NumBlocks, s_writeDone, io)
                             : ch.Base.WriteZeroes(_lvs.Desc, at, io.NumBlocks, s_writeDone, io);

@@ -23,6 +23,10 @@ public sealed class MallocBdev : Bdev.Bdev
 
     public override bool SupportsIoType(BdevIoType type) => true;
 
+    /// <summary>Submit reads only the I/O's type, range and iovecs (checked by the layer or by
+    /// <see cref="BdevChannel.TryForward"/>): a vbdev may forward its own I/O here.</summary>
+    public override bool AcceptsForwardedIo => true;
+
     protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io)

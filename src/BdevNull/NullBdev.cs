@@ -18,6 +18,9 @@ public sealed class NullBdev : Bdev.Bdev
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => io.Complete(BdevIoStatus.Success);
 
+    /// <summary>Submit touches nothing of the I/O but its completion: a vbdev may forward its own I/O here.</summary>
+    public override bool AcceptsForwardedIo => true;
+
     public void Resize(ulong numBlocks) => SetBlockCount(numBlocks);
 
     public override JsonObject ConfigCall() => VhostBackend.Rpc.Subsystem.Call("bdev_null_create", new JsonObject

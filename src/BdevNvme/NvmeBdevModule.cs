@@ -42,6 +42,9 @@ public sealed class NvmeBdevModule : BdevModule
     /// </summary>
     public static NvmeBdevModule WithAttach(Func<string, NvmeControllerOptions, ILogger, NvmeController> attach) => new() { _attach = attach };
 
+    /// <summary>The module with another way to attach an NVMe/TCP controller (tests wrap <see cref="NvmeTcpController.Attach"/>).</summary>
+    public static NvmeBdevModule WithAttachTcp(Func<NvmeTcpTransportId, NvmeTcpControllerOptions, ILogger, NvmeTcpController> attach) => new() { _attachTcp = attach };
+
     /// <summary>Module-wide options (bdev_nvme_set_options).</summary>
     public NvmeBdevOptions Options { get; } = new();
 
@@ -173,6 +176,13 @@ public sealed class NvmeBdevModule : BdevModule
         public bool RefreshAgain;
         public bool Stopped;
         public int LogChanges;
+        public bool WaitForAttach;
+
+        // The discovery controller's connection was lost: reconnect attempts (on the poller's reactor).
+        public required NvmeBdevModule Module;
+        public bool Reconnecting;
+        public bool AttemptRunning;
+        public long NextAttempt;
     }
 
     private readonly Dictionary<string, DiscoveryService?> _discovery = new(StringComparer.Ordinal); // null: starting
@@ -186,7 +196,10 @@ public sealed class NvmeBdevModule : BdevModule
     /// </summary>
     /// With <paramref name="attachTimeout"/> (attach_timeout_ms) a discovery controller that cannot be reached or read
     /// is retried until it passes, then the call fails with ETIMEDOUT (SPDK's behaviour); without it one attempt is made.
-    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy, TimeSpan? attachTimeout = null)
+    /// With <paramref name="waitForAttach"/> false the call completes once the discovery controller is connected and its
+    /// log read (a failure there is still the call's error); the subsystems it lists are attached after it returns
+    /// (SPDK returns even earlier, before connecting; we keep the connection error for the caller).
+    public async Task StartDiscoveryAsync(string name, NvmeTcpTransportId trid, NvmePathLossPolicy policy, TimeSpan? attachTimeout = null, bool waitForAttach = true)
     {
         var reactor = Reactor.Current ?? throw new InvalidOperationException("discovery must run on a reactor");
         trid = trid with { SubNqn = NvmeFabrics.DiscoveryNqn };
@@ -205,7 +218,7 @@ public sealed class NvmeBdevModule : BdevModule
             _discovery[name] = null;
         }
 
-        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy };
+        var svc = new DiscoveryService { Name = name, Trid = trid, Policy = policy, Module = this, WaitForAttach = waitForAttach };
         IReadOnlyList<NvmeDiscoveryEntry> entries;
         long deadline = attachTimeout is { } at ? Environment.TickCount64 + (long)at.TotalMilliseconds : 0;
         while (true)
@@ -214,7 +227,19 @@ public sealed class NvmeBdevModule : BdevModule
             {
                 var opts = new NvmeTcpControllerOptions { KeepAliveTimeoutMs = Options.KeepAliveTimeoutMs };
                 svc.Controller = await Task.Run(() => _attachTcp(trid, opts, _log)).ConfigureAwait(true);
-                entries = await Task.Run(() => svc.Controller.GetDiscoveryLog(out svc.Generation)).ConfigureAwait(true);
+                entries = await Task.Run(() =>
+                {
+                    // Notices on before the first read: a target (SPDK's) drops a Discovery Log Page Change while the
+                    // AEC bit is off, so a change between this read and the poller's Set Features would be missed.
+                    var dc = svc.Controller;
+                    var aec = new NvmeCommand { Opcode = NvmeAdminOpcode.SetFeatures, Cdw10 = NvmeFeature.AsyncEventConfiguration, Cdw11 = NvmeAsyncEvent.DiscoveryLogChangeNotices };
+                    if (dc.ExecuteAdmin(aec, null, 0) is { IsSuccess: false } st)
+                    {
+                        _log.LogWarning("discovery {Name}: Set Features (asynchronous event configuration) failed: {Status}", name, st);
+                    }
+
+                    return dc.GetDiscoveryLog(out svc.Generation);
+                }).ConfigureAwait(true);
                 break;
             }
             catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or InvalidOperationException)
@@ -242,6 +267,11 @@ public sealed class NvmeBdevModule : BdevModule
             }
         }
 
+        // The first apply counts as a running refresh: a notice during it makes a refresh run after it. Run beside
+        // it, a refresh attaching an entry new in the log was undone by this apply, which works from the older log
+        // (the new controller looked "gone" from it and was detached).
+        svc.RefreshRunning = true;
+
         // Discovery Log Page Change notices: the AER completes on the poller's reactor under the admin lock; the
         // refresh runs on the main reactor (reading the log again re-arms the notice).
         var dctrl = svc.Controller;
@@ -258,13 +288,98 @@ public sealed class NvmeBdevModule : BdevModule
         };
         dctrl.EnableAsyncEvents(1, NvmeAsyncEvent.DiscoveryLogChangeNotices);
 
-        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((NvmeTcpController)c!).ProcessAdminCompletions(), dctrl, 10_000);
+        svc.Poller = reactor.RegisterPoller("bdev_nvme_discovery:" + name, static c => ((DiscoveryService)c!).Module.PollDiscovery((DiscoveryService)c!), svc, 10_000);
         lock (_ctrls)
         {
             _discovery[name] = svc;
         }
 
-        await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        var first = FirstApplyAsync(svc, entries);
+        if (waitForAttach)
+        {
+            await first.ConfigureAwait(true);
+        }
+    }
+
+    private async Task FirstApplyAsync(DiscoveryService svc, IReadOnlyList<NvmeDiscoveryEntry> entries)
+    {
+        try
+        {
+            await ApplyDiscoveryLogAsync(svc, entries).ConfigureAwait(true);
+        }
+        catch (Exception e) when (!svc.WaitForAttach)
+        {
+            // Nobody waits for this pass: an unexpected failure is logged (each entry's attach failure already is).
+            _log.LogError(e, "discovery {Name}: attaching the subsystems of the first log failed", svc.Name);
+        }
+        finally
+        {
+            svc.RefreshRunning = false;
+        }
+
+        if (svc.RefreshAgain)
+        {
+            _ = RefreshDiscoveryAsync(svc);
+        }
+    }
+
+    /// <summary>
+    /// The discovery controller's poller: admin completions (keep-alive, the change notice). A lost connection (the
+    /// target restarted or closed it) is reconnected, one attempt a second until it is back, as SPDK's
+    /// discovery_poller does; then the log is read again, since no notice could reach us meanwhile.
+    /// </summary>
+    private int PollDiscovery(DiscoveryService svc)
+    {
+        var dc = svc.Controller;
+        if (dc is null || svc.Stopped)
+        {
+            return 0;
+        }
+
+        if (!svc.Reconnecting)
+        {
+            if (!dc.IsFailed)
+            {
+                return dc.ProcessAdminCompletions();
+            }
+
+            _log.LogWarning("discovery {Name}: the discovery controller was lost ({Reason}); reconnecting", svc.Name, dc.FailureReason ?? "connection closed");
+            svc.Reconnecting = true;
+            svc.NextAttempt = 0;
+        }
+
+        if (!svc.AttemptRunning)
+        {
+            if (Ticks.Now() < svc.NextAttempt)
+            {
+                return 0;
+            }
+
+            dc.StartReconnect();
+            svc.AttemptRunning = true;
+        }
+
+        int rc = dc.PollReconnect();
+        if (rc == 0)
+        {
+            return 0;
+        }
+
+        svc.AttemptRunning = false;
+        if (rc < 0)
+        {
+            svc.NextAttempt = Ticks.Now() + Ticks.Frequency;
+            return 1;
+        }
+
+        svc.Reconnecting = false;
+        _log.LogInformation("discovery {Name}: the discovery controller is back (cntlid {Cntlid}); reading the log again", svc.Name, dc.Cntlid);
+        _reactors?.Main.Send(static st =>
+        {
+            var (m, d) = ((NvmeBdevModule, DiscoveryService))st!;
+            _ = m.RefreshDiscoveryAsync(d);
+        }, (this, svc));
+        return 1;
     }
 
     /// <summary>The key of a discovery log entry: the same subsystem at the same address is the same controller.</summary>
@@ -818,7 +933,7 @@ public sealed class NvmeBdevModule : BdevModule
                 ["traddr"] = d.Trid.Address.ToString(),
                 ["trsvcid"] = d.Trid.Port.ToString(System.Globalization.CultureInfo.InvariantCulture),
                 ["hostnqn"] = d.Trid.EffectiveHostNqn,
-                ["wait_for_attach"] = true,
+                ["wait_for_attach"] = d.WaitForAttach,
                 ["ctrlr_loss_timeout_sec"] = d.Policy.CtrlrLossTimeoutSec,
                 ["reconnect_delay_sec"] = d.Policy.ReconnectDelaySec,
                 ["fast_io_fail_timeout_sec"] = d.Policy.FastIoFailTimeoutSec,

@@ -535,7 +535,7 @@ internal static class NvmeBdevRpc
             }
 
             await module.StartDiscoveryAsync(p.Name, new NvmeTcpTransportId { Address = p.Address, Port = p.Port, HostNqn = p.Hostnqn }, policy,
-                p.AttachTimeoutMs is > 0 and var ms ? TimeSpan.FromMilliseconds(ms) : null).ConfigureAwait(true);
+                p.AttachTimeoutMs is > 0 and var ms ? TimeSpan.FromMilliseconds(ms) : null, p.WaitForAttach ?? false).ConfigureAwait(true);
             return (JsonNode?)true;
         }, RpcStates.Both);
 

@@ -46,7 +46,7 @@ public sealed class PassthruBdev : Bdev.Bdev
             : base("passthru:" + name) => _base = baseDesc;
 
         // Runs on the reactor that asked: the base channel is that reactor's.
-        protected override object CreateChannelContext(Reactor reactor) => new BaseForwarder(_base);
+        protected override object CreateChannelContext(Reactor reactor) => new BaseForwarder(_base, forwardInPlace: true);
 
         protected override void DestroyChannelContext(Reactor reactor, object context) => ((BaseForwarder)context).Close();
     }

@@ -291,7 +291,10 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             }
 
             uint blockSize = (features & VirtioFeatures.Bit(VirtioBlkFeature.BlkSize)) != 0 ? config.BlkSize : 512;
-            if (blockSize < 512 || (blockSize & (blockSize - 1)) != 0 || config.Capacity == 0)
+            // The capacity (512-byte sectors) must give at least one block and must not overflow in bytes: a back end's
+            // 2^55+ sectors would wrap the bdev's size.
+            if (blockSize < 512 || (blockSize & (blockSize - 1)) != 0 || blockSize > 1024 * 1024 || config.Capacity < blockSize / 512
+                || config.Capacity > ulong.MaxValue / 512)
             {
                 throw new IOException($"back end at {path}: unusable geometry (capacity {config.Capacity} sectors, blk_size {blockSize})");
             }

@@ -26,6 +26,9 @@ public sealed class NvmfController
 
     private readonly NvmfRequest?[] _aers = new NvmfRequest?[AerLimit];
     private int _aerCount;
+
+    /// <summary>Asynchronous Event Requests the host has outstanding (tests; read from another thread: a snapshot).</summary>
+    internal int PendingAsyncEventRequests => Volatile.Read(ref _aerCount);
     private bool _nsChangePending;
     private bool _nsChangeMasked;
     private bool _discoveryChangePending;
@@ -470,14 +473,15 @@ public sealed class NvmfController
         bool rae = (cmd.Cdw10 & (1u << 15)) != 0;
         ulong numd = ((cmd.Cdw10 >> 16) | ((ulong)(cmd.Cdw11 & 0xFFFF) << 16)) + 1;
         ulong offset = cmd.Cdw12 | ((ulong)cmd.Cdw13 << 32);
-        if ((offset & 3) != 0 || req.HostToController || req.DataLength == 0)
+        // NUMD asking for more than the command's buffer holds is Invalid Field, as SPDK answers (not clamped).
+        if ((offset & 3) != 0 || req.HostToController || req.DataLength == 0 || numd * 4 > req.DataLength)
         {
             req.SetStatus(NvmeSct.Generic, NvmeSc.InvalidField, dnr: true);
             Complete(req);
             return;
         }
 
-        ulong len = Math.Min(numd * 4, req.DataLength);
+        ulong len = numd * 4;
         byte[]? page;
         bool disc = Subsystem.IsDiscovery;
         switch (lid)

@@ -100,6 +100,9 @@ public sealed class NvmeTcpTargetModel : IDisposable
         return held.Length;
     }
 
+    /// <summary>CAP.MQES the model reports (0's based; a hostile target may say 0).</summary>
+    public ushort Mqes { get; set; } = 127;
+
     /// <summary>Active namespaces are 1..NamespaceCount (all backed by <see cref="Disk"/>; I/O goes to namespace 1 only).</summary>
     public volatile int NamespaceCount = 1;
 
@@ -394,7 +397,7 @@ public sealed class NvmeTcpTargetModel : IDisposable
                 {
                     ulong v = cmd.Cdw11 switch
                     {
-                        0x00 => 127UL | (1UL << 16) | (2UL << 24) | (1UL << 37), // MQES 127, CQR, TO 1 s, NVM
+                        0x00 => Mqes | (1UL << 16) | (2UL << 24) | (1UL << 37), // MQES (127), CQR, TO 1 s, NVM
                         0x08 => 0x10400,
                         0x14 => _cc,
                         0x1C => _csts,

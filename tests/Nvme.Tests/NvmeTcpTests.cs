@@ -350,6 +350,17 @@ public sealed class NvmeTcpInitiatorTests : IDisposable
     }
 
     [Fact]
+    public void ACapWithMqesZeroFailsTheAttach()
+    {
+        // MQES 0 (one entry) is below the spec's minimum of 1: no queue pair of ours can have fewer than two entries.
+        // Without the check the attach succeeded and every later I/O queue pair threw ArgumentOutOfRangeException
+        // (after taking a queue id it never gave back).
+        _target.Mqes = 0;
+        var e = Assert.Throws<IOException>(() => NvmeTcpController.Attach(_target.TransportId()).Dispose());
+        Assert.Contains("MQES", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void AnInvalidICRespFailsTheConnect()
     {
         using var c = NvmeTcpController.Attach(_target.TransportId());

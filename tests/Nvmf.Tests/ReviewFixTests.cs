@@ -345,5 +345,10 @@ public sealed class ReviewFixTests : IAsyncLifetime
         Assert.Equal(NvmeSct.Generic, NvmfHostModel.Sct(past.Status));
         Assert.Equal(NvmeSc.InvalidField, NvmfHostModel.Sc(past.Status));
         Assert.Equal(NvmeSc.InvalidField, NvmfHostModel.Sc(h.Read(Smart(1UL << 40), 512).Resp!.Status));
+
+        // NUMD asking for more than the command's buffer is Invalid Field (SPDK's answer), not clamped to the buffer.
+        var tooLong = h.Read(Smart(0), 256).Resp!;
+        Assert.Equal(NvmeSct.Generic, NvmfHostModel.Sct(tooLong.Status));
+        Assert.Equal(NvmeSc.InvalidField, NvmfHostModel.Sc(tooLong.Status));
     }
 }

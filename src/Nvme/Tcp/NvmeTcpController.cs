@@ -610,6 +610,12 @@ public sealed class NvmeTcpController : IDisposable
             {
                 case 2:
                     Cap = new NvmeCap(_prop.Value);
+                    if (Cap.MaxQueueEntries < 2)
+                    {
+                        // MQES is at least 1 (two entries): a queue pair of one entry cannot hold a command.
+                        return ReconnectFailed($"CAP.MQES {Cap.MaxQueueEntries - 1}: the controller allows fewer than 2 queue entries", -Errno.EIO);
+                    }
+
                     _reconnectStep = 3;
                     return SubmitProperty(NvmeFabrics.PropertyGet(NvmeReg.Vs, false));
                 case 3:

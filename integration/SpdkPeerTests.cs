@@ -327,7 +327,7 @@ public sealed class SpdkPeerFactAttribute : FactAttribute
     public SpdkPeerFactAttribute()
     {
         string d = SpdkPeerTests.SpdkDir;
-        foreach (var f in new[] { "build/bin/vhost", "build/bin/nvmf_tgt", "build/examples/bdevperf", "scripts/rpc.py" })
+        foreach (var f in new[] { "build/bin/vhost", "build/bin/nvmf_tgt", "build/bin/spdk_tgt", "build/bin/spdk_dd", "build/examples/bdevperf", "scripts/rpc.py" })
         {
             if (!File.Exists(Path.Combine(d, f)))
             {

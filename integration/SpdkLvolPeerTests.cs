@@ -282,4 +282,63 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
             Assert.Equal(0, await daemon.TerminateAsync(TimeSpan.FromSeconds(60)));
         }
     }
+
+    [SpdkPeerFact]
+    public async Task A_store_left_dirty_by_a_killed_vhostd_is_recovered_by_spdk_with_every_committed_write()
+    {
+        string dir = WorkDir("dirty");
+        string image = Path.Combine(dir, "lvs.img");
+        using (var f = File.Create(image))
+        {
+            f.SetLength(32L * MiB);
+        }
+
+        var model = new Dictionary<string, byte[]> { ["thick"] = new byte[4 * MiB], ["thin"] = new byte[8 * MiB] };
+        string ourStores, ourLvols;
+        await using (var daemon = await VhostDaemon.StartAsync(dir, output.WriteLine))
+        {
+            string s = daemon.RpcSocket;
+            await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
+            await Rpc(s, "bdev_lvol_create_lvstore", "aio0", "lvs0", "-c", MiB.ToString(CultureInfo.InvariantCulture));
+            await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "thick", "4");
+            await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "-t", "thin", "8");
+            string json = await Export(daemon, dir, "lvs0/thick", "lvs0/thin");
+            await DdWrite(dir, json, "Nvme0n1", 0, Random(11, 4 * MiB), model["thick"]);
+            await DdWrite(dir, json, "Nvme0n2", 3 * MiB, Random(12, 1536 * 1024), model["thin"]); // clusters 3-4
+            await Rpc(s, "bdev_lvol_snapshot", "lvs0/thin", "snap");
+            model["snap"] = (byte[])model["thin"].Clone();
+            await DdWrite(dir, json, "Nvme0n2", 7 * MiB, Random(13, 64 * 1024), model["thin"]); // cluster 7, after the snapshot
+            await DdWrite(dir, json, "Nvme0n2", 3 * MiB, Random(14, 64 * 1024), model["thin"]); // copy-on-write of cluster 3
+            ourStores = await Rpc(s, "bdev_lvol_get_lvstores");
+            ourLvols = await Rpc(s, "bdev_lvol_get_lvols");
+
+            // A crash: nothing is unloaded, the super block stays dirty.
+            await daemon.KillAsync();
+        }
+
+        Assert.Equal(31 - 4 - 2 - 2, (int)JsonNode.Parse(ourStores)!.AsArray().Single()!["free_clusters"]!);
+        string aio = AioJson(dir, image);
+        await using (var spdk = await SpdkApp.StartAsync("build/bin/spdk_tgt", dir, output.WriteLine))
+        {
+            string s = Path.Combine(dir, "spdk.sock");
+            await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
+            await Rpc(s, "bdev_wait_for_examine");
+            string spdkStores = await Rpc(s, "bdev_lvol_get_lvstores");
+            Assert.Contains("Performing recovery on blobstore", spdk.LogTail(), StringComparison.Ordinal);
+            Assert.True(JsonNode.DeepEquals(JsonNode.Parse(ourStores), JsonNode.Parse(spdkStores)), $"lvstores differ:\nours {ourStores}\nSPDK {spdkStores}\n{spdk.LogTail()}");
+            var ours = ByUuid(ourLvols);
+            var theirs = ByUuid(await Rpc(s, "bdev_lvol_get_lvols"));
+            Assert.Equal(3, ours.Count);
+            Assert.Equal(ours.Keys.Order(), theirs.Keys.Order());
+            foreach (var (uuid, lvol) in ours)
+            {
+                Assert.True(JsonNode.DeepEquals(lvol, theirs[uuid]), $"lvol {uuid} differs:\nours {lvol.ToJsonString()}\nSPDK {theirs[uuid].ToJsonString()}");
+            }
+        }
+
+        foreach (var n in new[] { "thick", "thin", "snap" })
+        {
+            await DdVerify(dir, aio, "lvs0/" + n, model[n], "spdk-recovered");
+        }
+    }
 }

@@ -137,7 +137,7 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
     private static Dictionary<string, JsonNode> ByUuid(string json) =>
         JsonNode.Parse(json)!.AsArray().ToDictionary(n => (string)n!["uuid"]!, n => n!);
 
-    /// <summary>The facts of an lvol bdev that both implementations report in bdev_get_bdevs: size and lvol flags.</summary>
+    /// <summary>The facts of an lvol bdev that both implementations report in bdev_get_bdevs: size, lvol flags and relations (clones sorted).</summary>
     private async Task<JsonObject> BdevFacts(string socket, string name)
     {
         var b = JsonNode.Parse(await Rpc(socket, "bdev_get_bdevs", "-b", name))!.AsArray().Single()!;
@@ -152,6 +152,8 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
             ["thin_provision"] = (bool)lvol["thin_provision"]!,
             ["snapshot"] = (bool)lvol["snapshot"]!,
             ["clone"] = (bool)lvol["clone"]!,
+            ["base_snapshot"] = (string?)lvol["base_snapshot"],
+            ["clones"] = lvol["clones"] is JsonArray c ? new JsonArray(c.Select(n => (JsonNode?)JsonValue.Create((string)n!)).Order(Comparer<JsonNode?>.Create((a, b) => string.CompareOrdinal((string)a!, (string)b!))).ToArray()) : null,
         };
     }
 

@@ -259,9 +259,10 @@ public sealed class LvolBdev : Bdev.Bdev
         io.Complete(ok);
     }
 
-    public override JsonObject DriverSpecific() => new()
+    /// <summary>SPDK's <c>vbdev_lvol_dump_info_json</c>: a clone names its <c>base_snapshot</c>, a snapshot its <c>clones</c>.</summary>
+    public override JsonObject DriverSpecific()
     {
-        ["lvol"] = new JsonObject
+        var lvol = new JsonObject
         {
             ["lvol_store_uuid"] = _lvs.Store.Uuid.ToString(),
             ["base_bdev"] = _lvs.Desc.Bdev.Name,
@@ -269,9 +270,20 @@ public sealed class LvolBdev : Bdev.Bdev
             ["num_allocated_clusters"] = Lvol.AllocatedClusters,
             ["snapshot"] = Lvol.IsSnapshot,
             ["clone"] = Lvol.IsClone,
-            ["esnap_clone"] = false,
-        },
-    };
+        };
+        if (Lvol.IsClone && Lvol.Parent is { } parent)
+        {
+            lvol["base_snapshot"] = parent.Name;
+        }
+
+        if (Lvol.IsSnapshot)
+        {
+            lvol["clones"] = new JsonArray(Lvol.Clones.Select(c => (JsonNode?)JsonValue.Create(c.Name)).ToArray());
+        }
+
+        lvol["esnap_clone"] = false;
+        return new JsonObject { ["lvol"] = lvol };
+    }
 }
 
 /// <summary>

@@ -211,6 +211,13 @@ public class LvolModuleTests
                 var lvols = (await kit.Call("bdev_lvol_get_lvols", new { lvs_name = "lvs" }))!.AsArray();
                 Assert.Equal(["thin", "snap", "clone2", "thick"], lvols.Select(l => l!["name"]!.GetValue<string>()));
                 Assert.True(lvols[1]!["is_snapshot"]!.GetValue<bool>());
+                // bdev_get_bdevs names the relations as SPDK's vbdev_lvol_dump_info_json does.
+                var snapInfo = (await kit.Call("bdev_get_bdevs", new { name = "lvs/snap" }))!.AsArray().Single()!["driver_specific"]!["lvol"]!;
+                Assert.Equal(["thin", "clone2"], snapInfo["clones"]!.AsArray().Select(c => c!.GetValue<string>()));
+                Assert.Null(snapInfo["base_snapshot"]);
+                var cloneInfo = (await kit.Call("bdev_get_bdevs", new { name = "lvs/clone2" }))!.AsArray().Single()!["driver_specific"]!["lvol"]!;
+                Assert.Equal("snap", cloneInfo["base_snapshot"]!.GetValue<string>());
+                Assert.Null(cloneInfo["clones"]);
             }
             // A new daemon: examine brings everything back.
             await using (var kit = new LvolKit())

@@ -56,6 +56,15 @@ public sealed class NvmeTcpQueuePair : IDisposable
     private readonly Tracker[] _sendQueue;
     private int _sendHead;
     private int _sendCount;
+
+    // Send coalescing: whole small PDUs (command capsules with their in-capsule data, H2CData of at most StageDataMax
+    // bytes) are copied here and go out in one send, instead of one send per header and per data part (at QD128 the
+    // initiator was bound by send syscalls). Larger data is sent from the command's buffers, after what is staged.
+    private const int StageBytes = 32 * 1024;
+    private const int StageDataMax = 8 * 1024;
+    private readonly byte[] _txStage = new byte[StageBytes];
+    private int _txStageLen;
+    private int _txStageSent;
     private readonly byte[] _ctlTx = new byte[NvmeTcpPdu.IcSize + NvmeTcpPdu.TermReqMaxErrorData];
     private int _ctlLen;
     private int _ctlSent;
@@ -173,7 +182,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
     /// A poll has work now, so the owner must not sleep: a connect in progress, PDUs waiting to be sent (the socket's
     /// send buffer was full), or received bytes not processed yet.
     /// </summary>
-    public bool HasPendingWork => IsConnecting || _sendCount > 0 || _ctlLen > _ctlSent || _stageEnd > _stageStart;
+    public bool HasPendingWork => IsConnecting || _sendCount > 0 || _ctlLen > _ctlSent || _stageEnd > _stageStart || _txStageSent < _txStageLen;
     public int FreeSlots => _freeCount;
 
     /// <summary>How long <see cref="StartConnect"/> + <see cref="PollConnect"/> may take (ticks).</summary>
@@ -202,6 +211,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         _rxHave = 0;
         _stageStart = _stageEnd = 0;
         _ctlLen = _ctlSent = 0;
+        _txStageLen = _txStageSent = 0;
         _deadline = Ticks.Now() + ConnectTimeoutTicks;
         try
         {
@@ -483,7 +493,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
             Receive();
         }
 
-        if (_state is not StateFailed && (_sendCount > 0 || _ctlLen > _ctlSent))
+        if (_state is not StateFailed && (_sendCount > 0 || _ctlLen > _ctlSent || _txStageSent < _txStageLen))
         {
             Flush(); // R2Ts answered, or what the received PDUs queued
         }
@@ -508,8 +518,32 @@ public sealed class NvmeTcpQueuePair : IDisposable
             _ctlSent += n;
         }
 
-        while (_sendCount > 0)
+        while (_state is not StateFailed)
         {
+            if (_txStageSent < _txStageLen)
+            {
+                int n = s.Send(_txStage.AsSpan(_txStageSent, _txStageLen - _txStageSent), SocketFlags.None, out var err);
+                if (!Sent(n, err))
+                {
+                    return;
+                }
+
+                _txStageSent += n;
+                continue;
+            }
+
+            _txStageLen = _txStageSent = 0;
+            if (_sendCount == 0)
+            {
+                return;
+            }
+
+            StagePdus();
+            if (_txStageLen > 0 || _sendCount == 0)
+            {
+                continue;
+            }
+
             var t = _sendQueue[_sendHead];
             int dd = t.TxDataLength > 0 && _ddgst ? 4 : 0;
             long total = t.TxHeaderLength + t.TxDataLength + dd;
@@ -542,17 +576,75 @@ public sealed class NvmeTcpQueuePair : IDisposable
                 t.TxSent += n;
             }
 
-            _sendHead = (_sendHead + 1) % _sendQueue.Length;
-            _sendCount--;
-            t.Queued = false;
-            if (t.Active && t.R2TActive && t.TxDataOffset + t.TxDataLength < t.R2TEnd)
+            Dequeued(t);
+        }
+    }
+
+    /// <summary>The head PDU has gone out (or is staged): take it off the queue; an R2T's next piece is queued.</summary>
+    private void Dequeued(Tracker t)
+    {
+        _sendHead = (_sendHead + 1) % _sendQueue.Length;
+        _sendCount--;
+        t.Queued = false;
+        if (t.Active && t.R2TActive && t.TxDataOffset + t.TxDataLength < t.R2TEnd)
+        {
+            QueueH2C(t, t.TxDataOffset + t.TxDataLength); // the next piece of this R2T
+        }
+        else if (t.Active && t.R2TActive)
+        {
+            t.R2TActive = false;
+        }
+    }
+
+    /// <summary>
+    /// Copies whole queued PDUs (none started, data at most <see cref="StageDataMax"/>) into the send stage while they
+    /// fit; each counts as sent once copied (the stage goes out before anything queued later). Stops at the first PDU
+    /// that is larger or does not fit.
+    /// </summary>
+    private void StagePdus()
+    {
+        while (_sendCount > 0)
+        {
+            var t = _sendQueue[_sendHead];
+            if (t.TxSent != 0 || t.TxDataLength > StageDataMax)
             {
-                QueueH2C(t, t.TxDataOffset + t.TxDataLength); // the next piece of this R2T
+                return;
             }
-            else if (t.Active && t.R2TActive)
+
+            int dd = t.TxDataLength > 0 && _ddgst ? 4 : 0;
+            int total = t.TxHeaderLength + (int)t.TxDataLength + dd;
+            if (total > StageBytes - _txStageLen)
             {
-                t.R2TActive = false;
+                return;
             }
+
+            var dst = _txStage.AsSpan(_txStageLen, total);
+            t.TxHeader.AsSpan(0, t.TxHeaderLength).CopyTo(dst);
+            int pos = t.TxHeaderLength;
+            uint off = t.TxDataOffset;
+            uint left = t.TxDataLength;
+            while (left > 0)
+            {
+                var seg = Segment(t, off, left);
+                if (seg.IsEmpty)
+                {
+                    Fail("send: a command's data is shorter than its PDU (internal error)", NvmeTcpFes.None, 0);
+                    return;
+                }
+
+                seg.CopyTo(dst[pos..]);
+                pos += seg.Length;
+                off += (uint)seg.Length;
+                left -= (uint)seg.Length;
+            }
+
+            if (dd != 0)
+            {
+                BinaryPrimitives.WriteUInt32LittleEndian(dst[pos..], t.TxDigest);
+            }
+
+            _txStageLen += total;
+            Dequeued(t);
         }
     }
 
@@ -1022,6 +1114,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
     public int FailOutstanding(NvmeStatus status)
     {
         _sendCount = 0;
+        _txStageLen = _txStageSent = 0;
         _sendHead = 0;
         _rxTracker = null;
         int n = 0;

@@ -20,11 +20,12 @@ public sealed class Application : IAsyncDisposable
     private JsonRpcServer? _server;
     private ConfigPersistence? _persistence;
     private bool _started;
-    private readonly Lazy<SharedMemoryArena> _sharedMemory = new(() => SharedMemoryArena.Create("vhostbackend-io", SharedMemoryBytes));
+    private readonly Lazy<SharedMemoryArena> _sharedMemory;
 
     public Application(ApplicationOptions options, ILoggerFactory loggerFactory)
     {
         Options = options;
+        _sharedMemory = new(() => SharedMemoryArena.Create("vhostbackend-io", options.SharedMemoryBytes));
         _loggerFactory = loggerFactory;
         _logger = loggerFactory.CreateLogger("app");
         try
@@ -61,9 +62,6 @@ public sealed class Application : IAsyncDisposable
     /// add, e.g. vhost controllers); see docs/OPERATIONS.md. Disposed at stop.
     /// </summary>
     public Meter Meter { get; }
-
-    /// <summary>Virtual size of <see cref="SharedMemory"/> (pages are committed only when touched).</summary>
-    public const ulong SharedMemoryBytes = 512UL << 20;
 
     /// <summary>
     /// Memory for I/O buffers shared with vhost-user back ends (created on first use): what the virtio-user bdev

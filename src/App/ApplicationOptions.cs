@@ -36,6 +36,15 @@ public sealed class ApplicationOptions
     public bool WaitForRpc { get; set; }
 
     /// <summary>
+    /// Virtual size of the shared I/O memory (<see cref="Application.SharedMemory"/>: what a virtio-user front end
+    /// sends its back end; pages are committed only when touched). bdevperf's <c>-s MiB</c>. A back end with an IOMMU
+    /// pins all of it, so a small one maps faster.
+    /// </summary>
+    public ulong SharedMemoryBytes { get; set; } = DefaultSharedMemoryBytes;
+
+    public const ulong DefaultSharedMemoryBytes = 512UL << 20;
+
+    /// <summary>
     /// --persist-config (ours): keep the running config in this file (save_config format, rewritten atomically
     /// after every change over RPC) and start from it when it exists, instead of <see cref="ConfigFile"/> or
     /// <see cref="Config"/> (those seed the first start). See <see cref="ConfigPersistence"/>.

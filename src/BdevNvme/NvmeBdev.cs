@@ -57,10 +57,31 @@ public sealed class NvmeBdev : Bdev.Bdev
     }
 
     /// <summary>bdev_get_iostat's driver_specific: how much I/O was bounced instead of going to the device zero-copy.</summary>
-    public override JsonObject? DeviceStats() => new()
+    /// <summary>
+    /// bdev_get_iostat's driver_specific: how much I/O was bounced instead of going to the device zero-copy, and for a
+    /// PCIe controller the state of its DMA space (front-end memory mapped, still being mapped, failed; channel memory
+    /// reused from the reserve). Extension fields (SPDK's place for a module's device stats).
+    /// </summary>
+    public override JsonObject? DeviceStats()
     {
-        ["nvme_bounce"] = new JsonObject { ["bounced_ios"] = BouncedIos, ["bounced_bytes"] = BouncedBytes },
-    };
+        var stats = new JsonObject
+        {
+            ["nvme_bounce"] = new JsonObject { ["bounced_ios"] = BouncedIos, ["bounced_bytes"] = BouncedBytes },
+        };
+        if (Ctrl is NvmeBdevController { Controller.Dma: var dma })
+        {
+            stats["nvme_dma"] = new JsonObject
+            {
+                ["zero_copy"] = DmaSpace.ZeroCopyEnabled && dma == DmaSpace.VfioIfCreated,
+                ["mapped_ranges"] = dma.ExternalRegistrations,
+                ["pending_maps"] = dma.PendingExternalMaps,
+                ["failed_maps"] = dma.ExternalFailures,
+                ["reserve_hits"] = dma.CacheHits,
+            };
+        }
+
+        return stats;
+    }
 
     private static Guid MakeUuid(NvmeBdevControllerBase ctrl, NvmeNamespace ns)
     {

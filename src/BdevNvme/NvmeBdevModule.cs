@@ -118,7 +118,25 @@ public sealed class NvmeBdevModule : BdevModule
             }
 
             // Bring-up blocks for a while (CAP.TO bounded): keep it off the reactor.
-            var ctrl = await Task.Run(() => _attach(traddr, opts, _log)).ConfigureAwait(true);
+            int channels = _reactors?.Reactors.Count ?? 1;
+            var ctrl = await Task.Run(() =>
+            {
+                var c = _attach(traddr, opts, _log);
+
+                // Channel memory (a queue pair and bounce buffers per reactor) mapped now: a reactor opening a channel
+                // then makes no VFIO call (docs/DMA.md), and channels closed and opened again reuse it.
+                try
+                {
+                    c.ReserveIoQueueMemory(channels);
+                    c.Dma.Reserve(NvmeChannelContext.BounceBytes, channels, "vb-nvme-bounce");
+                }
+                catch (Exception e) when (e is IOException or OutOfMemoryException)
+                {
+                    _log.LogWarning("NVMe {Name}: reserving channel DMA memory failed ({Error}): channels allocate it when they open", name, e.Message);
+                }
+
+                return c;
+            }).ConfigureAwait(true);
             var bc = new NvmeBdevController(name, traddr, ctrl, reactor, _log) { TimeoutAction = action, IoTimeoutTicks = (long)(o.TimeoutUs / 1e6 * Ticks.Frequency) };
             return (bc, ctrl.Namespaces);
         });

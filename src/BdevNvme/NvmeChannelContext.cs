@@ -23,6 +23,10 @@ namespace VhostBackend.BdevNvme;
 internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Request>
 {
     private const int MaxRetries = 3;
+    private const int BounceBuffers = 32;
+
+    /// <summary>A channel's bounce memory (reserved per reactor at attach: <see cref="DmaSpace.Reserve"/>).</summary>
+    internal const ulong BounceBytes = BounceBuffers * (ulong)NvmeBdev.MaxIoBytes;
     private readonly NvmeBdevController _ctrl;
     private readonly NvmeQueuePair? _qp;
     private readonly DmaBufferPool _bounce;
@@ -57,7 +61,7 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
             }
         }
 
-        _bounce = new DmaBufferPool(ctrl.Controller.Dma, 32, (int)NvmeBdev.MaxIoBytes, "vb-nvme-bounce");
+        _bounce = new DmaBufferPool(ctrl.Controller.Dma, BounceBuffers, (int)NvmeBdev.MaxIoBytes, "vb-nvme-bounce");
         Start(_qp is null ? 1 : _qp.Entries - 1, "bdev_nvme_poll:" + ctrl.CtrlName);
         if (_qp?.InterruptFd is { } irq)
         {

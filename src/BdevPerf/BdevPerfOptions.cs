@@ -19,6 +19,12 @@ public sealed class BdevPerfCommandLine
     public string LogLevel { get; private set; } = "warning";
     public bool Help { get; private set; }
 
+    /// <summary>-z: set up, then run a test for each perform_tests RPC (SPDK's bdevperf -z) until stopped.</summary>
+    public bool WaitForTests { get; private set; }
+
+    /// <summary>-s: the shared I/O memory in MiB (what a virtio-user front end sends its back end).</summary>
+    public ulong? MemSizeMiB { get; private set; }
+
     public const string Usage = """
         Usage: bdevperf --json CONFIG -q DEPTH -o IO_SIZE -w WORKLOAD -t SECONDS [options]
           -c, --json FILE        JSON config (SPDK format) creating the bdevs to test
@@ -34,6 +40,12 @@ public sealed class BdevPerfCommandLine
           --buf-offset N         start each I/O buffer N bytes (0-4095) into a page (default 0: page aligned);
                                  exercises drivers with misaligned buffers (ours, not SPDK's)
           -r, --rpc-socket PATH  also serve JSON-RPC (bdev_get_iostat etc.) while running
+          -z                     set up, then wait: each perform_tests RPC runs a test (params time_in_sec,
+                                 workload_type, queue_depth, io_size, rw_percentage override the command
+                                 line; ours: buf_offset) and answers when it ends; runs until SIGINT/SIGTERM;
+                                 the RPC socket defaults to /var/tmp/spdk.sock
+          -s, --mem-size MIB     shared I/O memory (the virtio-user front end's buffers; default 512): a back
+                                 end with an IOMMU pins all of it, a small one is mapped sooner
           -L, --log-level LEVEL  error, warning, info, debug
           --reactor-mode MODE    poll (default), interrupt or adaptive: how idle reactors wait (interrupt:
                                  the virtio-user front end sleeps on its call eventfds)
@@ -118,6 +130,13 @@ public sealed class BdevPerfCommandLine
                 case "--rpc-socket":
                     o.RpcSocket = Value();
                     break;
+                case "-z":
+                    o.WaitForTests = true;
+                    break;
+                case "-s":
+                case "--mem-size":
+                    o.MemSizeMiB = (ulong)ParseInt(a, Value(), 2, 1 << 20);
+                    break;
                 case "--interrupt-mode":
                     o.ReactorMode = ReactorMode.Interrupt;
                     break;
@@ -157,9 +176,13 @@ public sealed class BdevPerfCommandLine
             throw new ArgumentException("--json CONFIG is required");
         }
 
-        if (!haveQ || !haveO || !haveW || !haveT)
+        if (o.WaitForTests)
         {
-            throw new ArgumentException("-q, -o, -w and -t are required");
+            o.RpcSocket ??= "/var/tmp/spdk.sock";
+        }
+        else if (!haveQ || !haveO || !haveW || !haveT)
+        {
+            throw new ArgumentException("-q, -o, -w and -t are required (or -z and perform_tests)");
         }
 
         return o;

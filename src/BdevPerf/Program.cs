@@ -51,6 +51,7 @@ public static class Program
             ConfigFile = cl.ConfigFile,
             RpcSocket = cl.RpcSocket,
             Reactor = new ReactorOptions { Mode = cl.ReactorMode },
+            SharedMemoryBytes = cl.MemSizeMiB is { } mib ? mib << 20 : ApplicationOptions.DefaultSharedMemoryBytes,
         };
 
         Application app;
@@ -58,6 +59,11 @@ public static class Program
         {
             app = new Application(options, loggerFactory);
             StandardModules.Register(app);
+            if (cl.WaitForTests)
+            {
+                RegisterPerformTests(app, cl);
+            }
+
             await app.StartAsync();
         }
         catch (ApplicationConfigException e)
@@ -68,7 +74,18 @@ public static class Program
 
         try
         {
-            return await RunAsync(app, cl);
+            if (cl.WaitForTests)
+            {
+                // SPDK's bdevperf -z: set up, then run a test per perform_tests RPC until told to stop.
+                var stop = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+                using var term = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c => { c.Cancel = true; stop.TrySetResult(); });
+                using var intr = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, c => { c.Cancel = true; stop.TrySetResult(); });
+                Console.WriteLine($"bdevperf: waiting for perform_tests on {cl.RpcSocket}");
+                await stop.Task;
+                return 0;
+            }
+
+            return await RunAsync(app, cl, cl.Perf);
         }
         catch (ArgumentException e)
         {
@@ -81,7 +98,110 @@ public static class Program
         }
     }
 
-    private static async Task<int> RunAsync(Application app, BdevPerfCommandLine cl)
+    private sealed class PerformTestsParams
+    {
+        public int? TimeInSec { get; set; }
+        public string? WorkloadType { get; set; }
+        public int? QueueDepth { get; set; }
+        public string? IoSize { get; set; }
+        public int? RwPercentage { get; set; }
+
+        /// <summary>Ours (not SPDK's): --buf-offset for this run.</summary>
+        public int? BufOffset { get; set; }
+    }
+
+    private static int s_testRunning;
+
+    /// <summary>
+    /// SPDK's perform_tests (bdevperf -z): params override the command line's for this run and the ones after it (as
+    /// SPDK keeps them); the answer is 0 when the run ended without errors, else an error. One run at a time.
+    /// </summary>
+    private static void RegisterPerformTests(Application app, BdevPerfCommandLine cl)
+    {
+        app.Rpc.Register("perform_tests", async req =>
+        {
+            var p = req.Bind<PerformTestsParams>(Rpc.RpcErrorCodes.ParseError, "spdk_json_decode_object failed", allowUnknownNames: true);
+            if (Interlocked.Exchange(ref s_testRunning, 1) != 0)
+            {
+                throw new Rpc.RpcException(Rpc.RpcErrorCodes.InternalError, "Operation now in progress: another test is already in progress");
+            }
+
+            try
+            {
+                var o = new PerfOptions
+                {
+                    QueueDepth = cl.Perf.QueueDepth,
+                    IoSize = cl.Perf.IoSize,
+                    Workload = cl.Perf.Workload,
+                    Seconds = cl.Perf.Seconds,
+                    ReadPercent = cl.Perf.ReadPercent,
+                    WarmupSeconds = cl.Perf.WarmupSeconds,
+                    BufferOffset = cl.Perf.BufferOffset,
+                };
+                try
+                {
+                    if (p.WorkloadType is { } w)
+                    {
+                        o.Workload = BdevPerfCommandLine.ParseWorkload(w);
+                    }
+
+                    if (p.QueueDepth is { } q)
+                    {
+                        o.QueueDepth = q is >= 1 and <= 65536 ? q : throw new ArgumentException($"queue_depth: {q} is not in [1, 65536]");
+                    }
+
+                    if (p.IoSize is { } sz)
+                    {
+                        o.IoSize = BdevPerfCommandLine.ParseSize("io_size", sz);
+                    }
+
+                    if (p.TimeInSec is { } t)
+                    {
+                        o.Seconds = t is >= 1 and <= 86400 ? t : throw new ArgumentException($"time_in_sec: {t} is not in [1, 86400]");
+                    }
+
+                    if (p.RwPercentage is { } rw)
+                    {
+                        o.ReadPercent = rw is >= 0 and <= 100 ? rw : throw new ArgumentException($"rw_percentage: {rw} is not in [0, 100]");
+                    }
+
+                    if (p.BufOffset is { } off)
+                    {
+                        o.BufferOffset = off is >= 0 and <= 4095 ? off : throw new ArgumentException($"buf_offset: {off} is not in [0, 4095]");
+                    }
+                }
+                catch (ArgumentException e)
+                {
+                    throw new Rpc.RpcException(Rpc.RpcErrorCodes.ParseError, "Invalid parameters provided: " + e.Message.Replace("-w: ", "workload_type: ", StringComparison.Ordinal));
+                }
+
+                // Valid: they stay for the runs after this one (as SPDK keeps them).
+                cl.Perf.QueueDepth = o.QueueDepth;
+                cl.Perf.IoSize = o.IoSize;
+                cl.Perf.Workload = o.Workload;
+                cl.Perf.Seconds = o.Seconds;
+                cl.Perf.ReadPercent = o.ReadPercent;
+                cl.Perf.BufferOffset = o.BufferOffset;
+                int rc;
+                try
+                {
+                    rc = await Task.Run(() => RunAsync(app, cl, o));
+                }
+                catch (ArgumentException e)
+                {
+                    throw new Rpc.RpcException(Rpc.RpcErrorCodes.InternalError, "bdevperf failed with error " + e.Message);
+                }
+
+                return rc == 0 ? 0 : throw new Rpc.RpcException(Rpc.RpcErrorCodes.InternalError, "bdevperf failed with error Input/output error");
+            }
+            finally
+            {
+                Volatile.Write(ref s_testRunning, 0);
+            }
+        });
+    }
+
+    private static async Task<int> RunAsync(Application app, BdevPerfCommandLine cl, PerfOptions perf)
     {
         var bdevs = cl.Targets.Count > 0
             ? cl.Targets.Select(t => app.Bdevs.Find(t) ?? throw new ArgumentException($"-T: no bdev named '{t}'")).ToList()
@@ -91,7 +211,7 @@ public static class Program
             throw new ArgumentException("the config creates no bdev to test");
         }
 
-        bool writes = cl.Perf.Workload is not (Workload.Read or Workload.RandRead);
+        bool writes = perf.Workload is not (Workload.Read or Workload.RandRead);
         var reactors = app.Reactors.Reactors;
         var plan = new List<(Bdev.Bdev Bdev, Reactor Reactor)>();
         for (int i = 0; i < bdevs.Count; i++)
@@ -109,11 +229,11 @@ public static class Program
         var jobs = new List<PerfJob>();
         foreach (var (bdev, reactor) in plan)
         {
-            var job = await reactor.InvokeAsync(() => new PerfJob(app.Bdevs.Open(bdev.Name, writes), reactor, cl.Perf, app.SharedMemory));
+            var job = await reactor.InvokeAsync(() => new PerfJob(app.Bdevs.Open(bdev.Name, writes), reactor, perf, app.SharedMemory));
             jobs.Add(job);
         }
 
-        string header = $"Running {cl.Perf.Workload.ToString().ToLowerInvariant()} for {cl.Perf.Seconds} s: queue depth {cl.Perf.QueueDepth}, I/O size {cl.Perf.IoSize}, {jobs.Count} job(s) on cores {cl.CpuMask}";
+        string header = $"Running {perf.Workload.ToString().ToLowerInvariant()} for {perf.Seconds} s: queue depth {perf.QueueDepth}, I/O size {perf.IoSize}, {jobs.Count} job(s) on cores {cl.CpuMask}";
         if (!cl.JsonOutput)
         {
             Console.WriteLine(header);
@@ -125,9 +245,9 @@ public static class Program
             await j.Reactor.InvokeAsync(j.Start);
         }
 
-        if (cl.Perf.WarmupSeconds > 0)
+        if (perf.WarmupSeconds > 0)
         {
-            await Task.Delay(TimeSpan.FromSeconds(cl.Perf.WarmupSeconds));
+            await Task.Delay(TimeSpan.FromSeconds(perf.WarmupSeconds));
             foreach (var j in jobs)
             {
                 await j.Reactor.InvokeAsync(j.BeginMeasuring);
@@ -136,7 +256,7 @@ public static class Program
             cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
         }
 
-        await Task.Delay(TimeSpan.FromSeconds(cl.Perf.Seconds));
+        await Task.Delay(TimeSpan.FromSeconds(perf.Seconds));
         var drains = new List<Task>();
         foreach (var j in jobs)
         {
@@ -156,10 +276,10 @@ public static class Program
             j.Desc.Dispose();
         }
 
-        return Report(cl, jobs, cpu);
+        return Report(cl, perf, jobs, cpu);
     }
 
-    private static int Report(BdevPerfCommandLine cl, List<PerfJob> jobs, TimeSpan cpu)
+    private static int Report(BdevPerfCommandLine cl, PerfOptions perf, List<PerfJob> jobs, TimeSpan cpu)
     {
         double us(long ticks) => Ticks.ToMicroseconds(ticks);
         var total = new LatencyHistogram();
@@ -222,10 +342,10 @@ public static class Program
         {
             var result = new JsonObject
             {
-                ["workload"] = cl.Perf.Workload.ToString().ToLowerInvariant(),
-                ["queue_depth"] = cl.Perf.QueueDepth,
-                ["io_size"] = cl.Perf.IoSize,
-                ["seconds"] = cl.Perf.Seconds,
+                ["workload"] = perf.Workload.ToString().ToLowerInvariant(),
+                ["queue_depth"] = perf.QueueDepth,
+                ["io_size"] = perf.IoSize,
+                ["seconds"] = perf.Seconds,
                 ["jobs"] = rows,
                 ["total"] = new JsonObject
                 {

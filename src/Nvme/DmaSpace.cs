@@ -65,11 +65,10 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
 
     /// <summary>
     /// Whether <see cref="ForVfio"/> subscribes to the process's <see cref="DmaMemoryRegistry"/> (zero-copy from guest
-    /// memory). Opt-in for now (environment VHOSTBACKEND_NVME_ZERO_COPY=1): in the q35 + intel-iommu TCG test guest,
-    /// QEMU 7.2 crashed (SIGSEGV) while vhostd mapped a virtio-user front end's arena under NVMe I/O; until that is
-    /// understood, guest buffers are bounced (and counted) by default. See docs/DMA.md.
+    /// memory): on unless the environment has VHOSTBACKEND_NVME_ZERO_COPY=0 (then every guest buffer is bounced and
+    /// counted, and no guest memory is pinned). See docs/DMA.md.
     /// </summary>
-    public static bool ZeroCopyEnabled { get; } = Environment.GetEnvironmentVariable("VHOSTBACKEND_NVME_ZERO_COPY") == "1";
+    public static bool ZeroCopyEnabled { get; } = Environment.GetEnvironmentVariable("VHOSTBACKEND_NVME_ZERO_COPY") != "0";
 
     /// <summary>The DMA space of the shared VFIO container (created on first use), subscribed to the process's <see cref="DmaMemoryRegistry"/> when <see cref="ZeroCopyEnabled"/>.</summary>
     public static DmaSpace ForVfio(ILogger? logger = null)
@@ -685,6 +684,25 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
             throw new ArgumentOutOfRangeException(nameof(size));
         }
 
+        ulong key = (size + SmallPageSize - 1) & ~(SmallPageSize - 1);
+        CachedRegion? cached = null;
+        lock (_lock)
+        {
+            if (_cache.TryGetValue(key, out var stack) && stack.Count > 0)
+            {
+                cached = stack.Pop();
+            }
+        }
+
+        if (cached is not null)
+        {
+            // Still registered (and mapped): no IOMMU call. Zeroed as a fresh allocation is.
+            System.Runtime.InteropServices.NativeMemory.Clear((void*)cached.Va, (nuint)cached.Size);
+            TryTranslate(cached.Va, (nuint)cached.Size, out ulong cachedIova);
+            Interlocked.Increment(ref _cacheHits);
+            return new DmaRegion(this, cached.Va, cachedIova, cached.Size, cached.HugePages, cached.Fd, key);
+        }
+
         ulong hugeSize = (size + HugePageSize - 1) & ~(HugePageSize - 1);
         nint va = MapMemfd(name, hugeSize, NvmeNative.MFD_HUGETLB, out int fd);
         bool huge = va != 0;
@@ -720,7 +738,54 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         }
 
         TryTranslate(va, (nuint)mapped, out ulong iova);
-        return new DmaRegion(this, va, iova, mapped, huge, fd);
+        return new DmaRegion(this, va, iova, mapped, huge, fd, key);
+    }
+
+    private sealed record CachedRegion(nint Va, ulong Size, bool HugePages, int Fd);
+
+    // Freed regions of this space kept registered and mapped for the next allocation of the same size (under _lock).
+    private readonly Dictionary<ulong, Stack<CachedRegion>> _cache = new();
+    private readonly Dictionary<ulong, int> _reserved = new(); // regions per size the reserve keeps; other sizes are unmapped and freed at once
+    private long _cacheHits;
+
+    /// <summary>Allocations served from freed regions (no mapping call).</summary>
+    public long CacheHits => Interlocked.Read(ref _cacheHits);
+
+    /// <summary>
+    /// Allocates <paramref name="count"/> regions of <paramref name="size"/> bytes now and keeps them, mapped, for later
+    /// <see cref="Allocate"/> calls of that size; a region freed later goes back to this reserve. Used off the reactors
+    /// (controller attach) so that a reactor creating an I/O channel (its queue pair, its bounce buffers) makes no
+    /// VFIO call: a <c>VFIO_IOMMU_MAP_DMA</c> waits for the container's mutex, which a background map of a front end's
+    /// memory may hold for a while. Freeing never unmaps while the reserve has room.
+    /// </summary>
+    public void Reserve(ulong size, int count, string name = "vb-dma-reserve")
+    {
+        if (count <= 0)
+        {
+            return;
+        }
+
+        ulong key = (size + SmallPageSize - 1) & ~(SmallPageSize - 1);
+        var regions = new List<DmaRegion>(count);
+        try
+        {
+            lock (_lock)
+            {
+                _reserved[key] = _reserved.GetValueOrDefault(key) + count;
+            }
+
+            for (int i = 0; i < count; i++)
+            {
+                regions.Add(Allocate(size, name)); // from the reserve when it already holds some (kept there)
+            }
+        }
+        finally
+        {
+            foreach (var r in regions)
+            {
+                r.Dispose(); // into the reserve
+            }
+        }
     }
 
     private static nint MapMemfd(string name, ulong size, uint extraFlags, out int fd)
@@ -752,6 +817,23 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
 
     internal void Free(DmaRegion region)
     {
+        lock (_lock)
+        {
+            if (_reserved.TryGetValue(region.CacheKey, out int keep) && _regions.Any(r => r.Va == (ulong)region.Va && r.Owned))
+            {
+                if (!_cache.TryGetValue(region.CacheKey, out var stack))
+                {
+                    _cache[region.CacheKey] = stack = new Stack<CachedRegion>();
+                }
+
+                if (stack.Count < keep)
+                {
+                    stack.Push(new CachedRegion(region.Va, region.Size, region.HugePages, region.Fd));
+                    return;
+                }
+            }
+        }
+
         UnregisterDmaMemory(region.Va);
         NvmeNative.munmap(region.Va, (nuint)region.Size);
         if (region.Fd >= 0)
@@ -761,15 +843,16 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
     }
 }
 
-/// <summary>A block of DMA memory owned by whoever allocated it; <see cref="Dispose"/> unmaps and frees it.</summary>
+/// <summary>A block of DMA memory owned by whoever allocated it; <see cref="Dispose"/> returns it to its space (kept mapped for reuse while the space's reserve has room, else unmapped and freed).</summary>
 public sealed class DmaRegion : IDisposable
 {
     private readonly DmaSpace _space;
     private int _disposed;
 
-    internal DmaRegion(DmaSpace space, nint va, ulong iova, ulong size, bool hugePages, int fd)
+    internal DmaRegion(DmaSpace space, nint va, ulong iova, ulong size, bool hugePages, int fd, ulong cacheKey)
     {
         _space = space;
+        CacheKey = cacheKey;
         Va = va;
         Iova = iova;
         Size = size;
@@ -782,6 +865,7 @@ public sealed class DmaRegion : IDisposable
     public ulong Size { get; }
     public bool HugePages { get; }
     internal int Fd { get; }
+    internal ulong CacheKey { get; }
 
     public void Dispose()
     {

@@ -790,6 +790,13 @@ public sealed unsafe class NvmeController : IDisposable
     /// thread owns it from now on and creates it with <see cref="NvmeQueuePair.StartConnect"/> /
     /// <see cref="NvmeQueuePair.PollConnect"/>. Throws when no queue id is left.
     /// </summary>
+    /// <summary>
+    /// Keeps the DMA memory of <paramref name="count"/> I/O queue pairs (default size) allocated and mapped, so that
+    /// <see cref="CreateIoQueuePair"/> on a reactor makes no VFIO call (see <see cref="DmaSpace.Reserve"/>). Off the reactors.
+    /// </summary>
+    public void ReserveIoQueueMemory(int count) =>
+        Dma.Reserve(NvmeQueuePair.DmaBytes(IoQueueEntries, PageSize), Math.Min(count, MaxIoQueuePairs), "vb-nvme-qpair");
+
     public NvmeQueuePair CreateIoQueuePair(int entries = 0)
     {
         ushort qid;

@@ -76,6 +76,10 @@ public sealed unsafe class NvmeQueuePair : IDisposable
         public byte Opcode;
     }
 
+    /// <summary>The DMA memory of a queue pair of <paramref name="entries"/>: SQ, CQ, one PRP list page per command slot.</summary>
+    internal static ulong DmaBytes(int entries, int pageSize) =>
+        Align((ulong)entries * 64, (ulong)pageSize) + Align((ulong)entries * 16, (ulong)pageSize) + (ulong)(entries - 1) * (ulong)pageSize;
+
     internal NvmeQueuePair(NvmeController ctrl, ushort qid, int entries, int pageSize, int dstrd)
     {
         if (entries < 2 || entries > 65536)
@@ -92,8 +96,7 @@ public sealed unsafe class NvmeQueuePair : IDisposable
         int trackers = entries - 1; // a full SQ holds entries - 1 commands
         ulong sqBytes = Align((ulong)entries * 64, (ulong)pageSize);
         ulong cqBytes = Align((ulong)entries * 16, (ulong)pageSize);
-        ulong prpBytes = (ulong)trackers * (ulong)pageSize;
-        _mem = _space.Allocate(sqBytes + cqBytes + prpBytes, qid == 0 ? "vb-nvme-admin" : "vb-nvme-qpair");
+        _mem = _space.Allocate(DmaBytes(entries, pageSize), qid == 0 ? "vb-nvme-admin" : "vb-nvme-qpair");
         _sq = (NvmeCommand*)_mem.Va;
         _cq = (NvmeCompletion*)(_mem.Va + (nint)sqBytes);
         _prpBase = (byte*)(_mem.Va + (nint)(sqBytes + cqBytes));

@@ -376,7 +376,47 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
         }
     }
 
-    public int Map(nint va, ulong iova, ulong length)
+    /// <summary>
+    /// Maps [va, va+len) at <paramref name="iova"/> in pieces (<see cref="ChunkBytes"/>): VFIO type1 holds the
+    /// container's mutex for the whole pin-and-map of one <c>VFIO_IOMMU_MAP_DMA</c>, and every other map or unmap of the
+    /// container waits for it; pinning a front end's memory through an emulated IOMMU can take a minute. In pieces, a
+    /// map made meanwhile (a controller attaching, a reset) waits for one piece at most. <see cref="Unmap"/> takes the
+    /// same pieces (the piece size depends on the range's length only). A piece that fails undoes the others.
+    /// </summary>
+    public int Map(nint va, ulong iova, ulong length) => MapInChunks(MapOne, UnmapOne, va, iova, length);
+
+    /// <summary>The size of one <c>VFIO_IOMMU_MAP_DMA</c> for a range of <paramref name="length"/> bytes: 4 MiB, larger
+    /// for very large ranges so one range stays within 512 mappings (VFIO limits a container's mappings, 65535 by default).</summary>
+    public static ulong ChunkBytes(ulong length)
+    {
+        const ulong min = 4UL << 20, align = 2UL << 20;
+        ulong c = Math.Max(min, length / 512);
+        return (c + align - 1) & ~(align - 1);
+    }
+
+    /// <summary>Maps a range piece by piece with <paramref name="map"/>; on failure unmaps what it mapped. Returns 0 or a negative errno.</summary>
+    public static int MapInChunks(Func<nint, ulong, ulong, int> map, Func<ulong, ulong, int> unmap, nint va, ulong iova, ulong length)
+    {
+        ulong chunk = ChunkBytes(length);
+        for (ulong done = 0; done < length; done += chunk)
+        {
+            ulong n = Math.Min(chunk, length - done);
+            int rc = map(va + (nint)done, iova + done, n);
+            if (rc != 0)
+            {
+                if (done > 0)
+                {
+                    unmap(iova, done);
+                }
+
+                return rc;
+            }
+        }
+
+        return 0;
+    }
+
+    private int MapOne(nint va, ulong iova, ulong length)
     {
         VfioDmaMap map = default;
         map.Argsz = (uint)sizeof(VfioDmaMap);
@@ -387,7 +427,27 @@ public sealed unsafe class VfioContainer : IDmaMapper, IDisposable
         return NvmeNative.ioctl(_fd, VfioIoctl.IommuMapDma, &map) == 0 ? 0 : -NvmeNative.Errno;
     }
 
-    public int Unmap(ulong iova, ulong length)
+    /// <summary>Unmaps a range mapped by <see cref="Map"/>, in the same pieces (the mutex is free between them).</summary>
+    public int Unmap(ulong iova, ulong length) => UnmapInChunks(UnmapOne, iova, length);
+
+    /// <summary>Unmaps piece by piece (<see cref="ChunkBytes"/>), all of them even when one fails; returns the first error.</summary>
+    public static int UnmapInChunks(Func<ulong, ulong, int> unmap, ulong iova, ulong length)
+    {
+        ulong chunk = ChunkBytes(length);
+        int first = 0;
+        for (ulong done = 0; done < length; done += chunk)
+        {
+            int rc = unmap(iova + done, Math.Min(chunk, length - done));
+            if (rc != 0 && first == 0)
+            {
+                first = rc;
+            }
+        }
+
+        return first;
+    }
+
+    private int UnmapOne(ulong iova, ulong length)
     {
         VfioDmaUnmap unmap = default;
         unmap.Argsz = (uint)sizeof(VfioDmaUnmap);

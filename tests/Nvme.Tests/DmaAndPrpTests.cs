@@ -42,6 +42,98 @@ public unsafe class DmaAndPrpTests
     }
 
     [Fact]
+    public void ReservedMemoryIsReusedWithoutMappingCallsAndComesBackZeroed()
+    {
+        var mapper = new NarrowMapper();
+        var space = new DmaSpace(mapper);
+        space.Reserve(3 * 4096, 2, "test-reserve");
+        Assert.Equal(2, mapper.Maps.Count);
+        Assert.Empty(mapper.Unmaps); // the reserve keeps them mapped
+        int maps = mapper.Maps.Count;
+
+        // A reactor's channel: allocations of the reserved size make no mapping call and come back zeroed.
+        var a = space.Allocate(3 * 4096 - 100);
+        var b = space.Allocate(3 * 4096);
+        Assert.Equal(maps, mapper.Maps.Count);
+        Assert.Equal(2, space.CacheHits);
+        Assert.True(space.TryTranslate(a.Va, 3 * 4096, out ulong iova) && iova == a.Iova);
+        new Span<byte>((void*)a.Va, 3 * 4096).Fill(0xAB);
+        a.Dispose();
+        b.Dispose();
+        Assert.Empty(mapper.Unmaps); // back into the reserve, still mapped
+        using var c = space.Allocate(3 * 4096);
+        Assert.Equal(maps, mapper.Maps.Count);
+        Assert.True(new Span<byte>((void*)c.Va, 3 * 4096).IndexOfAnyExcept((byte)0) < 0, "reused DMA memory not zeroed");
+
+        // A third of that size (beyond the reserve) and another size map and unmap as before.
+        using (var d = space.Allocate(3 * 4096))
+        {
+        }
+
+        using (var e = space.Allocate(4096))
+        {
+        }
+
+        Assert.Equal(maps + 1, mapper.Maps.Count); // d came from the reserve (c and d: the two reserved), e is new
+        Assert.Single(mapper.Unmaps);
+    }
+
+    [Fact]
+    public void WithoutReserveFreedMemoryIsUnmapped()
+    {
+        var mapper = new NarrowMapper();
+        var space = new DmaSpace(mapper);
+        using (var a = space.Allocate(4096))
+        {
+        }
+
+        Assert.Single(mapper.Unmaps);
+        Assert.Equal(0, space.RegionCount);
+    }
+
+    [Fact]
+    public void VfioMapsLargeRangesInPiecesAndUndoesAFailedOne()
+    {
+        Assert.Equal(4UL << 20, VfioContainer.ChunkBytes(4096));
+        Assert.Equal(4UL << 20, VfioContainer.ChunkBytes(512UL << 20));
+        Assert.True(VfioContainer.ChunkBytes(1UL << 40) * 512 >= 1UL << 40); // a 1 TiB guest: at most 512 mappings
+        Assert.Equal(0UL, VfioContainer.ChunkBytes(1UL << 40) % (2UL << 20));
+
+        var maps = new List<(nint Va, ulong Iova, ulong Len)>();
+        var unmaps = new List<(ulong Iova, ulong Len)>();
+        int Map(nint va, ulong iova, ulong len)
+        {
+            maps.Add((va, iova, len));
+            return 0;
+        }
+
+        int Unmap(ulong iova, ulong len)
+        {
+            unmaps.Add((iova, len));
+            return 0;
+        }
+
+        ulong length = (10UL << 20) + 8192; // 4 + 4 + 2 MiB + 8 KiB
+        Assert.Equal(0, VfioContainer.MapInChunks(Map, Unmap, 0x10000000, 0x40000000, length));
+        Assert.Equal(3, maps.Count);
+        Assert.Equal((nint)0x10000000 + (4 << 20), maps[1].Va);
+        Assert.Equal(0x40000000UL + (8UL << 20), maps[2].Iova);
+        Assert.Equal((2UL << 20) + 8192, maps[2].Len);
+        Assert.Empty(unmaps);
+
+        // Unmapped in the same pieces.
+        Assert.Equal(0, VfioContainer.UnmapInChunks(Unmap, 0x40000000, length));
+        Assert.Equal(maps.Select(m => (m.Iova, m.Len)), unmaps);
+
+        // The third piece fails: the two mapped before are undone, the error is returned.
+        maps.Clear();
+        unmaps.Clear();
+        int FailThird(nint va, ulong iova, ulong len) => maps.Count == 2 ? -12 : Map(va, iova, len);
+        Assert.Equal(-12, VfioContainer.MapInChunks(FailThird, Unmap, 0x10000000, 0x40000000, length));
+        Assert.Equal([(0x40000000UL, 8UL << 20)], unmaps);
+    }
+
+    [Fact]
     public void NarrowIommuGetsAllocatedIovasInsideItsRanges()
     {
         var mapper = new NarrowMapper();

@@ -39,6 +39,9 @@ public sealed class BdevPerfCommandLine
           -W, --warmup SECONDS   warm-up before measuring (default 0)
           --buf-offset N         start each I/O buffer N bytes (0-4095) into a page (default 0: page aligned);
                                  exercises drivers with misaligned buffers (ours, not SPDK's)
+          --remap-memory MS      (virtio-user bdevs) re-send the memory table every MS ms while the test runs,
+                                 as QEMU does when a guest's memory changes: tests a back end's memory table
+                                 changing under load (ours, not SPDK's)
           -r, --rpc-socket PATH  also serve JSON-RPC (bdev_get_iostat etc.) while running
           -z                     set up, then wait: each perform_tests RPC runs a test (params time_in_sec,
                                  workload_type, queue_depth, io_size, rw_percentage override the command
@@ -129,6 +132,9 @@ public sealed class BdevPerfCommandLine
                 case "-r":
                 case "--rpc-socket":
                     o.RpcSocket = Value();
+                    break;
+                case "--remap-memory":
+                    o.Perf.RemapMemoryMs = ParseInt(a, Value(), 1, 3_600_000);
                     break;
                 case "-z":
                     o.WaitForTests = true;

@@ -31,6 +31,9 @@ public sealed class PerfOptions
 
     /// <summary>Bytes each buffer starts into its page (0: page aligned): misaligned-buffer runs.</summary>
     public int BufferOffset { get; set; }
+
+    /// <summary>While measuring, every virtio-user controller under test re-sends its memory table this often (0: never).</summary>
+    public int RemapMemoryMs { get; set; }
 }
 
 /// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>

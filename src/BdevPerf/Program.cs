@@ -108,6 +108,9 @@ public static class Program
 
         /// <summary>Ours (not SPDK's): --buf-offset for this run.</summary>
         public int? BufOffset { get; set; }
+
+        /// <summary>Ours (not SPDK's): --remap-memory for this run.</summary>
+        public int? RemapMemoryMs { get; set; }
     }
 
     private static int s_testRunning;
@@ -137,6 +140,7 @@ public static class Program
                     ReadPercent = cl.Perf.ReadPercent,
                     WarmupSeconds = cl.Perf.WarmupSeconds,
                     BufferOffset = cl.Perf.BufferOffset,
+                    RemapMemoryMs = cl.Perf.RemapMemoryMs,
                 };
                 try
                 {
@@ -165,6 +169,11 @@ public static class Program
                         o.ReadPercent = rw is >= 0 and <= 100 ? rw : throw new ArgumentException($"rw_percentage: {rw} is not in [0, 100]");
                     }
 
+                    if (p.RemapMemoryMs is { } remap)
+                    {
+                        o.RemapMemoryMs = remap is >= 0 and <= 3_600_000 ? remap : throw new ArgumentException($"remap_memory_ms: {remap} is not in [0, 3600000]");
+                    }
+
                     if (p.BufOffset is { } off)
                     {
                         o.BufferOffset = off is >= 0 and <= 4095 ? off : throw new ArgumentException($"buf_offset: {off} is not in [0, 4095]");
@@ -182,6 +191,7 @@ public static class Program
                 cl.Perf.Seconds = o.Seconds;
                 cl.Perf.ReadPercent = o.ReadPercent;
                 cl.Perf.BufferOffset = o.BufferOffset;
+                cl.Perf.RemapMemoryMs = o.RemapMemoryMs;
                 int rc;
                 try
                 {
@@ -256,7 +266,16 @@ public static class Program
             cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
         }
 
+        using var remapStop = new CancellationTokenSource();
+        var remap = perf.RemapMemoryMs > 0 ? Task.Run(() => RemapLoop(jobs, perf.RemapMemoryMs, remapStop.Token)) : Task.FromResult(0);
         await Task.Delay(TimeSpan.FromSeconds(perf.Seconds));
+        remapStop.Cancel();
+        int remaps = await remap;
+        if (perf.RemapMemoryMs > 0 && !cl.JsonOutput)
+        {
+            Console.WriteLine($"memory table re-sent {remaps} time(s) while measuring");
+        }
+
         var drains = new List<Task>();
         foreach (var j in jobs)
         {
@@ -277,6 +296,31 @@ public static class Program
         }
 
         return Report(cl, perf, jobs, cpu);
+    }
+
+    /// <summary>--remap-memory: re-sends each virtio-user controller's memory table every <paramref name="ms"/> ms; returns how often.</summary>
+    private static async Task<int> RemapLoop(List<PerfJob> jobs, int ms, CancellationToken stop)
+    {
+        var bdevs = jobs.Select(j => j.Desc.Bdev).ToList();
+        int n = 0;
+        try
+        {
+            while (true)
+            {
+                await Task.Delay(ms, stop);
+                n += VirtioUserMemory.ResendMemoryTables(bdevs);
+            }
+        }
+        catch (OperationCanceledException)
+        {
+        }
+        catch (Exception e) when (e is IOException or ObjectDisposedException)
+        {
+            Console.Error.WriteLine($"bdevperf: re-sending the memory table failed: {e.Message}");
+            return -1;
+        }
+
+        return n;
     }
 
     private static int Report(BdevPerfCommandLine cl, PerfOptions perf, List<PerfJob> jobs, TimeSpan cpu)

@@ -369,7 +369,12 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
             log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}, shared memory 0x{Mem:x} bytes at 0x{Addr:x} ({Backing})",
                 name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize, total, (ulong)map.Pointer, hugePages ? "huge pages" : "memfd");
-            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared) { HugePages = hugePages, PackedRingOption = packedRing };
+            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared)
+            {
+                HugePages = hugePages,
+                PackedRingOption = packedRing,
+                MemoryTable = shared is not null ? ([regions[0], regions[1]], [memFd, shared.Fd]) : ([regions[0]], [memFd]),
+            };
         }
         catch
         {
@@ -382,6 +387,23 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             map?.Dispose();
             Fd.Close(memFd);
             throw;
+        }
+    }
+
+    private (VhostUserMemoryRegion[] Regions, int[] Fds) MemoryTable { get; init; }
+
+    /// <summary>
+    /// Sends the memory table again (SET_MEM_TABLE with the same regions), as QEMU does on every change of a guest's
+    /// memory layout, while I/O may be running: the back end must drain and stop its queues, map the regions anew
+    /// (and withdraw the old mappings, from its IOMMU too), and go on. bdevperf's --remap-memory uses it to test a
+    /// back end's memory table changing under load. Control plane; blocking; serialised with other callers.
+    /// </summary>
+    public void ResendMemoryTable()
+    {
+        lock (_fe)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            _fe.SetMemTable(MemoryTable.Regions, MemoryTable.Fds);
         }
     }
 

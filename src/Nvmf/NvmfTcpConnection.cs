@@ -1549,7 +1549,7 @@ public sealed class NvmfTcpConnection
         var s = _sock;
 
         // The C2HTermReq goes out only between PDUs: in the middle of one, its bytes would be read as that PDU's.
-        bool atBoundary = _ctlSent >= _ctlLen && _txStage.IsEmpty && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
+        bool atBoundary = _ctlSent >= _ctlLen && !_txStage.PartlySent && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
         if (s is not null && atBoundary)
         {
             // The error data is the offending PDU header (as much of it as was read, at most 128 bytes).

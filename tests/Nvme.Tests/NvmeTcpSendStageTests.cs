@@ -100,6 +100,7 @@ public sealed class NvmeTcpSendStageTests : IDisposable
         Assert.False(stage.Drain(_tx, out var first));
         Assert.Equal(SocketError.WouldBlock, first);
         Assert.InRange(stage.Sent, 1, stage.Length - 1);
+        Assert.True(stage.PartlySent);
 
         // Half sent: nothing may be appended (its bytes would go out after a drain that already started).
         Assert.False(stage.CanStage(8, 0, false));
@@ -107,6 +108,7 @@ public sealed class NvmeTcpSendStageTests : IDisposable
 
         var got = DrainAll(stage, out int partial);
         Assert.True(partial > 0);
+        Assert.False(stage.PartlySent);
         Assert.Equal(expected.ToArray(), got);
     }
 
@@ -127,6 +129,7 @@ public sealed class NvmeTcpSendStageTests : IDisposable
         Assert.False(stage.CanStage(h2.Length, (uint)d2.Length + 1, dataDigest: true));
         stage.Append(h2, d2, dataDigest: true, 0x01020304);
         Assert.Equal(stage.Capacity, stage.Length);
+        Assert.False(stage.PartlySent); // staged, nothing sent: the stream is between PDUs
 
         // Full: even the smallest PDU waits ("wrap": it goes to the front of the stage after the drain).
         Assert.False(stage.CanStage(8, 0, dataDigest: false));

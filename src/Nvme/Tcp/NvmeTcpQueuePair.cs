@@ -24,7 +24,7 @@ public delegate void NvmeTcpTimeoutCallback(object? context, NvmeTcpQueuePair qp
 /// Everything the controller sends is untrusted: every header is validated (<see cref="NvmeTcpPdu.ValidateHeader"/>),
 /// its digests checked when negotiated, command ids must name an outstanding command that expects that PDU, data
 /// offsets and lengths must lie inside the command's transfer and arrive in order. Any violation sends an
-/// H2CTermReq, closes the connection and completes every outstanding command with "transient transport error":
+/// H2CTermReq (when the stream is between PDUs), closes the connection and completes every outstanding command with "transient transport error":
 /// the queue pair is then <see cref="IsFailed"/> and the owner reconnects or gives up (<see cref="LastError"/> says why).
 /// </para>
 /// </summary>
@@ -1103,6 +1103,16 @@ public sealed class NvmeTcpQueuePair : IDisposable
         return n;
     }
 
+    /// <summary>
+    /// Nothing written to the socket stops inside a PDU: the control PDU is out, the stage has not been partly sent
+    /// and the PDU at the head of the queue has not been started (a non-empty stage that sent nothing, and whatever
+    /// is queued behind it, start at a boundary).
+    /// </summary>
+    private bool AtPduBoundary => _ctlSent >= _ctlLen && !_txStage.PartlySent && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
+
+    /// <summary>For tests: what a protocol violation found in a received PDU does (<see cref="Fail"/>), at a moment the test chose.</summary>
+    internal void FailForTest(string reason, NvmeTcpFes fes, uint fei) => Fail(reason, fes, fei);
+
     private void Fail(string reason, NvmeTcpFes fes, uint fei)
     {
         if (_state == StateFailed)
@@ -1112,9 +1122,11 @@ public sealed class NvmeTcpQueuePair : IDisposable
 
         LastError = reason;
         var s = _sock;
-        if (s is not null && fes != NvmeTcpFes.None)
+        if (s is not null && fes != NvmeTcpFes.None && AtPduBoundary)
         {
-            // Best effort: tell the controller why (a non-blocking send that may not get through).
+            // Best effort: tell the controller why (a non-blocking send that may not get through). Only between PDUs:
+            // in the middle of one (part of the stage, an ICReq or a large PDU sent), its bytes would be read as that
+            // PDU's; then the connection just closes.
             int n = NvmeTcpPdu.WriteTermReq(_ctlTx, fromHost: true, fes, fei, _rxHdr.AsSpan(0, Math.Clamp(Math.Max(_rxHave, _rxInfo.HeaderBytes), NvmeTcpPdu.CommonHeaderSize, NvmeTcpPdu.TermReqMaxErrorData)));
             s.Send(_ctlTx.AsSpan(0, n), SocketFlags.None, out _);
         }

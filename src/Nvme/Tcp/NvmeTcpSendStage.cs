@@ -51,6 +51,12 @@ public sealed class NvmeTcpSendStage
     /// <summary>Nothing is waiting to be sent: the stream is not inside a staged PDU.</summary>
     public bool IsEmpty => _sent >= _length;
 
+    /// <summary>
+    /// Part of what is staged has gone out and part has not: the stream may be inside a PDU (a cut between two staged
+    /// PDUs counts too). Anything else written to the socket now (a TermReq) would be read as that PDU's bytes.
+    /// </summary>
+    public bool PartlySent => _sent > 0 && _sent < _length;
+
     /// <summary>Bytes a PDU with this header and data takes in the stage (the digest counts only with data).</summary>
     public static int PduBytes(int headerLength, uint dataLength, bool dataDigest) =>
         headerLength + (int)Math.Min(dataLength, int.MaxValue - 256) + (dataLength > 0 && dataDigest ? 4 : 0);

@@ -502,6 +502,11 @@ public sealed class NvmfTcpConnection
         }
 
         var req = _requests[_free[--_freeCount]];
+        if (req.Idle)
+        {
+            Group!.RemoveIdle(req); // its buffer is in use again
+        }
+
         req.Active = true;
         req.Cmd = cmd;
         req.Status = 0;
@@ -843,30 +848,18 @@ public sealed class NvmfTcpConnection
         return true;
     }
 
-    private void DropBuffer(NvmfRequest req)
+    internal void DropBuffer(NvmfRequest req)
     {
+        if (req.Idle)
+        {
+            Group!.RemoveIdle(req);
+        }
+
         if (req.Buffer is { } b)
         {
             Group!.BufferBytes -= (long)b.Size;
             b.Dispose();
             req.Buffer = null;
-        }
-    }
-
-    /// <summary>Gives back the buffers of free requests (the poll group needs memory).</summary>
-    internal void ReleaseIdleBuffers()
-    {
-        if (_finished)
-        {
-            return;
-        }
-
-        foreach (var r in _requests)
-        {
-            if (!r.Active && r.Buffer is not null)
-            {
-                DropBuffer(r);
-            }
         }
     }
 
@@ -1509,9 +1502,16 @@ public sealed class NvmfTcpConnection
         req.Queued = false;
         req.TxKind = NvmfRequest.TxNone;
         req.BufferWait = 0;
-        if (req.Buffer is not null && Group is { HasBufferWaiters: true })
+        if (req.Buffer is not null && Group is { } g)
         {
-            DropBuffer(req); // others wait for memory: do not keep this one idle
+            if (g.HasBufferWaiters)
+            {
+                DropBuffer(req); // others wait for memory: do not keep this one idle
+            }
+            else
+            {
+                g.AddIdle(req); // kept for the next request; given back first when memory runs short
+            }
         }
 
         _free[_freeCount++] = req.Index;

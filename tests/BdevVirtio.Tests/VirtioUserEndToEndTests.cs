@@ -196,6 +196,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
             Assert.Equal(2, bdev.Ctrl.VqCount);
             Assert.True(bdev.Ctrl.Has(Virtio.VirtioFeatures.RingIndirectDesc));
             AssertQemuLikeLayout(bdev.Ctrl);
+            Assert.DoesNotContain(_log.Lines, l => l.Contains("not sealed against shrinking", StringComparison.Ordinal)); // our back end checked our memfd
 
             // save_config emits the attach call with SPDK's params.
             var call = bdev.ConfigCall();

@@ -123,19 +123,6 @@ public sealed class NvmeTcpTermReqBoundaryTests : IDisposable
         _ctrl!.Send(tx.AsSpan(0, NvmeTcpPdu.WriteCapsuleResp(tx, in cqe, false)));
     }
 
-    private sealed class Done
-    {
-        public bool Completed;
-        public NvmeStatus Status;
-    }
-
-    private static readonly NvmeCompletionCallback s_done = static (arg, st, dw0) =>
-    {
-        var d = (Done)arg!;
-        d.Status = st;
-        d.Completed = true;
-    };
-
     /// <summary>
     /// Walks the H2CData stream the controller received: every PDU's data must be the written pattern at its offset;
     /// the last one may stop short (the connection closed inside it). Returns whether it stopped inside a PDU and how
@@ -200,8 +187,8 @@ public sealed class NvmeTcpTermReqBoundaryTests : IDisposable
         // A write that waits for an R2T; the controller asks for everything at once and then stops reading.
         var cmd = new NvmeCommand { Opcode = NvmeIoOpcode.Write, Nsid = 1, Cdw12 = WriteBytes / 512 - 1 };
         var iov = _buf.ToIoVec(0, WriteBytes);
-        var done = new Done();
-        Assert.Equal(0, qp.Submit(ref cmd, new ReadOnlySpan<IoVec>(ref iov), WriteBytes, hostToController: true, s_done, done));
+        var done = new NvmeTcpInitiatorTests.Done();
+        Assert.Equal(0, qp.Submit(ref cmd, new ReadOnlySpan<IoVec>(ref iov), WriteBytes, hostToController: true, NvmeTcpInitiatorTests.s_done, done));
         var capsule = Expect(qp, 72);
         Assert.Equal(NvmeTcpPduType.CapsuleCmd, capsule[0]);
         ushort cid = BinaryPrimitives.ReadUInt16LittleEndian(capsule.AsSpan(10));

@@ -157,15 +157,50 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
         };
     }
 
+    /// <summary>A sparse file of <paramref name="bytes"/> bytes in <paramref name="dir"/>: the lvstore's base (an aio bdev).</summary>
+    private static string CreateImage(string dir, long bytes)
+    {
+        string image = Path.Combine(dir, "lvs.img");
+        using var f = File.Create(image);
+        f.SetLength(bytes);
+        return image;
+    }
+
+    /// <summary>On daemon socket <paramref name="s"/>: aio0 on the image, lvstore lvs0 (1 MiB clusters), a thick and a thin lvol.</summary>
+    private async Task CreateStore(string s, string image, int thickMiB, int thinMiB)
+    {
+        await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
+        await Rpc(s, "bdev_lvol_create_lvstore", "aio0", "lvs0", "-c", MiB.ToString(CultureInfo.InvariantCulture));
+        await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "thick", thickMiB.ToString(CultureInfo.InvariantCulture));
+        await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "-t", "thin", thinMiB.ToString(CultureInfo.InvariantCulture));
+    }
+
+    /// <summary>
+    /// In a running spdk_tgt (socket <paramref name="s"/>): the image as aio0, examined; its lvstore and its
+    /// <paramref name="lvolCount"/> lvols must equal what our daemon reported (<paramref name="ourStores"/>,
+    /// <paramref name="ourLvols"/>: bdev_lvol_get_lvstores / bdev_lvol_get_lvols output).
+    /// </summary>
+    private async Task AssertSpdkSeesOurStore(SpdkApp spdk, string s, string image, string ourStores, string ourLvols, int lvolCount)
+    {
+        await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
+        await Rpc(s, "bdev_wait_for_examine");
+        string spdkStores = await Rpc(s, "bdev_lvol_get_lvstores");
+        Assert.True(JsonNode.DeepEquals(JsonNode.Parse(ourStores), JsonNode.Parse(spdkStores)), $"lvstores differ:\nours {ourStores}\nSPDK {spdkStores}\n{spdk.LogTail()}");
+        var ours = ByUuid(ourLvols);
+        var theirs = ByUuid(await Rpc(s, "bdev_lvol_get_lvols"));
+        Assert.Equal(lvolCount, ours.Count);
+        Assert.Equal(ours.Keys.Order(), theirs.Keys.Order());
+        foreach (var (uuid, lvol) in ours)
+        {
+            Assert.True(JsonNode.DeepEquals(lvol, theirs[uuid]), $"lvol {uuid} differs:\nours {lvol.ToJsonString()}\nSPDK {theirs[uuid].ToJsonString()}");
+        }
+    }
+
     [SpdkPeerFact]
     public async Task An_lvstore_written_here_opens_in_spdk_with_every_lvol_intact_and_spdk_writes_read_back_here()
     {
         string dir = WorkDir("ours");
-        string image = Path.Combine(dir, "lvs.img");
-        using (var f = File.Create(image))
-        {
-            f.SetLength(64L * MiB);
-        }
+        string image = CreateImage(dir, 64L * MiB);
 
         string[] names = ["thick", "thin", "snap", "clone"];
         var model = new Dictionary<string, byte[]>();
@@ -176,10 +211,7 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
         await using (var daemon = await VhostDaemon.StartAsync(dir, output.WriteLine))
         {
             string s = daemon.RpcSocket;
-            await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
-            await Rpc(s, "bdev_lvol_create_lvstore", "aio0", "lvs0", "-c", MiB.ToString(CultureInfo.InvariantCulture));
-            await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "thick", "8");
-            await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "-t", "thin", "16");
+            await CreateStore(s, image, thickMiB: 8, thinMiB: 16);
             string json = await Export(daemon, dir, "lvs0/thick", "lvs0/thin");
 
             model["thick"] = new byte[8 * MiB];
@@ -225,19 +257,7 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
         await using (var spdk = await SpdkApp.StartAsync("build/bin/spdk_tgt", dir, output.WriteLine))
         {
             string s = Path.Combine(dir, "spdk.sock");
-            await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
-            await Rpc(s, "bdev_wait_for_examine");
-            string spdkStores = await Rpc(s, "bdev_lvol_get_lvstores");
-            Assert.True(JsonNode.DeepEquals(JsonNode.Parse(ourStores), JsonNode.Parse(spdkStores)), $"lvstores differ:\nours {ourStores}\nSPDK {spdkStores}\n{spdk.LogTail()}");
-            var ours = ByUuid(ourLvols);
-            var theirs = ByUuid(await Rpc(s, "bdev_lvol_get_lvols"));
-            Assert.Equal(4, ours.Count);
-            Assert.Equal(ours.Keys.Order(), theirs.Keys.Order());
-            foreach (var (uuid, lvol) in ours)
-            {
-                Assert.True(JsonNode.DeepEquals(lvol, theirs[uuid]), $"lvol {uuid} differs:\nours {lvol.ToJsonString()}\nSPDK {theirs[uuid].ToJsonString()}");
-            }
-
+            await AssertSpdkSeesOurStore(spdk, s, image, ourStores, ourLvols, lvolCount: 4);
             foreach (var n in names)
             {
                 var facts = await BdevFacts(s, "lvs0/" + n);
@@ -289,21 +309,14 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
     public async Task A_store_left_dirty_by_a_killed_vhostd_is_recovered_by_spdk_with_every_committed_write()
     {
         string dir = WorkDir("dirty");
-        string image = Path.Combine(dir, "lvs.img");
-        using (var f = File.Create(image))
-        {
-            f.SetLength(32L * MiB);
-        }
+        string image = CreateImage(dir, 32L * MiB);
 
         var model = new Dictionary<string, byte[]> { ["thick"] = new byte[4 * MiB], ["thin"] = new byte[8 * MiB] };
         string ourStores, ourLvols;
         await using (var daemon = await VhostDaemon.StartAsync(dir, output.WriteLine))
         {
             string s = daemon.RpcSocket;
-            await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
-            await Rpc(s, "bdev_lvol_create_lvstore", "aio0", "lvs0", "-c", MiB.ToString(CultureInfo.InvariantCulture));
-            await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "thick", "4");
-            await Rpc(s, "bdev_lvol_create", "-l", "lvs0", "-t", "thin", "8");
+            await CreateStore(s, image, thickMiB: 4, thinMiB: 8);
             string json = await Export(daemon, dir, "lvs0/thick", "lvs0/thin");
             await DdWrite(dir, json, "Nvme0n1", 0, Random(11, 4 * MiB), model["thick"]);
             await DdWrite(dir, json, "Nvme0n2", 3 * MiB, Random(12, 1536 * 1024), model["thin"]); // clusters 3-4
@@ -323,19 +336,8 @@ public sealed class SpdkLvolPeerTests(ITestOutputHelper output)
         await using (var spdk = await SpdkApp.StartAsync("build/bin/spdk_tgt", dir, output.WriteLine))
         {
             string s = Path.Combine(dir, "spdk.sock");
-            await Rpc(s, "bdev_aio_create", image, "aio0", "4096");
-            await Rpc(s, "bdev_wait_for_examine");
-            string spdkStores = await Rpc(s, "bdev_lvol_get_lvstores");
+            await AssertSpdkSeesOurStore(spdk, s, image, ourStores, ourLvols, lvolCount: 3);
             Assert.Contains("Performing recovery on blobstore", spdk.LogTail(), StringComparison.Ordinal);
-            Assert.True(JsonNode.DeepEquals(JsonNode.Parse(ourStores), JsonNode.Parse(spdkStores)), $"lvstores differ:\nours {ourStores}\nSPDK {spdkStores}\n{spdk.LogTail()}");
-            var ours = ByUuid(ourLvols);
-            var theirs = ByUuid(await Rpc(s, "bdev_lvol_get_lvols"));
-            Assert.Equal(3, ours.Count);
-            Assert.Equal(ours.Keys.Order(), theirs.Keys.Order());
-            foreach (var (uuid, lvol) in ours)
-            {
-                Assert.True(JsonNode.DeepEquals(lvol, theirs[uuid]), $"lvol {uuid} differs:\nours {lvol.ToJsonString()}\nSPDK {theirs[uuid].ToJsonString()}");
-            }
         }
 
         foreach (var n in new[] { "thick", "thin", "snap" })

@@ -115,7 +115,10 @@ public sealed class VirtioBdevModule : BdevModule
         return [bdev.Name];
     }
 
-    /// <summary>Unregisters the bdev (waiting for its users to close it), then stops the rings and disconnects.</summary>
+    /// <summary>
+    /// Unregisters the bdev (waiting for its users to close it), then stops the rings and disconnects: at once, or,
+    /// while channels are still open, when the last one closes (the call returns after <see cref="DetachWait"/>).
+    /// </summary>
     public async Task DetachAsync(string name)
     {
         VirtioUserController? ctrl;
@@ -135,21 +138,18 @@ public sealed class VirtioBdevModule : BdevModule
             await Bdevs.UnregisterAsync(b).ConfigureAwait(true);
         }
 
-        ctrl.MarkGone();
-        for (int i = 0; i < 500 && ctrl.SnapshotChannels().Length > 0; i++)
+        // The rings stop and the connection closes once no channel is left: now, or when the last one closes (a bdev
+        // channel someone still holds), however long that takes; the RPC does not wait longer than DetachWait for it.
+        var disposed = ctrl.DisposeWhenUnused();
+        if (await Task.WhenAny(disposed, Task.Delay(DetachWait)).ConfigureAwait(true) != disposed)
         {
-            await Task.Delay(10).ConfigureAwait(true);
+            _log.LogWarning("virtio-user {Name}: {Count} channel(s) still open {Seconds} s after detach; the connection closes when the last one does",
+                name, ctrl.LiveChannels, DetachWait.TotalSeconds);
         }
-
-        if (ctrl.SnapshotChannels().Length > 0)
-        {
-            _log.LogError("virtio-user {Name}: channels still open after detach; connection left open", name);
-            return;
-        }
-
-        await Task.Run(ctrl.Dispose).ConfigureAwait(true);
-        _log.LogInformation("virtio-user {Name}: detached", name);
     }
+
+    /// <summary>How long <see cref="DetachAsync"/> waits for the teardown (open channels defer it) before it returns.</summary>
+    internal TimeSpan DetachWait { get; set; } = TimeSpan.FromSeconds(5);
 
     /// <summary>Disconnects every controller (shutdown).</summary>
     public async Task DetachAllAsync()

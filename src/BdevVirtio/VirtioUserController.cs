@@ -461,11 +461,80 @@ public sealed class VirtioUserController : IoDevice, IDisposable
         }
     }
 
-    protected override object CreateChannelContext(Reactor reactor) => new VirtioBlkChannel(this, reactor);
+    protected override object CreateChannelContext(Reactor reactor)
+    {
+        var ch = new VirtioBlkChannel(this, reactor);
+        Interlocked.Increment(ref _liveChannels);
+        return ch;
+    }
 
-    protected override void DestroyChannelContext(Reactor reactor, object context) => ((VirtioBlkChannel)context).Destroy();
+    protected override void DestroyChannelContext(Reactor reactor, object context)
+    {
+        try
+        {
+            ((VirtioBlkChannel)context).Destroy();
+        }
+        finally
+        {
+            // The last channel of a detached controller: the deferred teardown runs now (off the reactor: it blocks).
+            if (Interlocked.Decrement(ref _liveChannels) == 0 && Volatile.Read(ref _disposeWhenUnused) != 0)
+            {
+                StartDispose();
+            }
+        }
+    }
 
     internal void MarkGone() => MarkUnregistered();
+
+    private int _liveChannels;
+    private int _disposeWhenUnused;
+    private int _disposeStarted;
+    private readonly TaskCompletionSource _disposedTcs = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    /// <summary>Channel contexts alive now (created and not yet destroyed on their reactors).</summary>
+    internal int LiveChannels => Volatile.Read(ref _liveChannels);
+
+    /// <summary>Completes once <see cref="Dispose"/> has run (the rings stopped, the connection closed, the memory unmapped).</summary>
+    public Task Disposed => _disposedTcs.Task;
+
+    /// <summary>
+    /// Detach: no new channels (<see cref="MarkGone"/>), and <see cref="Dispose"/> on the thread pool as soon as no
+    /// channel is left: now, or when the last open one is destroyed on its reactor (however long it stays open).
+    /// Returns <see cref="Disposed"/>.
+    /// </summary>
+    internal Task DisposeWhenUnused()
+    {
+        MarkGone();
+        Interlocked.Exchange(ref _disposeWhenUnused, 1); // a full fence: the count below is read after the flag is set
+        if (Volatile.Read(ref _liveChannels) == 0)
+        {
+            StartDispose(); // (a racing last destroy may start it too: the first one wins)
+        }
+
+        return Disposed;
+    }
+
+    private void StartDispose()
+    {
+        if (Interlocked.Exchange(ref _disposeStarted, 1) != 0)
+        {
+            return;
+        }
+
+        Task.Run(() =>
+        {
+            try
+            {
+                Dispose();
+                _log.LogInformation("virtio-user {Name}: detached", CtrlName);
+            }
+            catch (Exception e)
+            {
+                _log.LogError(e, "virtio-user {Name}: teardown failed", CtrlName);
+                _disposedTcs.TrySetException(e);
+            }
+        });
+    }
 
     /// <summary>
     /// Stops every ring on the back end (GET_VRING_BASE) and closes the connection, then unmaps the shared memory.
@@ -500,5 +569,6 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
         _map.Dispose();
         Fd.Close(_memFd);
+        _disposedTcs.TrySetResult();
     }
 }

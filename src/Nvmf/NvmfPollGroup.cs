@@ -100,18 +100,73 @@ internal sealed class NvmfPollGroup
         _waitTail = req;
     }
 
-    /// <summary>Disposes idle buffers (of free requests) of this group's connections until <paramref name="need"/> more bytes fit.</summary>
+    /// <summary>
+    /// Disposes idle buffers (of free requests) of this group's connections until <paramref name="need"/> more bytes fit.
+    /// Takes them from the idle list: the cost is the buffers given back, nothing when there are none (while requests
+    /// wait for memory, every poll tries again).
+    /// </summary>
     internal void Reclaim(long need)
     {
-        foreach (var c in _conns)
+        while (BufferBytes + need > BufferLimit && _idleHead is { } req)
         {
-            if (BufferBytes + need <= BufferLimit)
-            {
-                return;
-            }
-
-            c.ReleaseIdleBuffers();
+            ReclaimVisits++;
+            req.Conn.DropBuffer(req); // unlinks it
         }
+    }
+
+    /// <summary>Requests Reclaim has looked at (each gave its buffer back): tests check that waiting scans nothing.</summary>
+    internal long ReclaimVisits;
+
+    private NvmfRequest? _idleHead;
+
+    /// <summary>Free requests of this group's connections holding a buffer.</summary>
+    internal int IdleBuffers { get; private set; }
+
+    /// <summary>A request was freed with its buffer kept (on the reactor).</summary>
+    internal void AddIdle(NvmfRequest req)
+    {
+        if (req.Idle)
+        {
+            return;
+        }
+
+        req.Idle = true;
+        req.IdlePrev = null;
+        req.IdleNext = _idleHead;
+        if (_idleHead is not null)
+        {
+            _idleHead.IdlePrev = req;
+        }
+
+        _idleHead = req;
+        IdleBuffers++;
+    }
+
+    /// <summary>An idle request was taken again or lost its buffer (on the reactor).</summary>
+    internal void RemoveIdle(NvmfRequest req)
+    {
+        if (!req.Idle)
+        {
+            return;
+        }
+
+        if (req.IdlePrev is { } prev)
+        {
+            prev.IdleNext = req.IdleNext;
+        }
+        else
+        {
+            _idleHead = req.IdleNext;
+        }
+
+        if (req.IdleNext is { } next)
+        {
+            next.IdlePrev = req.IdlePrev;
+        }
+
+        req.Idle = false;
+        req.IdlePrev = req.IdleNext = null;
+        IdleBuffers--;
     }
 
     private void ResumeWaiters()

@@ -81,6 +81,14 @@ internal sealed class NvmfRequest
     public uint WaitBytes;
     public bool WaitKeep;
 
+    /// <summary>
+    /// Free and holding a buffer: linked in the poll group's list of idle buffers (what <see cref="NvmfPollGroup.Reclaim"/>
+    /// gives back first, without scanning every request).
+    /// </summary>
+    public bool Idle;
+    public NvmfRequest? IdlePrev;
+    public NvmfRequest? IdleNext;
+
     /// <summary>Bytes of the buffer (0: none).</summary>
     public nuint BufferSize => Buffer?.Size ?? 0;
 

@@ -51,14 +51,10 @@ public sealed class NvmfTcpConnection
 
     private readonly byte[] _ctlTx = new byte[NvmeTcpPdu.IcSize + NvmeTcpPdu.TermReqMaxErrorData + 32];
 
-    // Send coalescing: whole small PDUs (responses, R2Ts, C2HData of at most StageDataMax bytes) are copied here and
-    // go out in one send, instead of one send per header and per data part (at QD128 the target was bound by send
-    // syscalls: 2-3 per read). Larger data is sent from the request's buffer, after what is staged.
-    private const int StageBytes = 32 * 1024;
-    private const int StageDataMax = 8 * 1024;
-    private readonly byte[] _txStage = new byte[StageBytes];
-    private int _txStageLen;
-    private int _txStageSent;
+    // Send coalescing: whole small PDUs (responses, R2Ts, C2HData of at most 8 KiB) go out in one send from the stage,
+    // instead of one send per header and per data part (at QD128 the target was bound by send syscalls: 2-3 per
+    // read). Larger data is sent from the request's buffer, after what is staged.
+    private readonly NvmeTcpSendStage _txStage = new();
     private int _ctlLen;
     private int _ctlSent;
 
@@ -76,7 +72,6 @@ public sealed class NvmfTcpConnection
     private uint _rxCrc;
     private readonly byte[] _rxDigest = new byte[4];
     private readonly byte[] _padSink = new byte[NvmeTcpPdu.MaxHeaderBytes];
-    private readonly byte[] _txDigest = new byte[4];
 
     private bool _initialized;
     private bool _hdgst;
@@ -198,7 +193,7 @@ public sealed class NvmfTcpConnection
             Receive();
         }
 
-        if (!_closing && (_sendCount > 0 || _ctlLen > _ctlSent || _txStageSent < _txStageLen))
+        if (!_closing && (_sendCount > 0 || _ctlLen > _ctlSent || !_txStage.IsEmpty))
         {
             Flush();
         }
@@ -507,6 +502,11 @@ public sealed class NvmfTcpConnection
         }
 
         var req = _requests[_free[--_freeCount]];
+        if (req.Idle)
+        {
+            Group!.RemoveIdle(req); // its buffer is in use again
+        }
+
         req.Active = true;
         req.Cmd = cmd;
         req.Status = 0;
@@ -848,30 +848,18 @@ public sealed class NvmfTcpConnection
         return true;
     }
 
-    private void DropBuffer(NvmfRequest req)
+    internal void DropBuffer(NvmfRequest req)
     {
+        if (req.Idle)
+        {
+            Group!.RemoveIdle(req);
+        }
+
         if (req.Buffer is { } b)
         {
             Group!.BufferBytes -= (long)b.Size;
             b.Dispose();
             req.Buffer = null;
-        }
-    }
-
-    /// <summary>Gives back the buffers of free requests (the poll group needs memory).</summary>
-    internal void ReleaseIdleBuffers()
-    {
-        if (_finished)
-        {
-            return;
-        }
-
-        foreach (var r in _requests)
-        {
-            if (!r.Active && r.Buffer is not null)
-            {
-                DropBuffer(r);
-            }
         }
     }
 
@@ -1387,26 +1375,19 @@ public sealed class NvmfTcpConnection
 
         while (!_closing)
         {
-            if (_txStageSent < _txStageLen)
+            if (!_txStage.Drain(s, out var stageErr))
             {
-                int n = s.Send(_txStage.AsSpan(_txStageSent, _txStageLen - _txStageSent), SocketFlags.None, out var err);
-                if (!Sent(n, err))
-                {
-                    return;
-                }
-
-                _txStageSent += n;
-                continue;
+                Sent(0, stageErr);
+                return;
             }
 
-            _txStageLen = _txStageSent = 0;
             if (_sendCount == 0)
             {
                 return;
             }
 
             StagePdus();
-            if (_txStageLen > 0)
+            if (!_txStage.IsEmpty)
             {
                 continue;
             }
@@ -1429,9 +1410,7 @@ public sealed class NvmfTcpConnection
                 }
                 else
                 {
-                    BinaryPrimitives.WriteUInt32LittleEndian(_txDigest, req.TxDigest);
-                    int done = (int)(req.TxSent - req.TxHeaderLength - req.TxDataLength);
-                    n = s.Send(_txDigest.AsSpan(done), SocketFlags.None, out err);
+                    n = _txStage.SendDigest(s, req.TxDigest, (int)(req.TxSent - req.TxHeaderLength - req.TxDataLength), out err);
                 }
 
                 if (!Sent(n, err))
@@ -1450,34 +1429,30 @@ public sealed class NvmfTcpConnection
     }
 
     /// <summary>
-    /// Copies whole queued PDUs (none started, data at most <see cref="StageDataMax"/>) into the send stage while they
-    /// fit; each counts as sent once copied (its buffer may be released: the bytes are in the stage, which goes out
-    /// before anything queued later). Stops at the first PDU that is larger or does not fit.
+    /// Copies whole queued PDUs (none started, data at most the stage's DataMax) into the send stage while they fit;
+    /// each counts as sent once copied (its buffer may be released: the bytes are in the stage, which goes out before
+    /// anything queued later). Stops at the first PDU that is larger or does not fit.
     /// </summary>
     private void StagePdus()
     {
         while (_sendCount > 0)
         {
             var req = _sendQueue[_sendHead];
-            int dd = req.TxDataLength > 0 && _ddgst ? 4 : 0;
-            int total = req.TxHeaderLength + (int)Math.Min(req.TxDataLength, int.MaxValue - 64) + dd;
-            if (req.TxSent != 0 || req.TxDataLength > StageDataMax || total > StageBytes - _txStageLen)
+            if (req.TxSent != 0 || !_txStage.CanStage(req.TxHeaderLength, req.TxDataLength, _ddgst))
             {
                 return;
             }
 
-            var dst = _txStage.AsSpan(_txStageLen, total);
-            req.TxHeader.AsSpan(0, req.TxHeaderLength).CopyTo(dst);
+            var header = req.TxHeader.AsSpan(0, req.TxHeaderLength);
             if (req.TxDataLength > 0)
             {
-                req.Span(req.TxDataOffset, req.TxDataLength).CopyTo(dst[req.TxHeaderLength..]);
-                if (dd != 0)
-                {
-                    BinaryPrimitives.WriteUInt32LittleEndian(dst[(req.TxHeaderLength + (int)req.TxDataLength)..], req.TxDigest);
-                }
+                _txStage.Append(header, req.Span(req.TxDataOffset, req.TxDataLength), _ddgst, req.TxDigest);
+            }
+            else
+            {
+                _txStage.Append(header, 0, _ddgst, 0);
             }
 
-            _txStageLen += total;
             _sendHead = (_sendHead + 1) % _sendQueue.Length;
             _sendCount--;
             req.Queued = false;
@@ -1527,9 +1502,16 @@ public sealed class NvmfTcpConnection
         req.Queued = false;
         req.TxKind = NvmfRequest.TxNone;
         req.BufferWait = 0;
-        if (req.Buffer is not null && Group is { HasBufferWaiters: true })
+        if (req.Buffer is not null && Group is { } g)
         {
-            DropBuffer(req); // others wait for memory: do not keep this one idle
+            if (g.HasBufferWaiters)
+            {
+                DropBuffer(req); // others wait for memory: do not keep this one idle
+            }
+            else
+            {
+                g.AddIdle(req); // kept for the next request; given back first when memory runs short
+            }
         }
 
         _free[_freeCount++] = req.Index;
@@ -1567,7 +1549,7 @@ public sealed class NvmfTcpConnection
         var s = _sock;
 
         // The C2HTermReq goes out only between PDUs: in the middle of one, its bytes would be read as that PDU's.
-        bool atBoundary = _ctlSent >= _ctlLen && _txStageSent >= _txStageLen && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
+        bool atBoundary = _ctlSent >= _ctlLen && !_txStage.PartlySent && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
         if (s is not null && atBoundary)
         {
             // The error data is the offending PDU header (as much of it as was read, at most 128 bytes).
@@ -1613,7 +1595,7 @@ public sealed class NvmfTcpConnection
 
         s?.Dispose();
         _sendCount = 0;
-        _txStageLen = _txStageSent = 0;
+        _txStage.Clear();
         foreach (var r in _requests)
         {
             if (r.Active && !r.InBdev)

@@ -196,6 +196,7 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
             Assert.Equal(2, bdev.Ctrl.VqCount);
             Assert.True(bdev.Ctrl.Has(Virtio.VirtioFeatures.RingIndirectDesc));
             AssertQemuLikeLayout(bdev.Ctrl);
+            Assert.DoesNotContain(_log.Lines, l => l.Contains("not sealed against shrinking", StringComparison.Ordinal)); // our back end checked our memfd
 
             // save_config emits the attach call with SPDK's params.
             var call = bdev.ConfigCall();
@@ -497,6 +498,44 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
         await release();
         desc.Dispose();
         await OnMain(() => module.DetachAsync("V1"));
+    }
+
+    [Fact]
+    public async Task DetachWithAChannelStillOpen_TearsDownWhenTheLastChannelCloses()
+    {
+        var bdevs = new BdevManager();
+        bdevs.Register(new MallocBdev("Malloc0", Blocks, BlockSize));
+        await using var vhost = new VhostManager(_runtime, bdevs, _dir, _log);
+        var ctrlr = vhost.CreateBlkController("vhost.6", "Malloc0", null, false);
+        var module = StartModule(bdevs);
+        module.DetachWait = TimeSpan.FromMilliseconds(300);
+        await _runtime.Main.InvokeAsync(() => module.AttachAsync("V6", Path.Combine(_dir, "vhost.6"), vqCount: 1, vqSize: 16));
+        var ctrl = Assert.IsType<VirtioBlkBdev>(bdevs.Find("V6")).Ctrl;
+
+        // Someone keeps a channel of the device (a bdev channel not put back yet) across the detach.
+        var r = R(_runtime.Reactors.Count - 1);
+        var held = await r.InvokeAsync(() => r.GetIoChannel(ctrl));
+        Assert.Equal(1, ctrl.LiveChannels);
+        await OnMain(() => module.DetachAsync("V6"));
+        Assert.Null(bdevs.Find("V6"));
+        Assert.Empty(module.Controllers);
+        Assert.Contains(_log.Lines, l => l.Contains("still open") && l.Contains("V6"));
+
+        // Not torn down under the open channel: the connection and the shared memory stay.
+        await Task.Delay(200);
+        Assert.False(ctrl.Disposed.IsCompleted);
+        Assert.Single(ctrlr.Sessions);
+
+        // The last channel closes: the teardown finishes by itself (no leaked connection or memory).
+        await r.InvokeAsync(() =>
+        {
+            held.Release();
+            return true;
+        });
+        await ctrl.Disposed.WaitAsync(TimeSpan.FromSeconds(10));
+        Assert.Equal(0, ctrl.LiveChannels);
+        Assert.True(await WaitUntil(() => ctrlr.Sessions.Count == 0), "the back end still has a session after the last channel closed");
+        Assert.Contains(_log.Lines, l => l.Contains("V6: detached"));
     }
 
     [Fact]

@@ -56,12 +56,12 @@ public class ForwardedIoTests
         await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "t", size_in_mib = 1 });
         using var desc = kit.Bdevs.Open("lvs/t", write: true);
         using var buf = new AlignedBuffer(4096);
-        var loop = new IoLoop(desc, [buf.ToIoVec()]);
+        var loop = new IoLoop(desc, [buf.ToIoVec()], 2048);
         long bytes = await kit.Main.InvokeAsync(async () =>
         {
             await loop.Run(20_000, 32);
             long b = await loop.Run(100_000, 32);
-            loop.Close(); // on the reactor that owns the channel
+            loop.Release(); // on the reactor that owns the channel
             return b;
         });
         // A per-I/O allocation of even 8 bytes would be 800 KB here.
@@ -116,69 +116,6 @@ public class ForwardedIoTests
             }
 
             io.Complete(BdevIoStatus.Success);
-        }
-    }
-
-    /// <summary>Keeps `depth` 4 KiB reads and writes in flight with a cached callback; measures allocation on the reactor thread.</summary>
-    private sealed class IoLoop(BdevDesc desc, IoVec[] iov)
-    {
-        private static readonly BdevIoCompletion s_done = static (_, ok, arg) => ((IoLoop)arg!).OnDone(ok);
-        private BdevChannel? _ch;
-        private int _remaining;
-        private int _inflight;
-        private long _start;
-        private TaskCompletionSource<long>? _tcs;
-
-        public Task<long> Run(int count, int depth)
-        {
-            _ch ??= desc.GetIoChannel();
-            _tcs = new TaskCompletionSource<long>();
-            _remaining = count;
-            _start = GC.GetAllocatedBytesForCurrentThread();
-            for (int i = 0; i < depth; i++)
-            {
-                Submit();
-            }
-
-            return _tcs.Task;
-        }
-
-        public void Close()
-        {
-            if (_ch != null)
-            {
-                BdevDesc.PutIoChannel(_ch);
-            }
-        }
-
-        private void Submit()
-        {
-            _remaining--;
-            _inflight++;
-            ulong lba = (ulong)(_remaining % 256) * 8; // spread over the lvol's 16 clusters
-            int rc = (_remaining & 1) == 0 ? _ch!.Read(desc, iov, lba, 8, s_done, this) : _ch!.Write(desc, iov, lba, 8, s_done, this);
-            if (rc != 0)
-            {
-                throw new InvalidOperationException($"submit failed {rc}");
-            }
-        }
-
-        private void OnDone(bool ok)
-        {
-            if (!ok)
-            {
-                throw new InvalidOperationException("I/O failed");
-            }
-
-            _inflight--;
-            if (_remaining > 0)
-            {
-                Submit();
-            }
-            else if (_inflight == 0)
-            {
-                _tcs!.SetResult(GC.GetAllocatedBytesForCurrentThread() - _start);
-            }
         }
     }
 }

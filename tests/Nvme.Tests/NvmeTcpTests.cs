@@ -125,13 +125,14 @@ public sealed class NvmeTcpInitiatorTests : IDisposable
         _buf.Dispose();
     }
 
-    private sealed class Done
+    /// <summary>A command's completion, as the callback <see cref="s_done"/> records it (also used by the other initiator tests).</summary>
+    internal sealed class Done
     {
         public bool Completed;
         public NvmeStatus Status;
     }
 
-    private static readonly NvmeCompletionCallback s_done = static (arg, st, dw0) =>
+    internal static readonly NvmeCompletionCallback s_done = static (arg, st, dw0) =>
     {
         var d = (Done)arg!;
         d.Status = st;

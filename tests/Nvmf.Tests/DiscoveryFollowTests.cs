@@ -10,32 +10,42 @@ using Xunit;
 namespace VhostBackend.Nvmf.Tests;
 
 /// <summary>
-/// The bdev_nvme module's discovery service (our initiator) against our target (a real peer, in process): it follows
-/// Discovery Log Page Change notices, attaching subsystems that appear and detaching those that go away.
+/// What the discovery tests share: our target (a real peer, in process) and, as the host, the bdev_nvme module with its
+/// own bdev layer and RPC registry, driven through its RPC handlers on the target's main reactor.
 /// </summary>
-public sealed class DiscoveryFollowTests : IAsyncLifetime
+public abstract class DiscoveryTestBase : IAsyncLifetime
 {
-    private readonly NvmfTestTarget _t = new();
-    private readonly BdevManager _hostBdevs = new();
-    private readonly RpcRegistry _hostRpc = new();
-    private readonly NvmeBdevModule _module = new();
+    protected const string Nqn2 = "nqn.2016-06.io.spdk:cnode2";
+
+    protected DiscoveryTestBase(NvmeBdevModule? module = null) => Module = module ?? new NvmeBdevModule();
+
+    protected NvmfTestTarget T { get; } = new();
+    protected BdevManager HostBdevs { get; } = new();
+    protected RpcRegistry HostRpc { get; } = new();
+    protected NvmeBdevModule Module { get; }
 
     public async Task InitializeAsync()
     {
-        await _t.SetupAsync();
-        _hostBdevs.AddModule(_module);
-        _module.Init(new BdevModuleContext(_hostBdevs, _t.Reactors, _hostRpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+        await T.SetupAsync();
+        HostBdevs.AddModule(Module);
+        Module.Init(new BdevModuleContext(HostBdevs, T.Reactors, HostRpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+    }
+
+    /// <summary>Before the teardown (a test holding the module back lets it go here).</summary>
+    protected virtual void BeforeDispose()
+    {
     }
 
     public async Task DisposeAsync()
     {
-        await _t.Reactors.Main.InvokeAsync(async () =>
+        BeforeDispose();
+        await T.Reactors.Main.InvokeAsync(async () =>
         {
-            foreach (var c in _module.Controllers.ToList())
+            foreach (var c in Module.Controllers.ToList())
             {
                 try
                 {
-                    await _module.DetachAsync(c.CtrlName);
+                    await Module.DetachAsync(c.CtrlName);
                 }
                 catch (RpcException)
                 {
@@ -44,24 +54,37 @@ public sealed class DiscoveryFollowTests : IAsyncLifetime
 
             return true;
         });
-        await _t.DisposeAsync();
+        await T.DisposeAsync();
     }
 
-    private async Task<JsonNode?> Host(string method, string json)
+    protected async Task<JsonNode?> Host(string method, string json)
     {
-        Assert.True(_hostRpc.TryGet(method, out var handler, out _));
+        Assert.True(HostRpc.TryGet(method, out var handler, out _));
         using var doc = JsonDocument.Parse(json);
         var req = new RpcRequest(method, doc.RootElement.Clone());
-        return await _t.Reactors.Main.InvokeAsync(() => handler(req));
+        return await T.Reactors.Main.InvokeAsync(() => handler(req));
     }
 
-    private async Task<string[]> Attached()
+    /// <summary>bdev_nvme_start_discovery "nvme" against the target (wait_for_attach as given; absent when null).</summary>
+    protected Task<JsonNode?> StartDiscovery(bool? waitForAttach = true)
+    {
+        string wait = waitForAttach switch
+        {
+            true => ""","wait_for_attach":true""",
+            false => ""","wait_for_attach":false""",
+            null => "",
+        };
+        return Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{T.Port}}"{{wait}}}""");
+    }
+
+    /// <summary>The names the discovery service attached, sorted.</summary>
+    protected async Task<string[]> Attached()
     {
         var info = (await Host("bdev_nvme_get_discovery_info", "{}"))!.AsArray();
-        return info.Count == 0 ? [] : info[0]!["attached"]!.AsArray().Select(a => a!.GetValue<string>()).ToArray();
+        return info.Count == 0 ? [] : info[0]!["attached"]!.AsArray().Select(a => a!.GetValue<string>()).OrderBy(a => a, StringComparer.Ordinal).ToArray();
     }
 
-    private async Task<string[]> WaitAttached(Func<string[], bool> done)
+    protected async Task<string[]> WaitAttached(Func<string[], bool> done)
     {
         var sw = Stopwatch.StartNew();
         string[] a;
@@ -74,40 +97,66 @@ public sealed class DiscoveryFollowTests : IAsyncLifetime
         return a;
     }
 
+    /// <summary>A second subsystem appears on the target (Malloc1 as its namespace, on the same listener).</summary>
+    protected async Task AddSecondSubsystem()
+    {
+        await T.AddMalloc("Malloc1");
+        await T.Call("nvmf_create_subsystem", $$"""{"nqn":"{{Nqn2}}","allow_any_host":true}""");
+        await T.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn2}}}","namespace":{"bdev_name":"Malloc1"}}""");
+        await T.Call("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{Nqn2}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{T.Port}}}"}}""");
+    }
+
+    /// <summary>The target's controllers of its discovery subsystem.</summary>
+    protected NvmfController[] DiscoveryControllers() =>
+        T.Target.Subsystems.Where(s => s.IsDiscovery).SelectMany(T.Target.ControllersOf).ToArray();
+
+    protected async Task WaitFor(Func<bool> cond, string what)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!cond())
+        {
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), what);
+            await Task.Delay(50);
+        }
+    }
+}
+
+/// <summary>
+/// The bdev_nvme module's discovery service (our initiator) against our target (a real peer, in process): it follows
+/// Discovery Log Page Change notices, attaching subsystems that appear and detaching those that go away.
+/// </summary>
+public sealed class DiscoveryFollowTests : DiscoveryTestBase
+{
     [Fact]
     public async Task DiscoveryAttachesNewSubsystemsAndDetachesRemovedOnesOnLogChangeNotices()
     {
-        Assert.True((await Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}","wait_for_attach":true}"""))!.GetValue<bool>());
+        Assert.True((await StartDiscovery())!.GetValue<bool>());
         Assert.Equal(["nvme0"], await Attached());
-        Assert.NotNull(_hostBdevs.Find("nvme0n1"));
+        Assert.NotNull(HostBdevs.Find("nvme0n1"));
 
         // A second subsystem appears on the target: its discovery controller sends a notice, the host attaches it.
-        await _t.AddMalloc("Malloc1");
-        const string nqn2 = "nqn.2016-06.io.spdk:cnode2";
-        await _t.Call("nvmf_create_subsystem", $$"""{"nqn":"{{nqn2}}","allow_any_host":true}""");
-        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{nqn2}}}","namespace":{"bdev_name":"Malloc1"}}""");
-        await _t.Call("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{nqn2}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{_t.Port}}}"}}""");
+        await AddSecondSubsystem();
         Assert.Equal(["nvme0", "nvme1"], await WaitAttached(a => a.Length == 2));
-        var ctrl = _module.FindController("nvme1");
+        var ctrl = Module.FindController("nvme1");
         Assert.NotNull(ctrl);
-        Assert.Contains(nqn2, ctrl!.TridKey, StringComparison.Ordinal);
-        Assert.NotNull(_hostBdevs.Find("nvme1n1"));
+        Assert.Contains(Nqn2, ctrl!.TridKey, StringComparison.Ordinal);
+        Assert.NotNull(HostBdevs.Find("nvme1n1"));
 
         // The first subsystem goes away: the host detaches its controller and its bdev.
-        await _t.Call("nvmf_delete_subsystem", $$"""{"nqn":"{{NvmfTestTarget.Nqn}}"}""");
+        await T.Call("nvmf_delete_subsystem", $$"""{"nqn":"{{NvmfTestTarget.Nqn}}"}""");
         Assert.Equal(["nvme1"], await WaitAttached(a => a.Length == 1));
-        Assert.Null(_module.FindController("nvme0"));
-        Assert.Null(_hostBdevs.Find("nvme0n1"));
+        Assert.Null(Module.FindController("nvme0"));
+        Assert.Null(HostBdevs.Find("nvme0n1"));
         var info = (await Host("bdev_nvme_get_discovery_info", "{}"))!.AsArray();
         Assert.True(info[0]!["log_change_notices"]!.GetValue<int>() >= 2);
 
         // save_config still writes the discovery service only; stop detaches what it attached.
         var config = new JsonArray();
-        _module.WriteConfig(config);
+        Module.WriteConfig(config);
         Assert.Equal("bdev_nvme_start_discovery", Assert.Single(config)!["method"]!.GetValue<string>());
         Assert.True((await Host("bdev_nvme_stop_discovery", """{"name":"nvme"}"""))!.GetValue<bool>());
-        Assert.Null(_module.FindController("nvme1"));
-        Assert.Null(_hostBdevs.Find("nvme1n1"));
+        Assert.Null(Module.FindController("nvme1"));
+        Assert.Null(HostBdevs.Find("nvme1n1"));
     }
 
     [Fact]
@@ -115,17 +164,12 @@ public sealed class DiscoveryFollowTests : IAsyncLifetime
     {
         // SPDK's default (wait_for_attach absent): the call does not wait for the attaches; they still happen, and
         // save_config writes the flag as it was given.
-        Assert.True((await Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}"}"""))!.GetValue<bool>());
+        Assert.True((await StartDiscovery(waitForAttach: null))!.GetValue<bool>());
         Assert.Equal(["nvme0"], await WaitAttached(a => a.Length == 1));
-        var sw = Stopwatch.StartNew();
-        while (_hostBdevs.Find("nvme0n1") is null)
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "nvme0n1 never appeared");
-            await Task.Delay(50);
-        }
+        await WaitFor(() => HostBdevs.Find("nvme0n1") is not null, "nvme0n1 never appeared");
 
         var config = new JsonArray();
-        _module.WriteConfig(config);
+        Module.WriteConfig(config);
         Assert.False(Assert.Single(config)!["params"]!["wait_for_attach"]!.GetValue<bool>());
 
         // An unreachable discovery controller is still the call's error (not a silent background failure).
@@ -138,113 +182,57 @@ public sealed class DiscoveryFollowTests : IAsyncLifetime
 /// A Discovery Log Page Change notice that arrives while bdev_nvme_start_discovery is still attaching what the first
 /// log listed: the subsystem the notice announces must end up attached (and stay attached).
 /// </summary>
-public sealed class DiscoveryStartRaceTests : IAsyncLifetime
+public sealed class DiscoveryStartRaceTests : DiscoveryTestBase
 {
-    private const string Nqn2 = "nqn.2016-06.io.spdk:cnode2";
-    private readonly NvmfTestTarget _t = new();
-    private readonly BdevManager _hostBdevs = new();
-    private readonly RpcRegistry _hostRpc = new();
-    private readonly ManualResetEventSlim _gate = new(false);
-    private readonly NvmeBdevModule _module;
+    private readonly ManualResetEventSlim _gate;
 
     public DiscoveryStartRaceTests()
+        : this(new ManualResetEventSlim(false))
     {
-        // The first subsystem's attach waits at the gate: start_discovery's first pass is still running.
-        _module = NvmeBdevModule.WithAttachTcp((trid, opts, log) =>
+    }
+
+    // The first subsystem's attach waits at the gate: start_discovery's first pass is still running.
+    private DiscoveryStartRaceTests(ManualResetEventSlim gate)
+        : base(NvmeBdevModule.WithAttachTcp((trid, opts, log) =>
         {
             if (trid.SubNqn == NvmfTestTarget.Nqn)
             {
-                _gate.Wait(TimeSpan.FromSeconds(30));
+                gate.Wait(TimeSpan.FromSeconds(30));
             }
 
             return Nvme.Tcp.NvmeTcpController.Attach(trid, opts, log);
-        });
-    }
-
-    public async Task InitializeAsync()
+        }))
     {
-        await _t.SetupAsync();
-        _hostBdevs.AddModule(_module);
-        _module.Init(new BdevModuleContext(_hostBdevs, _t.Reactors, _hostRpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
+        _gate = gate;
     }
 
-    public async Task DisposeAsync()
-    {
-        _gate.Set();
-        await _t.Reactors.Main.InvokeAsync(async () =>
-        {
-            foreach (var c in _module.Controllers.ToList())
-            {
-                try
-                {
-                    await _module.DetachAsync(c.CtrlName);
-                }
-                catch (RpcException)
-                {
-                }
-            }
-
-            return true;
-        });
-        await _t.DisposeAsync();
-    }
-
-    private async Task<JsonNode?> Host(string method, string json)
-    {
-        Assert.True(_hostRpc.TryGet(method, out var handler, out _));
-        using var doc = JsonDocument.Parse(json);
-        var req = new RpcRequest(method, doc.RootElement.Clone());
-        return await _t.Reactors.Main.InvokeAsync(() => handler(req));
-    }
-
-    private async Task<string[]> Attached()
-    {
-        var info = (await Host("bdev_nvme_get_discovery_info", "{}"))!.AsArray();
-        return info.Count == 0 ? [] : info[0]!["attached"]!.AsArray().Select(a => a!.GetValue<string>()).OrderBy(a => a, StringComparer.Ordinal).ToArray();
-    }
+    protected override void BeforeDispose() => _gate.Set();
 
     [Fact]
     public async Task ANoticeDuringTheFirstAttachPassIsFollowedAndNotUndone()
     {
-        var start = Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}","wait_for_attach":true}""");
+        var start = StartDiscovery();
 
         // Once the discovery controller is up (its AER outstanding: the target's discovery controller holds one),
         // a second subsystem appears while the first pass waits at the gate.
-        var sw = Stopwatch.StartNew();
-        while (!_t.Target.Subsystems.Where(s => s.IsDiscovery).SelectMany(_t.Target.ControllersOf).Any(c => c.PendingAsyncEventRequests > 0))
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "the discovery controller posted no AER");
-            await Task.Delay(20);
-        }
-
-        await _t.AddMalloc("Malloc1");
-        await _t.Call("nvmf_create_subsystem", $$"""{"nqn":"{{Nqn2}}","allow_any_host":true}""");
-        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn2}}}","namespace":{"bdev_name":"Malloc1"}}""");
-        await _t.Call("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{Nqn2}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{_t.Port}}}"}}""");
+        await WaitFor(() => DiscoveryControllers().Any(c => c.PendingAsyncEventRequests > 0), "the discovery controller posted no AER");
+        await AddSecondSubsystem();
 
         // Give a refresh running beside the first pass time to attach the new subsystem (it must not be undone by
         // the first pass); serialized after the first pass, nothing is attached while the gate is closed.
-        sw.Restart();
-        while (!_module.Controllers.Any(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)) && sw.Elapsed < TimeSpan.FromSeconds(3))
+        var sw = Stopwatch.StartNew();
+        while (!Module.Controllers.Any(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)) && sw.Elapsed < TimeSpan.FromSeconds(3))
         {
             await Task.Delay(20);
         }
 
         _gate.Set();
         Assert.True((await start)!.GetValue<bool>());
-
-        sw.Restart();
-        string[] a;
-        while ((a = await Attached()).Length != 2)
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), $"attached: [{string.Join(", ", a)}]");
-            await Task.Delay(50);
-        }
-
+        await WaitAttached(a => a.Length == 2);
         await Task.Delay(500);
         Assert.Equal(2, (await Attached()).Length);
-        Assert.NotNull(_hostBdevs.Find("nvme0n1"));
-        Assert.NotNull(_module.Controllers.FirstOrDefault(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)));
+        Assert.NotNull(HostBdevs.Find("nvme0n1"));
+        Assert.NotNull(Module.Controllers.FirstOrDefault(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)));
     }
 }
 
@@ -252,80 +240,22 @@ public sealed class DiscoveryStartRaceTests : IAsyncLifetime
 /// The discovery controller's connection is lost (the target closed it): the discovery service reconnects, as SPDK's
 /// discovery_poller does, and keeps following the log.
 /// </summary>
-public sealed class DiscoveryReconnectTests : IAsyncLifetime
+public sealed class DiscoveryReconnectTests : DiscoveryTestBase
 {
-    private const string Nqn2 = "nqn.2016-06.io.spdk:cnode2";
-    private readonly NvmfTestTarget _t = new();
-    private readonly BdevManager _hostBdevs = new();
-    private readonly RpcRegistry _hostRpc = new();
-    private readonly NvmeBdevModule _module = new();
-
-    public async Task InitializeAsync()
-    {
-        await _t.SetupAsync();
-        _hostBdevs.AddModule(_module);
-        _module.Init(new BdevModuleContext(_hostBdevs, _t.Reactors, _hostRpc, new SubsystemRegistry(), NullLoggerFactory.Instance));
-    }
-
-    public async Task DisposeAsync()
-    {
-        await _t.Reactors.Main.InvokeAsync(async () =>
-        {
-            foreach (var c in _module.Controllers.ToList())
-            {
-                try
-                {
-                    await _module.DetachAsync(c.CtrlName);
-                }
-                catch (RpcException)
-                {
-                }
-            }
-
-            return true;
-        });
-        await _t.DisposeAsync();
-    }
-
-    private async Task<JsonNode?> Host(string method, string json)
-    {
-        Assert.True(_hostRpc.TryGet(method, out var handler, out _));
-        using var doc = JsonDocument.Parse(json);
-        var req = new RpcRequest(method, doc.RootElement.Clone());
-        return await _t.Reactors.Main.InvokeAsync(() => handler(req));
-    }
-
-    private NvmfController[] DiscoveryControllers() =>
-        _t.Target.Subsystems.Where(s => s.IsDiscovery).SelectMany(_t.Target.ControllersOf).ToArray();
-
     [Fact]
     public async Task TheDiscoveryControllerIsReconnectedAndFollowedAfterItsConnectionIsLost()
     {
-        Assert.True((await Host("bdev_nvme_start_discovery", $$"""{"name":"nvme","trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{_t.Port}}","wait_for_attach":true}"""))!.GetValue<bool>());
-        Assert.NotNull(_module.FindController("nvme0"));
+        Assert.True((await StartDiscovery())!.GetValue<bool>());
+        Assert.NotNull(Module.FindController("nvme0"));
         var first = Assert.Single(DiscoveryControllers());
 
         // The target drops the discovery connection (as a target restart would).
         first.AdminConnection.CloseAsync("test: connection dropped");
-        var sw = Stopwatch.StartNew();
-        while (!DiscoveryControllers().Any(c => c != first && c.PendingAsyncEventRequests > 0))
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "the discovery controller was not reconnected (with an AER posted)");
-            await Task.Delay(50);
-        }
+        await WaitFor(() => DiscoveryControllers().Any(c => c != first && c.PendingAsyncEventRequests > 0), "the discovery controller was not reconnected (with an AER posted)");
 
         // A subsystem added afterwards is attached: the log is followed again.
-        await _t.AddMalloc("Malloc1");
-        await _t.Call("nvmf_create_subsystem", $$"""{"nqn":"{{Nqn2}}","allow_any_host":true}""");
-        await _t.Call("nvmf_subsystem_add_ns", $$$"""{"nqn":"{{{Nqn2}}}","namespace":{"bdev_name":"Malloc1"}}""");
-        await _t.Call("nvmf_subsystem_add_listener", $$$"""{"nqn":"{{{Nqn2}}}","listen_address":{"trtype":"TCP","adrfam":"IPv4","traddr":"127.0.0.1","trsvcid":"{{{_t.Port}}}"}}""");
-        sw.Restart();
-        while (!_module.Controllers.Any(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)))
-        {
-            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), "the new subsystem was not attached");
-            await Task.Delay(50);
-        }
-
-        Assert.NotNull(_module.FindController("nvme0"));
+        await AddSecondSubsystem();
+        await WaitFor(() => Module.Controllers.Any(c => c.TridKey.Contains(Nqn2, StringComparison.Ordinal)), "the new subsystem was not attached");
+        Assert.NotNull(Module.FindController("nvme0"));
     }
 }

@@ -163,6 +163,13 @@ public sealed class HardeningTests
         Assert.True(group.BufferWaits >= 1);
         Assert.InRange(Volatile.Read(ref group.BufferBytes), 0, group.BufferLimit);
 
+        // While they wait, every poll tries again: with no idle buffer to give back, that looks at no request (it
+        // used to walk every request of every connection of the group, each poll).
+        long visits = Volatile.Read(ref group.ReclaimVisits);
+        Thread.Sleep(300);
+        Assert.Equal(visits, Volatile.Read(ref group.ReclaimVisits));
+        Assert.True(group.HasBufferWaiters);
+
         // Answering the R2Ts frees memory: every write gets its R2T in turn and completes.
         var pending = new Queue<ModelPdu>(r2ts);
         int done = 0;
@@ -189,6 +196,86 @@ public sealed class HardeningTests
         var (back, rr, _) = io.Read(NvmfHostModel.Rw(NvmeIoOpcode.Read, 1, 5 * 256, 256), 131072);
         Assert.Equal(0, rr!.Status);
         Assert.Equal(payload[cids[5]], back);
+    }
+
+    [Fact]
+    public async Task IdleBuffersOfAnotherConnectionAreGivenBackFromTheIdleList()
+    {
+        await using var t = new NvmfTestTarget();
+        await t.SetupAsync(""","num_shared_buffers":2,"io_unit_size":131072""");
+        var (admin, cntlid) = Admin(t);
+        using var _ = admin;
+
+        // Two I/O connections on the same poll group (connections are spread over the groups).
+        var hosts = new List<NvmfHostModel>();
+        NvmfHostModel? a = null, b = null;
+        for (ushort qid = 1; qid <= 4 && b is null; qid++)
+        {
+            var h = Io(t, cntlid, qid, entries: 16);
+            hosts.Add(h);
+            var g = Conn(t, h).Group;
+            a ??= h;
+            if (!ReferenceEquals(h, a) && ReferenceEquals(g, Conn(t, a).Group))
+            {
+                b = h;
+            }
+        }
+
+        try
+        {
+            Assert.NotNull(a);
+            Assert.NotNull(b);
+            var group = Conn(t, a).Group!;
+
+            // A fills the budget with four 128 KiB buffers, then goes idle: they stay with its free requests.
+            var cids = new ushort[4];
+            for (int i = 0; i < cids.Length; i++)
+            {
+                var w = NvmfHostModel.Rw(NvmeIoOpcode.Write, 1, (ulong)(i * 256), 256);
+                w.Cid = cids[i] = a.NextCid();
+                a.SendCommand(w, null, 131072);
+            }
+
+            for (int done = 0; done < cids.Length;)
+            {
+                var p = a.ReadPdu();
+                if (p.Type == NvmeTcpPduType.R2T)
+                {
+                    a.SendH2C(NvmeTcpPdu.Cccid(p.Header), NvmeTcpPdu.Ttag(p.Header), 0, Pattern(131072, 7), last: true);
+                    continue;
+                }
+
+                Assert.Equal(0, p.Status);
+                done++;
+            }
+
+            Assert.Equal(4, group.IdleBuffers);
+            Assert.Equal(group.BufferLimit, Volatile.Read(ref group.BufferBytes));
+            long visits = Volatile.Read(ref group.ReclaimVisits);
+
+            // B needs a 128 KiB buffer: one of A's idle ones is given back (taken off the idle list, nothing scanned).
+            var data = Pattern(131072, 8);
+            var bw = NvmfHostModel.Rw(NvmeIoOpcode.Write, 1, 2048, 256);
+            bw.Cid = b.NextCid();
+            b.SendCommand(bw, null, 131072);
+            var r2t = b.ReadPdu();
+            Assert.Equal(NvmeTcpPduType.R2T, r2t.Type);
+            b.SendH2C(bw.Cid, NvmeTcpPdu.Ttag(r2t.Header), 0, data, last: true);
+            Assert.Equal(0, b.ReadPdu().Status);
+            Assert.Equal(visits + 1, Volatile.Read(ref group.ReclaimVisits));
+            Assert.Equal(4, group.IdleBuffers); // three of A's, B's own
+            Assert.InRange(Volatile.Read(ref group.BufferBytes), 0, group.BufferLimit);
+            var (back, rr, _) = b.Read(NvmfHostModel.Rw(NvmeIoOpcode.Read, 1, 2048, 256), 131072);
+            Assert.Equal(0, rr!.Status);
+            Assert.Equal(data, back);
+        }
+        finally
+        {
+            foreach (var h in hosts)
+            {
+                h.Dispose();
+            }
+        }
     }
 
     [Fact]

@@ -148,7 +148,8 @@ internal sealed class FrontEndModel : IDisposable
     /// <summary>SET_MEM_TABLE for the packed driver model (the same two-region layout as <see cref="DriverRingModel"/>).</summary>
     public ulong SetMemTable(PackedDriverModel m) => SetMemTable(m.MemFd);
 
-    private ulong SetMemTable(int memFd)
+    /// <summary>SET_MEM_TABLE of the models' two-region layout on any fd (tests hand over a hostile one).</summary>
+    public ulong SetMemTable(int memFd)
     {
         var payload = new byte[8 + (2 * 32)];
         MemoryMarshal.Write(payload, new VhostUserMemoryHeader { NRegions = 2 });

@@ -198,6 +198,44 @@ public sealed class HostileGuestTests
         await flood.WaitAsync(TimeSpan.FromSeconds(10));
     }
 
+    [Fact]
+    public async Task GuestMemoryShorterThanItsRegionsIsRefusedWithRateLimitedLogsAndTheSessionGoesOn()
+    {
+        await using var host = new VhostTestHost(reactors: 1);
+        host.Vhost.CreateBlkController("short", "Malloc0", null, readOnly: false);
+        using var m = new DriverRingModel(Size);
+        using var fe = host.Connect("short");
+        fe.Negotiate(WantProtocol);
+        Assert.Equal(0UL, fe.SetU64(VhostUserRequest.SetFeatures, (1UL << VirtioFeatures.Version1) | (1UL << VhostUserConstants.ProtocolFeaturesBit)));
+
+        // The file holds the first region only: mapping the second would fault on first touch (SIGBUS, every VM).
+        int shortFd = MappedRegion.CreateMemFd("short-guest-memory", (long)DriverRingModel.RegionSize);
+        try
+        {
+            for (int i = 0; i < 100; i++)
+            {
+                Assert.NotEqual(0UL, fe.SetMemTable(shortFd));
+            }
+        }
+        finally
+        {
+            Fd.Close(shortFd);
+        }
+
+        int lines = host.Log.Lines.Count(l => l.Contains("SET_MEM_TABLE refused", StringComparison.Ordinal));
+        Assert.InRange(lines, 1, 40); // a burst, then a few per second
+        Assert.Contains(host.Log.Lines, l => l.Contains("SET_MEM_TABLE refused", StringComparison.Ordinal) && l.Contains(nameof(MemoryRegionError.PastEndOfFile), StringComparison.Ordinal));
+
+        // The session goes on: a proper table, a queue, I/O.
+        Assert.Equal(0UL, fe.SetMemTable(m));
+        using var call = new EventFd();
+        Assert.Equal(0UL, fe.SetupQueue(m, 0, null, call));
+        var drv = new BlkDriverModel(m);
+        ulong st = drv.Post(VirtioBlkRequestType.In, 0, m.Alloc(512), 512, true);
+        Assert.True(await VhostTestHost.WaitUntil(() => m.UsedIdx == 1), "no I/O after the refused tables");
+        Assert.Equal(VirtioBlkRequestType.StatusOk, drv.Status(st));
+    }
+
     private static FrontEndModel Open(VhostTestHost host, string name, DriverRingModel m)
     {
         var fe = host.Connect(name);

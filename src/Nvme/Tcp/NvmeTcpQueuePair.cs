@@ -24,7 +24,7 @@ public delegate void NvmeTcpTimeoutCallback(object? context, NvmeTcpQueuePair qp
 /// Everything the controller sends is untrusted: every header is validated (<see cref="NvmeTcpPdu.ValidateHeader"/>),
 /// its digests checked when negotiated, command ids must name an outstanding command that expects that PDU, data
 /// offsets and lengths must lie inside the command's transfer and arrive in order. Any violation sends an
-/// H2CTermReq, closes the connection and completes every outstanding command with "transient transport error":
+/// H2CTermReq (when the stream is between PDUs), closes the connection and completes every outstanding command with "transient transport error":
 /// the queue pair is then <see cref="IsFailed"/> and the owner reconnects or gives up (<see cref="LastError"/> says why).
 /// </para>
 /// </summary>
@@ -57,14 +57,10 @@ public sealed class NvmeTcpQueuePair : IDisposable
     private int _sendHead;
     private int _sendCount;
 
-    // Send coalescing: whole small PDUs (command capsules with their in-capsule data, H2CData of at most StageDataMax
-    // bytes) are copied here and go out in one send, instead of one send per header and per data part (at QD128 the
-    // initiator was bound by send syscalls). Larger data is sent from the command's buffers, after what is staged.
-    private const int StageBytes = 32 * 1024;
-    private const int StageDataMax = 8 * 1024;
-    private readonly byte[] _txStage = new byte[StageBytes];
-    private int _txStageLen;
-    private int _txStageSent;
+    // Send coalescing: whole small PDUs (command capsules with their in-capsule data, H2CData of at most 8 KiB) go out
+    // in one send from the stage (at QD128 the initiator was bound by send syscalls). Larger data is sent from the
+    // command's buffers, after what is staged.
+    private readonly NvmeTcpSendStage _txStage = new();
     private readonly byte[] _ctlTx = new byte[NvmeTcpPdu.IcSize + NvmeTcpPdu.TermReqMaxErrorData];
     private int _ctlLen;
     private int _ctlSent;
@@ -82,7 +78,6 @@ public sealed class NvmeTcpQueuePair : IDisposable
     private uint _rxCrc;
     private readonly byte[] _rxDigest = new byte[4];
     private readonly byte[] _padSink = new byte[NvmeTcpPdu.MaxHeaderBytes];
-    private readonly byte[] _txDigest = new byte[4];
 
     private readonly PinnedArray<byte> _connectData = new(NvmeFabrics.ConnectDataSize);
     private Socket? _sock;
@@ -182,7 +177,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
     /// A poll has work now, so the owner must not sleep: a connect in progress, PDUs waiting to be sent (the socket's
     /// send buffer was full), or received bytes not processed yet.
     /// </summary>
-    public bool HasPendingWork => IsConnecting || _sendCount > 0 || _ctlLen > _ctlSent || _stageEnd > _stageStart || _txStageSent < _txStageLen;
+    public bool HasPendingWork => IsConnecting || _sendCount > 0 || _ctlLen > _ctlSent || _stageEnd > _stageStart || !_txStage.IsEmpty;
     public int FreeSlots => _freeCount;
 
     /// <summary>How long <see cref="StartConnect"/> + <see cref="PollConnect"/> may take (ticks).</summary>
@@ -211,7 +206,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
         _rxHave = 0;
         _stageStart = _stageEnd = 0;
         _ctlLen = _ctlSent = 0;
-        _txStageLen = _txStageSent = 0;
+        _txStage.Clear();
         _deadline = Ticks.Now() + ConnectTimeoutTicks;
         try
         {
@@ -493,7 +488,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
             Receive();
         }
 
-        if (_state is not StateFailed && (_sendCount > 0 || _ctlLen > _ctlSent || _txStageSent < _txStageLen))
+        if (_state is not StateFailed && (_sendCount > 0 || _ctlLen > _ctlSent || !_txStage.IsEmpty))
         {
             Flush(); // R2Ts answered, or what the received PDUs queued
         }
@@ -520,26 +515,19 @@ public sealed class NvmeTcpQueuePair : IDisposable
 
         while (_state is not StateFailed)
         {
-            if (_txStageSent < _txStageLen)
+            if (!_txStage.Drain(s, out var stageErr))
             {
-                int n = s.Send(_txStage.AsSpan(_txStageSent, _txStageLen - _txStageSent), SocketFlags.None, out var err);
-                if (!Sent(n, err))
-                {
-                    return;
-                }
-
-                _txStageSent += n;
-                continue;
+                Sent(0, stageErr);
+                return;
             }
 
-            _txStageLen = _txStageSent = 0;
             if (_sendCount == 0)
             {
                 return;
             }
 
             StagePdus();
-            if (_txStageLen > 0 || _sendCount == 0)
+            if (!_txStage.IsEmpty || _sendCount == 0)
             {
                 continue;
             }
@@ -563,9 +551,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
                 }
                 else
                 {
-                    BinaryPrimitives.WriteUInt32LittleEndian(_txDigest, t.TxDigest);
-                    int done = (int)(t.TxSent - t.TxHeaderLength - t.TxDataLength);
-                    n = s.Send(_txDigest.AsSpan(done), SocketFlags.None, out err);
+                    n = _txStage.SendDigest(s, t.TxDigest, (int)(t.TxSent - t.TxHeaderLength - t.TxDataLength), out err);
                 }
 
                 if (!Sent(n, err))
@@ -597,30 +583,22 @@ public sealed class NvmeTcpQueuePair : IDisposable
     }
 
     /// <summary>
-    /// Copies whole queued PDUs (none started, data at most <see cref="StageDataMax"/>) into the send stage while they
-    /// fit; each counts as sent once copied (the stage goes out before anything queued later). Stops at the first PDU
-    /// that is larger or does not fit.
+    /// Copies whole queued PDUs (none started, data at most the stage's DataMax) into the send stage while they fit;
+    /// each counts as sent once copied (the stage goes out before anything queued later). Stops at the first PDU that
+    /// is larger or does not fit.
     /// </summary>
     private void StagePdus()
     {
         while (_sendCount > 0)
         {
             var t = _sendQueue[_sendHead];
-            if (t.TxSent != 0 || t.TxDataLength > StageDataMax)
+            if (t.TxSent != 0 || !_txStage.CanStage(t.TxHeaderLength, t.TxDataLength, _ddgst))
             {
                 return;
             }
 
-            int dd = t.TxDataLength > 0 && _ddgst ? 4 : 0;
-            int total = t.TxHeaderLength + (int)t.TxDataLength + dd;
-            if (total > StageBytes - _txStageLen)
-            {
-                return;
-            }
-
-            var dst = _txStage.AsSpan(_txStageLen, total);
-            t.TxHeader.AsSpan(0, t.TxHeaderLength).CopyTo(dst);
-            int pos = t.TxHeaderLength;
+            var dst = _txStage.Append(t.TxHeader.AsSpan(0, t.TxHeaderLength), t.TxDataLength, _ddgst, t.TxDigest);
+            int pos = 0;
             uint off = t.TxDataOffset;
             uint left = t.TxDataLength;
             while (left > 0)
@@ -638,12 +616,6 @@ public sealed class NvmeTcpQueuePair : IDisposable
                 left -= (uint)seg.Length;
             }
 
-            if (dd != 0)
-            {
-                BinaryPrimitives.WriteUInt32LittleEndian(dst[pos..], t.TxDigest);
-            }
-
-            _txStageLen += total;
             Dequeued(t);
         }
     }
@@ -1114,7 +1086,7 @@ public sealed class NvmeTcpQueuePair : IDisposable
     public int FailOutstanding(NvmeStatus status)
     {
         _sendCount = 0;
-        _txStageLen = _txStageSent = 0;
+        _txStage.Clear();
         _sendHead = 0;
         _rxTracker = null;
         int n = 0;
@@ -1131,6 +1103,16 @@ public sealed class NvmeTcpQueuePair : IDisposable
         return n;
     }
 
+    /// <summary>
+    /// Nothing written to the socket stops inside a PDU: the control PDU is out, the stage has not been partly sent
+    /// and the PDU at the head of the queue has not been started (a non-empty stage that sent nothing, and whatever
+    /// is queued behind it, start at a boundary).
+    /// </summary>
+    private bool AtPduBoundary => _ctlSent >= _ctlLen && !_txStage.PartlySent && (_sendCount == 0 || _sendQueue[_sendHead].TxSent == 0);
+
+    /// <summary>For tests: what a protocol violation found in a received PDU does (<see cref="Fail"/>), at a moment the test chose.</summary>
+    internal void FailForTest(string reason, NvmeTcpFes fes, uint fei) => Fail(reason, fes, fei);
+
     private void Fail(string reason, NvmeTcpFes fes, uint fei)
     {
         if (_state == StateFailed)
@@ -1140,9 +1122,11 @@ public sealed class NvmeTcpQueuePair : IDisposable
 
         LastError = reason;
         var s = _sock;
-        if (s is not null && fes != NvmeTcpFes.None)
+        if (s is not null && fes != NvmeTcpFes.None && AtPduBoundary)
         {
-            // Best effort: tell the controller why (a non-blocking send that may not get through).
+            // Best effort: tell the controller why (a non-blocking send that may not get through). Only between PDUs:
+            // in the middle of one (part of the stage, an ICReq or a large PDU sent), its bytes would be read as that
+            // PDU's; then the connection just closes.
             int n = NvmeTcpPdu.WriteTermReq(_ctlTx, fromHost: true, fes, fei, _rxHdr.AsSpan(0, Math.Clamp(Math.Max(_rxHave, _rxInfo.HeaderBytes), NvmeTcpPdu.CommonHeaderSize, NvmeTcpPdu.TermReqMaxErrorData)));
             s.Send(_ctlTx.AsSpan(0, n), SocketFlags.None, out _);
         }

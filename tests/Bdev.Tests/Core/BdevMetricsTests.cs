@@ -40,7 +40,7 @@ public class BdevMetricsTests
         Assert.Equal((0, false), await kit.Io(desc, (ch, cb) => ch.Compare(desc, buf.Split(0, 512), 40, 1, cb, null)));
 
         // A channel kept open: its live counters are read racily from this (non-reactor) thread.
-        var loop = new BdevLayerTests.IoLoop(desc, buf.Split(0, 4096));
+        var loop = new IoLoop(desc, buf.Split(0, 4096));
         await kit.Main.InvokeAsync(() => loop.Run(1000, 4)); // 500 reads, 500 writes of 4 KiB
 
         m.Collect();
@@ -119,7 +119,7 @@ public class BdevMetricsTests
         {
             using var desc = kit.Bdevs.Open(name, true);
             using var buf = new NativeBuffer(4096);
-            var loop = new BdevLayerTests.IoLoop(desc, buf.Split(0, 4096));
+            var loop = new IoLoop(desc, buf.Split(0, 4096));
             long bytes = await kit.Main.InvokeAsync(async () =>
             {
                 await loop.Run(20_000, 32);

@@ -59,9 +59,13 @@ public sealed class VirtioBdevModule : BdevModule
         }
     }
 
-    /// <summary>Connects to the vhost-user-blk socket and registers the bdev (named <paramref name="name"/>). Returns the bdev names.</summary>
+    /// <summary>
+    /// Connects to the vhost-user socket and registers the bdevs: for blk one named <paramref name="name"/>; for scsi
+    /// one per target found by the scan, named <c>&lt;name&gt;t&lt;target&gt;</c> (SPDK). Returns the bdev names.
+    /// </summary>
     /// <param name="packedRing">VIRTIO_F_RING_PACKED: null when the back end offers it, true required, false split rings (ours; SPDK has no such parameter).</param>
-    public async Task<IReadOnlyList<string>> AttachAsync(string name, string socketPath, int vqCount = DefaultVqCount, int vqSize = DefaultVqSize, bool? packedRing = null)
+    public async Task<IReadOnlyList<string>> AttachAsync(string name, string socketPath, int vqCount = DefaultVqCount, int vqSize = DefaultVqSize, bool? packedRing = null,
+        VirtioDevType devType = VirtioDevType.Blk)
     {
         lock (_ctrls)
         {
@@ -74,10 +78,11 @@ public sealed class VirtioBdevModule : BdevModule
         }
 
         VirtioUserController ctrl;
+        List<VirtioScsiDiskInfo> targets = [];
         try
         {
             var shared = _sharedMemory?.Invoke();
-            ctrl = await Task.Run(() => VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared, packedRing)).ConfigureAwait(true);
+            (ctrl, targets) = await Task.Run(() => Connect(name, socketPath, vqCount, vqSize, shared, packedRing, devType)).ConfigureAwait(true);
         }
         catch (Exception e) when (e is IOException or ArgumentException or UnauthorizedAccessException)
         {
@@ -88,6 +93,11 @@ public sealed class VirtioBdevModule : BdevModule
 
             _log.LogError("bdev_virtio_attach_controller {Name} {Path} failed: {Error}", name, socketPath, e.Message);
             throw RpcException.InvalidParams($"Failed to attach virtio-user device {name} at {socketPath}: {e.Message}");
+        }
+
+        if (ctrl.Scsi is { } scsi)
+        {
+            return AttachScsiTargets(ctrl, scsi, targets);
         }
 
         uint bs = ctrl.Has(VirtioBlkFeature.BlkSize) ? ctrl.Config.BlkSize : 512;
@@ -115,7 +125,59 @@ public sealed class VirtioBdevModule : BdevModule
         return [bdev.Name];
     }
 
-    /// <summary>Unregisters the bdev (waiting for its users to close it), then stops the rings and disconnects.</summary>
+    /// <summary>Connects (blocking); for scsi also posts the event buffers and scans the targets. Disconnects on failure.</summary>
+    private (VirtioUserController, List<VirtioScsiDiskInfo>) Connect(string name, string socketPath, int vqCount, int vqSize, SharedMemoryArena? shared, bool? packedRing, VirtioDevType devType)
+    {
+        var ctrl = VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared, packedRing, devType);
+        if (devType != VirtioDevType.Scsi)
+        {
+            return (ctrl, []);
+        }
+
+        try
+        {
+            var scsi = new VirtioScsiDevice(ctrl, _log);
+            ctrl.Scsi = scsi;
+            scsi.PostEventBuffers();
+            return (ctrl, scsi.Scan());
+        }
+        catch
+        {
+            ctrl.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Registers a bdev per scanned target (a name taken is logged and skipped, as SPDK), starts the event poller, returns the names.</summary>
+    private IReadOnlyList<string> AttachScsiTargets(VirtioUserController ctrl, VirtioScsiDevice scsi, List<VirtioScsiDiskInfo> targets)
+    {
+        var names = new List<string>();
+        foreach (var info in targets)
+        {
+            var disk = new VirtioScsiBdev(ctrl, info);
+            scsi.AddDisk(disk);
+            try
+            {
+                Bdevs.Register(disk);
+                names.Add(disk.Name);
+            }
+            catch (BdevExistsException e)
+            {
+                scsi.DiskGone(disk);
+                _log.LogError("virtio-user {Name}: target {Target} not registered: {Error}", ctrl.CtrlName, info.Target, e.Message);
+            }
+        }
+
+        scsi.StartEvents(_reactors!.Main, Bdevs);
+        lock (_ctrls)
+        {
+            _ctrls[ctrl.CtrlName] = ctrl;
+        }
+
+        return names;
+    }
+
+    /// <summary>Unregisters the bdev(s) (waiting for their users to close them), then stops the rings and disconnects.</summary>
     public async Task DetachAsync(string name)
     {
         VirtioUserController? ctrl;
@@ -130,7 +192,22 @@ public sealed class VirtioBdevModule : BdevModule
             _ctrls.Remove(name);
         }
 
-        if (Bdevs.Find(name) is VirtioBlkBdev b && b.Ctrl == ctrl)
+        if (ctrl.Scsi is { } scsi)
+        {
+            scsi.StopEvents();
+            foreach (var disk in scsi.Disks)
+            {
+                try
+                {
+                    await Bdevs.UnregisterAsync(disk).ConfigureAwait(true);
+                }
+                catch (BdevNotFoundException)
+                {
+                    // Hot-removed meanwhile.
+                }
+            }
+        }
+        else if (Bdevs.Find(name) is VirtioBlkBdev b && b.Ctrl == ctrl)
         {
             await Bdevs.UnregisterAsync(b).ConfigureAwait(true);
         }
@@ -181,10 +258,59 @@ public sealed class VirtioBdevModule : BdevModule
         }).ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// save_config: one attach call per scsi controller (SPDK's virtio_scsi module config_json: the targets are
+    /// found again by the scan). blk controllers are written by their bdev.
+    /// </summary>
+    public override void WriteConfig(JsonArray calls)
+    {
+        foreach (var c in Controllers.Where(c => c.DevType == VirtioDevType.Scsi).OrderBy(c => c.CtrlName, StringComparer.Ordinal))
+        {
+            var p = new JsonObject
+            {
+                ["name"] = c.CtrlName,
+                ["dev_type"] = "scsi",
+                ["trtype"] = "user",
+                ["traddr"] = c.SocketPath,
+                ["vq_count"] = c.VqCount,
+                ["vq_size"] = c.VqSize,
+            };
+            if (c.PackedRingOption is { } packed)
+            {
+                p["packed_ring"] = packed;
+            }
+
+            calls.Add(Subsystem.Call("bdev_virtio_attach_controller", p));
+        }
+    }
+
+    /// <summary>bdev_virtio_scsi_get_devices (SPDK's format: name and the virtio-user dump, vq_count counting every queue).</summary>
+    public JsonArray GetScsiDevices()
+    {
+        var list = new JsonArray();
+        foreach (var c in Controllers.Where(c => c.DevType == VirtioDevType.Scsi).OrderBy(c => c.CtrlName, StringComparer.Ordinal))
+        {
+            list.Add(new JsonObject
+            {
+                ["name"] = c.CtrlName,
+                ["virtio"] = new JsonObject
+                {
+                    ["vq_count"] = c.VqCount + c.FixedQueues,
+                    ["vq_size"] = c.VqSize,
+                    ["type"] = "user",
+                    ["socket"] = c.SocketPath,
+                },
+            });
+        }
+
+        return list;
+    }
+
+    /// <summary>bdev_virtio_blk_get_devices (ours).</summary>
     public JsonArray GetDevices()
     {
         var list = new JsonArray();
-        foreach (var c in Controllers.OrderBy(c => c.CtrlName, StringComparer.Ordinal))
+        foreach (var c in Controllers.Where(c => c.DevType == VirtioDevType.Blk).OrderBy(c => c.CtrlName, StringComparer.Ordinal))
         {
             list.Add(new JsonObject
             {

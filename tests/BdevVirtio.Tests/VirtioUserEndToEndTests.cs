@@ -17,7 +17,7 @@ namespace VhostBackend.BdevVirtio.Tests;
 /// virtio-user bdev attached to its socket, both on the same reactors; data goes through the real protocol,
 /// shared memfd and rings. Also the same against qemu-storage-daemon (a prerequisite: missing, the test fails).
 /// </summary>
-public sealed class VirtioUserEndToEndTests : IAsyncLifetime
+public sealed partial class VirtioUserEndToEndTests : IAsyncLifetime
 {
     private const uint BlockSize = 512;
     private const ulong Blocks = 32768; // 16 MiB

@@ -200,3 +200,64 @@ public sealed partial class VirtioUserEndToEndTests
         Assert.Equal(22, Assert.Throws<RpcException>(bad.Validate).Code);
     }
 }
+
+/// <summary>The front end against a model back end that answers badly (<see cref="ModelScsiBackEnd"/>).</summary>
+public sealed partial class VirtioUserEndToEndTests
+{
+    [Fact]
+    public async Task AgainstAModelScsiBackEnd_BadGeometryAndBadResponsesAreRefused()
+    {
+        var bdevs = new BdevManager();
+        string socket = Path.Combine(_dir, "model.0");
+        var model = new ModelScsiBackEnd(socket, _runtime, _log.CreateLogger("model"));
+        model.StartListening();
+        var module = StartModule(bdevs);
+        try
+        {
+            var names = await _runtime.Main.InvokeAsync(() => module.AttachAsync("M", socket, vqCount: 1, vqSize: 16, devType: VirtioDevType.Scsi));
+
+            // Target 0 only: 1 has a 520-byte block size, 2 never gets ready, 3 claims 2^64 blocks.
+            Assert.Equal(["Mt0"], names);
+            Assert.Equal(ModelScsiBackEnd.Blocks, bdevs.Find("Mt0")!.BlockCount);
+            Assert.Contains(_log.Lines, l => l.Contains("invalid target 1"));
+            Assert.Contains(_log.Lines, l => l.Contains("target 2 is present, but unavailable"));
+            Assert.Contains(_log.Lines, l => l.Contains("invalid target 3"));
+            Assert.Equal(5, model.Commands[2]); // the same INQUIRY 5 times, as SPDK
+            Assert.Equal(1, model.Commands[63]); // every target up to 63 is asked
+            Assert.Equal(0, model.Commands[64]);
+            Assert.False(bdevs.Find("Mt0")!.SupportsIoType(BdevIoType.Unmap)); // no Logical Block Provisioning page
+
+            using var desc = bdevs.Open("Mt0", true);
+            var held = await R(0).InvokeAsync(() => desc.GetIoChannel()); // keeps the channel (and its error count)
+            using var b = new Buf(512);
+            Assert.True(await Read(R(0), desc, b, 0));
+            Assert.True(b.Span.IndexOfAnyExcept((byte)0xAB) < 0);
+            foreach (ulong lba in new ulong[] { 1, 2, 3, 4 })
+            {
+                b.Span.Clear();
+                Assert.False(await Read(R(0), desc, b, lba), $"read at {lba} should fail");
+                Assert.False(await Write(R(0), desc, b, lba), $"write at {lba} should fail");
+            }
+
+            Assert.True(await Write(R(0), desc, b, 5));
+            Assert.Contains(_log.Lines, l => l.Contains("sense key 0x3, ASC/ASCQ 0x11/0x00"));
+            Assert.Contains(_log.Lines, l => l.Contains("residual 512"));
+            Assert.Contains(_log.Lines, l => l.Contains("used length 0"));
+            var ch = Assert.Single(((VirtioScsiBdev)desc.Bdev).Ctrl.SnapshotChannels());
+            Assert.Equal(8, ((VirtioScsiChannel)ch.Context).Errors);
+            await R(0).InvokeAsync(() => BdevDesc.PutIoChannel(held));
+            desc.Dispose();
+            await OnMain(() => module.DetachAsync("M"));
+            Assert.Null(bdevs.Find("Mt0"));
+        }
+        catch
+        {
+            _out.WriteLine(_log.Dump());
+            throw;
+        }
+        finally
+        {
+            await model.ShutdownAsync();
+        }
+    }
+}

@@ -10,11 +10,12 @@ using VhostBackend.Virtio.Blk;
 namespace VhostBackend.BdevVirtio;
 
 /// <summary>
-/// The virtio-blk bdev module (SPDK's module/bdev/virtio/bdev_virtio_blk.c, module name "virtio_blk"): virtio-user
-/// blk controllers by name (trtype "user"), one bdev each, named after the controller. RPC handlers run on the main
-/// reactor; the blocking vhost-user handshake runs on the thread pool. save_config: each bdev's
-/// <see cref="VirtioBlkBdev.ConfigCall"/> writes its attach call (SPDK's per-bdev write_config_json); the module
-/// writes nothing of its own. At shutdown <see cref="FiniAsync"/> detaches every front end; the host registers the
+/// The virtio bdev module (SPDK's module/bdev/virtio: bdev_virtio_blk.c, module name "virtio_blk", and
+/// bdev_virtio_scsi.c): virtio-user controllers by name (trtype "user"). blk: one bdev, named after the controller.
+/// scsi: one bdev per target found by the scan, <c>&lt;name&gt;t&lt;target&gt;</c> (<see cref="VirtioScsiDevice"/>).
+/// RPC handlers run on the main reactor; the blocking vhost-user handshake (and the SCSI scan) runs on the thread
+/// pool. save_config: each blk bdev's <see cref="VirtioBlkBdev.ConfigCall"/> writes its attach call (SPDK's
+/// per-bdev write_config_json); <see cref="WriteConfig"/> writes one per scsi controller (SPDK's module config_json). At shutdown <see cref="FiniAsync"/> detaches every front end; the host registers the
 /// module after the vhost layer so this runs while our own vhost back ends still serve.
 /// </summary>
 public sealed class VirtioBdevModule : BdevModule

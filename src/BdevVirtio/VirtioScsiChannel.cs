@@ -1,7 +1,9 @@
 using System.Buffers.Binary;
 using Microsoft.Extensions.Logging;
 using VhostBackend.Bdev;
+using VhostBackend.Platform;
 using VhostBackend.Reactors;
+using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Scsi;
 
@@ -33,6 +35,7 @@ internal sealed class VirtioScsiChannel
     private bool _failed;
     private bool _inPoll;
     private bool _unpublished;
+    private LogRateLimiter _errorLog = new(burst: 16, perSecond: 1); // the back end decides how many I/O fail
 
     public VirtioScsiChannel(VirtioUserController ctrl, Reactor reactor)
     {
@@ -391,9 +394,13 @@ internal sealed class VirtioScsiChannel
         }
 
         Errors++;
-        var (sk, asc, ascq) = ScsiCdb.Sense(ref resp);
-        _ctrl.Logger.LogWarning("virtio-user {Name}: {Bdev} {Type} at block {Lba} x{Blocks} failed: response {Response}, status 0x{Status:x2}, residual {Resid}, sense key 0x{Sk:x}, ASC/ASCQ 0x{Asc:x2}/0x{Ascq:x2} (used length {Len})",
-            _ctrl.CtrlName, io.Bdev.Name, io.Type, io.OffsetBlocks, io.NumBlocks, resp.Response, resp.Status, resp.Resid, sk, asc, ascq, usedLen);
+        if (_errorLog.TryAcquire(Ticks.Now(), out long suppressed))
+        {
+            var (sk, asc, ascq) = ScsiCdb.Sense(ref resp);
+            _ctrl.Logger.LogWarning("virtio-user {Name}: {Bdev} {Type} at block {Lba} x{Blocks} failed: response {Response}, status 0x{Status:x2}, residual {Resid}, sense key 0x{Sk:x}, ASC/ASCQ 0x{Asc:x2}/0x{Ascq:x2} (used length {Len}; {Suppressed} similar lines suppressed)",
+                _ctrl.CtrlName, io.Bdev.Name, io.Type, io.OffsetBlocks, io.NumBlocks, resp.Response, resp.Status, resp.Resid, sk, asc, ascq, usedLen, suppressed);
+        }
+
         return false;
     }
 

@@ -143,10 +143,11 @@ public enum VirtioDevType
 }
 
 /// <summary>
-/// A vhost-user-blk device reached as a front end (SPDK's virtio_user + bdev_virtio_blk): the socket, the
+/// A vhost-user-blk or vhost-user-scsi device reached as a front end (SPDK's virtio_user + bdev_virtio_blk /
+/// bdev_virtio_scsi; for scsi, queues 0 and 1 are the control and event queues, <see cref="Scsi"/> the rest): the socket, the
 /// negotiated features, the device config, the shared memory region (one memfd holding every ring, request slot
 /// and bounce buffer; guest-physical addresses are offsets into it, user addresses are our mapping) and the
-/// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>).
+/// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>, or <see cref="VirtioScsiChannel"/> on a scsi request queue).
 /// </summary>
 public sealed class VirtioUserController : IoDevice, IDisposable
 {
@@ -303,7 +304,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             if (scsi)
             {
                 features = offered & WantedScsiFeatures;
-                maxQueues -= fixedQueues;
+                maxQueues = Math.Max(0, maxQueues - fixedQueues);
                 Span<byte> scsiCfg = stackalloc byte[VirtioScsiConfig.Size];
                 if (fe.HasProtocolFeature(VhostUserProtocolFeature.Config) && fe.GetConfig(scsiCfg))
                 {

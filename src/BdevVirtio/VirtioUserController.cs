@@ -144,7 +144,7 @@ public enum VirtioDevType
 
 /// <summary>
 /// A vhost-user-blk or vhost-user-scsi device reached as a front end (SPDK's virtio_user + bdev_virtio_blk /
-/// bdev_virtio_scsi; for scsi, queues 0 and 1 are the control and event queues, <see cref="Scsi"/> the rest): the socket, the
+/// bdev_virtio_scsi; for scsi, queues 0 and 1 are the control and event queues and <see cref="Scsi"/> holds the scan and event side): the socket, the
 /// negotiated features, the device config, the shared memory region (one memfd holding every ring, request slot
 /// and bounce buffer; guest-physical addresses are offsets into it, user addresses are our mapping) and the
 /// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>, or <see cref="VirtioScsiChannel"/> on a scsi request queue).

@@ -1,3 +1,4 @@
+using System.Text.Json;
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
 using VhostBackend.BdevMalloc;
@@ -211,13 +212,18 @@ public sealed partial class VirtioUserEndToEndTests
         string socket = Path.Combine(_dir, "model.0");
         var model = new ModelScsiBackEnd(socket, _runtime, _log.CreateLogger("model"));
         model.StartListening();
-        var module = StartModule(bdevs);
+        var rpc = new RpcRegistry();
+        var module = StartModule(bdevs, rpc: rpc);
         try
         {
-            var names = await _runtime.Main.InvokeAsync(() => module.AttachAsync("M", socket, vqCount: 1, vqSize: 16, devType: VirtioDevType.Scsi));
+            // Through the RPC method, as rpc.py sends it; the answer is SPDK's list of bdev names.
+            var names = await CallRpc(rpc, "bdev_virtio_attach_controller", $$"""{"name":"M","trtype":"user","traddr":"{{socket}}","dev_type":"scsi","vq_count":1,"vq_size":16}""");
 
             // Target 0 only: 1 has a 520-byte block size, 2 never gets ready, 3 claims 2^64 blocks.
-            Assert.Equal(["Mt0"], names);
+            Assert.Equal("""["Mt0"]""", names!.ToJsonString());
+            var devices = await CallRpc(rpc, "bdev_virtio_scsi_get_devices", "{}");
+            Assert.Equal("M", (string?)devices![0]!["name"]);
+            Assert.Equal(3, (int?)devices[0]!["virtio"]!["vq_count"]);
             Assert.Equal(ModelScsiBackEnd.Blocks, bdevs.Find("Mt0")!.BlockCount);
             Assert.Contains(_log.Lines, l => l.Contains("invalid target 1"));
             Assert.Contains(_log.Lines, l => l.Contains("target 2 is present, but unavailable"));
@@ -247,8 +253,9 @@ public sealed partial class VirtioUserEndToEndTests
             Assert.Equal(8, ((VirtioScsiChannel)ch.Context).Errors);
             await R(0).InvokeAsync(() => BdevDesc.PutIoChannel(held));
             desc.Dispose();
-            await OnMain(() => module.DetachAsync("M"));
+            Assert.True((bool?)await CallRpc(rpc, "bdev_virtio_detach_controller", """{"name":"M"}"""));
             Assert.Null(bdevs.Find("Mt0"));
+            Assert.Equal(-19, (await Assert.ThrowsAsync<RpcException>(() => CallRpc(rpc, "bdev_virtio_detach_controller", """{"name":"M"}"""))).Code);
         }
         catch
         {
@@ -259,5 +266,13 @@ public sealed partial class VirtioUserEndToEndTests
         {
             await model.ShutdownAsync();
         }
+    }
+
+    private async Task<JsonNode?> CallRpc(RpcRegistry rpc, string method, string json)
+    {
+        Assert.True(rpc.TryGet(method, out var handler, out _));
+        using var doc = JsonDocument.Parse(json);
+        var req = new RpcRequest(method, doc.RootElement.Clone());
+        return await _runtime.Main.InvokeAsync(() => handler(req));
     }
 }

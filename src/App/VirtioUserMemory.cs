@@ -12,7 +12,13 @@ public static class VirtioUserMemory
     public static int ResendMemoryTables(IEnumerable<Bdev.Bdev> bdevs)
     {
         int n = 0;
-        foreach (var c in bdevs.OfType<VirtioBlkBdev>().Select(b => b.Ctrl).Distinct())
+        var ctrls = bdevs.Select(b => b switch
+        {
+            VirtioBlkBdev blk => blk.Ctrl,
+            VirtioScsiBdev scsi => scsi.Ctrl,
+            _ => null,
+        }).OfType<VirtioUserController>().Distinct();
+        foreach (var c in ctrls)
         {
             c.ResendMemoryTable();
             n++;

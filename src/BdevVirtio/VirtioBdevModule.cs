@@ -10,11 +10,12 @@ using VhostBackend.Virtio.Blk;
 namespace VhostBackend.BdevVirtio;
 
 /// <summary>
-/// The virtio-blk bdev module (SPDK's module/bdev/virtio/bdev_virtio_blk.c, module name "virtio_blk"): virtio-user
-/// blk controllers by name (trtype "user"), one bdev each, named after the controller. RPC handlers run on the main
-/// reactor; the blocking vhost-user handshake runs on the thread pool. save_config: each bdev's
-/// <see cref="VirtioBlkBdev.ConfigCall"/> writes its attach call (SPDK's per-bdev write_config_json); the module
-/// writes nothing of its own. At shutdown <see cref="FiniAsync"/> detaches every front end; the host registers the
+/// The virtio bdev module (SPDK's module/bdev/virtio: bdev_virtio_blk.c, module name "virtio_blk", and
+/// bdev_virtio_scsi.c): virtio-user controllers by name (trtype "user"). blk: one bdev, named after the controller.
+/// scsi: one bdev per target found by the scan, <c>&lt;name&gt;t&lt;target&gt;</c> (<see cref="VirtioScsiDevice"/>).
+/// RPC handlers run on the main reactor; the blocking vhost-user handshake (and the SCSI scan) runs on the thread
+/// pool. save_config: each blk bdev's <see cref="VirtioBlkBdev.ConfigCall"/> writes its attach call (SPDK's
+/// per-bdev write_config_json); <see cref="WriteConfig"/> writes one per scsi controller (SPDK's module config_json). At shutdown <see cref="FiniAsync"/> detaches every front end; the host registers the
 /// module after the vhost layer so this runs while our own vhost back ends still serve.
 /// </summary>
 public sealed class VirtioBdevModule : BdevModule
@@ -59,9 +60,13 @@ public sealed class VirtioBdevModule : BdevModule
         }
     }
 
-    /// <summary>Connects to the vhost-user-blk socket and registers the bdev (named <paramref name="name"/>). Returns the bdev names.</summary>
+    /// <summary>
+    /// Connects to the vhost-user socket and registers the bdevs: for blk one named <paramref name="name"/>; for scsi
+    /// one per target found by the scan, named <c>&lt;name&gt;t&lt;target&gt;</c> (SPDK). Returns the bdev names.
+    /// </summary>
     /// <param name="packedRing">VIRTIO_F_RING_PACKED: null when the back end offers it, true required, false split rings (ours; SPDK has no such parameter).</param>
-    public async Task<IReadOnlyList<string>> AttachAsync(string name, string socketPath, int vqCount = DefaultVqCount, int vqSize = DefaultVqSize, bool? packedRing = null)
+    public async Task<IReadOnlyList<string>> AttachAsync(string name, string socketPath, int vqCount = DefaultVqCount, int vqSize = DefaultVqSize, bool? packedRing = null,
+        VirtioDevType devType = VirtioDevType.Blk)
     {
         lock (_ctrls)
         {
@@ -74,10 +79,11 @@ public sealed class VirtioBdevModule : BdevModule
         }
 
         VirtioUserController ctrl;
+        List<VirtioScsiDiskInfo> targets = [];
         try
         {
             var shared = _sharedMemory?.Invoke();
-            ctrl = await Task.Run(() => VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared, packedRing)).ConfigureAwait(true);
+            (ctrl, targets) = await Task.Run(() => Connect(name, socketPath, vqCount, vqSize, shared, packedRing, devType)).ConfigureAwait(true);
         }
         catch (Exception e) when (e is IOException or ArgumentException or UnauthorizedAccessException)
         {
@@ -88,6 +94,11 @@ public sealed class VirtioBdevModule : BdevModule
 
             _log.LogError("bdev_virtio_attach_controller {Name} {Path} failed: {Error}", name, socketPath, e.Message);
             throw RpcException.InvalidParams($"Failed to attach virtio-user device {name} at {socketPath}: {e.Message}");
+        }
+
+        if (ctrl.Scsi is { } scsi)
+        {
+            return AttachScsiTargets(ctrl, scsi, targets);
         }
 
         uint bs = ctrl.Has(VirtioBlkFeature.BlkSize) ? ctrl.Config.BlkSize : 512;
@@ -115,9 +126,61 @@ public sealed class VirtioBdevModule : BdevModule
         return [bdev.Name];
     }
 
+    /// <summary>Connects (blocking); for scsi also posts the event buffers and scans the targets. Disconnects on failure.</summary>
+    private (VirtioUserController, List<VirtioScsiDiskInfo>) Connect(string name, string socketPath, int vqCount, int vqSize, SharedMemoryArena? shared, bool? packedRing, VirtioDevType devType)
+    {
+        var ctrl = VirtioUserController.Connect(name, socketPath, vqCount, vqSize, _log, shared, packedRing, devType);
+        if (devType != VirtioDevType.Scsi)
+        {
+            return (ctrl, []);
+        }
+
+        try
+        {
+            var scsi = new VirtioScsiDevice(ctrl, _log);
+            ctrl.Scsi = scsi;
+            scsi.PostEventBuffers();
+            return (ctrl, scsi.Scan());
+        }
+        catch
+        {
+            ctrl.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Registers a bdev per scanned target (a name taken is logged and skipped, as SPDK), starts the event poller, returns the names.</summary>
+    private IReadOnlyList<string> AttachScsiTargets(VirtioUserController ctrl, VirtioScsiDevice scsi, List<VirtioScsiDiskInfo> targets)
+    {
+        var names = new List<string>();
+        foreach (var info in targets)
+        {
+            var disk = new VirtioScsiBdev(ctrl, info);
+            scsi.AddDisk(disk);
+            try
+            {
+                Bdevs.Register(disk);
+                names.Add(disk.Name);
+            }
+            catch (BdevExistsException e)
+            {
+                scsi.DiskGone(disk);
+                _log.LogError("virtio-user {Name}: target {Target} not registered: {Error}", ctrl.CtrlName, info.Target, e.Message);
+            }
+        }
+
+        scsi.StartEvents(_reactors!.Main, Bdevs);
+        lock (_ctrls)
+        {
+            _ctrls[ctrl.CtrlName] = ctrl;
+        }
+
+        return names;
+    }
+
     /// <summary>
-    /// Unregisters the bdev (waiting for its users to close it), then stops the rings and disconnects: at once, or,
-    /// while channels are still open, when the last one closes (the call returns after <see cref="DetachWait"/>).
+    /// Unregisters the bdev(s) (waiting for their users to close them), then stops the rings and disconnects: at once,
+    /// or, while channels are still open, when the last one closes (the call returns after <see cref="DetachWait"/>).
     /// </summary>
     public async Task DetachAsync(string name)
     {
@@ -133,7 +196,22 @@ public sealed class VirtioBdevModule : BdevModule
             _ctrls.Remove(name);
         }
 
-        if (Bdevs.Find(name) is VirtioBlkBdev b && b.Ctrl == ctrl)
+        if (ctrl.Scsi is { } scsi)
+        {
+            scsi.StopEvents();
+            foreach (var disk in scsi.Disks)
+            {
+                try
+                {
+                    await Bdevs.UnregisterAsync(disk).ConfigureAwait(true);
+                }
+                catch (BdevNotFoundException)
+                {
+                    // Hot-removed meanwhile.
+                }
+            }
+        }
+        else if (Bdevs.Find(name) is VirtioBlkBdev b && b.Ctrl == ctrl)
         {
             await Bdevs.UnregisterAsync(b).ConfigureAwait(true);
         }
@@ -181,10 +259,59 @@ public sealed class VirtioBdevModule : BdevModule
         }).ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// save_config: one attach call per scsi controller (SPDK's virtio_scsi module config_json: the targets are
+    /// found again by the scan). blk controllers are written by their bdev.
+    /// </summary>
+    public override void WriteConfig(JsonArray calls)
+    {
+        foreach (var c in Controllers.Where(c => c.DevType == VirtioDevType.Scsi).OrderBy(c => c.CtrlName, StringComparer.Ordinal))
+        {
+            var p = new JsonObject
+            {
+                ["name"] = c.CtrlName,
+                ["dev_type"] = "scsi",
+                ["trtype"] = "user",
+                ["traddr"] = c.SocketPath,
+                ["vq_count"] = c.VqCount,
+                ["vq_size"] = c.VqSize,
+            };
+            if (c.PackedRingOption is { } packed)
+            {
+                p["packed_ring"] = packed;
+            }
+
+            calls.Add(Subsystem.Call("bdev_virtio_attach_controller", p));
+        }
+    }
+
+    /// <summary>bdev_virtio_scsi_get_devices (SPDK's format: name and the virtio-user dump, vq_count counting every queue).</summary>
+    public JsonArray GetScsiDevices()
+    {
+        var list = new JsonArray();
+        foreach (var c in Controllers.Where(c => c.DevType == VirtioDevType.Scsi).OrderBy(c => c.CtrlName, StringComparer.Ordinal))
+        {
+            list.Add(new JsonObject
+            {
+                ["name"] = c.CtrlName,
+                ["virtio"] = new JsonObject
+                {
+                    ["vq_count"] = c.VqCount + c.FixedQueues,
+                    ["vq_size"] = c.VqSize,
+                    ["type"] = "user",
+                    ["socket"] = c.SocketPath,
+                },
+            });
+        }
+
+        return list;
+    }
+
+    /// <summary>bdev_virtio_blk_get_devices (ours).</summary>
     public JsonArray GetDevices()
     {
         var list = new JsonArray();
-        foreach (var c in Controllers.OrderBy(c => c.CtrlName, StringComparer.Ordinal))
+        foreach (var c in Controllers.Where(c => c.DevType == VirtioDevType.Blk).OrderBy(c => c.CtrlName, StringComparer.Ordinal))
         {
             list.Add(new JsonObject
             {

@@ -4,7 +4,7 @@ using VhostBackend.Rpc;
 
 namespace VhostBackend.BdevVirtio;
 
-/// <summary>bdev_virtio_attach_controller params (SPDK's names; trtype "user" and dev_type "blk" are supported).</summary>
+/// <summary>bdev_virtio_attach_controller params (SPDK's names; trtype "user", dev_type "blk" or "scsi").</summary>
 public sealed class VirtioAttachParams : IRpcParams
 {
     [JsonRequired] public string Name { get; set; } = "";
@@ -30,9 +30,9 @@ public sealed class VirtioAttachParams : IRpcParams
             throw new RpcException(22, Trtype is "pci" or "vfio-user" ? $"trtype '{Trtype}' is not supported (only 'user')" : $"Invalid trtype '{Trtype}'");
         }
 
-        if (DevType != "blk")
+        if (DevType is not ("blk" or "scsi"))
         {
-            throw new RpcException(22, DevType == "scsi" ? "dev_type 'scsi' is not supported (only 'blk')" : $"Invalid dev_type '{DevType}'");
+            throw new RpcException(22, $"Invalid dev_type '{DevType}'");
         }
 
         if (string.IsNullOrEmpty(Traddr))
@@ -61,8 +61,8 @@ public sealed class VirtioDetachParams
 internal static class VirtioBdevRpc
 {
     /// <summary>
-    /// Registers bdev_virtio_attach_controller, bdev_virtio_detach_controller and bdev_virtio_blk_get_devices (ours;
-    /// SPDK lists only SCSI devices) on <paramref name="module"/> (called from <see cref="VirtioBdevModule.Init"/>).
+    /// Registers bdev_virtio_attach_controller, bdev_virtio_detach_controller, bdev_virtio_scsi_get_devices and
+    /// bdev_virtio_blk_get_devices (ours; SPDK lists only SCSI devices) on <paramref name="module"/> (called from <see cref="VirtioBdevModule.Init"/>).
     /// </summary>
     public static void Register(RpcRegistry rpc, VirtioBdevModule module)
     {
@@ -71,7 +71,8 @@ internal static class VirtioBdevRpc
             var p = r.Bind<VirtioAttachParams>();
             int count = p.VqCount is null or 0 ? VirtioBdevModule.DefaultVqCount : p.VqCount.Value;
             int size = p.VqSize is null or 0 ? VirtioBdevModule.DefaultVqSize : p.VqSize.Value;
-            var names = await module.AttachAsync(p.Name, p.Traddr, count, size, p.PackedRing).ConfigureAwait(true);
+            var type = p.DevType == "scsi" ? VirtioDevType.Scsi : VirtioDevType.Blk;
+            var names = await module.AttachAsync(p.Name, p.Traddr, count, size, p.PackedRing, type).ConfigureAwait(true);
             var arr = new JsonArray();
             foreach (var n in names)
             {
@@ -89,5 +90,6 @@ internal static class VirtioBdevRpc
         }, RpcStates.Runtime);
 
         rpc.Register("bdev_virtio_blk_get_devices", r => module.GetDevices(), RpcStates.Runtime);
+        rpc.Register("bdev_virtio_scsi_get_devices", r => module.GetScsiDevices(), RpcStates.Runtime);
     }
 }

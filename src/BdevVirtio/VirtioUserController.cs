@@ -5,6 +5,7 @@ using VhostBackend.Reactors;
 using VhostBackend.VhostUser;
 using VhostBackend.Virtio;
 using VhostBackend.Virtio.Blk;
+using VhostBackend.Virtio.Scsi;
 
 namespace VhostBackend.BdevVirtio;
 
@@ -62,11 +63,22 @@ internal sealed class VirtioUserQueue : IDisposable
         return (0, ulong.MaxValue, driverArea, ulong.MaxValue, deviceArea, total);
     }
 
+    /// <summary>
+    /// virtio-scsi slot metadata (<see cref="ScsiSlotBytes"/> bytes): the indirect table (3 descriptors) on the first
+    /// cache line, the 51-byte command request (or control-queue TMF request) on the second, the 108-byte response
+    /// (or TMF response, or an event-queue buffer) on the third and fourth. No line is shared with the ring's index.
+    /// </summary>
+    public const int ScsiSlotBytes = 256;
+    public const int ScsiReqOffset = 64;
+    public const int ScsiRespOffset = 128;
+
     public VirtioUserQueue(int index, VirtqueueDriver driver, DriverMemory memory, ulong slotsGpa, ulong bounceGpa, int slotCount, int bounceBytes,
-        ulong hotHeaderGpa, ulong hotStatusGpa)
+        ulong hotHeaderGpa, ulong hotStatusGpa, int slotBytes = SlotBytes, int statusOffset = StatusOffset)
     {
         _hotHeaderGpa = hotHeaderGpa;
         _hotStatusGpa = hotStatusGpa;
+        _slotBytes = slotBytes;
+        _statusOffset = statusOffset;
         Index = index;
         Driver = driver;
         Memory = memory;
@@ -78,6 +90,8 @@ internal sealed class VirtioUserQueue : IDisposable
 
     private readonly ulong _hotHeaderGpa;
     private readonly ulong _hotStatusGpa;
+    private readonly int _slotBytes;
+    private readonly int _statusOffset;
 
     public int Index { get; }
     public VirtqueueDriver Driver { get; }
@@ -86,7 +100,7 @@ internal sealed class VirtioUserQueue : IDisposable
     public DriverMemory Memory { get; }
 
     /// <summary>Slot <paramref name="slot"/>'s metadata (indirect table, discard range; header and status unless slot 0).</summary>
-    public ulong SlotGpa(int slot) => SlotBaseGpa + (ulong)(slot * SlotBytes);
+    public ulong SlotGpa(int slot) => SlotBaseGpa + (ulong)(slot * _slotBytes);
 
     /// <summary>The request header of <paramref name="slot"/>: slot 0's shares the avail index's line.</summary>
     public ulong HeaderGpa(int slot) => slot == 0 ? _hotHeaderGpa : SlotGpa(slot) + HeaderOffset;
@@ -94,7 +108,7 @@ internal sealed class VirtioUserQueue : IDisposable
     public ref VirtioBlkOutHeader Header(int slot) => ref Memory.Ref<VirtioBlkOutHeader>(HeaderGpa(slot));
 
     /// <summary>The status byte of <paramref name="slot"/>: slot 0's shares the used index's line.</summary>
-    public ulong StatusGpa(int slot) => slot == 0 ? _hotStatusGpa : SlotGpa(slot) + StatusOffset;
+    public ulong StatusGpa(int slot) => slot == 0 ? _hotStatusGpa : SlotGpa(slot) + (ulong)_statusOffset;
 
     public ref byte Status(int slot) => ref Memory.Ref<byte>(StatusGpa(slot));
 
@@ -121,11 +135,19 @@ internal sealed class VirtioUserQueue : IDisposable
     }
 }
 
+/// <summary>The attach's dev_type.</summary>
+public enum VirtioDevType
+{
+    Blk,
+    Scsi,
+}
+
 /// <summary>
-/// A vhost-user-blk device reached as a front end (SPDK's virtio_user + bdev_virtio_blk): the socket, the
+/// A vhost-user-blk or vhost-user-scsi device reached as a front end (SPDK's virtio_user + bdev_virtio_blk /
+/// bdev_virtio_scsi; for scsi, queues 0 and 1 are the control and event queues and <see cref="Scsi"/> holds the scan and event side): the socket, the
 /// negotiated features, the device config, the shared memory region (one memfd holding every ring, request slot
 /// and bounce buffer; guest-physical addresses are offsets into it, user addresses are our mapping) and the
-/// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>).
+/// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>, or <see cref="VirtioScsiChannel"/> on a scsi request queue).
 /// </summary>
 public sealed class VirtioUserController : IoDevice, IDisposable
 {
@@ -143,9 +165,12 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     private int _nextQueue;
     private bool _disposed;
 
-    private VirtioUserController(string name, string path, int vqSize, VhostUserFrontEnd fe, ulong features, VirtioBlkConfig config, int memFd, MappedRegion map, VirtioUserQueue[] queues, ILogger log, SharedMemoryArena? shared)
+    private VirtioUserController(string name, string path, int vqSize, VhostUserFrontEnd fe, ulong features, VirtioBlkConfig config, int memFd, MappedRegion map, VirtioUserQueue[] queues, ILogger log, SharedMemoryArena? shared, VirtioDevType devType)
         : base("virtio_user:" + name)
     {
+        DevType = devType;
+        FixedQueues = devType == VirtioDevType.Scsi ? VirtioScsi.FirstRequestQueue : 0;
+        _nextQueue = FixedQueues;
         Shared = shared;
         CtrlName = name;
         SocketPath = path;
@@ -160,6 +185,18 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     }
 
     public string CtrlName { get; }
+
+    /// <summary>blk or scsi (the attach's dev_type).</summary>
+    public VirtioDevType DevType { get; }
+
+    /// <summary>Queues that carry no I/O: 2 for scsi (control and event queues), 0 for blk.</summary>
+    public int FixedQueues { get; }
+
+    /// <summary>The SCSI front end (scan results, event queue) when <see cref="DevType"/> is scsi.</summary>
+    internal VirtioScsiDevice? Scsi { get; set; }
+
+    /// <summary>Queue <paramref name="index"/> (control plane: the SCSI scan, control and event queues).</summary>
+    internal VirtioUserQueue Queue(int index) => _queues[index];
 
     /// <summary>The region holding rings, slots and bounce buffers: its length (a multiple of 2 MiB).</summary>
     public ulong MemoryBytes => _map.Length;
@@ -176,7 +213,8 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     /// <summary>The process's shared I/O memory, mapped by the back end too: buffers inside it go by address (zero copy).</summary>
     public SharedMemoryArena? Shared { get; }
     public string SocketPath { get; }
-    public int VqCount => _queues.Length;
+    /// <summary>Request queues (SPDK's vq_count: for scsi the control and event queues are not counted).</summary>
+    public int VqCount => _queues.Length - FixedQueues;
     public int VqSize { get; }
 
     /// <summary>Negotiated virtio features.</summary>
@@ -206,6 +244,12 @@ public sealed class VirtioUserController : IoDevice, IDisposable
         | VirtioFeatures.Bit(VirtioBlkFeature.Mq) | VirtioFeatures.Bit(VirtioBlkFeature.Discard)
         | VirtioFeatures.Bit(VirtioBlkFeature.WriteZeroes) | VirtioFeatures.Bit(VirtioBlkFeature.ConfigWce);
 
+    /// <summary>What a scsi front end asks for when offered: SPDK's set less VIRTIO_SCSI_F_INOUT (we send no bidirectional commands).</summary>
+    public static readonly ulong WantedScsiFeatures =
+        VirtioFeatures.Bit(VirtioFeatures.Version1) | VirtioFeatures.Bit(VirtioFeatures.RingIndirectDesc)
+        | VirtioFeatures.Bit(VirtioFeatures.RingEventIdx) | VirtioFeatures.Bit(VhostUserConstants.ProtocolFeaturesBit)
+        | VirtioFeatures.Bit(VirtioScsiFeature.Hotplug);
+
     public static readonly ulong WantedProtocolFeatures =
         (1UL << VhostUserProtocolFeature.ReplyAck) | (1UL << VhostUserProtocolFeature.Mq) | (1UL << VhostUserProtocolFeature.Config);
 
@@ -218,8 +262,12 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     /// VIRTIO_F_RING_PACKED: null negotiates it when the back end offers it, true requires it (an
     /// <see cref="IOException"/> when not offered), false keeps split rings.
     /// </param>
-    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log, SharedMemoryArena? shared = null, bool? packedRing = null)
+    /// <param name="devType">blk, or scsi: <paramref name="vqCount"/> request queues after the control and event queues.</param>
+    public static VirtioUserController Connect(string name, string path, int vqCount, int vqSize, ILogger log, SharedMemoryArena? shared = null, bool? packedRing = null,
+        VirtioDevType devType = VirtioDevType.Blk)
     {
+        bool scsi = devType == VirtioDevType.Scsi;
+        int fixedQueues = scsi ? VirtioScsi.FirstRequestQueue : 0;
         if (vqCount < 1 || vqCount > 256)
         {
             throw new ArgumentException($"vq_count {vqCount} must be 1..256");
@@ -250,21 +298,29 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             }
 
             fe.SetOwner();
-            int maxQueues = fe.HasProtocolFeature(VhostUserProtocolFeature.Mq) ? (int)Math.Min(fe.GetU64(VhostUserRequest.GetQueueNum), 256UL) : 1;
-            if (!fe.HasProtocolFeature(VhostUserProtocolFeature.Config))
+            int maxQueues = fe.HasProtocolFeature(VhostUserProtocolFeature.Mq) ? (int)Math.Min(fe.GetU64(VhostUserRequest.GetQueueNum), 256UL + (ulong)fixedQueues) : 1 + fixedQueues;
+            var config = default(VirtioBlkConfig);
+            ulong features;
+            if (scsi)
             {
-                throw new IOException($"back end at {path} does not offer VHOST_USER_PROTOCOL_F_CONFIG: cannot read the disk's capacity");
+                features = offered & WantedScsiFeatures;
+                maxQueues = Math.Max(0, maxQueues - fixedQueues);
+                Span<byte> scsiCfg = stackalloc byte[VirtioScsiConfig.Size];
+                if (fe.HasProtocolFeature(VhostUserProtocolFeature.Config) && fe.GetConfig(scsiCfg))
+                {
+                    // num_queues counts request queues; 0 or garbage leaves GET_QUEUE_NUM's answer.
+                    uint n = MemoryMarshal.Read<VirtioScsiConfig>(scsiCfg).NumQueues;
+                    if (n > 0 && n < (uint)maxQueues)
+                    {
+                        maxQueues = (int)n;
+                    }
+                }
+            }
+            else
+            {
+                features = ReadBlkConfig(fe, path, offered, ref maxQueues, out config);
             }
 
-            Span<byte> cfgBytes = stackalloc byte[ConfigBytes];
-            cfgBytes.Clear();
-            if (!fe.GetConfig(cfgBytes) && !fe.GetConfig(cfgBytes[..36]))
-            {
-                throw new IOException($"back end at {path} refused GET_CONFIG");
-            }
-
-            var config = MemoryMarshal.Read<VirtioBlkConfig>(cfgBytes);
-            ulong features = offered & WantedFeatures;
             bool packed = (offered & VirtioFeatures.Bit(VirtioFeatures.RingPacked)) != 0 && packedRing != false;
             if (packedRing == true && !packed)
             {
@@ -276,46 +332,37 @@ public sealed class VirtioUserController : IoDevice, IDisposable
                 features |= VirtioFeatures.Bit(VirtioFeatures.RingPacked);
             }
 
-            if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) != 0 && config.NumQueues > 0)
-            {
-                maxQueues = Math.Min(maxQueues, config.NumQueues);
-            }
-            else if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) == 0)
-            {
-                maxQueues = 1;
-            }
-
             if (vqCount > maxQueues)
             {
-                throw new ArgumentException($"back end at {path} supports {maxQueues} queue(s); vq_count {vqCount} requested");
-            }
-
-            uint blockSize = (features & VirtioFeatures.Bit(VirtioBlkFeature.BlkSize)) != 0 ? config.BlkSize : 512;
-            // The capacity (512-byte sectors) must give at least one block and must not overflow in bytes: a back end's
-            // 2^55+ sectors would wrap the bdev's size.
-            if (blockSize < 512 || (blockSize & (blockSize - 1)) != 0 || blockSize > 1024 * 1024 || config.Capacity < blockSize / 512
-                || config.Capacity > ulong.MaxValue / 512)
-            {
-                throw new IOException($"back end at {path}: unusable geometry (capacity {config.Capacity} sectors, blk_size {blockSize})");
+                throw new ArgumentException($"back end at {path} supports {maxQueues} {(scsi ? "request " : "")}queue(s); vq_count {vqCount} requested");
             }
 
             fe.SetU64(VhostUserRequest.SetFeatures, features);
+            int totalQueues = vqCount + fixedQueues;
+            int slotBytes = scsi ? VirtioUserQueue.ScsiSlotBytes : VirtioUserQueue.SlotBytes;
 
-            // The shared region: per queue, its ring, then its slots' metadata, then its bounce buffers.
+            // The shared region: per queue, its ring, then its slots' metadata, then its bounce buffers (none for
+            // the scsi control and event queues).
             var layout = packed ? VirtioUserQueue.PackedRingLayout((uint)vqSize) : VirtioUserQueue.RingLayout((uint)vqSize);
-            ulong slotArea = ((ulong)vqSize * VirtioUserQueue.SlotBytes + 4095) & ~4095UL;
+            ulong slotArea = ((ulong)vqSize * (ulong)slotBytes + 4095) & ~4095UL;
             ulong bounceArea = (ulong)vqSize * MaxIoBytes;
-            ulong perQueue = layout.Total + slotArea + bounceArea;
-            ulong total = perQueue * (ulong)vqCount;
+            var queueOffsets = new ulong[totalQueues];
+            ulong total = 0;
+            for (int q = 0; q < totalQueues; q++)
+            {
+                queueOffsets[q] = total;
+                total += layout.Total + slotArea + (q < fixedQueues ? 0 : bounceArea);
+            }
+
             // Sealed (the back end can trust its size), 2 MiB-aligned in size and address, huge pages when there
             // are enough free ones: the layout QEMU and DPDK give their regions, which SPDK's vhost target expects.
             map = MappedRegion.CreateShared("virtio-user-" + name, total, out memFd, out bool hugePages, DmaMemoryRegistry.Process); // its bounce buffers may be device DMA targets
             total = map.Length;
             bool eventIdx = (features & VirtioFeatures.Bit(VirtioFeatures.RingEventIdx)) != 0;
             var memory = new DriverMemory(map.Pointer, total);
-            for (int q = 0; q < vqCount; q++)
+            for (int q = 0; q < totalQueues; q++)
             {
-                ulong off = perQueue * (ulong)q;
+                ulong off = queueOffsets[q];
                 VirtqueueDriver drv = packed
                     ? new PackedVirtqueueDriver(memory.Address(off + layout.Desc, PackedVirtqueueDriver.RingBytes((uint)vqSize)),
                         memory.Address(off + layout.Avail, 4), memory.Address(off + layout.Used, 4), (ushort)vqSize, eventIdx)
@@ -324,8 +371,11 @@ public sealed class VirtioUserController : IoDevice, IDisposable
                         memory.Address(off + layout.Used, SplitVirtqueue.UsedRingBytes((uint)vqSize)), (ushort)vqSize, eventIdx);
                 drv.DisableInterrupts();
                 ulong slots = off + layout.Total;
-                queues.Add(new VirtioUserQueue(q, drv, memory, slots, slots + slotArea, vqSize, MaxIoBytes,
-                    packed ? slots + VirtioUserQueue.HeaderOffset : off + layout.HotHeader, packed ? slots + VirtioUserQueue.StatusOffset : off + layout.HotStatus));
+                queues.Add(scsi
+                    ? new VirtioUserQueue(q, drv, memory, slots, slots + slotArea, vqSize, q < fixedQueues ? 0 : MaxIoBytes,
+                        slots + VirtioUserQueue.ScsiReqOffset, slots + VirtioUserQueue.ScsiRespOffset, VirtioUserQueue.ScsiSlotBytes, VirtioUserQueue.ScsiRespOffset)
+                    : new VirtioUserQueue(q, drv, memory, slots, slots + slotArea, vqSize, MaxIoBytes,
+                        packed ? slots + VirtioUserQueue.HeaderOffset : off + layout.HotHeader, packed ? slots + VirtioUserQueue.StatusOffset : off + layout.HotStatus));
             }
 
             // GPA = offset in the memfd; user address = our mapping (ring addresses are given in it).
@@ -345,7 +395,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
             foreach (var q in queues)
             {
                 uint i = (uint)q.Index;
-                ulong ringUva = (ulong)map.Pointer + (perQueue * i);
+                ulong ringUva = (ulong)map.Pointer + queueOffsets[i];
                 fe.SetStruct(VhostUserRequest.SetVringNum, new VhostUserVringState { Index = i, Num = (uint)vqSize });
                 fe.SetStruct(VhostUserRequest.SetVringBase, new VhostUserVringState { Index = i, Num = q.Driver.InitialVringBase });
                 fe.SetStruct(VhostUserRequest.SetVringAddr, new VhostUserVringAddr
@@ -367,9 +417,9 @@ public sealed class VirtioUserController : IoDevice, IDisposable
                 }
             }
 
-            log.LogInformation("virtio-user {Name}: connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}, shared memory 0x{Mem:x} bytes at 0x{Addr:x} ({Backing})",
-                name, path, features, fe.ProtocolFeatures, vqCount, vqSize, config.Capacity, blockSize, total, (ulong)map.Pointer, hugePages ? "huge pages" : "memfd");
-            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared)
+            log.LogInformation("virtio-user {Name} ({Type}): connected to {Path}: features 0x{Features:x}, protocol 0x{Proto:x}, {Queues} queue(s) of {Size}, capacity {Cap} sectors, blk_size {Bs}, shared memory 0x{Mem:x} bytes at 0x{Addr:x} ({Backing})",
+                name, scsi ? "scsi" : "blk", path, features, fe.ProtocolFeatures, totalQueues, vqSize, config.Capacity, config.BlkSize, total, (ulong)map.Pointer, hugePages ? "huge pages" : "memfd");
+            return new VirtioUserController(name, path, vqSize, fe, features, config, memFd, map, queues.ToArray(), log, shared, devType) 
             {
                 HugePages = hugePages,
                 PackedRingOption = packedRing,
@@ -407,6 +457,47 @@ public sealed class VirtioUserController : IoDevice, IDisposable
         }
     }
 
+    /// <summary>
+    /// virtio-blk: the config space (GET_CONFIG, required: it holds the capacity), the features we take and the
+    /// queue limit VIRTIO_BLK_F_MQ gives. Throws <see cref="IOException"/> for a config we cannot use.
+    /// </summary>
+    private static ulong ReadBlkConfig(VhostUserFrontEnd fe, string path, ulong offered, ref int maxQueues, out VirtioBlkConfig config)
+    {
+        if (!fe.HasProtocolFeature(VhostUserProtocolFeature.Config))
+        {
+            throw new IOException($"back end at {path} does not offer VHOST_USER_PROTOCOL_F_CONFIG: cannot read the disk's capacity");
+        }
+
+        Span<byte> cfgBytes = stackalloc byte[ConfigBytes];
+        cfgBytes.Clear();
+        if (!fe.GetConfig(cfgBytes) && !fe.GetConfig(cfgBytes[..36]))
+        {
+            throw new IOException($"back end at {path} refused GET_CONFIG");
+        }
+
+        config = MemoryMarshal.Read<VirtioBlkConfig>(cfgBytes);
+        ulong features = offered & WantedFeatures;
+        if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) != 0 && config.NumQueues > 0)
+        {
+            maxQueues = Math.Min(maxQueues, config.NumQueues);
+        }
+        else if ((features & VirtioFeatures.Bit(VirtioBlkFeature.Mq)) == 0)
+        {
+            maxQueues = 1;
+        }
+
+        uint blockSize = (features & VirtioFeatures.Bit(VirtioBlkFeature.BlkSize)) != 0 ? config.BlkSize : 512;
+        // The capacity (512-byte sectors) must give at least one block and must not overflow in bytes: a back end's
+        // 2^55+ sectors would wrap the bdev's size.
+        if (blockSize < 512 || (blockSize & (blockSize - 1)) != 0 || blockSize > 1024 * 1024 || config.Capacity < blockSize / 512
+            || config.Capacity > ulong.MaxValue / 512)
+        {
+            throw new IOException($"back end at {path}: unusable geometry (capacity {config.Capacity} sectors, blk_size {blockSize})");
+        }
+
+        return features;
+    }
+
     /// <summary>Set once the back end closed the connection: every channel fails its outstanding and new I/O.</summary>
     public bool Disconnected => Volatile.Read(ref _disconnected) != 0;
 
@@ -438,13 +529,14 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     {
         lock (_queues)
         {
-            for (int k = 0; k < _queues.Length; k++)
+            int n = _queues.Length - FixedQueues;
+            for (int k = 0; k < n; k++)
             {
-                var q = _queues[(_nextQueue + k) % _queues.Length];
+                var q = _queues[FixedQueues + ((_nextQueue - FixedQueues + k) % n)];
                 if (!q.Claimed && !q.Broken)
                 {
                     q.Claimed = true;
-                    _nextQueue = (q.Index + 1) % _queues.Length;
+                    _nextQueue = FixedQueues + ((q.Index - FixedQueues + 1) % n);
                     return q;
                 }
             }
@@ -463,7 +555,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
     protected override object CreateChannelContext(Reactor reactor)
     {
-        var ch = new VirtioBlkChannel(this, reactor);
+        object ch = DevType == VirtioDevType.Scsi ? new VirtioScsiChannel(this, reactor) : new VirtioBlkChannel(this, reactor);
         Interlocked.Increment(ref _liveChannels);
         return ch;
     }
@@ -472,7 +564,14 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     {
         try
         {
-            ((VirtioBlkChannel)context).Destroy();
+            if (context is VirtioScsiChannel s)
+            {
+                s.Destroy();
+            }
+            else
+            {
+                ((VirtioBlkChannel)context).Destroy();
+            }
         }
         finally
         {

@@ -17,7 +17,7 @@ namespace VhostBackend.BdevVirtio.Tests;
 /// virtio-user bdev attached to its socket, both on the same reactors; data goes through the real protocol,
 /// shared memfd and rings. Also the same against qemu-storage-daemon (a prerequisite: missing, the test fails).
 /// </summary>
-public sealed class VirtioUserEndToEndTests : IAsyncLifetime
+public sealed partial class VirtioUserEndToEndTests : IAsyncLifetime
 {
     private const uint BlockSize = 512;
     private const ulong Blocks = 32768; // 16 MiB
@@ -54,11 +54,11 @@ public sealed class VirtioUserEndToEndTests : IAsyncLifetime
     private Reactor R(int i) => _runtime.Reactors[i % _runtime.Reactors.Count];
 
     /// <summary>The module as the App's AddBdevModule sets it up: added to the bdev layer, then initialized.</summary>
-    private VirtioBdevModule StartModule(BdevManager bdevs, Func<SharedMemoryArena>? sharedMemory = null)
+    private VirtioBdevModule StartModule(BdevManager bdevs, Func<SharedMemoryArena>? sharedMemory = null, RpcRegistry? rpc = null)
     {
         var module = new VirtioBdevModule(sharedMemory);
         bdevs.AddModule(module);
-        module.Init(new BdevModuleContext(bdevs, _runtime, new RpcRegistry(), new SubsystemRegistry(), _log));
+        module.Init(new BdevModuleContext(bdevs, _runtime, rpc ?? new RpcRegistry(), new SubsystemRegistry(), _log));
         return module;
     }
 

@@ -92,9 +92,13 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         File.WriteAllText(vhostdConfig, $$$"""
             {"subsystems": [
               {"subsystem": "bdev", "config": [
-                {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "{{{Addr512}}}"}}]},
+                {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "{{{Addr512}}}"}},
+                {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme1", "trtype": "PCIe", "traddr": "{{{Addr4k}}}"}}]},
               {"subsystem": "vhost_blk", "config": [
-                {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.nvme", "dev_name": "Nvme0n1", "cpumask": "0x1"}}]}
+                {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.nvme", "dev_name": "Nvme0n1", "cpumask": "0x1"}}]},
+              {"subsystem": "vhost_scsi", "config": [
+                {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "vhost.scsi", "cpumask": "0x1"}},
+                {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vhost.scsi", "scsi_target_num": 0, "bdev_name": "Nvme1n1"}}]}
             ]}
             """);
         string frontEndConfig = Path.Combine(GuestImage.RepoRoot, ".build", "nvme-virtio-user.json");
@@ -103,9 +107,19 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
               {"method": "bdev_virtio_attach_controller", "params": {"name": "VirtioBlk0", "trtype": "user", "traddr": "/tmp/vs/vhost.nvme", "dev_type": "blk", "vq_count": 1, "vq_size": 128}}
             ]}]}
             """);
+        // The zero-copy checks drive both controllers at once: vhost-user-blk on the 512-byte namespace and
+        // vhost-user-scsi (target 0) on the 4096-byte one, one virtio-user front end each in one bdevperf.
+        string bothConfig = Path.Combine(GuestImage.RepoRoot, ".build", "nvme-virtio-user-both.json");
+        File.WriteAllText(bothConfig, """
+            {"subsystems": [{"subsystem": "bdev", "config": [
+              {"method": "bdev_virtio_attach_controller", "params": {"name": "VirtioBlk0", "trtype": "user", "traddr": "/tmp/vs/vhost.nvme", "dev_type": "blk", "vq_count": 1, "vq_size": 128}},
+              {"method": "bdev_virtio_attach_controller", "params": {"name": "VirtioScsi0", "trtype": "user", "traddr": "/tmp/vs/vhost.scsi", "dev_type": "scsi", "vq_count": 1, "vq_size": 128}}
+            ]}]}
+            """);
+
         // Issue 14's zero-copy checks, run against the vhost step's vhostd (see DmaCheckScript).
         string dmaCheck = Path.Combine(GuestImage.RepoRoot, ".build", "nvme-dma-check.sh");
-        File.WriteAllText(dmaCheck, DmaCheckScript(frontEndConfig));
+        File.WriteAllText(dmaCheck, DmaCheckScript(bothConfig));
         try
         {
             await using var guest = await QemuGuest.StartAsync(GuestOptions("nvme-vfio",
@@ -274,7 +288,7 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             #!/bin/sh
             V="./vhostctl -s /tmp/vd.sock --json -t 30"
             P="./vhostctl -s /tmp/bpz.sock --json -t 120"
-            stat() { $V call bdev_get_iostat '{"name": "Nvme0n1"}' | tr -d ' \n'; }
+            stat() { $V call bdev_get_iostat | tr -d ' \n'; }
             field() { echo "$1" | sed -n "s/.*\"$2\":\([0-9a-z]*\).*/\1/p"; }
             iostat() { echo "=== IOSTAT $1"; stat; echo; echo "=== END"; }
             pt() {
@@ -322,17 +336,30 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
     /// <summary>Asserts <see cref="DmaCheckScript"/>'s results in <paramref name="output"/> and reports its numbers.</summary>
     private void CheckDma(string text, bool zeroCopyOn)
     {
-        System.Text.Json.Nodes.JsonNode Stat(string name)
+        // The NVMe bdevs' driver_specific stats (Nvme0n1 under vhost-blk, Nvme1n1 under vhost-scsi) in one iostat.
+        Dictionary<string, System.Text.Json.Nodes.JsonNode> Stats(string name)
         {
             var m = System.Text.RegularExpressions.Regex.Match(text, $"=== IOSTAT {name}\\n(.*?)\\n=== END", System.Text.RegularExpressions.RegexOptions.Singleline);
             Assert.True(m.Success, $"no iostat '{name}' in the DMA check's text");
-            var bdev = System.Text.Json.Nodes.JsonNode.Parse(m.Groups[1].Value)!["bdevs"]![0]!;
-            return bdev["driver_specific"]!;
+            var d = new Dictionary<string, System.Text.Json.Nodes.JsonNode>();
+            foreach (var b in System.Text.Json.Nodes.JsonNode.Parse(m.Groups[1].Value)!["bdevs"]!.AsArray())
+            {
+                if (b!["driver_specific"]?["nvme_bounce"] is not null)
+                {
+                    d[(string)b["name"]!] = b["driver_specific"]!;
+                }
+            }
+
+            Assert.True(d.ContainsKey("Nvme0n1") && d.ContainsKey("Nvme1n1"), $"iostat '{name}' lacks the NVMe bdevs: {m.Groups[1].Value}");
+            return d;
         }
 
-        long Bounced(string name) => (long)Stat(name)["nvme_bounce"]!["bounced_ios"]!;
+        System.Text.Json.Nodes.JsonNode Stat(string name) => Stats(name)["Nvme0n1"];
+        long BouncedOf(string name, string bdev) => (long)Stats(name)[bdev]["nvme_bounce"]!["bounced_ios"]!;
+        long Bounced(string name) => BouncedOf(name, "Nvme0n1") + BouncedOf(name, "Nvme1n1");
 
         Assert.Contains("=== MAPPED", text, StringComparison.Ordinal);
+        Assert.Contains("VirtioScsi0t0", text, StringComparison.Ordinal); // the vhost-scsi LUN on the 4096-byte namespace ran too
         var ready = Stat("ready");
         output.WriteLine($"DMA state when the front end's memory was mapped: {ready["nvme_dma"]!.ToJsonString()}");
         foreach (var r in s_zeroCopyRuns)
@@ -349,7 +376,8 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         {
             Assert.Equal(0, (long)ready["nvme_dma"]!["failed_maps"]!);
             Assert.True(b1 == b0, $"{b1 - b0} I/Os were bounced although every buffer was PRP-describable registered memory");
-            Assert.True(b2 > b1, "buffers 3 bytes into a page (not dword aligned: PRPs cannot describe them) were not bounced");
+            Assert.True(BouncedOf("misaligned", "Nvme0n1") > BouncedOf("aligned", "Nvme0n1") && BouncedOf("misaligned", "Nvme1n1") > BouncedOf("aligned", "Nvme1n1"),
+                "buffers 3 bytes into a page (not dword aligned: PRPs cannot describe them) were not bounced on both the blk and the scsi namespace");
         }
         else
         {

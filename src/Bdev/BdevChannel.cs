@@ -173,7 +173,11 @@ public sealed class BdevChannel
         }
 
         io.ForwardSavedTag = io.ModuleTag;
-        io.ForwardDone = done;
+        if (done is not null)
+        {
+            io.ForwardDone = done; // null already otherwise (EndForward and Reset clear it): no store, no write barrier
+        }
+
         io.ModuleTag = 0;
         Outstanding++;
         bdev.Submit(_moduleChannel, io);
@@ -207,9 +211,11 @@ public sealed class BdevChannel
         }
 
         io.ModuleTag = io.ForwardSavedTag;
-        var done = io.ForwardDone;
-        io.ForwardDone = null;
-        done?.Invoke(io);
+        if (io.ForwardDone is { } done)
+        {
+            io.ForwardDone = null;
+            done(io);
+        }
     }
 
     private static bool Misaligned(ReadOnlySpan<IoVec> iovs, nuint align)

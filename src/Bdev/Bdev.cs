@@ -95,6 +95,8 @@ public abstract class Bdev
     /// reads only the I/O's type, offset, block count and <see cref="BdevIo.Iovs"/>, its own geometry (never
     /// <see cref="BdevIo.Bdev"/> or <see cref="BdevIo.Channel"/>), may use <see cref="BdevIo.ModuleContext"/> and
     /// <see cref="BdevIo.ModuleTag"/>, and ends with <see cref="BdevIo.Complete(BdevIoStatus)"/>. False by default.
+    /// The layer reads this and <see cref="SupportsIoType"/> once per channel for forwarding: a module that says true
+    /// must give both the same answers for as long as the bdev is registered.
     /// </summary>
     public virtual bool AcceptsForwardedIo => false;
 

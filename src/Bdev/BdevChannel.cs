@@ -41,6 +41,12 @@ public sealed class BdevChannel
     private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
 
+    // Forwarding into this channel's bdev (TryForward): what cannot change while the bdev exists, read once here so a
+    // forward checks only what can (QoS, the descriptor, the size) and the I/O's own range and type.
+    private readonly bool _acceptsForward;
+    private readonly int _forwardTypes; // bit (1 << type) per I/O type the module supports
+    private readonly bool _forwardDataWhole; // no transfer limit, boundary or alignment: a read/write is never split or bounced
+
     /// <summary>Latency histogram (<see cref="BdevLatencyHistogram"/>), written only on this reactor.</summary>
     internal readonly long[] Latency = new long[BdevLatencyHistogram.Length];
 
@@ -57,6 +63,17 @@ public sealed class BdevChannel
         }
 
         PoolSize = bdev.IoPoolSize;
+        _acceptsForward = bdev.AcceptsForwardedIo;
+        if (_acceptsForward)
+        {
+            foreach (var t in Enum.GetValues<BdevIoType>())
+            {
+                _forwardTypes |= bdev.SupportsIoType(t) ? 1 << (int)t : 0;
+            }
+
+            _forwardDataWhole = bdev.MaxTransferBlocks == 0 && bdev.OptimalIoBoundaryBlocks == 0 && bdev.RequiredAlignment <= 1;
+        }
+
         _poller = reactor.RegisterPoller("bdev_channel:" + bdev.Name, static c => ((BdevChannel)c!).Poll(), this);
         reactor.SetPollerInterrupt(_poller, -1, static (c, arm) => arm && ((BdevChannel)c!).HasPendingWork);
     }
@@ -120,15 +137,28 @@ public sealed class BdevChannel
     {
         Debug.Assert(Reactor.IsCurrent, "bdev I/O forwarded off its channel's reactor");
         var bdev = Bdev;
-        if (!bdev.AcceptsForwardedIo || bdev.Qos is not null || io.ForwardChannel is not null || io.Channel == this
-            || bdev.BlockSize != io.Bdev.BlockSize || Check(io.Type, desc, offsetBlocks, io.NumBlocks) != 0)
+        var type = io.Type;
+        // The module's consent, its supported types and its split/alignment limits were read when this channel was
+        // made (they are fixed for an opted-in module, see Bdev.AcceptsForwardedIo); per I/O only what can change
+        // is checked: QoS, the descriptor (closed, read-only), the size (a resize), and the I/O itself.
+        if (!_acceptsForward || (_forwardTypes & (1 << (int)type)) == 0 || bdev.Qos is not null || io.ForwardChannel is not null
+            || desc.Bdev != bdev || desc.IsClosed || io.Channel == this || io.Channel.Bdev.BlockSize != bdev.BlockSize)
+        {
+            return false;
+        }
+
+        ulong numBlocks = io.NumBlocks;
+        ulong count = bdev.BlockCount;
+        if ((type != BdevIoType.Reset && ((numBlocks == 0 && type != BdevIoType.Flush) || offsetBlocks > count || numBlocks > count - offsetBlocks))
+            || (type is BdevIoType.Write or BdevIoType.Unmap or BdevIoType.WriteZeroes && !desc.Writable))
         {
             return false;
         }
 
         ulong saved = io.OffsetBlocks;
         io.OffsetBlocks = offsetBlocks;
-        if (NeedsSplit(io, out _) || (bdev.RequiredAlignment > 1 && Misaligned(io.Iovs, bdev.RequiredAlignment)))
+        if (!(_forwardDataWhole && type is BdevIoType.Read or BdevIoType.Write)
+            && (NeedsSplit(io, out _) || (bdev.RequiredAlignment > 1 && Misaligned(io.Iovs, bdev.RequiredAlignment))))
         {
             io.OffsetBlocks = saved;
             return false;
@@ -136,10 +166,18 @@ public sealed class BdevChannel
 
         io.ForwardChannel = this;
         io.ForwardSavedOffset = saved;
-        io.ForwardSavedContext = io.ModuleContext;
+        if (io.ModuleContext is { } context)
+        {
+            io.ForwardSavedContext = context; // (a forwarding module that keeps its state in ModuleTag saves a store here)
+            io.ModuleContext = null;
+        }
+
         io.ForwardSavedTag = io.ModuleTag;
-        io.ForwardDone = done;
-        io.ModuleContext = null;
+        if (done is not null)
+        {
+            io.ForwardDone = done; // null already otherwise (EndForward and Reset clear it): no store, no write barrier
+        }
+
         io.ModuleTag = 0;
         Outstanding++;
         bdev.Submit(_moduleChannel, io);
@@ -162,12 +200,22 @@ public sealed class BdevChannel
 
         io.ForwardChannel = null;
         io.OffsetBlocks = io.ForwardSavedOffset;
-        io.ModuleContext = io.ForwardSavedContext;
+        if (io.ForwardSavedContext is { } context)
+        {
+            io.ModuleContext = context;
+            io.ForwardSavedContext = null;
+        }
+        else
+        {
+            io.ModuleContext = null;
+        }
+
         io.ModuleTag = io.ForwardSavedTag;
-        io.ForwardSavedContext = null;
-        var done = io.ForwardDone;
-        io.ForwardDone = null;
-        done?.Invoke(io);
+        if (io.ForwardDone is { } done)
+        {
+            io.ForwardDone = null;
+            done(io);
+        }
     }
 
     private static bool Misaligned(ReadOnlySpan<IoVec> iovs, nuint align)

@@ -147,6 +147,16 @@ public sealed class FileBdev : Bdev.Bdev
         _ => false,
     };
 
+    /// <summary>
+    /// A vbdev (lvol, passthru) may forward its own I/O here (<see cref="BdevChannel.TryForward"/>): the file channel
+    /// reads only the I/O's type, range and iovecs and this bdev's own geometry and file, keeps the I/O in a ring slot
+    /// or its wait queue (never its bdev or channel), writes only <see cref="BdevIo.ModuleTag"/> (the errno) and ends
+    /// with <see cref="BdevIo.Complete(BdevIoStatus)"/> on the reactor. <see cref="SupportsIoType"/> depends only on
+    /// the read-only flag fixed at open. What it would split (1 MiB transfers) or bounce (O_DIRECT, misaligned
+    /// buffers) the layer does not forward.
+    /// </summary>
+    public override bool AcceptsForwardedIo => true;
+
     protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((FileChannel)moduleChannel.Context).Submit(io);

@@ -30,9 +30,6 @@ public sealed class LvolBdev : Bdev.Bdev
         io.Complete(ok);
     };
 
-    // A fast-path write forwarded in place (BdevChannel.TryForward) is uncounted when the base gives it back.
-    private static readonly Action<BdevIo> s_forwardedWriteDone = static io => ((LvsChannel)io.ModuleContext!).InFlight[io.ModuleTag]--;
-
     private readonly LvsEntry _lvs;
     private readonly ulong _blocksPerCluster;
     /// <summary>log2 of <see cref="_blocksPerCluster"/> when it is a power of two (always with SPDK's cluster
@@ -137,10 +134,11 @@ public sealed class LvolBdev : Bdev.Bdev
                     {
                         int g = ch.EnterFastWrite(io);
                         ulong at = c * _blocksPerCluster + within;
-                        if (ch.Base.TryForward(_lvs.Desc, io, at, s_forwardedWriteDone))
+                        if (ch.Base.TryForward(_lvs.Desc, io, at, ch.ForwardedWriteDone))
                         {
                             return;
                         }
+                        io.ModuleContext = ch;
                         int rc = ch.Base.Write(_lvs.Desc, io.Iovs, at, io.NumBlocks, s_writeDone, io);
                         if (rc != 0)
                         {
@@ -175,10 +173,11 @@ public sealed class LvolBdev : Bdev.Bdev
                     {
                         int g = ch.EnterFastWrite(io);
                         ulong at = c0 * _blocksPerCluster + within;
-                        if (ch.Base.TryForward(_lvs.Desc, io, at, s_forwardedWriteDone))
+                        if (ch.Base.TryForward(_lvs.Desc, io, at, ch.ForwardedWriteDone))
                         {
                             return;
                         }
+                        io.ModuleContext = ch;
                         int rc = unmap
                             ? ch.Base.Unmap(_lvs.Desc, at, io.NumBlocks, s_writeDone, io)
                             : ch.Base.WriteZeroes(_lvs.Desc, at, io.NumBlocks, s_writeDone, io);
@@ -292,20 +291,30 @@ public sealed class LvolBdev : Bdev.Bdev
 /// operation per I/O); <see cref="LvsIoDevice.DrainAsync"/> flips the generation on every reactor and waits for the
 /// old one to empty, which is how a quiesce (snapshot, inflate's commit) waits for the writes admitted before it.
 /// </summary>
-public sealed class LvsChannel(BdevChannel baseChannel)
+public sealed class LvsChannel
 {
-    public BdevChannel Base { get; } = baseChannel;
+    public LvsChannel(BdevChannel baseChannel)
+    {
+        Base = baseChannel;
+        ForwardedWriteDone = io => InFlight[(int)io.ModuleTag]--;
+    }
+
+    public BdevChannel Base { get; }
 
     internal readonly int[] InFlight = new int[2];
     internal int Generation;
 
+    /// <summary>A fast-path write forwarded in place (<see cref="BdevChannel.TryForward"/>) is uncounted here when
+    /// the base gives it back (one delegate per channel, so the I/O carries only its generation, not the channel).</summary>
+    internal readonly Action<BdevIo> ForwardedWriteDone;
+
     /// <summary>Counts <paramref name="io"/> as a fast-path write of the current generation (returned; also kept
-    /// in the I/O for its completion).</summary>
+    /// in the I/O's <see cref="BdevIo.ModuleTag"/> for its completion; a write that is not forwarded also sets its
+    /// <see cref="BdevIo.ModuleContext"/> to this channel).</summary>
     internal int EnterFastWrite(BdevIo io)
     {
         int g = Generation;
         InFlight[g]++;
-        io.ModuleContext = this;
         io.ModuleTag = g;
         return g;
     }

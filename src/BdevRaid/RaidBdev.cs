@@ -73,6 +73,16 @@ public sealed class RaidBdev : Bdev.Bdev
         _ => false,
     };
 
+    /// <summary>
+    /// A vbdev (lvol, passthru) may forward its own I/O here (<see cref="BdevChannel.TryForward"/>): the raid channel
+    /// reads only the I/O's type, range and iovecs and this array's geometry and layout, keeps the I/O in its own
+    /// per-I/O context (never its <see cref="BdevIo.ModuleContext"/>, bdev or channel), and ends with
+    /// <see cref="BdevIo.Complete(BdevIoStatus)"/> on the reactor once its base I/Os are back.
+    /// <see cref="SupportsIoType"/> is fixed when the array comes online. What the layer would split at a strip, or
+    /// bounce for a base's alignment, it does not forward.
+    /// </summary>
+    public override bool AcceptsForwardedIo => true;
+
     protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((RaidChannel)moduleChannel.Context).Submit(io);

@@ -76,8 +76,8 @@ public class ForwardTests
         Assert.Equal((1, 2), (overMalloc.Forwarded, overMalloc.Regular));
     }
 
-    /// <summary>A test model vbdev: block N is the base's block N + shift.</summary>
-    private sealed class ShiftBdev : Bdev
+    /// <summary>A test model vbdev: block N is the base's block N + shift (also used by the file bdev's forward test).</summary>
+    internal sealed class ShiftBdev : Bdev
     {
         private static readonly BdevIoCompletion s_regularDone = static (baseIo, ok, arg) => ((BdevIo)arg!).Complete(ok);
         private readonly BdevDesc _base;

@@ -819,7 +819,7 @@ public sealed class NvmeBdevModule : BdevModule
     }, (this, c));
 
     /// <summary>Completes when the hot removal of controller <paramref name="name"/> (started by the controller) has finished; at once when there is none.</summary>
-    internal Task WaitHotRemovedAsync(string name)
+    public Task WaitHotRemovedAsync(string name)
     {
         lock (_ctrls)
         {

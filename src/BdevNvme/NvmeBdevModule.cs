@@ -974,7 +974,8 @@ public sealed class NvmeBdevModule : BdevModule
                 }
                 catch (RpcException)
                 {
-                    // Detached meanwhile (an RPC raced the shutdown).
+                    // Detached meanwhile (an RPC raced the shutdown), or being hot-removed: let that finish.
+                    await Task.WhenAny(WaitHotRemovedAsync(c.CtrlName), Task.Delay(HotRemoveUnregisterTimeout + FiniUnregisterTimeout)).ConfigureAwait(true);
                 }
             }
 

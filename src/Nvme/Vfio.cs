@@ -720,7 +720,7 @@ public sealed unsafe class VfioPciDevice : IDisposable
     /// <summary>INTx: unmask the line VFIO masked when it fired (after reaping, before sleeping). No-op otherwise.</summary>
     public void UnmaskIntx()
     {
-        if (InterruptMode != DeviceInterruptMode.Intx)
+        if (InterruptMode != DeviceInterruptMode.Intx || IsReleased)
         {
             return;
         }

@@ -275,8 +275,8 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             $"cd {repo}; mkdir -p /tmp/vsh; rm -f /tmp/vsh/* /tmp/vdh.sock; "
             + $"(./vhostd -m 0x1 -S /tmp/vsh -r /tmp/vdh.sock -c {vhostdConfig} -L info > /tmp/vdh.log 2>&1; echo \"vhostd exit $?\" >> /tmp/vdh.log) & "
             + "for i in $(seq 1 600); do [ -S /tmp/vsh/blk.nvme ] && break; sleep 0.2; done; "
-            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 30 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $?\" >> /tmp/bph.log) & "
-            + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[1-9]' && echo 'IO FLOWING' && break; sleep 0.2; done; "
+            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 40 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $?\" >> /tmp/bph.log) & "
+            + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo 'IO FLOWING' && break; sleep 0.2; done; "
             + $"echo '--- vhost before removal'; {VctlHot} call vhost_get_controllers '{{}}'",
             TimeSpan.FromMinutes(6));
         output.WriteLine($"--- hot removal: vhostd + bdevperf started ({sw.Elapsed.TotalSeconds:F1} s) ---\n{run.Output}");

@@ -275,8 +275,8 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             $"cd {repo}; mkdir -p /tmp/vsh; rm -f /tmp/vsh/* /tmp/vdh.sock; "
             + $"(./vhostd -m 0x1 -S /tmp/vsh -r /tmp/vdh.sock -c {vhostdConfig} -L info > /tmp/vdh.log 2>&1; echo \"vhostd exit $?\" >> /tmp/vdh.log) & "
             + "for i in $(seq 1 600); do [ -S /tmp/vsh/blk.nvme ] && break; sleep 0.2; done; "
-            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 40 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $?\" >> /tmp/bph.log) & "
-            + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo 'IO FLOWING' && break; sleep 0.2; done; "
+            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 60 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $? at $(date +%T)\" >> /tmp/bph.log) & "
+            + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo \"IO FLOWING at $(date +%T)\" && break; sleep 0.2; done; "
             + $"echo '--- vhost before removal'; {VctlHot} call vhost_get_controllers '{{}}'",
             TimeSpan.FromMinutes(6));
         output.WriteLine($"--- hot removal: vhostd + bdevperf started ({sw.Elapsed.TotalSeconds:F1} s) ---\n{run.Output}");
@@ -288,7 +288,7 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         var rm = await guest.ExecAsync(
             $"rm -f /tmp/rm.log; (echo 1 > /sys/bus/pci/devices/{Addr512}/remove; echo \"remove rc $?\" > /tmp/rm.log) & "
             + "i=0; while [ $i -lt 900 ] && [ ! -s /tmp/rm.log ]; do sleep 0.1; i=$((i+1)); done; "
-            + $"cat /tmp/rm.log 2>/dev/null || echo 'REMOVE BLOCKED'; ls /sys/bus/pci/devices/ | grep -c {Addr512} || true",
+            + $"cat /tmp/rm.log 2>/dev/null || echo 'REMOVE BLOCKED'; date +%T; ls /sys/bus/pci/devices/ | grep -c {Addr512} || true",
             TimeSpan.FromMinutes(3));
         double removeSeconds = sw.Elapsed.TotalSeconds;
         output.WriteLine($"--- echo 1 > remove ({removeSeconds:F1} s) ---\n{rm.Output}");
@@ -299,8 +299,9 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             + $"{VctlHot} spdk_get_version > /dev/null && echo 'RPC ANSWERS'; "
             + $"{VctlHot} call bdev_nvme_get_controllers '{{}}' > /tmp/nc.json; cat /tmp/nc.json; grep -q Nvme0 /tmp/nc.json && echo 'NVME CTRL STILL THERE' || echo 'NVME CTRL GONE'; "
             + $"{VctlHot} call vhost_get_controllers '{{}}' > /tmp/vc.json; cat /tmp/vc.json; grep -q Nvme0n1 /tmp/vc.json && echo 'VHOST STILL HAS Nvme0n1' || echo 'VHOST LUN GONE'; "
-            + "for i in $(seq 1 600); do grep -q 'bdevperf exit' /tmp/bph.log && break; sleep 0.2; done; echo '--- blk front end'; cat /tmp/bph.log",
-            TimeSpan.FromMinutes(4));
+            + "for i in $(seq 1 900); do grep -q 'bdevperf exit' /tmp/bph.log && break; sleep 0.2; done; echo '--- blk front end'; cat /tmp/bph.log; "
+            + "echo '--- vhostd log (removal)'; grep -iE 'remov|request|release|vhost_blk|scsi|fail' /tmp/vdh.log | tail -n 40",
+            TimeSpan.FromMinutes(6));
         output.WriteLine($"--- after removal ---\n{after.Output}");
         Assert.Contains("VHOSTD ALIVE", after.Output, StringComparison.Ordinal);
         Assert.Contains("RPC ANSWERS", after.Output, StringComparison.Ordinal);

@@ -244,6 +244,8 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             Assert.Contains("nvme0n1", reset.Output, StringComparison.Ordinal);
             var data = await guest.ExecAsync("dd if=/dev/nvme0n1 bs=4096 count=1 iflag=direct 2>/dev/null | tr -d '\\000' | wc -c", t);
             Assert.True(data.Succeeded && int.TryParse(data.Output.Trim(), out int nonZero) && nonZero > 0, "kernel driver reads zeroes where the userspace driver wrote data: " + data);
+
+            await HotRemovalCheckAsync(guest, setup, t);
         }
         finally
         {
@@ -398,5 +400,116 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
 
         Assert.Contains("=== ALIVE after the front end was killed", text, StringComparison.Ordinal);
         Assert.Contains("=== AFTER-KILL exit 0", text, StringComparison.Ordinal);
+    }
+
+    /// <summary>vhostctl against the hot-removal step's vhostd.</summary>
+    private const string VctlHot = "./vhostctl -s /tmp/vdh.sock --json";
+
+    /// <summary>
+    /// Issue 14's hot removal, on the 512-byte controller (back on vfio-pci): vhostd serves namespace 1 as vhost-user-blk
+    /// (a virtio-user bdevperf reads through it) and as LUN 0 of a vhost-user-scsi controller (no SCSI front end: our
+    /// virtio-user initiator has none; the LUN holds the bdev open all the same). While I/O runs the guest kernel removes
+    /// the PCI device (<c>echo 1 &gt; .../remove</c>), which blocks until vhostd gives the VFIO device back (its device
+    /// request notifier). Then: the removal finished, vhostd is alive, the blk front end got I/O errors, the NVMe
+    /// controller and the SCSI LUN are gone. After a PCI rescan and scripts/setup.sh: the same
+    /// bdev_nvme_attach_controller works again, the LUN is re-added and a new vhost-blk controller verifies I/O.
+    /// </summary>
+    private async Task HotRemovalCheckAsync(QemuGuest guest, string setup, TimeSpan t)
+    {
+        string vhostdConfig = Path.Combine(GuestImage.RepoRoot, ".build", "nvme-hot-vhostd.json");
+        File.WriteAllText(vhostdConfig, $$$"""
+            {"subsystems": [
+              {"subsystem": "bdev", "config": [
+                {"method": "bdev_nvme_attach_controller", "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "{{{Addr512}}}"}}]},
+              {"subsystem": "vhost_blk", "config": [
+                {"method": "vhost_create_blk_controller", "params": {"ctrlr": "blk.nvme", "dev_name": "Nvme0n1", "cpumask": "0x1"}}]},
+              {"subsystem": "vhost_scsi", "config": [
+                {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "scsi.nvme", "cpumask": "0x1"}},
+                {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "scsi.nvme", "scsi_target_num": 0, "bdev_name": "Nvme0n1"}}]}
+            ]}
+            """);
+        string FrontEnd(string ctrlr)
+        {
+            string path = Path.Combine(GuestImage.RepoRoot, ".build", $"nvme-hot-{ctrlr}.json");
+            File.WriteAllText(path, $$$"""
+                {"subsystems": [{"subsystem": "bdev", "config": [
+                  {"method": "bdev_virtio_attach_controller", "params": {"name": "VirtioBlk0", "trtype": "user", "traddr": "/tmp/vsh/{{{ctrlr}}}", "dev_type": "blk", "vq_count": 1, "vq_size": 128}}
+                ]}]}
+                """);
+            return path;
+        }
+
+        string fe1 = FrontEnd("blk.nvme");
+        string fe2 = FrontEnd("blk2.nvme");
+        string repo = GuestImage.RepoRoot;
+
+        // Back to vfio-pci (the data check above left it on the kernel's nvme driver).
+        var cfg = await guest.ExecAsync($"PCI_ALLOWED='{Addr512}' HUGEMEM=64 sh {setup} config; sh {setup} status", t);
+        output.WriteLine(cfg.Output);
+        Assert.Contains($"{Addr512}  0x1b36 0x0010 vfio-pci", cfg.Output, StringComparison.Ordinal);
+
+        // vhostd up, bdevperf reading through vhost-blk; wait until reads reach the NVMe bdev.
+        var sw = Stopwatch.StartNew();
+        var run = await guest.ExecHostAsync(
+            $"cd {repo}; mkdir -p /tmp/vsh; rm -f /tmp/vsh/* /tmp/vdh.sock; "
+            + $"(./vhostd -m 0x1 -S /tmp/vsh -r /tmp/vdh.sock -c {vhostdConfig} -L info > /tmp/vdh.log 2>&1; echo \"vhostd exit $?\" >> /tmp/vdh.log) & "
+            + "for i in $(seq 1 600); do [ -S /tmp/vsh/blk.nvme ] && break; sleep 0.2; done; "
+            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 60 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $? at $(date +%T)\" >> /tmp/bph.log) & "
+            + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo \"IO FLOWING at $(date +%T)\" && break; sleep 0.2; done; "
+            + $"echo '--- vhost before removal'; {VctlHot} call vhost_get_controllers '{{}}'",
+            TimeSpan.FromMinutes(6));
+        output.WriteLine($"--- hot removal: vhostd + bdevperf started ({sw.Elapsed.TotalSeconds:F1} s) ---\n{run.Output}");
+        Assert.Contains("IO FLOWING", run.Output, StringComparison.Ordinal);
+        Assert.Contains("scsi.nvme", run.Output, StringComparison.Ordinal);
+
+        // The guest kernel removes the PCI device under I/O; vfio-pci's remove blocks until vhostd lets go.
+        sw.Restart();
+        var rm = await guest.ExecAsync(
+            $"rm -f /tmp/rm.log; (echo 1 > /sys/bus/pci/devices/{Addr512}/remove; echo \"remove rc $?\" > /tmp/rm.log) & "
+            + "i=0; while [ $i -lt 900 ] && [ ! -s /tmp/rm.log ]; do sleep 0.1; i=$((i+1)); done; "
+            + $"cat /tmp/rm.log 2>/dev/null || echo 'REMOVE BLOCKED'; date +%T; ls /sys/bus/pci/devices/ | grep -c {Addr512} || true",
+            TimeSpan.FromMinutes(3));
+        double removeSeconds = sw.Elapsed.TotalSeconds;
+        output.WriteLine($"--- echo 1 > remove ({removeSeconds:F1} s) ---\n{rm.Output}");
+        Assert.Contains("remove rc 0", rm.Output, StringComparison.Ordinal);
+
+        var after = await guest.ExecHostAsync(
+            $"cd {repo}; sleep 3; pid=$(pgrep -f [V]hostBackend.Daemon.dll); [ -n \"$pid\" ] && kill -0 $pid && echo 'VHOSTD ALIVE'; "
+            + $"{VctlHot} spdk_get_version > /dev/null && echo 'RPC ANSWERS'; "
+            + $"{VctlHot} call bdev_nvme_get_controllers '{{}}' > /tmp/nc.json; cat /tmp/nc.json; grep -q Nvme0 /tmp/nc.json && echo 'NVME CTRL STILL THERE' || echo 'NVME CTRL GONE'; "
+            + $"{VctlHot} call vhost_get_controllers '{{}}' > /tmp/vc.json; cat /tmp/vc.json; grep -q Nvme0n1 /tmp/vc.json && echo 'VHOST STILL HAS Nvme0n1' || echo 'VHOST LUN GONE'; "
+            + "for i in $(seq 1 900); do grep -q 'bdevperf exit' /tmp/bph.log && break; sleep 0.2; done; echo '--- blk front end'; cat /tmp/bph.log; "
+            + "echo '--- vhostd log (removal)'; grep -iE 'remov|request|release|vhost_blk|scsi|fail' /tmp/vdh.log | tail -n 40",
+            TimeSpan.FromMinutes(6));
+        output.WriteLine($"--- after removal ---\n{after.Output}");
+        Assert.Contains("VHOSTD ALIVE", after.Output, StringComparison.Ordinal);
+        Assert.Contains("RPC ANSWERS", after.Output, StringComparison.Ordinal);
+        Assert.Contains("NVME CTRL GONE", after.Output, StringComparison.Ordinal);
+        Assert.Contains("VHOST LUN GONE", after.Output, StringComparison.Ordinal);
+        var errors = System.Text.RegularExpressions.Regex.Match(after.Output, @"(\d+) errors, \d+ miscompares");
+        Assert.True(errors.Success && long.Parse(errors.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) > 0, "the blk front end saw no I/O errors after the removal");
+
+        // Rescan, back to vfio-pci, attach again with the same name and address, re-add the LUN, verify through a new vhost-blk controller.
+        var rescan = await guest.ExecAsync($"echo 1 > /sys/bus/pci/rescan; sleep 2; PCI_ALLOWED='{Addr512}' HUGEMEM=64 sh {setup} config; sh {setup} status", t);
+        output.WriteLine(rescan.Output);
+        Assert.Contains($"{Addr512}  0x1b36 0x0010 vfio-pci", rescan.Output, StringComparison.Ordinal);
+        sw.Restart();
+        var again = await guest.ExecHostAsync(
+            $"cd {repo}; {VctlHot} call bdev_nvme_attach_controller '{{\"name\": \"Nvme0\", \"trtype\": \"PCIe\", \"traddr\": \"{Addr512}\"}}'; echo \"attach rc $?\"; "
+            + $"{VctlHot} call vhost_scsi_controller_add_target '{{\"ctrlr\": \"scsi.nvme\", \"scsi_target_num\": 0, \"bdev_name\": \"Nvme0n1\"}}'; echo \"add_target rc $?\"; "
+            + $"{VctlHot} call vhost_create_blk_controller '{{\"ctrlr\": \"blk2.nvme\", \"dev_name\": \"Nvme0n1\", \"cpumask\": \"0x1\"}}'; echo \"create rc $?\"; "
+            + "for i in $(seq 1 300); do [ -S /tmp/vsh/blk2.nvme ] && break; sleep 0.2; done; "
+            + $"./bdevperf --json {fe2} -q 8 -o 4096 -w verify -t 5 -m 0x2 > /tmp/bph2.log 2>&1; echo \"bdevperf2 exit $?\"; cat /tmp/bph2.log; "
+            + $"echo '--- vhost after re-attach'; {VctlHot} call vhost_get_controllers '{{}}'; "
+            + "kill -TERM $(pgrep -f [V]hostBackend.Daemon.dll) 2>/dev/null; for i in $(seq 1 300); do grep -q 'vhostd exit' /tmp/vdh.log && break; sleep 0.2; done; "
+            + "echo '--- vhostd log'; grep -v ' info: ' /tmp/vdh.log | tail -n 80; grep -iE 'remov|request|release' /tmp/vdh.log | tail -n 30",
+            TimeSpan.FromMinutes(6));
+        output.WriteLine($"--- re-attach ({sw.Elapsed.TotalSeconds:F1} s) ---\n{again.Output}");
+        Assert.Contains("attach rc 0", again.Output, StringComparison.Ordinal);
+        Assert.Contains("add_target rc 0", again.Output, StringComparison.Ordinal);
+        Assert.Contains("create rc 0", again.Output, StringComparison.Ordinal);
+        Assert.Contains("bdevperf2 exit 0", again.Output, StringComparison.Ordinal);
+        Assert.DoesNotContain("Unhandled exception", again.Output, StringComparison.Ordinal);
+        output.WriteLine($"hot removal: the kernel's remove took {removeSeconds:F1} s (host-measured, 0.1 s polling); re-attach and verify passed");
     }
 }

@@ -17,7 +17,9 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     private Poller? _adminPoller;
     private Poller? _adminIrqPoller;
     private Poller? _resetPoller;
+    private Poller? _removalPoller;
     private volatile bool _resetting;
+    private bool _recoveryReset;
     private long _resetStartTicks;
     private long _lastResetTicks;
 
@@ -45,7 +47,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
 
     public override JsonObject Describe() => new()
     {
-        ["state"] = IsRemoved || Controller.ResetError is not null ? "failed" : IsResetting ? "resetting" : "enabled",
+        ["state"] = IsRemoved ? "deleting" : Controller.ResetError is not null ? "failed" : IsResetting ? "resetting" : "enabled",
         ["trid"] = TridJson(),
         ["cntlid"] = Controller.Data.ControllerId,
         ["host"] = new JsonObject { ["nqn"] = "", ["addr"] = "", ["svcid"] = "" },
@@ -58,6 +60,9 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     };
 
     internal override void DisposeDriver() => Controller.Dispose();
+
+    /// <summary>Hot removal: gives the VFIO device back to the kernel (off the reactor: closing it resets the function).</summary>
+    internal override void ReleaseDevice() => Controller.ReleaseDevice(RemovedReason ?? "detached");
 
     internal override int SubmitAbort(ushort qid, ushort cid) => Controller.SubmitAbort(qid, cid, s_abortDone, Controller);
 
@@ -88,8 +93,11 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
 
     /// <summary>From the start of a reset until every channel has reconnected (any thread).</summary>
     public bool IsResetting => _resetting;
-    public override bool IsRemoved => _removed;
+    public override bool IsRemoved => Volatile.Read(ref _removed);
     private bool _removed;
+
+    /// <summary>Why the controller was hot-removed (null while it was not).</summary>
+    public string? RemovedReason { get; private set; }
 
     /// <summary>Duration of the last completed reset (start to every channel reconnected), microseconds.</summary>
     public double LastResetMicroseconds => Ticks.ToMicroseconds(Volatile.Read(ref _lastResetTicks));
@@ -119,6 +127,52 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
                 return c.AdminCompletionPending;
             });
         }
+
+        if (Controller.RemovalRequestFd is { } req)
+        {
+            // The kernel's device request (unbind, remove): read by a 100 ms poller whose wake source is the request
+            // eventfd, so a sleeping admin reactor wakes for it; one non-blocking read per run.
+            _removalPoller = AdminReactor.RegisterPoller("nvme_ctrlr_remove:" + CtrlName, static ctx => ((NvmeBdevController)ctx!).PollRemoval(), this, 100_000);
+            AdminReactor.SetPollerInterrupt(_removalPoller, req.Fd, static (_, _) => false);
+        }
+    }
+
+    private int PollRemoval()
+    {
+        if (IsRemoved || !Controller.PollRemovalRequest())
+        {
+            return 0;
+        }
+
+        BeginHotRemove("the kernel asked for the device back (VFIO device request: unbind or removal)");
+        return 1;
+    }
+
+    /// <summary>
+    /// On the admin reactor: the controller is gone (device request, registers reading all ones, or a recovery reset
+    /// that failed). Nothing is sent to the device any more, every channel fails its outstanding and new I/O, then the
+    /// module hot-removes the controller (<see cref="NvmeBdevControllerBase.HotRemoved"/>): releases the device,
+    /// unregisters every namespace bdev (their openers get the bdev layer's remove event) and frees the name.
+    /// </summary>
+    internal void BeginHotRemove(string why)
+    {
+        if (IsRemoved)
+        {
+            return;
+        }
+
+        RemovedReason = why;
+        Volatile.Write(ref _removed, true);
+        _log.LogError("NVMe controller {Name} ({Addr}) is gone: {Why}; failing its I/O and removing its bdevs", CtrlName, TrAddr, why);
+        Controller.MarkRemoved(why);
+        if (_resetPoller is not null)
+        {
+            AdminReactor.UnregisterPoller(_resetPoller);
+            _resetPoller = null;
+            FinishReset(false);
+        }
+
+        ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).FailAll(), () => HotRemoved?.Invoke(this));
     }
 
     internal override void StopAdminPoller()
@@ -142,6 +196,12 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
             AdminReactor.UnregisterPoller(_adminIrqPoller);
             _adminIrqPoller = null;
         }
+
+        if (_removalPoller is not null)
+        {
+            AdminReactor.UnregisterPoller(_removalPoller);
+            _removalPoller = null;
+        }
     }
 
     private int PollAdmin()
@@ -154,14 +214,14 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         int n = Controller.ProcessAdminCompletions();
         if (Controller.CheckHealth() == NvmeHealth.Removed)
         {
-            _removed = true;
-            _log.LogError("NVMe controller {Name} ({Addr}) was removed: failing its I/O", CtrlName, TrAddr);
-            ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).FailAll(), static () => { });
+            BeginHotRemove("registers read all ones (surprise removal)");
             return 1;
         }
 
         if (Controller.NeedsReset && !_resetting)
         {
+            // Recovery (fatal status, a command that timed out): if this reset fails the controller is gone.
+            _recoveryReset = true;
             _ = ResetAsync();
             return 1;
         }
@@ -222,7 +282,18 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
         _resetPoller = null;
         if (st != NvmeResetState.Succeeded)
         {
+            bool gone = _recoveryReset || Controller.IsRemoved || Controller.CheckHealth() == NvmeHealth.Removed;
             _log.LogError("NVMe controller {Name}: reset failed: {Error}; failing its I/O", CtrlName, Controller.ResetError);
+            if (gone)
+            {
+                // A controller that failed and could not be reset back (or whose device is gone): hot-remove it,
+                // so the devices above see a clean removal and the name is free to attach again.
+                string why = "reset failed: " + Controller.ResetError;
+                FinishReset(false);
+                BeginHotRemove(why);
+                return 1;
+            }
+
             ForEachChannel(static ch => ((NvmeChannelContext)ch.Context).FailAll(), () => FinishReset(false));
             return 1;
         }
@@ -245,6 +316,7 @@ public sealed class NvmeBdevController : NvmeBdevControllerBase
     private void FinishReset(bool ok)
     {
         _resetting = false;
+        _recoveryReset = false;
         Volatile.Write(ref _lastResetTicks, Ticks.Now() - _resetStartTicks);
         _log.LogInformation("NVMe controller {Name}: reset {Result} in {Us} us", CtrlName, ok ? "done" : "failed", Ticks.ToMicroseconds(Ticks.Now() - _resetStartTicks));
         CompleteResetWaiters(ok, Controller.ResetError);

@@ -59,6 +59,17 @@ public abstract class NvmeBdevControllerBase : IoDevice
     /// <summary>Closes the driver's controller (off the reactor: it may wait).</summary>
     internal abstract void DisposeDriver();
 
+    /// <summary>Hot removal: gives the device back at once (PCIe: the VFIO device; off the reactor). Default: nothing to give back.</summary>
+    internal virtual void ReleaseDevice()
+    {
+    }
+
+    /// <summary>Set by the module: called on the admin reactor when the controller is gone and must be hot-removed.</summary>
+    internal Action<NvmeBdevControllerBase>? HotRemoved { get; set; }
+
+    /// <summary>The module started removing this controller (hot removal or detach; under the module's lock).</summary>
+    internal bool Removing { get; set; }
+
     internal void MarkGone() => MarkUnregistered();
 
     /// <summary>bdev_nvme_set_options' action_on_timeout when the controller was attached.</summary>

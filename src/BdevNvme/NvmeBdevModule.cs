@@ -22,6 +22,9 @@ public sealed class NvmeBdevModule : BdevModule
 {
     private static readonly TimeSpan FiniUnregisterTimeout = TimeSpan.FromSeconds(5);
 
+    /// <summary>How long a hot removal waits for a namespace bdev's openers to close it before dropping it.</summary>
+    internal static TimeSpan HotRemoveUnregisterTimeout { get; set; } = TimeSpan.FromSeconds(10);
+
     private readonly Dictionary<string, NvmeBdevControllerBase?> _ctrls = new(StringComparer.Ordinal); // null: name reserved while attaching
     private readonly List<NvmeBdevControllerBase> _attached = new(); // attach order (under _ctrls' lock)
     private readonly HashSet<string> _attaching = new(StringComparer.Ordinal); // trid keys being attached (under _ctrls' lock)
@@ -668,7 +671,7 @@ public sealed class NvmeBdevModule : BdevModule
 
         foreach (var b in bc.Bdevs.ToArray())
         {
-            if (FindController(bc.CtrlName) != bc)
+            if (FindController(bc.CtrlName) != bc || bc.Removing)
             {
                 return; // detached meanwhile: the detach unregisters the rest
             }
@@ -691,7 +694,7 @@ public sealed class NvmeBdevModule : BdevModule
 
         foreach (var ns in found)
         {
-            if (FindController(bc.CtrlName) != bc)
+            if (FindController(bc.CtrlName) != bc || bc.Removing)
             {
                 return;
             }
@@ -812,6 +815,7 @@ public sealed class NvmeBdevModule : BdevModule
 
         bc.MaxBdevs = maxBdevs;
         bc.NamespacesChanged = OnNamespacesChanged;
+        bc.HotRemoved = OnHotRemoved;
         bc.StartAdminPoller();
         lock (_ctrls)
         {
@@ -826,6 +830,76 @@ public sealed class NvmeBdevModule : BdevModule
     /// <summary>Unregisters the controller's bdevs (waiting for their users to close them), then detaches it.</summary>
     public Task DetachAsync(string name) => DetachAsync(name, unregisterTimeout: null);
 
+    private void OnHotRemoved(NvmeBdevControllerBase c) => _reactors?.Main.Send(static s =>
+    {
+        var (m, bc) = ((NvmeBdevModule, NvmeBdevControllerBase))s!;
+        _ = m.HotRemoveAsync(bc);
+    }, (this, c));
+
+    /// <summary>Completes when the hot removal of controller <paramref name="name"/> (started by the controller) has finished; at once when there is none.</summary>
+    public Task WaitHotRemovedAsync(string name)
+    {
+        lock (_ctrls)
+        {
+            return _hotRemovals.GetValueOrDefault(name)?.Task ?? Task.CompletedTask;
+        }
+    }
+
+    private readonly Dictionary<string, TaskCompletionSource> _hotRemovals = new(StringComparer.Ordinal); // under _ctrls' lock
+
+    /// <summary>
+    /// On the main reactor: the controller is gone (its I/O already fails). SPDK's remove_cb → bdev_nvme_delete_ctrlr:
+    /// the device is given back to the kernel first (so an unbind blocked on it completes whatever the openers do),
+    /// then every namespace bdev is unregistered (openers get the remove event: vhost-blk fails its queues' requests
+    /// with IOERR, vhost-scsi removes the LUN and tells the guest), the name and address are freed (the same
+    /// bdev_nvme_attach_controller works again) and the driver's memory is freed once every channel is gone.
+    /// </summary>
+    internal async Task HotRemoveAsync(NvmeBdevControllerBase bc)
+    {
+        TaskCompletionSource done;
+        lock (_ctrls)
+        {
+            if (bc.Removing || _ctrls.GetValueOrDefault(bc.CtrlName) != bc)
+            {
+                return; // detached meanwhile, or already being removed
+            }
+
+            done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            _hotRemovals[bc.CtrlName] = done;
+        }
+
+        try
+        {
+            _log.LogWarning("NVMe controller {Name}: hot removal: releasing the device, unregistering {Count} bdev(s)", bc.CtrlName, bc.Bdevs.Count);
+            try
+            {
+                await Task.Run(bc.ReleaseDevice).ConfigureAwait(true);
+            }
+            catch (Exception e) when (e is IOException or InvalidOperationException or ObjectDisposedException)
+            {
+                _log.LogError("NVMe controller {Name}: releasing the device failed: {Error}", bc.CtrlName, e.Message);
+            }
+
+            await DetachAsync(bc.CtrlName, HotRemoveUnregisterTimeout).ConfigureAwait(true);
+        }
+        catch (RpcException)
+        {
+            // Detached meanwhile.
+        }
+        finally
+        {
+            lock (_ctrls)
+            {
+                if (_hotRemovals.GetValueOrDefault(bc.CtrlName) == done)
+                {
+                    _hotRemovals.Remove(bc.CtrlName);
+                }
+            }
+
+            done.TrySetResult();
+        }
+    }
+
     private async Task DetachAsync(string name, TimeSpan? unregisterTimeout)
     {
         var bdevs = Bdevs;
@@ -833,13 +907,12 @@ public sealed class NvmeBdevModule : BdevModule
         lock (_ctrls)
         {
             bc = _ctrls.GetValueOrDefault(name);
-            if (bc is null)
+            if (bc is null || bc.Removing)
             {
                 throw RpcException.Errno(19, $"Failed to find NVMe controller {name}");
             }
 
-            _ctrls.Remove(name);
-            _attached.Remove(bc);
+            bc.Removing = true;
         }
 
         foreach (var b in bc.Bdevs.ToArray()) // a namespace refresh may change the list meanwhile
@@ -848,6 +921,17 @@ public sealed class NvmeBdevModule : BdevModule
             {
                 await bdevs.UnregisterAsync(b, unregisterTimeout).ConfigureAwait(true);
             }
+        }
+
+        // The bdevs are gone: the name and the address are free (a re-attach may follow at once).
+        lock (_ctrls)
+        {
+            if (_ctrls.GetValueOrDefault(name) == bc)
+            {
+                _ctrls.Remove(name);
+            }
+
+            _attached.Remove(bc);
         }
 
         bc.MarkGone();
@@ -908,7 +992,8 @@ public sealed class NvmeBdevModule : BdevModule
                 }
                 catch (RpcException)
                 {
-                    // Detached meanwhile (an RPC raced the shutdown).
+                    // Detached meanwhile (an RPC raced the shutdown), or being hot-removed: let that finish.
+                    await Task.WhenAny(WaitHotRemovedAsync(c.CtrlName), Task.Delay(HotRemoveUnregisterTimeout + FiniUnregisterTimeout)).ConfigureAwait(true);
                 }
             }
 

@@ -250,6 +250,17 @@ public sealed unsafe class NvmeController : IDisposable
             var ctrl = new NvmeController(dev.Address, regs, dma, opts, log, dev);
             ctrl.Initialize();
             ctrl.SetUpInterrupts(dev);
+            if (dev.EnableRequestNotifier())
+            {
+                ctrl.UseRemovalNotifier(dev.RequestFd, dev.Release);
+            }
+            else
+            {
+                // Without it an unbind (or removal) of the device blocks in the kernel until the controller is detached.
+                ctrl.UseRemovalNotifier(null, dev.Release);
+                log?.LogWarning("NVMe {Name}: the kernel offers no device request notifier (VFIO_PCI_REQ_IRQ_INDEX): unbinding the device waits for bdev_nvme_detach_controller", dev.Address);
+            }
+
             return ctrl;
         }
         catch
@@ -281,6 +292,12 @@ public sealed unsafe class NvmeController : IDisposable
         if (Cap.Raw == ulong.MaxValue)
         {
             throw new IOException($"{Name}: registers read as all ones (device not responding)");
+        }
+
+        if (Cap.MaxQueueEntries < 2)
+        {
+            // MQES is 0's based and 0 is reserved: a queue needs two entries at least (one is always kept empty).
+            throw new IOException($"{Name}: CAP.MQES is 0 (a queue of one entry): not a usable controller (CAP 0x{Cap.Raw:x})");
         }
 
         Version = Registers.Read32(NvmeReg.Vs);
@@ -321,6 +338,7 @@ public sealed unsafe class NvmeController : IDisposable
         SetNumberOfQueues();
         IoQueueEntries = Math.Clamp(_opts.IoQueueEntries, 2, Math.Min(4096, Cap.MaxQueueEntries));
         ScanNamespaces();
+        ConfigureAsyncEvents();
         PostAsyncEventRequests();
         _log.LogInformation("NVMe {Name}: {Model} sn {Serial} fw {Fw}, {Ns} namespace(s), {Qp} I/O queue pairs of {Entries}, max transfer {Mdts} bytes",
             Name, Data.ModelNumber, Data.SerialNumber, Data.FirmwareRevision, Namespaces.Count, MaxIoQueuePairs, IoQueueEntries, MaxTransferBytes);
@@ -542,7 +560,7 @@ public sealed unsafe class NvmeController : IDisposable
     {
         lock (_adminLock)
         {
-            if (_disposed)
+            if (_disposed || _removed)
             {
                 return -6; // ENXIO
             }
@@ -727,6 +745,34 @@ public sealed unsafe class NvmeController : IDisposable
         return true;
     }
 
+    /// <summary>The Asynchronous Event Configuration we set: namespace attribute notices when OAES offers them (SPDK's nvme_ctrlr_configure_aer).</summary>
+    public uint AsyncEventConfig => (Data.Oaes & NvmeAsyncEvent.NamespaceAttributeNotices) != 0 ? NvmeAsyncEvent.NamespaceAttributeNotices : 0;
+
+    /// <summary>Attach: turns on the optional notices the controller offers (a reset turns them off again: see <see cref="FinishSetFeatures"/>).</summary>
+    private void ConfigureAsyncEvents()
+    {
+        uint aec = AsyncEventConfig;
+        if (aec == 0)
+        {
+            return;
+        }
+
+        var st = SetFeatures(NvmeFeature.AsyncEventConfiguration, aec, out _);
+        if (!st.IsSuccess)
+        {
+            _log.LogWarning("NVMe {Name}: Set Features (asynchronous event configuration 0x{Aec:x}) failed: {Status}; namespace changes are not reported", Name, aec, st);
+        }
+    }
+
+    private static readonly NvmeCompletionCallback s_aecDone = static (arg, status, dw0) =>
+    {
+        var ctrl = (NvmeController)arg!;
+        if (!status.IsSuccess && status != NvmeStatus.AbortedSqDeletion)
+        {
+            ctrl._log.LogWarning("NVMe {Name}: Set Features (asynchronous event configuration) after the reset failed: {Status}", ctrl.Name, status);
+        }
+    };
+
     /// <summary>Outstanding Asynchronous Event Requests.</summary>
     public int AsyncEventRequestsOutstanding => _aersOutstanding;
 
@@ -744,7 +790,7 @@ public sealed unsafe class NvmeController : IDisposable
 
         try
         {
-            if (_disposed)
+            if (_disposed || _removed)
             {
                 return 0;
             }
@@ -926,6 +972,104 @@ public sealed unsafe class NvmeController : IDisposable
         }
     }
 
+    private EventFd? _requestFd;
+    private Action? _release;
+    private volatile bool _removed;
+    private int _removalRequested;
+
+    /// <summary>
+    /// Sets the device's removal notifier: <paramref name="requestFd"/> is signalled when the kernel wants the device
+    /// back (VFIO's device request; a model's eventfd in tests) and <paramref name="release"/> gives it back
+    /// (<see cref="VfioPciDevice.Release"/>). Either may be null.
+    /// </summary>
+    public void UseRemovalNotifier(EventFd? requestFd, Action? release)
+    {
+        _requestFd = requestFd;
+        _release = release;
+    }
+
+    /// <summary>The eventfd the kernel signals when it wants the device back (null: no notifier).</summary>
+    public EventFd? RemovalRequestFd => _requestFd;
+
+    /// <summary>
+    /// Whether the kernel asked for the device back (reads the request eventfd without blocking: one syscall). Once
+    /// true it stays true. Any thread; the owner calls it from a poller with <see cref="RemovalRequestFd"/> as wake source.
+    /// </summary>
+    public bool PollRemovalRequest()
+    {
+        if (Volatile.Read(ref _removalRequested) != 0)
+        {
+            return true;
+        }
+
+        var fd = _requestFd;
+        if (fd is null || _disposed || fd.DrainCount() == 0)
+        {
+            return false;
+        }
+
+        Volatile.Write(ref _removalRequested, 1);
+        return true;
+    }
+
+    /// <summary>The controller was hot-removed (<see cref="MarkRemoved"/>): nothing is sent to the device any more.</summary>
+    public bool IsRemoved => _removed;
+
+    /// <summary>Why it was removed (null while it is not).</summary>
+    public string? RemovedReason { get; private set; }
+
+    /// <summary>
+    /// Hot removal, step one (any thread, never waits): from now on nothing is submitted to the device: every queue
+    /// pair and the admin queue refuse submissions (-ENXIO), outstanding admin commands complete with "aborted: SQ
+    /// deletion", a reset under way fails and no new one starts. Outstanding I/O is failed by the queue pairs'
+    /// owners (<see cref="NvmeQueuePair.FailOutstanding"/> on their threads). Idempotent.
+    /// </summary>
+    public void MarkRemoved(string why)
+    {
+        lock (_adminLock)
+        {
+            if (_removed)
+            {
+                return;
+            }
+
+            RemovedReason = why;
+            _removed = true;
+            _log.LogError("NVMe {Name}: removed ({Why})", Name, why);
+            lock (_ioQpairs)
+            {
+                foreach (var qp in _ioQpairs)
+                {
+                    qp.MarkDisconnected();
+                }
+            }
+
+            if (_admin is not null)
+            {
+                _admin.MarkDisconnected();
+                _admin.FailOutstanding(NvmeStatus.AbortedSqDeletion);
+            }
+
+            _aersOutstanding = 0;
+            if (_resetting)
+            {
+                FailReset("device removed");
+            }
+        }
+    }
+
+    /// <summary>
+    /// Hot removal, step two (a control thread: closing a VFIO device resets the function, which can take a while):
+    /// <see cref="MarkRemoved"/>, then gives the device back (<see cref="VfioPciDevice.Release"/>: BAR0 reads all ones
+    /// from now on, the device and group fds are closed, so the kernel's unbind or removal completes). The memory the
+    /// device used stays allocated until <see cref="Dispose"/>, after the queue pairs' owners let go. Idempotent.
+    /// </summary>
+    public void ReleaseDevice(string why)
+    {
+        MarkRemoved(why);
+        Interlocked.Exchange(ref _release, null)?.Invoke();
+    }
+
     /// <summary>
     /// Starts a controller reset without waiting (SPDK bdev_nvme's disconnect/reconnect): every I/O queue pair and the
     /// admin queue are marked disconnected (submissions fail with -ENXIO from now on) and CC.EN is cleared.
@@ -941,7 +1085,7 @@ public sealed unsafe class NvmeController : IDisposable
     {
         lock (_adminLock)
         {
-            if (_disposed || _resetting)
+            if (_disposed || _resetting || _removed)
             {
                 return false;
             }
@@ -1000,6 +1144,11 @@ public sealed unsafe class NvmeController : IDisposable
             if (!_resetting)
             {
                 return _lastReset;
+            }
+
+            if (_removed)
+            {
+                return FailReset("device removed");
             }
 
             long now = Ticks.Now();
@@ -1087,6 +1236,13 @@ public sealed unsafe class NvmeController : IDisposable
         _resetStep = 0;
         _lastReset = NvmeResetState.Succeeded;
         _resetting = false;
+        if (AsyncEventConfig != 0)
+        {
+            // Features are back to their defaults after a reset: ask for the notices again (not waited for).
+            var aec = MakeCommand(NvmeAdminOpcode.SetFeatures, 0, NvmeFeature.AsyncEventConfiguration, AsyncEventConfig);
+            _admin.Submit(ref aec, s_aecDone, this, noTimeout: false);
+        }
+
         PostAsyncEventRequests();
         return NvmeResetState.Succeeded;
     }

@@ -12,6 +12,7 @@ internal static unsafe partial class NvmeNative
     public const int PROT_WRITE = 0x2;
     public const int MAP_SHARED = 0x01;
     public const int MAP_PRIVATE = 0x02;
+    public const int MAP_FIXED = 0x10;
     public const int MAP_ANONYMOUS = 0x20;
     public const int MAP_POPULATE = 0x8000;
     public const uint MFD_CLOEXEC = 0x1;

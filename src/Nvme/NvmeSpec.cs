@@ -282,6 +282,9 @@ public sealed class NvmeControllerData
     public byte SqEntrySizes { get; init; }
     public byte CqEntrySizes { get; init; }
     public uint NamespaceCount { get; init; }
+
+    /// <summary>OAES (bytes 92-95): optional asynchronous events supported (bit 8: namespace attribute notices).</summary>
+    public uint Oaes { get; init; }
     public NvmeOncs Oncs { get; init; }
     public byte VolatileWriteCache { get; init; }
     public ushort KeepAliveSupport { get; init; }
@@ -306,6 +309,7 @@ public sealed class NvmeControllerData
             Mdts = d[77],
             ControllerId = BitConverter.ToUInt16(d[78..80]),
             Version = BitConverter.ToUInt32(d[80..84]),
+            Oaes = BitConverter.ToUInt32(d[92..96]),
             KeepAliveSupport = BitConverter.ToUInt16(d[320..322]),
             Oacs = BitConverter.ToUInt16(d[256..258]),
             AbortLimit = d[258],

@@ -45,6 +45,9 @@ public static class VfioIoctl
     public const int PciBar0RegionIndex = 0;
     public const uint PciIntxIrqIndex = 0;
     public const uint PciMsixIrqIndex = 2;
+
+    /// <summary>VFIO_PCI_REQ_IRQ_INDEX: the kernel signals it when it wants the device back (unbind, remove).</summary>
+    public const uint PciReqIrqIndex = 4;
     public const uint IrqInfoEventfd = 1;
     public const uint IrqSetDataNone = 1 << 0;
     public const uint IrqSetDataEventfd = 1 << 2;
@@ -479,6 +482,8 @@ public sealed unsafe class VfioPciDevice : IDisposable
     private nuint _bar0Size;
     private bool _attached;
     private Platform.EventFd[] _irqFds = [];
+    private Platform.EventFd? _requestFd;
+    private int _released;
 
     private VfioPciDevice(string address, VfioContainer container)
     {
@@ -775,7 +780,7 @@ public sealed unsafe class VfioPciDevice : IDisposable
     /// <summary>INTx: unmask the line VFIO masked when it fired (after reaping, before sleeping). No-op otherwise.</summary>
     public void UnmaskIntx()
     {
-        if (InterruptMode != DeviceInterruptMode.Intx)
+        if (InterruptMode != DeviceInterruptMode.Intx || IsReleased)
         {
             return;
         }
@@ -817,12 +822,127 @@ public sealed unsafe class VfioPciDevice : IDisposable
         InterruptMode = DeviceInterruptMode.None;
     }
 
+    /// <summary>
+    /// The device request notifier (VFIO_PCI_REQ_IRQ_INDEX, see linux/vfio.h): the kernel signals this eventfd when it
+    /// wants the device back (the device is being unbound from vfio-pci or removed) and blocks that unbind until every
+    /// user closed the device (<see cref="Release"/>). Null when the kernel offers no request interrupt. Owned here.
+    /// </summary>
+    public Platform.EventFd? RequestFd => _requestFd;
+
+    /// <summary>Sets up <see cref="RequestFd"/> (VFIO_DEVICE_SET_IRQS, DATA_EVENTFD | ACTION_TRIGGER on the request index). Returns whether it is on.</summary>
+    public bool EnableRequestNotifier()
+    {
+        if (_requestFd is not null)
+        {
+            return true;
+        }
+
+        if (IrqCount(VfioIoctl.PciReqIrqIndex) == 0)
+        {
+            return false;
+        }
+
+        var fd = new Platform.EventFd();
+        int size = sizeof(VfioIrqSet) + 4;
+        byte* buf = stackalloc byte[size];
+        var set = (VfioIrqSet*)buf;
+        set->Argsz = (uint)size;
+        set->Flags = VfioIoctl.IrqSetDataEventfd | VfioIoctl.IrqSetActionTrigger;
+        set->Index = VfioIoctl.PciReqIrqIndex;
+        set->Start = 0;
+        set->Count = 1;
+        *(int*)(buf + sizeof(VfioIrqSet)) = fd.Fd;
+        if (NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceSetIrqs, buf) != 0)
+        {
+            fd.Dispose();
+            return false;
+        }
+
+        _requestFd = fd;
+        return true;
+    }
+
+    /// <summary>Whether <see cref="Release"/> ran: the device is no longer ours.</summary>
+    public bool IsReleased => Volatile.Read(ref _released) != 0;
+
+    /// <summary>
+    /// Gives the device back to the kernel at once (hot removal), while code on other threads may still touch BAR0:
+    /// BAR0 is replaced in place (MAP_FIXED) by an anonymous mapping filled with 0xFF, so a late register read sees
+    /// all ones (as of a surprise-removed device) and a late doorbell write lands nowhere (DPDK remaps a removed BAR
+    /// to anonymous memory for the same reason); then the device fd (vfio-pci disables and resets the function when
+    /// its last user closes it) and the group fd are closed, so the kernel's unbind completes. The interrupt eventfds
+    /// stay open (reactors may still have them as wake sources; the kernel no longer signals them) until
+    /// <see cref="Dispose"/>. Idempotent; a control thread (closing the device can take a while: the function reset).
+    /// </summary>
+    public void Release()
+    {
+        if (Interlocked.Exchange(ref _released, 1) != 0)
+        {
+            return;
+        }
+
+        if (_bar0 != 0)
+        {
+            nint p = NvmeNative.mmap(_bar0, _bar0Size, NvmeNative.PROT_READ | NvmeNative.PROT_WRITE, NvmeNative.MAP_PRIVATE | NvmeNative.MAP_ANONYMOUS | NvmeNative.MAP_FIXED, -1, 0);
+            if (p == _bar0)
+            {
+                // SAFETY: the anonymous mapping just made at _bar0, _bar0Size bytes.
+                new Span<byte>((void*)_bar0, checked((int)_bar0Size)).Fill(0xFF);
+            }
+            else
+            {
+                // Could not replace it: unmap it (a late access would fault, but the device must go back).
+                NvmeNative.munmap(_bar0, _bar0Size);
+                _bar0 = 0;
+            }
+        }
+
+        if (_deviceFd >= 0)
+        {
+            NvmeNative.close(_deviceFd);
+            _deviceFd = -1;
+        }
+
+        CloseGroup();
+    }
+
+    private void CloseGroup()
+    {
+        if (_groupFd >= 0)
+        {
+            NvmeNative.close(_groupFd);
+            _groupFd = -1;
+            if (_attached)
+            {
+                _attached = false;
+                Container.DetachGroup();
+            }
+        }
+    }
+
     /// <summary>Function-level reset through VFIO (when the device supports one). Returns 0 or -errno.</summary>
     public int Reset() => NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceReset, 0) == 0 ? 0 : -NvmeNative.Errno;
 
     public void Dispose()
     {
-        DisableInterrupts();
+        DisableInterrupts(); // after Release: no ioctl (the device fd is closed), the eventfds are closed
+        if (_requestFd is not null)
+        {
+            if (_deviceFd >= 0)
+            {
+                VfioIrqSet set = default;
+                set.Argsz = (uint)sizeof(VfioIrqSet);
+                set.Flags = VfioIoctl.IrqSetDataNone | VfioIoctl.IrqSetActionTrigger;
+                set.Index = VfioIoctl.PciReqIrqIndex;
+                set.Start = 0;
+                set.Count = 0;
+                NvmeNative.ioctl(_deviceFd, VfioIoctl.DeviceSetIrqs, &set);
+            }
+
+            _requestFd.Dispose();
+            _requestFd = null;
+        }
+
         if (_bar0 != 0)
         {
             NvmeNative.munmap(_bar0, _bar0Size);
@@ -835,15 +955,6 @@ public sealed unsafe class VfioPciDevice : IDisposable
             _deviceFd = -1;
         }
 
-        if (_groupFd >= 0)
-        {
-            NvmeNative.close(_groupFd);
-            _groupFd = -1;
-            if (_attached)
-            {
-                _attached = false;
-                Container.DetachGroup();
-            }
-        }
+        CloseGroup();
     }
 }

@@ -63,6 +63,56 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
         Dstrd = dstrd;
         Serial = serial;
         _disk = new byte[blocks * blockSize];
+        _namespaces[1] = _disk;
+    }
+
+    /// <summary>Namespace ids the model reports (Identify Controller NN); namespace 1 (<see cref="Disk"/>) is active at first.</summary>
+    public const uint MaxNamespaces = 32;
+
+    private readonly SortedDictionary<uint, byte[]> _namespaces = new(); // active namespaces (under lock(this))
+
+    /// <summary>Makes namespace <paramref name="nsid"/> active with <paramref name="blocks"/> blocks of <see cref="BlockSize"/> (a device adding one; raise the notice with <see cref="RaiseNamespaceChanged"/>).</summary>
+    public void AddNamespace(uint nsid, ulong blocks)
+    {
+        if (nsid == 0 || nsid > MaxNamespaces)
+        {
+            throw new ArgumentOutOfRangeException(nameof(nsid));
+        }
+
+        lock (this)
+        {
+            _namespaces[nsid] = new byte[blocks * BlockSize];
+        }
+    }
+
+    /// <summary>Makes namespace <paramref name="nsid"/> inactive (its I/O fails with Invalid Namespace).</summary>
+    public void RemoveNamespace(uint nsid)
+    {
+        lock (this)
+        {
+            _namespaces.Remove(nsid);
+        }
+    }
+
+    /// <summary>An active namespace's data.</summary>
+    public byte[] NamespaceDisk(uint nsid)
+    {
+        lock (this)
+        {
+            return _namespaces[nsid];
+        }
+    }
+
+    /// <summary>The Asynchronous Event Configuration the host set (Set Features 0Bh).</summary>
+    public uint AsyncEventConfig { get; private set; }
+
+    /// <summary>Completes an outstanding AER with a Namespace Attribute Changed notice, if the host enabled it (AEC bit 8), as a device does.</summary>
+    public bool RaiseNamespaceChanged()
+    {
+        lock (this)
+        {
+            return (AsyncEventConfig & NvmeAsyncEvent.NamespaceAttributeNotices) != 0 && RaiseAsyncEvent(0x00040002); // notice, info 0, log page 04h
+        }
     }
 
     public ulong Blocks { get; }
@@ -436,22 +486,29 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                     Pad("1.0", 8).CopyTo(data.AsSpan(64));
                     data[77] = Mdts;
                     BitConverter.TryWriteBytes(data.AsSpan(80), 0x00010400u);
+                    BitConverter.TryWriteBytes(data.AsSpan(92), NvmeAsyncEvent.NamespaceAttributeNotices); // OAES
                     data[259] = 3; // AERL
                     data[512] = 0x66;
                     data[513] = 0x44;
-                    BitConverter.TryWriteBytes(data.AsSpan(516), 1u);
+                    BitConverter.TryWriteBytes(data.AsSpan(516), MaxNamespaces);
                     BitConverter.TryWriteBytes(data.AsSpan(520), (ushort)Oncs);
                     data[525] = 1;
                 }
                 else if (cns == 0)
                 {
-                    if (cmd.Nsid != 1)
+                    if (cmd.Nsid == 0 || cmd.Nsid > MaxNamespaces)
                     {
                         return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidNamespace, dnr: true);
                     }
 
-                    BitConverter.TryWriteBytes(data.AsSpan(0), Blocks);
-                    BitConverter.TryWriteBytes(data.AsSpan(8), Blocks);
+                    if (!_namespaces.TryGetValue(cmd.Nsid, out var nsDisk))
+                    {
+                        return CopyOut(ref cmd, data); // an inactive namespace: zeroes
+                    }
+
+                    ulong nsBlocks = (ulong)nsDisk.Length / BlockSize;
+                    BitConverter.TryWriteBytes(data.AsSpan(0), nsBlocks);
+                    BitConverter.TryWriteBytes(data.AsSpan(8), nsBlocks);
                     data[25] = 1; // two LBA formats
                     data[26] = 1; // using format 1
                     BitConverter.TryWriteBytes(data.AsSpan(128), 9u << 16); // 512 B
@@ -459,7 +516,14 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                 }
                 else if (cns == 2)
                 {
-                    BitConverter.TryWriteBytes(data.AsSpan(0), 1u);
+                    int i = 0;
+                    foreach (uint id in _namespaces.Keys)
+                    {
+                        if (id > cmd.Nsid)
+                        {
+                            BitConverter.TryWriteBytes(data.AsSpan(4 * i++), id);
+                        }
+                    }
                 }
                 else
                 {
@@ -470,6 +534,11 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             }
 
             case NvmeAdminOpcode.SetFeatures:
+                if ((cmd.Cdw10 & 0xFF) == NvmeFeature.AsyncEventConfiguration)
+                {
+                    AsyncEventConfig = cmd.Cdw11;
+                }
+
                 if ((cmd.Cdw10 & 0xFF) == NvmeFeature.NumberOfQueues)
                 {
                     uint want = Math.Min((cmd.Cdw11 & 0xFFFF) + 1, MaxQueuePairs);
@@ -685,10 +754,13 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
 
     private NvmeStatus ExecuteIo(ref NvmeCommand cmd)
     {
-        if (cmd.Nsid != 1 && cmd.Opcode != NvmeIoOpcode.Flush)
+        if (!_namespaces.TryGetValue(cmd.Nsid, out var nsDisk) && cmd.Opcode != NvmeIoOpcode.Flush)
         {
             return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidNamespace, dnr: true);
         }
+
+        nsDisk ??= _disk;
+        ulong blocks = (ulong)nsDisk.Length / BlockSize;
 
         ulong slba = cmd.Cdw10 | ((ulong)cmd.Cdw11 << 32);
         uint nlb = (cmd.Cdw12 & 0xFFFF) + 1;
@@ -701,7 +773,7 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
             case NvmeIoOpcode.Write:
             case NvmeIoOpcode.Compare:
             {
-                if (slba + nlb > Blocks)
+                if (slba + nlb > blocks)
                 {
                     return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.LbaOutOfRange, dnr: true);
                 }
@@ -722,7 +794,7 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                 foreach (var (p, len) in segs)
                 {
                     var host = new Span<byte>((void*)p, len);
-                    var disk = _disk.AsSpan(off, len);
+                    var disk = nsDisk.AsSpan(off, len);
                     if (cmd.Opcode == NvmeIoOpcode.Read)
                     {
                         disk.CopyTo(host);
@@ -748,12 +820,12 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                     return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.InvalidOpcode, dnr: true);
                 }
 
-                if (slba + nlb > Blocks)
+                if (slba + nlb > blocks)
                 {
                     return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.LbaOutOfRange, dnr: true);
                 }
 
-                _disk.AsSpan((int)(slba * BlockSize), (int)(nlb * BlockSize)).Clear();
+                nsDisk.AsSpan((int)(slba * BlockSize), (int)(nlb * BlockSize)).Clear();
                 return NvmeStatus.Success;
             case NvmeIoOpcode.DatasetManagement:
             {
@@ -767,14 +839,14 @@ internal sealed unsafe class NvmeControllerModel : NvmeRegisters
                 var ranges = MemoryMarshal.Cast<byte, NvmeDsmRange>(new ReadOnlySpan<byte>((void*)segs[0].Item1, nr * 16));
                 foreach (var r in ranges)
                 {
-                    if (r.StartLba + r.LengthBlocks > Blocks)
+                    if (r.StartLba + r.LengthBlocks > blocks)
                     {
                         return NvmeStatus.Make(NvmeSct.Generic, NvmeSc.LbaOutOfRange, dnr: true);
                     }
 
                     if ((cmd.Cdw11 & 4) != 0)
                     {
-                        _disk.AsSpan((int)(r.StartLba * BlockSize), (int)(r.LengthBlocks * BlockSize)).Clear();
+                        nsDisk.AsSpan((int)(r.StartLba * BlockSize), (int)(r.LengthBlocks * BlockSize)).Clear();
                     }
                 }
 

@@ -430,8 +430,7 @@ public sealed class RaidTests
         var loop = new IoLoop(d, [buf.ToIoVec()], 1024);
         long bytes = await kit.Main.InvokeAsync(async () =>
         {
-            await loop.Run(20_000, 32);
-            long b = await loop.Run(100_000, 32);
+            long b = await loop.SteadyStateAllocation(20_000, 100_000, 32);
             loop.Release();
             return b;
         });

@@ -168,8 +168,7 @@ public class VbdevCommonTests
         var loop = new IoLoop(desc, buf.Whole());
         long bytes = await kit.Main.InvokeAsync(async () =>
         {
-            await loop.Run(20_000, 32);
-            return await loop.Run(100_000, 32);
+            return await loop.SteadyStateAllocation(20_000, 100_000, 32);
         });
         Assert.True(bytes < 200, $"{module}: {bytes} bytes allocated over 100k I/Os");
     }

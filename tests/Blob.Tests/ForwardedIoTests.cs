@@ -59,8 +59,7 @@ public class ForwardedIoTests
         var loop = new IoLoop(desc, [buf.ToIoVec()], 2048);
         long bytes = await kit.Main.InvokeAsync(async () =>
         {
-            await loop.Run(20_000, 32);
-            long b = await loop.Run(100_000, 32);
+            long b = await loop.SteadyStateAllocation(20_000, 100_000, 32);
             loop.Release(); // on the reactor that owns the channel
             return b;
         });

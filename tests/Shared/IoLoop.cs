@@ -44,6 +44,19 @@ internal sealed class IoLoop
         return _tcs.Task;
     }
 
+    /// <summary>
+    /// Warms up with <paramref name="warmup"/> I/Os, then measures windows of <paramref name="count"/> I/Os and returns
+    /// the smaller of the first two (the first alone when it allocated nothing). A one-off first-time path (a type load,
+    /// a tier-up stub, a timer the reactor runs once) can land in one window; an allocation per I/O lands in every
+    /// window (count x at least 24 bytes), so the smaller window is the steady state.
+    /// </summary>
+    public async Task<long> SteadyStateAllocation(int warmup, int count, int depth)
+    {
+        await Run(warmup, depth);
+        long first = await Run(count, depth);
+        return first == 0 ? 0 : Math.Min(first, await Run(count, depth));
+    }
+
     /// <summary>Releases the channel (on its reactor).</summary>
     public void Release()
     {

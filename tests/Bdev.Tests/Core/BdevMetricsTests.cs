@@ -122,8 +122,7 @@ public class BdevMetricsTests
             var loop = new IoLoop(desc, buf.Split(0, 4096));
             long bytes = await kit.Main.InvokeAsync(async () =>
             {
-                await loop.Run(20_000, 32);
-                return await loop.Run(200_000, 32);
+                return await loop.SteadyStateAllocation(20_000, 200_000, 32);
             });
             Assert.True(bytes < 200, $"{name}: {bytes} bytes allocated over 200k I/Os with a listener collecting");
         }

@@ -71,6 +71,13 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             f.SetLength(32L << 20);
         }
 
+        // The 4096-byte controller has a second namespace (512-byte blocks): two nvme-ns devices on one controller.
+        string img4kNs2 = Path.Combine(dir, "nvme4k-ns2.img");
+        using (var f = File.Create(img4kNs2))
+        {
+            f.SetLength(16L << 20);
+        }
+
         // bdevperf and vhostd run from the read-only host root in the guest: build them here first (a tool that does
         // not build fails the test), write their configs where the guest can see them (the host's /tmp is not shared).
         foreach (string tool in new[] { "bdevperf", "vhostd", "vhostctl" })
@@ -98,7 +105,8 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
                 {"method": "vhost_create_blk_controller", "params": {"ctrlr": "vhost.nvme", "dev_name": "Nvme0n1", "cpumask": "0x1"}}]},
               {"subsystem": "vhost_scsi", "config": [
                 {"method": "vhost_create_scsi_controller", "params": {"ctrlr": "vhost.scsi", "cpumask": "0x1"}},
-                {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vhost.scsi", "scsi_target_num": 0, "bdev_name": "Nvme1n1"}}]}
+                {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vhost.scsi", "scsi_target_num": 0, "bdev_name": "Nvme1n1"}},
+                {"method": "vhost_scsi_controller_add_target", "params": {"ctrlr": "vhost.scsi", "scsi_target_num": 1, "bdev_name": "Nvme1n2"}}]}
             ]}
             """);
         string frontEndConfig = Path.Combine(GuestImage.RepoRoot, ".build", "nvme-virtio-user.json");
@@ -127,7 +135,10 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
                 "-drive", $"file={img512},if=none,id=nvm0,format=raw",
                 "-device", "nvme,serial=VBTEST123,drive=nvm0,addr=04.0",
                 "-drive", $"file={img4k},if=none,id=nvm1,format=raw",
-                "-device", "nvme,serial=VBTEST4K,drive=nvm1,addr=05.0,logical_block_size=4096,physical_block_size=4096",
+                "-drive", $"file={img4kNs2},if=none,id=nvm2,format=raw",
+                "-device", "nvme,id=nvmec1,serial=VBTEST4K,addr=05.0",
+                "-device", "nvme-ns,bus=nvmec1,drive=nvm1,nsid=1,logical_block_size=4096,physical_block_size=4096",
+                "-device", "nvme-ns,bus=nvmec1,drive=nvm2,nsid=2",
             ], output.WriteLine));
             var t = TimeSpan.FromMinutes(2);
             string setup = Path.Combine("/host", GuestImage.RepoRoot.TrimStart('/'), "scripts/setup.sh");
@@ -335,6 +346,12 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             """;
     }
 
+    /// <summary>
+    /// The namespaces under vhost in the zero-copy checks: Nvme0n1 (512-byte blocks, vhost-blk), Nvme1n1 (4096-byte) and
+    /// Nvme1n2 (512-byte, the same controller's second namespace), targets 0 and 1 of vhost-scsi.
+    /// </summary>
+    private static readonly string[] s_namespaces = ["Nvme0n1", "Nvme1n1", "Nvme1n2"];
+
     /// <summary>Asserts <see cref="DmaCheckScript"/>'s results in <paramref name="output"/> and reports its numbers.</summary>
     private void CheckDma(string text, bool zeroCopyOn)
     {
@@ -352,16 +369,17 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
                 }
             }
 
-            Assert.True(d.ContainsKey("Nvme0n1") && d.ContainsKey("Nvme1n1"), $"iostat '{name}' lacks the NVMe bdevs: {m.Groups[1].Value}");
+            Assert.True(d.ContainsKey("Nvme0n1") && d.ContainsKey("Nvme1n1") && d.ContainsKey("Nvme1n2"), $"iostat '{name}' lacks the NVMe bdevs: {m.Groups[1].Value}");
             return d;
         }
 
         System.Text.Json.Nodes.JsonNode Stat(string name) => Stats(name)["Nvme0n1"];
         long BouncedOf(string name, string bdev) => (long)Stats(name)[bdev]["nvme_bounce"]!["bounced_ios"]!;
-        long Bounced(string name) => BouncedOf(name, "Nvme0n1") + BouncedOf(name, "Nvme1n1");
+        long Bounced(string name) => s_namespaces.Sum(ns => BouncedOf(name, ns));
 
         Assert.Contains("=== MAPPED", text, StringComparison.Ordinal);
         Assert.Contains("VirtioScsi0t0", text, StringComparison.Ordinal); // the vhost-scsi LUN on the 4096-byte namespace ran too
+        Assert.Contains("VirtioScsi0t1", text, StringComparison.Ordinal); // and the one on the same controller's second namespace
         var ready = Stat("ready");
         output.WriteLine($"DMA state when the front end's memory was mapped: {ready["nvme_dma"]!.ToJsonString()}");
         foreach (var r in s_zeroCopyRuns)
@@ -378,8 +396,11 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         {
             Assert.Equal(0, (long)ready["nvme_dma"]!["failed_maps"]!);
             Assert.True(b1 == b0, $"{b1 - b0} I/Os were bounced although every buffer was PRP-describable registered memory");
-            Assert.True(BouncedOf("misaligned", "Nvme0n1") > BouncedOf("aligned", "Nvme0n1") && BouncedOf("misaligned", "Nvme1n1") > BouncedOf("aligned", "Nvme1n1"),
-                "buffers 3 bytes into a page (not dword aligned: PRPs cannot describe them) were not bounced on both the blk and the scsi namespace");
+            foreach (string ns in s_namespaces)
+            {
+                Assert.True(BouncedOf("misaligned", ns) > BouncedOf("aligned", ns),
+                    $"buffers 3 bytes into a page (not dword aligned: PRPs cannot describe them) were not bounced on {ns}");
+            }
         }
         else
         {
@@ -448,13 +469,15 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         output.WriteLine(cfg.Output);
         Assert.Contains($"{Addr512}  0x1b36 0x0010 vfio-pci", cfg.Output, StringComparison.Ordinal);
 
-        // vhostd up, bdevperf reading through vhost-blk; wait until reads reach the NVMe bdev.
+        // vhostd up, bdevperf reading through vhost-blk; wait until reads reach the NVMe bdev. The front end runs for
+        // 180 s: each vhostctl in the guest is a dotnet start under TCG (tens of seconds on a loaded host), and with a
+        // 60-s run the removal once came after the front end had finished (no I/O left to fail).
         var sw = Stopwatch.StartNew();
         var run = await guest.ExecHostAsync(
             $"cd {repo}; mkdir -p /tmp/vsh; rm -f /tmp/vsh/* /tmp/vdh.sock; "
             + $"(./vhostd -m 0x1 -S /tmp/vsh -r /tmp/vdh.sock -c {vhostdConfig} -L info > /tmp/vdh.log 2>&1; echo \"vhostd exit $?\" >> /tmp/vdh.log) & "
             + "for i in $(seq 1 600); do [ -S /tmp/vsh/blk.nvme ] && break; sleep 0.2; done; "
-            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 60 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $? at $(date +%T)\" >> /tmp/bph.log) & "
+            + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 180 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $? at $(date +%T)\" >> /tmp/bph.log) & "
             + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo \"IO FLOWING at $(date +%T)\" && break; sleep 0.2; done; "
             + $"echo '--- vhost before removal'; {VctlHot} call vhost_get_controllers '{{}}'",
             TimeSpan.FromMinutes(6));
@@ -478,9 +501,9 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             + $"{VctlHot} spdk_get_version > /dev/null && echo 'RPC ANSWERS'; "
             + $"{VctlHot} call bdev_nvme_get_controllers '{{}}' > /tmp/nc.json; cat /tmp/nc.json; grep -q Nvme0 /tmp/nc.json && echo 'NVME CTRL STILL THERE' || echo 'NVME CTRL GONE'; "
             + $"{VctlHot} call vhost_get_controllers '{{}}' > /tmp/vc.json; cat /tmp/vc.json; grep -q Nvme0n1 /tmp/vc.json && echo 'VHOST STILL HAS Nvme0n1' || echo 'VHOST LUN GONE'; "
-            + "for i in $(seq 1 900); do grep -q 'bdevperf exit' /tmp/bph.log && break; sleep 0.2; done; echo '--- blk front end'; cat /tmp/bph.log; "
+            + "for i in $(seq 1 1800); do grep -q 'bdevperf exit' /tmp/bph.log && break; sleep 0.2; done; echo '--- blk front end'; cat /tmp/bph.log; "
             + "echo '--- vhostd log (removal)'; grep -iE 'remov|request|release|vhost_blk|scsi|fail' /tmp/vdh.log | tail -n 40",
-            TimeSpan.FromMinutes(6));
+            TimeSpan.FromMinutes(9));
         output.WriteLine($"--- after removal ---\n{after.Output}");
         Assert.Contains("VHOSTD ALIVE", after.Output, StringComparison.Ordinal);
         Assert.Contains("RPC ANSWERS", after.Output, StringComparison.Ordinal);

@@ -127,11 +127,12 @@ public sealed class NvmeBdevModule : BdevModule
                 var c = _attach(traddr, opts, _log);
 
                 // Channel memory (a queue pair and bounce buffers per reactor) mapped now: a reactor opening a channel
-                // then makes no VFIO call (docs/DMA.md), and channels closed and opened again reuse it.
+                // then makes no VFIO call (docs/DMA.md), and channels closed and opened again reuse it. The controller
+                // gives it back when it detaches (NvmeController.Dispose).
                 try
                 {
                     c.ReserveIoQueueMemory(channels);
-                    c.Dma.Reserve(NvmeChannelContext.BounceBytes, channels, "vb-nvme-bounce");
+                    c.ReserveDma(NvmeChannelContext.BounceBytes, channels, "vb-nvme-bounce");
                 }
                 catch (Exception e) when (e is IOException or OutOfMemoryException)
                 {

@@ -1,18 +1,16 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
-using VhostBackend.Reactors;
 using VhostBackend.Rpc;
 using VhostBackend.Virtio.Blk;
 
 namespace VhostBackend.BdevVirtio;
 
 /// <summary>The disk behind a virtio-user blk controller, as a bdev named after the controller (SPDK: the blk bdev takes the attach name).</summary>
-public sealed class VirtioBlkBdev : Bdev.Bdev
+public sealed class VirtioBlkBdev : VirtioUserBdev
 {
     internal VirtioBlkBdev(VirtioUserController ctrl, uint blockSize, ulong blockCount)
-        : base(ctrl.CtrlName, "VirtioBlk Disk", blockSize, blockCount)
+        : base(ctrl, ctrl.CtrlName, "VirtioBlk Disk", blockSize, blockCount)
     {
-        Ctrl = ctrl;
         var c = ctrl.Config;
         WriteCache = ctrl.Has(VirtioBlkFeature.Flush);
         uint maxBytes = VirtioUserController.MaxIoBytes;
@@ -25,11 +23,8 @@ public sealed class VirtioBlkBdev : Bdev.Bdev
         uint sectorsPerBlock = blockSize / VirtioBlkRequestType.SectorSize;
         MaxUnmapBlocks = ctrl.Has(VirtioBlkFeature.Discard) && c.MaxDiscardSectors > 0 ? c.MaxDiscardSectors / sectorsPerBlock : uint.MaxValue / sectorsPerBlock;
         MaxWriteZeroesBlocks = ctrl.Has(VirtioBlkFeature.WriteZeroes) && c.MaxWriteZeroesSectors > 0 ? c.MaxWriteZeroesSectors / sectorsPerBlock : uint.MaxValue / sectorsPerBlock;
-        IoPoolSize = Math.Max(1024, ctrl.VqSize * 2);
         ReadOnly = ctrl.Has(VirtioBlkFeature.Ro);
     }
-
-    public VirtioUserController Ctrl { get; }
 
     /// <summary>The back end exported the disk read-only (VIRTIO_BLK_F_RO): writes are refused.</summary>
     public bool ReadOnly { get; }
@@ -43,19 +38,6 @@ public sealed class VirtioBlkBdev : Bdev.Bdev
         BdevIoType.WriteZeroes => !ReadOnly && Ctrl.Has(VirtioBlkFeature.WriteZeroes),
         _ => false,
     };
-
-    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(Ctrl);
-
-    protected override void Submit(IoChannel moduleChannel, BdevIo io)
-    {
-        if (!SupportsIoType(io.Type))
-        {
-            io.Complete(BdevIoStatus.Failed);
-            return;
-        }
-
-        ((VirtioBlkChannel)moduleChannel.Context).Submit(io);
-    }
 
     public override JsonObject DriverSpecific() => new()
     {

@@ -1,6 +1,5 @@
 using System.Text.Json.Nodes;
 using VhostBackend.Bdev;
-using VhostBackend.Reactors;
 
 namespace VhostBackend.BdevVirtio;
 
@@ -12,23 +11,19 @@ internal readonly record struct VirtioScsiDiskInfo(int Target, uint BlockSize, u
 /// (SPDK's virtio_scsi_disk, "Virtio SCSI Disk"). Its I/O goes through the controller's channels
 /// (<see cref="VirtioScsiChannel"/>). save_config writes nothing per disk: the scan finds them again (SPDK).
 /// </summary>
-public sealed class VirtioScsiBdev : Bdev.Bdev
+public sealed class VirtioScsiBdev : VirtioUserBdev
 {
     internal VirtioScsiBdev(VirtioUserController ctrl, VirtioScsiDiskInfo info)
-        : base(ctrl.CtrlName + "t" + info.Target, "Virtio SCSI Disk", info.BlockSize, info.BlockCount)
+        : base(ctrl, ctrl.CtrlName + "t" + info.Target, "Virtio SCSI Disk", info.BlockSize, info.BlockCount)
     {
-        Ctrl = ctrl;
         Target = info.Target;
         UnmapSupported = info.UnmapSupported;
         MaxTransferBlocks = Math.Max(1, (uint)VirtioUserController.MaxIoBytes / info.BlockSize);
         MaxUnmapBlocks = Math.Clamp(info.MaxUnmapBlocks, 1UL, uint.MaxValue);
-        IoPoolSize = Math.Max(1024, ctrl.VqSize * 2);
 
         // SPDK: READ/WRITE (16) only when the LBA may not fit READ/WRITE (10)'s 32 bits.
         Use16ByteCdb = info.BlockCount > (1UL << 32);
     }
-
-    public VirtioUserController Ctrl { get; }
 
     /// <summary>The SCSI target id (the LUN field's byte 1).</summary>
     public int Target { get; }
@@ -44,19 +39,6 @@ public sealed class VirtioScsiBdev : Bdev.Bdev
         BdevIoType.Unmap => UnmapSupported,
         _ => false,
     };
-
-    protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(Ctrl);
-
-    protected override void Submit(IoChannel moduleChannel, BdevIo io)
-    {
-        if (!SupportsIoType(io.Type))
-        {
-            io.Complete(BdevIoStatus.Failed);
-            return;
-        }
-
-        ((VirtioScsiChannel)moduleChannel.Context).Submit(io);
-    }
 
     /// <summary>SPDK's virtio_dev_dump_json_info for a virtio-user device, plus the target.</summary>
     public override JsonObject DriverSpecific() => new()

@@ -292,7 +292,7 @@ internal sealed class VirtioScsiDevice
         bufs[0] = new DriverBuffer(slotGpa + VirtioUserQueue.ScsiReqOffset, VirtioScsi.CmdReqSize, 0);
         bufs[1] = new DriverBuffer(slotGpa + VirtioUserQueue.ScsiRespOffset, VirtioScsi.CmdRespSize, VirtqDesc.FlagWrite);
         bufs[2] = new DriverBuffer(q.BounceGpa(slot), (uint)data.Length, VirtqDesc.FlagWrite);
-        if (VirtioScsiChannel.Add(q, _ctrl.Has(VirtioFeatures.RingIndirectDesc), slot, bufs[..(data.Length > 0 ? 3 : 2)]) < 0)
+        if (VirtioUserChannel.Add(q, _ctrl.Has(VirtioFeatures.RingIndirectDesc), slot, bufs[..(data.Length > 0 ? 3 : 2)]) < 0)
         {
             throw new IOException($"virtio-user {_ctrl.CtrlName}: no room on request queue {q.Index} for a scan command");
         }

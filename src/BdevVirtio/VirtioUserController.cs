@@ -147,7 +147,7 @@ public enum VirtioDevType
 /// bdev_virtio_scsi; for scsi, queues 0 and 1 are the control and event queues and <see cref="Scsi"/> holds the scan and event side): the socket, the
 /// negotiated features, the device config, the shared memory region (one memfd holding every ring, request slot
 /// and bounce buffer; guest-physical addresses are offsets into it, user addresses are our mapping) and the
-/// queues. As an <see cref="IoDevice"/> its per-reactor channels each own one queue (<see cref="VirtioBlkChannel"/>, or <see cref="VirtioScsiChannel"/> on a scsi request queue).
+/// queues. As an <see cref="IoDevice"/> its per-reactor channels (<see cref="VirtioUserChannel"/>) each own one queue (<see cref="VirtioBlkChannel"/>, or <see cref="VirtioScsiChannel"/> on a scsi request queue).
 /// </summary>
 public sealed class VirtioUserController : IoDevice, IDisposable
 {
@@ -555,7 +555,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
 
     protected override object CreateChannelContext(Reactor reactor)
     {
-        object ch = DevType == VirtioDevType.Scsi ? new VirtioScsiChannel(this, reactor) : new VirtioBlkChannel(this, reactor);
+        VirtioUserChannel ch = DevType == VirtioDevType.Scsi ? new VirtioScsiChannel(this, reactor) : new VirtioBlkChannel(this, reactor);
         Interlocked.Increment(ref _liveChannels);
         return ch;
     }
@@ -564,14 +564,7 @@ public sealed class VirtioUserController : IoDevice, IDisposable
     {
         try
         {
-            if (context is VirtioScsiChannel s)
-            {
-                s.Destroy();
-            }
-            else
-            {
-                ((VirtioBlkChannel)context).Destroy();
-            }
+            ((VirtioUserChannel)context).Destroy();
         }
         finally
         {

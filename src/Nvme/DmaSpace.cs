@@ -677,7 +677,9 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
     /// Allocates zeroed DMA memory of at least <paramref name="size"/> bytes from hugepages (memfd MFD_HUGETLB),
     /// or, when none are reserved, from 4 KiB pages locked with mlock (logged once). The memory is registered.
     /// </summary>
-    public DmaRegion Allocate(ulong size, string name = "vb-dma")
+    public DmaRegion Allocate(ulong size, string name = "vb-dma") => Allocate(size, name, fromReserve: true);
+
+    private DmaRegion Allocate(ulong size, string name, bool fromReserve)
     {
         if (size == 0)
         {
@@ -688,7 +690,7 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
         CachedRegion? cached = null;
         lock (_lock)
         {
-            if (_cache.TryGetValue(key, out var stack) && stack.Count > 0)
+            if (fromReserve && _cache.TryGetValue(key, out var stack) && stack.Count > 0)
             {
                 cached = stack.Pop();
             }
@@ -757,16 +759,24 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
     /// (controller attach) so that a reactor creating an I/O channel (its queue pair, its bounce buffers) makes no
     /// VFIO call: a <c>VFIO_IOMMU_MAP_DMA</c> waits for the container's mutex, which a background map of a front end's
     /// memory may hold for a while. Freeing never unmaps while the reserve has room.
+    /// <para>
+    /// The reserve is counted per caller: dispose the returned reservation (off the reactors: it unmaps) when its owner
+    /// goes (a controller detaching), and the reserve shrinks by its count again; regions beyond the new size that sit
+    /// idle are unmapped and freed then, one at a time, and those still in use when they are freed. When the reserve
+    /// cannot be filled (the allocation throws), its count is given back before the exception leaves.
+    /// </para>
     /// </summary>
-    public void Reserve(ulong size, int count, string name = "vb-dma-reserve")
+    public DmaReservation Reserve(ulong size, int count, string name = "vb-dma-reserve")
     {
+        ulong key = (size + SmallPageSize - 1) & ~(SmallPageSize - 1);
         if (count <= 0)
         {
-            return;
+            return new DmaReservation(this, key, 0);
         }
 
-        ulong key = (size + SmallPageSize - 1) & ~(SmallPageSize - 1);
+        var reservation = new DmaReservation(this, key, count);
         var regions = new List<DmaRegion>(count);
+        bool filled = false;
         try
         {
             lock (_lock)
@@ -776,8 +786,11 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
 
             for (int i = 0; i < count; i++)
             {
-                regions.Add(Allocate(size, name)); // from the reserve when it already holds some (kept there)
+                // New regions: idle ones another owner reserved stay theirs (each owner's channels find their own).
+                regions.Add(Allocate(size, name, fromReserve: false));
             }
+
+            filled = true;
         }
         finally
         {
@@ -785,6 +798,80 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
             {
                 r.Dispose(); // into the reserve
             }
+
+            if (!filled)
+            {
+                reservation.Dispose();
+            }
+        }
+
+        return reservation;
+    }
+
+    /// <summary>Regions of <paramref name="key"/> bytes the reserve keeps, over every reservation (under the lock: a snapshot).</summary>
+    public int ReservedCount(ulong size)
+    {
+        ulong key = (size + SmallPageSize - 1) & ~(SmallPageSize - 1);
+        lock (_lock)
+        {
+            return _reserved.GetValueOrDefault(key);
+        }
+    }
+
+    /// <summary>Bytes of memory this space allocated that are still registered (in use or idle in the reserve).</summary>
+    public ulong AllocatedBytes
+    {
+        get
+        {
+            ulong sum = 0;
+            foreach (var r in Volatile.Read(ref _regions))
+            {
+                if (r.Owned)
+                {
+                    sum += r.Length;
+                }
+            }
+
+            return sum;
+        }
+    }
+
+    /// <summary>
+    /// A reservation goes: the reserve of its size shrinks by <paramref name="count"/>, and idle regions beyond the new
+    /// size are unmapped and freed (one at a time, none under the lock: a map elsewhere is not held up by all of them).
+    /// </summary>
+    internal void Unreserve(ulong key, int count)
+    {
+        List<CachedRegion>? idle = null;
+        lock (_lock)
+        {
+            int keep = Math.Max(0, _reserved.GetValueOrDefault(key) - count);
+            if (keep == 0)
+            {
+                _reserved.Remove(key);
+            }
+            else
+            {
+                _reserved[key] = keep;
+            }
+
+            if (_cache.TryGetValue(key, out var stack))
+            {
+                while (stack.Count > keep)
+                {
+                    (idle ??= new List<CachedRegion>()).Add(stack.Pop());
+                }
+
+                if (stack.Count == 0)
+                {
+                    _cache.Remove(key);
+                }
+            }
+        }
+
+        foreach (var c in idle ?? Enumerable.Empty<CachedRegion>())
+        {
+            Release(c.Va, c.Size, c.Fd);
         }
     }
 
@@ -834,11 +921,48 @@ public sealed unsafe class DmaSpace : IDmaMemoryListener
             }
         }
 
-        UnregisterDmaMemory(region.Va);
-        NvmeNative.munmap(region.Va, (nuint)region.Size);
-        if (region.Fd >= 0)
+        Release(region.Va, region.Size, region.Fd);
+    }
+
+    /// <summary>Unmaps (IOMMU, then the process mapping) and frees an owned region.</summary>
+    private void Release(nint va, ulong size, int fd)
+    {
+        UnregisterDmaMemory(va);
+        NvmeNative.munmap(va, (nuint)size);
+        if (fd >= 0)
         {
-            NvmeNative.close(region.Fd);
+            NvmeNative.close(fd);
+        }
+    }
+}
+
+/// <summary>
+/// One owner's share of a <see cref="DmaSpace"/>'s reserve (<see cref="DmaSpace.Reserve"/>). Dispose it when the owner
+/// goes, off the reactors (it may unmap): the reserve shrinks by its count. Disposing twice does nothing.
+/// </summary>
+public sealed class DmaReservation : IDisposable
+{
+    private readonly DmaSpace _space;
+    private int _disposed;
+
+    internal DmaReservation(DmaSpace space, ulong key, int count)
+    {
+        _space = space;
+        Size = key;
+        Count = count;
+    }
+
+    /// <summary>The size of each region (rounded up to 4 KiB).</summary>
+    public ulong Size { get; }
+
+    /// <summary>How many regions of <see cref="Size"/> the reserve keeps for this owner.</summary>
+    public int Count { get; }
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) == 0 && Count > 0)
+        {
+            _space.Unreserve(Size, Count);
         }
     }
 }

@@ -100,6 +100,7 @@ public sealed unsafe class NvmeController : IDisposable
     private readonly NvmeControllerOptions _opts;
     private readonly IDisposable? _owner;
     private readonly List<NvmeQueuePair> _ioQpairs = new();
+    private readonly List<DmaReservation> _reservations = new(); // channel memory kept mapped for this controller (under itself)
     private readonly bool[] _qidUsed;
     private NvmeQueuePair _admin = null!;
     private DmaRegion _adminBuf = null!;
@@ -839,9 +840,35 @@ public sealed unsafe class NvmeController : IDisposable
     /// <summary>
     /// Keeps the DMA memory of <paramref name="count"/> I/O queue pairs (default size) allocated and mapped, so that
     /// <see cref="CreateIoQueuePair"/> on a reactor makes no VFIO call (see <see cref="DmaSpace.Reserve"/>). Off the reactors.
+    /// Given back when the controller detaches (<see cref="Dispose"/>).
     /// </summary>
     public void ReserveIoQueueMemory(int count) =>
-        Dma.Reserve(NvmeQueuePair.DmaBytes(IoQueueEntries, PageSize), Math.Min(count, MaxIoQueuePairs), "vb-nvme-qpair");
+        ReserveDma(NvmeQueuePair.DmaBytes(IoQueueEntries, PageSize), Math.Min(count, MaxIoQueuePairs), "vb-nvme-qpair");
+
+    /// <summary>
+    /// Keeps <paramref name="count"/> regions of <paramref name="size"/> bytes of <see cref="Dma"/> mapped for this
+    /// controller's channels (<see cref="DmaSpace.Reserve"/>), until the controller detaches: <see cref="Dispose"/> gives
+    /// the reserve back, so a controller detached and attached again does not map its channel memory twice (the space
+    /// is shared by every controller of the process). Off the reactors.
+    /// </summary>
+    public void ReserveDma(ulong size, int count, string name)
+    {
+        var r = Dma.Reserve(size, count, name);
+        bool keep;
+        lock (_reservations)
+        {
+            keep = !_disposed;
+            if (keep)
+            {
+                _reservations.Add(r);
+            }
+        }
+
+        if (!keep)
+        {
+            r.Dispose(); // detached meanwhile
+        }
+    }
 
     public NvmeQueuePair CreateIoQueuePair(int entries = 0)
     {
@@ -1376,7 +1403,24 @@ public sealed unsafe class NvmeController : IDisposable
             FreeOrphans();
             _admin?.Dispose();
             _adminBuf?.Dispose();
+            ReleaseReservations();
             _owner?.Dispose();
+        }
+    }
+
+    /// <summary>The channel memory reserved for this controller goes back (idle regions are unmapped now, the rest when freed).</summary>
+    private void ReleaseReservations()
+    {
+        DmaReservation[] rs;
+        lock (_reservations)
+        {
+            rs = _reservations.ToArray();
+            _reservations.Clear();
+        }
+
+        foreach (var r in rs)
+        {
+            r.Dispose();
         }
     }
 }

@@ -559,6 +559,51 @@ public sealed partial class NvmeBdevTests : IAsyncLifetime
         Assert.Equal(0u, model.Read32(NvmeReg.Cc) & 1); // disabled on detach
     }
 
+    /// <summary>
+    /// The channel memory an attach reserves (a queue pair and bounce buffers per reactor, mapped in the space every
+    /// controller shares) goes back at detach: attach, detach, attach again maps no more than the first attach, and
+    /// after a detach nothing of the controller stays mapped.
+    /// </summary>
+    [Fact]
+    public async Task AttachDetachAttachDoesNotGrowTheDmaReserve()
+    {
+        ulong before = _space.AllocatedBytes;
+        int regionsBefore = _space.RegionCount;
+        var attached = new List<ulong>();
+        for (int round = 0; round < 2; round++)
+        {
+            await Attach();
+            using (var desc = _bdevs.Open("Nvme0n1", write: false))
+            {
+                nint buf = Alloc(512);
+                try
+                {
+                    Assert.True(await Io(desc, _rt.Main, (ch, cb) => ch.Read(desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null)));
+                }
+                finally
+                {
+                    Free(buf);
+                }
+            }
+
+            attached.Add(_space.AllocatedBytes);
+            Assert.True(attached[round] > before, "the attach mapped nothing: the test sees no reserve");
+            Assert.Equal(JsonValue.Create(true)!.ToJsonString(), (await Call("bdev_nvme_detach_controller", """{"name":"Nvme0"}"""))!.ToJsonString());
+
+            // The channels close on their reactors after the detach returns: wait (bounded) for the last one.
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+            while ((_space.AllocatedBytes != before || _space.RegionCount != regionsBefore) && DateTime.UtcNow < deadline)
+            {
+                await Task.Delay(20);
+            }
+
+            Assert.Equal(before, _space.AllocatedBytes);
+            Assert.Equal(regionsBefore, _space.RegionCount);
+        }
+
+        Assert.Equal(attached[0], attached[1]);
+    }
+
     /// <summary>bdev_nvme_set_options: timeout_us 50 ms (checked once a second), admin commands 5 s, the action.</summary>
     private Task<JsonNode?> SetTimeouts(string action) =>
         Call("bdev_nvme_set_options", $$"""{"timeout_us":50000,"timeout_admin_us":5000000,"action_on_timeout":"{{action}}"}""");

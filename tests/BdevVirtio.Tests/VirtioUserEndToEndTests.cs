@@ -135,6 +135,60 @@ public sealed partial class VirtioUserEndToEndTests : IAsyncLifetime
     }
 
     /// <summary>Writes, reads back and verifies patterns from every reactor concurrently; sizes from 512 B to 256 KiB (split at 128 KiB).</summary>
+    /// <summary>The queue each reactor's channel of <paramref name="ctrl"/> owns, sorted.</summary>
+    private static int[] ChannelQueues(VirtioUserController ctrl) =>
+        ctrl.SnapshotChannels().Select(c => ((VirtioUserChannel)c.Context).QueueIndex).OrderBy(q => q).ToArray();
+
+    /// <summary>Data written through <paramref name="d"/> (on reactor 1) is read back from <paramref name="backing"/>, the bdev behind the back end, at the same block.</summary>
+    private async Task AssertDataReachesBacking(BdevManager bdevs, BdevDesc d, string backing, int fill, ulong lba, int bytes)
+    {
+        using var w = new Buf(bytes);
+        using var m = new Buf(bytes);
+        w.Fill(fill);
+        Assert.True(await Write(R(1), d, w, lba));
+        using var mdesc = bdevs.Open(backing, false);
+        Assert.True(await Read(R(0), mdesc, m, lba));
+        Assert.True(m.Span.SequenceEqual(w.Span), $"the data written through the front end is not on {backing}");
+    }
+
+    /// <summary>A flush of the whole disk succeeds; an unmap of 64 blocks at 2048 zeroes them (malloc) and nothing past them.</summary>
+    private async Task FlushAndUnmap(BdevDesc d)
+    {
+        Assert.True(await Io(R(0), d, (ch, cb) => ch.Flush(d, 0, Blocks, cb, null)));
+        using var w = new Buf(65536);
+        using var rb = new Buf(65536);
+        w.Fill(5);
+        Assert.True(await Write(R(0), d, w, 2048));
+        Assert.True(await Io(R(0), d, (ch, cb) => ch.Unmap(d, 2048, 64, cb, null)));
+        Assert.True(await Read(R(0), d, rb, 2048));
+        Assert.True(rb.Span[..(64 * 512)].IndexOfAnyExcept((byte)0) < 0, "unmapped range is not zero on malloc");
+        Assert.True(rb.Span[(64 * 512)..].SequenceEqual(w.Span[(64 * 512)..]), "unmap touched blocks beyond its range");
+    }
+
+    /// <summary>I/O past the end is refused by the bdev layer, not sent.</summary>
+    private async Task AssertOutOfRangeRefused(BdevDesc d)
+    {
+        using var b = new Buf(4096);
+        await Assert.ThrowsAnyAsync<Exception>(() => Read(R(0), d, b, Blocks - 1));
+    }
+
+    /// <summary>
+    /// The test lets its channels go and closes its descriptor; detaching <paramref name="ctrlName"/> then removes
+    /// <paramref name="bdevName"/> and the controller, the back end's session ends, and a second detach is ENODEV.
+    /// </summary>
+    private async Task ReleaseAndDetach(Func<Task> release, BdevDesc desc, VhostController backEnd, VirtioBdevModule module, BdevManager bdevs, string ctrlName, string bdevName)
+    {
+        await release();
+        desc.Dispose();
+        Assert.Single(backEnd.Sessions);
+        await OnMain(() => module.DetachAsync(ctrlName));
+        Assert.Null(bdevs.Find(bdevName));
+        Assert.Empty(module.Controllers);
+        Assert.True(await WaitUntil(() => backEnd.Sessions.Count == 0), "the back end still has a session after detach");
+        var ex = await Assert.ThrowsAsync<RpcException>(() => OnMain(() => module.DetachAsync(ctrlName)));
+        Assert.Equal(-19, ex.Code);
+    }
+
     private async Task WriteReadVerify(BdevDesc d, int perReactor, int seed)
     {
         var rng = new Random(seed);
@@ -209,34 +263,16 @@ public sealed partial class VirtioUserEndToEndTests : IAsyncLifetime
             var release = await HoldChannels(desc);
 
             // Each reactor's channel owns its own queue.
-            var queues = bdev.Ctrl.SnapshotChannels().Select(c => ((VirtioBlkChannel)c.Context).QueueIndex).OrderBy(q => q).ToArray();
-            Assert.Equal([0, 1], queues);
+            Assert.Equal([0, 1], ChannelQueues(bdev.Ctrl));
 
             await WriteReadVerify(desc, perReactor: 40, seed: 1);
-
-            // The data really is in the malloc bdev behind the back end.
-            using (var w = new Buf(8192))
-            using (var m = new Buf(8192))
-            {
-                w.Fill(99);
-                Assert.True(await Write(R(1), desc, w, 100));
-                using var mdesc = bdevs.Open("Malloc0", false);
-                Assert.True(await Read(R(0), mdesc, m, 100));
-                Assert.True(m.Span.SequenceEqual(w.Span));
-            }
-
-            Assert.True(await Io(R(0), desc, (ch, cb) => ch.Flush(desc, 0, Blocks, cb, null)));
+            await AssertDataReachesBacking(bdevs, desc, "Malloc0", fill: 99, lba: 100, bytes: 8192);
+            await FlushAndUnmap(desc);
 
             using (var w = new Buf(65536))
             using (var rb = new Buf(65536))
             {
                 w.Fill(5);
-                Assert.True(await Write(R(0), desc, w, 2048));
-                Assert.True(await Io(R(0), desc, (ch, cb) => ch.Unmap(desc, 2048, 64, cb, null)));
-                Assert.True(await Read(R(0), desc, rb, 2048));
-                Assert.True(rb.Span[..(64 * 512)].IndexOfAnyExcept((byte)0) < 0, "unmapped range is not zero on malloc");
-                Assert.True(rb.Span[(64 * 512)..].SequenceEqual(w.Span[(64 * 512)..]), "unmap touched blocks beyond its range");
-
                 Assert.True(await Write(R(1), desc, w, 4096));
                 Assert.True(await Io(R(1), desc, (ch, cb) => ch.WriteZeroes(desc, 4096 + 8, 16, cb, null)));
                 Assert.True(await Read(R(1), desc, rb, 4096));
@@ -245,11 +281,7 @@ public sealed partial class VirtioUserEndToEndTests : IAsyncLifetime
                 Assert.True(rb.Span[(24 * 512)..].SequenceEqual(w.Span[(24 * 512)..]));
             }
 
-            // Out of range I/O is refused by the bdev layer, not sent.
-            using (var b = new Buf(4096))
-            {
-                await Assert.ThrowsAnyAsync<Exception>(() => Read(R(0), desc, b, Blocks - 1));
-            }
+            await AssertOutOfRangeRefused(desc);
 
             // The back end's statistics saw the traffic (bdev_get_iostat consistency).
             var virtioStats = bdev.GetStats();
@@ -257,14 +289,7 @@ public sealed partial class VirtioUserEndToEndTests : IAsyncLifetime
             Assert.True(virtioStats.NumWriteOps > 80 && virtioStats.NumReadOps > 80);
             Assert.True(mallocStats.NumWriteOps >= virtioStats.NumWriteOps, $"malloc saw {mallocStats.NumWriteOps} writes, virtio {virtioStats.NumWriteOps}");
 
-            await release();
-            desc.Dispose();
-            Assert.Single(ctrlr.Sessions);
-            await OnMain(() => module.DetachAsync("VirtioBlk0"));
-            Assert.Null(bdevs.Find("VirtioBlk0"));
-            Assert.True(await WaitUntil(() => ctrlr.Sessions.Count == 0), "the back end still has a session after detach");
-            var ex = await Assert.ThrowsAsync<RpcException>(() => OnMain(() => module.DetachAsync("VirtioBlk0")));
-            Assert.Equal(-19, ex.Code);
+            await ReleaseAndDetach(release, desc, ctrlr, module, bdevs, "VirtioBlk0", "VirtioBlk0");
         }
         catch
         {

@@ -69,21 +69,12 @@ public sealed partial class VirtioUserEndToEndTests
             var release = await HoldChannels(desc);
 
             // Each reactor's channel owns a request queue (2 and 3; 0 and 1 are the control and event queues).
-            var queues = t0.Ctrl.SnapshotChannels().Select(c => ((VirtioScsiChannel)c.Context).QueueIndex).OrderBy(q => q).ToArray();
-            Assert.Equal([2, 3], queues);
+            Assert.Equal([2, 3], ChannelQueues(t0.Ctrl));
 
             await WriteReadVerify(desc, perReactor: 40, seed: 7);
 
             // The data really is in the malloc bdevs behind the targets.
-            using (var w = new Buf(8192))
-            using (var m = new Buf(8192))
-            {
-                w.Fill(42);
-                Assert.True(await Write(R(1), desc, w, 100));
-                using var mdesc = bdevs.Open("Malloc0", false);
-                Assert.True(await Read(R(0), mdesc, m, 100));
-                Assert.True(m.Span.SequenceEqual(w.Span));
-            }
+            await AssertDataReachesBacking(bdevs, desc, "Malloc0", fill: 42, lba: 100, bytes: 8192);
 
             using (var desc3 = bdevs.Open("VirtioScsi0t3", true))
             using (var w = new Buf(16384))
@@ -99,24 +90,8 @@ public sealed partial class VirtioUserEndToEndTests
                 Assert.True(m.Span.SequenceEqual(w.Span));
             }
 
-            Assert.True(await Io(R(0), desc, (ch, cb) => ch.Flush(desc, 0, Blocks, cb, null)));
-
-            using (var w = new Buf(65536))
-            using (var rb = new Buf(65536))
-            {
-                w.Fill(5);
-                Assert.True(await Write(R(0), desc, w, 2048));
-                Assert.True(await Io(R(0), desc, (ch, cb) => ch.Unmap(desc, 2048, 64, cb, null)));
-                Assert.True(await Read(R(0), desc, rb, 2048));
-                Assert.True(rb.Span[..(64 * 512)].IndexOfAnyExcept((byte)0) < 0, "unmapped range is not zero on malloc");
-                Assert.True(rb.Span[(64 * 512)..].SequenceEqual(w.Span[(64 * 512)..]), "unmap touched blocks beyond its range");
-            }
-
-            // Out of range I/O is refused by the bdev layer, not sent.
-            using (var b = new Buf(4096))
-            {
-                await Assert.ThrowsAnyAsync<Exception>(() => Read(R(0), desc, b, Blocks - 1));
-            }
+            await FlushAndUnmap(desc);
+            await AssertOutOfRangeRefused(desc);
 
             var stats = t0.GetStats();
             Assert.True(stats.NumWriteOps > 80 && stats.NumReadOps > 80);
@@ -136,15 +111,7 @@ public sealed partial class VirtioUserEndToEndTests
                 Assert.True(await Write(R(0), desc, w, 7));
             }
 
-            await release();
-            desc.Dispose();
-            Assert.Single(ctrlr.Sessions);
-            await OnMain(() => module.DetachAsync("VirtioScsi0"));
-            Assert.Null(bdevs.Find("VirtioScsi0t0"));
-            Assert.Empty(module.Controllers);
-            Assert.True(await WaitUntil(() => ctrlr.Sessions.Count == 0), "the back end still has a session after detach");
-            var ex = await Assert.ThrowsAsync<RpcException>(() => OnMain(() => module.DetachAsync("VirtioScsi0")));
-            Assert.Equal(-19, ex.Code);
+            await ReleaseAndDetach(release, desc, ctrlr, module, bdevs, "VirtioScsi0", "VirtioScsi0t0");
         }
         catch
         {

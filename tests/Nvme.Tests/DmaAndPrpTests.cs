@@ -79,6 +79,69 @@ public unsafe class DmaAndPrpTests
     }
 
     [Fact]
+    public void DisposedReservationShrinksTheReserveAndUnmapsItsIdleRegions()
+    {
+        var mapper = new NarrowMapper();
+        var space = new DmaSpace(mapper);
+
+        // Two owners (two controllers on the shared container) reserve the same size.
+        var first = space.Reserve(3 * 4096, 2, "test-a");
+        var second = space.Reserve(3 * 4096, 1, "test-b");
+        Assert.Equal(3, mapper.Maps.Count);
+        Assert.Equal(3, space.ReservedCount(3 * 4096));
+        ulong each = space.AllocatedBytes / 3; // 12 KiB, or a 2 MiB hugepage where they are reserved
+        Assert.True(each >= 3 * 4096);
+        Assert.Equal(3 * each, space.AllocatedBytes);
+
+        // One region is in use when the first owner goes: the two idle ones beyond the remaining reserve (1) go now...
+        var inUse = space.Allocate(3 * 4096);
+        first.Dispose();
+        Assert.Equal(1, space.ReservedCount(3 * 4096));
+        Assert.Single(mapper.Unmaps);
+        Assert.Equal(2 * each, space.AllocatedBytes);
+        first.Dispose(); // twice: nothing more
+        Assert.Equal(1, space.ReservedCount(3 * 4096));
+
+        // ...the one in use is kept when freed only while the reserve wants it (it does: the second owner's one).
+        inUse.Dispose();
+        Assert.Equal(2, mapper.Unmaps.Count);
+        Assert.Equal(each, space.AllocatedBytes);
+
+        // The last owner goes: nothing stays mapped, and a later free of that size unmaps at once.
+        second.Dispose();
+        Assert.Equal(0, space.ReservedCount(3 * 4096));
+        Assert.Equal(3, mapper.Unmaps.Count);
+        Assert.Equal(0UL, space.AllocatedBytes);
+        Assert.Equal(0, space.RegionCount);
+        using (var later = space.Allocate(3 * 4096))
+        {
+        }
+
+        Assert.Equal(4, mapper.Unmaps.Count);
+        Assert.Equal(0UL, space.AllocatedBytes);
+    }
+
+    [Fact]
+    public void ReserveAgainAfterReleaseMapsNoMoreThanOneSet()
+    {
+        var mapper = new NarrowMapper();
+        var space = new DmaSpace(mapper);
+        ulong oneSet = 0;
+        for (int i = 0; i < 5; i++)
+        {
+            // Attach, detach: the reserve never holds more than one owner's set.
+            using var r = space.Reserve(4096, 4, "test-cycle");
+            Assert.Equal(4, space.ReservedCount(4096));
+            oneSet = i == 0 ? space.AllocatedBytes : oneSet;
+            Assert.Equal(oneSet, space.AllocatedBytes);
+            Assert.Equal(4, space.RegionCount);
+        }
+
+        Assert.Equal(0UL, space.AllocatedBytes);
+        Assert.Equal(mapper.Maps.Count, mapper.Unmaps.Count);
+    }
+
+    [Fact]
     public void WithoutReserveFreedMemoryIsUnmapped()
     {
         var mapper = new NarrowMapper();

@@ -7,7 +7,7 @@ namespace VhostBackend.TestShared;
 /// Keeps <c>depth</c> 4 KiB reads and writes (8 blocks of 512 bytes, alternating) in flight on one channel with a cached
 /// callback, over the first <c>spanBlocks</c> blocks, and measures what the reactor thread allocated meanwhile. Run it
 /// on a reactor; <see cref="Release"/> there too. A source file linked into the test projects that check the
-/// zero-allocation data path (Bdev, BdevRaid, BdevVbdev, Blob).
+/// zero-allocation data path (Bdev, BdevRaid, BdevVbdev, BdevVirtio, Blob).
 /// </summary>
 internal sealed class IoLoop
 {

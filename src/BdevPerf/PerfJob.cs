@@ -166,10 +166,17 @@ public sealed class PerfJob
     public long AllocatedBytes { get; private set; }
     public double ElapsedSeconds => (_measureEnd - _measureStart) / (double)Ticks.Frequency;
 
+    /// <summary>
+    /// Gets the job's I/O channel. Runs on the job's reactor, for every job before any starts: a channel's setup
+    /// allocates (its statistics, histograms, queues), and another job's setup on the same reactor inside this job's
+    /// window would be counted as its bytes per I/O.
+    /// </summary>
+    public void Open() => _channel ??= Desc.GetIoChannel();
+
     /// <summary>Starts the tasks. Runs on the job's reactor.</summary>
     public void Start()
     {
-        _channel = Desc.GetIoChannel();
+        Open();
         _measuring = _options.WarmupSeconds <= 0;
         _measureStart = Ticks.Now();
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
@@ -188,12 +195,24 @@ public sealed class PerfJob
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
     }
 
+    /// <summary>
+    /// Ends the measured window (time and bytes allocated) without stopping. Runs on the job's reactor, for every job
+    /// before any stops: a stopping job's teardown on the same reactor must not land in another job's window.
+    /// </summary>
+    public void EndMeasuring()
+    {
+        if (_measureEnd == 0)
+        {
+            _measureEnd = Ticks.Now();
+            AllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocStart;
+        }
+    }
+
     /// <summary>Stops issuing; the task completes when the last I/O is back. Runs on the job's reactor.</summary>
     public Task StopAsync()
     {
+        EndMeasuring();
         _stopping = true;
-        _measureEnd = Ticks.Now();
-        AllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocStart;
         _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         if (_inflight == 0)
         {

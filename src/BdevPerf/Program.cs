@@ -249,6 +249,11 @@ public static class Program
             Console.WriteLine(header);
         }
 
+        foreach (var j in jobs)
+        {
+            await j.Reactor.InvokeAsync(j.Open); // every channel made before any job's window opens
+        }
+
         var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
         foreach (var j in jobs)
         {
@@ -274,6 +279,11 @@ public static class Program
         if (perf.RemapMemoryMs > 0 && !cl.JsonOutput)
         {
             Console.WriteLine($"memory table re-sent {remaps} time(s) while measuring");
+        }
+
+        foreach (var j in jobs)
+        {
+            await j.Reactor.InvokeAsync(j.EndMeasuring); // every window closed before any job tears down
         }
 
         var drains = new List<Task>();

@@ -100,6 +100,13 @@ public abstract class Bdev
     /// </summary>
     public virtual bool AcceptsForwardedIo => false;
 
+    /// <summary>
+    /// The bdev's remap fast path for a new channel on the reactor of <paramref name="moduleChannel"/> (the module's
+    /// channel that <see cref="GetModuleChannel"/> gave it), or null (the default): see <see cref="BdevRemap"/>.
+    /// Called once per <see cref="BdevChannel"/>, off the I/O path.
+    /// </summary>
+    protected internal virtual BdevRemap? CreateRemap(IoChannel moduleChannel) => null;
+
     /// <summary>Module-specific part of bdev_get_bdevs.</summary>
     public virtual JsonObject? DriverSpecific() => null;
 

@@ -47,6 +47,9 @@ public sealed class BdevChannel
     private readonly int _forwardTypes; // bit (1 << type) per I/O type the module supports
     private readonly bool _forwardDataWhole; // no transfer limit, boundary or alignment: a read/write is never split or bounced
 
+    // This channel's bdev's remap fast path (Bdev.CreateRemap), null when it has none or its base cannot take it.
+    private readonly BdevRemap? _remap;
+
     /// <summary>Latency histogram (<see cref="BdevLatencyHistogram"/>), written only on this reactor.</summary>
     internal readonly long[] Latency = new long[BdevLatencyHistogram.Length];
 
@@ -72,6 +75,11 @@ public sealed class BdevChannel
             }
 
             _forwardDataWhole = bdev.MaxTransferBlocks == 0 && bdev.OptimalIoBoundaryBlocks == 0 && bdev.RequiredAlignment <= 1;
+        }
+
+        if (bdev.CreateRemap(_moduleChannel) is { } remap && remap.Base.TakesRemap(bdev) && remap.BaseDesc.Bdev == remap.Base.Bdev)
+        {
+            _remap = remap;
         }
 
         _poller = reactor.RegisterPoller("bdev_channel:" + bdev.Name, static c => ((BdevChannel)c!).Poll(), this);
@@ -181,6 +189,66 @@ public sealed class BdevChannel
         io.ModuleTag = 0;
         Outstanding++;
         bdev.Submit(_moduleChannel, io);
+        return true;
+    }
+
+    /// <summary>Whether this channel (a base) can take <paramref name="from"/>'s remapped reads and writes without
+    /// ever splitting or bouncing them (all fixed while the bdev is registered, see <see cref="Bdev.AcceptsForwardedIo"/>).</summary>
+    private bool TakesRemap(Bdev from) =>
+        _acceptsForward && _forwardDataWhole && from != Bdev && from.BlockSize == Bdev.BlockSize
+        && (_forwardTypes & ((1 << (int)BdevIoType.Read) | (1 << (int)BdevIoType.Write))) == ((1 << (int)BdevIoType.Read) | (1 << (int)BdevIoType.Write));
+
+    /// <summary>Whether this channel has a remap fast path (tests).</summary>
+    public bool HasRemap => _remap is not null;
+
+    /// <summary>
+    /// The remap fast path (<see cref="BdevRemap"/>): <paramref name="io"/>, checked and admitted on this channel,
+    /// goes to the base's module in this same pass at the offset the remap gives, as a forwarded I/O (the base's
+    /// completion comes back to this channel, <see cref="EndForward"/> counts it on the base and runs the remap's
+    /// hook). False when the remap says no or the base cannot take it now; nothing is changed then.
+    /// </summary>
+    private bool TryRemap(BdevRemap remap, BdevIo io)
+    {
+        var type = io.Type;
+        var target = remap.Base;
+        var desc = remap.BaseDesc;
+        var baseBdev = target.Bdev;
+        if (type is not (BdevIoType.Read or BdevIoType.Write) || baseBdev.Qos is not null || desc.IsClosed
+            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at, out var done))
+        {
+            return false;
+        }
+
+        ulong numBlocks = io.NumBlocks;
+        ulong count = baseBdev.BlockCount;
+        if (at > count || numBlocks > count - at)
+        {
+            done?.Invoke(io); // undo what the remap counted; the module's path decides again
+            io.ModuleTag = 0;
+            return false;
+        }
+
+        io.ForwardChannel = target;
+        io.ForwardSavedOffset = io.OffsetBlocks;
+        io.OffsetBlocks = at;
+        io.ForwardSavedTag = io.ModuleTag;
+        io.ModuleTag = 0;
+        if (done is not null)
+        {
+            io.ForwardDone = done;
+        }
+
+        target.Outstanding++;
+        _submitDepth++; // the base's inline completion is deferred on this channel like any other
+        try
+        {
+            baseBdev.Submit(target._moduleChannel, io);
+        }
+        finally
+        {
+            _submitDepth--;
+        }
+
         return true;
     }
 
@@ -383,6 +451,11 @@ public sealed class BdevChannel
 
     private void Dispatch(BdevIo io)
     {
+        if (_remap is { } remap && TryRemap(remap, io))
+        {
+            return;
+        }
+
         if (NeedsSplit(io, out _))
         {
             io.SplitNextOffset = io.OffsetBlocks;

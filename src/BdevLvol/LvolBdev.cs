@@ -71,6 +71,70 @@ public sealed class LvolBdev : Bdev.Bdev
 
     protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_lvs.IoDevice);
 
+    /// <summary>The remap fast path (<see cref="BdevRemap"/>): the caller's channel resolves the cluster map in its
+    /// own pass and submits straight to the base's module; everything else comes to <see cref="Submit"/>.</summary>
+    protected override BdevRemap? CreateRemap(IoChannel moduleChannel)
+    {
+        var ch = (LvsChannel)moduleChannel.Context;
+        return new LvolRemap(this, ch, _lvs.Desc);
+    }
+
+    /// <summary>
+    /// The fast path's decision, in the caller's pass (<see cref="LvolRemap"/>): a read within one cluster that a
+    /// blob up the backing chain has, or a write within one allocated cluster of a writable, not quiesced blob
+    /// (counted in <paramref name="ch"/>'s current generation, uncounted by the returned hook). Anything else
+    /// (first writes, zero reads, quiesced writes, I/O across clusters, read-only) is left to <see cref="Submit"/>.
+    /// </summary>
+    internal bool TryTranslate(LvsChannel ch, BdevIo io, out ulong at, out Action<BdevIo>? done)
+    {
+        done = null;
+        at = 0;
+        if (_clusterShift < 0)
+        {
+            return false;
+        }
+
+        ulong offset = io.OffsetBlocks;
+        ulong ci = offset >> _clusterShift;
+        ulong within = offset & (_blocksPerCluster - 1);
+        if (within + io.NumBlocks > _blocksPerCluster)
+        {
+            return false;
+        }
+
+        var blob = Lvol.Blob;
+        if (io.Type == BdevIoType.Read)
+        {
+            for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
+            {
+                uint c = b.ClusterAt(ci);
+                if (c != 0)
+                {
+                    at = ((ulong)c << _clusterShift) + within;
+                    return true;
+                }
+            }
+
+            return false;
+        }
+
+        if (Lvol.IsReadOnly || blob.IsFrozen)
+        {
+            return false;
+        }
+
+        uint wc = blob.ClusterAt(ci);
+        if (wc == 0)
+        {
+            return false;
+        }
+
+        ch.EnterFastWrite(io);
+        at = ((ulong)wc << _clusterShift) + within;
+        done = ch.ForwardedWriteDone;
+        return true;
+    }
+
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {
         var ch = (LvsChannel)moduleChannel.Context;
@@ -318,6 +382,13 @@ public sealed class LvsChannel
         io.ModuleTag = g;
         return g;
     }
+}
+
+/// <summary>An lvol bdev channel's remap fast path: <see cref="LvolBdev.TryTranslate"/> on this reactor's lvstore channel.</summary>
+internal sealed class LvolRemap(LvolBdev bdev, LvsChannel ch, BdevDesc baseDesc) : BdevRemap(baseDesc, ch.Base)
+{
+    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done) =>
+        bdev.TryTranslate(ch, io, out baseOffsetBlocks, out done);
 }
 
 /// <summary>The I/O device of one lvstore's base: its per-reactor context is the base channel.</summary>

@@ -138,6 +138,7 @@ public sealed class LvolBdev : Bdev.Bdev
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {
         var ch = (LvsChannel)moduleChannel.Context;
+        ch.ModuleIos++;
         var blob = Lvol.Blob;
         ulong ci, within;
         if (_clusterShift >= 0)
@@ -367,6 +368,10 @@ public sealed class LvsChannel
 
     internal readonly int[] InFlight = new int[2];
     internal int Generation;
+
+    /// <summary>I/Os of this store's lvols that came to the module's <see cref="LvolBdev"/> Submit on this reactor,
+    /// i.e. not resolved by the remap fast path in the caller's pass (tests and diagnostics; this reactor only).</summary>
+    public long ModuleIos { get; internal set; }
 
     /// <summary>A fast-path write forwarded in place (<see cref="BdevChannel.TryForward"/>) is uncounted here when
     /// the base gives it back (one delegate per channel, so the I/O carries only its generation, not the channel).</summary>

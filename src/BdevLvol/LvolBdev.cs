@@ -50,6 +50,9 @@ public sealed class LvolBdev : Bdev.Bdev
 
     public Lvol Lvol { get; }
 
+    /// <summary>The lvstore the lvol lives in.</summary>
+    internal LvsEntry Store => _lvs;
+
     /// <summary>Set when the bdev layer destructs the bdev: every descriptor was closed. An unregister that timed
     /// out leaves it false; the lvol's clusters must then not be freed (an opener may still do I/O to them).</summary>
     internal bool Destructed { get; private set; }

@@ -76,67 +76,8 @@ public sealed class LvolBdev : Bdev.Bdev
 
     /// <summary>The remap fast path (<see cref="BdevRemap"/>): the caller's channel resolves the cluster map in its
     /// own pass and submits straight to the base's module; everything else comes to <see cref="Submit"/>.</summary>
-    protected override BdevRemap? CreateRemap(IoChannel moduleChannel)
-    {
-        var ch = (LvsChannel)moduleChannel.Context;
-        return new LvolRemap(this, ch, _lvs.Desc);
-    }
-
-    /// <summary>
-    /// The fast path's decision, in the caller's pass (<see cref="LvolRemap"/>): a read within one cluster that a
-    /// blob up the backing chain has, or a write within one allocated cluster of a writable, not quiesced blob
-    /// (counted in <paramref name="ch"/>'s current generation, uncounted by the returned hook). Anything else
-    /// (first writes, zero reads, quiesced writes, I/O across clusters, read-only) is left to <see cref="Submit"/>.
-    /// </summary>
-    internal bool TryTranslate(LvsChannel ch, BdevIo io, out ulong at, out Action<BdevIo>? done)
-    {
-        done = null;
-        at = 0;
-        if (_clusterShift < 0)
-        {
-            return false;
-        }
-
-        ulong offset = io.OffsetBlocks;
-        ulong ci = offset >> _clusterShift;
-        ulong within = offset & (_blocksPerCluster - 1);
-        if (within + io.NumBlocks > _blocksPerCluster)
-        {
-            return false;
-        }
-
-        var blob = Lvol.Blob;
-        if (io.Type == BdevIoType.Read)
-        {
-            for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
-            {
-                uint c = b.ClusterAt(ci);
-                if (c != 0)
-                {
-                    at = ((ulong)c << _clusterShift) + within;
-                    return true;
-                }
-            }
-
-            return false;
-        }
-
-        if (Lvol.IsReadOnly || blob.IsFrozen)
-        {
-            return false;
-        }
-
-        uint wc = blob.ClusterAt(ci);
-        if (wc == 0)
-        {
-            return false;
-        }
-
-        ch.EnterFastWrite(io);
-        at = ((ulong)wc << _clusterShift) + within;
-        done = ch.ForwardedWriteDone;
-        return true;
-    }
+    protected override BdevRemap? CreateRemap(IoChannel moduleChannel) =>
+        _clusterShift >= 0 ? new LvolRemap(Lvol, (LvsChannel)moduleChannel.Context, _lvs.Desc, _clusterShift) : null;
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {
@@ -392,11 +333,58 @@ public sealed class LvsChannel
     }
 }
 
-/// <summary>An lvol bdev channel's remap fast path: <see cref="LvolBdev.TryTranslate"/> on this reactor's lvstore channel.</summary>
-internal sealed class LvolRemap(LvolBdev bdev, LvsChannel ch, BdevDesc baseDesc) : BdevRemap(baseDesc, ch.Base)
+/// <summary>
+/// An lvol bdev channel's remap fast path (<see cref="BdevRemap"/>), its decision made in the caller's pass: a read
+/// within one cluster that a blob up the backing chain has, or a write within one allocated cluster of a writable,
+/// not quiesced blob (counted in this reactor's <see cref="LvsChannel"/> generation, uncounted by the returned hook).
+/// Anything else (first writes, zero reads, quiesced writes, I/O across clusters, read-only) is left to
+/// <see cref="LvolBdev"/>'s Submit. The blob is read per I/O (a snapshot or inflate swaps what the lvol points at).
+/// </summary>
+internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int clusterShift) : BdevRemap(baseDesc, ch.Base)
 {
-    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done) =>
-        bdev.TryTranslate(ch, io, out baseOffsetBlocks, out done);
+    private readonly ulong _withinMask = (1UL << clusterShift) - 1;
+    private readonly Action<BdevIo> _writeDone = ch.ForwardedWriteDone;
+
+    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done)
+    {
+        done = null;
+        baseOffsetBlocks = 0;
+        ulong offset = io.OffsetBlocks;
+        ulong within = offset & _withinMask;
+        if (within + io.NumBlocks > _withinMask + 1)
+        {
+            return false;
+        }
+
+        ulong ci = offset >> clusterShift;
+        var blob = lvol.Blob;
+        if (io.Type == BdevIoType.Read)
+        {
+            // Past a parent's end the backing reads zeroes (the module does that), whatever the grandparent holds.
+            for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
+            {
+                uint c = b.ClusterAt(ci);
+                if (c != 0)
+                {
+                    baseOffsetBlocks = ((ulong)c << clusterShift) + within;
+                    return true;
+                }
+            }
+
+            return false;
+        }
+
+        uint wc;
+        if (blob.IsReadOnly || blob.IsFrozen || (wc = blob.ClusterAt(ci)) == 0)
+        {
+            return false;
+        }
+
+        ch.EnterFastWrite(io);
+        baseOffsetBlocks = ((ulong)wc << clusterShift) + within;
+        done = _writeDone;
+        return true;
+    }
 }
 
 /// <summary>The I/O device of one lvstore's base: its per-reactor context is the base channel.</summary>

@@ -41,6 +41,14 @@ public sealed class BdevChannel
     private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
 
+    /// <summary>This channel's I/Os done by the remap fast path (<see cref="TryRemap"/>): accounted once, here, and
+    /// counted in both bdevs' statistics (this bdev's <see cref="Bdev.GetStats"/> adds them to its own, the base's
+    /// adds those of every channel remapping into it).</summary>
+    internal BdevIoStats RemapStats;
+
+    /// <summary>Latency histogram of <see cref="RemapStats"/> (empty without a remap).</summary>
+    internal readonly long[] RemapLatency;
+
     // Forwarding into this channel's bdev (TryForward): what cannot change while the bdev exists, read once here so a
     // forward checks only what can (QoS, the descriptor, the size) and the I/O's own range and type.
     private readonly bool _acceptsForward;
@@ -80,6 +88,12 @@ public sealed class BdevChannel
         if (bdev.CreateRemap(_moduleChannel) is { } remap && remap.Base.TakesRemap(bdev) && remap.BaseDesc.Bdev == remap.Base.Bdev)
         {
             _remap = remap;
+            RemapLatency = new long[BdevLatencyHistogram.Length];
+            remap.Base.Bdev.AddRemapSource(this);
+        }
+        else
+        {
+            RemapLatency = [];
         }
 
         _poller = reactor.RegisterPoller("bdev_channel:" + bdev.Name, static c => ((BdevChannel)c!).Poll(), this);
@@ -229,6 +243,7 @@ public sealed class BdevChannel
         }
 
         io.ForwardChannel = target;
+        io.Remapped = true; // accounted once, in RemapStats, for both bdevs
         io.ForwardSavedOffset = io.OffsetBlocks;
         io.OffsetBlocks = at;
         io.ForwardSavedTag = io.ModuleTag;
@@ -257,9 +272,18 @@ public sealed class BdevChannel
     internal void EndForward(BdevIo io)
     {
         Outstanding--;
-        if (io.Status == BdevIoStatus.Success)
+        if (io.Remapped)
         {
-            Account(io, Reactor.Now - io.SubmitTicks);
+            // Counted for this bdev too when the caller's channel accounts it (RemapStats); a NoMemory is retried
+            // through the remapping bdev's module, as a forward or a regular I/O, and counted there.
+            if (io.Status == BdevIoStatus.NoMemory)
+            {
+                io.Remapped = false;
+            }
+        }
+        else if (io.Status == BdevIoStatus.Success)
+        {
+            Account(ref Stats, Latency, io, Reactor.Now - io.SubmitTicks);
         }
         else if (io.Status != BdevIoStatus.NoMemory)
         {
@@ -759,9 +783,20 @@ public sealed class BdevChannel
     {
         Outstanding--;
         bool success = io.Status == BdevIoStatus.Success;
-        if (success)
+        if (io.Remapped)
         {
-            Account(io, Reactor.Now - io.SubmitTicks);
+            if (success)
+            {
+                Account(ref RemapStats, RemapLatency, io, Reactor.Now - io.SubmitTicks);
+            }
+            else
+            {
+                RemapStats.NumErrors++;
+            }
+        }
+        else if (success)
+        {
+            Account(ref Stats, Latency, io, Reactor.Now - io.SubmitTicks);
         }
         else
         {
@@ -780,42 +815,42 @@ public sealed class BdevChannel
         }
     }
 
-    private void Account(BdevIo io, long ticks)
+    private static void Account(ref BdevIoStats stats, long[] latency, BdevIo io, long ticks)
     {
         long bytes = (long)io.Length;
         switch (io.Type)
         {
             case BdevIoType.Read:
-                Stats.NumReadOps++;
-                Stats.BytesRead += bytes;
-                Stats.ReadLatencyTicks += ticks;
-                Stats.MaxReadLatencyTicks = Math.Max(Stats.MaxReadLatencyTicks, ticks);
-                Stats.MinReadLatencyTicks = Stats.MinReadLatencyTicks == 0 ? ticks : Math.Min(Stats.MinReadLatencyTicks, ticks);
-                Latency[BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumReadOps++;
+                stats.BytesRead += bytes;
+                stats.ReadLatencyTicks += ticks;
+                stats.MaxReadLatencyTicks = Math.Max(stats.MaxReadLatencyTicks, ticks);
+                stats.MinReadLatencyTicks = stats.MinReadLatencyTicks == 0 ? ticks : Math.Min(stats.MinReadLatencyTicks, ticks);
+                latency[BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Write:
-                Stats.NumWriteOps++;
-                Stats.BytesWritten += bytes;
-                Stats.WriteLatencyTicks += ticks;
-                Stats.MaxWriteLatencyTicks = Math.Max(Stats.MaxWriteLatencyTicks, ticks);
-                Stats.MinWriteLatencyTicks = Stats.MinWriteLatencyTicks == 0 ? ticks : Math.Min(Stats.MinWriteLatencyTicks, ticks);
-                Latency[BdevLatencyHistogram.Buckets + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumWriteOps++;
+                stats.BytesWritten += bytes;
+                stats.WriteLatencyTicks += ticks;
+                stats.MaxWriteLatencyTicks = Math.Max(stats.MaxWriteLatencyTicks, ticks);
+                stats.MinWriteLatencyTicks = stats.MinWriteLatencyTicks == 0 ? ticks : Math.Min(stats.MinWriteLatencyTicks, ticks);
+                latency[BdevLatencyHistogram.Buckets + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Unmap:
-                Stats.NumUnmapOps++;
-                Stats.BytesUnmapped += bytes;
-                Stats.UnmapLatencyTicks += ticks;
-                Stats.MaxUnmapLatencyTicks = Math.Max(Stats.MaxUnmapLatencyTicks, ticks);
-                Stats.MinUnmapLatencyTicks = Stats.MinUnmapLatencyTicks == 0 ? ticks : Math.Min(Stats.MinUnmapLatencyTicks, ticks);
-                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumUnmapOps++;
+                stats.BytesUnmapped += bytes;
+                stats.UnmapLatencyTicks += ticks;
+                stats.MaxUnmapLatencyTicks = Math.Max(stats.MaxUnmapLatencyTicks, ticks);
+                stats.MinUnmapLatencyTicks = stats.MinUnmapLatencyTicks == 0 ? ticks : Math.Min(stats.MinUnmapLatencyTicks, ticks);
+                latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.WriteZeroes:
-                Stats.NumWriteZeroesOps++;
-                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumWriteZeroesOps++;
+                latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Flush:
-                Stats.NumFlushOps++;
-                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumFlushOps++;
+                latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
         }
     }
@@ -948,7 +983,16 @@ public sealed class BdevChannel
         Poll(); // deliver completions already deferred
         Reactor.UnregisterPoller(_poller);
         _moduleChannel.Release();
+        if (_remap is { } remap)
+        {
+            remap.Base.Bdev.RemoveRemapSource(this); // the base keeps what it was counted
+        }
+
         Bdev.RetireStats(ref Stats, Latency);
+        if (_remap is not null)
+        {
+            Bdev.RetireStats(ref RemapStats, RemapLatency);
+        }
         if (Outstanding > 0)
         {
             // Released with I/O in flight (a caller bug): keep bounce buffers alive rather than free memory a module may still write.

@@ -55,6 +55,31 @@ public class RemapTests
         var r2 = remap.GetStats();
         Assert.Equal((1L, 2L, 4096L, 8192L), (b.NumWriteOps, b.NumReadOps, b.BytesWritten, b.BytesRead)); // + the check read
         Assert.Equal((1L, 1L, 4096L, 4096L), (r2.NumWriteOps, r2.NumReadOps, r2.BytesWritten, r2.BytesRead));
+        Assert.Equal((2L, 1L), (Histogram(malloc, BdevLatencyClass.Read), Histogram(malloc, BdevLatencyClass.Write)));
+        Assert.Equal((1L, 1L), (Histogram(remap, BdevLatencyClass.Read), Histogram(remap, BdevLatencyClass.Write)));
+
+        // With the remapping channel open (its counts live, not retired) both bdevs see them as well.
+        var open = await kit.Main.InvokeAsync(async () =>
+        {
+            var ch = desc.GetIoChannel();
+            var tcs = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+            Assert.Equal(0, ch.Read(desc, dst.Split(0, 4096), 3, 8, (_, success, _) => tcs.SetResult(success), null));
+            bool done = await tcs.Task;
+            return (ch, done);
+        });
+        Assert.True(open.done);
+        Assert.Equal((3L, 2L), (malloc.GetStats().NumReadOps, remap.GetStats().NumReadOps));
+        Assert.Equal((3L, 2L), (Histogram(malloc, BdevLatencyClass.Read), Histogram(remap, BdevLatencyClass.Read)));
+        await kit.Main.InvokeAsync(() => BdevDesc.PutIoChannel(open.ch));
+        Assert.Equal((3L, 2L), (malloc.GetStats().NumReadOps, remap.GetStats().NumReadOps)); // retired, counted once
+        Assert.Equal((3L, 2L), (Histogram(malloc, BdevLatencyClass.Read), Histogram(remap, BdevLatencyClass.Read)));
+    }
+
+    private static long Histogram(Bdev bdev, BdevLatencyClass cls)
+    {
+        var buckets = new long[BdevLatencyHistogram.Buckets];
+        bdev.GetLatencyHistogram(cls, buckets);
+        return buckets.Sum();
     }
 
     [Fact]

@@ -218,8 +218,9 @@ public sealed class BdevChannel
     /// <summary>
     /// The remap fast path (<see cref="BdevRemap"/>): <paramref name="io"/>, checked and admitted on this channel,
     /// goes to the base's module in this same pass at the offset the remap gives, as a forwarded I/O (the base's
-    /// completion comes back to this channel, <see cref="EndForward"/> counts it on the base and runs the remap's
-    /// hook). False when the remap says no or the base cannot take it now; nothing is changed then.
+    /// completion comes back to this channel, <see cref="EndForward"/> restores the I/O and runs the remap's hook,
+    /// and the completion accounts it once, in <see cref="RemapStats"/>, which both bdevs' statistics include).
+    /// False when the remap says no or the base cannot take it now; nothing is changed then.
     /// </summary>
     private bool TryRemap(BdevRemap remap, BdevIo io)
     {

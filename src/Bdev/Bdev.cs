@@ -15,6 +15,7 @@ public abstract class Bdev
     private ulong _blockCount;
     private BdevIoStats _retiredStats;
     private readonly long[] _retiredLatency = new long[BdevLatencyHistogram.Length];
+    private readonly List<BdevChannel> _remapSources = new(); // channels of other bdevs remapping I/O into this one
 
     protected Bdev(string name, string productName, uint blockSize, ulong blockCount, Guid? uuid = null)
     {
@@ -100,6 +101,13 @@ public abstract class Bdev
     /// </summary>
     public virtual bool AcceptsForwardedIo => false;
 
+    /// <summary>
+    /// The bdev's remap fast path for a new channel on the reactor of <paramref name="moduleChannel"/> (the module's
+    /// channel that <see cref="GetModuleChannel"/> gave it), or null (the default): see <see cref="BdevRemap"/>.
+    /// Called once per <see cref="BdevChannel"/>, off the I/O path.
+    /// </summary>
+    protected internal virtual BdevRemap? CreateRemap(IoChannel moduleChannel) => null;
+
     /// <summary>Module-specific part of bdev_get_bdevs.</summary>
     public virtual JsonObject? DriverSpecific() => null;
 
@@ -153,6 +161,32 @@ public abstract class Bdev
         }
     }
 
+    /// <summary>A channel of another bdev now remaps I/O into this bdev (<see cref="BdevRemap"/>): its
+    /// <see cref="BdevChannel.RemapStats"/> count in this bdev's statistics too.</summary>
+    internal void AddRemapSource(BdevChannel channel)
+    {
+        lock (_lock)
+        {
+            _remapSources.Add(channel);
+        }
+    }
+
+    /// <summary>The remapping channel is closing: what it counted for this bdev stays in the retired total.</summary>
+    internal void RemoveRemapSource(BdevChannel channel)
+    {
+        lock (_lock)
+        {
+            if (_remapSources.Remove(channel))
+            {
+                _retiredStats.Add(channel.RemapStats);
+                for (int i = 0; i < _retiredLatency.Length; i++)
+                {
+                    _retiredLatency[i] += channel.RemapLatency[i];
+                }
+            }
+        }
+    }
+
     /// <summary>Moves a closing channel's counters into the retired total and zeroes them, atomically with respect to <see cref="GetStats"/>.</summary>
     internal void RetireStats(ref BdevIoStats stats, long[] latency)
     {
@@ -188,7 +222,17 @@ public abstract class Bdev
                 long n = _retiredLatency[from + i];
                 foreach (var ch in channels)
                 {
-                    n += Volatile.Read(ref ((BdevChannel)ch.Context).Latency[from + i]);
+                    var bc = (BdevChannel)ch.Context;
+                    n += Volatile.Read(ref bc.Latency[from + i]);
+                    if (bc.RemapLatency.Length != 0)
+                    {
+                        n += Volatile.Read(ref bc.RemapLatency[from + i]);
+                    }
+                }
+
+                foreach (var source in _remapSources)
+                {
+                    n += Volatile.Read(ref source.RemapLatency[from + i]);
                 }
 
                 buckets[i] += n;
@@ -220,7 +264,14 @@ public abstract class Bdev
             var total = _retiredStats;
             foreach (var ch in LayerDevice.SnapshotChannels())
             {
-                total.Add(((BdevChannel)ch.Context).Stats);
+                var bc = (BdevChannel)ch.Context;
+                total.Add(bc.Stats);
+                total.Add(bc.RemapStats); // zero without a remap
+            }
+
+            foreach (var source in _remapSources)
+            {
+                total.Add(source.RemapStats);
             }
 
             return total;

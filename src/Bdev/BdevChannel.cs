@@ -41,11 +41,22 @@ public sealed class BdevChannel
     private readonly List<AlignedBuffer> _bounceAll = new();
     internal BdevIoStats Stats;
 
+    /// <summary>This channel's I/Os done by the remap fast path (<see cref="TryRemap"/>): accounted once, here, and
+    /// counted in both bdevs' statistics (this bdev's <see cref="Bdev.GetStats"/> adds them to its own, the base's
+    /// adds those of every channel remapping into it).</summary>
+    internal BdevIoStats RemapStats;
+
+    /// <summary>Latency histogram of <see cref="RemapStats"/> (empty without a remap).</summary>
+    internal readonly long[] RemapLatency;
+
     // Forwarding into this channel's bdev (TryForward): what cannot change while the bdev exists, read once here so a
     // forward checks only what can (QoS, the descriptor, the size) and the I/O's own range and type.
     private readonly bool _acceptsForward;
     private readonly int _forwardTypes; // bit (1 << type) per I/O type the module supports
     private readonly bool _forwardDataWhole; // no transfer limit, boundary or alignment: a read/write is never split or bounced
+
+    // This channel's bdev's remap fast path (Bdev.CreateRemap), null when it has none or its base cannot take it.
+    private readonly BdevRemap? _remap;
 
     /// <summary>Latency histogram (<see cref="BdevLatencyHistogram"/>), written only on this reactor.</summary>
     internal readonly long[] Latency = new long[BdevLatencyHistogram.Length];
@@ -72,6 +83,17 @@ public sealed class BdevChannel
             }
 
             _forwardDataWhole = bdev.MaxTransferBlocks == 0 && bdev.OptimalIoBoundaryBlocks == 0 && bdev.RequiredAlignment <= 1;
+        }
+
+        if (bdev.CreateRemap(_moduleChannel) is { } remap && remap.Base.TakesRemap(bdev) && remap.BaseDesc.Bdev == remap.Base.Bdev)
+        {
+            _remap = remap;
+            RemapLatency = new long[BdevLatencyHistogram.Length];
+            remap.Base.Bdev.AddRemapSource(this);
+        }
+        else
+        {
+            RemapLatency = [];
         }
 
         _poller = reactor.RegisterPoller("bdev_channel:" + bdev.Name, static c => ((BdevChannel)c!).Poll(), this);
@@ -184,14 +206,85 @@ public sealed class BdevChannel
         return true;
     }
 
+    /// <summary>Whether this channel (a base) can take <paramref name="from"/>'s remapped reads and writes without
+    /// ever splitting or bouncing them (all fixed while the bdev is registered, see <see cref="Bdev.AcceptsForwardedIo"/>).</summary>
+    private bool TakesRemap(Bdev from) =>
+        _acceptsForward && _forwardDataWhole && from != Bdev && from.BlockSize == Bdev.BlockSize
+        && (_forwardTypes & ((1 << (int)BdevIoType.Read) | (1 << (int)BdevIoType.Write))) == ((1 << (int)BdevIoType.Read) | (1 << (int)BdevIoType.Write));
+
+    /// <summary>Whether this channel has a remap fast path (tests).</summary>
+    public bool HasRemap => _remap is not null;
+
+    /// <summary>
+    /// The remap fast path (<see cref="BdevRemap"/>): <paramref name="io"/>, checked and admitted on this channel,
+    /// goes to the base's module in this same pass at the offset the remap gives, as a forwarded I/O (the base's
+    /// completion comes back to this channel, <see cref="EndForward"/> restores the I/O and runs the remap's hook,
+    /// and the completion accounts it once, in <see cref="RemapStats"/>, which both bdevs' statistics include).
+    /// False when the remap says no or the base cannot take it now; nothing is changed then.
+    /// </summary>
+    private bool TryRemap(BdevRemap remap, BdevIo io)
+    {
+        var type = io.Type;
+        var target = remap.Base;
+        var desc = remap.BaseDesc;
+        var baseBdev = target.Bdev;
+        if (type is not (BdevIoType.Read or BdevIoType.Write) || baseBdev.Qos is not null || desc.IsClosed
+            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at, out var done))
+        {
+            return false;
+        }
+
+        ulong numBlocks = io.NumBlocks;
+        ulong count = baseBdev.BlockCount;
+        if (at > count || numBlocks > count - at)
+        {
+            done?.Invoke(io); // undo what the remap counted; the module's path decides again
+            io.ModuleTag = 0;
+            return false;
+        }
+
+        io.ForwardChannel = target;
+        io.Remapped = true; // accounted once, in RemapStats, for both bdevs
+        io.ForwardSavedOffset = io.OffsetBlocks;
+        io.OffsetBlocks = at;
+        io.ForwardSavedTag = io.ModuleTag;
+        io.ModuleTag = 0;
+        if (done is not null)
+        {
+            io.ForwardDone = done;
+        }
+
+        target.Outstanding++;
+        _submitDepth++; // the base's inline completion is deferred on this channel like any other
+        try
+        {
+            baseBdev.Submit(target._moduleChannel, io);
+        }
+        finally
+        {
+            _submitDepth--;
+        }
+
+        return true;
+    }
+
     /// <summary>A forwarded I/O (<see cref="TryForward"/>) came back from this channel's module: count it here and
     /// give it back to its own bdev's module.</summary>
     internal void EndForward(BdevIo io)
     {
         Outstanding--;
-        if (io.Status == BdevIoStatus.Success)
+        if (io.Remapped)
         {
-            Account(io, Reactor.Now - io.SubmitTicks);
+            // Counted for this bdev too when the caller's channel accounts it (RemapStats); a NoMemory is retried
+            // through the remapping bdev's module, as a forward or a regular I/O, and counted there.
+            if (io.Status == BdevIoStatus.NoMemory)
+            {
+                io.Remapped = false;
+            }
+        }
+        else if (io.Status == BdevIoStatus.Success)
+        {
+            Account(ref Stats, Latency, io, Reactor.Now - io.SubmitTicks);
         }
         else if (io.Status != BdevIoStatus.NoMemory)
         {
@@ -383,6 +476,11 @@ public sealed class BdevChannel
 
     private void Dispatch(BdevIo io)
     {
+        if (_remap is { } remap && TryRemap(remap, io))
+        {
+            return;
+        }
+
         if (NeedsSplit(io, out _))
         {
             io.SplitNextOffset = io.OffsetBlocks;
@@ -686,9 +784,20 @@ public sealed class BdevChannel
     {
         Outstanding--;
         bool success = io.Status == BdevIoStatus.Success;
-        if (success)
+        if (io.Remapped)
         {
-            Account(io, Reactor.Now - io.SubmitTicks);
+            if (success)
+            {
+                Account(ref RemapStats, RemapLatency, io, Reactor.Now - io.SubmitTicks);
+            }
+            else
+            {
+                RemapStats.NumErrors++;
+            }
+        }
+        else if (success)
+        {
+            Account(ref Stats, Latency, io, Reactor.Now - io.SubmitTicks);
         }
         else
         {
@@ -707,42 +816,42 @@ public sealed class BdevChannel
         }
     }
 
-    private void Account(BdevIo io, long ticks)
+    private static void Account(ref BdevIoStats stats, long[] latency, BdevIo io, long ticks)
     {
         long bytes = (long)io.Length;
         switch (io.Type)
         {
             case BdevIoType.Read:
-                Stats.NumReadOps++;
-                Stats.BytesRead += bytes;
-                Stats.ReadLatencyTicks += ticks;
-                Stats.MaxReadLatencyTicks = Math.Max(Stats.MaxReadLatencyTicks, ticks);
-                Stats.MinReadLatencyTicks = Stats.MinReadLatencyTicks == 0 ? ticks : Math.Min(Stats.MinReadLatencyTicks, ticks);
-                Latency[BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumReadOps++;
+                stats.BytesRead += bytes;
+                stats.ReadLatencyTicks += ticks;
+                stats.MaxReadLatencyTicks = Math.Max(stats.MaxReadLatencyTicks, ticks);
+                stats.MinReadLatencyTicks = stats.MinReadLatencyTicks == 0 ? ticks : Math.Min(stats.MinReadLatencyTicks, ticks);
+                latency[BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Write:
-                Stats.NumWriteOps++;
-                Stats.BytesWritten += bytes;
-                Stats.WriteLatencyTicks += ticks;
-                Stats.MaxWriteLatencyTicks = Math.Max(Stats.MaxWriteLatencyTicks, ticks);
-                Stats.MinWriteLatencyTicks = Stats.MinWriteLatencyTicks == 0 ? ticks : Math.Min(Stats.MinWriteLatencyTicks, ticks);
-                Latency[BdevLatencyHistogram.Buckets + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumWriteOps++;
+                stats.BytesWritten += bytes;
+                stats.WriteLatencyTicks += ticks;
+                stats.MaxWriteLatencyTicks = Math.Max(stats.MaxWriteLatencyTicks, ticks);
+                stats.MinWriteLatencyTicks = stats.MinWriteLatencyTicks == 0 ? ticks : Math.Min(stats.MinWriteLatencyTicks, ticks);
+                latency[BdevLatencyHistogram.Buckets + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Unmap:
-                Stats.NumUnmapOps++;
-                Stats.BytesUnmapped += bytes;
-                Stats.UnmapLatencyTicks += ticks;
-                Stats.MaxUnmapLatencyTicks = Math.Max(Stats.MaxUnmapLatencyTicks, ticks);
-                Stats.MinUnmapLatencyTicks = Stats.MinUnmapLatencyTicks == 0 ? ticks : Math.Min(Stats.MinUnmapLatencyTicks, ticks);
-                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumUnmapOps++;
+                stats.BytesUnmapped += bytes;
+                stats.UnmapLatencyTicks += ticks;
+                stats.MaxUnmapLatencyTicks = Math.Max(stats.MaxUnmapLatencyTicks, ticks);
+                stats.MinUnmapLatencyTicks = stats.MinUnmapLatencyTicks == 0 ? ticks : Math.Min(stats.MinUnmapLatencyTicks, ticks);
+                latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.WriteZeroes:
-                Stats.NumWriteZeroesOps++;
-                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumWriteZeroesOps++;
+                latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
             case BdevIoType.Flush:
-                Stats.NumFlushOps++;
-                Latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
+                stats.NumFlushOps++;
+                latency[(2 * BdevLatencyHistogram.Buckets) + BdevLatencyHistogram.BucketOf(ticks)]++;
                 break;
         }
     }
@@ -875,7 +984,16 @@ public sealed class BdevChannel
         Poll(); // deliver completions already deferred
         Reactor.UnregisterPoller(_poller);
         _moduleChannel.Release();
+        if (_remap is { } remap)
+        {
+            remap.Base.Bdev.RemoveRemapSource(this); // the base keeps what it was counted
+        }
+
         Bdev.RetireStats(ref Stats, Latency);
+        if (_remap is not null)
+        {
+            Bdev.RetireStats(ref RemapStats, RemapLatency);
+        }
         if (Outstanding > 0)
         {
             // Released with I/O in flight (a caller bug): keep bounce buffers alive rather than free memory a module may still write.

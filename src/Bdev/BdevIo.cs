@@ -62,6 +62,7 @@ public sealed class BdevIo
     internal object? ForwardSavedContext;
     internal long ForwardSavedTag;
     internal Action<BdevIo>? ForwardDone;
+    internal bool Remapped; // by the caller's channel's remap (BdevChannel.TryRemap): accounted in its RemapStats
 
     // Bounce buffer in use, if any.
     internal AlignedBuffer? BounceBuffer;
@@ -141,6 +142,7 @@ public sealed class BdevIo
         ForwardChannel = null;
         ForwardSavedContext = null;
         ForwardDone = null;
+        Remapped = false;
         SplitOutstanding = 0;
         SplitFailed = false;
         Status = BdevIoStatus.Pending;

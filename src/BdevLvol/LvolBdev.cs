@@ -50,6 +50,9 @@ public sealed class LvolBdev : Bdev.Bdev
 
     public Lvol Lvol { get; }
 
+    /// <summary>The lvstore the lvol lives in.</summary>
+    internal LvsEntry Store => _lvs;
+
     /// <summary>Set when the bdev layer destructs the bdev: every descriptor was closed. An unregister that timed
     /// out leaves it false; the lvol's clusters must then not be freed (an opener may still do I/O to them).</summary>
     internal bool Destructed { get; private set; }
@@ -71,9 +74,15 @@ public sealed class LvolBdev : Bdev.Bdev
 
     protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_lvs.IoDevice);
 
+    /// <summary>The remap fast path (<see cref="BdevRemap"/>): the caller's channel resolves the cluster map in its
+    /// own pass and submits straight to the base's module; everything else comes to <see cref="Submit"/>.</summary>
+    protected override BdevRemap? CreateRemap(IoChannel moduleChannel) =>
+        _clusterShift >= 0 ? new LvolRemap(Lvol, (LvsChannel)moduleChannel.Context, _lvs.Desc, _clusterShift) : null;
+
     protected override void Submit(IoChannel moduleChannel, BdevIo io)
     {
         var ch = (LvsChannel)moduleChannel.Context;
+        ch.ModuleIos++;
         var blob = Lvol.Blob;
         ulong ci, within;
         if (_clusterShift >= 0)
@@ -304,6 +313,10 @@ public sealed class LvsChannel
     internal readonly int[] InFlight = new int[2];
     internal int Generation;
 
+    /// <summary>I/Os of this store's lvols that came to the module's <see cref="LvolBdev"/> Submit on this reactor,
+    /// i.e. not resolved by the remap fast path in the caller's pass (tests and diagnostics; this reactor only).</summary>
+    public long ModuleIos { get; internal set; }
+
     /// <summary>A fast-path write forwarded in place (<see cref="BdevChannel.TryForward"/>) is uncounted here when
     /// the base gives it back (one delegate per channel, so the I/O carries only its generation, not the channel).</summary>
     internal readonly Action<BdevIo> ForwardedWriteDone;
@@ -317,6 +330,60 @@ public sealed class LvsChannel
         InFlight[g]++;
         io.ModuleTag = g;
         return g;
+    }
+}
+
+/// <summary>
+/// An lvol bdev channel's remap fast path (<see cref="BdevRemap"/>), its decision made in the caller's pass: a read
+/// within one cluster that a blob up the backing chain has, or a write within one allocated cluster of a writable,
+/// not quiesced blob (counted in this reactor's <see cref="LvsChannel"/> generation, uncounted by the returned hook).
+/// Anything else (first writes, zero reads, quiesced writes, I/O across clusters, read-only) is left to
+/// <see cref="LvolBdev"/>'s Submit. The blob is read per I/O (a snapshot or inflate swaps what the lvol points at).
+/// </summary>
+internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int clusterShift) : BdevRemap(baseDesc, ch.Base)
+{
+    private readonly ulong _withinMask = (1UL << clusterShift) - 1;
+    private readonly Action<BdevIo> _writeDone = ch.ForwardedWriteDone;
+
+    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done)
+    {
+        done = null;
+        baseOffsetBlocks = 0;
+        ulong offset = io.OffsetBlocks;
+        ulong within = offset & _withinMask;
+        if (within + io.NumBlocks > _withinMask + 1)
+        {
+            return false;
+        }
+
+        ulong ci = offset >> clusterShift;
+        var blob = lvol.Blob;
+        if (io.Type == BdevIoType.Read)
+        {
+            // Past a parent's end the backing reads zeroes (the module does that), whatever the grandparent holds.
+            for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
+            {
+                uint c = b.ClusterAt(ci);
+                if (c != 0)
+                {
+                    baseOffsetBlocks = ((ulong)c << clusterShift) + within;
+                    return true;
+                }
+            }
+
+            return false;
+        }
+
+        uint wc;
+        if (blob.IsReadOnly || blob.IsFrozen || (wc = blob.ClusterAt(ci)) == 0)
+        {
+            return false;
+        }
+
+        ch.EnterFastWrite(io);
+        baseOffsetBlocks = ((ulong)wc << clusterShift) + within;
+        done = _writeDone;
+        return true;
     }
 }
 

@@ -116,26 +116,31 @@ public sealed class NvmeVfioBenchmark(ITestOutputHelper output)
                     }
                 }
 
-                // Through vhost: vhostd (polling, core 0) serving the namespace to a virtio-user bdevperf (core 1), zero-copy.
-                var vh = await guest.ExecHostAsync(
-                    $"cd {repo}; mkdir -p /tmp/vs; rm -f /tmp/vs/vhost.bench /tmp/bb.sock; (./vhostd -m 0x1 -S /tmp/vs -r /tmp/vb.sock -c {vhostd} -L warning > /tmp/vbd.log 2>&1 &); "
-                    + "for i in $(seq 1 600); do [ -S /tmp/vs/vhost.bench ] && break; sleep 0.2; done; "
-                    + $"(./bdevperf --json {frontEnd} -z -r /tmp/bb.sock -s 32 -m 0x2 --output json > /tmp/bb.log 2>&1 &); "
-                    + "for i in $(seq 1 600); do [ -S /tmp/bb.sock ] && break; sleep 0.2; done; "
-                    + "for i in $(seq 1 600); do ./vhostctl -s /tmp/vb.sock --json call bdev_get_iostat '{\"name\": \"Nvme0n1\"}' | tr -d ' \\n' | grep -q '\"pending_maps\":0,\"failed_maps\":0' && break; sleep 0.5; done; "
-                    + $"./vhostctl -s /tmp/bb.sock -t 300 call perform_tests '{{\"workload_type\": \"randread\", \"queue_depth\": 32, \"io_size\": \"4096\", \"time_in_sec\": {Warmup}}}' > /dev/null; "
-                    + "echo '=== MEASURED'; "
-                    + $"./vhostctl -s /tmp/bb.sock -t 300 call perform_tests '{{\"workload_type\": \"randread\", \"queue_depth\": 1, \"io_size\": \"4096\", \"time_in_sec\": {secs}}}'; "
-                    + $"./vhostctl -s /tmp/bb.sock -t 300 call perform_tests '{{\"workload_type\": \"randread\", \"queue_depth\": 32, \"io_size\": \"4096\", \"time_in_sec\": {secs}}}'; "
-                    + "./vhostctl -s /tmp/vb.sock --json call bdev_get_iostat '{\"name\": \"Nvme0n1\"}' | tr -d ' \\n'; echo; "
-                    + "pkill -TERM -f '[B]devPerf.dll.*bb.sock'; sleep 1; pkill -TERM -f '[V]hostBackend.Daemon.dll'; sleep 2; echo '=== FE'; cat /tmp/bb.log",
-                    t);
-                Assert.True(vh.Succeeded, vh.ToString());
-                var runs = vh.Output[(vh.Output.IndexOf("=== FE", StringComparison.Ordinal) + 6)..];
-                var objs = SplitJsonObjects(runs);
-                Assert.True(objs.Count >= 3, "the vhost front end printed no results: " + vh.Output);
-                samples.Add(ParseBdevperf("vhost", 1, objs[^2])); // the first is the warm-up run
-                samples.Add(ParseBdevperf("vhost", 32, objs[^1]));
+                // Through vhost: vhostd (core 0) serving the namespace to a virtio-user bdevperf (core 1), zero-copy; both
+                // polling ("vhost": vhostd --reactor-mode poll, bdevperf's default), then both sleeping on eventfds
+                // ("vhost-intr"): with two polling processes both vCPUs spin and QEMU's device emulation shares the host's cores.
+                foreach (var (vhostConfig, mode) in new[] { ("vhost", "poll"), ("vhost-intr", "interrupt") })
+                {
+                    var vh = await guest.ExecHostAsync(
+                        $"cd {repo}; mkdir -p /tmp/vs; rm -f /tmp/vs/vhost.bench /tmp/bb.sock; (./vhostd -m 0x1 --reactor-mode {mode} -S /tmp/vs -r /tmp/vb.sock -c {vhostd} -L warning > /tmp/vbd.log 2>&1 &); "
+                        + "for i in $(seq 1 600); do [ -S /tmp/vs/vhost.bench ] && break; sleep 0.2; done; "
+                        + $"(./bdevperf --json {frontEnd} -z -r /tmp/bb.sock -s 32 -m 0x2 --reactor-mode {mode} --output json > /tmp/bb.log 2>&1 &); "
+                        + "for i in $(seq 1 600); do [ -S /tmp/bb.sock ] && break; sleep 0.2; done; "
+                        + "for i in $(seq 1 600); do ./vhostctl -s /tmp/vb.sock --json call bdev_get_iostat '{\"name\": \"Nvme0n1\"}' | tr -d ' \\n' | grep -q '\"pending_maps\":0,\"failed_maps\":0' && break; sleep 0.5; done; "
+                        + $"./vhostctl -s /tmp/bb.sock -t 300 call perform_tests '{{\"workload_type\": \"randread\", \"queue_depth\": 32, \"io_size\": \"4096\", \"time_in_sec\": {Warmup}}}' > /dev/null; "
+                        + "echo '=== MEASURED'; "
+                        + $"./vhostctl -s /tmp/bb.sock -t 300 call perform_tests '{{\"workload_type\": \"randread\", \"queue_depth\": 1, \"io_size\": \"4096\", \"time_in_sec\": {secs}}}'; "
+                        + $"./vhostctl -s /tmp/bb.sock -t 300 call perform_tests '{{\"workload_type\": \"randread\", \"queue_depth\": 32, \"io_size\": \"4096\", \"time_in_sec\": {secs}}}'; "
+                        + "./vhostctl -s /tmp/vb.sock --json call bdev_get_iostat '{\"name\": \"Nvme0n1\"}' | tr -d ' \\n'; echo; "
+                        + "pkill -TERM -f '[B]devPerf.dll.*bb.sock'; sleep 1; pkill -TERM -f '[V]hostBackend.Daemon.dll'; sleep 2; echo '=== FE'; cat /tmp/bb.log",
+                        t);
+                    Assert.True(vh.Succeeded, vh.ToString());
+                    var runs = vh.Output[(vh.Output.IndexOf("=== FE", StringComparison.Ordinal) + 6)..];
+                    var objs = SplitJsonObjects(runs);
+                    Assert.True(objs.Count >= 3, "the vhost front end printed no results: " + vh.Output);
+                    samples.Add(ParseBdevperf(vhostConfig, 1, objs[^2])); // the first is the warm-up run
+                    samples.Add(ParseBdevperf(vhostConfig, 32, objs[^1]));
+                }
             }
 
             var table = new StringBuilder();
@@ -159,6 +164,7 @@ public sealed class NvmeVfioBenchmark(ITestOutputHelper output)
             table.AppendLine($"  QD32 IOPS   ours-poll / kernel-irq {Ratio("ours-poll", "kernel-irq", 32, x => x.Iops)}, ours-poll / kernel-polled {Ratio("ours-poll", "kernel-polled", 32, x => x.Iops)}, ours-interrupt / kernel-irq {Ratio("ours-interrupt", "kernel-irq", 32, x => x.Iops)}");
             table.AppendLine($"  QD1 avg lat kernel-irq / ours-poll {Ratio("kernel-irq", "ours-poll", 1, x => x.AvgUs)}, kernel-polled / ours-poll {Ratio("kernel-polled", "ours-poll", 1, x => x.AvgUs)}, kernel-irq / ours-interrupt {Ratio("kernel-irq", "ours-interrupt", 1, x => x.AvgUs)}  (> 1: ours faster)");
             table.AppendLine($"  vhost hop   QD1 avg lat vhost / ours-poll {Ratio("vhost", "ours-poll", 1, x => x.AvgUs)}; QD32 IOPS vhost / ours-poll {Ratio("vhost", "ours-poll", 32, x => x.Iops)}");
+            table.AppendLine($"  vhost hop, interrupt mode   QD1 avg lat vhost-intr / ours-interrupt {Ratio("vhost-intr", "ours-interrupt", 1, x => x.AvgUs)}; QD32 IOPS vhost-intr / ours-interrupt {Ratio("vhost-intr", "ours-interrupt", 32, x => x.Iops)}; vhost-intr / vhost QD1 avg lat {Ratio("vhost-intr", "vhost", 1, x => x.AvgUs)}");
             var hop = samples.Where(x => x.Config == "vhost" && x.Qd == 1).Zip(samples.Where(x => x.Config == "ours-poll" && x.Qd == 1), (v, o) => v.AvgUs - o.AvgUs).ToList();
             table.AppendLine(CultureInfo.InvariantCulture, $"  vhost hop per I/O at QD1 (avg latency difference): {Median(hop):F1} us [{hop.Min():F1}-{hop.Max():F1}]");
             output.WriteLine(table.ToString());

@@ -22,9 +22,7 @@ public class LvolRemapTests
         await using var kit = new LvolKit();
         var malloc = new MallocBdev("M0", 16 * MiB / 512, 512);
         kit.Bdevs.Register(malloc);
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "M0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "t", size_in_mib = 1 });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/t")!;
+        var lvol = await CreateLvol(kit, "M0", "t");
         await using var module = await ModuleProbe.Hold(kit, lvol);
         var base0 = malloc.GetStats();
 
@@ -54,9 +52,7 @@ public class LvolRemapTests
     {
         await using var kit = new LvolKit();
         kit.Bdevs.Register(new MallocBdev("M0", 16 * MiB / 512, 512));
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "M0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "thin", size_in_mib = 1, thin_provision = true });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/thin")!;
+        var lvol = await CreateLvol(kit, "M0", "thin", thin: true);
         await using var module = await ModuleProbe.Hold(kit, lvol);
 
         Assert.Equal(new byte[4096], await kit.Read("lvs/thin", 2 * Cluster, 4096)); // nothing there: zeroes, by the module
@@ -78,9 +74,7 @@ public class LvolRemapTests
     {
         await using var kit = new LvolKit();
         kit.Bdevs.Register(new MallocBdev("M0", 16 * MiB / 512, 512));
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "M0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "t", size_in_mib = 1 });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/t")!;
+        var lvol = await CreateLvol(kit, "M0", "t");
         await using var module = await ModuleProbe.Hold(kit, lvol);
         var before = GoldenImages.Pattern("S", 0, 4096);
         Assert.True(await kit.Write("lvs/t", Cluster, before));
@@ -107,9 +101,7 @@ public class LvolRemapTests
         await using var kit = new LvolKit();
         var hold = new HoldingBdev("H0", 16 * MiB / 512);
         kit.Bdevs.Register(hold);
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "H0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "t", size_in_mib = 1 });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/t")!;
+        var lvol = await CreateLvol(kit, "H0", "t");
         await using var module = await ModuleProbe.Hold(kit, lvol);
 
         hold.HoldForwarded = true;
@@ -142,9 +134,7 @@ public class LvolRemapTests
     {
         await using var kit = new LvolKit();
         kit.Bdevs.Register(new MallocBdev("M0", 16 * MiB / 512, 512));
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "M0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "t", size_in_mib = 1 });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/t")!;
+        var lvol = await CreateLvol(kit, "M0", "t");
         await using var module = await ModuleProbe.Hold(kit, lvol);
 
         await kit.Call("bdev_lvol_resize", new { name = "lvs/t", size_in_mib = 2 });
@@ -173,9 +163,7 @@ public class LvolRemapTests
     {
         await using var kit = new LvolKit();
         kit.Bdevs.Register(new MallocBdev("M0", 16 * MiB / 512, 512));
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "M0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "t", size_in_mib = 1 });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/t")!;
+        var lvol = await CreateLvol(kit, "M0", "t");
         await using var module = await ModuleProbe.Hold(kit, lvol);
         await kit.Call("bdev_set_qos_limit", new { name = "lvs/t", rw_ios_per_sec = 1000 });
         using var desc = kit.Bdevs.Open("lvs/t", true);
@@ -200,9 +188,7 @@ public class LvolRemapTests
     {
         await using var kit = new LvolKit();
         kit.Bdevs.Register(new MallocBdev("M0", 16 * MiB / 512, 512));
-        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = "M0", lvs_name = "lvs", cluster_sz = Cluster });
-        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = "thin", size_in_mib = 1, thin_provision = true });
-        var lvol = (LvolBdev)kit.Bdevs.Find("lvs/thin")!;
+        var lvol = await CreateLvol(kit, "M0", "thin", thin: true);
         for (int c = 0; c < MiB / Cluster; c++)
         {
             Assert.True(await kit.Write("lvs/thin", (ulong)(c * Cluster), new byte[4096]));
@@ -234,6 +220,14 @@ public class LvolRemapTests
 
     /// <summary>Holds the main reactor's lvstore channel (so its count lives as long as the test) and reads how
     /// many I/Os came to the lvol module's Submit there.</summary>
+    /// <summary>An lvstore "lvs" (cluster <see cref="Cluster"/>) on <paramref name="baseName"/> and a 1 MiB lvol <paramref name="name"/> in it.</summary>
+    private static async Task<LvolBdev> CreateLvol(LvolKit kit, string baseName, string name, bool thin = false)
+    {
+        await kit.Call("bdev_lvol_create_lvstore", new { bdev_name = baseName, lvs_name = "lvs", cluster_sz = Cluster });
+        await kit.Call("bdev_lvol_create", new { lvs_name = "lvs", lvol_name = name, size_in_mib = 1, thin_provision = thin });
+        return (LvolBdev)kit.Bdevs.Find("lvs/" + name)!;
+    }
+
     private sealed class ModuleProbe : IAsyncDisposable
     {
         private readonly Reactor _reactor;

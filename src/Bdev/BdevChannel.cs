@@ -55,8 +55,13 @@ public sealed class BdevChannel
     private readonly int _forwardTypes; // bit (1 << type) per I/O type the module supports
     private readonly bool _forwardDataWhole; // no transfer limit, boundary or alignment: a read/write is never split or bounced
 
-    // This channel's bdev's remap fast path (Bdev.CreateRemap), null when it has none or its base cannot take it.
+    // This channel's bdev's remap fast path (Bdev.CreateRemap), null when it has none or its base cannot take it; and
+    // what TryRemap needs of it per I/O, read once here (no chain of loads per I/O).
     private readonly BdevRemap? _remap;
+    private readonly BdevChannel? _remapBase;
+    private readonly Bdev? _remapBaseBdev;
+    private readonly IoChannel? _remapBaseModule;
+    private readonly BdevDesc? _remapDesc;
 
     /// <summary>Latency histogram (<see cref="BdevLatencyHistogram"/>), written only on this reactor.</summary>
     internal readonly long[] Latency = new long[BdevLatencyHistogram.Length];
@@ -88,6 +93,10 @@ public sealed class BdevChannel
         if (bdev.CreateRemap(_moduleChannel) is { } remap && remap.Base.TakesRemap(bdev) && remap.BaseDesc.Bdev == remap.Base.Bdev)
         {
             _remap = remap;
+            _remapBase = remap.Base;
+            _remapBaseBdev = remap.Base.Bdev;
+            _remapBaseModule = remap.Base._moduleChannel;
+            _remapDesc = remap.BaseDesc;
             RemapLatency = new long[BdevLatencyHistogram.Length];
             remap.Base.Bdev.AddRemapSource(this);
         }
@@ -163,7 +172,7 @@ public sealed class BdevChannel
         // The module's consent, its supported types and its split/alignment limits were read when this channel was
         // made (they are fixed for an opted-in module, see Bdev.AcceptsForwardedIo); per I/O only what can change
         // is checked: QoS, the descriptor (closed, read-only), the size (a resize), and the I/O itself.
-        if (!_acceptsForward || (_forwardTypes & (1 << (int)type)) == 0 || bdev.Qos is not null || io.ForwardChannel is not null
+        if (!_acceptsForward || (_forwardTypes & (1 << (int)type)) == 0 || bdev.Qos is not null || io.ForwardChannel is not null || io.Remapped
             || desc.Bdev != bdev || desc.IsClosed || io.Channel == this || io.Channel.Bdev.BlockSize != bdev.BlockSize)
         {
             return false;
@@ -225,40 +234,38 @@ public sealed class BdevChannel
     private bool TryRemap(BdevRemap remap, BdevIo io)
     {
         var type = io.Type;
-        var target = remap.Base;
-        var desc = remap.BaseDesc;
-        var baseBdev = target.Bdev;
-        if (type is not (BdevIoType.Read or BdevIoType.Write) || baseBdev.Qos is not null || desc.IsClosed
-            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at, out var done))
+        var desc = _remapDesc!;
+        var baseBdev = _remapBaseBdev!;
+        if (type > BdevIoType.Write || baseBdev.Qos is not null || desc.IsClosed
+            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at, out bool done))
         {
             return false;
         }
 
-        ulong numBlocks = io.NumBlocks;
         ulong count = baseBdev.BlockCount;
-        if (at > count || numBlocks > count - at)
+        if (at > count || io.NumBlocks > count - at)
         {
-            done?.Invoke(io); // undo what the remap counted; the module's path decides again
+            if (done)
+            {
+                remap.Done(io); // undo what the remap counted; the module's path decides again
+            }
+
             io.ModuleTag = 0;
             return false;
         }
 
-        io.ForwardChannel = target;
+        // No reference is stored in the I/O (no GC write barrier): its base channel is this channel's remap's.
         io.Remapped = true; // accounted once, in RemapStats, for both bdevs
+        io.RemapDone = done;
         io.ForwardSavedOffset = io.OffsetBlocks;
         io.OffsetBlocks = at;
         io.ForwardSavedTag = io.ModuleTag;
         io.ModuleTag = 0;
-        if (done is not null)
-        {
-            io.ForwardDone = done;
-        }
-
-        target.Outstanding++;
+        _remapBase!.Outstanding++;
         _submitDepth++; // the base's inline completion is deferred on this channel like any other
         try
         {
-            baseBdev.Submit(target._moduleChannel, io);
+            baseBdev.Submit(_remapBaseModule!, io);
         }
         finally
         {
@@ -268,21 +275,29 @@ public sealed class BdevChannel
         return true;
     }
 
+    /// <summary>A remapped I/O (<see cref="TryRemap"/>) came back from the base's module: give it back its offset and
+    /// tag and run the remap's hook. A NoMemory is retried through this bdev's module, as a forward or a regular
+    /// I/O, and counted there.</summary>
+    private void EndRemap(BdevIo io)
+    {
+        _remapBase!.Outstanding--;
+        io.Remapped = io.Status != BdevIoStatus.NoMemory;
+        io.OffsetBlocks = io.ForwardSavedOffset;
+        io.ModuleContext = null; // the base module's, if it used it (a remap never does)
+        io.ModuleTag = io.ForwardSavedTag;
+        if (io.RemapDone)
+        {
+            io.RemapDone = false;
+            _remap!.Done(io);
+        }
+    }
+
     /// <summary>A forwarded I/O (<see cref="TryForward"/>) came back from this channel's module: count it here and
     /// give it back to its own bdev's module.</summary>
     internal void EndForward(BdevIo io)
     {
         Outstanding--;
-        if (io.Remapped)
-        {
-            // Counted for this bdev too when the caller's channel accounts it (RemapStats); a NoMemory is retried
-            // through the remapping bdev's module, as a forward or a regular I/O, and counted there.
-            if (io.Status == BdevIoStatus.NoMemory)
-            {
-                io.Remapped = false;
-            }
-        }
-        else if (io.Status == BdevIoStatus.Success)
+        if (io.Status == BdevIoStatus.Success)
         {
             Account(ref Stats, Latency, io, Reactor.Now - io.SubmitTicks);
         }
@@ -725,7 +740,11 @@ public sealed class BdevChannel
 
     private void Finish(BdevIo io)
     {
-        if (io.ForwardChannel is { } forwardedTo)
+        if (io.Remapped)
+        {
+            EndRemap(io);
+        }
+        else if (io.ForwardChannel is { } forwardedTo)
         {
             forwardedTo.EndForward(io);
         }

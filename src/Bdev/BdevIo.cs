@@ -62,7 +62,10 @@ public sealed class BdevIo
     internal object? ForwardSavedContext;
     internal long ForwardSavedTag;
     internal Action<BdevIo>? ForwardDone;
-    internal bool Remapped; // by the caller's channel's remap (BdevChannel.TryRemap): accounted in its RemapStats
+    // Remapped by the caller's channel's remap (BdevChannel.TryRemap): its base channel is that remap's, so no
+    // ForwardChannel is stored; accounted in the caller channel's RemapStats. RemapDone: the remap asked for its Done.
+    internal bool Remapped;
+    internal bool RemapDone;
 
     // Bounce buffer in use, if any.
     internal AlignedBuffer? BounceBuffer;
@@ -143,6 +146,7 @@ public sealed class BdevIo
         ForwardSavedContext = null;
         ForwardDone = null;
         Remapped = false;
+        RemapDone = false;
         SplitOutstanding = 0;
         SplitFailed = false;
         Status = BdevIoStatus.Pending;

@@ -35,10 +35,16 @@ public abstract class BdevRemap
     /// descriptor) and QoS, not yet split (it may cross the bdev's <see cref="Bdev.OptimalIoBoundaryBlocks"/>).
     /// Returns true when the whole range maps to <paramref name="baseOffsetBlocks"/> .. + <see cref="BdevIo.NumBlocks"/>
     /// of the base, contiguously; false (nothing changed) to let the module do it. On true the implementation may
-    /// have set <see cref="BdevIo.ModuleTag"/> and returned a <paramref name="done"/> hook: the layer calls it
-    /// exactly once with the tag restored, when the base gives the I/O back (before a NoMemory retry, which then goes
-    /// through the module, and before the caller's callback), or at once when it could not submit to the base after
-    /// all. Must not allocate, block or touch <see cref="BdevIo.ModuleContext"/>.
+    /// have set <see cref="BdevIo.ModuleTag"/> and asked for <see cref="Done"/> (<paramref name="done"/>): the layer
+    /// then calls it exactly once with the tag restored, when the base gives the I/O back (before a NoMemory retry,
+    /// which then goes through the module, and before the caller's callback), or at once when it could not submit
+    /// to the base after all. Must not allocate, block or touch <see cref="BdevIo.ModuleContext"/>.
     /// </summary>
-    public abstract bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done);
+    public abstract bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done);
+
+    /// <summary>The hook a <see cref="TryTranslate"/> that answered <c>done = true</c> gets, once per such I/O (e.g. the
+    /// write count a quiesce waits on). A virtual call, not a delegate stored in the I/O: no per-I/O reference store.</summary>
+    protected internal virtual void Done(BdevIo io)
+    {
+    }
 }

@@ -343,11 +343,10 @@ public sealed class LvsChannel
 internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int clusterShift) : BdevRemap(baseDesc, ch.Base)
 {
     private readonly ulong _withinMask = (1UL << clusterShift) - 1;
-    private readonly Action<BdevIo> _writeDone = ch.ForwardedWriteDone;
 
-    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done)
+    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
     {
-        done = null;
+        done = false;
         baseOffsetBlocks = 0;
         ulong offset = io.OffsetBlocks;
         ulong within = offset & _withinMask;
@@ -382,9 +381,12 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
 
         ch.EnterFastWrite(io);
         baseOffsetBlocks = ((ulong)wc << clusterShift) + within;
-        done = _writeDone;
+        done = true;
         return true;
     }
+
+    /// <summary>A remapped write is back (or was not submitted after all): uncount it from its generation.</summary>
+    protected override void Done(BdevIo io) => ch.InFlight[(int)io.ModuleTag]--;
 }
 
 /// <summary>The I/O device of one lvstore's base: its per-reactor context is the base channel.</summary>

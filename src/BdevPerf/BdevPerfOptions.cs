@@ -42,6 +42,10 @@ public sealed class BdevPerfCommandLine
           --remap-memory MS      (virtio-user bdevs) re-send the memory table every MS ms while the test runs,
                                  as QEMU does when a guest's memory changes: tests a back end's memory table
                                  changing under load (ours, not SPDK's)
+          --interleave MS        jobs take turns on their one reactor, MS ms each (e.g. -T base -T vbdev): each
+                                 job's IOPS over its own turns, and per job the median of its per-turn IOPS
+                                 ratio to the first job's turn just before (an A/B measured in one run, immune
+                                 to the host's slow drifts; ours, not SPDK's)
           -r, --rpc-socket PATH  also serve JSON-RPC (bdev_get_iostat etc.) while running
           -z                     set up, then wait: each perform_tests RPC runs a test (params time_in_sec,
                                  workload_type, queue_depth, io_size, rw_percentage override the command
@@ -135,6 +139,9 @@ public sealed class BdevPerfCommandLine
                     break;
                 case "--remap-memory":
                     o.Perf.RemapMemoryMs = ParseInt(a, Value(), 1, 3_600_000);
+                    break;
+                case "--interleave":
+                    o.Perf.InterleaveMs = ParseInt(a, Value(), 1, 60_000);
                     break;
                 case "-z":
                     o.WaitForTests = true;

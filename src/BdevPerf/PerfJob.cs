@@ -34,6 +34,9 @@ public sealed class PerfOptions
 
     /// <summary>While measuring, every virtio-user controller under test re-sends its memory table this often (0: never).</summary>
     public int RemapMemoryMs { get; set; }
+
+    /// <summary>--interleave: the jobs (all on one reactor) take turns of this many ms (0: all run at once).</summary>
+    public int InterleaveMs { get; set; }
 }
 
 /// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>
@@ -133,6 +136,15 @@ public sealed class PerfJob
     private long _allocStart;
     private TaskCompletionSource? _drained;
 
+    // --interleave: a paused job parks its tasks instead of issuing their next I/O; its time counts only while it runs.
+    private bool _paused;
+    private PerfTask[] _parked = [];
+    private int _parkedCount;
+    private long _turnStart;
+    private long _turnIos;
+    private long _activeTicks;
+    private double[] _turnIops = [];
+
     public PerfJob(BdevDesc desc, Reactor reactor, PerfOptions options, SharedMemoryArena? sharedMemory = null)
     {
         Desc = desc;
@@ -164,7 +176,18 @@ public sealed class PerfJob
     public long Miscompares { get; private set; }
     public long SubmitErrors { get; private set; }
     public long AllocatedBytes { get; private set; }
-    public double ElapsedSeconds => (_measureEnd - _measureStart) / (double)Ticks.Frequency;
+    public double ElapsedSeconds => (_options.InterleaveMs > 0 ? _activeTicks : _measureEnd - _measureStart) / (double)Ticks.Frequency;
+
+    /// <summary>--interleave: the IOPS of each whole measured turn, in order.</summary>
+    public ReadOnlySpan<double> TurnIops => _turnIops.AsSpan(0, TurnCount);
+
+    public int TurnCount { get; private set; }
+
+    /// <summary>--interleave: this job starts paused (every job but the first); set before <see cref="Start"/>.</summary>
+    public void StartPaused()
+    {
+        _paused = true;
+    }
 
     /// <summary>
     /// Gets the job's I/O channel. Runs on the job's reactor, for every job before any starts: a channel's setup
@@ -179,10 +202,58 @@ public sealed class PerfJob
         Open();
         _measuring = _options.WarmupSeconds <= 0;
         _measureStart = Ticks.Now();
+        if (_options.InterleaveMs > 0)
+        {
+            _parked = new PerfTask[_tasks.Length];
+            int turns = (int)Math.Ceiling((_options.Seconds + _options.WarmupSeconds + 2) * 1000 / _options.InterleaveMs) + 2;
+            _turnIops = new double[turns];
+            _turnStart = _measureStart;
+            _turnIos = 0;
+        }
+
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
         foreach (var t in _tasks)
         {
             Submit(t);
+        }
+    }
+
+    /// <summary>--interleave: ends this job's turn (its I/Os in flight complete and park). Runs on the job's reactor.</summary>
+    public void Pause(long now)
+    {
+        if (_paused)
+        {
+            return;
+        }
+
+        _paused = true;
+        if (_measuring && _measureEnd == 0)
+        {
+            _activeTicks += now - _turnStart;
+            double secs = (now - _turnStart) / (double)Ticks.Frequency;
+            if (TurnCount < _turnIops.Length && secs > 0)
+            {
+                _turnIops[TurnCount++] = (Ios - _turnIos) / secs;
+            }
+        }
+    }
+
+    /// <summary>--interleave: starts this job's turn, issuing the I/Os its tasks parked. Runs on the job's reactor.</summary>
+    public void Resume(long now)
+    {
+        if (!_paused)
+        {
+            return;
+        }
+
+        _paused = false;
+        _turnStart = now;
+        _turnIos = Ios;
+        while (_parkedCount > 0 && !_paused)
+        {
+            var t = _parked[--_parkedCount];
+            _parked[_parkedCount] = null!;
+            Submit(t, now);
         }
     }
 
@@ -192,6 +263,10 @@ public sealed class PerfJob
         _measuring = true;
         Ios = Bytes = 0;
         _measureStart = Ticks.Now();
+        _turnStart = _measureStart; // a turn under way counts from here
+        _turnIos = 0;
+        _activeTicks = 0;
+        TurnCount = 0;
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
     }
 
@@ -204,6 +279,11 @@ public sealed class PerfJob
         if (_measureEnd == 0)
         {
             _measureEnd = Ticks.Now();
+            if (!_paused)
+            {
+                _activeTicks += _measureEnd - _turnStart; // the turn cut short: its time counts, not as a turn
+            }
+
             AllocatedBytes = GC.GetAllocatedBytesForCurrentThread() - _allocStart;
         }
     }
@@ -260,6 +340,12 @@ public sealed class PerfJob
     {
         if (_stopping)
         {
+            return;
+        }
+
+        if (_paused)
+        {
+            _parked[_parkedCount++] = t;
             return;
         }
 
@@ -354,7 +440,7 @@ public sealed class PerfJob
         {
             Errors++;
         }
-        else if (_measuring)
+        else if (_measuring && !_paused)
         {
             Ios++;
             Bytes += _options.IoSize;

@@ -141,6 +141,7 @@ public static class Program
                     WarmupSeconds = cl.Perf.WarmupSeconds,
                     BufferOffset = cl.Perf.BufferOffset,
                     RemapMemoryMs = cl.Perf.RemapMemoryMs,
+                    InterleaveMs = cl.Perf.InterleaveMs,
                 };
                 try
                 {
@@ -254,6 +255,30 @@ public static class Program
             await j.Reactor.InvokeAsync(j.Open); // every channel made before any job's window opens
         }
 
+        Poller? turns = null;
+        if (perf.InterleaveMs > 0)
+        {
+            if (jobs.Count < 2 || jobs.Any(j => j.Reactor != jobs[0].Reactor))
+            {
+                throw new ArgumentException("--interleave: needs two or more jobs, all on one reactor (one core in -m, several -T)");
+            }
+
+            for (int i = 1; i < jobs.Count; i++)
+            {
+                jobs[i].StartPaused();
+            }
+
+            int current = 0;
+            turns = await jobs[0].Reactor.InvokeAsync(() => jobs[0].Reactor.RegisterPoller("bdevperf_interleave", _ =>
+            {
+                long now = Ticks.Now();
+                jobs[current].Pause(now);
+                current = (current + 1) % jobs.Count;
+                jobs[current].Resume(now);
+                return 1;
+            }, null, (ulong)perf.InterleaveMs * 1000));
+        }
+
         var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
         foreach (var j in jobs)
         {
@@ -284,6 +309,11 @@ public static class Program
         foreach (var j in jobs)
         {
             await j.Reactor.InvokeAsync(j.EndMeasuring); // every window closed before any job tears down
+        }
+
+        if (turns is not null)
+        {
+            await jobs[0].Reactor.InvokeAsync(() => jobs[0].Reactor.UnregisterPoller(turns));
         }
 
         var drains = new List<Task>();
@@ -333,6 +363,23 @@ public static class Program
         return n;
     }
 
+    private static double[] TurnRatios(PerfJob first, PerfJob job)
+    {
+        var a = first.TurnIops;
+        var b = job.TurnIops;
+        int n = Math.Min(a.Length, b.Length);
+        var r = new List<double>(n);
+        for (int k = 0; k < n; k++)
+        {
+            if (a[k] > 0)
+            {
+                r.Add(b[k] / a[k]);
+            }
+        }
+
+        return r.ToArray();
+    }
+
     private static int Report(BdevPerfCommandLine cl, PerfOptions perf, List<PerfJob> jobs, TimeSpan cpu)
     {
         double us(long ticks) => Ticks.ToMicroseconds(ticks);
@@ -369,7 +416,7 @@ public static class Program
                 }
             }
 
-            rows.Add(new JsonObject
+            var row = new JsonObject
             {
                 ["bdev"] = j.Desc.Bdev.Name,
                 ["core"] = j.Reactor.Core,
@@ -386,7 +433,27 @@ public static class Program
                 ["errors"] = j.Errors,
                 ["miscompares"] = j.Miscompares,
                 ["allocated_bytes"] = j.AllocatedBytes,
-            });
+            };
+            if (perf.InterleaveMs > 0 && j != jobs[0] && TurnRatios(jobs[0], j) is { Length: > 0 } ratios)
+            {
+                // Per pair of adjacent turns (this job's k-th and the first job's k-th), its IOPS over the first's.
+                Array.Sort(ratios);
+                double median = ratios.Length % 2 == 1 ? ratios[ratios.Length / 2] : (ratios[(ratios.Length / 2) - 1] + ratios[ratios.Length / 2]) / 2;
+                row["turns"] = j.TurnCount;
+                row["turn_ratio_to_first"] = new JsonObject
+                {
+                    ["median"] = Math.Round(median, 4),
+                    ["p10"] = Math.Round(ratios[ratios.Length / 10], 4),
+                    ["p90"] = Math.Round(ratios[ratios.Length * 9 / 10], 4),
+                    ["pairs"] = ratios.Length,
+                };
+                if (!cl.JsonOutput)
+                {
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {j.TurnCount} turns of {perf.InterleaveMs} ms; IOPS vs {jobs[0].Desc.Bdev.Name}'s adjacent turn: median {median:F4} [p10 {ratios[ratios.Length / 10]:F4}, p90 {ratios[ratios.Length * 9 / 10]:F4}]"));
+                }
+            }
+
+            rows.Add(row);
         }
 
         double allocPerIo = ios == 0 ? 0 : (double)allocated / ios;

@@ -229,16 +229,10 @@ public class RemapTests
 
         private sealed class Remap(RemapBdev owner, BdevChannel baseChannel) : BdevRemap(owner._base, baseChannel)
         {
-            private readonly Action<BdevIo> _done = io =>
-            {
-                Assert.Equal(42, io.ModuleTag); // the remap's tag comes back to its hook
-                owner.Done++;
-            };
-
-            public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out Action<BdevIo>? done)
+            public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
             {
                 baseOffsetBlocks = io.OffsetBlocks + owner._shift;
-                done = null;
+                done = false;
                 if (io.OffsetBlocks >= owner.RefuseFrom)
                 {
                     return false;
@@ -248,10 +242,16 @@ public class RemapTests
                 if (io.Type == BdevIoType.Write)
                 {
                     io.ModuleTag = 42;
-                    done = _done;
+                    done = true;
                 }
 
                 return true;
+            }
+
+            protected internal override void Done(BdevIo io)
+            {
+                Assert.Equal(42, io.ModuleTag); // the remap's tag comes back to its hook
+                owner.Done++;
             }
         }
 

@@ -26,7 +26,14 @@
 # polling reactor is descheduled for whole time slices, which is what a first write's cost then measures.
 # BDEVPERF=<a built VhostBackend.BdevPerf.dll> measures that build (e.g. an older one) instead of ./bdevperf.
 #
-# Usage: scripts/perf-lvol.sh [-t SECONDS] [-r ROUNDS] [-q QD] [-b "null malloc"] [-c "base thick ..."] [-p] [-o OUTDIR] [-i]
+# -I MS interleaves within each run instead: the configuration's JSON also creates "N1", a second base just like the
+# one measured as "base", and bdevperf runs both on the one reactor taking turns of MS ms (--interleave): the ratio
+# printed is the median over the run's adjacent turn pairs of the configuration's IOPS over N1's, then the median of
+# that over the rounds. Slow drifts of the host (the vCPUs moving between host cores) hit both alike; what is left
+# between runs is mostly each process's own JIT (tiered PGO) outcome, hence the rounds. "base" is then not run on its
+# own; thin-first and thick-seq run as without -I; -p is not taken with -I.
+#
+# Usage: scripts/perf-lvol.sh [-t SECONDS] [-r ROUNDS] [-q QD] [-b "null malloc"] [-c "base thick ..."] [-p] [-o OUTDIR] [-i] [-I MS]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 secs=3
@@ -37,7 +44,8 @@ bases="null"
 peer=0
 out=""
 mode=poll
-while getopts "t:r:q:b:c:po:ih" opt; do
+interleave=0
+while getopts "t:r:q:b:c:po:iI:h" opt; do
     case "$opt" in
         t) secs="$OPTARG" ;;
         r) rounds="$OPTARG" ;;
@@ -47,9 +55,15 @@ while getopts "t:r:q:b:c:po:ih" opt; do
         p) peer=1 ;;
         o) out="$OPTARG" ;;
         i) mode=interrupt ;;
+        I) interleave="$OPTARG" ;;
         *) sed -n '2,29p' "$0"; exit 0 ;;
     esac
 done
+
+if [ "$interleave" != 0 ] && [ "$peer" = 1 ]; then
+    echo "perf-lvol: -I and -p cannot be combined (SPDK's bdevperf has no --interleave)" >&2
+    exit 1
+fi
 
 work="$(mktemp -d /tmp/vb-lvol.XXXXXX)"
 out="${out:-$work}"
@@ -105,8 +119,12 @@ record() { # record ROUND BASE CONFIG WORKLOAD RESULT_JSON
     python3 - "$@" >> "$results" <<'PY'
 import json, sys
 r = json.loads(sys.argv[5])["total"]
-print(json.dumps({"round": int(sys.argv[1]), "base": sys.argv[2], "config": sys.argv[3], "workload": sys.argv[4], "iops": r["iops"],
-                  "cpu_us_per_io": r.get("cpu_us_per_io"), "bytes_per_io": r.get("allocated_bytes_per_io"), "errors": r["errors"]}))
+row = {"round": int(sys.argv[1]), "base": sys.argv[2], "config": sys.argv[3], "workload": sys.argv[4], "iops": r["iops"],
+       "cpu_us_per_io": r.get("cpu_us_per_io"), "bytes_per_io": r.get("allocated_bytes_per_io"), "errors": r["errors"]}
+if "turn_ratio" in r: # -I: measured against N1 in the same run, turn by turn
+    row["turn_ratio"] = r["turn_ratio"]
+    row["base_iops"] = r["base_iops"]
+print(json.dumps(row))
 PY
     tail -1 "$results"
 }
@@ -140,6 +158,17 @@ for round in $(seq 1 "$rounds"); do
             fi
             spec="$(config "$b" "${c#spdk-}")"
             target="${spec%%|*}"
+            il=0
+            if [ "$interleave" != 0 ]; then
+                case "$c" in
+                    base|null) continue ;; # the comparator N1 runs inside every other configuration's runs
+                    thin-first|thick-seq) ;;
+                    *) il=1
+                        cmp="$(config "$b" base)"
+                        spec="$target|${cmp#*|},${spec#*|}"
+                        spec="${spec/\"name\":\"N0\"/\"name\":\"N1\"}" ;; # the first N0 is the comparator's
+                esac
+            fi
             echo "{\"subsystems\":[{\"subsystem\":\"bdev\",\"config\":[${spec#*|}]}]}" > "$work/$b-$c.json"
             case "$c" in
                 thick-seq|thin-first) runs="write:1m:4:0" ;;
@@ -153,6 +182,13 @@ for round in $(seq 1 "$rounds"); do
                 IFS=: read -r w o q warm <<< "$run"
                 if [[ "$c" == spdk-* ]]; then
                     res="$(spdk_run "$work/$b-$c.json" "$target" "$w")"
+                elif [ "$il" = 1 ]; then
+                    res="$("${ours[@]}" -c "$work/$b-$c.json" -T N1 -T "$target" -q "$q" -o "$o" -w "$w" -t "$secs" -W "$warm" -m 0x1 --reactor-mode "$mode" --interleave "$interleave" --output json)"
+                    res="$(python3 -c '
+import json, sys
+d = json.loads(sys.argv[1]); j = d["jobs"][1]; t = d["total"]
+print(json.dumps({"total": {"iops": j["iops"], "cpu_us_per_io": None, "allocated_bytes_per_io": t["allocated_bytes_per_io"], "errors": t["errors"],
+                            "turn_ratio": j["turn_ratio_to_first"]["median"], "base_iops": d["jobs"][0]["iops"]}}))' "$res")"
                 else
                     res="$("${ours[@]}" -c "$work/$b-$c.json" -T "$target" -q "$q" -o "$o" -w "$w" -t "$secs" -W "$warm" -m 0x1 --reactor-mode "$mode" --output json)"
                 fi
@@ -181,7 +217,10 @@ print("\nbase    config      workload   median IOPS  cpu us/IO  bytes/IO  ratio 
 for (b, c, w), rs in by.items():
     base = base_of(b, c)
     ratios = []
-    for r in rs:
+    if all("turn_ratio" in r for r in rs):
+        ratios = [r["turn_ratio"] for r in rs]
+        base = "N1 (same run, turn by turn)"
+    for r in rs if not ratios else []:
         x = [y for y in rows if y["base"] == b and y["config"] == base and y["workload"] == w and y["round"] == r["round"]]
         if base and x and x[0]["iops"] > 0:
             ratios.append(r["iops"] / x[0]["iops"])

@@ -251,6 +251,14 @@ public abstract class Bdev
                 n += ((BdevChannel)ch.Context).Outstanding;
             }
 
+            lock (_lock)
+            {
+                foreach (var source in _remapSources)
+                {
+                    n += source.RemapOutstanding; // remapped into this bdev: counted on the caller's channel
+                }
+            }
+
             return n;
         }
     }

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using VhostBackend.Platform;
 using VhostBackend.Reactors;
@@ -58,7 +59,6 @@ public sealed class BdevChannel
     // This channel's bdev's remap fast path (Bdev.CreateRemap), null when it has none or its base cannot take it; and
     // what TryRemap needs of it per I/O, read once here (no chain of loads per I/O).
     private readonly BdevRemap? _remap;
-    private readonly BdevChannel? _remapBase;
     private readonly Bdev? _remapBaseBdev;
     private readonly IoChannel? _remapBaseModule;
     private readonly BdevDesc? _remapDesc;
@@ -93,7 +93,6 @@ public sealed class BdevChannel
         if (bdev.CreateRemap(_moduleChannel) is { } remap && remap.Base.TakesRemap(bdev) && remap.BaseDesc.Bdev == remap.Base.Bdev)
         {
             _remap = remap;
-            _remapBase = remap.Base;
             _remapBaseBdev = remap.Base.Bdev;
             _remapBaseModule = remap.Base._moduleChannel;
             _remapDesc = remap.BaseDesc;
@@ -115,6 +114,10 @@ public sealed class BdevChannel
 
     /// <summary>I/Os submitted and not yet completed to their callers.</summary>
     public int Outstanding { get; private set; }
+
+    /// <summary>Of <see cref="Outstanding"/>, the I/Os remapped into the base (its <see cref="Bdev.QueueDepth"/> counts
+    /// them; kept here, on the caller's channel, so a remapped I/O touches nothing of the base's channel).</summary>
+    internal int RemapOutstanding;
 
     public int PoolSize { get; }
     public int FreeIoCount => _freeCount;
@@ -261,7 +264,7 @@ public sealed class BdevChannel
         io.OffsetBlocks = at;
         io.ForwardSavedTag = io.ModuleTag;
         io.ModuleTag = 0;
-        _remapBase!.Outstanding++;
+        RemapOutstanding++;
         _submitDepth++; // the base's inline completion is deferred on this channel like any other
         try
         {
@@ -280,7 +283,7 @@ public sealed class BdevChannel
     /// I/O, and counted there.</summary>
     private void EndRemap(BdevIo io)
     {
-        _remapBase!.Outstanding--;
+        RemapOutstanding--;
         io.Remapped = io.Status != BdevIoStatus.NoMemory;
         io.OffsetBlocks = io.ForwardSavedOffset;
         io.ModuleContext = null; // the base module's, if it used it (a remap never does)

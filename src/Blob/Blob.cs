@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
 using System.Text;
 
 namespace VhostBackend.Blob;
@@ -119,6 +120,7 @@ public sealed class Blob
     }
 
     /// <summary>The device cluster behind blob cluster <paramref name="index"/> (0: not allocated).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)] // the lvol remap's per-I/O lookup
     public uint ClusterAt(ulong index) => index < (ulong)Clusters.Length ? Clusters[index] : 0;
 
     /// <summary>A first-write allocation being committed: the md written names <see cref="PendingCluster"/> at

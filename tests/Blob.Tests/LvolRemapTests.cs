@@ -109,6 +109,8 @@ public class LvolRemapTests
         var w1 = kit.Write("lvs/t", 2 * Cluster, first);
         await WaitFor(() => Task.FromResult(hold.HeldCount == 1));
         Assert.Equal(0, await module.Ios()); // the held write was resolved in the caller's pass
+        Assert.Equal(1, hold.QueueDepth); // the base's queue depth counts the I/O remapped into it
+        Assert.Equal(1, lvol.QueueDepth);
         var snapshot = kit.Call("bdev_lvol_snapshot", new { lvol_name = "lvs/t", snapshot_name = "s" });
         await Task.Delay(300);
         Assert.False(snapshot.IsCompleted, "the snapshot did not wait for the write in flight");

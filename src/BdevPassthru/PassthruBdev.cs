@@ -32,11 +32,26 @@ public sealed class PassthruBdev : Bdev.Bdev
 
     protected override void Submit(IoChannel moduleChannel, BdevIo io) => ((BaseForwarder)moduleChannel.Context).Forward(io);
 
+    /// <summary>Reads and writes resolved in the caller's pass (<see cref="BdevRemap"/>): the same blocks of the base, so
+    /// a passthru costs its caller no second pass through the bdev layer. The layer takes the remap only over a base
+    /// that accepts forwarded I/O and never splits or bounces; everything else comes to <see cref="Submit"/>.</summary>
+    protected override BdevRemap? CreateRemap(IoChannel moduleChannel) => new Identity(_base, ((BaseForwarder)moduleChannel.Context).Base);
+
     /// <summary>SPDK's dump_info_json: <c>{"passthru": {"name", "base_bdev_name"}}</c>.</summary>
     public override JsonObject DriverSpecific() => new()
     {
         ["passthru"] = new JsonObject { ["name"] = Name, ["base_bdev_name"] = _base.Bdev.Name },
     };
+
+    private sealed class Identity(BdevDesc baseDesc, BdevChannel baseChannel) : BdevRemap(baseDesc, baseChannel)
+    {
+        public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
+        {
+            baseOffsetBlocks = io.OffsetBlocks;
+            done = false;
+            return true;
+        }
+    }
 
     private sealed class Channels : IoDevice
     {

@@ -33,12 +33,23 @@ public class VbdevCommonTests
         new Random(module.Length).NextBytes(src.Span);
 
         // A write through the vbdev (two segments) lands on the base; a read through it returns it.
-        Assert.Equal((0, BdevIoStatus.Success), await kit.Io(desc, (ch, cb) => ch.Write(desc, src.Iov(0, 1000, 3096), 16, 8, cb, null)));
+        bool remap = false;
+        Assert.Equal((0, BdevIoStatus.Success), await kit.Io(desc, (ch, cb) =>
+        {
+            remap = ch.HasRemap;
+            return ch.Write(desc, src.Iov(0, 1000, 3096), 16, 8, cb, null);
+        }));
         Assert.Equal((0, BdevIoStatus.Success), await kit.Io(baseDesc, (ch, cb) => ch.Read(baseDesc, dst.Whole(), 16, 8, cb, null)));
         Assert.True(src.Span.SequenceEqual(dst.Span));
         dst.Span.Clear();
         Assert.Equal((0, BdevIoStatus.Success), await kit.Io(desc, (ch, cb) => ch.Read(desc, dst.Iov(0, 512, 3584), 16, 8, cb, null)));
         Assert.True(src.Span.SequenceEqual(dst.Span));
+
+        // Passthru over malloc resolves reads and writes in the caller's pass (a remap); delay and error act at the
+        // base's completion and keep their own pass. Either way both bdevs' statistics count the I/O.
+        Assert.Equal(module == "passthru", remap);
+        Assert.Equal((1L, 1L), (vbdev.GetStats().NumWriteOps, vbdev.GetStats().NumReadOps));
+        Assert.Equal((1L, 2L), (malloc.GetStats().NumWriteOps, malloc.GetStats().NumReadOps));
 
         // Write zeroes, unmap and flush are forwarded too (malloc zeroes unmapped blocks).
         Assert.Equal((0, BdevIoStatus.Success), await kit.Io(desc, (ch, cb) => ch.WriteZeroes(desc, 16, 4, cb, null)));

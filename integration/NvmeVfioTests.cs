@@ -203,7 +203,7 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             // Each stage is its own guest command under `timeout`, so a stage that hangs still shows what it printed.
             run = await guest.ExecHostAsync(
                 $"cd {GuestImage.RepoRoot}; mkdir -p /tmp/vs; ({zeroCopy}./vhostd -m 0x1 -S /tmp/vs -r /tmp/vd.sock -c {vhostdConfig} -L warning > /tmp/vd.log 2>&1; echo \"vhostd exit $?\" >> /tmp/vd.log) & "
-                + "for i in $(seq 1 600); do [ -S /tmp/vs/vhost.nvme ] && break; sleep 0.2; done; "
+                + WaitForSocket("/tmp/vs/vhost.nvme", 600)
                 + $"(timeout -s KILL 400 ./bdevperf --json {frontEndConfig} -s 32 -q 16 -o 4096 -w verify -t 60 -m 0x2 > /tmp/bp.log 2>&1; echo \"bdevperf exit $?\" >> /tmp/bp.log) & bp=$!; "
                 + $"timeout -s KILL 400 dotnet {dll} --rpc-reset-check /tmp/vd.sock --ctrl Nvme0 --bdev-name Nvme0n1 --rounds 4 --window-ms 3000; echo \"tool exit $?\"; "
                 + "wait $bp; echo '--- verify run'; cat /tmp/bp.log",
@@ -212,10 +212,10 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
             string stage2 = await RunStage(guest, output.WriteLine, "idle sleep and QD1 through vhost",
                 // Reported, not asserted (issue 14's numbers): the bounce counters after the verify run, the reactor's
                 // sleep count across 5 idle seconds, and a QD1 run through vhost.
-                $"cd {GuestImage.RepoRoot}; echo '--- iostat after verify'; {Vctl} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}'; "
+                $"cd {GuestImage.RepoRoot}; echo '--- iostat after verify'; {Iostat(Vctl, "Nvme0n1")}; "
                 + $"echo '--- reactors (idle start)'; {Vctl} framework_get_reactors; sleep 5; echo '--- reactors (after 5 s idle)'; {Vctl} framework_get_reactors; "
                 + $"timeout -s KILL 200 ./bdevperf --json {frontEndConfig} -s 32 -q 1 -o 4096 -w randread -t 10 -m 0x2 > /tmp/bp1.log 2>&1; echo \"bdevperf qd1 exit $?\" >> /tmp/bp1.log; "
-                + $"echo '--- iostat after QD1'; {Vctl} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}'; echo '--- reactors after QD1'; {Vctl} framework_get_reactors; "
+                + $"echo '--- iostat after QD1'; {Iostat(Vctl, "Nvme0n1")}; echo '--- reactors after QD1'; {Vctl} framework_get_reactors; "
                 + "echo '--- QD1 run'; cat /tmp/bp1.log",
                 TimeSpan.FromMinutes(4));
             string stage3 = await RunStage(guest, output.WriteLine, "zero-copy checks", $"cd {GuestImage.RepoRoot}; timeout -s KILL 720 sh {dmaCheck}", TimeSpan.FromMinutes(13));
@@ -426,6 +426,28 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
     /// <summary>vhostctl against the hot-removal step's vhostd.</summary>
     private const string VctlHot = "./vhostctl -s /tmp/vdh.sock --json";
 
+    /// <summary>The shell text of one vhostctl call: <c>{vctl} call {method} '{json}'</c>.</summary>
+    private static string VctlCall(string vctl, string method, string json = "{}") => $"{vctl} call {method} '{json}'";
+
+    /// <summary>The shell text of a vhostctl call that prints <paramref name="bdev"/>'s I/O statistics (bdev_get_iostat).</summary>
+    private static string Iostat(string vctl, string bdev) => VctlCall(vctl, "bdev_get_iostat", $$"""{"name": "{{bdev}}"}""");
+
+    /// <summary>A call to the hot-removal step's vhostd, then <c>echo "{label} rc $?"</c> (the step asserts rc 0).</summary>
+    private static string VctlHotWithRc(string method, string json, string label) => $"{VctlCall(VctlHot, method, json)}; echo \"{label} rc $?\"; ";
+
+    /// <summary>
+    /// A call to the hot-removal step's vhostd whose answer is saved to <paramref name="file"/> and printed, then
+    /// <paramref name="found"/> or <paramref name="notFound"/> echoed as <paramref name="pattern"/> is in it or not.
+    /// </summary>
+    private static string VctlHotGrep(string method, string file, string pattern, string found, string notFound)
+        => $"{VctlCall(VctlHot, method)} > {file}; cat {file}; grep -q {pattern} {file} && echo '{found}' || echo '{notFound}'; ";
+
+    /// <summary>Shell text that waits up to <paramref name="tries"/> x 0.2 s for the socket <paramref name="path"/> to exist.</summary>
+    private static string WaitForSocket(string path, int tries) => $"for i in $(seq 1 {tries}); do [ -S {path} ] && break; sleep 0.2; done; ";
+
+    /// <summary>Shell text that waits up to <paramref name="tries"/> x 0.2 s for <paramref name="text"/> in <paramref name="file"/>.</summary>
+    private static string WaitForText(string file, string text, int tries) => $"for i in $(seq 1 {tries}); do grep -q '{text}' {file} && break; sleep 0.2; done; ";
+
     /// <summary>
     /// Issue 14's hot removal, on the 512-byte controller (back on vfio-pci): vhostd serves namespace 1 as vhost-user-blk
     /// (a virtio-user bdevperf reads through it) and as LUN 0 of a vhost-user-scsi controller (no SCSI front end: our
@@ -476,10 +498,10 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         var run = await guest.ExecHostAsync(
             $"cd {repo}; mkdir -p /tmp/vsh; rm -f /tmp/vsh/* /tmp/vdh.sock; "
             + $"(./vhostd -m 0x1 -S /tmp/vsh -r /tmp/vdh.sock -c {vhostdConfig} -L info > /tmp/vdh.log 2>&1; echo \"vhostd exit $?\" >> /tmp/vdh.log) & "
-            + "for i in $(seq 1 600); do [ -S /tmp/vsh/blk.nvme ] && break; sleep 0.2; done; "
+            + WaitForSocket("/tmp/vsh/blk.nvme", 600)
             + $"(./bdevperf --json {fe1} -q 8 -o 4096 -w randread -t 180 -m 0x2 > /tmp/bph.log 2>&1; echo \"bdevperf exit $? at $(date +%T)\" >> /tmp/bph.log) & "
-            + $"for i in $(seq 1 900); do {VctlHot} call bdev_get_iostat '{{\"name\": \"Nvme0n1\"}}' 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo \"IO FLOWING at $(date +%T)\" && break; sleep 0.2; done; "
-            + $"echo '--- vhost before removal'; {VctlHot} call vhost_get_controllers '{{}}'",
+            + $"for i in $(seq 1 900); do {Iostat(VctlHot, "Nvme0n1")} 2>/dev/null | grep -Eq '\"num_read_ops\": ?[0-9]{{3,}}' && echo \"IO FLOWING at $(date +%T)\" && break; sleep 0.2; done; "
+            + $"echo '--- vhost before removal'; {VctlCall(VctlHot, "vhost_get_controllers")}",
             TimeSpan.FromMinutes(6));
         output.WriteLine($"--- hot removal: vhostd + bdevperf started ({sw.Elapsed.TotalSeconds:F1} s) ---\n{run.Output}");
         Assert.Contains("IO FLOWING", run.Output, StringComparison.Ordinal);
@@ -499,9 +521,9 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         var after = await guest.ExecHostAsync(
             $"cd {repo}; sleep 3; pid=$(pgrep -f [V]hostBackend.Daemon.dll); [ -n \"$pid\" ] && kill -0 $pid && echo 'VHOSTD ALIVE'; "
             + $"{VctlHot} spdk_get_version > /dev/null && echo 'RPC ANSWERS'; "
-            + $"{VctlHot} call bdev_nvme_get_controllers '{{}}' > /tmp/nc.json; cat /tmp/nc.json; grep -q Nvme0 /tmp/nc.json && echo 'NVME CTRL STILL THERE' || echo 'NVME CTRL GONE'; "
-            + $"{VctlHot} call vhost_get_controllers '{{}}' > /tmp/vc.json; cat /tmp/vc.json; grep -q Nvme0n1 /tmp/vc.json && echo 'VHOST STILL HAS Nvme0n1' || echo 'VHOST LUN GONE'; "
-            + "for i in $(seq 1 1800); do grep -q 'bdevperf exit' /tmp/bph.log && break; sleep 0.2; done; echo '--- blk front end'; cat /tmp/bph.log; "
+            + VctlHotGrep("bdev_nvme_get_controllers", "/tmp/nc.json", "Nvme0", "NVME CTRL STILL THERE", "NVME CTRL GONE")
+            + VctlHotGrep("vhost_get_controllers", "/tmp/vc.json", "Nvme0n1", "VHOST STILL HAS Nvme0n1", "VHOST LUN GONE")
+            + WaitForText("/tmp/bph.log", "bdevperf exit", 1800) + "echo '--- blk front end'; cat /tmp/bph.log; "
             + "echo '--- vhostd log (removal)'; grep -iE 'remov|request|release|vhost_blk|scsi|fail' /tmp/vdh.log | tail -n 40",
             TimeSpan.FromMinutes(9));
         output.WriteLine($"--- after removal ---\n{after.Output}");
@@ -518,13 +540,14 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         Assert.Contains($"{Addr512}  0x1b36 0x0010 vfio-pci", rescan.Output, StringComparison.Ordinal);
         sw.Restart();
         var again = await guest.ExecHostAsync(
-            $"cd {repo}; {VctlHot} call bdev_nvme_attach_controller '{{\"name\": \"Nvme0\", \"trtype\": \"PCIe\", \"traddr\": \"{Addr512}\"}}'; echo \"attach rc $?\"; "
-            + $"{VctlHot} call vhost_scsi_controller_add_target '{{\"ctrlr\": \"scsi.nvme\", \"scsi_target_num\": 0, \"bdev_name\": \"Nvme0n1\"}}'; echo \"add_target rc $?\"; "
-            + $"{VctlHot} call vhost_create_blk_controller '{{\"ctrlr\": \"blk2.nvme\", \"dev_name\": \"Nvme0n1\", \"cpumask\": \"0x1\"}}'; echo \"create rc $?\"; "
-            + "for i in $(seq 1 300); do [ -S /tmp/vsh/blk2.nvme ] && break; sleep 0.2; done; "
+            $"cd {repo}; "
+            + VctlHotWithRc("bdev_nvme_attach_controller", $$"""{"name": "Nvme0", "trtype": "PCIe", "traddr": "{{Addr512}}"}""", "attach")
+            + VctlHotWithRc("vhost_scsi_controller_add_target", """{"ctrlr": "scsi.nvme", "scsi_target_num": 0, "bdev_name": "Nvme0n1"}""", "add_target")
+            + VctlHotWithRc("vhost_create_blk_controller", """{"ctrlr": "blk2.nvme", "dev_name": "Nvme0n1", "cpumask": "0x1"}""", "create")
+            + WaitForSocket("/tmp/vsh/blk2.nvme", 300)
             + $"./bdevperf --json {fe2} -q 8 -o 4096 -w verify -t 5 -m 0x2 > /tmp/bph2.log 2>&1; echo \"bdevperf2 exit $?\"; cat /tmp/bph2.log; "
-            + $"echo '--- vhost after re-attach'; {VctlHot} call vhost_get_controllers '{{}}'; "
-            + "kill -TERM $(pgrep -f [V]hostBackend.Daemon.dll) 2>/dev/null; for i in $(seq 1 300); do grep -q 'vhostd exit' /tmp/vdh.log && break; sleep 0.2; done; "
+            + $"echo '--- vhost after re-attach'; {VctlCall(VctlHot, "vhost_get_controllers")}; "
+            + "kill -TERM $(pgrep -f [V]hostBackend.Daemon.dll) 2>/dev/null; " + WaitForText("/tmp/vdh.log", "vhostd exit", 300)
             + "echo '--- vhostd log'; grep -v ' info: ' /tmp/vdh.log | tail -n 80; grep -iE 'remov|request|release' /tmp/vdh.log | tail -n 30",
             TimeSpan.FromMinutes(6));
         output.WriteLine($"--- re-attach ({sw.Elapsed.TotalSeconds:F1} s) ---\n{again.Output}");

@@ -897,17 +897,21 @@ public sealed unsafe class VfioPciDevice : IDisposable
             }
         }
 
+        CloseDeviceAndGroup();
+    }
+
+    /// <summary>
+    /// Closes the device fd (vfio-pci disables and resets the function when its last user closes it), then the group
+    /// fd, detaching the group from the container. Idempotent; used by <see cref="Release"/> and <see cref="Dispose"/>.
+    /// </summary>
+    private void CloseDeviceAndGroup()
+    {
         if (_deviceFd >= 0)
         {
             NvmeNative.close(_deviceFd);
             _deviceFd = -1;
         }
 
-        CloseGroup();
-    }
-
-    private void CloseGroup()
-    {
         if (_groupFd >= 0)
         {
             NvmeNative.close(_groupFd);
@@ -949,12 +953,6 @@ public sealed unsafe class VfioPciDevice : IDisposable
             _bar0 = 0;
         }
 
-        if (_deviceFd >= 0)
-        {
-            NvmeNative.close(_deviceFd);
-            _deviceFd = -1;
-        }
-
-        CloseGroup();
+        CloseDeviceAndGroup();
     }
 }

@@ -93,18 +93,44 @@ public sealed partial class NvmeBdevTests
         }
     }
 
-    [Fact]
-    public async Task DeviceRequestHotRemovesTheControllerAndTheSameAttachWorksAgain()
+    /// <summary>
+    /// The hot-removal pattern the triggers share: attaches Nvme0 and opens Nvme0n1 (an opener that closes itself on
+    /// removal); with <paramref name="readInFlight"/>, holds a read in the model before <paramref name="trigger"/>
+    /// runs and checks that it fails; then waits for the removal and checks what is left (<see cref="AssertHotRemoved"/>).
+    /// </summary>
+    private async Task AttachAndHotRemove(Action<NvmeControllerModel> trigger, bool readInFlight = true)
     {
         await Attach();
         var model = _models[0];
         var opener = ClosingOpener.Open(_bdevs, "Nvme0n1");
+        if (!readInFlight)
+        {
+            trigger(model);
+            await AssertHotRemoved(model, opener);
+            return;
+        }
+
         nint buf = Alloc(512);
         try
         {
             model.HoldIo = true;
             var pending = Io(opener.Desc, _rt.Main, (ch, cb) => ch.Read(opener.Desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
             await WaitHeld(model);
+            trigger(model);
+            Assert.False(await pending.WaitAsync(TimeSpan.FromSeconds(10))); // the read in flight fails (IOERR above)
+            await AssertHotRemoved(model, opener);
+        }
+        finally
+        {
+            Free(buf);
+        }
+    }
+
+    [Fact]
+    public async Task DeviceRequestHotRemovesTheControllerAndTheSameAttachWorksAgain()
+    {
+        await AttachAndHotRemove(model =>
+        {
             _rt.Main.ResetMaxIteration();
             EventFd req;
             lock (_irqFds)
@@ -113,15 +139,9 @@ public sealed partial class NvmeBdevTests
             }
 
             req.Signal(); // the kernel wants the device back (unbind from vfio-pci, or echo 1 > .../remove)
-            Assert.False(await pending.WaitAsync(TimeSpan.FromSeconds(10))); // the read in flight fails (IOERR above)
-            await AssertHotRemoved(model, opener);
-            double maxMs = Ticks.ToMicroseconds(_rt.Main.MaxIterationTicks) / 1000;
-            Assert.True(maxMs < 500, $"the main reactor's longest iteration during the removal was {maxMs} ms");
-        }
-        finally
-        {
-            Free(buf);
-        }
+        });
+        double maxMs = Ticks.ToMicroseconds(_rt.Main.MaxIterationTicks) / 1000;
+        Assert.True(maxMs < 500, $"the main reactor's longest iteration during the removal was {maxMs} ms");
 
         // The name and the address are free, and the "device" (a new model behind the same address) attaches again.
         await ReattachAndReadWrite();
@@ -130,36 +150,20 @@ public sealed partial class NvmeBdevTests
     [Fact]
     public async Task SurpriseRemovalRegistersReadingAllOnesHotRemovesTheController()
     {
-        await Attach();
-        var model = _models[0];
-        var opener = ClosingOpener.Open(_bdevs, "Nvme0n1");
-        nint buf = Alloc(512);
-        try
-        {
-            model.HoldIo = true;
-            var pending = Io(opener.Desc, _rt.Main, (ch, cb) => ch.Read(opener.Desc, new[] { new IoVec(buf, 512) }, 0, 1, cb, null));
-            await WaitHeld(model);
-            model.Removed = true;
-            Assert.False(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
-            await AssertHotRemoved(model, opener);
-        }
-        finally
-        {
-            Free(buf);
-        }
-
+        await AttachAndHotRemove(model => model.Removed = true);
         await ReattachAndReadWrite();
     }
 
     [Fact]
     public async Task FatalControllerWhoseRecoveryResetFailsIsHotRemoved()
     {
-        await Attach();
-        var model = _models[0];
-        var opener = ClosingOpener.Open(_bdevs, "Nvme0n1");
-        model.NeverReady = true; // the reset after CSTS.CFS never gets RDY back: it fails after CAP.TO (1 s)
-        model.InjectFatal();
-        await AssertHotRemoved(model, opener);
+        await AttachAndHotRemove(
+            model =>
+            {
+                model.NeverReady = true; // the reset after CSTS.CFS never gets RDY back: it fails after CAP.TO (1 s)
+                model.InjectFatal();
+            },
+            readInFlight: false);
     }
 
     [Fact]

@@ -1,6 +1,5 @@
 using VhostBackend.Bdev;
 using VhostBackend.Platform;
-using VhostBackend.Reactors;
 using static VhostBackend.BdevRaid.Tests.RaidTestKit;
 
 namespace VhostBackend.BdevRaid.Tests;
@@ -59,7 +58,7 @@ public sealed class RaidForwardTests
         Assert.Equal(2, stats.NumWriteOps); // the forwarded write and the regular one
         Assert.Equal(2, stats.NumReadOps);  // the forwarded read and the direct one
         Assert.Equal(0, a.Bdev.QueueDepth);
-        Assert.False(shift.SawRaidState, "the raid module left the vbdev's module state alone");
+        Assert.False(shift.ModuleStateChanged, "the raid module left the vbdev's module state alone");
     }
 
     [Fact]
@@ -85,67 +84,5 @@ public sealed class RaidForwardTests
         Assert.Equal((2, 0), (shift.Forwarded, shift.Regular));
         Assert.Equal((1L, 1L), (a.Bdev!.GetStats().NumWriteOps, a.Bdev.GetStats().NumReadOps));
         Assert.Equal(1, shift.GetStats().NumWriteOps);
-    }
-
-    /// <summary>A test model vbdev (not a product module): block N is the base's block N + shift; it forwards when
-    /// the base takes it, else submits a regular base I/O, and counts which it did.</summary>
-    private sealed class ShiftVbdevModel : Bdev.Bdev
-    {
-        private static readonly BdevIoCompletion s_regularDone = static (_, ok, arg) => ((BdevIo)arg!).Complete(ok);
-        private static readonly object s_mine = new();
-        private readonly BdevDesc _base;
-        private readonly ulong _shift;
-        private readonly Channels _device;
-
-        public ShiftVbdevModel(string name, BdevDesc baseDesc, ulong shift, ulong blocks)
-            : base(name, "Shift model", baseDesc.Bdev.BlockSize, blocks)
-        {
-            _base = baseDesc;
-            _shift = shift;
-            _device = new Channels(baseDesc, name);
-        }
-
-        public int Forwarded;
-        public int Regular;
-        public bool SawRaidState;
-
-        public override bool SupportsIoType(BdevIoType type) => type is BdevIoType.Read or BdevIoType.Write;
-
-        protected override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
-
-        protected override void Submit(IoChannel moduleChannel, BdevIo io)
-        {
-            var ch = (BdevChannel)moduleChannel.Context;
-            ulong at = io.OffsetBlocks + _shift;
-            io.ModuleContext = s_mine; // must come back untouched
-            io.ModuleTag = 77;
-            if (ch.TryForward(_base, io, at, s_forwardDone))
-            {
-                Forwarded++;
-                return;
-            }
-
-            Regular++;
-            int rc = io.Type == BdevIoType.Read
-                ? ch.Read(_base, io.Iovs, at, io.NumBlocks, s_regularDone, io)
-                : ch.Write(_base, io.Iovs, at, io.NumBlocks, s_regularDone, io);
-            if (rc != 0)
-            {
-                io.Complete(false);
-            }
-        }
-
-        private static readonly Action<BdevIo> s_forwardDone = static io =>
-        {
-            var self = (ShiftVbdevModel)io.Bdev;
-            self.SawRaidState |= io.ModuleContext != s_mine || io.ModuleTag != 77;
-        };
-
-        private sealed class Channels(BdevDesc baseDesc, string name) : IoDevice("shift:" + name)
-        {
-            protected override object CreateChannelContext(Reactor reactor) => baseDesc.GetIoChannel();
-
-            protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel((BdevChannel)context);
-        }
     }
 }

@@ -6,8 +6,8 @@ namespace VhostBackend.Bdev.Tests.Core;
 
 /// <summary>
 /// <see cref="BdevChannel.TryForward"/>: a vbdev handing its caller's I/O to its base in place. A test model vbdev
-/// (<see cref="ShiftBdev"/>: its block N is the base's block N + shift) forwards when it can and falls back to a
-/// regular base I/O when refused, recording which one it did.
+/// (<see cref="ShiftVbdevModel"/>, tests/Shared: its block N is the base's block N + shift) forwards when it can and
+/// falls back to a regular base I/O when refused, recording which one it did.
 /// </summary>
 public class ForwardTests
 {
@@ -18,7 +18,7 @@ public class ForwardTests
         var malloc = new MallocBdev("M", 256, 512);
         kit.Bdevs.Register(malloc);
         using var baseDesc = kit.Bdevs.Open("M", write: true);
-        var shift = new ShiftBdev("S", baseDesc, 100, 64);
+        var shift = new ShiftVbdevModel("S", baseDesc, 100, 64);
         kit.Bdevs.Register(shift);
         using var desc = kit.Bdevs.Open("S", write: true);
         using var src = new NativeBuffer(4096);
@@ -52,8 +52,8 @@ public class ForwardTests
         kit.Bdevs.Register(plain);
         using var mallocDesc = kit.Bdevs.Open("M", write: true);
         using var plainDesc = kit.Bdevs.Open("P", write: true);
-        var overMalloc = new ShiftBdev("S1", mallocDesc, 200, 100); // blocks 56..99 map past the base's end
-        var overPlain = new ShiftBdev("S2", plainDesc, 0, 64);
+        var overMalloc = new ShiftVbdevModel("S1", mallocDesc, 200, 100); // blocks 56..99 map past the base's end
+        var overPlain = new ShiftVbdevModel("S2", plainDesc, 0, 64);
         kit.Bdevs.Register(overMalloc);
         kit.Bdevs.Register(overPlain);
         using var d1 = kit.Bdevs.Open("S1", write: true);
@@ -74,73 +74,6 @@ public class ForwardTests
         malloc.SetQosLimits(rwIosPerSec: 100_000, 0, 0, 0);
         Assert.Equal((0, true), await kit.Io(d1, (ch, cb) => ch.Read(d1, buf.Split(0, 4096), 0, 8, cb, null)));
         Assert.Equal((1, 2), (overMalloc.Forwarded, overMalloc.Regular));
-    }
-
-    /// <summary>A test model vbdev: block N is the base's block N + shift (also used by the file bdev's forward test).</summary>
-    internal sealed class ShiftBdev : Bdev
-    {
-        private static readonly BdevIoCompletion s_regularDone = static (baseIo, ok, arg) => ((BdevIo)arg!).Complete(ok);
-        private readonly BdevDesc _base;
-        private readonly ulong _shift;
-        private readonly Channels _device;
-        private bool _inSubmit;
-
-        public ShiftBdev(string name, BdevDesc baseDesc, ulong shift, ulong blocks)
-            : base(name, "Shift", baseDesc.Bdev.BlockSize, blocks)
-        {
-            _base = baseDesc;
-            _shift = shift;
-            _device = new Channels(baseDesc, name);
-        }
-
-        public int Forwarded;
-        public int Regular;
-        public bool CompletedInsideSubmit;
-
-        public override bool SupportsIoType(BdevIoType type) => type is BdevIoType.Read or BdevIoType.Write;
-
-        protected internal override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
-
-        protected internal override void Submit(IoChannel moduleChannel, BdevIo io)
-        {
-            var ch = (BdevChannel)moduleChannel.Context;
-            ulong at = io.OffsetBlocks + _shift;
-            _inSubmit = true;
-            try
-            {
-                if (ch.TryForward(_base, io, at, s_forwardDone))
-                {
-                    Forwarded++;
-                    return;
-                }
-
-                Regular++;
-                int rc = io.Type == BdevIoType.Read
-                    ? ch.Read(_base, io.Iovs, at, io.NumBlocks, s_regularDone, io)
-                    : ch.Write(_base, io.Iovs, at, io.NumBlocks, s_regularDone, io);
-                if (rc != 0)
-                {
-                    io.Complete(false);
-                }
-            }
-            finally
-            {
-                _inSubmit = false;
-            }
-        }
-
-        private static readonly Action<BdevIo> s_forwardDone = static io =>
-        {
-            var self = (ShiftBdev)io.Bdev;
-            self.CompletedInsideSubmit |= self._inSubmit;
-        };
-
-        private sealed class Channels(BdevDesc baseDesc, string name) : IoDevice("shift:" + name)
-        {
-            protected override object CreateChannelContext(Reactor reactor) => baseDesc.GetIoChannel();
-
-            protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel((BdevChannel)context);
-        }
     }
 
     /// <summary>A test model base that completes every I/O and does not accept forwarded ones.</summary>

@@ -1,15 +1,14 @@
 using System.Diagnostics;
 using VhostBackend.BdevMalloc;
-using VhostBackend.Reactors;
 using Xunit;
 
 namespace VhostBackend.Bdev.Tests.Core;
 
 /// <summary>
 /// The remap fast path (<see cref="BdevRemap"/>, <see cref="Bdev.CreateRemap"/>): the caller's channel translates a
-/// read or write and submits it to the base's module in its own pass. A test model vbdev (<see cref="RemapBdev"/>:
-/// its block N is the base's block N + shift; it says no from <see cref="RemapBdev.RefuseFrom"/> on) records what its
-/// remap and its module were asked.
+/// read or write and submits it to the base's module in its own pass. A test model vbdev (<see cref="ShiftVbdevModel"/>,
+/// tests/Shared, with <see cref="ShiftVbdevPath.Remap"/>: its block N is the base's block N + shift; it says no from
+/// <see cref="ShiftVbdevModel.RefuseFrom"/> on) records what its remap and its module were asked.
 /// </summary>
 public class RemapTests
 {
@@ -20,7 +19,7 @@ public class RemapTests
         var malloc = new MallocBdev("M", 256, 512);
         kit.Bdevs.Register(malloc);
         using var baseDesc = kit.Bdevs.Open("M", write: true);
-        var remap = new RemapBdev("R", baseDesc, 100, 64);
+        var remap = new ShiftVbdevModel("R", baseDesc, 100, 64, ShiftVbdevPath.Remap);
         kit.Bdevs.Register(remap);
         using var desc = kit.Bdevs.Open("R", write: true);
         using var src = new NativeBuffer(4096);
@@ -89,7 +88,7 @@ public class RemapTests
         var malloc = new MallocBdev("M", 256, 512);
         kit.Bdevs.Register(malloc);
         using var baseDesc = kit.Bdevs.Open("M", write: true);
-        var remap = new RemapBdev("R", baseDesc, 200, 100) { RefuseFrom = 40 }; // blocks 56..99 map past the base's end
+        var remap = new ShiftVbdevModel("R", baseDesc, 200, 100, ShiftVbdevPath.Remap) { RefuseFrom = 40 }; // blocks 56..99 map past the base's end
         kit.Bdevs.Register(remap);
         using var desc = kit.Bdevs.Open("R", write: true);
         using var buf = new NativeBuffer(4096);
@@ -114,7 +113,7 @@ public class RemapTests
 
         // A descriptor closed under the remap (the base hot removed): the module's path.
         var closed = kit.Bdevs.Open("M", write: true);
-        var remap2 = new RemapBdev("R2", closed, 0, 64);
+        var remap2 = new ShiftVbdevModel("R2", closed, 0, 64, ShiftVbdevPath.Remap);
         kit.Bdevs.Register(remap2);
         using var d2 = kit.Bdevs.Open("R2", write: true);
         closed.Dispose();
@@ -129,7 +128,7 @@ public class RemapTests
         kit.Bdevs.Register(new RecordingBdev("Rec", 512, 256) { CompleteInline = true });
         kit.Bdevs.Register(new RecordingBdev("Split", 512, 256, boundary: 16) { CompleteInline = true });
         using var recDesc = kit.Bdevs.Open("Rec", write: true);
-        var remap = new RemapBdev("R", recDesc, 0, 64);
+        var remap = new ShiftVbdevModel("R", recDesc, 0, 64, ShiftVbdevPath.Remap);
         kit.Bdevs.Register(remap);
         using var desc = kit.Bdevs.Open("R", write: true);
         using var buf = new NativeBuffer(4096);
@@ -151,7 +150,7 @@ public class RemapTests
         var malloc = new MallocBdev("M", 256, 512);
         kit.Bdevs.Register(malloc);
         using var baseDesc = kit.Bdevs.Open("M", write: true);
-        var remap = new RemapBdev("R", baseDesc, 0, 64);
+        var remap = new ShiftVbdevModel("R", baseDesc, 0, 64, ShiftVbdevPath.Remap);
         kit.Bdevs.Register(remap);
         remap.SetQosLimits(rwIosPerSec: 1000, 0, 0, 0); // one I/O per 1 ms slice
         using var desc = kit.Bdevs.Open("R", write: true);
@@ -184,82 +183,5 @@ public class RemapTests
         Assert.Equal((n, 0), (remap.Translated, remap.ModuleSubmits));
         // 200 I/Os at one per millisecond: at least ~0.19 s (the first slice admits one at once, plus carried debt).
         Assert.True(sw.Elapsed >= TimeSpan.FromMilliseconds(150), $"{n} I/Os under a 1000 IOPS limit took {sw.Elapsed.TotalMilliseconds} ms");
-    }
-
-    /// <summary>A test model vbdev with a remap: block N is the base's block N + shift.</summary>
-    private sealed class RemapBdev : Bdev
-    {
-        private static readonly BdevIoCompletion s_regularDone = static (baseIo, ok, arg) => ((BdevIo)arg!).Complete(ok);
-        private readonly BdevDesc _base;
-        private readonly ulong _shift;
-        private readonly Channels _device;
-
-        public RemapBdev(string name, BdevDesc baseDesc, ulong shift, ulong blocks)
-            : base(name, "Remap", baseDesc.Bdev.BlockSize, blocks)
-        {
-            _base = baseDesc;
-            _shift = shift;
-            _device = new Channels(baseDesc, name);
-        }
-
-        public ulong RefuseFrom = ulong.MaxValue;
-        public int Translated;
-        public int ModuleSubmits;
-        public int Done;
-
-        public override bool SupportsIoType(BdevIoType type) => type is BdevIoType.Read or BdevIoType.Write;
-
-        protected internal override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(_device);
-
-        protected internal override BdevRemap? CreateRemap(IoChannel moduleChannel) => new Remap(this, (BdevChannel)moduleChannel.Context);
-
-        protected internal override void Submit(IoChannel moduleChannel, BdevIo io)
-        {
-            ModuleSubmits++;
-            var ch = (BdevChannel)moduleChannel.Context;
-            ulong at = io.OffsetBlocks + _shift;
-            int rc = io.Type == BdevIoType.Read
-                ? ch.Read(_base, io.Iovs, at, io.NumBlocks, s_regularDone, io)
-                : ch.Write(_base, io.Iovs, at, io.NumBlocks, s_regularDone, io);
-            if (rc != 0)
-            {
-                io.Complete(false);
-            }
-        }
-
-        private sealed class Remap(RemapBdev owner, BdevChannel baseChannel) : BdevRemap(owner._base, baseChannel)
-        {
-            public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
-            {
-                baseOffsetBlocks = io.OffsetBlocks + owner._shift;
-                done = false;
-                if (io.OffsetBlocks >= owner.RefuseFrom)
-                {
-                    return false;
-                }
-
-                owner.Translated++;
-                if (io.Type == BdevIoType.Write)
-                {
-                    io.ModuleTag = 42;
-                    done = true;
-                }
-
-                return true;
-            }
-
-            protected internal override void Done(BdevIo io)
-            {
-                Assert.Equal(42, io.ModuleTag); // the remap's tag comes back to its hook
-                owner.Done++;
-            }
-        }
-
-        private sealed class Channels(BdevDesc baseDesc, string name) : IoDevice("remap:" + name)
-        {
-            protected override object CreateChannelContext(Reactor reactor) => baseDesc.GetIoChannel();
-
-            protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel((BdevChannel)context);
-        }
     }
 }

@@ -32,7 +32,7 @@ public sealed class FileForwardTests : IDisposable
             Assert.True(file.Direct || tmpfs, "O_DIRECT expected on /var/tmp");
             kit.Bdevs.Register(file);
             using var baseDesc = kit.Bdevs.Open("F0", write: true);
-            var shift = new ForwardTests.ShiftBdev("S", baseDesc, 100, 8192);
+            var shift = new ShiftVbdevModel("S", baseDesc, 100, 8192);
             kit.Bdevs.Register(shift);
             using var desc = kit.Bdevs.Open("S", write: true);
             int big = 2 << 20;

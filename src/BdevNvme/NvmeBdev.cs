@@ -96,6 +96,18 @@ public sealed class NvmeBdev : Bdev.Bdev
         return new Guid(hash.AsSpan(0, 16));
     }
 
+    /// <summary>
+    /// Takes another bdev's I/O in place (an lvol's or passthru's, <see cref="BdevChannel.TryForward"/>). Audit: the
+    /// channel (<see cref="NvmeChannelBase{TRequest}"/>, PCIe and TCP) reads the I/O's type, range and iovecs, keeps
+    /// the namespace bdev it was given next to the I/O (its wait FIFO, its request: the namespace, the bounce count,
+    /// the length) and never <see cref="BdevIo.Bdev"/>, writes only <see cref="BdevIo.ModuleTag"/> (the retry count)
+    /// and <see cref="BdevIo.NvmeStatus"/>, and completes on the I/O's reactor. Its limits (the transfer size from
+    /// MDTS) are fixed at attach; the layer splits at them and forwards only what fits. <see cref="SupportsIoType"/>
+    /// follows the controller's ONCS, read at attach (a reconnect to a controller that dropped a command would fail
+    /// such an I/O with the controller's status, as for any caller).
+    /// </summary>
+    public override bool AcceptsForwardedIo => true;
+
     public override bool SupportsIoType(BdevIoType type)
     {
         var oncs = Ctrl.Data.Oncs;

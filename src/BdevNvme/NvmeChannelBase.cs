@@ -14,6 +14,10 @@ internal class NvmeChannelRequest
 {
     public INvmeRequestOwner Owner = null!;
     public BdevIo? Io;
+
+    /// <summary>The namespace bdev the I/O was submitted to: not <see cref="BdevIo.Bdev"/> for an I/O another bdev
+    /// forwarded in place (<see cref="NvmeBdev.AcceptsForwardedIo"/>).</summary>
+    public NvmeBdev? Bdev;
 }
 
 /// <summary>What a request's completion calls back into (its channel).</summary>
@@ -35,7 +39,7 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
     where TRequest : NvmeChannelRequest, new()
 {
     private readonly NvmeBdevControllerBase _ctrl;
-    private readonly Queue<BdevIo> _waiting = new(1024);
+    private readonly Queue<(BdevIo Io, NvmeBdev Bdev)> _waiting = new(1024); // with its namespace bdev (see NvmeChannelRequest.Bdev)
     private TRequest[] _free = [];
     private int _freeCount;
     private Poller? _poller;
@@ -134,9 +138,9 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
             return;
         }
 
-        if (_waiting.Count > 0 || !TrySubmit(io))
+        if (_waiting.Count > 0 || !TrySubmit(io, bdev))
         {
-            _waiting.Enqueue(io); // FIFO: nothing overtakes I/O already waiting
+            _waiting.Enqueue((io, bdev)); // FIFO: nothing overtakes I/O already waiting
         }
     }
 
@@ -148,7 +152,7 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
     };
 
     /// <summary>Starts the I/O or returns false when it must wait (no slot, no buffer, not connected).</summary>
-    private bool TrySubmit(BdevIo io)
+    private bool TrySubmit(BdevIo io, NvmeBdev bdev)
     {
         if (!QueueConnected || _freeCount == 0)
         {
@@ -157,7 +161,8 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
 
         var req = _free[--_freeCount];
         req.Io = io;
-        int rc = SubmitCommand(req, io, ((NvmeBdev)io.Bdev).Namespace);
+        req.Bdev = bdev;
+        int rc = SubmitCommand(req, io, bdev.Namespace);
         if (rc == 0)
         {
             return true;
@@ -189,6 +194,7 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
     {
         ReleaseResources(req);
         req.Io = null;
+        req.Bdev = null;
         _free[_freeCount++] = req;
     }
 
@@ -206,8 +212,9 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
         var io = req.Io!;
         if (ShouldRetry(io, status))
         {
+            var bdev = req.Bdev!;
             Release(req);
-            _waiting.Enqueue(io);
+            _waiting.Enqueue((io, bdev));
             return;
         }
 
@@ -249,7 +256,8 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
 
         while (_waiting.Count > 0 && QueueConnected && !MustFail)
         {
-            if (!TrySubmit(_waiting.Peek()))
+            var (next, nextBdev) = _waiting.Peek();
+            if (!TrySubmit(next, nextBdev))
             {
                 break;
             }
@@ -340,9 +348,9 @@ internal abstract class NvmeChannelBase<TRequest> : INvmeChannel, INvmeRequestOw
     /// <summary>Fails every I/O waiting to start.</summary>
     protected void FailWaiting()
     {
-        while (_waiting.TryDequeue(out var io))
+        while (_waiting.TryDequeue(out var w))
         {
-            io.Complete(BdevIoStatus.Failed);
+            w.Io.Complete(BdevIoStatus.Failed);
         }
     }
 

@@ -102,7 +102,7 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
                 if (rc is -14 or -22)
                 {
                     // Not DMA memory, or a layout PRPs cannot describe: bounce.
-                    ulong len = io.Length;
+                    ulong len = io.NumBlocks * req.Bdev!.BlockSize; // (io.Length reads io.Bdev: another bdev's when forwarded)
                     if (len > (ulong)_bounce.BufferSize)
                     {
                         rc = -Errno.EINVAL;
@@ -120,7 +120,7 @@ internal sealed class NvmeChannelContext : NvmeChannelBase<NvmeChannelContext.Re
                     }
 
                     req.Bounce = va;
-                    ((NvmeBdev)io.Bdev).CountBounce(len);
+                    req.Bdev.CountBounce(len);
                     var one = new NvmeIoVec(va, (nuint)len);
                     rc = qp.SubmitIo(opcode, ns, io.OffsetBlocks, (uint)io.NumBlocks, new ReadOnlySpan<NvmeIoVec>(ref one), 0, s_done, req);
                 }

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using VhostBackend.Platform;
 using VhostBackend.Reactors;
@@ -284,9 +283,17 @@ public sealed class BdevChannel
     private void EndRemap(BdevIo io)
     {
         RemapOutstanding--;
-        io.Remapped = io.Status != BdevIoStatus.NoMemory;
+        if (io.Status == BdevIoStatus.NoMemory)
+        {
+            io.Remapped = false;
+        }
+
         io.OffsetBlocks = io.ForwardSavedOffset;
-        io.ModuleContext = null; // the base module's, if it used it (a remap never does)
+        if (io.ModuleContext is not null)
+        {
+            io.ModuleContext = null; // the base module's, if it used it (a remap never does)
+        }
+
         io.ModuleTag = io.ForwardSavedTag;
         if (io.RemapDone)
         {

@@ -373,8 +373,9 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
             return false;
         }
 
+        // (Read-only needs no check here: the layer refused the write in this same pass, LvolBdev.SupportsIoType.)
         uint wc;
-        if (blob.IsReadOnly || blob.IsFrozen || (wc = blob.ClusterAt(ci)) == 0)
+        if (blob.IsFrozen || (wc = blob.ClusterAt(ci)) == 0)
         {
             return false;
         }

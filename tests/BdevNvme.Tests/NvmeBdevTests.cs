@@ -401,6 +401,23 @@ public sealed partial class NvmeBdevTests : IAsyncLifetime
         }
     }
 
+    /// <summary>Starts one I/O with the model holding it, resets the controller over RPC once it is held, and returns the
+    /// I/O's result (the channel retries what was in flight after the reset).</summary>
+    private async Task<bool> HeldAcrossReset(NvmeControllerModel model, Func<Task<bool>> start)
+    {
+        model.HoldIo = true;
+        var pending = start();
+        for (int i = 0; i < 100 && model.HeldCount == 0; i++)
+        {
+            await Task.Delay(10);
+        }
+
+        Assert.Equal(1, model.HeldCount);
+        model.HoldIo = false;
+        await Call("bdev_nvme_reset_controller", """{"name":"Nvme0"}""");
+        return await pending.WaitAsync(TimeSpan.FromSeconds(10));
+    }
+
     [Fact]
     public async Task ResetRetriesIoThatWasInFlight()
     {
@@ -412,17 +429,7 @@ public sealed partial class NvmeBdevTests : IAsyncLifetime
         {
             Fill(buf, 4096, _ => 0x42);
             var iov = new[] { new IoVec(buf, 4096) };
-            model.HoldIo = true;
-            var pending = Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, iov, 40, 8, cb, null));
-            for (int i = 0; i < 100 && model.HeldCount == 0; i++)
-            {
-                await Task.Delay(10);
-            }
-
-            Assert.Equal(1, model.HeldCount);
-            model.HoldIo = false;
-            await Call("bdev_nvme_reset_controller", """{"name":"Nvme0"}""");
-            Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.True(await HeldAcrossReset(model, () => Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, iov, 40, 8, cb, null))));
             Assert.All(DiskBytes(model, 40 * 512, 4096), b => Assert.Equal(0x42, b));
             Assert.Equal(1, _module.Find("Nvme0")!.Controller.ResetCount);
 

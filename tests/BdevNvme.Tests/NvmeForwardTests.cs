@@ -58,17 +58,7 @@ public sealed partial class NvmeBdevTests
                 // A forwarded write in flight when the controller resets waits in the channel's FIFO with the namespace
                 // it was given and is sent again after the reset (the FIFO and the request carry the bdev, not io.Bdev).
                 Fill(heap, 4096, _ => 0x42);
-                model.HoldIo = true;
-                var pending = Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(heap, 4096) }, 40, 8, cb, null));
-                for (int i = 0; i < 100 && model.HeldCount == 0; i++)
-                {
-                    await Task.Delay(10);
-                }
-
-                Assert.Equal(1, model.HeldCount);
-                model.HoldIo = false;
-                await Call("bdev_nvme_reset_controller", """{"name":"Nvme0"}""");
-                Assert.True(await pending.WaitAsync(TimeSpan.FromSeconds(10)));
+                Assert.True(await HeldAcrossReset(model, () => Io(desc, _rt.Main, (ch, cb) => ch.Write(desc, new[] { new IoVec(heap, 4096) }, 40, 8, cb, null))));
                 Assert.All(DiskBytes(model, (40 + 64) * 512, 4096), b => Assert.Equal(0x42, b));
                 Assert.Equal(4, shift.Forwarded);
                 Assert.Equal(0, shift.Regular);

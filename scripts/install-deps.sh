@@ -11,7 +11,7 @@ bash "$root/qemu/install-deps.sh"
 extra=()
 # afl++: afl-fuzz for scripts/fuzz.sh (the fuzz suite of scripts/test.sh).
 # libvirt-daemon-system, libvirt-clients (virsh, virt-xml-validate) and libxml2-utils (xmllint, which virt-xml-validate
-# runs; only a Recommends of nothing we install): integration/LibvirtTests (libvirtd runs
+# runs; libvirt-clients does not depend on it): integration/LibvirtTests (libvirtd runs
 # without systemd: the test starts virtlogd and libvirtd itself when they are not running). tmux: the pseudo-terminal in which
 # tests/Rpc.Tests (TopTests) drives `vhostctl top`.
 for pkg in qemu-system-common python3 util-linux iproute2 afl++ libvirt-daemon-system libvirt-clients libxml2-utils libvirt-daemon-driver-qemu tmux; do

@@ -263,6 +263,30 @@ public abstract class Bdev
         }
     }
 
+    /// <summary>
+    /// I/Os remapped into this bdev (<see cref="BdevRemap"/>) and not yet given back, summed over the remapping
+    /// channels of the bdevs <paramref name="from"/> selects: what a module quiescing its remap waits on, after it
+    /// stopped translating and every reactor of its channels ran a message (see <see cref="BdevRemap.TryTranslate"/>).
+    /// Any thread; a racy but never torn snapshot of each channel's count.
+    /// </summary>
+    public int RemappedInFlight(Func<Bdev, bool> from)
+    {
+        ArgumentNullException.ThrowIfNull(from);
+        int n = 0;
+        lock (_lock)
+        {
+            foreach (var source in _remapSources)
+            {
+                if (from(source.Bdev))
+                {
+                    n += Volatile.Read(ref source.RemapOutstanding);
+                }
+            }
+        }
+
+        return n;
+    }
+
     /// <summary>Statistics summed over live channels and those already closed (racy read of live counters; never torn).</summary>
     public BdevIoStats GetStats()
     {

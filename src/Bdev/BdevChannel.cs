@@ -115,7 +115,8 @@ public sealed class BdevChannel
     public int Outstanding { get; private set; }
 
     /// <summary>Of <see cref="Outstanding"/>, the I/Os remapped into the base (its <see cref="Bdev.QueueDepth"/> counts
-    /// them; kept here, on the caller's channel, so a remapped I/O touches nothing of the base's channel).</summary>
+    /// them; kept here, on the caller's channel, so a remapped I/O touches nothing of the base's channel). A module
+    /// quiescing its remap waits for it through <see cref="Bdev.RemappedInFlight"/> (read off the reactor).</summary>
     internal int RemapOutstanding;
 
     public int PoolSize { get; }
@@ -228,9 +229,8 @@ public sealed class BdevChannel
 
     /// <summary>
     /// The remap fast path (<see cref="BdevRemap"/>): <paramref name="io"/>, checked and admitted on this channel,
-    /// goes to the base's module in this same pass at the offset the remap gives, as a forwarded I/O (the base's
-    /// completion comes back to this channel, <see cref="EndForward"/> restores the I/O and runs the remap's hook,
-    /// and the completion accounts it once, in <see cref="RemapStats"/>, which both bdevs' statistics include).
+    /// goes to the base's module in this same pass at the offset the remap gives (the base's completion comes back
+    /// to this channel, <see cref="EndRemap"/> restores the I/O, and the completion accounts it once, in <see cref="RemapStats"/>, which both bdevs' statistics include).
     /// False when the remap says no or the base cannot take it now; nothing is changed then.
     /// </summary>
     private bool TryRemap(BdevRemap remap, BdevIo io)
@@ -239,7 +239,7 @@ public sealed class BdevChannel
         var desc = _remapDesc!;
         var baseBdev = _remapBaseBdev!;
         if (type > BdevIoType.Write || baseBdev.Qos is not null || desc.IsClosed
-            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at, out bool done))
+            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at))
         {
             return false;
         }
@@ -247,22 +247,14 @@ public sealed class BdevChannel
         ulong count = baseBdev.BlockCount;
         if (at > count || io.NumBlocks > count - at)
         {
-            if (done)
-            {
-                remap.Done(io); // undo what the remap counted; the module's path decides again
-            }
-
-            io.ModuleTag = 0;
             return false;
         }
 
-        // No reference is stored in the I/O (no GC write barrier): its base channel is this channel's remap's.
+        // No reference is stored in the I/O (no GC write barrier): its base channel is this channel's remap's. Its
+        // ModuleTag and ModuleContext are a fresh I/O's (0, null): nothing of the bdev's own module to save.
         io.Remapped = true; // accounted once, in RemapStats, for both bdevs
-        io.RemapDone = done;
         io.ForwardSavedOffset = io.OffsetBlocks;
         io.OffsetBlocks = at;
-        io.ForwardSavedTag = io.ModuleTag;
-        io.ModuleTag = 0;
         RemapOutstanding++;
         _submitDepth++; // the base's inline completion is deferred on this channel like any other
         try
@@ -278,8 +270,8 @@ public sealed class BdevChannel
     }
 
     /// <summary>A remapped I/O (<see cref="TryRemap"/>) came back from the base's module: give it back its offset and
-    /// tag and run the remap's hook. A NoMemory is retried through this bdev's module, as a forward or a regular
-    /// I/O, and counted there.</summary>
+    /// a fresh I/O's module state. A NoMemory is retried through this bdev's module, as a forward or a regular I/O,
+    /// and counted there.</summary>
     private void EndRemap(BdevIo io)
     {
         RemapOutstanding--;
@@ -291,15 +283,10 @@ public sealed class BdevChannel
         io.OffsetBlocks = io.ForwardSavedOffset;
         if (io.ModuleContext is not null)
         {
-            io.ModuleContext = null; // the base module's, if it used it (a remap never does)
+            io.ModuleContext = null; // the base module's, if it used it
         }
 
-        io.ModuleTag = io.ForwardSavedTag;
-        if (io.RemapDone)
-        {
-            io.RemapDone = false;
-            _remap!.Done(io);
-        }
+        io.ModuleTag = 0;
     }
 
     /// <summary>A forwarded I/O (<see cref="TryForward"/>) came back from this channel's module: count it here and

@@ -63,9 +63,8 @@ public sealed class BdevIo
     internal long ForwardSavedTag;
     internal Action<BdevIo>? ForwardDone;
     // Remapped by the caller's channel's remap (BdevChannel.TryRemap): its base channel is that remap's, so no
-    // ForwardChannel is stored; accounted in the caller channel's RemapStats. RemapDone: the remap asked for its Done.
+    // ForwardChannel is stored; accounted in the caller channel's RemapStats.
     internal bool Remapped;
-    internal bool RemapDone;
 
     // Bounce buffer in use, if any.
     internal AlignedBuffer? BounceBuffer;
@@ -146,7 +145,6 @@ public sealed class BdevIo
         ForwardSavedContext = null;
         ForwardDone = null;
         Remapped = false;
-        RemapDone = false;
         SplitOutstanding = 0;
         SplitFailed = false;
         Status = BdevIoStatus.Pending;

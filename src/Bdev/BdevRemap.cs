@@ -34,17 +34,12 @@ public abstract class BdevRemap
     /// Called on the channel's reactor with a read or a write of the bdev that passed its checks (range, type,
     /// descriptor) and QoS, not yet split (it may cross the bdev's <see cref="Bdev.OptimalIoBoundaryBlocks"/>).
     /// Returns true when the whole range maps to <paramref name="baseOffsetBlocks"/> .. + <see cref="BdevIo.NumBlocks"/>
-    /// of the base, contiguously; false (nothing changed) to let the module do it. On true the implementation may
-    /// have set <see cref="BdevIo.ModuleTag"/> and asked for <see cref="Done"/> (<paramref name="done"/>): the layer
-    /// then calls it exactly once with the tag restored, when the base gives the I/O back (before a NoMemory retry,
-    /// which then goes through the module, and before the caller's callback), or at once when it could not submit
-    /// to the base after all. Must not allocate, block or touch <see cref="BdevIo.ModuleContext"/>.
+    /// of the base, contiguously; false to let the module do it. Must not change the I/O, allocate or block.
+    /// <para>There is no per-I/O hook. A module that must quiesce (stop and wait for) its remapped I/O, e.g. before
+    /// it changes its map, makes <see cref="TryTranslate"/> say no from then on, has every reactor of its channels
+    /// run a message (so a pass that translated before the change has submitted), and waits for
+    /// <see cref="Bdev.RemappedInFlight"/> on the base to reach zero for its bdev: the layer counts every remapped
+    /// I/O on the caller's channel until the base gives it back.</para>
     /// </summary>
-    public abstract bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done);
-
-    /// <summary>The hook a <see cref="TryTranslate"/> that answered <c>done = true</c> gets, once per such I/O (e.g. the
-    /// write count a quiesce waits on). A virtual call, not a delegate stored in the I/O: no per-I/O reference store.</summary>
-    protected internal virtual void Done(BdevIo io)
-    {
-    }
+    public abstract bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks);
 }

@@ -14,8 +14,10 @@ namespace VhostBackend.BdevLvol;
 /// <c>lvs_name/lvol_name</c>. The bdev layer splits I/O at cluster boundaries (<see cref="Bdev.Bdev.OptimalIoBoundaryBlocks"/>),
 /// so each read or write touches one cluster.
 /// <para>Fast path (no allocation, no lock): a read goes to the first blob up the backing chain that has the
-/// cluster (zeroes when none does); a write to an allocated cluster goes straight to the base, counted in its
-/// reactor's <see cref="LvsChannel"/> (no atomic operation) so a snapshot can quiesce them. Slow path (first write to a cluster, a write while the
+/// cluster (zeroes when none does); a write to an allocated cluster goes straight to the base. Most are resolved
+/// by the bdev layer's remap in the caller's pass (<see cref="LvolRemap"/>, counted by the layer); the rest come
+/// here and are counted in their reactor's <see cref="LvsChannel"/> (no atomic operation), so a snapshot can
+/// quiesce both. Slow path (first write to a cluster, a write while the
 /// blob is quiesced, unmap and write zeroes over several clusters or an unallocated one): the data is copied out and the blobstore allocates on its metadata
 /// serializer; the completion is posted back to the submitting reactor.</para>
 /// </summary>
@@ -335,28 +337,28 @@ public sealed class LvsChannel
 
 /// <summary>
 /// An lvol bdev channel's remap fast path (<see cref="BdevRemap"/>), its decision made in the caller's pass: a read
-/// within one cluster that a blob up the backing chain has, or a write within one allocated cluster of a writable,
-/// not quiesced blob (counted in this reactor's <see cref="LvsChannel"/> generation, uncounted by the returned hook).
-/// Anything else (first writes, zero reads, quiesced writes, I/O across clusters, read-only) is left to
-/// <see cref="LvolBdev"/>'s Submit. The blob is read per I/O (a snapshot or inflate swaps what the lvol points at).
+/// within one cluster that a blob up the backing chain has, or a write within one allocated cluster of a writable
+/// blob, while the lvol's blob is not quiesced (frozen). Anything else (first writes, zero reads, I/O while quiesced,
+/// I/O across clusters, read-only) is left to <see cref="LvolBdev"/>'s Submit. The blob is read per I/O (a snapshot
+/// or inflate swaps what the lvol points at). Nothing is counted here: the layer counts remapped I/O in flight on the
+/// caller's channel, and a quiesce waits for that count (<see cref="LvsIoDevice.DrainAsync"/>).
 /// </summary>
 internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int clusterShift) : BdevRemap(baseDesc, ch.Base)
 {
     private readonly ulong _withinMask = (1UL << clusterShift) - 1;
 
-    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
+    public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks)
     {
-        done = false;
         baseOffsetBlocks = 0;
         ulong offset = io.OffsetBlocks;
         ulong within = offset & _withinMask;
-        if (within + io.NumBlocks > _withinMask + 1)
+        var blob = lvol.Blob;
+        if (within + io.NumBlocks > _withinMask + 1 || blob.IsFrozen)
         {
             return false;
         }
 
         ulong ci = offset >> clusterShift;
-        var blob = lvol.Blob;
         if (io.Type == BdevIoType.Read)
         {
             // Past a parent's end the backing reads zeroes (the module does that), whatever the grandparent holds.
@@ -374,20 +376,10 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
         }
 
         // (Read-only needs no check here: the layer refused the write in this same pass, LvolBdev.SupportsIoType.)
-        uint wc;
-        if (blob.IsFrozen || (wc = blob.ClusterAt(ci)) == 0)
-        {
-            return false;
-        }
-
-        ch.EnterFastWrite(io);
+        uint wc = blob.ClusterAt(ci);
         baseOffsetBlocks = ((ulong)wc << clusterShift) + within;
-        done = true;
-        return true;
+        return wc != 0;
     }
-
-    /// <summary>A remapped write is back (or was not submitted after all): uncount it from its generation.</summary>
-    protected override void Done(BdevIo io) => ch.InFlight[(int)io.ModuleTag]--;
 }
 
 /// <summary>The I/O device of one lvstore's base: its per-reactor context is the base channel.</summary>
@@ -400,13 +392,16 @@ public sealed class LvsIoDevice(BdevDesc desc) : IoDevice("lvs:" + desc.Bdev.Nam
     protected override void DestroyChannelContext(Reactor reactor, object context) => BdevDesc.PutIoChannel(((LvsChannel)context).Base);
 
     /// <summary>
-    /// Waits for every fast-path write admitted before the call (SPDK freezes a blob's I/O with a message to
-    /// each channel the same way). The caller has set the blob's <see cref="Blob.Blob.IsFrozen"/> first: a write
-    /// admitted on a reactor after that reactor flipped its generation saw the flag (the message ordered it) and
-    /// took the slow path. Channels made after the channel list was read see the flag as well. Drains run one at
-    /// a time (a second flip must not reuse a generation still draining).
+    /// Waits for every fast-path write of the store admitted before the call, and for every I/O of
+    /// <paramref name="frozen"/>'s lvol remapped before it (SPDK freezes a blob's I/O with a message to each channel
+    /// the same way). The caller has set the blob's <see cref="Blob.Blob.IsFrozen"/> first: an I/O admitted on a
+    /// reactor after that reactor ran this drain's message saw the flag (the message ordered it) and took the module's
+    /// path, where a write waits for the thaw. Module-path writes are counted per reactor in two generations (the
+    /// message flips them); remapped I/O is counted by the bdev layer on the lvol's channels. Channels made after the
+    /// channel list was read see the flag as well. Drains run one at a time (a second flip must not reuse a generation
+    /// still draining).
     /// </summary>
-    public async Task DrainAsync()
+    public async Task DrainAsync(Blob.Blob frozen)
     {
         await _drain.WaitAsync().ConfigureAwait(false);
         try
@@ -428,6 +423,12 @@ public sealed class LvsIoDevice(BdevDesc desc) : IoDevice("lvs:" + desc.Bdev.Nam
                 {
                     await Task.Delay(1).ConfigureAwait(false);
                 }
+            }
+
+            Func<Bdev.Bdev, bool> ofFrozen = b => b is LvolBdev l && l.Lvol.Blob == frozen;
+            while (desc.Bdev.RemappedInFlight(ofFrozen) != 0)
+            {
+                await Task.Delay(1).ConfigureAwait(false);
             }
         }
         finally

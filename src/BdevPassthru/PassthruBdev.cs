@@ -45,10 +45,9 @@ public sealed class PassthruBdev : Bdev.Bdev
 
     private sealed class Identity(BdevDesc baseDesc, BdevChannel baseChannel) : BdevRemap(baseDesc, baseChannel)
     {
-        public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
+        public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks)
         {
             baseOffsetBlocks = io.OffsetBlocks;
-            done = false;
             return true;
         }
     }

@@ -1376,9 +1376,9 @@ public sealed class BlobStore
     }
 
     /// <summary>Waits for every write the I/O layer admitted on its own fast path (not through this store's
-    /// write methods) before the call: set by the lvol bdev module, whose fast-path writes are counted per
-    /// reactor. A quiesce calls it after marking the blob frozen.</summary>
-    public Func<Task>? DrainFastWrites { get; set; }
+    /// write methods) before the call, and for the blob's I/O resolved in the bdev layer's remap: set by the lvol
+    /// bdev module. A quiesce calls it with the blob after marking it frozen.</summary>
+    public Func<Blob, Task>? DrainFastWrites { get; set; }
 
     private async Task QuiesceAsync(Blob b)
     {
@@ -1391,7 +1391,7 @@ public sealed class BlobStore
         }
         if (DrainFastWrites is { } drain)
         {
-            await drain().ConfigureAwait(false);
+            await drain(b).ConfigureAwait(false);
         }
     }
 

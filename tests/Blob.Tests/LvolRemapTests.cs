@@ -96,7 +96,7 @@ public class LvolRemapTests
     }
 
     [Fact]
-    public async Task AQuiesceWaitsForAWriteHeldInTheBaseAndWritesDuringItGoToTheModule()
+    public async Task AQuiesceWaitsForIoHeldInTheBaseAndIoDuringItGoesToTheModule()
     {
         await using var kit = new LvolKit();
         var hold = new HoldingBdev("H0", 16 * MiB / 512);
@@ -107,23 +107,32 @@ public class LvolRemapTests
         hold.HoldForwarded = true;
         var first = GoldenImages.Pattern("Q1", 0, 4096);
         var w1 = kit.Write("lvs/t", 2 * Cluster, first);
-        await WaitFor(() => Task.FromResult(hold.HeldCount == 1));
-        Assert.Equal(0, await module.Ios()); // the held write was resolved in the caller's pass
-        Assert.Equal(1, hold.QueueDepth); // the base's queue depth counts the I/O remapped into it
-        Assert.Equal(1, lvol.QueueDepth);
+        var r1 = kit.Read("lvs/t", 3 * Cluster, 4096);
+        await WaitFor(() => Task.FromResult(hold.HeldCount == 2));
+        Assert.Equal(0, await module.Ios()); // the held write and read were resolved in the caller's pass
+        Assert.Equal(2, hold.QueueDepth); // the base's queue depth counts the I/O remapped into it
+        Assert.Equal(2, lvol.QueueDepth);
+        Assert.Equal(2, hold.RemappedInFlight(b => b == lvol)); // what a quiesce waits on
+        Assert.Equal(0, hold.RemappedInFlight(b => b != lvol));
         var snapshot = kit.Call("bdev_lvol_snapshot", new { lvol_name = "lvs/t", snapshot_name = "s" });
         await Task.Delay(300);
-        Assert.False(snapshot.IsCompleted, "the snapshot did not wait for the write in flight");
+        Assert.False(snapshot.IsCompleted, "the snapshot did not wait for the I/O in flight");
         Assert.False(w1.IsCompleted);
 
         var second = GoldenImages.Pattern("Q2", 0, 4096);
-        var w2 = kit.Write("lvs/t", 2 * Cluster + 4096, second); // while quiesced: to the module, which waits
+        var r2 = kit.Read("lvs/t", 3 * Cluster, 4096); // while quiesced: to the module (reads are not held back there)
         await WaitFor(async () => await module.Ios() == 1);
+        var w2 = kit.Write("lvs/t", 2 * Cluster + 4096, second); // while quiesced: to the module, which waits
+        await WaitFor(async () => await module.Ios() == 2);
+        Assert.Equal(2, hold.RemappedInFlight(b => b == lvol));
         hold.HoldForwarded = false;
         await kit.Main.InvokeAsync(hold.ReleaseHeld);
         Assert.True(await w1.WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Equal(new byte[4096], await r1.WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Equal(new byte[4096], await r2.WaitAsync(TimeSpan.FromSeconds(60)));
         await snapshot.WaitAsync(TimeSpan.FromSeconds(60));
         Assert.True(await w2.WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Equal(0, hold.RemappedInFlight(_ => true));
 
         Assert.Equal(first, await kit.Read("lvs/s", 2 * Cluster, 4096)); // the snapshot holds the write it waited for
         Assert.Equal(new byte[4096], await kit.Read("lvs/s", 2 * Cluster + 4096, 4096)); // not the one after it

@@ -23,7 +23,7 @@ internal enum ShiftVbdevPath
 /// block N + shift. With <see cref="ShiftVbdevPath.Forward"/> its module forwards the I/O when the base takes it
 /// (its own module state set and checked on the way back) and counts <see cref="Forwarded"/> and <see cref="Regular"/>;
 /// with <see cref="ShiftVbdevPath.Remap"/> its remap translates every read and write below <see cref="RefuseFrom"/>
-/// (<see cref="Translated"/>) and asks for the completion hook on writes (<see cref="Done"/>). A source file linked
+/// (<see cref="Translated"/>). A source file linked
 /// into the test projects that check forwarding and remapping (Bdev, BdevRaid).
 /// </summary>
 /// <remarks>
@@ -35,7 +35,6 @@ internal sealed class ShiftVbdevModel : Bdev.Bdev
     private static readonly BdevIoCompletion s_regularDone = static (_, ok, arg) => ((BdevIo)arg!).Complete(ok);
     private static readonly object s_mine = new();
     private const long MyTag = 77;
-    private const long RemapTag = 42;
     private readonly BdevDesc _base;
     private readonly ulong _shift;
     private readonly ShiftVbdevPath _path;
@@ -71,9 +70,6 @@ internal sealed class ShiftVbdevModel : Bdev.Bdev
 
     /// <summary>I/Os the remap translated.</summary>
     public int Translated;
-
-    /// <summary>Calls of the remap's completion hook.</summary>
-    public int Done;
 
     public override bool SupportsIoType(BdevIoType type) => type is BdevIoType.Read or BdevIoType.Write;
 
@@ -137,35 +133,17 @@ internal sealed class ShiftVbdevModel : Bdev.Bdev
 
     private sealed class Remap(ShiftVbdevModel owner, BdevChannel baseChannel) : BdevRemap(owner._base, baseChannel)
     {
-        public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks, out bool done)
+        public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks)
         {
             baseOffsetBlocks = io.OffsetBlocks + owner._shift;
-            done = false;
+            Xunit.Assert.Equal(0, io.ModuleTag); // a fresh I/O: nothing of the module's own yet
             if (io.OffsetBlocks >= owner.RefuseFrom)
             {
                 return false;
             }
 
             owner.Translated++;
-            if (io.Type == BdevIoType.Write)
-            {
-                io.ModuleTag = RemapTag;
-                done = true;
-            }
-
             return true;
-        }
-
-#if BDEV_INTERNALS_VISIBLE
-        protected internal override void Done(BdevIo io) => OnDone(io);
-#else
-        protected override void Done(BdevIo io) => OnDone(io);
-#endif
-
-        private void OnDone(BdevIo io)
-        {
-            Xunit.Assert.Equal(RemapTag, io.ModuleTag); // the remap's tag comes back to its hook
-            owner.Done++;
         }
     }
 

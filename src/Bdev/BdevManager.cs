@@ -142,6 +142,12 @@ public sealed class BdevManager
     /// <summary>Adds a bdev; throws <see cref="BdevExistsException"/> if its name or an alias is taken.</summary>
     public void Register(Bdev bdev)
     {
+        // The layer never asks a bdev per I/O whether it reads (as SPDK's spdk_bdev_read does not): every bdev must.
+        if (!bdev.SupportsIoType(BdevIoType.Read))
+        {
+            throw new ArgumentException($"bdev {bdev.Name} does not support reads");
+        }
+
         lock (_bdevs)
         {
             foreach (var n in bdev.Aliases.Prepend(bdev.Name).Append(bdev.Uuid.ToString()))

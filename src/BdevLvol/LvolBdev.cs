@@ -108,9 +108,8 @@ public sealed class LvolBdev : Bdev.Bdev
                 }
                 // Past a parent's end the backing reads zeroes, whatever the grandparent holds (chains are
                 // loop-free: the store drops looping blobs at load).
-                for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
+                for (var b = blob; b != null && b.TryGetCluster(ci, out uint c); b = b.ParentBlob)
                 {
-                    uint c = b.ClusterAt(ci);
                     if (c != 0)
                     {
                         ulong at = c * _blocksPerCluster + within;
@@ -362,9 +361,8 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
         if (io.Type == BdevIoType.Read)
         {
             // Past a parent's end the backing reads zeroes (the module does that), whatever the grandparent holds.
-            for (var b = blob; b != null && ci < b.NumClusters; b = b.ParentBlob)
+            for (var b = blob; b != null && b.TryGetCluster(ci, out uint c); b = b.ParentBlob)
             {
-                uint c = b.ClusterAt(ci);
                 if (c != 0)
                 {
                     baseOffsetBlocks = ((ulong)c << clusterShift) + within;

@@ -119,9 +119,30 @@ public sealed class Blob
         }
     }
 
-    /// <summary>The device cluster behind blob cluster <paramref name="index"/> (0: not allocated).</summary>
+    /// <summary>The device cluster behind blob cluster <paramref name="index"/> (0: not allocated, or past the end).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] // the lvol remap's per-I/O lookup
-    public uint ClusterAt(ulong index) => index < (ulong)Clusters.Length ? Clusters[index] : 0;
+    public uint ClusterAt(ulong index)
+    {
+        // One read of the map (the md thread publishes a new array on a resize), an int index (no overflow check).
+        var map = Clusters;
+        return index < (uint)map.Length ? map[(int)index] : 0;
+    }
+
+    /// <summary>Whether <paramref name="index"/> is within the blob, and if so the device cluster behind it
+    /// (<paramref name="cluster"/>, 0: not allocated): one read of the map for both (a backing chain's walk).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public bool TryGetCluster(ulong index, out uint cluster)
+    {
+        var map = Clusters;
+        if (index < (uint)map.Length)
+        {
+            cluster = map[(int)index];
+            return true;
+        }
+
+        cluster = 0;
+        return false;
+    }
 
     /// <summary>A first-write allocation being committed: the md written names <see cref="PendingCluster"/> at
     /// <see cref="PendingIndex"/>, while <see cref="Clusters"/> (what I/O sees) shows it only after the commit.</summary>

@@ -41,10 +41,17 @@ run_suite() {
     name="$(basename "$proj" .csproj)"
     log="$logdir/$name.log"
     echo "== $name"
-    dotnet test "$proj" -c Release --no-build -nologo "${filter[@]}" >"$log" 2>&1
+    dotnet test "$proj" -c Release --no-build -nologo --logger "trx;LogFileName=$name.trx" --results-directory "$logdir" "${filter[@]}" >"$log" 2>&1
     local rc=$?
     grep -E -A6 '^\s*Failed |Error Message' "$log" | grep -v '^\s*at System\.' | head -200
     grep -E 'Passed!|Failed!|No test' "$log"
+    # The slowest tests of the suite (the suite's time budget is watched from these), from its TRX results.
+    if [ -f "$logdir/$name.trx" ]; then
+        grep -o '<UnitTestResult [^>]*>' "$logdir/$name.trx" \
+            | sed -nE 's/.*testName="([^"]*)".*duration="([0-9]+):([0-9]+):([0-9]+)(\.[0-9]*)?".*/\2 \3 \4 \1/p' \
+            | awk '{ secs = $1 * 3600 + $2 * 60 + $3; if (secs >= 20) { $1 = $2 = $3 = ""; sub(/^ +/, ""); printf "   %6d s  %s\n", secs, $0 } }' \
+            | sort -rn | head -8
+    fi
     local line
     line="$(grep -E '(Passed|Failed)!  - Failed:' "$log" | tail -1)"
     if [ -n "$line" ]; then

@@ -319,6 +319,25 @@ public class BdevLayerTests
         Assert.Throws<BdevExistsException>(() => m.Register(new NullBdev("N", 10, 512)));
     }
 
+    [Fact]
+    public void A_Bdev_That_Does_Not_Read_Is_Rejected()
+    {
+        // The layer does not ask SupportsIoType per read (as SPDK's spdk_bdev_read): registration is where it is checked.
+        var m = new BdevManager();
+        var e = Assert.Throws<ArgumentException>(() => m.Register(new NoReads("W")));
+        Assert.Contains("W", e.Message);
+        Assert.Null(m.Find("W"));
+    }
+
+    private sealed class NoReads(string name) : Bdev(name, "no reads", 512, 8)
+    {
+        public override bool SupportsIoType(BdevIoType type) => type == BdevIoType.Write;
+
+        protected internal override IoChannel GetModuleChannel(Reactor reactor) => reactor.GetIoChannel(StatelessDevice.Instance);
+
+        protected internal override void Submit(IoChannel moduleChannel, BdevIo io) => io.Complete(BdevIoStatus.Failed);
+    }
+
     [Theory]
     [InlineData(500u)]
     [InlineData(256u)]

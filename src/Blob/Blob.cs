@@ -123,9 +123,8 @@ public sealed class Blob
     [MethodImpl(MethodImplOptions.AggressiveInlining)] // the lvol remap's per-I/O lookup
     public uint ClusterAt(ulong index)
     {
-        // One read of the map (the md thread publishes a new array on a resize), an int index (no overflow check).
-        var map = Clusters;
-        return index < (uint)map.Length ? map[(int)index] : 0;
+        TryGetCluster(index, out uint cluster);
+        return cluster;
     }
 
     /// <summary>Whether <paramref name="index"/> is within the blob, and if so the device cluster behind it
@@ -133,6 +132,7 @@ public sealed class Blob
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public bool TryGetCluster(ulong index, out uint cluster)
     {
+        // One read of the map (the md thread publishes a new array on a resize), an int index (no overflow check).
         var map = Clusters;
         if (index < (uint)map.Length)
         {

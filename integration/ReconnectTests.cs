@@ -71,22 +71,27 @@ public sealed class ReconnectTests(ITestOutputHelper output)
                 BootTimeout = TimeSpan.FromSeconds(120),
             });
 
-            // 12 MiB of 4 KiB writes at 500 IOPS: ~6 s of writing, then the verify pass. The limit sits well below what a
-            // TCG guest under CI load submits, so the QoS queue always holds requests when the daemon is killed (at
-            // 2000 IOPS a slow guest sometimes had nothing in flight and nothing was resubmitted).
+            // 24 MiB of 4 KiB writes at 500 IOPS: ~12 s of writing, then the verify pass. The limit sits well below what
+            // a TCG guest under CI load submits, so the QoS queue always holds requests when the daemon is killed (at
+            // 2000 IOPS a slow guest sometimes had nothing in flight and nothing was resubmitted). 12 MiB (~6 s) was not
+            // enough: when the second fio was slow to start under CI load, the first had finished before the kill.
             // vdb is the packed disk: the guest negotiated the packed layout (feature bit 34).
             Assert.Equal("1", (await Run(guest, "cut -c35 /sys/block/vdb/device/features")).Trim());
             foreach (var (disk, tag) in new[] { ("vda", "fio"), ("vdb", "fio2") })
             {
                 await Run(guest, $"rm -f /tmp/{tag}.rc; (chroot /host /bin/sh -c 'fio --name=crash --filename=/dev/{disk} --ioengine=libaio --direct=1 " +
-                    $"--rw=randwrite --bs=4k --iodepth=32 --size=12M --verify=crc32c --verify_fatal=1 --do_verify=1' >/tmp/{tag}.log 2>&1; echo $? >/tmp/{tag}.rc) >/dev/null 2>&1 & echo started");
+                    $"--rw=randwrite --bs=4k --iodepth=32 --size=24M --verify=crc32c --verify_fatal=1 --do_verify=1' >/tmp/{tag}.log 2>&1; echo $? >/tmp/{tag}.rc) >/dev/null 2>&1 & echo started");
             }
 
             await WaitForIo(daemon, guest, "File0");
             await WaitForIo(daemon, guest, "File1");
 
+            // Both disks must still be in fio's write phase (6144 writes each), or the kill may find one idle and the
+            // check for resubmitted requests below would say nothing about the reconnect.
+            long[] written = [await Ops(daemon, "File0"), await Ops(daemon, "File1")];
+            Assert.True(written.All(w => w < 6144 - 64), $"a disk finished writing before the kill (writes: {string.Join(", ", written)})");
             await daemon.KillAsync();
-            output.WriteLine("vhostd killed under I/O");
+            output.WriteLine($"vhostd killed under I/O (writes so far: {string.Join(", ", written)})");
             await daemon.DisposeAsync();
             await Task.Delay(1500);
             log.Clear();

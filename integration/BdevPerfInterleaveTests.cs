@@ -84,4 +84,82 @@ public sealed class BdevPerfInterleaveTests(ITestOutputHelper output)
             Directory.Delete(dir, recursive: true);
         }
     }
+
+    /// <summary>
+    /// --precondition (ours): each target is written once in full before the jobs open, so a thin lvol is measured fully
+    /// allocated. A thin lvol on a file: a randread run allocates nothing without it (the control: the check can fail)
+    /// and all of the lvol's clusters with it; vhostd then finds the lvstore on the file by examine and reports them.
+    /// </summary>
+    [Fact]
+    public async Task Precondition_fully_allocates_a_thin_lvol_before_the_jobs_open()
+    {
+        var dir = Directory.CreateTempSubdirectory("vb-precondition-").FullName;
+        string file = Path.Combine(dir, "base.img");
+        using (var f = File.Create(file))
+        {
+            f.SetLength(80 << 20);
+        }
+
+        string config = Path.Combine(dir, "bdevs.json");
+        string create = $$$"""{"method": "bdev_aio_create", "params": {"name": "F", "filename": "{{{file}}}", "block_size": 4096}}""";
+        File.WriteAllText(config, $$$"""
+            {"subsystems": [{"subsystem": "bdev", "config": [
+              {{{create}}},
+              {"method": "bdev_lvol_create_lvstore", "params": {"bdev_name": "F", "lvs_name": "lvs", "cluster_sz": 1048576}},
+              {"method": "bdev_lvol_create", "params": {"lvs_name": "lvs", "lvol_name": "v", "size_in_mib": 32, "thin_provision": true}}
+            ]}]}
+            """);
+        string reopen = Path.Combine(dir, "reopen.json");
+        File.WriteAllText(reopen, """{"subsystems": [{"subsystem": "bdev", "config": [""" + create + "]}]}");
+        var log = new List<string>();
+        async Task<long> Allocated()
+        {
+            await using var daemon = await VhostDaemon.StartAsync(dir, l => { lock (log) { log.Add(l); } }, "-c", reopen);
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            while (true)
+            {
+                var all = (JsonArray)(await daemon.CallAsync("bdev_get_bdevs", null))!;
+                if (all.FirstOrDefault(b => b!["aliases"]!.AsArray().Any(a => (string?)a == "lvs/v")) is { } lvol)
+                {
+                    return (long)lvol["driver_specific"]!["lvol"]!["num_allocated_clusters"]!;
+                }
+
+                Assert.True(sw.Elapsed < TimeSpan.FromSeconds(30), "vhostd never found lvs/v on the file by examine");
+                await Task.Delay(200);
+            }
+        }
+
+        try
+        {
+            // Without it: reads of a fresh thin lvol allocate nothing.
+            var plain = await BdevPerf("--json", config, "-T", "lvs/v", "-q", "8", "-o", "4096", "-w", "randread", "-t", "0.5", "--output", "json");
+            Assert.Equal(0, plain.ExitCode);
+            Assert.Equal(0L, await Allocated());
+
+            // With it: the whole lvol written before the (read-only) job opens; the pass is reported per bdev.
+            File.Delete(file);
+            using (var f = File.Create(file))
+            {
+                f.SetLength(80 << 20);
+            }
+
+            var pre = await BdevPerf("--json", config, "-T", "lvs/v", "-q", "8", "-o", "4096", "-w", "randread", "-t", "0.5", "--precondition", "--output", "json");
+            Assert.Equal(0, pre.ExitCode);
+            var doc = JsonNode.Parse(pre.Output[pre.Output.IndexOf('{')..])!;
+            var seconds = doc["precondition_seconds"]!.AsObject();
+            Assert.Single(seconds);
+            Assert.True((double)seconds.Single().Value! > 0);
+            Assert.Equal(0L, (long)doc["total"]!["errors"]!);
+            Assert.Equal(32L, await Allocated());
+        }
+        finally
+        {
+            lock (log)
+            {
+                output.WriteLine(string.Join("\n", log));
+            }
+
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }

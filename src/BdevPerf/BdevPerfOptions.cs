@@ -37,6 +37,9 @@ public sealed class BdevPerfCommandLine
           -T, --target BDEV      test only this bdev (repeatable); default: all bdevs of the config
           -C                     every core runs a job on every bdev (default: bdevs spread over cores)
           -W, --warmup SECONDS   warm-up before measuring (default 0)
+          --precondition         before the jobs open, write each target once in full, in order, in I/Os of up
+                                 to 1 MiB through a channel of its own (a thin lvol is then fully allocated, and
+                                 the jobs start from the state a filled disk is in; ours, not SPDK's)
           --buf-offset N         start each I/O buffer N bytes (0-4095) into a page (default 0: page aligned);
                                  exercises drivers with misaligned buffers (ours, not SPDK's)
           --remap-memory MS      (virtio-user bdevs) re-send the memory table every MS ms while the test runs,
@@ -129,6 +132,9 @@ public sealed class BdevPerfCommandLine
                 case "-W":
                 case "--warmup":
                     o.Perf.WarmupSeconds = ParseDouble(a, Value(), 0, 3600);
+                    break;
+                case "--precondition":
+                    o.Perf.Precondition = true;
                     break;
                 case "--buf-offset":
                     o.Perf.BufferOffset = ParseInt(a, Value(), 0, 4095);

@@ -37,6 +37,12 @@ public sealed class PerfOptions
 
     /// <summary>--interleave: the jobs (all on one reactor) take turns of this many ms (0: all run at once).</summary>
     public int InterleaveMs { get; set; }
+
+    /// <summary>--precondition: before the jobs open, each target is written once in full (a thin lvol fully allocated).</summary>
+    public bool Precondition { get; set; }
+
+    /// <summary>The job writes each I/O slot once, in order, and then ends by itself (the precondition pass).</summary>
+    internal bool SinglePass { get; set; }
 }
 
 /// <summary>One task slot: its own DMA-able buffers and a cached wait entry; reused for every I/O it issues.</summary>
@@ -288,6 +294,34 @@ public sealed class PerfJob
         }
     }
 
+    /// <summary>
+    /// <see cref="PerfOptions.SinglePass"/>: issues every I/O slot once in order; the task completes when the last is
+    /// back (the channel is then put and the buffers freed). Runs on the job's reactor.
+    /// </summary>
+    public Task RunSinglePass()
+    {
+        if (!_options.SinglePass)
+        {
+            throw new InvalidOperationException("not a single-pass job");
+        }
+
+        _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Start();
+        EndPassIfIdle();
+        return _drained.Task;
+    }
+
+    /// <summary>A single pass with nothing left to issue and nothing in flight is over.</summary>
+    private void EndPassIfIdle()
+    {
+        if (_inflight == 0 && !_stopping && _drained is not null)
+        {
+            EndMeasuring();
+            _stopping = true;
+            Finish();
+        }
+    }
+
     /// <summary>Stops issuing; the task completes when the last I/O is back. Runs on the job's reactor.</summary>
     public Task StopAsync()
     {
@@ -346,6 +380,12 @@ public sealed class PerfJob
         if (_paused)
         {
             _parked[_parkedCount++] = t;
+            return;
+        }
+
+        if (_options.SinglePass && _nextSeq >= _ioSlots)
+        {
+            EndPassIfIdle();
             return;
         }
 
@@ -414,6 +454,11 @@ public sealed class PerfJob
         {
             SubmitErrors++;
             Errors++;
+            if (_options.SinglePass)
+            {
+                EndPassIfIdle();
+            }
+
             return;
         }
 

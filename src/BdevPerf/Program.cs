@@ -369,6 +369,11 @@ public static class Program
             io /= 2;
         }
 
+        if (io % bdev.BlockSize != 0)
+        {
+            io = (int)bdev.BlockSize; // a block size that is not a power of two: one block per I/O
+        }
+
         var o = new PerfOptions { Workload = Workload.Write, IoSize = io, QueueDepth = 8, SinglePass = true };
         var sw = Stopwatch.StartNew();
         var job = await reactor.InvokeAsync(() => new PerfJob(app.Bdevs.Open(bdev.Name, true), reactor, o, app.SharedMemory));

@@ -62,6 +62,9 @@ public sealed class BdevChannel
     private readonly Bdev? _remapBaseBdev;
     private readonly IoChannel? _remapBaseModule;
     private readonly BdevDesc? _remapDesc;
+    private readonly StrongBox<uint[]>? _remapMap; // the remap's extent map, or null
+    private readonly int _remapShift;
+    private readonly ulong _remapExtentMask; // blocks per extent - 1
 
     /// <summary>Latency histogram (<see cref="BdevLatencyHistogram"/>), written only on this reactor.</summary>
     internal readonly long[] Latency = new long[BdevLatencyHistogram.Length];
@@ -96,6 +99,9 @@ public sealed class BdevChannel
             _remapBaseBdev = remap.Base.Bdev;
             _remapBaseModule = remap.Base._moduleChannel;
             _remapDesc = remap.BaseDesc;
+            _remapMap = remap.ExtentMap;
+            _remapShift = remap.ExtentShift;
+            _remapExtentMask = (1UL << remap.ExtentShift) - 1;
             RemapLatency = new long[BdevLatencyHistogram.Length];
             remap.Base.Bdev.AddRemapSource(this);
         }
@@ -244,7 +250,22 @@ public sealed class BdevChannel
         var desc = _remapDesc!;
         var baseBdev = _remapBaseBdev!;
         if (type > BdevIoType.Write || baseBdev.Qos is not null || desc.IsClosed
-            || (type == BdevIoType.Write && !desc.Writable) || !remap.TryTranslate(io, out ulong at))
+            || (type == BdevIoType.Write && !desc.Writable))
+        {
+            return false;
+        }
+
+        // The extent map first (no call): one read of the published array, an int index.
+        ulong at;
+        uint extent;
+        ulong offset = io.OffsetBlocks;
+        ulong within = offset & _remapExtentMask;
+        if (_remapMap is { } box && box.Value is { } map && within + io.NumBlocks <= _remapExtentMask + 1
+            && offset >> _remapShift < (uint)map.Length && (extent = map[(int)(offset >> _remapShift)]) != 0)
+        {
+            at = ((ulong)extent << _remapShift) + within;
+        }
+        else if (!remap.TryTranslate(io, out at))
         {
             return false;
         }

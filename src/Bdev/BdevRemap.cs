@@ -1,3 +1,5 @@
+using System.Runtime.CompilerServices;
+
 namespace VhostBackend.Bdev;
 
 /// <summary>
@@ -23,6 +25,32 @@ public abstract class BdevRemap
         BaseDesc = baseDesc;
         Base = baseChannel;
     }
+
+    /// <summary>
+    /// A remap that also hands the layer its map of fixed-size extents, so that the common case costs no call:
+    /// <paramref name="extentMap"/>'s <c>Value[i]</c> is the base extent behind the bdev's extent <c>i</c>, extents
+    /// of <c>1 &lt;&lt; <paramref name="extentShift"/></c> blocks on both, 0 meaning "ask <see cref="TryTranslate"/>".
+    /// The layer reads <c>Value</c> once per I/O, and for an I/O within one extent whose entry is non-zero it
+    /// translates by itself; anything else (an entry of 0, past the map's end, across extents) it asks
+    /// <see cref="TryTranslate"/>. The module may set entries in place and publish another array at any time; to
+    /// quiesce it publishes an array in which nothing it must hold back is mapped (e.g. an empty one), then does
+    /// what <see cref="TryTranslate"/> describes.
+    /// </summary>
+    protected BdevRemap(BdevDesc baseDesc, BdevChannel baseChannel, StrongBox<uint[]> extentMap, int extentShift)
+        : this(baseDesc, baseChannel)
+    {
+        ArgumentNullException.ThrowIfNull(extentMap);
+        ArgumentOutOfRangeException.ThrowIfNegative(extentShift);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(extentShift, 31);
+        ExtentMap = extentMap;
+        ExtentShift = extentShift;
+    }
+
+    /// <summary>The extent map the layer reads itself, or null (every I/O asks <see cref="TryTranslate"/>).</summary>
+    public StrongBox<uint[]>? ExtentMap { get; }
+
+    /// <summary>The log2 of an extent's size in blocks (with <see cref="ExtentMap"/>).</summary>
+    public int ExtentShift { get; }
 
     /// <summary>The descriptor the module holds on the base (checked per I/O: closed, writable).</summary>
     public BdevDesc BaseDesc { get; }

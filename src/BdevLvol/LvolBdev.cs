@@ -338,11 +338,14 @@ public sealed class LvsChannel
 /// An lvol bdev channel's remap fast path (<see cref="BdevRemap"/>), its decision made in the caller's pass: a read
 /// within one cluster that a blob up the backing chain has, or a write within one allocated cluster of a writable
 /// blob, while the lvol's blob is not quiesced (frozen). Anything else (first writes, zero reads, I/O while quiesced,
-/// I/O across clusters, read-only) is left to <see cref="LvolBdev"/>'s Submit. The blob is read per I/O (a snapshot
-/// or inflate swaps what the lvol points at). Nothing is counted here: the layer counts remapped I/O in flight on the
+/// I/O across clusters, read-only) is left to <see cref="LvolBdev"/>'s Submit. The layer looks the lvol's own
+/// allocated clusters up itself, in the blob's <see cref="Blob.Blob.IoClusters"/> (empty while the blob is frozen; a
+/// resize or snapshot publishes the new map), and asks <see cref="TryTranslate"/> only for the rest: reads down the
+/// backing chain, and I/O it will refuse. Nothing is counted here: the layer counts remapped I/O in flight on the
 /// caller's channel, and a quiesce waits for that count (<see cref="LvsIoDevice.DrainAsync"/>).
 /// </summary>
-internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int clusterShift) : BdevRemap(baseDesc, ch.Base)
+internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int clusterShift)
+    : BdevRemap(baseDesc, ch.Base, lvol.Blob.IoClusters, clusterShift)
 {
     private readonly ulong _withinMask = (1UL << clusterShift) - 1;
 
@@ -357,7 +360,7 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
             return false;
         }
 
-        ulong ci = offset >> clusterShift;
+        ulong ci = offset >> ExtentShift;
         if (io.Type == BdevIoType.Read)
         {
             // Past a parent's end the backing reads zeroes (the module does that), whatever the grandparent holds.
@@ -365,7 +368,7 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
             {
                 if (c != 0)
                 {
-                    baseOffsetBlocks = ((ulong)c << clusterShift) + within;
+                    baseOffsetBlocks = ((ulong)c << ExtentShift) + within;
                     return true;
                 }
             }
@@ -375,7 +378,7 @@ internal sealed class LvolRemap(Lvol lvol, LvsChannel ch, BdevDesc baseDesc, int
 
         // (Read-only needs no check here: the layer refused the write in this same pass, LvolBdev.SupportsIoType.)
         uint wc = blob.ClusterAt(ci);
-        baseOffsetBlocks = ((ulong)wc << clusterShift) + within;
+        baseOffsetBlocks = ((ulong)wc << ExtentShift) + within;
         return wc != 0;
     }
 }

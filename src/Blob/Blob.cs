@@ -18,7 +18,45 @@ public sealed class Blob
 
     internal uint FirstPage => (uint)Id;
 
-    internal uint[] Clusters = [];
+    private uint[] _clusters = [];
+    private readonly Lock _ioClustersLock = new();
+
+    /// <summary>The cluster map (see the class); setting it publishes it to <see cref="IoClusters"/>.</summary>
+    internal uint[] Clusters
+    {
+        get => _clusters;
+        set
+        {
+            _clusters = value;
+            PublishIoClusters();
+        }
+    }
+
+    /// <summary>
+    /// The cluster map as I/O threads may use it without asking the store: the same array as the blob's map
+    /// (allocations appear in it in place, a resize or snapshot publishes a new one) while the blob takes fast-path
+    /// I/O, and an empty one while it is frozen (<see cref="IsFrozen"/>), so a lookup then finds nothing and the I/O
+    /// takes the module's path. Read once per I/O (the lvol's remap hands it to the bdev layer).
+    /// </summary>
+    public StrongBox<uint[]> IoClusters { get; } = new([]);
+
+    // Every change of the map or of the frozen state publishes after making it; the lock makes the last publisher
+    // see both (a thaw racing a map change cannot leave a stale map published).
+    private void PublishIoClusters()
+    {
+        lock (_ioClustersLock)
+        {
+            Volatile.Write(ref IoClusters.Value, Volatile.Read(ref Frozen) == null ? _clusters : []);
+        }
+    }
+
+    /// <summary>Freezes (a non-null <paramref name="frozen"/>) or thaws the blob's I/O; returns the previous state.</summary>
+    internal TaskCompletionSource? SetFrozen(TaskCompletionSource? frozen)
+    {
+        var previous = Interlocked.Exchange(ref Frozen, frozen);
+        PublishIoClusters();
+        return previous;
+    }
     internal uint[] ExtentPages = [];
     internal bool UseExtentTable = true;
     /// <summary>The md pages of the chain: [0] is the blob id's page, the rest continuation pages.</summary>
@@ -66,7 +104,8 @@ public sealed class Blob
 
     /// <summary>Writes in flight on the bdev path (see <see cref="Frozen"/>).</summary>
     internal int InFlightWrites;
-    /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it.</summary>
+    /// <summary>Set while the blob's writes are quiesced (snapshot, inflate); writers then wait on it. Changed only
+    /// through <see cref="SetFrozen"/>.</summary>
     internal TaskCompletionSource? Frozen;
 
     /// <summary>True while writes are quiesced: a writer on the fast path takes the slow one.</summary>
@@ -225,7 +264,9 @@ public sealed class Blob
 
     internal void ResizeMaps(ulong clusters)
     {
-        Array.Resize(ref Clusters, checked((int)clusters));
+        var map = _clusters;
+        Array.Resize(ref map, checked((int)clusters));
+        Clusters = map;
         Array.Resize(ref ExtentPages, BlobFormat.DivRoundUp((long)clusters, BlobFormat.ExtentsPerPage));
     }
 }

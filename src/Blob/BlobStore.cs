@@ -1383,8 +1383,7 @@ public sealed class BlobStore
     private async Task QuiesceAsync(Blob b)
     {
         var tcs = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        Volatile.Write(ref b.Frozen, tcs);
-        Interlocked.MemoryBarrier();
+        b.SetFrozen(tcs); // a full fence: the count below is read after the flag is visible
         while (Volatile.Read(ref b.InFlightWrites) != 0)
         {
             await Task.Delay(1).ConfigureAwait(false);
@@ -1397,7 +1396,7 @@ public sealed class BlobStore
 
     private static void Unquiesce(Blob b)
     {
-        var tcs = Interlocked.Exchange(ref b.Frozen, null);
+        var tcs = b.SetFrozen(null);
         tcs?.TrySetResult();
     }
 

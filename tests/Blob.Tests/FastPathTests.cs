@@ -61,6 +61,51 @@ public class FastPathTests
     }
 
     [Fact]
+    public async Task TheIoClusterMapIsTheBlobsMapAndEmptyWhileFrozen()
+    {
+        var dev = new MemoryBlobDevice(512, 16 * MiB / 512);
+        var lvs = await LvolStore.CreateAsync(dev, "lvs", Cluster);
+        var v = await lvs.CreateLvolAsync("v", 4 * Cluster, thinProvision: true);
+        var b = v.Blob;
+        Assert.Same(b.Clusters, b.IoClusters.Value);
+        Assert.Equal(new uint[4], b.IoClusters.Value);
+
+        await lvs.WriteAsync(v, Cluster, GoldenImages.Pattern("V", Cluster, 4096)); // a first write: set in place
+        Assert.Same(b.Clusters, b.IoClusters.Value);
+        Assert.NotEqual(0u, b.IoClusters.Value![1]);
+
+        await lvs.ResizeLvolAsync(v, 8 * Cluster); // a new array, published
+        Assert.Same(b.Clusters, b.IoClusters.Value);
+        Assert.Equal(8, b.IoClusters.Value!.Length);
+
+        // A snapshot freezes the origin: nothing is mapped for I/O while it drains, and its new map afterwards.
+        uint moved = b.ClusterAt(1);
+        int? lengthWhileFrozen = null;
+        lvs.BlobStore.DrainFastWrites = frozen =>
+        {
+            if (frozen == b)
+            {
+                lengthWhileFrozen = frozen.IoClusters.Value!.Length;
+            }
+            return Task.CompletedTask;
+        };
+        var snap = await lvs.SnapshotAsync(v, "s");
+        Assert.Equal(0, lengthWhileFrozen);
+        Assert.False(b.IsFrozen);
+        Assert.Same(b.Clusters, b.IoClusters.Value);
+        Assert.Equal(new uint[8], b.IoClusters.Value); // the origin's clusters now belong to the snapshot
+        Assert.Same(snap.Blob.Clusters, snap.Blob.IoClusters.Value);
+        Assert.Equal(moved, snap.Blob.IoClusters.Value![1]);
+
+        // A store loaded from the device publishes what it read.
+        await lvs.UnloadAsync();
+        var again = await LvolStore.LoadAsync(dev);
+        var s2 = again.Lvols.Single(l => l.Name == "s").Blob;
+        Assert.Same(s2.Clusters, s2.IoClusters.Value);
+        Assert.Equal(moved, s2.IoClusters.Value![1]);
+    }
+
+    [Fact]
     public async Task AFirstWriteWithNothingUnderTheClusterWritesItsBytesAndZeroesTheRest()
     {
         var dev = new MemoryBlobDevice(512, 16 * MiB / 512);

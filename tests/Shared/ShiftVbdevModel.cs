@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using VhostBackend.Bdev;
 using VhostBackend.Reactors;
 
@@ -41,14 +42,24 @@ internal sealed class ShiftVbdevModel : Bdev.Bdev
     private readonly Channels _device;
     private bool _inSubmit;
 
-    public ShiftVbdevModel(string name, BdevDesc baseDesc, ulong shift, ulong blocks, ShiftVbdevPath path = ShiftVbdevPath.Forward)
+    public ShiftVbdevModel(string name, BdevDesc baseDesc, ulong shift, ulong blocks, ShiftVbdevPath path = ShiftVbdevPath.Forward,
+        int extentShift = -1)
         : base(name, "Shift model", baseDesc.Bdev.BlockSize, blocks)
     {
         _base = baseDesc;
         _shift = shift;
         _path = path;
         _device = new Channels(baseDesc, name);
+        _extentShift = extentShift;
+        ExtentMap = extentShift >= 0 ? new StrongBox<uint[]>([]) : null;
     }
+
+    private readonly int _extentShift;
+
+    /// <summary>With an extent shift, the remap's extent map (<see cref="BdevRemap.ExtentMap"/>): the layer maps an
+    /// I/O within extent i whose entry is non-zero to that base extent without asking the remap; the rest is asked
+    /// (and shifted as without a map).</summary>
+    public StrongBox<uint[]>? ExtentMap { get; }
 
     /// <summary>Module submits (forwarded or regular).</summary>
     public int ModuleSubmits;
@@ -88,7 +99,9 @@ internal sealed class ShiftVbdevModel : Bdev.Bdev
 #endif
 
     private Remap? NewRemap(IoChannel moduleChannel)
-        => _path == ShiftVbdevPath.Remap ? new Remap(this, (BdevChannel)moduleChannel.Context) : null;
+        => _path != ShiftVbdevPath.Remap ? null
+            : ExtentMap is { } map ? new Remap(this, (BdevChannel)moduleChannel.Context, map)
+            : new Remap(this, (BdevChannel)moduleChannel.Context);
 
     private void SubmitToBase(IoChannel moduleChannel, BdevIo io)
     {
@@ -131,8 +144,15 @@ internal sealed class ShiftVbdevModel : Bdev.Bdev
         self.ModuleStateChanged |= io.ModuleContext != s_mine || io.ModuleTag != MyTag;
     };
 
-    private sealed class Remap(ShiftVbdevModel owner, BdevChannel baseChannel) : BdevRemap(owner._base, baseChannel)
+    private sealed class Remap : BdevRemap
     {
+        private readonly ShiftVbdevModel owner;
+
+        public Remap(ShiftVbdevModel owner, BdevChannel baseChannel) : base(owner._base, baseChannel) => this.owner = owner;
+
+        public Remap(ShiftVbdevModel owner, BdevChannel baseChannel, StrongBox<uint[]> map)
+            : base(owner._base, baseChannel, map, owner._extentShift) => this.owner = owner;
+
         public override bool TryTranslate(BdevIo io, out ulong baseOffsetBlocks)
         {
             baseOffsetBlocks = io.OffsetBlocks + owner._shift;

@@ -121,6 +121,59 @@ public class RemapTests
     }
 
     [Fact]
+    public async Task An_Extent_Map_Is_Looked_Up_By_The_Layer_And_The_Remap_Is_Asked_For_The_Rest()
+    {
+        await using var kit = new BdevTestKit();
+        var malloc = new MallocBdev("M", 256, 512);
+        kit.Bdevs.Register(malloc);
+        using var baseDesc = kit.Bdevs.Open("M", write: true);
+        // Extents of 8 blocks; the remap itself (asked) maps block N to N + 100, the map to extent map[N / 8].
+        var remap = new ShiftVbdevModel("R", baseDesc, 100, 64, ShiftVbdevPath.Remap, extentShift: 3);
+        kit.Bdevs.Register(remap);
+        var box = remap.ExtentMap!;
+        box.Value = [5, 0, 0, 0, 0, 0, 0, 0];
+        using var desc = kit.Bdevs.Open("R", write: true);
+        using var check = kit.Bdevs.Open("M", write: false);
+        using var buf = new NativeBuffer(4096);
+        byte fill = 0;
+
+        async Task WriteAndFind(ulong offset, uint blocks, ulong expectedBaseBlock, (int Translated, int ModuleSubmits) expected)
+        {
+            fill++;
+            buf.Span[..4096].Fill(fill);
+            Assert.Equal((0, true), await kit.Io(desc, (ch, cb) => ch.Write(desc, buf.Split(0, (int)blocks * 512), offset, blocks, cb, null)));
+            Assert.Equal(expected, (remap.Translated, remap.ModuleSubmits));
+            buf.Span[..4096].Clear();
+            Assert.Equal((0, true), await kit.Io(check, (ch, cb) => ch.Read(check, buf.Split(0, (int)blocks * 512), expectedBaseBlock, blocks, cb, null)));
+            Assert.True(buf.Span[..((int)blocks * 512)].IndexOfAnyExcept(fill) < 0,
+                $"a write of {blocks} blocks at {offset} was expected at base block {expectedBaseBlock}");
+        }
+
+        // Within a mapped extent: the layer translates, the remap is not asked.
+        await WriteAndFind(3, 2, 5 * 8 + 3, (0, 0));
+        Assert.Equal((0, true), await kit.Io(desc, (ch, cb) => ch.Read(desc, buf.Split(0, 1024), 3, 2, cb, null)));
+        Assert.True(buf.Span[..1024].IndexOfAnyExcept(fill) < 0, "the read went through the map too");
+        Assert.Equal((0, 0), (remap.Translated, remap.ModuleSubmits));
+        // An entry of 0, and an I/O across two extents: the remap is asked.
+        await WriteAndFind(8, 1, 108, (1, 0));
+        await WriteAndFind(6, 4, 106, (2, 0));
+        // An entry set in place, and another array published: both seen by the next I/O.
+        box.Value[2] = 9;
+        await WriteAndFind(16, 8, 72, (2, 0));
+        box.Value = [11];
+        await WriteAndFind(0, 1, 88, (2, 0));
+        await WriteAndFind(16, 8, 116, (3, 0)); // past the new map's end
+        // An empty map (a quiesce): everything is asked.
+        box.Value = [];
+        await WriteAndFind(0, 8, 100, (4, 0));
+        // A map entry past the base's end: the module's path (its regular I/O at N + 100).
+        box.Value = [32];
+        await WriteAndFind(1, 1, 101, (4, 1));
+        var stats = remap.GetStats();
+        Assert.Equal((8L, 1L), (stats.NumWriteOps, stats.NumReadOps));
+    }
+
+    [Fact]
     public async Task No_Remap_Over_A_Base_That_Would_Split_Or_Does_Not_Take_Forwarded_Io()
     {
         await using var kit = new BdevTestKit();

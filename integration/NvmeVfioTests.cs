@@ -491,9 +491,10 @@ public sealed class NvmeVfioTests(ITestOutputHelper output)
         output.WriteLine(cfg.Output);
         Assert.Contains($"{Addr512}  0x1b36 0x0010 vfio-pci", cfg.Output, StringComparison.Ordinal);
 
-        // vhostd up, bdevperf reading through vhost-blk; wait until reads reach the NVMe bdev. The front end runs for
+        // vhostd up, bdevperf reading through vhost-blk; wait until reads reach the NVMe bdev. The front end is given
         // 180 s: each vhostctl in the guest is a dotnet start under TCG (tens of seconds on a loaded host), and with a
-        // 60-s run the removal once came after the front end had finished (no I/O left to fail).
+        // 60-s run the removal once came after the front end had finished (no I/O left to fail). It ends at its first
+        // failed I/O (no -f, as SPDK's bdevperf), so the wait for it below ends soon after the removal.
         var sw = Stopwatch.StartNew();
         var run = await guest.ExecHostAsync(
             $"cd {repo}; mkdir -p /tmp/vsh; rm -f /tmp/vsh/* /tmp/vdh.sock; "

@@ -37,6 +37,9 @@ public sealed class BdevPerfCommandLine
           -T, --target BDEV      test only this bdev (repeatable); default: all bdevs of the config
           -C                     every core runs a job on every bdev (default: bdevs spread over cores)
           -W, --warmup SECONDS   warm-up before measuring (default 0)
+          -f                     continue after a failed I/O (SPDK's -f; without it, as SPDK's bdevperf, the
+                                 first failed I/O ends the test: every job stops issuing, drains and reports;
+                                 a miscompare or a refused submit ends its own job either way)
           --precondition         before the jobs open, write each target once in full, in order, in I/Os of up
                                  to 1 MiB through a channel of its own (a thin lvol is then fully allocated, and
                                  the jobs start from the state a filled disk is in; ours, not SPDK's)
@@ -132,6 +135,9 @@ public sealed class BdevPerfCommandLine
                 case "-W":
                 case "--warmup":
                     o.Perf.WarmupSeconds = ParseDouble(a, Value(), 0, 3600);
+                    break;
+                case "-f":
+                    o.Perf.ContinueOnFailure = true;
                     break;
                 case "--precondition":
                     o.Perf.Precondition = true;

@@ -41,6 +41,13 @@ public sealed class PerfOptions
     /// <summary>--precondition: before the jobs open, each target is written once in full (a thin lvol fully allocated).</summary>
     public bool Precondition { get; set; }
 
+    /// <summary>-f (SPDK's continue_on_failure): a failed I/O is counted and the job goes on. Without it the first
+    /// failed I/O ends the test (<see cref="PerfJob.Ended"/> with <c>failure: true</c>).</summary>
+    public bool ContinueOnFailure { get; set; }
+
+    /// <summary>Where a job's end-on-error line goes (SPDK prints it on stdout; JSON output sends it to stderr).</summary>
+    public TextWriter Messages { get; set; } = Console.Out;
+
     /// <summary>The job writes each I/O slot once, in order, and then ends by itself (the precondition pass).</summary>
     internal bool SinglePass { get; set; }
 }
@@ -266,6 +273,11 @@ public sealed class PerfJob
     /// <summary>Warm-up is over: reset the counters. Runs on the job's reactor.</summary>
     public void BeginMeasuring()
     {
+        if (_measureEnd != 0)
+        {
+            return; // ended on an error during the warm-up: its time runs from its start
+        }
+
         _measuring = true;
         Ios = Bytes = 0;
         _measureStart = Ticks.Now();
@@ -320,6 +332,32 @@ public sealed class PerfJob
             _stopping = true;
             Finish();
         }
+    }
+
+    /// <summary>The job ended on an error before the run's end (SPDK's drain): a failed I/O without
+    /// <see cref="PerfOptions.ContinueOnFailure"/>, a miscompare or a refused submit.</summary>
+    public bool EndedWithError { get; private set; }
+
+    /// <summary>
+    /// Called on the job's reactor, once, when the job ends on an error: <c>failure</c> is true for a failed I/O
+    /// (which ends the whole test, as SPDK's <c>g_error_to_exit</c>), false for what ends only this job.
+    /// </summary>
+    public Action<PerfJob, bool>? Ended { get; set; }
+
+    /// <summary>Ends the job on an error, as SPDK's bdevperf drains a job: its measured time ends here, it issues
+    /// nothing more, and what is in flight completes (the run's stop waits for it).</summary>
+    private void EndOnError(string message, bool failure)
+    {
+        if (_stopping)
+        {
+            return;
+        }
+
+        EndedWithError = true;
+        EndMeasuring();
+        _stopping = true;
+        _options.Messages.WriteLine(message);
+        Ended?.Invoke(this, failure);
     }
 
     /// <summary>Stops issuing; the task completes when the last I/O is back. Runs on the job's reactor.</summary>
@@ -458,6 +496,10 @@ public sealed class PerfJob
             {
                 EndPassIfIdle();
             }
+            else
+            {
+                EndOnError($"Failed to submit bdev_io: {rc}", failure: false); // SPDK drains the job whatever -f says
+            }
 
             return;
         }
@@ -484,6 +526,10 @@ public sealed class PerfJob
         if (!ok)
         {
             Errors++;
+            if (!_options.ContinueOnFailure && !_options.SinglePass)
+            {
+                EndOnError($"task offset: {t.Offset} on job bdev={Desc.Bdev.Name} fails", failure: true);
+            }
         }
         else if (_measuring && !_paused)
         {
@@ -504,15 +550,16 @@ public sealed class PerfJob
                 if (!t.Buffer[.._options.IoSize].SequenceEqual(t.ReadBuffer[.._options.IoSize]))
                 {
                     Miscompares++;
+                    EndOnError($"Buffer mismatch! Target: {Desc.Bdev.Name} Disk Offset: {t.Offset}", failure: false);
                 }
             }
         }
 
         if (_stopping)
         {
-            if (_inflight == 0)
+            if (_inflight == 0 && _drained is not null)
             {
-                Finish();
+                Finish(); // else ended on an error: StopAsync finishes it
             }
 
             return;

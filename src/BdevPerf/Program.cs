@@ -143,6 +143,7 @@ public static class Program
                     RemapMemoryMs = cl.Perf.RemapMemoryMs,
                     InterleaveMs = cl.Perf.InterleaveMs,
                     Precondition = cl.Perf.Precondition,
+                    ContinueOnFailure = cl.Perf.ContinueOnFailure,
                 };
                 try
                 {
@@ -261,6 +262,22 @@ public static class Program
             jobs.Add(job);
         }
 
+        // SPDK's end on error: a failed I/O (without -f) ends the test; a job ended by its own error (a miscompare, a
+        // refused submit) ends it when every job has.
+        perf.Messages = cl.JsonOutput ? Console.Error : Console.Out;
+        var endedEarly = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        int jobsEnded = 0;
+        foreach (var j in jobs)
+        {
+            j.Ended = (_, failure) =>
+            {
+                if (Interlocked.Increment(ref jobsEnded) == jobs.Count || failure)
+                {
+                    endedEarly.TrySetResult();
+                }
+            };
+        }
+
         string header = $"Running {perf.Workload.ToString().ToLowerInvariant()} for {perf.Seconds} s: queue depth {perf.QueueDepth}, I/O size {perf.IoSize}, {jobs.Count} job(s) on cores {cl.CpuMask}";
         if (!cl.JsonOutput)
         {
@@ -304,18 +321,25 @@ public static class Program
 
         if (perf.WarmupSeconds > 0)
         {
-            await Task.Delay(TimeSpan.FromSeconds(perf.WarmupSeconds));
-            foreach (var j in jobs)
+            await Task.WhenAny(Task.Delay(TimeSpan.FromSeconds(perf.WarmupSeconds)), endedEarly.Task);
+            if (!endedEarly.Task.IsCompleted)
             {
-                await j.Reactor.InvokeAsync(j.BeginMeasuring);
-            }
+                foreach (var j in jobs)
+                {
+                    await j.Reactor.InvokeAsync(j.BeginMeasuring);
+                }
 
-            cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
+                cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
+            }
         }
 
         using var remapStop = new CancellationTokenSource();
         var remap = perf.RemapMemoryMs > 0 ? Task.Run(() => RemapLoop(jobs, perf.RemapMemoryMs, remapStop.Token)) : Task.FromResult(0);
-        await Task.Delay(TimeSpan.FromSeconds(perf.Seconds));
+        if (!endedEarly.Task.IsCompleted)
+        {
+            await Task.WhenAny(Task.Delay(TimeSpan.FromSeconds(perf.Seconds)), endedEarly.Task);
+        }
+
         remapStop.Cancel();
         int remaps = await remap;
         if (perf.RemapMemoryMs > 0 && !cl.JsonOutput)
@@ -468,12 +492,19 @@ public static class Program
                 {
                     Console.WriteLine($"  {j.Errors} I/O errors, {j.Miscompares} miscompares");
                 }
+
+                if (j.EndedWithError)
+                {
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $" Job: {j.Desc.Bdev.Name} ended in about {j.ElapsedSeconds:F2} seconds with error"));
+                }
             }
 
             var row = new JsonObject
             {
                 ["bdev"] = j.Desc.Bdev.Name,
                 ["core"] = j.Reactor.Core,
+                ["status"] = j.EndedWithError ? "failed" : "finished",
+                ["runtime"] = Math.Round(j.ElapsedSeconds, 3),
                 ["ios"] = j.Ios,
                 ["iops"] = Math.Round(jobIops, 2),
                 ["mibps"] = Math.Round(jobMib, 2),
@@ -547,6 +578,8 @@ public static class Program
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"CPU {cpu.TotalSeconds:F2} s ({cpuPerIoUs:F3} us per I/O), {allocPerIo:F3} bytes allocated per I/O on the reactors, {errors} errors, {miscompares} miscompares"));
         }
 
-        return errors > 0 || miscompares > 0 || ios == 0 ? 1 : 0;
+        // As SPDK's: with -f failed I/O is counted and the run still succeeds; a refused submit or a miscompare fails it.
+        long submitErrors = jobs.Sum(j => j.SubmitErrors);
+        return (errors > 0 && !perf.ContinueOnFailure) || submitErrors > 0 || miscompares > 0 || ios == 0 ? 1 : 0;
     }
 }

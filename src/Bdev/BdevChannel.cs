@@ -255,7 +255,8 @@ public sealed class BdevChannel
             return false;
         }
 
-        // The extent map first (no call): one read of the published array, an int index.
+        // The extent map first (no call): one read of the published array, an int index. (The remap's answer goes
+        // through a local of its own: `at` is not address-taken, so it stays in a register.)
         ulong at;
         uint extent;
         ulong offset = io.OffsetBlocks;
@@ -265,7 +266,11 @@ public sealed class BdevChannel
         {
             at = ((ulong)extent << _remapShift) + within;
         }
-        else if (!remap.TryTranslate(io, out at))
+        else if (remap.TryTranslate(io, out ulong translated))
+        {
+            at = translated;
+        }
+        else
         {
             return false;
         }

@@ -37,6 +37,13 @@ public sealed class BdevPerfCommandLine
           -T, --target BDEV      test only this bdev (repeatable); default: all bdevs of the config
           -C                     every core runs a job on every bdev (default: bdevs spread over cores)
           -W, --warmup SECONDS   warm-up before measuring (default 0)
+          -S PERIOD              print each job's IOPS and MiB/s every PERIOD seconds while the test runs
+          -P N                   with -S: also an exponential moving average of IOPS over N periods
+          -l, -ll                latency summary per job (percentiles); -ll adds the latency histogram
+          -k SECONDS             count I/O outstanding longer than SECONDS as timed out (TO/s; 0: off)
+          -F THETA               random offsets from a zipf distribution with this theta (e.g. 1.2)
+          -D                     random offsets from a random map: each slot once per pass over the bdev
+          -U                     unique data in every write (each write's buffer filled anew)
           -f                     continue after a failed I/O (SPDK's -f; without it, as SPDK's bdevperf, the
                                  first failed I/O ends the test: every job stops issuing, drains and reports;
                                  a miscompare or a refused submit ends its own job either way)
@@ -139,6 +146,43 @@ public sealed class BdevPerfCommandLine
                 case "-f":
                     o.Perf.ContinueOnFailure = true;
                     break;
+                case "-S":
+                    o.Perf.ShowPeriodSeconds = ParseInt(a, Value(), 1, 3600);
+                    break;
+                case "-P":
+                    o.Perf.EmaPeriod = ParseInt(a, Value(), 1, 1000);
+                    break;
+                case "-l":
+                case "-ll":
+                    o.Perf.LatencyLevel = Math.Min(2, o.Perf.LatencyLevel + a.Length - 1);
+                    break;
+                case "-k":
+                    o.Perf.TimeoutSeconds = ParseInt(a, Value(), 0, 86400);
+                    break;
+                case "-F":
+                    string theta = Value();
+                    o.Perf.ZipfTheta = double.TryParse(theta, NumberStyles.Float, CultureInfo.InvariantCulture, out double th) && th > 0 && th <= 100
+                        ? th : throw new ArgumentException($"-F: illegal zipf theta value {theta} (a number in (0, 100])");
+                    break;
+                case "-D":
+                    o.Perf.RandomMap = true;
+                    break;
+                case "-U":
+                    o.Perf.UniqueWrites = true;
+                    break;
+                case "-Z":
+                case "-X":
+                case "-E":
+                case "-j":
+                case "-J":
+                    throw new ArgumentException($"{a}: SPDK's bdevperf option is not supported here ({a switch
+                    {
+                        "-Z" => "the zcopy bdev API",
+                        "-X" => "aborting timed-out I/O",
+                        "-E" => "one shared thread per lcore",
+                        "-j" => "job config files",
+                        _ => "a JSON-RPC log file",
+                    }})");
                 case "--precondition":
                     o.Perf.Precondition = true;
                     break;
@@ -199,6 +243,11 @@ public sealed class BdevPerfCommandLine
         if (o.ConfigFile is null)
         {
             throw new ArgumentException("--json CONFIG is required");
+        }
+
+        if (o.Perf.EmaPeriod > 0 && o.Perf.ShowPeriodSeconds == 0)
+        {
+            throw new ArgumentException("-P option must be specified with -S option");
         }
 
         if (o.WaitForTests)

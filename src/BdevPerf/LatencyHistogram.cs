@@ -75,6 +75,20 @@ public sealed class LatencyHistogram
         Max = Math.Max(Max, other.Max);
     }
 
+    /// <summary>The non-empty buckets in order: the range of values each holds and its count (reports only).</summary>
+    public IEnumerable<(long Lower, long Upper, long Count)> Buckets()
+    {
+        for (int i = 0; i < _counts.Length; i++)
+        {
+            if (_counts[i] != 0)
+            {
+                int shift = i / SubBuckets;
+                long lower = shift == 0 ? i % SubBuckets : (long)(i % SubBuckets) << shift;
+                yield return (lower, Math.Min(UpperBound(i), Max), _counts[i]);
+            }
+        }
+    }
+
     /// <summary>Value at the given percentile (0-100), as the upper bound of its bucket (at most 1/16 above the truth).</summary>
     public long Percentile(double p)
     {

@@ -45,6 +45,27 @@ public sealed class PerfOptions
     /// failed I/O ends the test (<see cref="PerfJob.Ended"/> with <c>failure: true</c>).</summary>
     public bool ContinueOnFailure { get; set; }
 
+    /// <summary>-S: print the jobs' rates every this many seconds while the test runs (0: not).</summary>
+    public int ShowPeriodSeconds { get; set; }
+
+    /// <summary>-P: with -S, an exponential moving average of IOPS over this many periods (0: not).</summary>
+    public int EmaPeriod { get; set; }
+
+    /// <summary>-l (1): latency percentiles per job; -ll (2): and the histogram.</summary>
+    public int LatencyLevel { get; set; }
+
+    /// <summary>-k: an I/O outstanding longer than this is counted as timed out, once (0: off).</summary>
+    public int TimeoutSeconds { get; set; }
+
+    /// <summary>-F: random offsets from a zipf distribution of this theta (0: uniform).</summary>
+    public double ZipfTheta { get; set; }
+
+    /// <summary>-D: random offsets from a random map (every slot once per pass).</summary>
+    public bool RandomMap { get; set; }
+
+    /// <summary>-U: every write's buffer filled with data of its own.</summary>
+    public bool UniqueWrites { get; set; }
+
     /// <summary>Where a job's end-on-error line goes (SPDK prints it on stdout; JSON output sends it to stderr).</summary>
     public TextWriter Messages { get; set; } = Console.Out;
 
@@ -86,6 +107,10 @@ internal sealed class PerfTask
     public ulong Offset;
     public bool VerifyReadStage;
     public long StartTicks;
+
+    /// <summary>Submitted and not yet completed (-k counts it once when it is outstanding too long).</summary>
+    public bool InFlight;
+    public bool TimedOut;
 
     /// <summary>Buffers come from the shared arena when there is room (vhost-user front ends then send them by address), else the heap.</summary>
     private IoVec Alloc(int size, out AlignedBuffer? heap)
@@ -140,6 +165,9 @@ public sealed class PerfJob
     private readonly ulong _ioSlots;
     private ulong _nextSeq;
     private ulong _rng;
+    private readonly ZipfSampler? _zipf; // -F
+    private readonly RandomSlotMap? _randomMap; // -D
+    private Poller? _timeoutPoller; // -k
     private BdevChannel? _channel;
     private int _inflight;
     private bool _stopping;
@@ -177,6 +205,16 @@ public sealed class PerfJob
         }
 
         _rng = (ulong)(0x9E3779B97F4A7C15 ^ (ulong)bdev.Name.GetHashCode() ^ (ulong)reactor.Core);
+        bool random = options.Workload is Workload.RandRead or Workload.RandWrite or Workload.RandRw;
+        if (options.RandomMap)
+        {
+            _randomMap = random ? new RandomSlotMap(_ioSlots) : throw new ArgumentException("-D: the random map needs a random workload (randread, randwrite, randrw)");
+        }
+
+        if (options.ZipfTheta > 0 && random)
+        {
+            _zipf = new ZipfSampler(_ioSlots, options.ZipfTheta);
+        }
         _tasks = Enumerable.Range(0, options.QueueDepth).Select(_ => new PerfTask(this, options.IoSize, sharedMemory, options.BufferOffset)).ToArray();
     }
 
@@ -188,6 +226,9 @@ public sealed class PerfJob
     public long Errors { get; private set; }
     public long Miscompares { get; private set; }
     public long SubmitErrors { get; private set; }
+
+    /// <summary>-k: I/Os that were outstanding longer than the timeout (each counted once).</summary>
+    public long Timeouts { get; private set; }
     public long AllocatedBytes { get; private set; }
     public double ElapsedSeconds => (_options.InterleaveMs > 0 ? _activeTicks : _measureEnd - _measureStart) / (double)Ticks.Frequency;
 
@@ -224,11 +265,35 @@ public sealed class PerfJob
             _turnIos = 0;
         }
 
+        if (_options.TimeoutSeconds > 0)
+        {
+            _timeoutPoller = Reactor.RegisterPoller("bdevperf_timeout", static j => ((PerfJob)j!).CheckTimeouts(), this, 100_000);
+        }
+
         _allocStart = GC.GetAllocatedBytesForCurrentThread();
         foreach (var t in _tasks)
         {
             Submit(t);
         }
+    }
+
+    /// <summary>-k: counts the I/Os outstanding longer than the timeout, each once (SPDK's io_timeout).</summary>
+    private int CheckTimeouts()
+    {
+        long now = Ticks.Now();
+        long limit = _options.TimeoutSeconds * Ticks.Frequency;
+        int found = 0;
+        foreach (var t in _tasks)
+        {
+            if (t.InFlight && !t.TimedOut && now - t.StartTicks > limit)
+            {
+                t.TimedOut = true;
+                Timeouts++;
+                found++;
+            }
+        }
+
+        return found;
     }
 
     /// <summary>--interleave: ends this job's turn (its I/Os in flight complete and park). Runs on the job's reactor.</summary>
@@ -376,6 +441,12 @@ public sealed class PerfJob
 
     private void Finish()
     {
+        if (_timeoutPoller is not null)
+        {
+            Reactor.UnregisterPoller(_timeoutPoller);
+            _timeoutPoller = null;
+        }
+
         if (_channel is not null)
         {
             BdevDesc.PutIoChannel(_channel);
@@ -401,7 +472,17 @@ public sealed class PerfJob
 
     private ulong NextOffset(bool random)
     {
-        ulong slot = random ? NextRandom() % _ioSlots : _nextSeq++ % _ioSlots;
+        if (!random)
+        {
+            return _nextSeq++ % _ioSlots * _blocksPerIo;
+        }
+
+        ulong slot = _zipf is { } z ? z.Sample(ref _rng) : NextRandom() % _ioSlots;
+        if (_randomMap is { } map)
+        {
+            slot = map.Take(slot);
+        }
+
         return slot * _blocksPerIo;
     }
 
@@ -440,6 +521,8 @@ public sealed class PerfJob
         }
 
         t.StartTicks = now;
+        t.TimedOut = false;
+        t.InFlight = true; // before the submit: a completion clears it
         switch (w)
         {
             case Workload.Read:
@@ -448,13 +531,29 @@ public sealed class PerfJob
                 break;
             case Workload.Write:
             case Workload.RandWrite:
+                if (_options.UniqueWrites)
+                {
+                    FillPattern(t);
+                }
+
                 rc = ch.Write(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
                 break;
             case Workload.Rw:
             case Workload.RandRw:
-                rc = (int)(NextRandom() % 100) < _options.ReadPercent
-                    ? ch.Read(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t)
-                    : ch.Write(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                if ((int)(NextRandom() % 100) < _options.ReadPercent)
+                {
+                    rc = ch.Read(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                }
+                else
+                {
+                    if (_options.UniqueWrites)
+                    {
+                        FillPattern(t);
+                    }
+
+                    rc = ch.Write(Desc, t.Iov, t.Offset, _blocksPerIo, s_done, t);
+                }
+
                 break;
             case Workload.Verify:
                 if (!t.VerifyReadStage)
@@ -480,6 +579,11 @@ public sealed class PerfJob
             default:
                 rc = -Errno.EINVAL;
                 break;
+        }
+
+        if (rc != 0)
+        {
+            t.InFlight = false;
         }
 
         if (rc == -Errno.ENOMEM)
@@ -522,6 +626,7 @@ public sealed class PerfJob
     private void OnDone(PerfTask t, BdevIo io, bool ok)
     {
         _inflight--;
+        t.InFlight = false;
         long now = Ticks.Now();
         if (!ok)
         {

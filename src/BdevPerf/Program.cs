@@ -144,6 +144,13 @@ public static class Program
                     InterleaveMs = cl.Perf.InterleaveMs,
                     Precondition = cl.Perf.Precondition,
                     ContinueOnFailure = cl.Perf.ContinueOnFailure,
+                    ShowPeriodSeconds = cl.Perf.ShowPeriodSeconds,
+                    EmaPeriod = cl.Perf.EmaPeriod,
+                    LatencyLevel = cl.Perf.LatencyLevel,
+                    TimeoutSeconds = cl.Perf.TimeoutSeconds,
+                    ZipfTheta = cl.Perf.ZipfTheta,
+                    RandomMap = cl.Perf.RandomMap,
+                    UniqueWrites = cl.Perf.UniqueWrites,
                 };
                 try
                 {
@@ -337,7 +344,7 @@ public static class Program
         var remap = perf.RemapMemoryMs > 0 ? Task.Run(() => RemapLoop(jobs, perf.RemapMemoryMs, remapStop.Token)) : Task.FromResult(0);
         if (!endedEarly.Task.IsCompleted)
         {
-            await Task.WhenAny(Task.Delay(TimeSpan.FromSeconds(perf.Seconds)), endedEarly.Task);
+            await MeasureAsync(cl, perf, jobs, endedEarly.Task);
         }
 
         remapStop.Cancel();
@@ -377,6 +384,90 @@ public static class Program
         }
 
         return Report(cl, perf, jobs, cpu, preconditioned);
+    }
+
+    /// <summary>The measured time: waits it out (or the end on an error); with -S prints each job's rates every period
+    /// meanwhile (with -P also their moving average), read from the jobs' counters (display only).</summary>
+    private static async Task MeasureAsync(BdevPerfCommandLine cl, PerfOptions perf, List<PerfJob> jobs, Task endedEarly)
+    {
+        if (perf.ShowPeriodSeconds <= 0)
+        {
+            await Task.WhenAny(Task.Delay(TimeSpan.FromSeconds(perf.Seconds)), endedEarly);
+            return;
+        }
+
+        var output = cl.JsonOutput ? Console.Error : Console.Out;
+        var sw = Stopwatch.StartNew();
+        var lastIos = jobs.Select(j => j.Ios).ToArray();
+        var ema = new double[jobs.Count];
+        double alpha = perf.EmaPeriod > 0 ? 2.0 / (perf.EmaPeriod + 1) : 0;
+        double last = 0;
+        int period = 0;
+        while (!endedEarly.IsCompleted)
+        {
+            // A line at each whole period within the run; the run's remainder after the last one is only waited out.
+            double next = (period + 1) * (double)perf.ShowPeriodSeconds;
+            bool show = next <= perf.Seconds;
+            double wait = (show ? next : perf.Seconds) - sw.Elapsed.TotalSeconds;
+            if (wait > 0)
+            {
+                await Task.WhenAny(Task.Delay(TimeSpan.FromSeconds(wait)), endedEarly);
+            }
+
+            if (!show || endedEarly.IsCompleted)
+            {
+                break;
+            }
+
+            double now = sw.Elapsed.TotalSeconds, secs = Math.Max(now - last, 1e-9);
+            last = now;
+            period++;
+            double totalIops = 0;
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"[{now:F2} s]"));
+            for (int i = 0; i < jobs.Count; i++)
+            {
+                long ios = jobs[i].Ios;
+                double iops = (ios - lastIos[i]) / secs;
+                lastIos[i] = ios;
+                totalIops += iops;
+                ema[i] = period == 1 ? iops : ema[i] + (alpha * (iops - ema[i]));
+                string name = $"{jobs[i].Desc.Bdev.Name} @ {jobs[i].Reactor.Core}";
+                string avg = alpha > 0 ? string.Create(CultureInfo.InvariantCulture, $" (EMA {ema[i],12:F2} IO/s)") : "";
+                output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {name,-28} {iops,12:F2} IO/s {iops * perf.IoSize / (1024 * 1024),10:F2} MiB/s{avg}"));
+            }
+
+            output.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {"Total",-28} {totalIops,12:F2} IO/s {totalIops * perf.IoSize / (1024 * 1024),10:F2} MiB/s"));
+        }
+    }
+
+    /// <summary>-l: SPDK's percentiles, as its bdevperf prints them; -ll: and every non-empty bucket (cumulative %).</summary>
+    private static void PrintLatency(PerfJob job, int level)
+    {
+        static double Us(long ticks) => Ticks.ToMicroseconds(ticks);
+        var h = job.Latency;
+        Console.WriteLine();
+        Console.WriteLine($" Latency summary [us] for {job.Desc.Bdev.Name} @ {job.Reactor.Core}:");
+        Console.WriteLine(" =================================================================================");
+        foreach (double p in new[] { 1, 10, 25, 50, 75, 90, 95, 98, 99, 99.5, 99.9, 99.99, 99.999 })
+        {
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{p,9:F5}% : {Us(h.Percentile(p)),9:F3}us"));
+        }
+
+        if (level < 2)
+        {
+            return;
+        }
+
+        Console.WriteLine();
+        Console.WriteLine($" Latency histogram [us] for {job.Desc.Bdev.Name} @ {job.Reactor.Core}:");
+        Console.WriteLine(" ==============================================================================");
+        Console.WriteLine("       Range in us     Cumulative    IO count");
+        long seen = 0;
+        foreach (var (lower, upper, count) in h.Buckets())
+        {
+            seen += count;
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{Us(lower),9:F3} - {Us(upper),9:F3}: {100.0 * seen / h.Count,9:F4}%  ({count,9})"));
+        }
     }
 
     /// <summary>
@@ -493,9 +584,19 @@ public static class Program
                     Console.WriteLine($"  {j.Errors} I/O errors, {j.Miscompares} miscompares");
                 }
 
+                if (perf.TimeoutSeconds > 0)
+                {
+                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {j.Timeouts} I/Os timed out (> {perf.TimeoutSeconds} s; {j.Timeouts / secs:F2} TO/s)"));
+                }
+
                 if (j.EndedWithError)
                 {
                     Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $" Job: {j.Desc.Bdev.Name} ended in about {j.ElapsedSeconds:F2} seconds with error"));
+                }
+
+                if (perf.LatencyLevel > 0)
+                {
+                    PrintLatency(j, perf.LatencyLevel);
                 }
             }
 
@@ -516,6 +617,8 @@ public static class Program
                 ["p999_latency_us"] = Math.Round(us(h.Percentile(99.9)), 3),
                 ["max_latency_us"] = Math.Round(us(h.Max), 3),
                 ["errors"] = j.Errors,
+                ["io_failed"] = j.Errors,
+                ["io_timeout"] = j.Timeouts,
                 ["miscompares"] = j.Miscompares,
                 ["allocated_bytes"] = j.AllocatedBytes,
             };
